@@ -1,0 +1,37 @@
+# templatetool — make demo | make test | make bench | make fuzz
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup deps test test-all demo bench fuzz clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps:
+	./tools/install-debian-deps.sh
+
+setup: deps $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q -m "not slow and not fuzz" tests
+
+test-all: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	./tools/demo.sh
+
+bench: setup
+	$(VPY) bench/run.py $(BENCH_ARGS)
+
+fuzz: setup
+	$(VPY) -m pip install -q -e '.[fuzz]'
+	$(VPY) tools/fuzz.py $(FUZZ_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""templatetool.bitlocker."""

@@ -1,0 +1,78 @@
+"""Shared CLI helpers: --json output, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result.")
+
+
+def emit(result: Any, as_json: bool, text: Callable[[Any], str] | str | None = None) -> None:
+    """Print ``result`` as JSON, or as text (``text(result)`` or the string given)."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=False, default=_json_default))
+    elif text is not None:
+        out = text(result) if callable(text) else text
+        if out:
+            click.echo(out)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, bytes):
+        return o.hex()
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    if hasattr(o, "__dict__"):
+        return {k: v for k, v in vars(o).items() if not k.startswith("_")}
+    return str(o)
+
+
+def human_size(n: int) -> str:
+    """Format a byte count like 64.0 MiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    """Parse sizes like 64M, 1G, 4096, 32MiB (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if t.endswith(suffix):
+            mult, t = m, t[:-1]
+            break
+    try:
+        return int(t) * mult
+    except ValueError:
+        raise click.BadParameter(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
+
+
+class SizeType(click.ParamType):
+    """click type for sizes with K/M/G/T suffixes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        return parse_size(str(value))
+
+
+SIZE = SizeType()
+
+
+def stderr(msg: str) -> None:
+    """Print a line to stderr."""
+    click.echo(msg, err=True)
+    sys.stderr.flush()

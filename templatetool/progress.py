@@ -1,0 +1,35 @@
+"""Progress reporting: one tqdm bar per pass over disk data, quiet when not a TTY or --quiet."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Globally silence progress bars (the CLI's ``--quiet``)."""
+    global _quiet
+    _quiet = quiet
+
+
+def progress(total: int | None, desc: str, unit: str = "B", **kw: Any) -> tqdm:
+    """Return a tqdm bar writing to stderr; disabled when quiet or stdout/stderr is not a TTY.
+
+    Use as a context manager and call ``bar.update(nbytes)`` per chunk.
+    """
+    disable = _quiet or not (sys.stdout.isatty() and sys.stderr.isatty())
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        disable=disable,
+        file=sys.stderr,
+        leave=False,
+        **kw,
+    )
