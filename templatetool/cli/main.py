@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "catalog_cmd",
     "guardian_cmd",
     "pdk_cmd",
+    "hgs_cmd",
     "pipeline_cmd",
 ]
 

@@ -1,0 +1,137 @@
+"""`templatetool hgs ...` (guardian-side attestation) and `templatetool host ...` (simulated host)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography.hazmat.primitives import serialization
+
+from ..atomic import write_bytes_atomic
+from ..errors import NotFoundError
+from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
+from ..hgs.host import pem_public
+from .common import emit, json_option
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError("file not found", path) from None
+
+
+def _policy_text(p: AttestationPolicy) -> str:
+    lines = [f"host keys: {', '.join(p.host_keys) or '(none)'}", f"TPM hosts: {', '.join(p.tpm_hosts) or '(none)'}",
+             f"PCR baseline ({p.pcr_bank}): " + (", ".join(f"{k}" for k in sorted(p.pcr_baseline)) or "(none)"),
+             f"CI policies: {len(p.ci_policies)}", f"health certificate lifetime: {p.health_hours} h"]
+    return "\n".join(lines)
+
+
+def register(cli: click.Group) -> None:
+    @cli.group("hgs")
+    def hgs() -> None:
+        """Guardian side of attestation: which hosts a guardian trusts, health certificates."""
+
+    @hgs.command("init")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False))
+    @click.option("--health-hours", type=click.IntRange(1, 24 * 30), default=None, help="Health certificate lifetime (8).")
+    @json_option
+    def init(guardian_dir: str, health_hours: int | None, as_json: bool) -> None:
+        """Create the guardian's attestation signer and an empty policy (idempotent)."""
+        cert = init_attestation(guardian_dir)
+        pol = AttestationPolicy.load(guardian_dir)
+        if health_hours:
+            pol.health_hours = health_hours
+        pol.save(guardian_dir)
+        emit({"attestation_signer": cert.subject.rfc4514_string(), "policy": pol.to_json()}, as_json,
+             lambda r: f"attestation signer {r['attestation_signer']}\n" + _policy_text(pol))
+
+    @hgs.command("register-host")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--host", "host_dir", type=click.Path(file_okay=False, exists=True), help="A host folder (host new).")
+    @click.option("--host-key", type=click.Path(dir_okay=False, exists=True), help="A PEM public host key.")
+    @click.option("--ek", type=click.Path(dir_okay=False, exists=True), help="Register for TPM attestation by EK public key (PEM).")
+    @click.option("--name", required=True, help="Name to register the host under.")
+    @json_option
+    def register_host(guardian_dir: str, host_dir: str | None, host_key: str | None, ek: str | None, name: str,
+                      as_json: bool) -> None:
+        """Register a host by host key (--host/--host-key) or by TPM EK (--ek)."""
+        pol = AttestationPolicy.load(guardian_dir)
+        if ek:
+            pol.add_tpm_host(name, _read(ek).decode(errors="replace"))
+        elif host_dir:
+            pol.add_host_key(name, pem_public(load_host(host_dir).host_key.public_key()))
+        elif host_key:
+            pol.add_host_key(name, _read(host_key).decode(errors="replace"))
+        else:
+            raise click.UsageError("give --host, --host-key or --ek")
+        pol.save(guardian_dir)
+        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+
+    @hgs.command("baseline")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--tcg-log", required=True, type=click.Path(dir_okay=False), help="Reference TCG event log.")
+    @click.option("--pcrs", default="0,1,2,3,4,5,7,11", show_default=True)
+    @click.option("--bank", default="sha256", show_default=True)
+    @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
+    @json_option
+    def baseline(guardian_dir: str, tcg_log: str, pcrs: str, bank: str, ci: tuple[str, ...], as_json: bool) -> None:
+        """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
+        pol = AttestationPolicy.load(guardian_dir)
+        try:
+            sel = tuple(int(x) for x in pcrs.split(",") if x.strip())
+        except ValueError:
+            raise click.BadParameter(f"--pcrs must be a comma list of numbers, got {pcrs!r}") from None
+        pol.set_baseline_from_log(_read(tcg_log), sel, bank)
+        for c in ci:
+            pol.allow_ci_policy(c)
+        pol.save(guardian_dir)
+        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+
+    @hgs.command("attest")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
+    @click.argument("evidence", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Health certificate (PEM).")
+    @json_option
+    def attest_cmd(guardian_dir: str, evidence: str, output: str, as_json: bool) -> None:
+        """Check host evidence; on success write a health certificate (exit 6 naming the failed check)."""
+        key, cert = load_attestation(guardian_dir)
+        hc, checks = attest(AttestationPolicy.load(guardian_dir), _read(evidence), key, cert, where=evidence)
+        write_bytes_atomic(output, hc.public_bytes(serialization.Encoding.PEM))
+        res: dict[str, Any] = {"health_certificate": output, "expires": hc.not_valid_after_utc.isoformat(),
+                               "checks": [c.to_json() for c in checks]}
+        emit(res, as_json, lambda r: "\n".join([f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]] +
+                                               [f"health certificate {output} (expires {r['expires']})"]))
+
+    @cli.group("host")
+    def host() -> None:
+        """A simulated guarded host: identity and attestation evidence (for dry runs and tests)."""
+
+    @host.command("new")
+    @click.argument("name")
+    @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
+    @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True)
+    @json_option
+    def host_new(name: str, output: str, key: str, as_json: bool) -> None:
+        """Create a host identity (host key + encryption key, 0600)."""
+        h = new_host(name, output, key)
+        emit({"name": h.name, "path": output}, as_json, f"host {name} created in {output}")
+
+    @host.command("evidence")
+    @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+    @click.option("--tcg-log", type=click.Path(dir_okay=False), help="TPM mode: the host's TCG event log.")
+    @click.option("--ek", type=click.Path(dir_okay=False), help="TPM mode: the host's EK public key (PEM).")
+    @click.option("--ci-policy-hash", default=None, help="TPM mode: hash of the applied CI policy (hex).")
+    @json_option
+    def host_evidence(host_dir: str, output: str, tcg_log: str | None, ek: str | None, ci_policy_hash: str | None,
+                      as_json: bool) -> None:
+        """Write attestation evidence signed by the host key (host-key mode, or TPM mode with --tcg-log)."""
+        h = load_host(host_dir)
+        data = create_evidence(h, tcg_log=_read(tcg_log) if tcg_log else None,
+                               ek_public_pem=_read(ek).decode(errors="replace") if ek else None,
+                               ci_policy_hash=ci_policy_hash)
+        write_bytes_atomic(output, data)
+        emit({"evidence": output, "mode": "tpm" if tcg_log else "host-key"}, as_json, f"evidence written to {output}")
