@@ -1,0 +1,236 @@
+"""shield: template + PDK → shielded VM disk (BitLocker, vTPM protector) + key protector (KP).
+
+Steps (every check before any output is written):
+1. verify the PDK (owner signature, pinned to the owner given) and open its secret part with the
+   owner's key (proves the owner key is the PDK's);
+2. verify the template's signed catalog and that it satisfies one of the PDK's volume ID
+   qualifiers (else stop with the reason); verify the template volume against the catalog;
+3. create the VM's vTPM storage key (or take ``tpm_parent``: an existing vTPM's public key);
+4. encrypt the OS volume in BitLocker format with a vTPM protector (PolicyPCR over the given PCR
+   values or a replayed TCG log) and a recovery-password protector;
+5. escrow the recovery password to the owner (CMS AuthEnvelopedData to the owner's encryption
+   certificate, ``VM.recovery.p7m`` beside the disk);
+6. write the KP releasing the VM secret (vTPM key) to the PDK's guardians and the owner;
+7. copy the template's catalog into the VM disk (so unlock can verify the decrypted volume).
+Outputs are new files, written atomically; the template is never modified.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..errors import FormatError, PolicyError, UsageError
+from ..guardian.model import Guardian, guardian_from_certificates
+
+#: The VM secret carried by the KP (docs/formats/vm-secret.md).
+VM_SECRET_FORMAT = "templatetool-vm-secret"
+POLICIES = ("shielded", "encryption-supported")
+
+
+@dataclass
+class VmSecret:
+    """What the KP releases: the vTPM storage key (None when sealed to an existing vTPM) and the seal parameters."""
+
+    vtpm_key_der: bytes | None
+    parent_name: str
+    bank: str
+    pcrs: list[int]
+    policy: str
+    pcr_values: dict[int, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "format": VM_SECRET_FORMAT, "version": 1,
+            "vtpm_key": base64.b64encode(self.vtpm_key_der).decode() if self.vtpm_key_der else None,
+            "parent_name": self.parent_name, "bank": self.bank, "pcrs": self.pcrs, "policy": self.policy,
+            "pcr_values": {str(k): v for k, v in sorted(self.pcr_values.items())},
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "VmSecret":
+        try:
+            d = json.loads(data)
+            if d.get("format") != VM_SECRET_FORMAT or d.get("version") != 1:
+                raise ValueError("format")
+            key = base64.b64decode(d["vtpm_key"], validate=True) if d.get("vtpm_key") else None
+            return cls(key, str(d["parent_name"]), str(d["bank"]), [int(x) for x in d["pcrs"]], str(d["policy"]),
+                       {int(k): str(v) for k, v in d.get("pcr_values", {}).items()})
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            raise FormatError("the key protector's secret is not a templatetool VM secret") from None
+
+    def private_key(self) -> Any:
+        """The vTPM storage private key object (or None)."""
+        if self.vtpm_key_der is None:
+            return None
+        return serialization.load_der_private_key(self.vtpm_key_der, None)
+
+
+def pdk_guardians(info: Any, known: Sequence[Guardian] = ()) -> list[Guardian]:
+    """Guardian objects for the guardians a PDK names.
+
+    A guardian given in ``known`` (a folder or imported HGS metadata) with the same certificates
+    is used as is: it carries the encryption-certificate signature a KP wrapping needs.
+    """
+    der = serialization.Encoding.DER
+    out = []
+    for e in info.guardians:
+        ids = (e.signing_certificate.public_bytes(der), e.encryption_certificate.public_bytes(der))
+        match = [k for k in known if (k.signing_certificate.public_bytes(der),
+                                      k.encryption_certificate.public_bytes(der)) == ids]
+        if match:
+            out.append(match[0])
+            continue
+        g = guardian_from_certificates(e.name, e.signing_certificate, e.encryption_certificate)
+        sig = getattr(e, "encryption_signature", None)
+        if sig is not None:
+            g.encryption_signature = sig
+        out.append(g)
+    return out
+
+
+def _pin_owner(info: Any, owner: Guardian) -> None:
+    der = serialization.Encoding.DER
+    if info.owner.signing_certificate.public_bytes(der) != owner.signing_certificate.public_bytes(der):
+        raise PolicyError("the PDK belongs to another owner", hint="give the owner guardian that created the PDK")
+
+
+def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+           owner: Guardian, *, kp_path: str | os.PathLike[str] | None = None,
+           tpm_parent: str | os.PathLike[str] | None = None, pcrs: Sequence[int] = (7, 11),
+           pcr_values: Mapping[int, bytes] | None = None, tcg_log: str | os.PathLike[str] | bytes | None = None,
+           bank: str = "sha256", method: str = "xts-aes-128", vtpm_kind: str = "rsa",
+           verify_content: bool = True, trust: list[Any] | None = None,
+           guardians: Sequence[Guardian] = ()) -> dict[str, Any]:
+    """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
+
+    ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
+    their encryption-certificate signatures.
+    """
+    from ..bitlocker import ProtectorSpec, generate_recovery_password
+    from ..catalog.vsc import compare_volume, open_vsc, read_vsc_bytes
+    from ..cms.enveloped import envelope
+    from ..disk import open_disk, select_volume
+    from ..kp import create_kp
+    from ..pdk.shielding import check_template, open_pdk_secret, read_pdk
+    from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
+    from ..tpm.protector import make_sealer, resolve_pcr_values
+    from .encrypt import encrypt_disk
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    out = Path(out_path)
+    if not str(out).lower().endswith(".vhdx"):
+        raise UsageError("the shielded disk must be a .vhdx file", str(out))
+    kp_out = Path(kp_path) if kp_path else out.with_suffix(".kp")
+    escrow_out = out.with_suffix(".recovery.p7m")
+    if Path(template).resolve() == out.resolve():
+        raise UsageError("the output must be a new file, not the template", str(out))
+    if not owner.has_private_keys:
+        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+
+    # 1. PDK
+    try:
+        pdk_der = Path(pdk_path).read_bytes()
+    except FileNotFoundError:
+        from ..errors import NotFoundError
+
+        raise NotFoundError("PDK not found", str(pdk_path)) from None
+    info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
+    _pin_owner(info, owner)
+    open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
+    if info.policy not in POLICIES:
+        raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
+    # 2. template catalog, qualifier, content
+    vsc_der = read_vsc_bytes(template)
+    qual = check_template(info, vsc_der, str(template), trust=trust)
+    if not qual["qualified"]:
+        raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
+                          "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
+    vsc = open_vsc(vsc_der, trust=trust)
+    timings["checks"] = time.monotonic() - t0
+    if verify_content:
+        t1 = time.monotonic()
+        with open_disk(template) as dev:
+            view, _part = select_volume(dev, None)
+            root, changed, files = compare_volume(view, vsc.document, name_files=True)
+        if changed:
+            where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
+            raise PolicyError("the template volume no longer matches its signed catalog", str(template),
+                              f"changed: {where}; re-protect the golden disk")
+        timings["verify_template"] = time.monotonic() - t1
+    # 3. vTPM key / parent
+    vtpm_key = None
+    if tpm_parent is not None:
+        parent = load_parent(tpm_parent)
+    else:
+        vtpm_key = generate_storage_key(vtpm_kind)
+        parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
+    values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
+    sealer = make_sealer(parent, list(values), values, bank=bank)
+    # 4. encrypt into a partial file beside the output
+    partial = out.with_name(f".{out.name}.partial.vhdx")
+    recovery = generate_recovery_password()
+    try:
+        t1 = time.monotonic()
+        enc = encrypt_disk(template, partial, None, method=method,
+                           protectors=[ProtectorSpec("tpm", seal=sealer), ProtectorSpec("recovery_password", recovery)],
+                           description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
+        timings["encrypt"] = time.monotonic() - t1
+        from ..vhdx import open_vhdx
+
+        disk = open_vhdx(partial, writable=True)
+        try:
+            from ..catalog import VSC_METADATA_GUID
+
+            disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
+        finally:
+            disk.close()
+        # 5. escrow, 6. KP
+        escrow = envelope(json.dumps({"recovery_password": recovery, "volume_guid": enc["result"].to_json().get("volume_guid"),
+                                      "disk": out.name}).encode(), [owner.encryption_certificate])
+        secret = VmSecret(
+            vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()) if vtpm_key is not None else None,
+            parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
+        kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
+        write_bytes_atomic(escrow_out, escrow, mode=0o600)
+        write_bytes_atomic(kp_out, kp)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+    timings["total"] = time.monotonic() - t0
+    res = enc["result"].to_json()
+    res.pop("recovery_password", None)
+    for p in res.get("protectors", []):
+        p.pop("recovery_password", None)
+        p.pop("bek", None)
+    return {
+        "tool": f"templatetool {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "template": {"path": str(template), **qual["template"]},
+        "policy": info.policy,
+        "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
+        "guardians": [g.name for g in info.guardians],
+        "owner": info.owner.name,
+        "vtpm": {"parent_name": parent.name.hex(), "generated": vtpm_key is not None, "bank": bank,
+                 "pcrs": sorted(values)},
+        "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
+                      "volume_size": enc["volume_size"], **res},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
