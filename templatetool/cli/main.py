@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         _load()
-        cli.main(args=args, prog_name="templatetool", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="templatetool", standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except TemplateToolError as e:
         if _wants_json(args):
             click.echo(json.dumps(e.to_json()))

@@ -1,0 +1,173 @@
+"""Pipeline commands: shield, unlock, escrow, build, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import NotFoundError, TemplateToolError
+from .common import emit, json_option
+
+
+def _pcr_values(text: str | None) -> dict[int, bytes] | None:
+    """``7=hex,11=hex`` or a file with one ``N=hex`` (or JSON object) per line."""
+    if not text:
+        return None
+    src = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        if src.strip().startswith("{"):
+            return {int(k): bytes.fromhex(v) for k, v in json.loads(src).items()}
+        out = {}
+        for part in src.replace("\n", ",").split(","):
+            if part.strip():
+                k, v = part.split("=", 1)
+                out[int(k)] = bytes.fromhex(v.strip())
+        return out
+    except (ValueError, json.JSONDecodeError):
+        raise click.BadParameter("use N=HEX[,N=HEX...] or a file of such lines") from None
+
+
+def _pcrs(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--pcrs must be numbers like 7,11, got {text!r}") from None
+
+
+def _unlock_text(r: dict[str, Any]) -> str:
+    lines = [f"  {s['status']:>7}  {s['step']}: {s['detail']}" for s in r["steps"]]
+    lines.append("result: " + ("the guardian would unlock this VM" if r["ok"] else "WILL NOT UNLOCK"))
+    return "\n".join(lines)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("shield")
+    @click.argument("template", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--pdk", required=True, type=click.Path(dir_okay=False, exists=True), help="Shielding data file.")
+    @click.option("--owner", required=True, type=click.Path(exists=True), help="Owner guardian folder (with keys).")
+    @click.option("--owner-password-env", default=None, help="Env var holding the owner PFX password.")
+    @click.option("--guardian", "guardians", multiple=True, type=click.Path(exists=True),
+                  help="Guardian folder/metadata for the PDK's guardians (repeatable).")
+    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Shielded VM disk (.vhdx).")
+    @click.option("--kp", "kp_out", type=click.Path(dir_okay=False), help="Key protector output (default OUTPUT.kp).")
+    @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
+                  help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
+    @click.option("--pcrs", default="7,11", show_default=True)
+    @click.option("--pcr-values", default=None, help="N=HEX[,N=HEX...] or a file; or use --tcg-log.")
+    @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True), help="Reference TCG log to replay.")
+    @click.option("--bank", default="sha256", show_default=True)
+    @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True)
+    @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Write the JSON report here too.")
+    @json_option
+    def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
+                   output: str, kp_out: str | None, tpm_parent: str | None, pcrs: str, pcr_values: str | None,
+                   tcg_log: str | None, bank: str, method: str, report_out: str | None, as_json: bool) -> None:
+        """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
+        from ..atomic import write_bytes_atomic
+        from ..guardian.model import load_guardian
+        from ..pipeline.shield import shield
+
+        if (pcr_values is None) == (tcg_log is None):
+            raise click.UsageError("give exactly one of --pcr-values and --tcg-log")
+        og = load_guardian(owner, private=True, password_env=owner_password_env)
+        known = [load_guardian(g, allow_untrusted_root=True) for g in guardians]
+        rep = shield(template, pdk, output, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=_pcrs(pcrs),
+                     pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known)
+        if report_out:
+            write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
+        emit(rep, as_json, lambda r: "\n".join([
+            f"shielded VM disk {r['outputs']['disk']} (policy {r['policy']})",
+            f"key protector   {r['outputs']['kp']} (owner {r['owner']}, guardians {', '.join(r['guardians'])})",
+            f"recovery escrow {r['outputs']['recovery_escrow']} (encrypted to the owner)",
+            "protectors      " + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"]["protectors"])]))
+
+    @cli.command("unlock")
+    @click.argument("vm_disk", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--kp", required=True, type=click.Path(dir_okay=False, exists=True))
+    @click.option("--guardian", required=True, type=click.Path(file_okay=False, exists=True),
+                  help="Guardian folder with keys and attestation policy (hgs init).")
+    @click.option("--guardian-password-env", default=None)
+    @click.option("--host", "host_dir", required=True, type=click.Path(file_okay=False, exists=True),
+                  help="The host folder (host new): receives the released key.")
+    @click.option("--host-evidence", type=click.Path(dir_okay=False, exists=True), help="Evidence (default: fresh host-key evidence).")
+    @click.option("--health-cert", type=click.Path(dir_okay=False, exists=True), help="Use this health certificate.")
+    @click.option("--tpm", "tcti", default=None, help="Unseal through a real TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
+    @click.option("--pcr-values", default=None, help="PCR values of the VM's boot (default: those sealed to).")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Decrypted disk.")
+    @click.option("--dry-run", is_flag=True, help="Check every step; write nothing.")
+    @json_option
+    def unlock_cmd(vm_disk: str, kp: str, guardian: str, guardian_password_env: str | None, host_dir: str,
+                   host_evidence: str | None, health_cert: str | None, tcti: str | None, pcr_values: str | None,
+                   output: str | None, dry_run: bool, as_json: bool) -> None:
+        """Guardian dry run / unlock: attestation → key release → vTPM unseal → BitLocker → catalog verify."""
+        from ..pipeline.unlock import unlock
+
+        rep = unlock(vm_disk, kp, guardian, host_dir, output=output, host_evidence=host_evidence,
+                     health_cert=health_cert, guardian_password_env=guardian_password_env, tpm_tcti=tcti,
+                     pcr_values=_pcr_values(pcr_values), dry_run=dry_run)
+        emit(rep.to_json(), as_json, _unlock_text)
+        if not rep.ok:
+            raise click.exceptions.Exit(rep.exit_code)
+
+    @cli.group("escrow")
+    def escrow() -> None:
+        """The owner's recovery-password escrow written by shield."""
+
+    @escrow.command("open")
+    @click.argument("escrow_file", type=click.Path(dir_okay=False, exists=True))
+    @click.option("--owner", required=True, type=click.Path(exists=True))
+    @click.option("--owner-password-env", default=None)
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the recovery password here (0600).")
+    @click.option("--show", is_flag=True, help="Print the recovery password on stdout.")
+    @json_option
+    def escrow_open(escrow_file: str, owner: str, owner_password_env: str | None, output: str | None, show: bool,
+                    as_json: bool) -> None:
+        """Recover a shielded VM's BitLocker recovery password with the owner's key."""
+        from ..cms.enveloped import open_envelope
+        from ..guardian.model import load_guardian
+        from ..secrets import write_secret_file
+
+        if not output and not show:
+            raise click.UsageError("give -o FILE or --show")
+        g = load_guardian(owner, private=True, password_env=owner_password_env)
+        data = json.loads(open_envelope(Path(escrow_file).read_bytes(), g.encryption_key, g.encryption_certificate,
+                                        where=escrow_file))
+        if output:
+            write_secret_file(output, (data["recovery_password"] + "\n").encode())
+        res = {"disk": data.get("disk"), "volume_guid": data.get("volume_guid"), "written": output}
+        if show:
+            res["recovery_password"] = data["recovery_password"]
+        emit(res, as_json, lambda r: r.get("recovery_password") or f"recovery password written to {output}")
+
+    @cli.command("build")
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @json_option
+    def build_cmd(recipe: str, as_json: bool) -> None:
+        """Run a pipeline recipe (protect → vsc export → pdk new → shield) and write report.json."""
+        from ..pipeline.build import run_build
+
+        rep = run_build(recipe)
+        emit(rep, as_json, lambda r: "\n".join(
+            [f"{k:<16} {v}  sha256 {r['hashes'][k][:16]}..." for k, v in r["artifacts"].items()] +
+            [f"done in {r['seconds']} s" + (f"; report {r['report']}" if r.get("report") else "")]))
+
+    @cli.command("demo")
+    @click.option("-o", "--output", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+    @click.option("--golden", default=None, type=click.Path(dir_okay=False, exists=True),
+                  help="Golden disk (default: fixtures/golden.vhdx of the source tree).")
+    @json_option
+    def demo_cmd(output: str, golden: str | None, as_json: bool) -> None:
+        """Throwaway identities, then the whole pipeline on the golden disk and the guardian dry run."""
+        from ..pipeline.demo import run_demo
+
+        g = golden or str(Path(__file__).resolve().parents[2] / "fixtures" / "golden.vhdx")
+        if not Path(g).exists():
+            raise NotFoundError("golden disk not found", g, "pass --golden DISK")
+        rep = run_demo(g, output, say=(lambda s: None) if as_json else click.echo)
+        if as_json:
+            emit(rep, True)
+        if not rep["ok"]:
+            raise click.exceptions.Exit(1)

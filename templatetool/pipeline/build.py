@@ -1,0 +1,186 @@
+"""`templatetool build RECIPE.toml`: protect → vsc export → pdk new → shield, plus report.json.
+
+The recipe schema is documented in docs/recipe.md. Relative paths are relative to the recipe's
+folder. A section that is absent is skipped (so any subset runs). Secrets never appear in the
+recipe: passwords and PINs are named by environment variable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..atomic import write_bytes_atomic
+from ..errors import FormatError, NotFoundError, UsageError
+
+SECTIONS = {"template", "pdk", "shield", "report"}
+KEYS = {
+    "template": {"golden", "output", "name", "version", "signer", "signer_password_env", "signer_pin_env", "vsc", "pss"},
+    "pdk": {"output", "owner", "owner_password_env", "guardians", "version_rule", "policy", "answer_file",
+            "other_files", "spec_values", "vsc", "allow_untrusted_root"},
+    "shield": {"template", "pdk", "output", "kp", "owner", "owner_password_env", "guardians", "pcrs", "pcr_values",
+               "tcg_log", "bank", "method", "tpm_parent", "verify_content"},
+    "report": {"output"},
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Recipe:
+    """A parsed, validated recipe."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.data = tomllib.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise NotFoundError("recipe not found", str(self.path)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"recipe is not valid TOML: {e}", str(self.path)) from None
+        self.base = self.path.parent
+        unknown = set(self.data) - SECTIONS
+        if unknown:
+            raise FormatError(f"unknown recipe section(s): {', '.join(sorted(unknown))}", str(self.path),
+                              f"sections: {', '.join(sorted(SECTIONS))}")
+        for sec, body in self.data.items():
+            if not isinstance(body, dict):
+                raise FormatError(f"[{sec}] must be a table", str(self.path))
+            bad = set(body) - KEYS[sec]
+            if bad:
+                raise FormatError(f"unknown key(s) in [{sec}]: {', '.join(sorted(bad))}", str(self.path),
+                                  f"allowed: {', '.join(sorted(KEYS[sec]))}")
+        if not (set(self.data) & {"template", "pdk", "shield"}):
+            raise FormatError("the recipe has nothing to do", str(self.path), "add [template], [pdk] and/or [shield]")
+
+    def get(self, sec: str, key: str, default: Any = None, required: bool = False) -> Any:
+        v = self.data.get(sec, {}).get(key, default)
+        if required and v in (None, ""):
+            raise FormatError(f"[{sec}] needs {key!r}", str(self.path))
+        return v
+
+    def p(self, sec: str, key: str, default: str | None = None, required: bool = False) -> Path | None:
+        v = self.get(sec, key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise FormatError(f"[{sec}] {key} must be a path string", str(self.path))
+        q = Path(v)
+        return q if q.is_absolute() else self.base / q
+
+
+def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run a recipe; returns (and writes, when [report] output is set) the report."""
+    from ..catalog.qualifier import VolumeIdQualifier
+    from ..catalog.vsc import open_vsc, read_vsc_bytes
+    from ..guardian.model import load_guardian
+    from ..pdk.document import NamedFile, SecretPart
+    from ..pdk.shielding import create_pdk
+    from ..signers import load_signer
+    from .protect import protect
+    from .shield import shield
+
+    r = Recipe(recipe_path)
+    t0 = time.monotonic()
+    report: dict[str, Any] = {"tool": f"templatetool {__version__}", "recipe": str(r.path),
+                              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "steps": {}, "artifacts": {}}
+    template_out: Path | None = None
+    vsc_out: Path | None = None
+    pdk_out: Path | None = None
+    if "template" in r.data:
+        t = time.monotonic()
+        golden = r.p("template", "golden", required=True)
+        template_out = r.p("template", "output", required=True)
+        signer = load_signer(str(r.get("template", "signer", required=True)),
+                             password_env=r.get("template", "signer_password_env"),
+                             pin_env=r.get("template", "signer_pin_env"))
+        pr = protect(golden, template_out, str(r.get("template", "name", required=True)),
+                     str(r.get("template", "version", required=True)), signer, pss=bool(r.get("template", "pss", False)),
+                     overwrite=True)
+        vsc_out = r.p("template", "vsc") or template_out.with_suffix(".vsc")
+        write_bytes_atomic(vsc_out, read_vsc_bytes(template_out))
+        report["steps"]["protect"] = {**pr.to_json(), "seconds": round(time.monotonic() - t, 3)}
+        report["catalog_root"] = pr.document.root.hex()
+        report["artifacts"]["template"] = str(template_out)
+        report["artifacts"]["vsc"] = str(vsc_out)
+    if "pdk" in r.data:
+        t = time.monotonic()
+        pdk_out = r.p("pdk", "output", required=True)
+        vsc_path = r.p("pdk", "vsc") or vsc_out
+        if vsc_path is None:
+            raise FormatError("[pdk] needs 'vsc' (or a [template] section)", str(r.path))
+        owner = load_guardian(r.p("pdk", "owner", required=True), private=True,
+                              password_env=r.get("pdk", "owner_password_env"))
+        guardians = [load_guardian(r.base / g if not Path(g).is_absolute() else g,
+                                   allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
+                     for g in r.get("pdk", "guardians", [])]
+        if not guardians:
+            raise FormatError("[pdk] needs at least one guardian", str(r.path))
+        vi = open_vsc(read_vsc_bytes(vsc_path))
+        q = VolumeIdQualifier.from_vsc(vi, str(r.get("pdk", "version_rule", "eq")))
+        af = r.p("pdk", "answer_file")
+        try:
+            secret = SecretPart(
+                answer_file=NamedFile(af.name, af.read_bytes()) if af else None,
+                other_files=[NamedFile(Path(f).name, (r.base / f).read_bytes()) for f in r.get("pdk", "other_files", [])],
+                specialization_values={str(k): str(v) for k, v in r.get("pdk", "spec_values", {}).items()})
+        except FileNotFoundError as e:
+            raise NotFoundError("file named in [pdk] not found", str(e.filename)) from None
+        der, warnings = create_pdk(owner, guardians, [q], secret, str(r.get("pdk", "policy", "shielded")),
+                                   allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
+        write_bytes_atomic(pdk_out, der)
+        report["steps"]["pdk"] = {"output": str(pdk_out), "qualifier": q.to_json(), "warnings": warnings,
+                                  "seconds": round(time.monotonic() - t, 3)}
+        report["artifacts"]["pdk"] = str(pdk_out)
+    if "shield" in r.data:
+        t = time.monotonic()
+        tmpl = r.p("shield", "template") or template_out
+        pdk = r.p("shield", "pdk") or pdk_out
+        if tmpl is None or pdk is None:
+            raise FormatError("[shield] needs 'template' and 'pdk' (or [template]/[pdk] sections)", str(r.path))
+        owner_dir = r.p("shield", "owner") or r.p("pdk", "owner")
+        if owner_dir is None:
+            raise FormatError("[shield] needs 'owner'", str(r.path))
+        owner = load_guardian(owner_dir, private=True,
+                              password_env=r.get("shield", "owner_password_env", r.get("pdk", "owner_password_env")))
+        gpaths = r.get("shield", "guardians", r.get("pdk", "guardians", []))
+        known = [load_guardian(r.base / g if not Path(g).is_absolute() else g, allow_untrusted_root=True) for g in gpaths]
+        pv = r.get("shield", "pcr_values")
+        pcr_values = {int(k): bytes.fromhex(v) for k, v in pv.items()} if isinstance(pv, dict) else None
+        tcg = r.p("shield", "tcg_log")
+        if pcr_values is None and tcg is None:
+            raise FormatError("[shield] needs 'tcg_log' or 'pcr_values'", str(r.path))
+        out = r.p("shield", "output", required=True)
+        rep = shield(tmpl, pdk, out, owner, kp_path=r.p("shield", "kp"), tpm_parent=r.p("shield", "tpm_parent"),
+                     pcrs=[int(x) for x in r.get("shield", "pcrs", [7, 11])], pcr_values=pcr_values,
+                     tcg_log=str(tcg) if tcg else None, bank=str(r.get("shield", "bank", "sha256")),
+                     method=str(r.get("shield", "method", "xts-aes-128")),
+                     verify_content=bool(r.get("shield", "verify_content", True)), guardians=known)
+        report["steps"]["shield"] = {**rep, "seconds": round(time.monotonic() - t, 3)}
+        report["protector_ids"] = [p["guid"] for p in rep["bitlocker"]["protectors"]]
+        report["artifacts"].update({"vm_disk": rep["outputs"]["disk"], "kp": rep["outputs"]["kp"],
+                                    "recovery_escrow": rep["outputs"]["recovery_escrow"]})
+    report["hashes"] = {k: _sha256(Path(v)) for k, v in report["artifacts"].items()}
+    report["seconds"] = round(time.monotonic() - t0, 3)
+    out = r.p("report", "output")
+    if out is not None:
+        import json
+
+        write_bytes_atomic(out, json.dumps(report, indent=2, default=str).encode())
+        report["report"] = str(out)
+    return report
+
+
+__all__ = ["run_build", "Recipe"]

@@ -1,0 +1,217 @@
+"""End to end: protect → PDK → shield → guardian dry run → unlock, plus every refusal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from templatetool.disk import open_disk, select_volume
+from templatetool.errors import IntegrityError, PolicyError
+
+from .conftest import GOLDEN, assert_clean_error, require_tool, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from templatetool.pipeline.demo import run_demo
+
+    d = tmp_path_factory.mktemp("demo")
+    rep = run_demo(GOLDEN, d, say=lambda s: None)
+    rep["dir"] = d
+    return rep
+
+
+def _volume_bytes(path: Path) -> bytes:
+    with open_disk(path) as dev:
+        view, _ = select_volume(dev, 3)
+        return view.read(0, view.size)
+
+
+def test_demo_pipeline_ok(demo: dict) -> None:
+    assert demo["ok"], demo["dry_run"]
+    assert [s["status"] for s in demo["dry_run"]["steps"]] == ["passed"] * 5 + ["skipped", "passed"]
+    assert all(s["status"] == "passed" for s in demo["unlock"]["steps"])
+
+
+def test_unlocked_volume_equals_template_volume(demo: dict) -> None:
+    d = demo["dir"]
+    assert _volume_bytes(d / "vm-decrypted.vhdx") == _volume_bytes(d / "template.vhdx")
+    # the shielded volume itself is BitLocker, the template untouched by shield
+    with open_disk(d / "vm.vhdx") as dev:
+        view, _ = select_volume(dev, 3)
+        assert view.read(3, 8) == b"-FVE-FS-"
+
+
+def test_shielded_disk_passes_qemu_and_carries_catalog(demo: dict) -> None:
+    require_tool("qemu-img")
+    d = demo["dir"]
+    cp = subprocess.run(["qemu-img", "check", str(d / "vm.vhdx")], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    from templatetool.catalog.vsc import read_vsc_bytes
+
+    assert read_vsc_bytes(d / "vm.vhdx") == read_vsc_bytes(d / "template.vhdx")
+
+
+def test_escrowed_recovery_password_opens_in_dislocker(demo: dict, tmp_path: Path) -> None:
+    require_tool("qemu-img", "dislocker-file")
+    d = demo["dir"]
+    cp = run_cli("escrow", "open", str(d / "vm.recovery.p7m"), "--owner", str(d / "owner"), "-o", str(tmp_path / "rp"))
+    assert cp.returncode == 0, cp.stderr
+    assert (tmp_path / "rp").stat().st_mode & 0o777 == 0o600
+    rp = (tmp_path / "rp").read_text().strip()
+    raw = tmp_path / "vm.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(d / "vm.vhdx"), str(raw)], check=True)
+    with open_disk(raw) as dev:
+        view, part = select_volume(dev, 3)
+        vol = tmp_path / "vol.bin"
+        vol.write_bytes(view.read(0, view.size))
+    out = tmp_path / "dislocker.out"
+    cp = subprocess.run(["dislocker-file", "-V", str(vol), f"-p{rp}", "--", str(out)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
+    assert out.read_bytes() == _volume_bytes(d / "template.vhdx")
+
+
+def test_wrong_guardian_host_and_tampering_refused(demo: dict, tmp_path: Path) -> None:
+    from templatetool.guardian.model import generate_guardian, save_guardian
+    from templatetool.hgs import AttestationPolicy, init_attestation, new_host
+    from templatetool.hgs.host import pem_public
+    from templatetool.pipeline.unlock import unlock
+
+    d = demo["dir"]
+    # a host the fabric never registered
+    new_host("rogue", tmp_path / "rogue")
+    rep = unlock(d / "vm.vhdx", d / "vm.kp", d / "fabric", tmp_path / "rogue", dry_run=True)
+    assert not rep.ok and rep.steps[0].status == "failed" and "host key registered" in rep.steps[0].detail
+    assert rep.exit_code == 6
+    # a guardian that is not in the KP (with a properly attested host)
+    other = tmp_path / "other"
+    save_guardian(generate_guardian("Other HGS", "ec-p256"), other, None)
+    init_attestation(other)
+    pol = AttestationPolicy.load(other)
+    h = new_host("h2", tmp_path / "h2")
+    pol.add_host_key("h2", pem_public(h.host_key.public_key()))
+    pol.save(other)
+    rep = unlock(d / "vm.vhdx", d / "vm.kp", other, tmp_path / "h2", dry_run=True)
+    assert rep.steps[0].status == "passed"
+    assert rep.steps[1].status == "failed", rep.to_json()
+    # tampered KP
+    kp = bytearray((d / "vm.kp").read_bytes())
+    i = kp.index(b"<", len(kp) // 2)
+    kp[i + 1] ^= 0x01
+    (tmp_path / "bad.kp").write_bytes(bytes(kp))
+    rep = unlock(d / "vm.vhdx", tmp_path / "bad.kp", d / "fabric", d / "host", dry_run=True)
+    assert rep.steps[1].status == "failed"
+    # PCR values of a different boot
+    rep = unlock(d / "vm.vhdx", d / "vm.kp", d / "fabric", d / "host", dry_run=True, pcr_values={7: b"\x01" * 32, 11: b"\x02" * 32})
+    assert rep.steps[3].status == "failed" and "PCR" in rep.steps[3].detail
+
+
+def test_expired_health_certificate_refused(demo: dict, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from templatetool.hgs import AttestationPolicy, attest, create_evidence, load_attestation, load_host
+    from templatetool.pipeline.unlock import unlock
+
+    d = demo["dir"]
+    key, cert = load_attestation(d / "fabric")
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=10)
+    hc, _ = attest(AttestationPolicy.load(d / "fabric"), create_evidence(load_host(d / "host"), at=past), key, cert, at=past)
+    (tmp_path / "hc.pem").write_bytes(hc.public_bytes(serialization.Encoding.PEM))
+    rep = unlock(d / "vm.vhdx", d / "vm.kp", d / "fabric", d / "host", health_cert=tmp_path / "hc.pem", dry_run=True)
+    assert rep.steps[1].status == "failed" and "expired" in rep.steps[1].detail
+
+
+def test_shield_refusals(demo: dict, tmp_path: Path) -> None:
+    from templatetool.catalog.qualifier import VolumeIdQualifier
+    from templatetool.catalog.vsc import open_vsc, read_vsc_bytes
+    from templatetool.guardian.model import generate_guardian, load_guardian
+    from templatetool.pdk.document import SecretPart
+    from templatetool.pdk.shielding import create_pdk
+    from templatetool.pipeline.shield import shield
+
+    d = demo["dir"]
+    owner = load_guardian(d / "owner", private=True)
+    fabric = load_guardian(d / "fabric")
+    vi = open_vsc(read_vsc_bytes(d / "template.vhdx"))
+    # qualifier that the template does not satisfy (version must be greater)
+    q = VolumeIdQualifier.from_vsc(vi, "gt")
+    pdk, _ = create_pdk(owner, [fabric], [q], SecretPart(), "shielded", allow_untrusted_root=True)
+    (tmp_path / "gt.pdk").write_bytes(pdk)
+    with pytest.raises(PolicyError, match="does not satisfy"):
+        shield(d / "template.vhdx", tmp_path / "gt.pdk", tmp_path / "vm.vhdx", owner, pcr_values={7: bytes(32), 11: bytes(32)},
+               guardians=[fabric])
+    assert not (tmp_path / "vm.vhdx").exists() and not (tmp_path / "vm.kp").exists()
+    # wrong owner
+    stranger = generate_guardian("Stranger", "ec-p256")
+    with pytest.raises((PolicyError, IntegrityError), match="another owner"):
+        shield(d / "template.vhdx", d / "tenant.pdk", tmp_path / "vm.vhdx", stranger, pcr_values={7: bytes(32), 11: bytes(32)})
+    assert not list(tmp_path.glob("*.vhdx"))
+
+
+def test_cli_dry_run_json_and_exit_code(demo: dict, tmp_path: Path) -> None:
+    d = demo["dir"]
+    cp = run_cli("unlock", str(d / "vm.vhdx"), "--kp", str(d / "vm.kp"), "--guardian", str(d / "fabric"),
+                 "--host", str(d / "host"), "--dry-run", "--json")
+    assert cp.returncode == 0, cp.stderr
+    r = json.loads(cp.stdout)
+    assert r["ok"] is True and [s["step"] for s in r["steps"]][0] == "attestation"
+    assert run_cli("host", "new", "x", "-o", str(tmp_path / "x")).returncode == 0
+    cp = run_cli("unlock", str(d / "vm.vhdx"), "--kp", str(d / "vm.kp"), "--guardian", str(d / "fabric"),
+                 "--host", str(tmp_path / "x"), "--dry-run")
+    assert cp.returncode == 6
+    assert "WILL NOT UNLOCK" in cp.stdout
+
+
+def test_build_recipe(demo: dict, tmp_path: Path) -> None:
+    d = demo["dir"]
+    (tmp_path / "vm.tcglog").write_bytes((d / "vm-reference.tcglog").read_bytes())
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f"""
+[template]
+golden = "{GOLDEN}"
+output = "out/template.vhdx"
+name = "Srv"
+version = "1.2.3.4"
+signer = "pem:{d / 'signer.key.pem'},{d / 'signer.pem'}"
+
+[pdk]
+output = "out/tenant.pdk"
+owner = "{d / 'owner'}"
+guardians = ["{d / 'fabric'}"]
+version_rule = "ge"
+policy = "shielded"
+allow_untrusted_root = true
+spec_values = {{ "@ComputerName@" = "vm7" }}
+
+[shield]
+output = "out/vm.vhdx"
+tcg_log = "vm.tcglog"
+pcrs = [7, 11]
+
+[report]
+output = "out/report.json"
+""")
+    (tmp_path / "out").mkdir()
+    cp = run_cli("build", str(recipe), "--json")
+    assert cp.returncode == 0, cp.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(rep["artifacts"]) == {"template", "vsc", "pdk", "vm_disk", "kp", "recovery_escrow"}
+    assert len(rep["protector_ids"]) == 2 and len(rep["catalog_root"]) == 64
+    import hashlib
+
+    assert rep["hashes"]["kp"] == hashlib.sha256((tmp_path / "out" / "vm.kp").read_bytes()).hexdigest()
+    rep2 = run_cli("unlock", str(tmp_path / "out" / "vm.vhdx"), "--kp", str(tmp_path / "out" / "vm.kp"), "--guardian",
+                   str(d / "fabric"), "--host", str(d / "host"), "--dry-run")
+    assert rep2.returncode == 0, rep2.stdout + rep2.stderr
+
+
+@pytest.mark.parametrize("text, code", [("not toml [", 3), ("[bogus]\nx=1\n", 3), ("[template]\noutput='a'\n", 3),
+                                        ("[report]\noutput='r.json'\n", 3)])
+def test_bad_recipes(tmp_path: Path, text: str, code: int) -> None:
+    (tmp_path / "r.toml").write_text(text)
+    assert_clean_error(run_cli("build", str(tmp_path / "r.toml")), code)
+    assert not (tmp_path / "r.json").exists()
