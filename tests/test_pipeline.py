@@ -215,3 +215,52 @@ def test_bad_recipes(tmp_path: Path, text: str, code: int) -> None:
     (tmp_path / "r.toml").write_text(text)
     assert_clean_error(run_cli("build", str(tmp_path / "r.toml")), code)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_shield_to_existing_vtpm_and_unlock_via_swtpm(demo: dict, tmp_path: Path) -> None:
+    """Seal to a real (emulated) vTPM's SRK; unlock with --tpm: swtpm enforces the PCR policy."""
+    import hashlib
+    import os
+
+    require_tool("swtpm")
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
+    from .conftest import require_module
+
+    t = require_module("tpm2_pytss")
+    from templatetool.guardian.model import load_guardian
+    from templatetool.pipeline.shield import shield
+    from templatetool.pipeline.unlock import unlock
+    from templatetool.tpm import keys
+    from templatetool.tpm import structs as s
+    from templatetool.tpm.swtpm import Swtpm
+
+    d = demo["dir"]
+    ev = hashlib.sha256(b"vm secure boot policy").digest()
+    with Swtpm(tmp_path / "state") as sw:
+        esys = t.ESAPI(sw.tcti_loader())
+        try:
+            tmpl = t.TPM2B_PUBLIC.parse("rsa2048:aes128cfb", objectAttributes=keys.SRK_ATTRIBUTES)
+            srk, pub, *_ = esys.create_primary(t.TPM2B_SENSITIVE_CREATE(), tmpl, t.ESYS_TR.OWNER)
+            esys.evict_control(t.ESYS_TR.OWNER, srk, s.SRK_HANDLE)
+            esys.flush_context(srk)
+            (tmp_path / "srk.pub").write_bytes(pub.marshal())
+        finally:
+            esys.close()
+        owner = load_guardian(d / "owner", private=True)
+        rep = shield(d / "template.vhdx", d / "tenant.pdk", tmp_path / "vm.vhdx", owner, tpm_parent=tmp_path / "srk.pub",
+                     pcr_values={7: hashlib.sha256(bytes(32) + ev).digest(), 11: bytes(32)},
+                     guardians=[load_guardian(d / "fabric")], verify_content=False)
+        assert rep["vtpm"]["generated"] is False
+        before = unlock(tmp_path / "vm.vhdx", tmp_path / "vm.kp", d / "fabric", d / "host", dry_run=True, tpm_tcti=sw.tcti)
+        assert before.steps[3].status == "failed"  # the VM has not booted the sealed chain yet
+        esys = t.ESAPI(sw.tcti_loader())
+        try:
+            vals = t.TPML_DIGEST_VALUES([t.TPMT_HA(hashAlg=t.TPM2_ALG.SHA256)])
+            vals[0].digest.sha256 = ev
+            esys.pcr_extend(t.ESYS_TR.PCR7, vals)
+        finally:
+            esys.close()
+        rep2 = unlock(tmp_path / "vm.vhdx", tmp_path / "vm.kp", d / "fabric", d / "host", output=tmp_path / "plain.vhdx",
+                      tpm_tcti=sw.tcti)
+    assert rep2.ok, rep2.to_json()
+    assert _volume_bytes(tmp_path / "plain.vhdx") == _volume_bytes(d / "template.vhdx")
