@@ -1,0 +1,221 @@
+"""BitLocker (FVE) on-disk structures, declared with ``construct``.
+
+Field names follow the reference note (docs/bitlocker.md, ../shared/reference/bitlocker-format.md)
+with the Microsoft-style name in comments. All integers are little-endian. The structures carry
+raw values only; every rule (signatures, ranges, CRCs) is checked in :mod:`.metadata`, so that a
+malformed input produces a typed error naming the field instead of a construct exception.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from construct import Array, Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+#: ``-FVE-FS-``: signature of the FVE volume header (boot sector) and of every metadata block.
+FVE_SIGNATURE = b"-FVE-FS-"
+#: The BitLocker identifier at boot-sector offset 0xA0 (Windows 7 and later), stored bytes_le.
+BITLOCKER_GUID = uuid.UUID("4967d63b-2e29-4ad8-8399-f6a339e3d001")
+#: The "used-space-only / EOW" identifier (read-only support in readers; we never write it).
+BITLOCKER_EOW_GUID = uuid.UUID("92a84d3b-dd80-4d0e-9e4e-b1e3284eaed8")
+#: Jump bytes Windows 7+ writes (libbde requires exactly these).
+BOOT_JUMP = b"\xeb\x58\x90"
+BOOT_JUMP_VISTA = b"\xeb\x52\x90"
+
+#: Size of the region reserved for each metadata copy.
+METADATA_REGION_SIZE = 64 * 1024
+#: Size of the relocated volume header (VHO) region: 16 x 512 or 2 x 4096.
+VHO_REGION_SIZE = 8 * 1024
+
+# --- encryption methods (dataset FvekType / KEY key type) ---------------------------------
+METHOD_AES_128_DIFFUSER = 0x8000
+METHOD_AES_256_DIFFUSER = 0x8001
+METHOD_AES_128_CBC = 0x8002
+METHOD_AES_256_CBC = 0x8003
+METHOD_XTS_AES_128 = 0x8004
+METHOD_XTS_AES_256 = 0x8005
+
+METHOD_NAMES: dict[int, str] = {
+    METHOD_AES_128_DIFFUSER: "aes-128-cbc-diffuser",
+    METHOD_AES_256_DIFFUSER: "aes-256-cbc-diffuser",
+    METHOD_AES_128_CBC: "aes-128-cbc",
+    METHOD_AES_256_CBC: "aes-256-cbc",
+    METHOD_XTS_AES_128: "xts-aes-128",
+    METHOD_XTS_AES_256: "xts-aes-256",
+}
+#: FVEK length in bytes per method (the KEY payload size).
+FVEK_LENGTH: dict[int, int] = {
+    METHOD_AES_128_DIFFUSER: 64,
+    METHOD_AES_256_DIFFUSER: 64,
+    METHOD_AES_128_CBC: 16,
+    METHOD_AES_256_CBC: 32,
+    METHOD_XTS_AES_128: 32,
+    METHOD_XTS_AES_256: 64,
+}
+
+# --- entry roles ("entry type") -------------------------------------------------------------
+ROLE_PROPERTY = 0x0000
+ROLE_VMK = 0x0002
+ROLE_FVEK = 0x0003
+ROLE_VALIDATION = 0x0004
+ROLE_STARTUP_KEY = 0x0006
+ROLE_DESCRIPTION = 0x0007
+ROLE_FVEK_BACKUP = 0x000B
+ROLE_VOLUME_HEADER_BLOCK = 0x000F
+ROLE_RECOVERY_KEY_COPY = 0x0012  # nested in the recovery stretch key: VMK-encrypted raw key16
+
+# --- value types --------------------------------------------------------------------------
+VT_ERASED = 0x0000
+VT_KEY = 0x0001
+VT_UNICODE = 0x0002
+VT_STRETCH_KEY = 0x0003
+VT_USE_KEY = 0x0004
+VT_AES_CCM = 0x0005
+VT_TPM_ENCODED = 0x0006
+VT_VALIDATION = 0x0007
+VT_VMK = 0x0008
+VT_EXTERNAL_KEY = 0x0009
+VT_UPDATE = 0x000A
+VT_ERROR = 0x000B
+VT_OFFSET_SIZE = 0x000F
+
+#: Fixed part of each value type (incl. the 8-byte entry header); nested entries follow it.
+VALUE_HEADER_SIZE: dict[int, int] = {
+    VT_ERASED: 8, VT_KEY: 0x0C, VT_UNICODE: 8, VT_STRETCH_KEY: 0x1C, VT_USE_KEY: 0x0C,
+    VT_AES_CCM: 0x24, VT_TPM_ENCODED: 0x0C, VT_VALIDATION: 8, VT_VMK: 0x24,
+    VT_EXTERNAL_KEY: 0x20, VT_UPDATE: 0x2C, VT_ERROR: 0x34, VT_OFFSET_SIZE: 0x18,
+}
+#: Value types whose payload continues with nested entries after the fixed part.
+NESTING_TYPES = frozenset({VT_STRETCH_KEY, VT_USE_KEY, VT_VMK, VT_EXTERNAL_KEY})
+
+# --- protection types (VMK payload) ---------------------------------------------------------
+PROT_CLEAR_KEY = 0x0000
+PROT_TPM = 0x0100
+PROT_STARTUP_KEY = 0x0200
+PROT_TPM_PIN = 0x0500
+PROT_RECOVERY_PASSWORD = 0x0800
+PROT_SMART_CARD = 0x1000
+PROT_PASSWORD = 0x2000
+
+PROTECTION_NAMES: dict[int, str] = {
+    PROT_CLEAR_KEY: "clear-key",
+    PROT_TPM: "tpm",
+    PROT_STARTUP_KEY: "startup-key",
+    PROT_TPM_PIN: "tpm-pin",
+    PROT_RECOVERY_PASSWORD: "recovery-password",
+    PROT_SMART_CARD: "smart-card",
+    PROT_PASSWORD: "password",
+}
+
+# --- key types in KEY / STRETCH_KEY / USE_KEY payloads --------------------------------------
+KEYTYPE_RECOVERY_STRETCH = 0x1000
+KEYTYPE_PASSWORD_STRETCH = 0x1001
+KEYTYPE_CLEAR = 0x2000
+KEYTYPE_EXTERNAL = 0x2002
+KEYTYPE_VMK = 0x2003
+KEYTYPE_VALIDATION_HASH = 0x2005
+
+# --- metadata states ------------------------------------------------------------------------
+STATE_NAMES = {1: "decrypted", 2: "switching", 3: "paused", 4: "encrypted", 5: "switching"}
+STATE_ENCRYPTED = 4
+
+# ==== structures ============================================================================
+
+#: FVE volume header (sector 0), Windows 7+ layout: a FAT32-looking BPB.
+BootSector = Struct(
+    "jump" / Bytes(3),
+    "signature" / Bytes(8),
+    "bytes_per_sector" / Int16ul,
+    "sectors_per_cluster" / Int8ul,
+    "reserved_sectors" / Int16ul,
+    "fat_count" / Int8ul,
+    "root_entries" / Int16ul,
+    "total_sectors_16" / Int16ul,
+    "media" / Int8ul,
+    "sectors_per_fat_16" / Int16ul,
+    "sectors_per_track" / Int16ul,
+    "heads" / Int16ul,
+    "hidden_sectors" / Int32ul,
+    "total_sectors_32" / Int32ul,
+    "sectors_per_fat_32" / Int32ul,
+    "fat_flags" / Int16ul,
+    "fs_version" / Int16ul,
+    "root_cluster" / Int32ul,
+    "fsinfo_sector" / Int16ul,
+    "backup_boot_sector" / Int16ul,
+    "reserved1" / Bytes(4),
+    "vista_metadata_lcn" / Int64ul,  # 0x038: must be 0 for Windows 7+ (dislocker)
+    "drive_number" / Int8ul,
+    "reserved2" / Int8ul,
+    "ext_boot_signature" / Int8ul,
+    "volume_serial" / Int32ul,
+    "volume_label" / Bytes(11),
+    "fs_type" / Bytes(8),
+    "boot_code" / Bytes(70),
+    "identifier" / Bytes(16),  # 0x0A0
+    "metadata_offsets" / Array(3, Int64ul),  # 0x0B0
+    "eow_offsets" / Array(2, Int64ul),  # 0x0C8
+    "boot_code2" / Bytes(0x1FE - 0xD8),
+    "end_signature" / Bytes(2),
+)
+assert BootSector.sizeof() == 512
+
+#: FVE metadata block header ("FVE_INFORMATION"), version 2; 64 bytes.
+BlockHeader = Struct(
+    "signature" / Bytes(8),
+    "header_size" / Int16ul,  # version 2: size of block header + dataset in 16-byte units
+    "version" / Int16ul,
+    "current_state" / Int16ul,
+    "next_state" / Int16ul,
+    "encrypted_size" / Int64ul,  # StateOffset: bytes >= this are plaintext
+    "convert_size" / Int32ul,
+    "virtualized_sectors" / Int32ul,  # number of relocated header sectors
+    "metadata_offsets" / Array(3, Int64ul),
+    "vho_offset" / Int64ul,  # VirtualizedBlockOffset
+)
+assert BlockHeader.sizeof() == 64
+
+#: Dataset header ("FVE_DATASET"), 48 bytes at block offset 0x40.
+DatasetHeader = Struct(
+    "size" / Int32ul,
+    "version" / Int32ul,
+    "header_size" / Int32ul,
+    "size_copy" / Int32ul,
+    "volume_guid" / Bytes(16),
+    "nonce_counter" / Int32ul,
+    "method" / Int16ul,
+    "method_copy" / Int16ul,
+    "created" / Int64ul,
+)
+assert DatasetHeader.sizeof() == 48
+DATASET_HEADER_SIZE = 48
+BLOCK_HEADER_SIZE = 64
+
+#: Entry ("datum") header, used at every nesting level.
+EntryHeader = Struct(
+    "size" / Int16ul,
+    "role" / Int16ul,
+    "vtype" / Int16ul,
+    "version" / Int16ul,
+)
+ENTRY_HEADER_SIZE = 8
+
+#: Validation header right after ``header_size * 16`` bytes of the block.
+ValidationHeader = Struct(
+    "size" / Int16ul,
+    "version" / Int16ul,
+    "crc32" / Int32ul,
+)
+VALIDATION_HEADER_SIZE = 8
+
+# Payloads (bytes after the 8-byte entry header).
+KeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "key" / GreedyBytes)
+StretchKeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "salt" / Bytes(16), "nested" / GreedyBytes)
+UseKeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "nested" / GreedyBytes)
+AesCcmPayload = Struct("nonce_time" / Int64ul, "nonce_counter" / Int32ul, "tag" / Bytes(16),
+                       "ciphertext" / GreedyBytes)
+TpmEncodedPayload = Struct("pcr_bitmap" / Int32ul, "blob" / GreedyBytes)
+VmkPayload = Struct("guid" / Bytes(16), "modified" / Int64ul, "unknown" / Int16ul,
+                    "protection" / Int16ul, "nested" / GreedyBytes)
+ExternalKeyPayload = Struct("guid" / Bytes(16), "modified" / Int64ul, "nested" / GreedyBytes)
+OffsetSizePayload = Struct("offset" / Int64ul, "size" / Int64ul, "extra" / GreedyBytes)

@@ -1,0 +1,557 @@
+"""BitLocker volumes: open, inspect, unlock (decrypted streaming view) and encrypt.
+
+The decrypted view presents the volume the way libbde, dislocker and dissect.fve do: logical
+sectors 0..N-1 come from the relocated (encrypted) copy at the VHO offset, the three 64 KiB
+metadata regions and the VHO region read as zeros, bytes at or beyond the encrypted size are
+returned raw, and everything else is decrypted in place with its own physical sector number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..blockdev import CHUNK, BlockDevice
+from ..errors import CredentialError, FormatError, IntegrityError, TemplateToolError, UsageError
+from ..progress import progress
+from . import keys as K
+from . import structs as S
+from .cipher import SectorCipher, make_cipher
+from .metadata import (Entry, Metadata, build_boot_sector, build_metadata_block, finish_metadata_block,
+                       make_entry, parse_boot_sector, parse_metadata_block, unicode_entry, unicode_text)
+
+#: Method names accepted by :func:`encrypt_volume`.
+METHODS_BY_NAME = {v: k for k, v in S.METHOD_NAMES.items()}
+
+
+def is_bitlocker(dev: BlockDevice) -> bool:
+    """True when the device starts with a BitLocker (Windows 7+) volume header."""
+    if dev.size < 512:
+        return False
+    head = dev.read(0, 512)
+    return head[3:11] == S.FVE_SIGNATURE
+
+
+@dataclass
+class FveRegions:
+    """Where BitLocker's own data goes inside the volume (byte offsets from the volume start).
+
+    ``metadata_offsets``: the three 64 KiB metadata regions; ``vho_offset``/``vho_size``: the
+    region holding the encrypted copy of the first sectors (8 KiB: 16 x 512 or 2 x 4096).
+    """
+
+    metadata_offsets: tuple[int, int, int]
+    vho_offset: int
+    vho_size: int = S.VHO_REGION_SIZE
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(offset, length) of the four reserved regions."""
+        return [(o, S.METADATA_REGION_SIZE) for o in self.metadata_offsets] + [(self.vho_offset, self.vho_size)]
+
+
+@dataclass
+class ProtectorInfo:
+    """A key protector as listed by :meth:`FveVolume.info`."""
+
+    type: str
+    protection: int
+    guid: str
+    created: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "protection": f"{self.protection:#06x}", "guid": self.guid,
+                "created": self.created}
+
+
+class FveVolume:
+    """A BitLocker volume: parsed header and metadata copies; :meth:`unlock` gives the plaintext."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.name = dev.name
+        if dev.size < 512:
+            raise FormatError("volume too small to be BitLocker", dev.name)
+        self.boot = parse_boot_sector(dev.read(0, 512), dev.size, f"{dev.name}: FVE volume header")
+        self.sector_size = self.boot.sector_size
+        self.copies: list[dict[str, Any]] = []
+        self.meta: Metadata | None = None
+        first_error: TemplateToolError | None = None
+        for i, off in enumerate(self.boot.metadata_offsets):
+            n = min(S.METADATA_REGION_SIZE, dev.size - off)
+            try:
+                m = parse_metadata_block(dev.read(off, n), off, dev.size, i + 1)
+                if m.metadata_offsets != self.boot.metadata_offsets:
+                    raise FormatError("metadata offsets in the block differ from the volume header",
+                                      f"FVE metadata copy {i + 1} at {off:#x}")
+                self.copies.append({"copy": i + 1, "offset": off, "valid": True, "error": None})
+                if self.meta is None:
+                    self.meta = m
+            except TemplateToolError as e:
+                self.copies.append({"copy": i + 1, "offset": off, "valid": False, "error": str(e)})
+                if first_error is None:
+                    first_error = e
+        if self.meta is None:
+            assert first_error is not None
+            raise type(first_error)(f"no valid FVE metadata copy (first: {first_error.what})",
+                                    f"{dev.name}: {first_error.where}", "the volume metadata is corrupt")
+        m = self.meta
+        self.method = m.method
+        self.vho_size = m.vho_size or m.virtualized_sectors * self.sector_size
+        if self.vho_size % self.sector_size or self.vho_size // self.sector_size != m.virtualized_sectors:
+            raise FormatError(f"relocated header size {self.vho_size:#x} does not match "
+                              f"{m.virtualized_sectors} sectors of {self.sector_size}", dev.name)
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def metadata(self) -> Metadata:
+        assert self.meta is not None
+        return self.meta
+
+    def protectors(self) -> list[ProtectorInfo]:
+        out = []
+        for e in self.metadata.entries_of(S.ROLE_VMK, S.VT_VMK):
+            p = S.VmkPayload.parse(e.payload)
+            out.append(ProtectorInfo(S.PROTECTION_NAMES.get(p.protection, f"unknown-{p.protection:#06x}"),
+                                     p.protection, str(uuid.UUID(bytes_le=p.guid)), K.filetime_to_iso(p.modified)))
+        return out
+
+    def description(self) -> str | None:
+        d = self.metadata.entries_of(S.ROLE_DESCRIPTION, S.VT_UNICODE)
+        return unicode_text(d[0]) if d else None
+
+    def regions(self) -> FveRegions:
+        m = self.metadata
+        return FveRegions(m.metadata_offsets, m.vho_offset, self.vho_size)
+
+    def info(self) -> dict[str, Any]:
+        """Method, sector size, GUID, sizes, state, protectors and metadata copies."""
+        m = self.metadata
+        return {
+            "method": S.METHOD_NAMES.get(m.method, "unknown"),
+            "method_code": f"{m.method:#06x}",
+            "sector_size": self.sector_size,
+            "volume_guid": str(m.volume_guid),
+            "volume_size": self.dev.size,
+            "encrypted_size": m.encrypted_size,
+            "state": S.STATE_NAMES.get(m.current_state, str(m.current_state)),
+            "created": K.filetime_to_iso(m.created),
+            "description": self.description(),
+            "protectors": [p.to_json() for p in self.protectors()],
+            "copies": [{"copy": c["copy"], "offset": c["offset"], "valid": c["valid"], "error": c["error"]}
+                       for c in self.copies],
+            "relocated_header": {"offset": m.vho_offset, "size": self.vho_size, "sectors": m.virtualized_sectors},
+        }
+
+    # ---- unlock -----------------------------------------------------------------------------
+    def _vmks(self, protection: int) -> list[tuple[Entry, Any]]:
+        out = []
+        for e in self.metadata.entries_of(S.ROLE_VMK, S.VT_VMK):
+            p = S.VmkPayload.parse(e.payload)
+            if p.protection == protection:
+                out.append((e, p))
+        return out
+
+    def _open_vmk(self, e: Entry, key: bytes) -> bytes:
+        ccm = e.child(S.VT_AES_CCM)
+        if ccm is None:
+            raise FormatError("key protector has no encrypted VMK", e.where)
+        plain = K.ccm_unwrap(key, ccm.payload, e.where)
+        _, vmk = K.parse_key_entry(plain, e.where + " (decrypted VMK)", expect_len=32)
+        return vmk
+
+    def _stretched(self, protection: int, initial: bytes, what: str) -> bytes:
+        cands = self._vmks(protection)
+        if not cands:
+            raise CredentialError(f"the volume has no {what} protector", self.name)
+        for e, _ in cands:
+            sk = e.child(S.VT_STRETCH_KEY)
+            if sk is None:
+                continue
+            salt = S.StretchKeyPayload.parse(sk.payload).salt
+            try:
+                return self._open_vmk(e, K.stretch_key(initial, salt))
+            except CredentialError:
+                continue
+        raise CredentialError(f"the {what} does not unlock this volume", self.name, "check the credential")
+
+    def recover_vmk(self, recovery_password: str | None = None, password: str | None = None,
+                    bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> bytes:
+        """Return the 32-byte VMK from exactly one credential (CredentialError when wrong)."""
+        given = [x is not None for x in (recovery_password, password, bek, vmk)] + [bool(clear)]
+        if sum(given) != 1:
+            raise UsageError("give exactly one credential (recovery password, password, startup key, VMK or clear key)")
+        if vmk is not None:
+            if len(vmk) != 32:
+                raise CredentialError("a VMK has 32 bytes")
+            return vmk
+        if recovery_password is not None:
+            key16 = K.parse_recovery_password(recovery_password)
+            return self._stretched(S.PROT_RECOVERY_PASSWORD, K.recovery_initial_hash(key16), "recovery password")
+        if password is not None:
+            return self._stretched(S.PROT_PASSWORD, K.password_initial_hash(password), "password")
+        if bek is not None:
+            sk = K.parse_bek(bek)
+            cands = self._vmks(S.PROT_STARTUP_KEY)
+            if not cands:
+                raise CredentialError("the volume has no startup-key protector", self.name)
+            cands.sort(key=lambda ep: uuid.UUID(bytes_le=ep[1].guid) != sk.guid)
+            for e, _ in cands:
+                try:
+                    return self._open_vmk(e, sk.key)
+                except CredentialError:
+                    continue
+            raise CredentialError(f"the startup key {{{sk.guid}}} does not unlock this volume", self.name,
+                                  "use the .BEK file made for this volume")
+        cands = self._vmks(S.PROT_CLEAR_KEY)
+        if not cands:
+            raise CredentialError("the volume has no clear key (protection is not suspended)", self.name)
+        for e, _ in cands:
+            k = e.child(S.VT_KEY)
+            if k is None:
+                continue
+            try:
+                return self._open_vmk(e, S.KeyPayload.parse(k.payload).key)
+            except CredentialError:
+                continue
+        raise CredentialError("the clear key does not unlock this volume", self.name)
+
+    def fvek(self, vmk: bytes) -> bytes:
+        """Decrypt the FVEK with the VMK and check the validation entry (as dissect.fve does)."""
+        m = self.metadata
+        e = m.entries_of(S.ROLE_FVEK, S.VT_AES_CCM)[0]
+        try:
+            plain = K.ccm_unwrap(vmk, e.payload, e.where + " (FVEK)")
+        except CredentialError:
+            raise IntegrityError("the FVEK entry does not verify under the VMK", f"{self.name}: {e.where}",
+                                 "the metadata was altered or the VMK is wrong") from None
+        ktype, fvek = K.parse_key_entry(plain, e.where + " (decrypted FVEK)", expect_len=S.FVEK_LENGTH[m.method])
+        if m.validation_ccm is not None:
+            where = f"{self.name}: FVE metadata validation at {m.offset:#x}"
+            try:
+                vplain = K.ccm_unwrap(vmk, m.validation_ccm, where)
+            except CredentialError:
+                raise IntegrityError("metadata validation entry does not verify under the VMK", where,
+                                     "the metadata was altered") from None
+            _, digest = K.parse_key_entry(vplain, where, expect_len=32)
+            if digest != m.sha256():
+                raise IntegrityError("metadata SHA-256 does not match its validation entry", where,
+                                     "the metadata was altered")
+        return fvek
+
+    def unlock(self, recovery_password: str | None = None, password: str | None = None,
+               bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> "DecryptedVolume":
+        """Unlock with one credential; return the read-only decrypted view."""
+        key = self.recover_vmk(recovery_password, password, bek, vmk, clear)
+        try:
+            fvek = self.fvek(key)
+        except IntegrityError:
+            if vmk is not None:
+                raise CredentialError("the given VMK does not unlock this volume", self.name) from None
+            raise
+        return DecryptedVolume(self, make_cipher(self.method, fvek, self.sector_size))
+
+
+def open_fve(dev: BlockDevice) -> FveVolume:
+    """Parse a BitLocker volume's header and metadata copies (first valid copy is used)."""
+    return FveVolume(dev)
+
+
+class DecryptedVolume(BlockDevice):
+    """Read-only plaintext view of an unlocked BitLocker volume."""
+
+    writable = False
+
+    def __init__(self, fve: FveVolume, cipher: SectorCipher) -> None:
+        self.fve = fve
+        self.base = fve.dev
+        self.cipher = cipher
+        self.size = fve.dev.size
+        self.sector_size = fve.sector_size
+        self.name = f"{fve.dev.name} (decrypted)"
+        m = fve.metadata
+        self.encrypted_size = m.encrypted_size
+        self.vho_offset = m.vho_offset
+        self.header_len = fve.vho_size
+        self._zero = [(o, S.METADATA_REGION_SIZE) for o in m.metadata_offsets] + [(m.vho_offset, fve.vho_size)]
+
+    def _phys(self, a: int, b: int) -> bytearray:
+        """Decrypt physical sectors [a, b) in place (a, b sector-aligned; b may exceed size)."""
+        end = min(b, self.base.size)
+        raw = bytearray(self.base.read(a, end - a)) if end > a else bytearray()
+        raw += bytes(b - a - len(raw))
+        ss = self.sector_size
+        enc_end = min(b, self.encrypted_size)
+        if enc_end > a:
+            k = (enc_end - a) // ss * ss
+            raw[:k] = self.cipher.decrypt(memoryview(raw)[:k], a // ss)
+        return raw
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        out = bytearray()
+        ss = self.sector_size
+        pos, end = offset, offset + length
+        while pos < end:
+            a = pos // ss * ss
+            b = min(-(-end // ss) * ss, a + CHUNK)
+            buf = self._phys(a, b)
+            for zo, zl in self._zero:
+                lo, hi = max(a, zo), min(b, zo + zl)
+                if lo < hi:
+                    buf[lo - a:hi - a] = bytes(hi - lo)
+            if a < self.header_len:
+                hi = min(b, self.header_len)
+                vo = self.vho_offset
+                buf[0:hi - a] = self._phys(vo + a, vo + hi)
+            take_lo = pos - a
+            take_hi = min(end, b) - a
+            out += buf[take_lo:take_hi]
+            pos = a + take_hi
+        return bytes(out)
+
+
+# ==== encryption ===============================================================================
+
+ProtectorKind = str  # 'recovery_password' | 'password' | 'startup_key' | 'clear' | 'tpm'
+
+
+@dataclass
+class ProtectorSpec:
+    """A key protector to add when encrypting.
+
+    kinds: ``recovery_password`` (``value`` optional: generated), ``password`` (``value``),
+    ``startup_key`` (a 32-byte external key is generated; the result carries the .BEK bytes),
+    ``clear`` (suspended protection, anyone can read) and ``tpm`` (``seal(vmk_key_entry) ->
+    (tpm_blob, pcr_bitmap)`` gets the 44-byte KEY entry holding the VMK).
+    """
+
+    kind: ProtectorKind
+    value: str | None = None
+    seal: Callable[[bytes], tuple[bytes, int]] | None = None
+
+    def __repr__(self) -> str:
+        return f"ProtectorSpec(kind={self.kind!r})"
+
+
+@dataclass
+class ProtectorResult:
+    """One protector written: its kind, GUID and the secrets the caller must deliver."""
+
+    kind: str
+    guid: str
+    protection: int
+    recovery_password: str | None = field(default=None, repr=False)
+    bek: bytes | None = field(default=None, repr=False)
+
+    @property
+    def bek_filename(self) -> str | None:
+        return f"{self.guid.upper()}.BEK" if self.bek is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        """Public description (never the secrets)."""
+        return {"type": self.kind.replace("_", "-"), "guid": self.guid, "protection": f"{self.protection:#06x}"}
+
+
+@dataclass
+class EncryptResult:
+    """What :func:`encrypt_volume` wrote (the FVEK and VMK are never returned)."""
+
+    volume_guid: str
+    method: str
+    sector_size: int
+    volume_size: int
+    regions: FveRegions
+    protectors: list[ProtectorResult]
+
+    @property
+    def recovery_password(self) -> str | None:
+        return next((p.recovery_password for p in self.protectors if p.recovery_password), None)
+
+    @property
+    def bek(self) -> bytes | None:
+        return next((p.bek for p in self.protectors if p.bek is not None), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"volume_guid": self.volume_guid, "method": self.method, "sector_size": self.sector_size,
+                "volume_size": self.volume_size,
+                "regions": {"metadata_offsets": list(self.regions.metadata_offsets),
+                            "vho_offset": self.regions.vho_offset, "vho_size": self.regions.vho_size},
+                "protectors": [p.to_json() for p in self.protectors]}
+
+
+def _method_code(method: str | int) -> int:
+    if isinstance(method, int):
+        code = method
+    else:
+        code = METHODS_BY_NAME.get(method.lower(), -1)
+    if code not in S.METHOD_NAMES:
+        raise UsageError(f"unknown encryption method {method!r}", hint="use xts-aes-128 or xts-aes-256")
+    return code
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
+def check_regions(regions: FveRegions, volume_size: int, sector_size: int) -> None:
+    """Validate placement: aligned, inside the volume, disjoint, clear of the first sectors."""
+    spans = regions.spans()
+    head = (0, regions.vho_size)
+    for i, (o, n) in enumerate(spans):
+        label = f"metadata region {i + 1}" if i < 3 else "relocated header region"
+        if o % sector_size or n % sector_size or n <= 0:
+            raise UsageError(f"{label} at {o:#x} (+{n:#x}) is not aligned to {sector_size}-byte sectors")
+        if o + n > volume_size:
+            raise UsageError(f"{label} at {o:#x} (+{n:#x}) lies outside the volume of {volume_size} bytes")
+        if _overlaps((o, n), head):
+            raise UsageError(f"{label} at {o:#x} overlaps the first sectors of the volume")
+        for j in range(i):
+            if _overlaps((o, n), spans[j]):
+                raise UsageError(f"{label} at {o:#x} overlaps another BitLocker region")
+
+
+def _vmk_entry(guid: uuid.UUID, ft: int, protection: int, nested: list[Entry]) -> Entry:
+    fixed = guid.bytes_le + struct.pack("<QHH", ft, 0, protection)
+    return make_entry(S.ROLE_VMK, S.VT_VMK, fixed, nested)
+
+
+def _ccm_entry(key: bytes, plain: bytes, ns: K.NonceSource, role: int = S.ROLE_PROPERTY) -> Entry:
+    t, c = ns.next()
+    return Entry(role, S.VT_AES_CCM, K.ccm_wrap(key, plain, t, c))
+
+
+def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
+                   protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
+                   description: str | None = None) -> EncryptResult:
+    """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
+
+    ``regions`` must already be reserved (zero, unused by the filesystem): see
+    :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks; every sector below
+    the volume size is encrypted. Fresh FVEK, VMK, salts, GUIDs and nonces on every call.
+    """
+    if not protectors:
+        raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
+    code = _method_code(method)
+    head = src.read(0, 512) if src.size >= 512 else b""
+    if head[3:11] == S.FVE_SIGNATURE:
+        raise UsageError("the volume is already BitLocker-encrypted", src.name)
+    is_ntfs = head[3:11] == b"NTFS    "
+    ntfs_ss = struct.unpack_from("<H", head, 0x0B)[0] if is_ntfs else None
+    if sector_size and ntfs_ss and sector_size != ntfs_ss:
+        raise UsageError(f"sector size {sector_size} differs from the NTFS sector size {ntfs_ss}", src.name)
+    ss = sector_size or ntfs_ss or src.sector_size
+    if ss not in (512, 1024, 2048, 4096):
+        raise UsageError(f"unsupported sector size {ss}", src.name)
+    vsize = src.size
+    if vsize % ss:
+        raise UsageError(f"volume size {vsize} is not a multiple of the sector size {ss}", src.name)
+    if dst.size < vsize:
+        raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
+    check_regions(regions, vsize, ss)
+    nsect = regions.vho_size // ss
+    hidden = struct.unpack_from("<I", head, 0x1C)[0] if is_ntfs else 0
+    spc = head[0x0D] if is_ntfs and head[0x0D] else 8
+
+    fvek = K.random_key(S.FVEK_LENGTH[code])
+    vmk = K.random_key(32)
+    vol_guid = uuid.uuid4()
+    ns = K.NonceSource(0)
+    ft = ns.time
+    entries: list[Entry] = [unicode_entry(description or f"templatetool {K.filetime_to_iso(ft)}",
+                                          S.ROLE_DESCRIPTION)]
+    results: list[ProtectorResult] = []
+    rec_done = False
+    for spec in protectors:
+        guid = uuid.uuid4()
+        kind = spec.kind.replace("-", "_")
+        if kind == "recovery_password":
+            if rec_done:
+                raise UsageError("only one recovery password protector is read by libbde and dislocker")
+            rec_done = True
+            rp = spec.value or K.generate_recovery_password()
+            key16 = K.parse_recovery_password(rp)
+            rp = K.format_recovery_key(key16)
+            salt = K.random_key(16)
+            skey = K.stretch_key(K.recovery_initial_hash(key16), salt)
+            copy = _ccm_entry(vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), ns, S.ROLE_RECOVERY_KEY_COPY)
+            stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
+                                 struct.pack("<HH", S.KEYTYPE_RECOVERY_STRETCH, 0) + salt, [copy])
+            nested = [unicode_entry("DiskPassword"), stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+            entries.append(_vmk_entry(guid, ft, S.PROT_RECOVERY_PASSWORD, nested))
+            results.append(ProtectorResult(kind, str(guid), S.PROT_RECOVERY_PASSWORD, recovery_password=rp))
+        elif kind == "password":
+            if not spec.value:
+                raise UsageError("a password protector needs a password")
+            salt = K.random_key(16)
+            skey = K.stretch_key(K.password_initial_hash(spec.value), salt)
+            stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
+                                 struct.pack("<HH", S.KEYTYPE_PASSWORD_STRETCH, 0) + salt)
+            nested = [stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+            entries.append(_vmk_entry(guid, ft, S.PROT_PASSWORD, nested))
+            results.append(ProtectorResult(kind, str(guid), S.PROT_PASSWORD))
+        elif kind == "startup_key":
+            ext = K.random_key(32)
+            use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, struct.pack("<HH", S.KEYTYPE_EXTERNAL, 0),
+                             [_ccm_entry(vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), ns)])
+            nested = [unicode_entry("ExternalKey"), use, _ccm_entry(ext, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+            entries.append(_vmk_entry(guid, ft, S.PROT_STARTUP_KEY, nested))
+            results.append(ProtectorResult(kind, str(guid), S.PROT_STARTUP_KEY, bek=K.build_bek(guid, ext, ft)))
+        elif kind == "clear":
+            ck = K.random_key(32)
+            keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, struct.pack("<HH", S.KEYTYPE_CLEAR, 0) + ck)
+            nested = [keyent, _ccm_entry(ck, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+            entries.append(_vmk_entry(guid, ft, S.PROT_CLEAR_KEY, nested))
+            results.append(ProtectorResult(kind, str(guid), S.PROT_CLEAR_KEY))
+        elif kind == "tpm":
+            if spec.seal is None:
+                raise UsageError("a TPM protector needs a seal function")
+            blob, pcrs = spec.seal(K.key_entry(S.KEYTYPE_VMK, vmk))
+            tpm = Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, struct.pack("<I", pcrs & 0xFFFFFFFF) + bytes(blob))
+            entries.append(_vmk_entry(guid, ft, S.PROT_TPM, [tpm]))
+            results.append(ProtectorResult(kind, str(guid), S.PROT_TPM))
+        else:
+            raise UsageError(f"unknown protector kind {spec.kind!r}")
+    fvek_ccm = _ccm_entry(vmk, K.key_entry(code, fvek), ns, S.ROLE_FVEK)
+    entries.append(fvek_ccm)
+    entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
+                         struct.pack("<QQ", regions.vho_offset, regions.vho_size)))
+    vt, vc = ns.next()  # validation nonce, reserved before the dataset records the next counter
+    covered = build_metadata_block(encrypted_size=vsize, virtualized_sectors=nsect,
+                                   metadata_offsets=regions.metadata_offsets, vho_offset=regions.vho_offset,
+                                   volume_guid=vol_guid, nonce_counter=ns.counter, method=code, created=ft,
+                                   entries=entries)
+    vccm = K.ccm_wrap(vmk, K.key_entry(S.KEYTYPE_VALIDATION_HASH, hashlib.sha256(covered).digest()), vt, vc)
+    block = finish_metadata_block(covered, vccm).ljust(S.METADATA_REGION_SIZE, b"\0")
+
+    cipher = make_cipher(code, fvek, ss)
+    boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
+                             total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
+    vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
+    overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
+
+    with progress(vsize, "encrypt") as bar:
+        for off in range(0, vsize, CHUNK):
+            n = min(CHUNK, vsize - off)
+            out = bytearray(cipher.encrypt(src.read(off, n), off // ss))
+            for ro, data in overlays:
+                lo, hi = max(off, ro), min(off + n, ro + len(data))
+                if lo < hi:
+                    out[lo - off:hi - off] = data[lo - ro:hi - ro]
+            dst.write(off, out)
+            bar.update(n)
+    dst.flush()
+    return EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, results)
+
+
+def summary(view: BlockDevice) -> dict[str, Any] | None:
+    """BitLocker details of a volume for ``inspect`` (None when it is not BitLocker)."""
+    if not is_bitlocker(view):
+        return None
+    try:
+        return open_fve(view).info()
+    except TemplateToolError as e:
+        return {"error": str(e)}

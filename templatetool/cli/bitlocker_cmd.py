@@ -1,0 +1,171 @@
+"""`templatetool encrypt`, `templatetool decrypt` and `templatetool bitlocker info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..bitlocker import bitlocker_summary
+from ..errors import CredentialError, NotFoundError, ResourceError, UsageError
+from ..secrets import read_secret, write_secret_file
+from .common import emit, human_size, json_option
+
+__all__ = ["register", "bitlocker_summary"]
+
+METHODS = click.Choice(["xts-aes-128", "xts-aes-256"], case_sensitive=False)
+
+
+def _info_text(r: dict[str, Any]) -> str:
+    lines = [f"{r['disk']}" + (f" partition {r['partition']}" if r.get("partition") else " (bare volume)")]
+    lines.append(f"  method         {r['method']} ({r['method_code']})")
+    lines.append(f"  sector size    {r['sector_size']}")
+    lines.append(f"  volume GUID    {r['volume_guid']}")
+    lines.append(f"  state          {r['state']}, encrypted size {human_size(r['encrypted_size'])}")
+    if r.get("description"):
+        lines.append(f"  description    {r['description']}")
+    for p in r["protectors"]:
+        lines.append(f"  protector      {p['type']:<18} {{{p['guid']}}}  created {p['created'] or '-'}")
+    for c in r["copies"]:
+        state = "valid" if c["valid"] else f"INVALID: {c['error']}"
+        lines.append(f"  metadata copy {c['copy']} @ {c['offset']:#x}: {state}")
+    return "\n".join(lines)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} not found", path) from None
+    except OSError as e:
+        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+
+
+def register(cli: click.Group) -> None:
+    @cli.command("encrypt")
+    @click.argument("disk", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
+    @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True)
+    @click.option("--recovery-password-out", type=click.Path(dir_okay=False),
+                  help="Add a recovery password and write it to this file (mode 0600).")
+    @click.option("--show-recovery-password", is_flag=True, help="Add a recovery password and print it.")
+    @click.option("--startup-key-out", type=click.Path(dir_okay=False),
+                  help="Add a startup key and write the .BEK file here (mode 0600).")
+    @click.option("--password-env", metavar="VAR", help="Add a password protector; password from $VAR.")
+    @click.option("--description", help="Volume description stored in the metadata.")
+    @json_option
+    def encrypt(disk: str, out: str, partition: int | None, method: str, recovery_password_out: str | None,
+                show_recovery_password: bool, startup_key_out: str | None, password_env: str | None,
+                description: str | None, as_json: bool) -> None:
+        """Encrypt the OS volume of DISK (raw or VHDX) with BitLocker into a new disk OUT."""
+        from ..bitlocker.volume import ProtectorSpec
+        from ..pipeline.encrypt import encrypt_disk
+
+        specs: list[ProtectorSpec] = []
+        if recovery_password_out or show_recovery_password:
+            specs.append(ProtectorSpec("recovery_password"))
+        if startup_key_out:
+            specs.append(ProtectorSpec("startup_key"))
+        if password_env:
+            specs.append(ProtectorSpec("password", read_secret(password_env, "BitLocker password: ")))
+        if not specs:
+            raise UsageError("no key protector requested: the volume could never be unlocked",
+                             hint="give --recovery-password-out FILE, --show-recovery-password, "
+                                  "--startup-key-out FILE.bek or --password-env VAR")
+        for p in (recovery_password_out, startup_key_out):
+            if p and not Path(p).resolve().parent.is_dir():
+                raise ResourceError("output folder does not exist", str(Path(p).parent))
+        r = encrypt_disk(disk, out, partition=partition, method=method, protectors=specs,
+                         description=description)
+        res = r["result"]
+        if recovery_password_out and res.recovery_password:
+            write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
+        if startup_key_out and res.bek is not None:
+            write_secret_file(startup_key_out, res.bek)
+        doc = {k: v for k, v in r.items() if k != "result"}
+        doc.update(res.to_json())
+        if show_recovery_password:
+            doc["recovery_password"] = res.recovery_password
+        if recovery_password_out:
+            doc["recovery_password_file"] = recovery_password_out
+        if startup_key_out:
+            doc["startup_key_file"] = startup_key_out
+
+        def text(d: dict[str, Any]) -> str:
+            lines = [f"encrypted {d['method']} volume ({human_size(d['volume_size'])}"
+                     + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}"]
+            for p in d["protectors"]:
+                lines.append(f"  protector {p['type']:<18} {{{p['guid']}}}")
+            if d.get("recovery_password_file"):
+                lines.append(f"  recovery password written to {d['recovery_password_file']}")
+            if d.get("startup_key_file"):
+                lines.append(f"  startup key written to {d['startup_key_file']}")
+            if d.get("recovery_password"):
+                lines.append(f"  recovery password: {d['recovery_password']}")
+            return "\n".join(lines)
+
+        emit(doc, as_json, text)
+
+    @cli.command("decrypt")
+    @click.argument("disk", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("--partition", type=int, default=None, help="Partition number (default: the BitLocker volume).")
+    @click.option("--recovery-password-file", type=click.Path(dir_okay=False), help="File holding the recovery password.")
+    @click.option("--recovery-password-env", metavar="VAR", help="Recovery password from $VAR.")
+    @click.option("--startup-key", type=click.Path(dir_okay=False), help="Startup key file (.BEK).")
+    @click.option("--password-env", metavar="VAR", help="Password from $VAR.")
+    @click.option("--clear-key", is_flag=True, help="Use the clear key (suspended protection).")
+    @json_option
+    def decrypt(disk: str, out: str, partition: int | None, recovery_password_file: str | None,
+                recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
+                clear_key: bool, as_json: bool) -> None:
+        """Write a copy of DISK with its BitLocker volume decrypted."""
+        from ..pipeline.encrypt import Credentials, decrypt_disk
+
+        given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key)]
+        if sum(given) != 1:
+            raise UsageError("give exactly one credential", hint="--recovery-password-file, --recovery-password-env, "
+                             "--startup-key, --password-env or --clear-key")
+        cred = Credentials()
+        if recovery_password_file:
+            text_ = _read_file(recovery_password_file, "recovery password file").decode("utf-8", "replace").strip()
+            if not text_:
+                raise CredentialError("recovery password file is empty", recovery_password_file)
+            cred.recovery_password = text_
+        elif recovery_password_env:
+            cred.recovery_password = read_secret(recovery_password_env, "recovery password: ")
+        elif startup_key:
+            cred.bek = _read_file(startup_key, "startup key file")
+        elif password_env:
+            cred.password = read_secret(password_env, "BitLocker password: ")
+        else:
+            cred.clear = True
+        r = decrypt_disk(disk, out, partition, cred)
+        emit(r, as_json, lambda d: f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
+             + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+
+    @cli.group("bitlocker")
+    def bitlocker() -> None:
+        """BitLocker volume details."""
+
+    @bitlocker.command("info")
+    @click.argument("disk", type=click.Path(dir_okay=False))
+    @click.option("--partition", type=int, default=None, help="Partition number (default: the BitLocker volume).")
+    @json_option
+    def info(disk: str, partition: int | None, as_json: bool) -> None:
+        """Method, sector size, protectors (type, GUID, dates) and metadata copies of a BitLocker volume."""
+        from ..bitlocker.volume import open_fve
+        from ..blockdev import View
+        from ..disk import open_disk
+        from ..pipeline.encrypt import _pick
+
+        dev = open_disk(disk)
+        try:
+            off, size, index = _pick(dev, partition, ("bitlocker",))
+            r = open_fve(View(dev, off, size, name=f"{disk} volume@{off}")).info()
+        finally:
+            dev.close()
+        r = {"disk": disk, "partition": index, "volume_offset": off, **r}
+        emit(r, as_json, _info_text)

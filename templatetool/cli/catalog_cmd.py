@@ -1,0 +1,197 @@
+"""CLI: protect, vsc export/show/verify, cert new (thin layer over catalog/, pipeline/, signers/)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .common import emit, json_option, stderr
+
+_SIGNER_HELP = "FILE.pfx | pem:KEY,CERT[,CHAIN] | pkcs11:URI (RFC 7512)."
+
+
+def _problems_text(probs: list[Any]) -> str:
+    return "\n".join(f"  - {p.what}\n    fix: {p.hint}" for p in probs)
+
+
+@click.command("protect")
+@click.argument("golden", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="The new template disk (.vhdx).")
+@click.option("--name", help="Template name (exact match in volume ID qualifiers).")
+@click.option("--version", "version", help="Template version a.b.c.d (each part < 65536).")
+@click.option("--signer", help=f"Signing identity: {_SIGNER_HELP}")
+@click.option("--password-env", metavar="VAR", help="Environment variable holding the PFX/key password.")
+@click.option("--pin-env", metavar="VAR", help="Environment variable holding the PKCS#11 PIN (default TEMPLATETOOL_PKCS11_PIN).")
+@click.option("--pss", is_flag=True, help="Sign with RSASSA-PSS (RSA keys).")
+@click.option("--block-size", default="1M", show_default=True, help="Measurement block size.")
+@click.option("--check", is_flag=True, help="Only run the preflight checks; list every problem; exit 6 if any.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@json_option
+def protect_cmd(golden: str, output: str | None, name: str | None, version: str | None, signer: str | None,
+                password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
+                overwrite: bool, as_json: bool) -> None:
+    """Make a signed template disk from GOLDEN (a new disk; GOLDEN is never modified)."""
+    from ..errors import UsageError
+    from ..pipeline.protect import preflight, protect
+    from ..signers import load_signer
+    from .common import parse_size
+
+    if check:
+        probs = preflight(golden)
+        emit({"disk": golden, "ok": not probs, "problems": [p.to_json() for p in probs]}, as_json,
+             lambda r: f"{golden}: ready to protect" if not probs else "")
+        if probs:
+            if not as_json:
+                for p in probs:
+                    stderr(f"templatetool: preflight: {p.what}; {p.hint}")
+                stderr(f"templatetool: policy error: {len(probs)} preflight problem(s) ({golden})")
+            sys.exit(6)  # click (non-standalone) would swallow click.exceptions.Exit
+        return
+    missing = [o for o, v in (("-o", output), ("--name", name), ("--version", version), ("--signer", signer)) if not v]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}", hint="protect GOLDEN -o TEMPLATE.vhdx --name N --version A.B.C.D --signer SPEC")
+    s = load_signer(signer, password_env=password_env, pin_env=pin_env)  # type: ignore[arg-type]
+    res = protect(golden, output, name, version, s, block_size=parse_size(block_size), pss=pss,  # type: ignore[arg-type]
+                  overwrite=overwrite)
+    emit(res.to_json(), as_json, lambda r: (
+        f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
+        f"  root {r['root']} ({r['block_count']} blocks of {r['block_size']} bytes)"
+        + (f"\n  catalog {r['vsc']}" if r["vsc"] else "")))
+
+
+@click.group("vsc")
+def vsc_group() -> None:
+    """Volume signature catalogs: export, show, verify."""
+
+
+@vsc_group.command("export")
+@click.argument("template", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .vsc file to write.")
+@json_option
+def vsc_export(template: str, output: str, as_json: bool) -> None:
+    """Write TEMPLATE's signed catalog to a .vsc file (checks its signature first)."""
+    from ..atomic import write_bytes_atomic
+    from ..catalog.vsc import open_vsc, read_vsc_bytes
+
+    der = read_vsc_bytes(template)
+    info = open_vsc(der)
+    write_bytes_atomic(output, der)
+    emit({"output": output, "bytes": len(der), "name": info.name, "version": info.document.version_str},
+         as_json, lambda r: f"wrote {r['output']} ({r['bytes']} bytes): {r['name']} {r['version']}")
+
+
+def _show_text(info: Any) -> str:
+    d = info.document
+    v = d.volume
+    c = info.cms
+    lines = [
+        f"template   {d.name} {d.version_str}",
+        f"signer     {c.signer_cert.subject.rfc4514_string()}",
+        f"  issuer   {c.signer_cert.issuer.rfc4514_string()}",
+        f"  sha1     {info.signer_thumbprint}",
+        f"  valid    {c.signer_cert.not_valid_before_utc:%Y-%m-%d} .. {c.signer_cert.not_valid_after_utc:%Y-%m-%d}",
+        f"signed     {c.signing_time.isoformat() if c.signing_time else '?'} ({c.signature_algorithm}, {c.digest_algorithm})",
+        f"created    {d.created} by templatetool {d.tool_version}",
+        f"volume     {v.size} bytes, {v.filesystem}, cluster {v.cluster_size}, sector {v.sector_size}",
+    ]
+    if v.partition_index is not None:
+        lines.append(f"partition  {v.partition_index} at {v.partition_offset}, guid {v.partition_guid}, type {v.partition_type}")
+    lines += [
+        f"measure    sha256 merkle, {d.block_count} blocks of {d.block_size}, free space: {d.free_space}",
+        f"root       {d.root.hex()}",
+        f"detail     level {d.detail_level} ({len(d.detail)} hashes)",
+    ]
+    return "\n".join(lines)
+
+
+@vsc_group.command("show")
+@click.argument("source", type=click.Path(dir_okay=False))
+@json_option
+def vsc_show(source: str, as_json: bool) -> None:
+    """Show a catalog from a .vsc file or a template disk (its signature is checked)."""
+    from ..catalog.vsc import open_vsc, read_vsc_bytes
+
+    info = open_vsc(read_vsc_bytes(source))
+    emit(info.to_json(), as_json, lambda _: _show_text(info))
+
+
+@vsc_group.command("verify")
+@click.argument("template", type=click.Path(dir_okay=False))
+@click.option("--vsc", "vsc_file", type=click.Path(dir_okay=False), help="Verify against this .vsc instead of the embedded one.")
+@click.option("--trust", multiple=True, type=click.Path(dir_okay=False), help="Trusted certificate (CA or signer), PEM/DER; repeatable.")
+@json_option
+def vsc_verify(template: str, vsc_file: str | None, trust: tuple[str, ...], as_json: bool) -> None:
+    """Verify TEMPLATE: catalog signature, certificate, and the disk content (exit 4 on mismatch)."""
+    from ..catalog.vsc import read_vsc_bytes, verify_template
+    from ..signers.certs import load_certificates
+
+    anchors = [c for t in trust for c in load_certificates(t)] or None
+    der = read_vsc_bytes(vsc_file) if vsc_file else None
+    rep = verify_template(template, vsc=der, trust=anchors)
+
+    def text(r: Any) -> str:
+        if r.ok:
+            return f"OK: {r.name} {r.version} signed by {r.signer}; volume matches the catalog (root {r.actual_root})"
+        out = [f"MISMATCH: {r.name} {r.version}: the volume differs from the catalog"]
+        out += [f"  changed bytes {c['offset']}..{c['offset'] + c['length'] - 1} of the volume" for c in r.changed[:50]]
+        out += [f"  affected: {f['path']} ({f['attribute']})" for f in r.files[:50]]
+        return "\n".join(out)
+
+    emit(rep, as_json, text)
+    if not rep.ok:
+        if not as_json:
+            stderr(f"templatetool: integrity error: {len(rep.changed)} changed region(s) in {template}")
+        sys.exit(4)
+
+
+@click.group("cert")
+def cert_group() -> None:
+    """Certificates for test and lab use."""
+
+
+@cert_group.command("new")
+@click.option("--signing", "usage", flag_value="signing", help="A signing certificate (digitalSignature).")
+@click.option("--encryption", "usage", flag_value="encryption", help="An encryption certificate (keyEncipherment / keyAgreement).")
+@click.option("--subject", required=True, help='Subject, e.g. "CN=Template Signer".')
+@click.option("-o", "--output", required=True, help="Output NAME (writes NAME.pfx and NAME.crt unless NAME ends in .pfx).")
+@click.option("--key", "key_kind", default="rsa3072", show_default=True,
+              type=click.Choice(["rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384"]))
+@click.option("--days", default=3650, show_default=True, type=int)
+@click.option("--password-env", metavar="VAR", help="Environment variable with the PFX password (else prompt; empty = none).")
+@json_option
+def cert_new(usage: str | None, subject: str, output: str, key_kind: str, days: int, password_env: str | None,
+             as_json: bool) -> None:
+    """Create a key and a self-signed certificate; write a PFX (mode 0600) and the certificate (PEM)."""
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ..atomic import write_bytes_atomic
+    from ..errors import UsageError
+    from ..secrets import read_secret
+    from ..signers.certs import new_key, self_signed, thumbprint, write_pfx
+
+    if usage is None:
+        raise UsageError("choose --signing or --encryption")
+    base = output[:-4] if output.lower().endswith(".pfx") else output
+    if password_env:
+        pw: bytes | None = read_secret(password_env, "").encode("utf-8")
+    elif sys.stdin.isatty():
+        pw = read_secret(None, "PFX password (empty for none): ", confirm=True).encode("utf-8") or None
+    else:
+        raise UsageError("a PFX password is needed", hint="pass --password-env VAR (or run on a terminal)")
+    key = new_key(key_kind)
+    cert = self_signed(subject, key, usage, days=days)
+    write_pfx(base + ".pfx", key, cert, pw)
+    write_bytes_atomic(base + ".crt", cert.public_bytes(Encoding.PEM))
+    emit({"pfx": base + ".pfx", "certificate": base + ".crt", "subject": subject, "usage": usage, "key": key_kind,
+          "thumbprint": thumbprint(cert)}, as_json,
+         lambda r: f"wrote {r['pfx']} (0600) and {r['certificate']}: {r['subject']} [{r['usage']}, {r['key']}] sha1 {r['thumbprint']}")
+
+
+def register(cli: click.Group) -> None:
+    """Add protect, vsc and cert to the templatetool command."""
+    cli.add_command(protect_cmd)
+    cli.add_command(vsc_group)
+    cli.add_command(cert_group)

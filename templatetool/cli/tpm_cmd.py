@@ -1,0 +1,270 @@
+"""CLI: ``templatetool tpm ...`` (policy digests, event-log replay, seal/unseal) and ``vtpm new``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..atomic import write_bytes_atomic
+from ..errors import NotFoundError, ResourceError, UsageError
+from ..secrets import read_secret, write_secret_file
+from .common import emit, json_option
+
+
+def _pcr_values(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str) -> dict[int, bytes]:
+    from ..tpm.algs import parse_pcr_list
+    from ..tpm.policy import parse_pcr_values
+    from ..tpm.protector import resolve_pcr_values
+
+    sel = parse_pcr_list(pcrs) if pcrs else None
+    if pcr_values and tcg_log:
+        raise UsageError("--pcr-values and --tcg-log are exclusive")
+    if not pcr_values and not tcg_log:
+        raise UsageError("give --pcr-values or --tcg-log", hint="e.g. --pcrs 7,11 --pcr-values 7=HEX,11=HEX")
+    vals = parse_pcr_values(pcr_values, bank) if pcr_values else None
+    return resolve_pcr_values(sel, bank, pcr_values=vals, tcg_log=tcg_log)
+
+
+def _read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
+    p = Path(path)
+    try:
+        if p.stat().st_size > limit:
+            raise UsageError(f"{what} is too large", path)
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} not found", path) from None
+    except OSError as e:
+        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+
+
+def _pin(pin_env: str | None, ask: bool) -> str | None:
+    if pin_env:
+        return read_secret(pin_env, "PIN: ")
+    if ask:
+        return read_secret(None, "PIN: ", confirm=True)
+    return None
+
+
+bank_option = click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
+pcrs_option = click.option("--pcrs", help="PCR indices, e.g. 7,11.")
+values_option = click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
+log_option = click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
+
+
+@click.group("tpm")
+def tpm_group() -> None:
+    """Offline TPM 2.0 sealing: policy digests, TCG log replay, seal and unseal."""
+
+
+@tpm_group.command("pcrs")
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("--all", "all_pcrs", is_flag=True, help="Print all 24 PCRs, not only measured ones.")
+@click.option("--bank", help="Only this bank.")
+@json_option
+def pcrs_cmd(log: str, all_pcrs: bool, bank: str | None, as_json: bool) -> None:
+    """Replay a TCG PC Client event LOG and print the PCR values it implies."""
+    from ..tpm.eventlog import replay_log
+
+    r = replay_log(log)
+    doc = r.to_json(all_pcrs)
+    if bank:
+        if bank not in doc["banks"]:  # type: ignore[operator]
+            raise UsageError(f"the log has no {bank} bank", log)
+        doc["banks"] = {bank: doc["banks"][bank]}  # type: ignore[index]
+
+    def text(d: dict) -> str:
+        lines = [f"{d['format']} log, {d['events']} measured events, startup locality {d['startup_locality']}"]
+        for b, vals in d["banks"].items():
+            for i, v in vals.items():
+                lines.append(f"{b}:{int(i):>2} = {v}")
+        for b in d["skipped_banks"]:
+            lines.append(f"{b}: not replayed (unsupported hash)")
+        return "\n".join(lines)
+
+    emit(doc, as_json, text)
+
+
+@tpm_group.command("policy")
+@pcrs_option
+@values_option
+@log_option
+@bank_option
+@click.option("--pin", "with_pin", is_flag=True, help="Add PolicyAuthValue (a PIN).")
+@json_option
+def policy_cmd(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str, with_pin: bool,
+               as_json: bool) -> None:
+    """Print the policy digest (PolicyPCR [+ PolicyAuthValue]) for the given PCR values."""
+    from ..tpm.policy import compute_policy
+
+    pol = compute_policy(bank, _pcr_values(pcrs, pcr_values, tcg_log, bank), auth_value=with_pin)
+    emit(pol.to_json(), as_json, lambda d: d["policy_digest"])
+
+
+@tpm_group.command("parent")
+@click.argument("parent", type=click.Path(dir_okay=False))
+@click.option("--template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/certificate.")
+@json_option
+def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
+    """Show a parent key (TPM2B_PUBLIC, PEM public key or certificate) and its TPM Name."""
+    from ..tpm.keys import load_parent
+
+    d = load_parent(parent, template).describe()
+    emit(d, as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+@tpm_group.command("seal")
+@click.option("--parent", required=True, type=click.Path(dir_okay=False),
+              help="Parent public: TPM2B_PUBLIC, PEM public key, or EK/SRK certificate.")
+@click.option("--parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/certificate.")
+@pcrs_option
+@values_option
+@log_option
+@bank_option
+@click.option("--pin-env", help="Environment variable holding a PIN (adds PolicyAuthValue).")
+@click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="Secret to seal (1..128 bytes).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Protector payload to write.")
+@click.option("--tpm2-tools", "tools_prefix", type=click.Path(dir_okay=False),
+              help="Also write PREFIX.pub/.priv/.seed for tpm2_import.")
+@json_option
+def seal_cmd(parent: str, parent_template: str | None, pcrs: str | None, pcr_values: str | None,
+             tcg_log: str | None, bank: str, pin_env: str | None, secret_file: str, output: str,
+             tools_prefix: str | None, as_json: bool) -> None:
+    """Seal a secret offline to a (v)TPM parent key under a PCR policy."""
+    from ..tpm.keys import load_parent
+    from ..tpm.protector import parse_protector, seal_to_parent
+
+    par = load_parent(parent, parent_template)
+    vals = _pcr_values(pcrs, pcr_values, tcg_log, bank)
+    secret = _read_file(secret_file, "secret file", 4096)
+    pin = _pin(pin_env, False)
+    payload = seal_to_parent(par, secret, bank, vals, pin=pin)
+    write_bytes_atomic(output, payload, mode=0o600)
+    prot = parse_protector(payload)
+    if tools_prefix:
+        write_bytes_atomic(tools_prefix + ".pub", prot.blob.tpm2b_public())
+        write_bytes_atomic(tools_prefix + ".priv", prot.blob.tpm2b_private())
+        write_bytes_atomic(tools_prefix + ".seed", prot.blob.tpm2b_encrypted_secret())
+    doc = {"output": output, **prot.to_json()}
+    emit(doc, as_json, lambda d: f"sealed to parent {d['parent_name']} ({d['bank']} PCRs {d['pcrs']}); wrote {output}")
+
+
+@tpm_group.command("show")
+@click.argument("blob", type=click.Path(dir_okay=False))
+@json_option
+def show_cmd(blob: str, as_json: bool) -> None:
+    """Describe a vTPM protector payload."""
+    from ..tpm.protector import parse_protector
+
+    prot = parse_protector(_read_file(blob, "protector"), blob)
+    emit(prot.to_json(), as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+@tpm_group.command("unseal")
+@click.argument("blob", type=click.Path(dir_okay=False))
+@click.option("--tpm", "tcti", help="TCTI of the TPM, e.g. swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0.")
+@click.option("--parent-handle", help="Persistent handle of the parent (default: the recorded one, 0x81000001).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="Software unseal with the vTPM private key (needs --pcr-values or --tcg-log).")
+@values_option
+@log_option
+@click.option("--pin-env", help="Environment variable holding the PIN.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Write the secret here (0600).")
+@json_option
+def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file: str | None, pcr_values: str | None,
+               tcg_log: str | None, pin_env: str | None, output: str, as_json: bool) -> None:
+    """Unseal a vTPM protector through a TPM (--tpm) or with the vTPM private key (--key)."""
+    from ..tpm.algs import bank_name
+    from ..tpm.protector import parse_protector, unseal_with_software_key, unseal_with_tpm
+
+    prot = parse_protector(_read_file(blob, "protector"), blob)
+    if bool(tcti) == bool(key_file):
+        raise UsageError("give exactly one of --tpm and --key")
+    pin = _pin(pin_env, False) if prot.has_pin or pin_env else None
+    if prot.has_pin and pin is None:
+        raise UsageError("this protector needs a PIN", hint="pass --pin-env VAR")
+    if tcti:
+        handle = None
+        if parent_handle:
+            try:
+                handle = int(parent_handle, 0)
+            except ValueError:
+                raise UsageError(f"bad handle {parent_handle!r}", hint="e.g. 0x81000001") from None
+        secret = unseal_with_tpm(prot, tcti, pin=pin, parent_handle=handle)
+    else:
+        bank = bank_name(prot.bank)
+        vals = _pcr_values(",".join(map(str, prot.pcrs)), pcr_values, tcg_log, bank)
+        secret = unseal_with_software_key(prot, key_file, vals, pin)  # type: ignore[arg-type]
+    write_secret_file(output, secret)
+    emit({"output": output, "size": len(secret)}, as_json, f"unsealed {len(secret)} bytes to {output}")
+
+
+@click.group("vtpm")
+def vtpm_group() -> None:
+    """Software vTPM storage keys."""
+
+
+@vtpm_group.command("new")
+@click.argument("out", required=False, type=click.Path())
+@click.option("-o", "--output", "name", help="Output name prefix: writes NAME.key (0600), NAME.pub, NAME.pem.")
+@click.option("--type", "kind", type=click.Choice(["rsa", "ecc"]), default="rsa", show_default=True,
+              help="RSA-2048 or ECC NIST P-256.")
+@json_option
+def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) -> None:
+    """Create a vTPM storage key pair (OUT may be a directory: writes OUT/vtpm.*)."""
+    from ..tpm.keys import create_vtpm_key
+
+    if bool(out) == bool(name):
+        raise UsageError("give an output directory or -o NAME (one of them)")
+    base = name or out
+    assert base is not None
+    if out and os.path.isdir(out):
+        base = os.path.join(out, "vtpm")
+    for ext in (".key", ".pub", ".pem"):
+        if os.path.exists(base + ext):
+            raise UsageError("output exists", base + ext, "choose another name; keys are never overwritten")
+    res = create_vtpm_key(base, kind)
+    emit(res.to_json(), as_json, lambda d: f"wrote {d['key']} (private, 0600), {d['pub']}, {d['pem']}; Name {d['name']}")
+
+
+# --- options for other commands (encrypt / decrypt) -------------------------------------------
+
+def tpm_seal_options(f):  # type: ignore[no-untyped-def]
+    """click options adding a vTPM protector to an encrypt-like command; pass the values to
+    :func:`sealer_from_options`."""
+    opts = [
+        click.option("--tpm-parent", type=click.Path(dir_okay=False),
+                     help="Add a vTPM protector sealed to this parent (TPM2B_PUBLIC, PEM public key, EK/SRK cert)."),
+        click.option("--tpm-parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/cert."),
+        click.option("--pcrs", "tpm_pcrs", default="7,11", show_default=True, help="PCRs of the vTPM policy."),
+        click.option("--pcr-values", "tpm_pcr_values", help="7=HEX,11=HEX or a file."),
+        click.option("--tcg-log", "tpm_tcg_log", type=click.Path(dir_okay=False), help="Reference TCG event log."),
+        click.option("--pcr-bank", "tpm_bank", default="sha256", show_default=True, help="PCR bank."),
+        click.option("--tpm-pin-env", help="Environment variable holding a TPM PIN."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None, tpm_pcrs: str = "7,11",
+                        tpm_pcr_values: str | None = None, tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
+                        tpm_pin_env: str | None = None):  # type: ignore[no-untyped-def]
+    """The BitLocker sealer for :func:`tpm_seal_options` values, or None without --tpm-parent."""
+    from ..tpm.keys import load_parent
+    from ..tpm.protector import make_sealer
+
+    if not tpm_parent:
+        if tpm_pcr_values or tpm_tcg_log or tpm_pin_env:
+            raise UsageError("PCR values, a TCG log or a TPM PIN need --tpm-parent")
+        return None
+    vals = _pcr_values(tpm_pcrs, tpm_pcr_values, tpm_tcg_log, tpm_bank)
+    return make_sealer(load_parent(tpm_parent, tpm_parent_template), sorted(vals), vals, bank=tpm_bank,
+                       pin=_pin(tpm_pin_env, False))
+
+
+def register(cli: click.Group) -> None:
+    """Add the ``tpm`` and ``vtpm`` groups."""
+    cli.add_command(tpm_group)
+    cli.add_command(vtpm_group)

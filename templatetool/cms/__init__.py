@@ -1,0 +1,1 @@
+"""CMS (RFC 5652): SignedData (signed.py) and AuthEnvelopedData (enveloped.py)."""

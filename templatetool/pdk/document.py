@@ -1,0 +1,187 @@
+"""The PDK documents: the clear (signed) document and the secret (enveloped) part — canonical JSON.
+
+Spec: docs/formats/pdk.md. Canonical form = UTF-8 JSON, keys sorted, separators ``,``/``:``,
+no floats, no duplicate keys; readers refuse any other byte form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ..errors import FormatError, UsageError
+
+PDK_FORMAT = "templatetool-pdk"
+PDK_SECRET_FORMAT = "templatetool-pdk-secret"
+PDK_VERSION = 1
+POLICIES = ("shielded", "encryption-supported")
+#: Microsoft's limit on the -OtherFile total (New-ShieldingDataFile): 384 KB.
+OTHER_FILES_LIMIT = 384 * 1024
+#: Our own cap on the answer file (not a Microsoft limit).
+ANSWER_FILE_LIMIT = 1024 * 1024
+SPEC_KEY_RE = re.compile(r"^@[A-Za-z0-9][A-Za-z0-9_-]{0,62}@$")
+#: Substitution strings Microsoft documents for shielded unattend files (N, M are numbers).
+KNOWN_SPEC_KEYS = re.compile(r"^@(ComputerName|TimeZone|ProductKey|IP4Addr-\d+|IP6Addr-\d+|MACAddr-\d+|"
+                             r"Prefix-\d+-\d+|NextHop-\d+-\d+)@$")
+_FILE_NAME_RE = re.compile(r"^[^\x00-\x1f/\\:*?\"<>|]{1,255}$")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte form of a JSON value."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise FormatError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _no_float(text: str) -> Any:
+    raise FormatError("floating-point numbers are not allowed")
+
+
+def load_canonical(data: bytes, what: str) -> dict[str, Any]:
+    """Parse canonical JSON; FormatError when malformed, IntegrityError-worthy drift is FormatError too."""
+    try:
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dupes, parse_float=_no_float)
+    except FormatError as e:
+        raise FormatError(f"malformed {what}: {e.what}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"malformed {what}: {e}") from None
+    if not isinstance(obj, dict) or canonical_json(obj) != data:
+        raise FormatError(f"the {what} is not in canonical form")
+    return obj
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise FormatError(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FormatError(f"{what} is not valid base64") from None
+
+
+def cert_b64(cert: x509.Certificate) -> str:
+    return b64(cert.public_bytes(serialization.Encoding.DER))
+
+
+def cert_from_b64(text: Any, what: str) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(unb64(text, what))
+        cert.public_key()  # parsed lazily: a damaged key must fail here
+        return cert
+    except Exception:  # noqa: BLE001 - any failure to parse untrusted certificate bytes is malformed input
+        raise FormatError(f"{what} is not a valid X.509 certificate") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Secret part
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NamedFile:
+    """A file carried in the secret part."""
+
+    name: str
+    data: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": len(self.data)}
+
+
+def check_file_name(name: str) -> str:
+    if not _FILE_NAME_RE.match(name) or name in (".", ".."):
+        raise UsageError(f"bad file name {name!r} for the shielding data", hint="use a plain file name")
+    return name
+
+
+@dataclass
+class SecretPart:
+    """Answer file, other files and specialization values (``@Key@`` → value)."""
+
+    answer_file: NamedFile | None = None
+    other_files: list[NamedFile] = field(default_factory=list)
+    specialization_values: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Microsoft's limits and our own sanity checks (UsageError)."""
+        total = sum(len(f.data) for f in self.other_files)
+        if total > OTHER_FILES_LIMIT:
+            raise UsageError("The total size of the files specified by OtherFile exceeds the limit of 384 KB.",
+                             f"{total} bytes in {len(self.other_files)} file(s)",
+                             "ship large files another way (e.g. inside the template)")
+        if self.answer_file is not None:
+            check_file_name(self.answer_file.name)
+            if len(self.answer_file.data) > ANSWER_FILE_LIMIT:
+                raise UsageError("the answer file is larger than 1 MiB", self.answer_file.name)
+        names = set()
+        for f in self.other_files:
+            check_file_name(f.name)
+            if f.name.lower() in names:
+                raise UsageError(f"two other files are named {f.name!r}", hint="rename one of them")
+            names.add(f.name.lower())
+        for k, v in self.specialization_values.items():
+            if not SPEC_KEY_RE.match(k):
+                raise UsageError(f"bad specialization key {k!r}", hint="keys look like @ComputerName@")
+            if not isinstance(v, str) or not v:
+                raise UsageError(f"specialization value for {k} is empty", hint="give KEY=VALUE with a non-empty value")
+
+    def placeholders_without_values(self) -> list[str]:
+        """``@Key@`` strings used by the answer file that have no value (specialization would fail)."""
+        if self.answer_file is None:
+            return []
+        text = self.answer_file.data.decode("utf-8", "replace")
+        used = set(re.findall(r"@[A-Za-z0-9][A-Za-z0-9_-]{0,62}@", text))
+        return sorted(k for k in used if k not in self.specialization_values)
+
+    def to_bytes(self) -> bytes:
+        return canonical_json({
+            "format": PDK_SECRET_FORMAT,
+            "version": PDK_VERSION,
+            "answer_file": None if self.answer_file is None else {"name": self.answer_file.name,
+                                                                  "data": b64(self.answer_file.data)},
+            "other_files": [{"name": f.name, "data": b64(f.data)} for f in self.other_files],
+            "specialization_values": dict(self.specialization_values),
+        })
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SecretPart":
+        d = load_canonical(data, "PDK secret part")
+        try:
+            if d["format"] != PDK_SECRET_FORMAT or d["version"] != PDK_VERSION:
+                raise FormatError(f"unsupported PDK secret part {d['format']!r} v{d['version']!r}")
+            af = d["answer_file"]
+            answer = None if af is None else NamedFile(str(af["name"]), unb64(af["data"], "answer file"))
+            others = [NamedFile(str(f["name"]), unb64(f["data"], "other file")) for f in d["other_files"]]
+            sv = d["specialization_values"]
+            if not isinstance(sv, dict) or not all(isinstance(v, str) for v in sv.values()):
+                raise FormatError("bad specialization values")
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"incomplete PDK secret part ({e})") from None
+        return cls(answer, others, dict(sv))
+
+    def to_json(self) -> dict[str, Any]:
+        """Description without file contents; values are shown (they are the tenant's own)."""
+        return {
+            "answer_file": None if self.answer_file is None else self.answer_file.to_json(),
+            "other_files": [f.to_json() for f in self.other_files],
+            "other_files_total": sum(len(f.data) for f in self.other_files),
+            "specialization_values": dict(self.specialization_values),
+        }

@@ -1,0 +1,187 @@
+"""Disk-level BitLocker encryption and decryption (raw images or VHDX, GPT/MBR or bare volumes).
+
+``encrypt_disk`` copies the source disk to a new output with one NTFS volume BitLocker-encrypted:
+the volume is first extracted to a sparse temporary raw file beside the output, the four
+BitLocker regions are reserved inside its NTFS (unless already reserved), then it is encrypted
+into the output's volume window. Other partitions are copied as they are (zero runs skipped).
+The output appears atomically; the input is opened read-only and never modified.
+``decrypt_disk`` writes a copy with the BitLocker volume replaced by its plaintext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_output
+from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
+from ..disk import create_disk, open_disk, read_partition_table, sniff_filesystem
+from ..errors import NotFoundError, UnsupportedError, UsageError
+from ..progress import progress
+from ..bitlocker.reserve import find_reserved, reserve_ntfs
+from ..bitlocker.volume import EncryptResult, ProtectorSpec, encrypt_volume, open_fve
+
+
+@dataclass
+class Credentials:
+    """One way to unlock a BitLocker volume (exactly one field set)."""
+
+    recovery_password: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    bek: bytes | None = field(default=None, repr=False)
+    clear: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"recovery_password": self.recovery_password, "password": self.password, "bek": self.bek,
+                "clear": self.clear}
+
+
+def _out_format(path: str | os.PathLike[str]) -> str:
+    return "vhdx" if str(path).lower().endswith((".vhdx", ".avhdx")) else "raw"
+
+
+def _pick(dev: BlockDevice, partition: int | None, want: tuple[str, ...]) -> tuple[int, int, int | None]:
+    """(offset, size, index) of the volume: partition N, the largest matching one, or the bare device."""
+    table = read_partition_table(dev)
+    if table.scheme is None:
+        if partition not in (None, 0, 1):
+            raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
+        return 0, dev.size, None
+    if partition:
+        p = table.get(partition)
+        return p.offset, p.size, p.index
+    best = None
+    for p in table.partitions:
+        if p.kind not in ("basic-data", "other"):
+            continue
+        if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
+            best = p
+    if best is None:
+        raise NotFoundError(f"no {' or '.join(want)} basic-data partition found", dev.name,
+                            "pass --partition N to choose one")
+    return best.offset, best.size, best.index
+
+
+def _copy_span(src: BlockDevice, dst: BlockDevice, offset: int, length: int, bar: Any,
+               dst_offset: int | None = None) -> None:
+    """Copy src[offset:offset+length] to dst (same offset unless given), skipping zero chunks."""
+    delta = (offset if dst_offset is None else dst_offset) - offset
+    done = offset
+    for o, n in src.allocated_ranges(offset, length):
+        bar.update(o - done)
+        pos = o
+        while pos < o + n:
+            k = min(CHUNK, o + n - pos)
+            data = src.read(pos, k)
+            if not is_zero(data):
+                dst.write(pos + delta, data)
+            pos += k
+            bar.update(k)
+        done = o + n
+    bar.update(offset + length - done)
+
+
+def _copy_outside(src: BlockDevice, dst: BlockDevice, vol_off: int, vol_size: int, desc: str) -> None:
+    with progress(src.size - vol_size, desc) as bar:
+        _copy_span(src, dst, 0, vol_off, bar)
+        _copy_span(src, dst, vol_off + vol_size, src.size - vol_off - vol_size, bar)
+
+
+@contextlib.contextmanager
+def _temp_volume(folder: Path) -> Any:
+    fd, name = tempfile.mkstemp(prefix=".tt-volume-", suffix=".raw", dir=folder)
+    os.close(fd)
+    os.chmod(name, 0o600)
+    try:
+        yield Path(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None = None,
+                 method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
+                 description: str | None = None) -> dict[str, Any]:
+    """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
+
+    Returns a dict with the partition index, volume offset/size, whether the regions were
+    already reserved, and ``result`` (the :class:`EncryptResult` with protector IDs and secrets).
+    """
+    if not protectors:
+        raise UsageError("at least one key protector is needed")
+    if Path(src_path).resolve() == Path(out_path).resolve():
+        raise UsageError("the output must be a new file, not the input", str(out_path))
+    src = open_disk(src_path, writable=False)
+    try:
+        vol_off, vol_size, index = _pick(src, partition, ("ntfs",))
+        view = View(src, vol_off, vol_size, name=f"{src.name} volume@{vol_off}")
+        fs = sniff_filesystem(view)
+        if fs == "bitlocker":
+            raise UsageError("the volume is already BitLocker-encrypted", view.name)
+        if fs != "ntfs":
+            raise UnsupportedError(f"the volume holds {fs or 'no known filesystem'}, not NTFS", view.name,
+                                   "BitLocker regions are reserved inside NTFS only")
+        out_dir = Path(out_path).parent if str(Path(out_path).parent) else Path(".")
+        with atomic_output(out_path) as tmp_out, _temp_volume(out_dir) as tmp_vol:
+            vol = RawFile.create(tmp_vol, vol_size, sector_size=src.sector_size)
+            try:
+                with progress(vol_size, "extract volume") as bar:
+                    _copy_span(view, vol, 0, vol_size, bar)
+                vol.flush()
+            finally:
+                vol.close()
+            already = find_reserved(RawFile(tmp_vol)) is not None
+            regions = reserve_ntfs(tmp_vol)
+            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
+            try:
+                _copy_outside(src, out, vol_off, vol_size, "copy disk")
+                plain = RawFile(tmp_vol, sector_size=src.sector_size)
+                try:
+                    result: EncryptResult = encrypt_volume(
+                        plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
+                        protectors=protectors, regions=regions, description=description)
+                finally:
+                    plain.close()
+                out.flush()
+            finally:
+                out.close()
+    finally:
+        src.close()
+    return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
+            "volume_size": vol_size, "reused_reservation": already, "result": result}
+
+
+def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None,
+                 credentials: Credentials) -> dict[str, Any]:
+    """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted."""
+    if Path(src_path).resolve() == Path(out_path).resolve():
+        raise UsageError("the output must be a new file, not the input", str(out_path))
+    src = open_disk(src_path, writable=False)
+    try:
+        vol_off, vol_size, index = _pick(src, partition, ("bitlocker",))
+        view = View(src, vol_off, vol_size, name=f"{src.name} volume@{vol_off}")
+        fve = open_fve(view)
+        plain = fve.unlock(**credentials.kwargs())
+        with atomic_output(out_path) as tmp_out:
+            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
+            try:
+                _copy_outside(src, out, vol_off, vol_size, "copy disk")
+                dst = View(out, vol_off, vol_size)
+                with progress(vol_size, "decrypt") as bar:
+                    for pos in range(0, vol_size, CHUNK):
+                        k = min(CHUNK, vol_size - pos)
+                        data = plain.read(pos, k)
+                        if not is_zero(data):
+                            dst.write(pos, data)
+                        bar.update(k)
+                out.flush()
+            finally:
+                out.close()
+    finally:
+        src.close()
+    return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
+            "volume_size": vol_size, "method": fve.info()["method"]}

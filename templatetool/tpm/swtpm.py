@@ -1,0 +1,112 @@
+"""Run a throw-away swtpm (TPM 2.0 emulator) on a free loopback port pair, for tests and dry runs.
+
+``with Swtpm(state_dir) as tpm: ESAPI(tpm.tcti_loader())`` — swtpm listens on 127.0.0.1:P
+(commands) and P+1 (control); the process is ours and is terminated (by its pid) on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ResourceError
+
+
+def _free_port_pair() -> int:
+    """A port P such that P and P+1 are both free on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            if p >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+                return p
+    raise ResourceError("no free loopback port pair for swtpm")
+
+
+class Swtpm:
+    """A swtpm socket process with its own state directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, pcr_banks: str | None = None) -> None:
+        self._own_dir = state_dir is None
+        self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="swtpm-"))
+        self.pcr_banks = pcr_banks
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def tcti(self) -> str:
+        """TCTI string for tpm2-tss / tpm2-tools / ``--tpm``."""
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def tcti_loader(self) -> Any:
+        """A tpm2-pytss TCTILdr connected to this swtpm."""
+        from tpm2_pytss import TCTILdr
+
+        return TCTILdr("swtpm", f"host=127.0.0.1,port={self.port}")
+
+    def start(self) -> Swtpm:
+        exe = shutil.which("swtpm")
+        if exe is None:
+            raise ResourceError("swtpm is not installed", hint="apt install swtpm swtpm-tools")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.pcr_banks:
+            setup = shutil.which("swtpm_setup")
+            if setup is None:
+                raise ResourceError("swtpm_setup is not installed")
+            subprocess.run([setup, "--tpm2", "--tpmstate", str(self.state_dir), "--pcr-banks", self.pcr_banks,
+                            "--config", "/dev/null", "--overwrite"], check=True, capture_output=True)
+        last = ""
+        log_path = self.state_dir / "swtpm.stderr"
+        for _ in range(10):
+            self.port = _free_port_pair()
+            with open(log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
+                     "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                     "--flags", "not-need-init,startup-clear"],
+                    stdout=subprocess.DEVNULL, stderr=log)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                        return self
+                except OSError:
+                    time.sleep(0.01)
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                self.proc.wait(5)
+            last = log_path.read_bytes().decode(errors="replace").strip()
+        raise ResourceError(f"swtpm did not start: {last[:200]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> Swtpm:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
