@@ -48,6 +48,9 @@ def main() -> int:
                   f"{row.get('peer', '-'):<34} {peer if peer else float('nan'):8.3f} s  ratio {ratio:5.2f}x")
         for k, v in res.get("extra", {}).items():
             print(f"  {k}: {v}")
+        if "rows" not in res:  # modules that return a flat dict of figures
+            for k, v in res.items():
+                print(f"  {k}: {v}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return 0
