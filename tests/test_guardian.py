@@ -14,10 +14,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from templatetool.errors import CredentialError, IntegrityError, PolicyError
-from templatetool.guardian import export_metadata, generate_guardian, import_metadata, load_guardian, save_guardian
+from templatetool.guardian import (
+    export_metadata,
+    generate_guardian,
+    import_metadata,
+    load_guardian,
+    save_guardian,
+)
 from templatetool.signers.certs import ca_certificate, issue_certificate, new_key
 
-from conftest import assert_clean_error, require_tool, run_cli
+from .conftest import assert_clean_error, require_tool, run_cli
 
 PW = {"GPW": "correct horse"}
 
@@ -79,7 +85,7 @@ def test_metadata_verifies_with_xmlsec1_and_tamper_fails(guardians, kind, tmp_pa
     f.write_bytes(xml)
     signer = tmp_path / "signer.pem"
     signer.write_bytes(_pem(g.signing_certificate))
-    cp = subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(f)], capture_output=True, text=True)
+    cp = subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(f)], capture_output=True, check=False, text=True)
     assert cp.returncode == 0, cp.stderr
     assert "OK" in cp.stdout + cp.stderr
     back = import_metadata(xml, "fabric", allow_untrusted_root=True)
@@ -94,7 +100,7 @@ def test_metadata_verifies_with_xmlsec1_and_tamper_fails(guardians, kind, tmp_pa
     assert evil != xml
     bad = tmp_path / "bad.xml"
     bad.write_bytes(evil)
-    cp = subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(bad)], capture_output=True, text=True)
+    cp = subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(bad)], capture_output=True, check=False, text=True)
     assert cp.returncode != 0
     with pytest.raises(IntegrityError):
         import_metadata(evil, "fabric", allow_untrusted_root=True)
@@ -120,7 +126,7 @@ def test_metadata_trust_rules(guardians):
     got = import_metadata(xml2, "fabric", trust=[ca, g.signing_certificate])
     assert got.source == "imported"
     # an expired guardian
-    old = generate_guardian("old", "ec-p256", days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
+    old = generate_guardian("old", "ec-p256", days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
     xml3 = export_metadata(old, g.signing_key, g.signing_certificate)
     with pytest.raises(PolicyError, match="expired"):
         import_metadata(xml3, "old", trust=[g.signing_certificate, old.signing_certificate])
@@ -135,13 +141,34 @@ def test_cli_roundtrip_and_clean_errors(tmp_path):
     assert cp.returncode == 0, cp.stderr
     meta = json.loads((d / "guardian.json").read_text())
     assert meta["pfx_encrypted"] is True
+    assert "pw-1" not in cp.stdout + cp.stderr + (d / "guardian.json").read_text()
+    assert not any(b"PRIVATE KEY" in f.read_bytes() for f in d.iterdir())
     x = tmp_path / "fab.xml"
     cp = run_cli("guardian", "export", str(d), "-o", str(x), "--password-env", "GPW", env=env)
     assert cp.returncode == 0, cp.stderr
     signer = tmp_path / "s.pem"
     signer.write_bytes((d / "signing.pem").read_bytes())
     assert subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(x)],
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
+    # an external signer (pem:KEY,CERT), as HGS signs with its communications certificate
+    ck = new_key("ec-p384")
+    from templatetool.signers.certs import self_signed
+
+    comm = self_signed("CN=HGS Communications", ck, "signing")
+    (tmp_path / "comm.key").write_bytes(ck.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "comm.pem").write_bytes(_pem(comm))
+    x2 = tmp_path / "fab2.xml"
+    cp = run_cli("guardian", "export", str(d), "-o", str(x2), "--password-env", "GPW",
+                 "--signer", f"pem:{tmp_path / 'comm.key'},{tmp_path / 'comm.pem'}", env=env)
+    assert cp.returncode == 0, cp.stderr
+    assert subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(tmp_path / "comm.pem"), str(x2)],
+                          capture_output=True, check=False).returncode == 0
+    assert subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(signer), str(x2)],
+                          capture_output=True, check=False).returncode != 0
+    cp = run_cli("guardian", "import", str(x2), "-o", str(tmp_path / "imp2"), "--trust", str(tmp_path / "comm.pem"),
+                 "--trust", str(signer))
+    assert cp.returncode == 0, cp.stderr
     # untrusted root without the flag → clean policy error; with it → imported
     assert_clean_error(run_cli("guardian", "import", str(x), "-o", str(tmp_path / "imp")), 6)
     cp = run_cli("guardian", "import", str(x), "-o", str(tmp_path / "imp"), "--allow-untrusted-root", "--json")
@@ -166,3 +193,45 @@ def test_cli_roundtrip_and_clean_errors(tmp_path):
     cp = run_cli("guardian", "new", "Y", "-o", str(tmp_path / "y"), "--no-password")
     assert cp.returncode == 0 and "unencrypted" in cp.stderr
     assert_clean_error(run_cli("guardian", "new", "Y", "-o", str(tmp_path / "y"), "--no-password"), 2)
+
+
+SOFTHSM_PATHS = ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+                 "/usr/local/lib/softhsm/libsofthsm2.so"]
+
+
+def test_export_signed_by_pkcs11_key(tmp_path):
+    """Guardian metadata signed by a key that never leaves a SoftHSM2 token; xmlsec1 verifies it."""
+    require_tool("softhsm2-util", "pkcs11-tool", "xmlsec1")
+    module = next((p for p in SOFTHSM_PATHS if os.path.exists(p)), None)
+    if module is None:
+        require_tool("libsofthsm2.so")
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {"SOFTHSM2_CONF": str(conf), "GPW": "pw", "TEMPLATETOOL_PKCS11_PIN": "1234"}
+    full_env = {**os.environ, **env}
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "gd", "--pin", "1234", "--so-pin", "5678"],
+                   check=True, capture_output=True, env=full_env)
+    subprocess.run(["pkcs11-tool", "--module", module, "--token-label", "gd", "--login", "--pin", "1234",
+                    "--keypairgen", "--key-type", "EC:prime256v1", "--label", "comm", "--id", "01"],
+                   check=True, capture_output=True, env=full_env)
+    pub_der = subprocess.run(["pkcs11-tool", "--module", module, "--token-label", "gd", "--read-object",
+                              "--type", "pubkey", "--id", "01"], check=True, capture_output=True, env=full_env).stdout
+    pub = serialization.load_der_public_key(pub_der)
+    ca_key = new_key("ec-p256")
+    ca = ca_certificate("CN=HGS Root", ca_key)
+    comm = issue_certificate("CN=HGS Communications (HSM)", pub, ca_key, ca, "signing")
+    (tmp_path / "comm.pem").write_bytes(_pem(comm))
+    (tmp_path / "ca.pem").write_bytes(_pem(ca))
+    g = generate_guardian("HSM Fabric", "rsa3072")
+    save_guardian(g, tmp_path / "g", "pw")
+    out = tmp_path / "meta.xml"
+    uri = f"pkcs11:token=gd;object=comm?module-path={module}&x-cert-path={tmp_path / 'comm.pem'}"
+    cp = run_cli("guardian", "export", str(tmp_path / "g"), "-o", str(out), "--password-env", "GPW", "--signer", uri,
+                 env=env)
+    assert cp.returncode == 0, cp.stderr
+    cp = subprocess.run(["xmlsec1", "--verify", "--trusted-pem", str(tmp_path / "ca.pem"), str(out)],
+                        capture_output=True, text=True, check=False)
+    assert cp.returncode == 0, cp.stderr
+    got = import_metadata(out.read_bytes(), "hsm", trust=[ca, g.signing_certificate])
+    assert got.encryption_certificate == g.encryption_certificate

@@ -11,8 +11,14 @@ from ..atomic import write_bytes_atomic
 from ..errors import NotFoundError, PolicyError, ResourceError, UsageError
 from ..secrets import write_secret_file
 from .common import emit, json_option, stderr
-from .guardian_cmd import (allow_expired_option, allow_untrusted_option, load_trust, password_env_option, read_input,
-                           trust_option)
+from .guardian_cmd import (
+    allow_expired_option,
+    allow_untrusted_option,
+    load_trust,
+    password_env_option,
+    read_input,
+    trust_option,
+)
 
 
 def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list) -> list:
@@ -178,7 +184,8 @@ def pdk_show(file: str, key_spec: str | None, password_env: str | None, extract:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--template", type=click.Path(dir_okay=False), help="Template disk whose catalog must qualify.")
 @click.option("--vsc", type=click.Path(dir_okay=False), help="Signed catalog (.vsc) that must qualify.")
-@click.option("--owner", type=click.Path(), help="Expected owner (guardian folder): pins the signer.")
+@click.option("--owner", type=click.Path(), help="Expected owner: guardian folder or its signing certificate "
+              "(PEM/DER); pins the signer.")
 @allow_expired_option
 @trust_option
 @json_option
@@ -193,7 +200,14 @@ def pdk_verify(file: str, template: str | None, vsc: str | None, owner: str | No
     if template and vsc:
         raise UsageError("give --template or --vsc, not both")
     trust_certs = load_trust(trust)
-    owner_cert = load_guardian(owner).signing_certificate if owner else None
+    owner_cert = None
+    if owner:
+        if os.path.isfile(owner):
+            from ..signers.certs import load_certificates
+
+            owner_cert = load_certificates(owner)[0]
+        else:
+            owner_cert = load_guardian(owner).signing_certificate
     info = read_pdk(read_input(file, "PDK"), file, allow_expired=allow_expired, trust=trust_certs or None,
                     owner_certificate=owner_cert)
     d = {"pdk": file, "signature": "verified", "owner_trust": info.owner_trust,

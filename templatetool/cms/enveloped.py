@@ -17,6 +17,7 @@ Reading accepts what this module writes plus what ``openssl cms -encrypt -aes-25
 (OAEP with any SHA-2 hash, ECDH with SHA-1/SHA-2 X9.63 KDFs, AES-128/192/256 key wrap).
 """
 
+# ruff: noqa: RUF012  (asn1crypto declares ASN.1 structures as class attributes)
 from __future__ import annotations
 
 import os
@@ -29,11 +30,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
+    aes_key_wrap,
+)
 
-from ..errors import CredentialError, FormatError, IntegrityError, TemplateToolError, UnsupportedError, UsageError
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    TemplateToolError,
+    UnsupportedError,
+    UsageError,
+)
 
-__all__ = ["envelope", "open_envelope", "list_recipients", "recipient_ids", "RecipientDescription", "OID_AUTH_ENVELOPED_DATA"]
+#: A recipient private key (``cryptography`` object; HSM-backed keys must implement decrypt/exchange).
+RecipientKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+__all__ = ["OID_AUTH_ENVELOPED_DATA", "RecipientDescription", "RecipientKey", "envelope", "list_recipients",
+           "open_envelope", "recipient_ids"]
 
 OID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
 OID_DATA = "1.2.840.113549.1.7.1"
@@ -303,9 +319,9 @@ def _parse(der: bytes, where: str) -> _AuthEnvelopedData:
             raise FormatError(f"CMS content type {ci['content_type'].dotted} is not AuthEnvelopedData", where,
                               "expected an envelope written by templatetool or openssl cms -encrypt -aes-256-gcm")
         aed = _AuthEnvelopedContentInfo.load(der, strict=True)["content"]
-        aed.native  # force a full parse so malformed inner fields fail here
+        _ = aed.native  # force a full parse so malformed inner fields fail here
         for ri in aed["recipient_infos"]:
-            ri.chosen.native
+            _ = ri.chosen.native
         return aed
     except FormatError:
         raise
@@ -371,7 +387,7 @@ def recipient_ids(der: bytes, where: str = "envelope") -> list[tuple[bytes, int]
     return out
 
 
-def _key_matches_cert(key, cert: x509.Certificate) -> bool:
+def _key_matches_cert(key: RecipientKey, cert: x509.Certificate) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
 
@@ -426,7 +442,7 @@ def _open_kari(kari: _KeyAgreeRecipientInfo, rek_der: bytes, key: ec.EllipticCur
         raise IntegrityError("the wrapped content key does not unwrap", where, "the envelope was altered") from None
 
 
-def open_envelope(der: bytes, key, cert: x509.Certificate, where: str = "envelope") -> bytes:
+def open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where: str = "envelope") -> bytes:
     """Decrypt an AuthEnvelopedData with a recipient's private ``key`` and certificate ``cert``.
 
     Raises CredentialError when ``cert`` is not one of the recipients or ``key`` does not belong to
@@ -442,7 +458,7 @@ def open_envelope(der: bytes, key, cert: x509.Certificate, where: str = "envelop
         raise FormatError(f"malformed CMS envelope ({type(e).__name__}: {e})", where) from None
 
 
-def _open_envelope(der: bytes, key, cert: x509.Certificate, where: str) -> bytes:
+def _open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where: str) -> bytes:
     aed = _parse(der, where)
     if not _key_matches_cert(key, cert):
         raise CredentialError("the private key does not belong to the given certificate", where,

@@ -37,7 +37,7 @@ from .model import Guardian, check_chain, check_usage, check_validity, validate_
 KPS_NS = "http://schemas.microsoft.com/kps/2014/07"
 DS_NS = "http://www.w3.org/2000/09/xmldsig#"
 METADATA_VERSION = "1"
-_K = "{%s}" % KPS_NS
+_K = f"{{{KPS_NS}}}"
 
 
 def _b64(data: bytes) -> str:
@@ -61,7 +61,7 @@ def _sig_element(parent, tag: str, key, data: bytes) -> None:
     etree.SubElement(el, _K + "SignatureValue").text = _b64(value)
 
 
-def export_metadata(g: Guardian, signer_key, signer_cert: x509.Certificate,
+def export_metadata(g: Guardian, signer_key: sigalg.SigningKey, signer_cert: x509.Certificate,
                     signer_chain: list[x509.Certificate] = ()) -> bytes:
     """Build and sign the guardian metadata XML for ``g`` (needs ``g.signing_key``).
 
@@ -82,7 +82,12 @@ def export_metadata(g: Guardian, signer_key, signer_cert: x509.Certificate,
         others = etree.SubElement(gi, _K + "OtherSigningCertificates")
         for c in g.other_signing_certificates:
             etree.SubElement(others, _K + "Certificate").text = _b64(_der(c))
-    from signxml import CanonicalizationMethod, DigestAlgorithm, SignatureMethod, XMLSigner
+    from signxml import (
+        CanonicalizationMethod,
+        DigestAlgorithm,
+        SignatureMethod,
+        XMLSigner,
+    )
 
     alg = sigalg.algorithm_for(signer_key)
     method = {sigalg.RSA_SHA256: SignatureMethod.RSA_SHA256, sigalg.ECDSA_SHA256: SignatureMethod.ECDSA_SHA256,
@@ -152,11 +157,11 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     if root.tag != _K + "Metadata":
         raise FormatError(f"not guardian metadata (root element {root.tag})", where,
                           "expected <Metadata> in the [MS-KPS] namespace")
-    sigs = root.findall("{%s}Signature" % DS_NS)
+    sigs = root.findall(f"{{{DS_NS}}}Signature")
     if len(sigs) != 1:
         raise IntegrityError("guardian metadata must carry exactly one XML signature", where,
                              "the file is unsigned or was altered")
-    cert_els = sigs[0].findall(".//{%s}X509Certificate" % DS_NS)
+    cert_els = sigs[0].findall(f".//{{{DS_NS}}}X509Certificate")
     if not cert_els:
         raise IntegrityError("the XML signature has no signer certificate", where)
     signer_cert = _cert(cert_els[0], "metadata signer certificate", where)

@@ -24,12 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..atomic import write_bytes_atomic
-from ..errors import (CredentialError, FormatError, IntegrityError, NotFoundError, PolicyError, ResourceError,
-                      UsageError)
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    PolicyError,
+    ResourceError,
+    UsageError,
+)
 from ..secrets import read_secret
 from ..signers import certs as _certs
 
@@ -50,8 +58,8 @@ class Guardian:
     name: str
     signing_certificate: x509.Certificate
     encryption_certificate: x509.Certificate
-    signing_key: Any = None
-    encryption_key: Any = None
+    signing_key: _certs.PrivateKey | None = None
+    encryption_key: _certs.PrivateKey | None = None
     other_signing_certificates: list[x509.Certificate] = field(default_factory=list)
     source: str = "generated"
     path: str | None = None
@@ -163,7 +171,7 @@ def check_usage(cert: x509.Certificate, role: str, where: str) -> None:
 def check_validity(cert: x509.Certificate, where: str, at: _dt.datetime | None = None,
                    allow_expired: bool = False) -> None:
     """Refuse an expired or not-yet-valid certificate unless ``allow_expired``."""
-    now = at or _dt.datetime.now(_dt.timezone.utc)
+    now = at or _dt.datetime.now(_dt.UTC)
     if allow_expired:
         return
     subj = cert.subject.rfc4514_string()
@@ -196,7 +204,7 @@ def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate
         if _is_self_issued(cur):
             try:
                 cur.verify_directly_issued_by(cur)
-            except (ValueError, TypeError, Exception) as e:  # InvalidSignature or unsupported
+            except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as e:
                 raise IntegrityError(f"the self-signed certificate's signature does not verify ({type(e).__name__})",
                                      f"{where}: {cur.subject.rfc4514_string()}", "the certificate was altered") from None
             if allow_untrusted_root:
@@ -210,8 +218,8 @@ def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate
                     cur.verify_directly_issued_by(cand)
                     issuer = cand
                     break
-                except Exception:  # noqa: BLE001 - try the next candidate
-                    continue
+                except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+                    continue  # not this candidate: try the next one
         if issuer is None:
             if allow_untrusted_root:
                 return
@@ -411,7 +419,8 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
 
 
 def guardian_from_certificates(name: str, signing_cert: x509.Certificate, encryption_cert: x509.Certificate,
-                               signing_key: Any = None, encryption_key: Any = None) -> Guardian:
+                               signing_key: _certs.PrivateKey | None = None,
+                               encryption_key: _certs.PrivateKey | None = None) -> Guardian:
     """A guardian from certificates (and optionally keys) already in memory."""
     validate_name(name)
     return Guardian(name, signing_cert, encryption_cert, signing_key, encryption_key, source="certificates")

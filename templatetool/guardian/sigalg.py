@@ -15,9 +15,15 @@ from __future__ import annotations
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from ..errors import IntegrityError, UnsupportedError
+
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+VerifyingKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 RSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"
 ECDSA_SHA256 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256"
@@ -25,7 +31,7 @@ ECDSA_SHA384 = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha384"
 SIGNATURE_ALGORITHMS = (RSA_SHA256, ECDSA_SHA256, ECDSA_SHA384)
 
 
-def algorithm_for(key) -> str:
+def algorithm_for(key: SigningKey | VerifyingKey) -> str:
     """The signature algorithm URI we use for a private or public key."""
     if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
         return RSA_SHA256
@@ -38,7 +44,7 @@ def _coord_len(curve: ec.EllipticCurve) -> int:
     return (curve.key_size + 7) // 8
 
 
-def sign_bytes(key, data: bytes) -> tuple[str, bytes]:
+def sign_bytes(key: SigningKey, data: bytes) -> tuple[str, bytes]:
     """Sign ``data``; returns (algorithm URI, signature value)."""
     alg = algorithm_for(key)
     if alg == RSA_SHA256:
@@ -49,7 +55,7 @@ def sign_bytes(key, data: bytes) -> tuple[str, bytes]:
     return alg, r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
 
-def verify_bytes(public_key, algorithm: str, signature: bytes, data: bytes, what: str, where: str) -> None:
+def verify_bytes(public_key: object, algorithm: str, signature: bytes, data: bytes, what: str, where: str) -> None:
     """Verify a signature made by :func:`sign_bytes`; IntegrityError when it does not verify."""
     if algorithm not in SIGNATURE_ALGORITHMS:
         raise UnsupportedError(f"signature algorithm {algorithm!r} is not supported", where,

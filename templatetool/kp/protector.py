@@ -51,7 +51,7 @@ from ..guardian.model import Guardian, check_usage, describe_certificate
 from ..signers.certs import thumbprint
 from .structs import PAYLOAD_HEADER_SIZE, PayloadV1
 
-_K = "{%s}" % KPS_NS
+_K = f"{{{KPS_NS}}}"
 #: TransportKey/EncryptedData: CMS AuthEnvelopedData (RFC 5083, id-ct-authEnvelopedData) to one recipient.
 URN_CMS_AEAD = "urn:oid:1.2.840.113549.1.9.16.1.23"
 #: KeyDerivationMethod: HKDF-SHA256 (RFC 5869), empty salt, info KDF_INFO, 32-byte output.

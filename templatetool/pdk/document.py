@@ -162,7 +162,7 @@ class SecretPart:
         })
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SecretPart":
+    def from_bytes(cls, data: bytes) -> SecretPart:
         d = load_canonical(data, "PDK secret part")
         try:
             if d["format"] != PDK_SECRET_FORMAT or d["version"] != PDK_VERSION:

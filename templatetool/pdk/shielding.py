@@ -18,14 +18,44 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..catalog.qualifier import VolumeIdQualifier
-from ..cms.enveloped import envelope, list_recipients, open_envelope, recipient_ids
+from ..cms.enveloped import (
+    RecipientKey,
+    envelope,
+    list_recipients,
+    open_envelope,
+    recipient_ids,
+)
 from ..cms.signed import sign_data, verify_signed_data
-from ..errors import CredentialError, FormatError, IntegrityError, TemplateToolError, UsageError
-from ..guardian.model import Guardian, check_chain, check_guardian, check_usage, check_validity, describe_certificate
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    TemplateToolError,
+    UsageError,
+)
+from ..guardian import sigalg
+from ..guardian.model import (
+    Guardian,
+    check_chain,
+    check_guardian,
+    check_usage,
+    check_validity,
+    describe_certificate,
+)
 from ..signers.base import Signer
 from ..signers.certs import thumbprint
-from .document import (PDK_FORMAT, PDK_VERSION, POLICIES, SecretPart, b64, canonical_json, cert_b64, cert_from_b64,
-                       load_canonical, unb64)
+from .document import (
+    PDK_FORMAT,
+    PDK_VERSION,
+    POLICIES,
+    SecretPart,
+    b64,
+    canonical_json,
+    cert_b64,
+    cert_from_b64,
+    load_canonical,
+    unb64,
+)
 
 MAX_PDK_SIZE = 16 << 20
 
@@ -41,7 +71,7 @@ class GuardianSigner(Signer):
         self.certificate = g.signing_certificate
         self.chain = list(g.other_signing_certificates)
 
-    def private_key(self):  # noqa: D401 - interface
+    def private_key(self):
         return self._g.signing_key
 
 
@@ -52,17 +82,36 @@ class PdkEntry:
     name: str
     signing_certificate: x509.Certificate
     encryption_certificate: x509.Certificate
-
-    def to_doc(self) -> dict[str, Any]:
-        return {"name": self.name, "signing_certificate": cert_b64(self.signing_certificate),
-                "encryption_certificate": cert_b64(self.encryption_certificate)}
+    #: (algorithm URI, value): the guardian's signing key over its encryption certificate DER, as a
+    #: [MS-KPS] wrapping needs it (so a KP can be made from the PDK alone); None when unknown.
+    encryption_signature: tuple[str, bytes] | None = None
 
     @classmethod
-    def from_doc(cls, d: Any, what: str) -> "PdkEntry":
-        if not isinstance(d, dict) or set(d) != {"name", "signing_certificate", "encryption_certificate"}:
+    def from_guardian(cls, g: Guardian) -> PdkEntry:
+        sig = g.encryption_signature
+        if g.signing_key is not None:
+            sig = sigalg.sign_bytes(g.signing_key, _der(g.encryption_certificate))
+        return cls(g.name, g.signing_certificate, g.encryption_certificate, sig)
+
+    def to_doc(self) -> dict[str, Any]:
+        sig = None if self.encryption_signature is None else {
+            "algorithm": self.encryption_signature[0], "value": b64(self.encryption_signature[1])}
+        return {"name": self.name, "signing_certificate": cert_b64(self.signing_certificate),
+                "encryption_certificate": cert_b64(self.encryption_certificate),
+                "encryption_certificate_signature": sig}
+
+    @classmethod
+    def from_doc(cls, d: Any, what: str) -> PdkEntry:
+        if not isinstance(d, dict) or set(d) != {"name", "signing_certificate", "encryption_certificate",
+                                                 "encryption_certificate_signature"}:
             raise FormatError(f"bad {what} entry in the PDK")
+        sig = d["encryption_certificate_signature"]
+        if sig is not None:
+            if not isinstance(sig, dict) or set(sig) != {"algorithm", "value"} or not isinstance(sig["algorithm"], str):
+                raise FormatError(f"bad {what} encryption certificate signature in the PDK")
+            sig = (sig["algorithm"], unb64(sig["value"], f"{what} encryption certificate signature"))
         return cls(str(d["name"]), cert_from_b64(d["signing_certificate"], f"{what} signing certificate"),
-                   cert_from_b64(d["encryption_certificate"], f"{what} encryption certificate"))
+                   cert_from_b64(d["encryption_certificate"], f"{what} encryption certificate"), sig)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "signing_certificate": describe_certificate(self.signing_certificate),
@@ -138,14 +187,14 @@ def create_pdk(owner: Guardian, guardians: list[Guardian], qualifiers: list[Volu
         warnings.append("the answer file uses substitution strings without values: " + ", ".join(missing)
                         + " (specialization would fail)")
     env = envelope(secret.to_bytes(), [owner.encryption_certificate] + [g.encryption_certificate for g in guardians])
-    when = (created or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+    when = (created or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
     doc = {
         "format": PDK_FORMAT,
         "version": PDK_VERSION,
         "created": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "policy": policy,
-        "owner": PdkEntry(owner.name, owner.signing_certificate, owner.encryption_certificate).to_doc(),
-        "guardians": [PdkEntry(g.name, g.signing_certificate, g.encryption_certificate).to_doc() for g in guardians],
+        "owner": PdkEntry.from_guardian(owner).to_doc(),
+        "guardians": [PdkEntry.from_guardian(g).to_doc() for g in guardians],
         "volume_id_qualifiers": [q.to_json() for q in qualifiers],
         "secret_part": b64(env),
     }
@@ -228,7 +277,7 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
     if len(der) > MAX_PDK_SIZE:
         raise FormatError("file too large for a PDK", where)
     signer_cert, chain = _strict_shape(der, where)
-    now = at or _dt.datetime.now(_dt.timezone.utc)
+    now = at or _dt.datetime.now(_dt.UTC)
     check_at = now
     if allow_expired:
         check_at = min(max(now, signer_cert.not_valid_before_utc), signer_cert.not_valid_after_utc)
@@ -268,6 +317,9 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         # signature of each certificate where its issuer is known (self-signed: always)
         check_chain(e.signing_certificate, w, chain, (), allow_untrusted_root=True)
         check_chain(e.encryption_certificate, w, [e.signing_certificate, *chain], (), allow_untrusted_root=True)
+        if e.encryption_signature is not None:
+            sigalg.verify_bytes(e.signing_certificate.public_key(), *e.encryption_signature,
+                                _der(e.encryption_certificate), "encryption certificate signature", w)
     owner_trust = "not pinned (pass --owner or --trust to pin the owner)"
     if owner_certificate is not None:
         if _der(owner_certificate) != _der(owner.signing_certificate):
@@ -284,7 +336,7 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
     return PdkInfo(created, policy, owner, guardians, quals, env, info.signing_time, owner_trust)
 
 
-def open_pdk_secret(info: PdkInfo, key, cert: x509.Certificate, where: str = "PDK") -> SecretPart:
+def open_pdk_secret(info: PdkInfo, key: RecipientKey, cert: x509.Certificate, where: str = "PDK") -> SecretPart:
     """Decrypt the secret part with a recipient's private key and certificate."""
     data = open_envelope(info.secret_envelope, key, cert, where=f"{where}: secret part")
     try:
