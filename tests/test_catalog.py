@@ -221,3 +221,90 @@ def test_measure_rejects_bad_block_size(tmp_path: Path) -> None:
     p.write_bytes(bytes(8192))
     with pytest.raises(TemplateToolError):
         measure_volume(RawFile(p), 1000, free_space="none")
+
+
+def test_generic_device_path_equals_raw_fast_path(tmp_path: Path) -> None:
+    """measure_volume reads RawFile with reusable buffers; any other device goes through read()."""
+    from templatetool.blockdev import BlockDevice
+
+    class Wrapped(BlockDevice):
+        def __init__(self, inner: RawFile) -> None:
+            self.inner, self.size, self.name = inner, inner.size, "wrapped"
+
+        def read(self, offset: int, length: int) -> bytes:
+            return self.inner.read(offset, length)
+
+    p = tmp_path / "v.img"
+    p.write_bytes(os.urandom(9 * 65536 + 512))
+    a = measure_volume(RawFile(p), 65536, free_space="none", read_size=3 * 65536)
+    b = measure_volume(Wrapped(RawFile(p)), 65536, free_space="none", read_size=3 * 65536)
+    assert a.root == b.root and a.leaves == b.leaves and a.block_count == 10
+
+
+def test_documented_tree_vector() -> None:
+    """docs/formats/vsc.md §4 test vector, recomputed with plain hashlib."""
+    L = [hashlib.sha256(b"\x00" + x).digest() for x in (b"a", b"b", b"c")]
+    want = hashlib.sha256(b"\x01" + hashlib.sha256(b"\x01" + L[0] + L[1]).digest() + L[2]).hexdigest()
+    assert want == "36642e73c2540ab121e3a6bf9545b0a24982cd830eb13d3cd19de3ce6c021ec1"
+    assert root_from(L).hex() == want
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "formats" / "vsc.md").read_text()
+    assert want in doc
+
+
+def test_unknown_measurement_field_refused() -> None:
+    from templatetool.errors import UnsupportedError
+
+    j = _doc(3).to_json()
+    j["measurement"]["salt"] = "x"
+    with pytest.raises(UnsupportedError):
+        CatalogDocument.from_bytes(canonical_json(j))
+
+
+def test_mutated_documents_fail_cleanly() -> None:
+    """Random structural mutations of a valid document raise only typed errors (never a crash)."""
+    import json
+    import random
+
+    rnd = random.Random(5)
+    base = _doc(7).to_json()
+    values = [None, 1, -1, 2**70, "x", [], {}, True, "ab" * 40, {"index": 1, "offset": 2}, 0, 65536]
+    paths: list[list[str]] = []
+
+    def walk(x: object, p: list[str]) -> None:
+        if isinstance(x, dict):
+            for k in x:
+                paths.append(p + [k])
+                walk(x[k], p + [k])
+
+    walk(base, [])
+    rejected = 0
+    for _ in range(3000):
+        m = json.loads(json.dumps(base))
+        for _ in range(rnd.randint(1, 3)):
+            p = rnd.choice(paths)
+            t = m
+            try:
+                for k in p[:-1]:
+                    t = t[k]
+                if rnd.random() < 0.7:
+                    t[p[-1]] = json.loads(json.dumps(rnd.choice(values)))
+                else:
+                    del t[p[-1]]
+            except (KeyError, TypeError):
+                pass
+        try:
+            CatalogDocument.from_bytes(canonical_json(m))
+        except TemplateToolError:
+            rejected += 1
+    assert rejected > 2000
+
+
+def test_large_volume_catalog_fits_a_vhdx_metadata_item(tmp_path: Path) -> None:
+    """A 127 GiB volume (130 048 one-MiB blocks) stores level 3 and stays under 1 MiB signed."""
+    leaves = [os.urandom(32) for _ in range(130048)]
+    vol = VolumeInfo(size=130048 << 20, sector_size=512, filesystem="ntfs", cluster_size=4096)
+    d = CatalogDocument.build("Big", "1.0.0.0", vol, 1 << 20, leaves, root_from(leaves), "ntfs-bitmap-zero")
+    assert d.detail_level == 3 and len(d.detail) == 16256
+    der = sign_catalog(d, make_pfx_signer(tmp_path, "rsa2048"))
+    assert len(der) < (1 << 20)
+    assert open_vsc(der).document.root == d.root

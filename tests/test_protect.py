@@ -173,7 +173,6 @@ def test_tamper_used_cluster_is_localised_free_cluster_is_not(tmp_path: Path,
     pos = data.find(payload[:65536], off)
     assert pos > 0
     # A free cluster changed: still OK.
-    fm = ntfs_free_map(RawFile(disk, size=None).__class__(disk)) if False else None
     dev = RawFile(out, writable=True)
     from templatetool.blockdev import View
 
@@ -349,3 +348,30 @@ def test_protect_golden_vhdx(tmp_path: Path, golden: Path) -> None:
     assert rep.ok
     cpj = run_cli("vsc", "verify", str(out), "--json", check=True)
     assert json.loads(cpj.stdout)["actual_root"] == res.document.root.hex()
+
+
+def test_protect_in_place(tmp_path: Path, golden_raw: tuple[Path, int, int, bytes], golden: Path) -> None:
+    """--in-place is explicit: the input gains the reservation and the catalog, and verifies."""
+    require_tool("qemu-img", "ntfscat")
+    disk, off, vsize, payload = golden_raw
+    env = {"TT_PW": "x"}
+    s = make_pfx_signer(tmp_path)
+    before = disk.read_bytes()
+    res = protect(disk, None, "InPlace", "2.0.0.0", s, in_place=True, block_size=MiB)
+    assert res.vsc_path == str(disk) + ".vsc" and verify_template(disk).ok
+    after = disk.read_bytes()
+    assert after != before and after[:off] == before[:off] and after[off + vsize:] == before[off + vsize:]
+    vol = tmp_path / "v.vol"
+    vol.write_bytes(after[off:off + vsize])
+    assert subprocess.run(["ntfscat", str(vol), "payload.bin"], capture_output=True).stdout == payload
+    # VHDX in place: the catalog lands in the file's metadata; qemu-img still likes the file.
+    copy = tmp_path / "g.vhdx"
+    copy.write_bytes(golden.read_bytes())
+    (tmp_path / "s.pem").write_bytes(s.certificate.public_bytes(Encoding.PEM))
+    cp = run_cli("protect", str(copy), "--in-place", "--name", "G", "--version", "1.0.0.0",
+                 "--signer", s.path, "--json", env=env, check=True)
+    assert json.loads(cp.stdout)["vsc"] is None
+    assert subprocess.run(["qemu-img", "check", str(copy)], capture_output=True).returncode == 0
+    assert verify_template(copy, trust=[s.certificate]).ok
+    with pytest.raises(UsageError):
+        protect(copy, tmp_path / "other.vhdx", "G", "1.0.0.0", s, in_place=True)

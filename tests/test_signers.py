@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -231,6 +231,7 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     (d / "tokens").mkdir()
     conf = d / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {d/'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    old_conf = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before the module is loaded (C_Initialize reads it)
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "tt-test", "--pin", "1234",
                     "--so-pin", "12345678"], check=True, capture_output=True)
@@ -257,7 +258,11 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
             attrs.update({Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: kid})
             s.create_object(attrs)
     assert Mechanism.RSA_PKCS_PSS  # the mechanisms we rely on exist in this python-pkcs11
-    return {"module": module, "ca": ca, "certs": certs}
+    yield {"module": module, "ca": ca, "certs": certs}
+    if old_conf is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = old_conf
 
 
 @pytest.mark.parametrize("label,pss", [("rsa-key", True), ("rsa-key", False), ("ec-key", False)])
@@ -298,8 +303,7 @@ def test_pkcs11_errors(softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_signer(f"pkcs11:token=tt-test;id=%02?module-path={softhsm['module']}")
     try:
         assert s.certificate == softhsm["certs"]["ec-key"]
-        assert thumbprint(s.certificate) == s.certificate.fingerprint(__import__("cryptography.hazmat.primitives.hashes",
-                                                                                 fromlist=["SHA1"]).SHA1()).hex().upper()
+        assert thumbprint(s.certificate) == hashlib.sha1(s.certificate.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
     finally:
         s.close()
 
@@ -312,4 +316,41 @@ def test_pfx_missing_and_garbage(tmp_path: Path) -> None:
     (tmp_path / "bad.pfx").write_bytes(b"garbage")
     with pytest.raises((FormatError, CredentialError)):
         load_signer(str(tmp_path / "bad.pfx"), password_env="PATH")
-    assert shutil.which("openssl") or True
+
+
+def test_protect_with_token_signer(tmp_path: Path, softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole template signed inside the token (RSA-PSS); openssl checks the catalog to the CA."""
+    from test_protect import make_gpt_disk
+
+    from templatetool.catalog.vsc import verify_template
+    from templatetool.pipeline.protect import protect
+
+    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "1234")
+    disk, _, _ = make_gpt_disk(tmp_path, files={"a.txt": b"hsm\n"})
+    with load_signer(f"pkcs11:token=tt-test;object=rsa-key?module-path={softhsm['module']}") as s:  # type: ignore[attr-defined]
+        res = protect(disk, tmp_path / "t.img", "HSM", "1.0.0.0", s, pss=True)
+    assert openssl_verify(tmp_path, res.der, softhsm["ca"]) == res.document.to_bytes()
+    rep = verify_template(tmp_path / "t.img", trust=[softhsm["ca"]])
+    assert rep.ok and rep.signer == "CN=HSM rsa-key"
+
+
+@pytest.mark.parametrize("key,usage_text", [("ec-p256", "Key Agreement"), ("rsa2048", "Key Encipherment")])
+def test_cli_cert_new_encryption(tmp_path: Path, key: str, usage_text: str) -> None:
+    """`cert new --encryption`: PFX 0600 that openssl opens, key usage as documented (openssl judges)."""
+    from conftest import assert_clean_error, run_cli
+
+    require_tool("openssl")
+    env = {"TT_CERT_PW": "pw"}
+    cp = run_cli("cert", "new", "--encryption", "--subject", "CN=Enc", "-o", str(tmp_path / "enc.pfx"), "--key", key,
+                 "--password-env", "TT_CERT_PW", env=env)
+    assert cp.returncode == 0, cp.stderr
+    assert (tmp_path / "enc.pfx").stat().st_mode & 0o777 == 0o600
+    txt = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "enc.crt"), "-noout", "-text"],
+                         capture_output=True, text=True, check=True).stdout
+    assert usage_text in txt and "Digital Signature" not in txt
+    k, c, _ = load_pfx(tmp_path / "enc.pfx", b"pw")
+    assert c.public_bytes(serialization.Encoding.PEM) == (tmp_path / "enc.crt").read_bytes()
+    assert_clean_error(run_cli("cert", "new", "--subject", "CN=x", "-o", str(tmp_path / "n"),
+                               "--password-env", "TT_CERT_PW", env=env), 2)
+    assert_clean_error(run_cli("cert", "new", "--signing", "--subject", "bogus", "-o", str(tmp_path / "n"),
+                               "--password-env", "TT_CERT_PW", env=env), 2)

@@ -20,3 +20,22 @@ VSC_FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 1 << 20
 
 __all__ = ["VSC_METADATA_GUID", "VSC_FORMAT", "VSC_FORMAT_VERSION", "DEFAULT_BLOCK_SIZE"]
+
+_LAZY = {
+    "CatalogDocument": "document", "VolumeInfo": "document", "parse_version": "document",
+    "Measurer": "measure", "measure_volume": "measure", "Measurement": "measure",
+    "FreeMap": "ntfs", "ntfs_free_map": "ntfs", "files_in_ranges": "ntfs",
+    "VscInfo": "vsc", "open_vsc": "vsc", "read_vsc_bytes": "vsc", "sign_catalog": "vsc",
+    "verify_template": "vsc", "compare_volume": "vsc", "VerifyReport": "vsc",
+    "VolumeIdQualifier": "qualifier",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Lazy re-exports (``from templatetool.catalog import open_vsc``) without import cycles."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

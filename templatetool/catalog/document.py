@@ -204,6 +204,10 @@ class CatalogDocument:
         m = obj["measurement"]
         _expect(m, {"hash": str, "tree": str, "block_size": int, "block_count": int, "free_space": str,
                     "root": str, "detail_level": int, "detail": str}, "measurement")
+        unknown = set(m) - {"hash", "tree", "block_size", "block_count", "free_space", "root", "detail_level", "detail"}
+        if unknown:
+            raise UnsupportedError(f"unknown measurement fields {sorted(unknown)}",
+                                   hint="a newer templatetool wrote this catalog")
         if m["hash"] != "sha256" or m["tree"] != TREE_ID:
             raise UnsupportedError(f"measurement {m['hash']}/{m['tree']} is not supported")
         try:

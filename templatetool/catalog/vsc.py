@@ -79,17 +79,18 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
                                 "protect it first (templatetool protect)")
         return bytes(data)
     try:
+        size = os.path.getsize(p)
         with open(p, "rb") as f:
             head = f.read(2)
-            if head[:1] != b"\x30":
-                sidecar = p + ".vsc"
-                if os.path.exists(sidecar):  # raw template disk with its catalog beside it
-                    with open(sidecar, "rb") as g:
-                        return g.read()
-                raise FormatError("not a .vsc file (DER CMS) nor a template disk", p)
-            if os.path.getsize(p) > 64 << 20:
-                raise FormatError("file too large for a .vsc", p)
-            f.seek(0)
+        if head[:1] != b"\x30" or size > 64 << 20:
+            # Not a DER .vsc: a raw template disk keeps its catalog beside it.
+            sidecar = p + ".vsc"
+            if os.path.exists(sidecar):
+                with open(sidecar, "rb") as g:
+                    return g.read()
+            raise FormatError("not a .vsc file (DER CMS) nor a template disk with a catalog", p,
+                              "give a .vsc file or a protected template disk")
+        with open(p, "rb") as f:
             return f.read()
     except OSError as e:
         raise ResourceError(f"cannot read: {e.strerror}", p) from None

@@ -116,7 +116,10 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     to_sign = signed_attrs.dump()  # universal SET tag: what the signature covers (RFC 5652 §5.4)
 
     pub = cert.public_key()
-    if isinstance(pub, rsa.RSAPublicKey):
+    if isinstance(pub, rsa.RSAPublicKey) != isinstance(key, rsa.RSAPrivateKey) or \
+            isinstance(pub, ec.EllipticCurvePublicKey) != isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError("the signer's key type does not match its certificate", signer.describe())
+    if isinstance(pub, rsa.RSAPublicKey) and isinstance(key, rsa.RSAPrivateKey):
         if pss:
             pad: padding.AsymmetricPadding = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
             sig_alg = algos.SignedDigestAlgorithm({
@@ -131,9 +134,9 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
         else:
             pad = padding.PKCS1v15()
             sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
-        signature = key.sign(to_sign, pad, hash_alg)  # type: ignore[call-arg,union-attr]
-    elif isinstance(pub, ec.EllipticCurvePublicKey):
-        signature = key.sign(to_sign, ec.ECDSA(hash_alg))  # type: ignore[call-arg,union-attr]
+        signature = key.sign(to_sign, pad, hash_alg)
+    elif isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(key, ec.EllipticCurvePrivateKey):
+        signature = key.sign(to_sign, ec.ECDSA(hash_alg))
         sig_alg = algos.SignedDigestAlgorithm({"algorithm": f"{digest}_ecdsa"})
     else:
         raise UnsupportedError(f"unsupported signer key {type(pub).__name__}", hint="use RSA or EC")
@@ -264,17 +267,9 @@ def _check_embedded_certificates(certs: list[x509.Certificate], where: str) -> N
                                  "the certificate was altered")
 
 
-def _verify(der: bytes, *, content: bytes | None = None,
-                       trust: list[x509.Certificate] | None = None,
-                       at: _dt.datetime | None = None) -> SignedDataInfo:
-    """Verify a DER CMS SignedData; return what it holds and who signed it.
-
-    ``content`` is required for detached signatures (and, when given for an attached one, must
-    equal the embedded content). ``trust``: anchors the signer must chain to (None: any signer).
-    ``at``: the time certificate validity is judged at (default: now).
-    Failures: FormatError (malformed), IntegrityError (digest/signature), PolicyError (validity,
-    key usage, trust).
-    """
+def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certificate] | None = None,
+            at: _dt.datetime | None = None) -> SignedDataInfo:
+    """The body of :func:`verify_signed_data` (which maps stray parser exceptions to FormatError)."""
     where = "CMS SignedData"
     try:
         ci = cms.ContentInfo.load(bytes(der), strict=True)
@@ -303,7 +298,9 @@ def _verify(der: bytes, *, content: bytes | None = None,
         strict = False
     if not strict:
         raise FormatError("the SignedData is not in DER form (altered or non-canonical encoding)", where)
-    if sd["version"].native not in ("v1", "v3") or len(sis) != 1 or sis[0]["version"].native not in ("v1", "v3"):
+    if len(sis) != 1:
+        raise UnsupportedError(f"{len(sis)} signer infos (exactly one is supported)", where)
+    if sd["version"].native not in ("v1", "v3") or sis[0]["version"].native not in ("v1", "v3"):
         raise FormatError("unexpected SignedData/SignerInfo version", where)
     if [a["algorithm"].native for a in sd["digest_algorithms"]] != [sis[0]["digest_algorithm"]["algorithm"].native]:
         raise FormatError("SignedData digest algorithms do not match the signer's", where)
@@ -313,8 +310,6 @@ def _verify(der: bytes, *, content: bytes | None = None,
     data = embedded_bytes if embedded_bytes is not None else (bytes(content) if content is not None else None)
     if data is None:
         raise UsageError("detached signature: the signed content is needed", where)
-    if len(sis) != 1:
-        raise UnsupportedError(f"{len(sis)} signer infos (exactly one is supported)", where)
     si = sis[0]
     try:
         dig_name = si["digest_algorithm"]["algorithm"].native

@@ -75,9 +75,15 @@ def _needed_clusters(cluster_size: int) -> int:
 
 def _os_candidates(table: Any, dev: BlockDevice) -> Any:
     """The partition meant as OS volume: the largest basic-data (GPT) / data (MBR) partition."""
+    from ..disk import sniff_filesystem
+
     kinds = ("basic-data", "other", "fat32", "fat16")
     cands = [p for p in table.partitions if p.kind in kinds]
-    return max(cands, key=lambda p: p.size) if cands else None
+    # The same choice protect makes (disk.find_os_volume: largest NTFS/BitLocker data partition);
+    # failing that, the largest data partition, so its filesystem can be reported.
+    ntfs = [p for p in cands if sniff_filesystem(p.view(dev)) in ("ntfs", "bitlocker")]
+    pool = ntfs or cands
+    return max(pool, key=lambda p: p.size) if pool else None
 
 
 def preflight(disk_path: str | os.PathLike[str]) -> list[Problem]:
@@ -190,111 +196,200 @@ def _mask(data: bytes, offset: int, fm: FreeMap) -> bytes:
     return arr.tobytes()
 
 
-def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str], name: str,
+class _Staged:
+    """The OS volume ready to measure: BitLocker's regions reserved (on a staged raw copy when
+    they had to be created), its free map, and where the bytes come from."""
+
+    def __init__(self, os_view: BlockDevice, workdir: Path, sector_size: int) -> None:
+        from ..bitlocker.reserve import find_reserved, reserve_ntfs
+
+        self.os_view = os_view
+        self.bytes_read = 0
+        regions = find_reserved(os_view)
+        self.staged = regions is None
+        if regions is None:
+            # ntfscp works on a raw volume file: copy the volume out and reserve there.
+            raw_path = workdir / "volume.raw"
+            raw = RawFile.create(raw_path, os_view.size, sector_size=sector_size)
+            try:
+                with progress(os_view.size, "staging volume") as bar:
+                    for o, n in os_view.allocated_ranges():
+                        pos = o
+                        while pos < o + n:
+                            k = min(CHUNK, o + n - pos)
+                            data = os_view.read(pos, k)
+                            self.bytes_read += k
+                            if not is_zero(data):
+                                raw.write(pos, data)
+                            pos += k
+                            bar.update(k)
+                raw.flush()
+            finally:
+                raw.close()
+            regions = reserve_ntfs(raw_path)
+            self.vol: BlockDevice = RawFile(raw_path, sector_size=sector_size)
+        else:
+            self.vol = os_view
+        self.regions = regions
+        self.free_map = ntfs_free_map(self.vol)
+
+    def close(self) -> None:
+        if self.staged:
+            self.vol.close()
+
+
+def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: Any,
+                       write: Any) -> tuple[bytes, list[bytes]]:
+    """One pass over the volume: measure (free clusters as zeros) and hand each block to
+    ``write(offset, original, masked)``; blocks whose clusters are all free are never read."""
+    fm, vol = st.free_map, st.vol
+    m = Measurer(vol.size, block_size, None, workers)
+    try:
+        for i in range(m.block_count):
+            off = i * block_size
+            blen = min(block_size, vol.size - off)
+            used = fm.used_in(off, blen)
+            if used is not None and used.shape[0] * fm.cluster_size >= blen and not used.any():
+                m.feed_zeros(off, blen)
+            else:
+                data = vol.read(off, blen)
+                st.bytes_read += blen
+                masked = _mask(data, off, fm)
+                write(off, data, masked)
+                m.feed(off, masked)
+            bar.update(blen)
+        return m.finish()
+    except BaseException:
+        m.close()
+        raise
+
+
+def _document(st: _Staged, part: Any, table: Any, sector_size: int, name: str, version: str,
+              block_size: int, root: bytes, leaves: list[bytes]) -> CatalogDocument:
+    fm = st.free_map
+    return CatalogDocument.build(
+        name, version,
+        VolumeInfo(size=st.vol.size, sector_size=sector_size, filesystem="ntfs",
+                   cluster_size=fm.cluster_size, partition_index=part.index,
+                   partition_offset=part.offset, partition_guid=uuid_str(part.guid),
+                   partition_type=uuid_str(part.type_guid), partition_name=part.name,
+                   disk_guid=uuid_str(table.disk_guid)),
+        block_size, leaves, root, FREE_NTFS,
+        reserved=[{"offset": o, "length": n} for o, n in st.regions.spans()])
+
+
+def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None, name: str,
             version: str, signer: Signer, *, block_size: int = DEFAULT_BLOCK_SIZE, pss: bool = False,
-            overwrite: bool = False, workers: int | None = None) -> ProtectResult:
-    """Make a signed template disk from ``golden_path`` (never modified) at ``out_path``."""
-    from ..bitlocker.reserve import find_reserved, reserve_ntfs
+            overwrite: bool = False, workers: int | None = None, in_place: bool = False) -> ProtectResult:
+    """Make a signed template disk from ``golden_path`` at ``out_path``.
+
+    By default the input is never modified: a new disk is written atomically (VHDX when
+    ``out_path`` ends in .vhdx, else raw + ``OUT.vsc``), with the OS volume's free clusters
+    zeroed. ``in_place=True`` (explicit, not atomic) instead adds the BitLocker reservation and
+    the catalog to ``golden_path`` itself, leaving free clusters as they are.
+    """
     from ..disk import create_disk, find_os_volume, open_disk, read_partition_table
 
     t0 = time.perf_counter()
     parse_version(version)
-    src_p, out_p = Path(golden_path), Path(out_path)
-    if out_p.exists() and src_p.exists() and os.path.samefile(src_p, out_p):
-        raise UsageError("the output is the input", str(out_p), "protect writes a new disk; choose another name")
-    if out_p.exists() and not overwrite:
-        raise UsageError("output exists", str(out_p), "choose another name or remove it")
+    src_p = Path(golden_path)
+    if in_place:
+        if out_path is not None and Path(out_path).resolve() != src_p.resolve():
+            raise UsageError("--in-place modifies the input; do not also give an output", str(out_path))
+        out_p = src_p
+    else:
+        if out_path is None:
+            raise UsageError("no output given", hint="pass -o TEMPLATE.vhdx (or --in-place)")
+        out_p = Path(out_path)
+        if out_p.exists() and src_p.exists() and os.path.samefile(src_p, out_p):
+            raise UsageError("the output is the input", str(out_p), "protect writes a new disk; choose another name "
+                             "(or use --in-place deliberately)")
+        if out_p.exists() and not overwrite:
+            raise UsageError("output exists", str(out_p), "choose another name or remove it")
     problems = preflight(src_p)
     if problems:
         raise PolicyError(f"{len(problems)} preflight problem(s): " + " | ".join(str(p) for p in problems),
                           str(src_p), "run 'templatetool protect --check' for the list")
+    if in_place:
+        return _protect_in_place(src_p, name, version, signer, block_size, pss, workers, t0)
     fmt = "vhdx" if out_p.name.lower().endswith(".vhdx") else "raw"
     src = open_disk(src_p)
-    bytes_read = 0
+    vsc_path = None
     try:
         table = read_partition_table(src)
         part = find_os_volume(table, src)
-        os_view = part.view(src)
         with atomic_output(out_p, 0o644) as tmp_out, \
                 tempfile.TemporaryDirectory(prefix=".tt-protect-", dir=out_p.parent) as td:
-            regions = find_reserved(os_view)
-            if regions is None:
-                # ntfscp works on a raw volume file: copy the volume out, reserve, read it back.
-                raw_path = Path(td) / "volume.raw"
-                raw = RawFile.create(raw_path, os_view.size, sector_size=src.sector_size)
-                try:
-                    with progress(os_view.size, "staging volume") as bar:
-                        for o, n in os_view.allocated_ranges():
-                            pos = o
-                            while pos < o + n:
-                                k = min(CHUNK, o + n - pos)
-                                data = os_view.read(pos, k)
-                                bytes_read += k
-                                if not is_zero(data):
-                                    raw.write(pos, data)
-                                pos += k
-                                bar.update(k)
-                    raw.flush()
-                finally:
-                    raw.close()
-                regions = reserve_ntfs(raw_path)
-                vol: BlockDevice = RawFile(raw_path, sector_size=src.sector_size)
-            else:
-                vol = os_view
+            st = _Staged(part.view(src), Path(td), src.sector_size)
             try:
-                fm = ntfs_free_map(vol)
-                if block_size % fm.cluster_size:
-                    raise UsageError(f"block size {block_size} is not a multiple of the cluster size {fm.cluster_size}")
+                if block_size % st.free_map.cluster_size:
+                    raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
+                                     f"{st.free_map.cluster_size}")
                 dst = create_disk(tmp_out, src.size, like=src, fmt=fmt)
                 try:
+                    def write(off: int, data: bytes, masked: bytes) -> None:
+                        if not is_zero(masked):
+                            dst.write(part.offset + off, masked)
+
                     with progress(src.size, "writing template") as bar:
-                        bytes_read += _copy_outside(src, dst, (part.offset, part.size), bar)
-                        m = Measurer(vol.size, block_size, None, workers)
-                        try:
-                            nblocks = m.block_count
-                            i = 0
-                            while i < nblocks:
-                                off = i * block_size
-                                blen = min(block_size, vol.size - off)
-                                used = fm.used_in(off, blen)
-                                if used is not None and used.shape[0] * fm.cluster_size >= blen and not used.any():
-                                    m.feed_zeros(off, blen)  # all free: measured as zeros, written as nothing
-                                else:
-                                    data = vol.read(off, blen)
-                                    bytes_read += blen
-                                    masked = _mask(data, off, fm)
-                                    if not is_zero(masked):
-                                        dst.write(part.offset + off, masked)
-                                    m.feed(off, masked)
-                                bar.update(blen)
-                                i += 1
-                            root, leaves = m.finish()
-                        except BaseException:
-                            m.close()
-                            raise
-                    reserved = [{"offset": o, "length": n} for o, n in regions.spans()]
-                    doc = CatalogDocument.build(
-                        name, version,
-                        VolumeInfo(size=vol.size, sector_size=src.sector_size, filesystem="ntfs",
-                                   cluster_size=fm.cluster_size, partition_index=part.index,
-                                   partition_offset=part.offset, partition_guid=uuid_str(part.guid),
-                                   partition_type=uuid_str(part.type_guid), partition_name=part.name,
-                                   disk_guid=uuid_str(table.disk_guid)),
-                        block_size, leaves, root, FREE_NTFS, reserved=reserved)
+                        st.bytes_read += _copy_outside(src, dst, (part.offset, part.size), bar)
+                        root, leaves = _measure_and_write(st, block_size, workers, bar, write)
+                    doc = _document(st, part, table, src.sector_size, name, version, block_size, root, leaves)
                     der = sign_catalog(doc, signer, pss=pss)
-                    vsc_path = None
                     if fmt == "vhdx":
                         dst.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
                     dst.flush()
                 finally:
                     dst.close()
             finally:
-                if vol is not os_view:
-                    vol.close()
+                st.close()
         if fmt == "raw":
             vsc_path = str(out_p) + ".vsc"
             write_bytes_atomic(vsc_path, der)
     finally:
         src.close()
-    return ProtectResult(str(out_p), vsc_path, doc, der, signer.describe(), reserved, bytes_read,
+    return ProtectResult(str(out_p), vsc_path, doc, der, signer.describe(),
+                         [{"offset": o, "length": n} for o, n in st.regions.spans()], st.bytes_read,
+                         time.perf_counter() - t0)
+
+
+def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block_size: int, pss: bool,
+                      workers: int | None, t0: float) -> ProtectResult:
+    from ..disk import disk_format, find_os_volume, open_disk, read_partition_table
+
+    fmt = disk_format(path)
+    dev = open_disk(path, writable=True)
+    vsc_path = None
+    try:
+        table = read_partition_table(dev)
+        part = find_os_volume(table, dev)
+        os_view = part.view(dev)
+        with tempfile.TemporaryDirectory(prefix=".tt-protect-", dir=path.parent) as td:
+            st = _Staged(os_view, Path(td), dev.sector_size)
+            try:
+                if block_size % st.free_map.cluster_size:
+                    raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
+                                     f"{st.free_map.cluster_size}")
+
+                def write(off: int, data: bytes, masked: bytes) -> None:
+                    # Only blocks the reservation changed go back; free clusters stay as they are.
+                    if st.staged and os_view.read(off, len(data)) != data:
+                        os_view.write(off, data)
+
+                with progress(os_view.size, "protecting in place") as bar:
+                    root, leaves = _measure_and_write(st, block_size, workers, bar, write)
+                doc = _document(st, part, table, dev.sector_size, name, version, block_size, root, leaves)
+                der = sign_catalog(doc, signer, pss=pss)
+                if fmt == "vhdx":
+                    dev.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
+                dev.flush()
+            finally:
+                st.close()
+    finally:
+        dev.close()
+    if fmt != "vhdx":
+        vsc_path = str(path) + ".vsc"
+        write_bytes_atomic(vsc_path, der)
+    return ProtectResult(str(path), vsc_path, doc, der, signer.describe(),
+                         [{"offset": o, "length": n} for o, n in st.regions.spans()], st.bytes_read,
                          time.perf_counter() - t0)

@@ -193,7 +193,6 @@ class Pkcs11Signer(Signer):
     def __init__(self, uri: str, pin_env: str | None = None) -> None:
         try:
             import pkcs11
-            from pkcs11 import Attribute, ObjectClass
         except ImportError as e:  # pragma: no cover - dependency is declared
             raise ResourceError(f"python-pkcs11 is not available: {e}") from None
         self.uri = parse_pkcs11_uri(uri)
@@ -293,7 +292,7 @@ class Pkcs11Signer(Signer):
 
     def _sign(self, data: bytes, mechanism: Any, param: Any) -> bytes:
         try:
-            return bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))
+            return bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001
             raise _token_error(e, self._where) from None
 
@@ -308,10 +307,19 @@ class Pkcs11Signer(Signer):
                 s.close()
             except Exception:  # noqa: BLE001
                 pass
-            self._session = None
+            self._session = None  # type: ignore[assignment]
 
     def describe(self) -> str:
         return f"{self.certificate.subject.rfc4514_string()} ({self._where})"
+
+    def __enter__(self) -> "Pkcs11Signer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 __all__ = ["Pkcs11Signer", "parse_pkcs11_uri", "TokenRSAPrivateKey", "TokenECPrivateKey"]
