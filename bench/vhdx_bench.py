@@ -33,8 +33,7 @@ def make_source(path: Path, size_mib: int, seed: int = 1) -> None:
             r = rnd.random()
             if r < 0.6:
                 f.seek(pos * MiB)
-                for _ in range(run):
-                    f.write(os.urandom(MiB))
+                f.writelines(os.urandom(MiB) for _ in range(run))
             elif r < 0.7:
                 f.seek(pos * MiB)
                 f.write((b"templatetool benchmark text " * (MiB // 28 + 1))[:MiB] * run)
@@ -68,7 +67,7 @@ def run(size_mib: int = 512, reps: int = 3) -> dict[str, float | int]:
             qemu.append(_timed(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic",
                                 str(src), str(dst_q)]))
             dst_o = t / f"o{i}.vhdx"
-            ours.append(_timed(None, lambda: convert(src, dst_o, subformat="dynamic", progress=False)))
+            ours.append(_timed(None, lambda d=dst_o: convert(src, d, subformat="dynamic", progress=False)))
             os.unlink(dst_q)
             os.unlink(dst_o)
         o, q = statistics.median(ours), statistics.median(qemu)

@@ -9,8 +9,9 @@ import uuid
 from pathlib import Path
 
 from conftest import assert_clean_error, require_tool, run_cli
-from templatetool.vhdx import open_vhdx
 from test_vhdx_interop import make_raw, pyvhdi_read, qemu_check
+
+from templatetool.vhdx import create_vhdx, open_vhdx
 
 MiB = 1 << 20
 
@@ -97,3 +98,26 @@ def test_check_reports_corruption_with_exit_4(tmp_path: Path) -> None:
     cp = run_cli("vhdx", "check", str(v), "--json")
     assert cp.returncode == 4
     assert json.loads(cp.stdout)["ok"] is False
+
+
+def test_convert_differencing_with_moved_parent(tmp_path: Path) -> None:
+    parent = tmp_path / "a" / "p.vhdx"
+    parent.parent.mkdir()
+    with create_vhdx(parent, 4 * MiB, block_size=MiB) as p:
+        p.write(0, b"P" * 10000)
+    child = tmp_path / "c.vhdx"
+    with create_vhdx(child, None, parent=parent) as c:
+        c.write(5000, b"C" * 100)
+    moved = tmp_path / "b"
+    moved.mkdir()
+    os.replace(parent, moved / "p.vhdx")
+    out = tmp_path / "flat.raw"
+    cp = run_cli("vhdx", "convert", str(child), str(out))
+    assert_clean_error(cp, 9)
+    assert str(parent) in cp.stderr and not out.exists()
+    cp = run_cli("vhdx", "convert", str(child), str(out), "--parent-dir", str(moved))
+    assert cp.returncode == 0, cp.stderr
+    expect = bytearray(4 * MiB)
+    expect[:10000] = b"P" * 10000
+    expect[5000:5100] = b"C" * 100
+    assert out.read_bytes() == bytes(expect)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean_error, run_cli
+from vhdx_corpus import build_corpus
+
 from templatetool.errors import TemplateToolError
 from templatetool.vhdx import check, open_vhdx
-from vhdx_corpus import build_corpus
 
 #: What check must say about each case (a substring of its findings): the right reason, not just any.
 REASONS = {

@@ -311,3 +311,79 @@ def build_corpus(folder: Path) -> dict[str, Case]:
                    parent=ParentLink(ga, "parent_cycle_a.vhdx", None, did), data_write_guid=gb)
     cases["parent_cycle_a"] = Case(folder / "parent_cycle_a.vhdx", 3)
     return cases
+
+
+# --- a file with an unreplayed log (as a crash between logging and applying would leave it) ------
+
+def log_entry(seq: int, tail: int, log_guid: uuid.UUID, file_size: int,
+              zeros: list[tuple[int, int]], datas: list[tuple[int, bytes]]) -> bytes:
+    """One log entry: zero descriptors, then data descriptors with their 4 KiB data sectors."""
+    nd = len(zeros) + len(datas)
+    desc_sectors = -(-(nd + 2) // 128)
+    length = (desc_sectors + len(datas)) * 4096
+    buf = bytearray(length)
+    buf[:64] = S.LogEntryHeader.build({
+        "signature": S.SIG_LOG_ENTRY, "checksum": 0, "entry_length": length, "tail": tail,
+        "sequence_number": seq, "descriptor_count": nd, "reserved": 0, "log_guid": log_guid,
+        "flushed_file_offset": file_size, "last_file_offset": file_size})
+    pos = 64
+    for off, n in zeros:
+        buf[pos:pos + 32] = (b"zero" + bytes(4) + n.to_bytes(8, "little") + off.to_bytes(8, "little")
+                             + seq.to_bytes(8, "little"))
+        pos += 32
+    dpos = desc_sectors * 4096
+    for off, data in datas:
+        assert len(data) == 4096
+        buf[pos:pos + 32] = (b"desc" + data[4092:4096] + data[0:8] + off.to_bytes(8, "little")
+                             + seq.to_bytes(8, "little"))
+        pos += 32
+        buf[dpos:dpos + 4096] = (b"data" + (seq >> 32).to_bytes(4, "little") + data[8:4092]
+                                 + (seq & 0xFFFFFFFF).to_bytes(4, "little"))
+        dpos += 4096
+    return with_crc(bytes(buf), S.LOG_ENTRY_CHECKSUM_OFFSET)
+
+
+def make_dirty_log(path: Path) -> bytes:
+    """Turn the dynamic VHDX ``path`` (1 MiB blocks, 512-byte sectors) into one with an unreplayed log.
+
+    Two payload blocks are appended at the end of the file; the active log sequence (entries with
+    sequence numbers 10 and 11) points BAT entries 3 and 5 at them and drops block 0; an older,
+    inactive entry (sequence 2) would point block 1 at garbage. Returns the expected disk content
+    after a correct replay.
+    """
+    from templatetool.vhdx import open_vhdx
+
+    with open_vhdx(path) as d:
+        expected = bytearray(d.read(0, d.size))
+        assert d.block_size == MiB and d.logical_sector_size == 512
+    size = os.path.getsize(path)
+    x = -(-size // MiB) * MiB
+    a, b = bytes([0xA5]) * MiB, os.urandom(MiB)
+    _rw(path, x, a)
+    _rw(path, x + MiB, b)
+    _rw(path, x + 2 * MiB, os.urandom(MiB))  # garbage for the inactive entry
+    file_size = x + 3 * MiB
+    bat = region(path, S.BAT_REGION)
+    sector0 = bytearray(_read(path, bat.offset, 4096))
+
+    def with_entries(base: bytes, changes: dict[int, int]) -> bytes:
+        s = bytearray(base)
+        for idx, val in changes.items():
+            s[8 * idx:8 * idx + 8] = val.to_bytes(8, "little")
+        return bytes(s)
+
+    step1 = with_entries(sector0, {0: 0, 3: x | S.PAYLOAD_BLOCK_FULLY_PRESENT})
+    step2 = with_entries(step1, {5: (x + MiB) | S.PAYLOAD_BLOCK_FULLY_PRESENT})
+    stale = with_entries(sector0, {1: (x + 2 * MiB) | S.PAYLOAD_BLOCK_FULLY_PRESENT})
+    lg = uuid.uuid4()
+    e1 = log_entry(10, 0, lg, file_size, zeros=[(bat.offset, 4096)], datas=[(bat.offset, step1)])
+    e2 = log_entry(11, 0, lg, file_size, zeros=[], datas=[(bat.offset, step2)])
+    old = log_entry(2, 64 * 1024, lg, file_size, zeros=[], datas=[(bat.offset, stale)])
+    log_off = S.Header.parse(_read(path, S.HEADER_OFFSETS[0], S.HEADER_SIZE)).log_offset
+    _rw(path, log_off, e1 + e2)
+    _rw(path, log_off + 64 * 1024, old)
+    patch_headers(path, log_guid=lg)
+    expected[0:MiB] = bytes(MiB)
+    expected[3 * MiB:4 * MiB] = a
+    expected[5 * MiB:6 * MiB] = b
+    return bytes(expected)

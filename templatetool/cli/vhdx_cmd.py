@@ -34,14 +34,17 @@ def register(cli: click.Group) -> None:
                   help="Output format (default: vhdx when DST ends in .vhdx/.avhdx, else raw).")
     @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True)
     @click.option("--block-size", type=SIZE, default=None, help="VHDX block size, 1M..256M (default 32M).")
+    @click.option("--parent-dir", "parent_dirs", multiple=True, type=click.Path(),
+                  help="Extra folder (or file) to look for a moved parent of a differencing SRC in.")
     @json_option
     def convert_cmd(src: str, dst: str, to: str | None, subformat: str, block_size: int | None,
-                    as_json: bool) -> None:
+                    parent_dirs: tuple[str, ...], as_json: bool) -> None:
         """Convert SRC (raw or VHDX, by signature) to DST, keeping zero/unallocated blocks sparse."""
         from ..vhdx import convert
 
         fmt = to or ("vhdx" if dst.lower().endswith((".vhdx", ".avhdx")) else "raw")
-        res = convert(src, dst, to=fmt, subformat=subformat, block_size=block_size, progress=not as_json)
+        res = convert(src, dst, to=fmt, subformat=subformat, block_size=block_size, progress=not as_json,
+                      parent_search=list(parent_dirs) or None)
         emit(res, as_json, lambda r: f"{r['destination']}: {r['format']}"
              + (f" ({r['subformat']})" if r["subformat"] else "")
              + f", {human_size(r['virtual_size'])} virtual, {human_size(r['file_size'])} file")
@@ -83,7 +86,8 @@ def register(cli: click.Group) -> None:
     @json_option
     def check_cmd(disk: str, cross_check: bool, parent_dirs: tuple[str, ...], as_json: bool) -> None:
         """Validate DISK's structures (exit 0 when clean, 4 when problems are found)."""
-        from ..vhdx import check, cross_check as xcheck
+        from ..vhdx import check
+        from ..vhdx import cross_check as xcheck
 
         findings = check(disk, parent_search=list(parent_dirs) or None)
         if cross_check and not any(f.severity == "error" for f in findings):
@@ -102,6 +106,18 @@ def register(cli: click.Group) -> None:
             raise IntegrityError(f"check found {len(errors)} problem(s)", disk)
         if not findings:
             click.echo(f"{disk}: no problems found")
+
+    @vhdx.command("replay-log")
+    @click.argument("src", type=click.Path(dir_okay=False))
+    @click.argument("dst", type=click.Path(dir_okay=False))
+    @json_option
+    def replay_cmd(src: str, dst: str, as_json: bool) -> None:
+        """Write DST: a copy of SRC with its unreplayed log applied (SRC is not modified)."""
+        from ..vhdx import replay_log
+
+        res = replay_log(src, dst)
+        emit(res, as_json, lambda r: f"{r['destination']}: replayed {r['entries']} log entr"
+                                     f"{'y' if r['entries'] == 1 else 'ies'} ({r['sectors_written']} sectors)")
 
     @vhdx.group("metadata")
     def metadata() -> None:

@@ -7,6 +7,7 @@ Public API::
                 physical_sector_size=4096, parent=None) -> VhdxDisk
     convert(src, dst_path, to="vhdx", subformat="dynamic", block_size=None, progress=True) -> dict
     check(path) -> list[Finding];  cross_check(path) -> list[Finding]
+    replay_log(src, dst) -> dict  (a copy with the log replayed)
     is_vhdx(path) -> bool;  open_image(path) -> BlockDevice (raw or VHDX by signature)
 
 See docs/vhdx.md for what is supported and what is refused.
@@ -16,9 +17,19 @@ from .check import check, cross_check
 from .convert import convert, open_image
 from .disk import VhdxDisk, open_vhdx
 from .layout import Finding
+from .log import replay_log
 from .writer import DEFAULT_BLOCK_SIZE, create_vhdx, is_vhdx
 
 __all__ = [
-    "VhdxDisk", "open_vhdx", "create_vhdx", "convert", "open_image", "check", "cross_check", "Finding",
-    "is_vhdx", "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_BLOCK_SIZE",
+    "Finding",
+    "VhdxDisk",
+    "check",
+    "convert",
+    "create_vhdx",
+    "cross_check",
+    "is_vhdx",
+    "open_image",
+    "open_vhdx",
+    "replay_log",
 ]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import NotFoundError, ResourceError, TemplateToolError, UsageError
+from ..progress import progress as progress_bar
+from .convert import _NullBar
 from .disk import PathLike, VhdxDisk, open_vhdx
 from .layout import Finding, Reporter, Stop, parse_layout
 
@@ -33,6 +36,8 @@ def check(path: PathLike, parent_search: Sequence[PathLike] | None = None) -> li
         parse_layout(fd, rep)
     except Stop:
         pass
+    except OSError as e:
+        raise ResourceError(f"read failed: {e.strerror}", name) from e
     finally:
         os.close(fd)
     if not rep.has_errors:
@@ -44,7 +49,7 @@ def check(path: PathLike, parent_search: Sequence[PathLike] | None = None) -> li
     return rep.findings
 
 
-def _pyvhdi_chain(disk: VhdxDisk) -> list[object]:
+def _pyvhdi_chain(disk: VhdxDisk) -> list[Any]:
     import pyvhdi  # type: ignore[import-not-found]
 
     files = []
@@ -63,7 +68,8 @@ def _pyvhdi_chain(disk: VhdxDisk) -> list[object]:
     return files
 
 
-def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None) -> list[Finding]:
+def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
+                progress: bool = True) -> list[Finding]:
     """Compare every byte we read with what libvhdi (pyvhdi) reads; returns findings."""
     findings: list[Finding] = []
     try:
@@ -83,19 +89,22 @@ def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None)
                 return [Finding("error", "integrity", f"virtual size differs: ours {disk.size}, libvhdi {their}",
                                 str(path))]
             pos = 0
-            while pos < disk.size:
-                n = min(_CMP_CHUNK, disk.size - pos)
-                a = disk.read(pos, n)
-                try:
-                    b = top.read_buffer_at_offset(n, pos)
-                except Exception as e:  # noqa: BLE001
-                    return [Finding("error", "integrity", f"libvhdi read failed at {pos}: {e}", str(path))]
-                if a != b:
-                    k = next(i for i in range(min(len(a), len(b))) if a[i] != b[i]) if len(a) == len(b) else 0
-                    findings.append(Finding("error", "integrity",
-                                            f"content differs from libvhdi at virtual offset {pos + k}", str(path)))
-                    break
-                pos += n
+            with progress_bar(disk.size, "cross-check") if progress else _NullBar() as bar:
+                while pos < disk.size:
+                    n = min(_CMP_CHUNK, disk.size - pos)
+                    a = disk.read(pos, n)
+                    try:
+                        b = top.read_buffer_at_offset(n, pos)
+                    except Exception as e:  # noqa: BLE001
+                        return [Finding("error", "integrity", f"libvhdi read failed at {pos}: {e}", str(path))]
+                    if a != b:
+                        k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), 0)
+                        findings.append(Finding("error", "integrity",
+                                                f"content differs from libvhdi at virtual offset {pos + k}",
+                                                str(path)))
+                        break
+                    bar.update(n)
+                    pos += n
         finally:
             for f in files:
                 f.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ from .layout import align_up
 from .writer import DEFAULT_BLOCK_SIZE, is_vhdx, write_new_vhdx
 
 
-def open_image(path: PathLike, writable: bool = False) -> BlockDevice:
+def open_image(path: PathLike, writable: bool = False,
+               parent_search: Sequence[PathLike] | None = None) -> BlockDevice:
     """Open a raw image or a VHDX, detected by the ``vhdxfile`` signature (not the name)."""
     if is_vhdx(path):
-        return open_vhdx(path, writable=writable)
+        return open_vhdx(path, writable=writable, parent_search=parent_search)
     if not Path(path).exists():
         from ..errors import NotFoundError
 
@@ -28,30 +30,69 @@ def open_image(path: PathLike, writable: bool = False) -> BlockDevice:
     return RawFile(path, writable=writable)
 
 
+_BUF = 4 * CHUNK
+
+
+def _read_into(src: BlockDevice, pos: int, dst: memoryview) -> None:
+    """Fill ``dst`` from ``src`` at ``pos`` without intermediate copies where the device allows."""
+    if isinstance(src, VhdxDisk):
+        src._read_into(pos, dst)
+    elif isinstance(src, RawFile):
+        done = 0
+        while done < len(dst):
+            k = os.preadv(src.fileno(), [dst[done:]], pos + done)
+            if k == 0:  # past the end of a short file: zeros
+                dst[done:] = bytes(len(dst) - done)
+                break
+            done += k
+    else:
+        dst[:] = src.read(pos, len(dst))
+
+
 def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
-    """Copy every non-zero chunk of ``src``'s allocated ranges into ``dst``; returns bytes written."""
+    """Copy every non-zero 1 MiB chunk of ``src``'s allocated ranges into ``dst``; returns bytes written.
+
+    Reads go into one reusable 4 MiB buffer; consecutive non-zero chunks are written with one call.
+    """
     ranges = list(src.allocated_ranges())
     total = sum(n for _, n in ranges)
     written = 0
+    buf = bytearray(_BUF)
+    mv = memoryview(buf)
     with (progress_bar(total, desc) if show else _NullBar()) as bar:
         for off, n in ranges:
             pos, end = off, off + n
             while pos < end:
-                k = min(CHUNK - pos % CHUNK, end - pos)  # keep chunks aligned to 1 MiB
-                data = src.read(pos, k)
-                if not is_zero(data):
-                    dst.write(pos, data)
-                    written += k
+                k = min(_BUF - pos % CHUNK, end - pos)
+                _read_into(src, pos, mv[:k])
+                # split at 1 MiB boundaries (of the disk), skip zero pieces, join the rest
+                run_start = run_len = 0
+                p = 0
+                while p < k:
+                    q = min(k, p + CHUNK - (pos + p) % CHUNK)
+                    if is_zero(mv[p:q]):
+                        if run_len:
+                            dst.write(pos + run_start, mv[run_start:run_start + run_len])
+                            written += run_len
+                            run_len = 0
+                    else:
+                        if not run_len:
+                            run_start = p
+                        run_len += q - p
+                    p = q
+                if run_len:
+                    dst.write(pos + run_start, mv[run_start:run_start + run_len])
+                    written += run_len
                 bar.update(k)
                 pos += k
     return written
 
 
 class _NullBar:
-    def __enter__(self) -> "_NullBar":
+    def __enter__(self) -> _NullBar:  # noqa: PYI034
         return self
 
-    def __exit__(self, *a: Any) -> None:
+    def __exit__(self, *a: object) -> None:
         return None
 
     def update(self, n: int) -> None:
@@ -59,7 +100,8 @@ class _NullBar:
 
 
 def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", subformat: str = "dynamic",
-            block_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+            block_size: int | None = None, progress: bool = True,
+            parent_search: Sequence[PathLike] | None = None) -> dict[str, Any]:
     """Copy ``src`` (raw or VHDX, a path or an open BlockDevice) to a new VHDX or raw file.
 
     Streams over ``src.allocated_ranges()`` and skips all-zero 1 MiB chunks, so holes and
@@ -71,7 +113,7 @@ def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", s
     if subformat not in ("fixed", "dynamic"):
         raise UsageError(f"convert writes fixed or dynamic VHDX, not {subformat!r}")
     own = not isinstance(src, BlockDevice)
-    dev = open_image(src) if own else src  # type: ignore[arg-type]
+    dev: BlockDevice = src if isinstance(src, BlockDevice) else open_image(src, parent_search=parent_search)
     try:
         if own and os.path.exists(dst_path) and os.path.samefile(src, dst_path):  # type: ignore[arg-type]
             raise UsageError("source and destination are the same file", str(dst_path))

@@ -18,11 +18,26 @@ from pathlib import Path
 import numpy as np
 
 from ..blockdev import BlockDevice, is_zero
-from ..errors import (FormatError, IntegrityError, NotFoundError, ResourceError, UnsupportedError,
-                      UsageError)
+from ..errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    ResourceError,
+    UnsupportedError,
+    UsageError,
+)
 from . import build
 from . import structs as S
-from .layout import Finding, Layout, MetaItem, Region, Reporter, align_up, parse_layout, pread_exact
+from .layout import (
+    Finding,
+    Layout,
+    MetaItem,
+    Region,
+    Reporter,
+    align_up,
+    parse_layout,
+    pread_exact,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -31,6 +46,8 @@ _PARENT_READ_STATES = (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_UNDEFINED, S
 
 
 def _open_fd(path: PathLike, writable: bool) -> int:
+    if os.path.isdir(path):
+        raise UsageError("expected a VHDX file, got a folder", str(path))
     try:
         return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError:
@@ -89,11 +106,11 @@ def parent_candidates(child: Path, locator: dict[str, str],
         if not val:
             continue
         names.append(val)
-        s = val[4:] if val.startswith("\\\\?\\") else val
+        s = val.removeprefix("\\\\?\\")
         if re.match(r"^[A-Za-z]:[\\/]", s) or s.lower().startswith(("volume{", "unc\\")):
             continue  # a Windows drive/volume/UNC path: not resolvable here except by name
-        p = s.replace("\\", "/")
-        out.append(Path(p if p.startswith("/") else "/" + p))
+        posix = s.replace("\\", "/")
+        out.append(Path(posix if posix.startswith("/") else "/" + posix))
     basenames = []
     for n in names:
         b = re.split(r"[\\/]", n)[-1]
@@ -125,7 +142,11 @@ class VhdxDisk(BlockDevice):
         self._session_started = False
         try:
             self._rep = Reporter(self.name)
-            self._load(parse_layout(self._fd, self._rep))
+            try:
+                lay = parse_layout(self._fd, self._rep)
+            except OSError as e:
+                raise ResourceError(f"read failed: {e.strerror}", self.name) from e
+            self._load(lay)
             if self.layout.has_parent:
                 self._open_parent(parent_search, _chain)
         except BaseException:
@@ -569,7 +590,7 @@ class VhdxDisk(BlockDevice):
             self.parent.close()
             self.parent = None
 
-    def __enter__(self) -> "VhdxDisk":
+    def __enter__(self) -> VhdxDisk:  # noqa: PYI034
         return self
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import crc32c
@@ -45,7 +46,7 @@ class Finding:
                 "where": self.where, "hint": self.hint}
 
     @classmethod
-    def from_error(cls, e: TemplateToolError) -> "Finding":
+    def from_error(cls, e: TemplateToolError) -> Finding:
         return cls("error", e.kind, e.what, e.where, e.hint)
 
 
@@ -363,7 +364,7 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         if n:
             rep.fail(UnsupportedError,
                      f"the log holds {n} unreplayed entr{'y' if n == 1 else 'ies'}: the file was not closed cleanly",
-                     "log", "replay it first (qemu-img check -r all FILE, or attach it once in Hyper-V)")
+                     "log", "replay it into a copy first: templatetool vhdx replay-log FILE COPY.vhdx")
         rep.warn("LogGuid is set but the log holds no valid entry (nothing to replay)", "header")
 
     # --- region tables
@@ -408,7 +409,7 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
             rep.flaw(f"region {name} has reserved Required bits set ({r.required:#x})", where)
         spans.append((r.offset, r.offset + r.length, f"region {name}"))
     spans.sort()
-    for a, b in zip(spans, spans[1:]):
+    for a, b in pairwise(spans):
         if b[0] < a[1]:
             rep.fail(FormatError, f"{a[2]} ({a[0]}..{a[1]}) overlaps {b[2]} ({b[0]}..{b[1]})", "region table")
     if S.BAT_REGION not in seen or S.METADATA_REGION not in seen:
@@ -459,10 +460,14 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
     cr, nblocks, nsb, total = bat_geometry(size, bs, lss, has_parent)
     if bat_r.length < total * 8:
         rep.fail(FormatError, f"BAT region ({bat_r.length} bytes) is too small for {total} entries", "region BAT")
-    raw = pread_exact(fd, total * 8, bat_r.offset)
-    if len(raw) < total * 8:
-        rep.fail(FormatError, "BAT is truncated", "region BAT", "the file is truncated")
-    bat = np.frombuffer(raw, dtype="<u8").copy()
+    bat = np.empty(total, dtype="<u8")
+    mv = memoryview(bat.data).cast("B")
+    got = 0
+    while got < len(mv):
+        k = os.preadv(fd, [mv[got:]], bat_r.offset + got)
+        if k == 0:
+            rep.fail(FormatError, "BAT is truncated", "region BAT", "the file is truncated")
+        got += k
     _check_bat(bat, cr, nblocks, size, bs, has_parent, file_size, spans, rep)
 
     return Layout(file_size=file_size, creator=creator, headers=headers, header_valid=valid, current=current,
@@ -517,7 +522,7 @@ def _parse_metadata(fd: int, md: Region, rep: Reporter) -> list[MetaItem]:
     if nuser > S.MAX_USER_ITEMS:
         rep.error(FormatError, f"{nuser} user metadata items (at most 1024 allowed)", where)
     spans.sort()
-    for a, b in zip(spans, spans[1:]):
+    for a, b in pairwise(spans):
         if b[0] < a[1]:
             rep.error(FormatError, f"metadata items {a[2]} and {b[2]} overlap", where)
     return items

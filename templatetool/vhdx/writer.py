@@ -98,8 +98,8 @@ def write_new_vhdx(path: PathLike, size: int, subformat: str = "dynamic", block_
     bat_off = md_off + len(md)
     bat_len = align_up(total * 8, S.MiB)
     data_off = bat_off + bat_len
-    bat = np.zeros(total, dtype="<u8")
     file_size = data_off
+    bat = np.zeros(total if subformat == "fixed" else 0, dtype="<u8")
     if subformat == "fixed":
         blocks = np.arange(nblocks, dtype=np.uint64)
         idx = blocks + blocks // np.uint64(cr)
@@ -118,8 +118,11 @@ def write_new_vhdx(path: PathLike, size: int, subformat: str = "dynamic", block_
             f.write(table)
             f.seek(md_off)
             f.write(md)
-            f.seek(bat_off)
-            f.write(bat.tobytes())
+            if subformat == "fixed":  # dynamic/differencing BATs are all zero: leave them as a hole
+                mv = memoryview(bat.data).cast("B")
+                for pos in range(0, len(mv), 16 * S.MiB):
+                    f.seek(bat_off + pos)
+                    f.write(mv[pos:pos + 16 * S.MiB])
             f.truncate(file_size)
     except OSError as e:
         raise ResourceError(f"cannot write: {e.strerror}", str(path)) from e
@@ -139,6 +142,9 @@ def create_vhdx(path: PathLike, size: int | None, subformat: str = "dynamic", bl
         if subformat not in ("dynamic", "differencing"):
             raise UsageError("a child of a parent disk is always differencing", hint="drop --subformat")
         subformat = "differencing"
+        if not isinstance(parent, VhdxDisk) and os.path.exists(path) and os.path.exists(parent) \
+                and os.path.samefile(parent, path):
+            raise UsageError("a disk cannot be its own parent", str(path))
         pdisk = parent if isinstance(parent, VhdxDisk) else open_vhdx(parent)
         try:
             if size not in (None, pdisk.size):
@@ -168,4 +174,4 @@ def is_vhdx(path: PathLike) -> bool:
         return False
 
 
-__all__ = ["create_vhdx", "write_new_vhdx", "is_vhdx", "ParentLink", "link_to_parent", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "ParentLink", "create_vhdx", "is_vhdx", "link_to_parent", "write_new_vhdx"]
