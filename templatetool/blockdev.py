@@ -7,6 +7,7 @@ zeros (unallocated VHDX blocks, holes in sparse raw files).
 
 from __future__ import annotations
 
+import io
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -198,3 +199,39 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
             return False
         pos += k
     return True
+
+
+class DeviceIO(io.RawIOBase):
+    """A read-only file object over a BlockDevice (what dissect.* readers want)."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        super().__init__()
+        self.dev = dev
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self.pos = offset
+        elif whence == 1:
+            self.pos += offset
+        else:
+            self.pos = self.dev.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = max(0, min(len(b), self.dev.size - self.pos))
+        if n == 0:
+            return 0
+        data = self.dev.read(self.pos, n)
+        b[:n] = data
+        self.pos += n
+        return n

@@ -6,50 +6,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..blockdev import BlockDevice
+from ..blockdev import BlockDevice, DeviceIO
 from ..errors import FormatError
-
-
-class DeviceIO(io.RawIOBase):
-    """A read-only file object over a BlockDevice (what dissect.* readers want)."""
-
-    def __init__(self, dev: BlockDevice) -> None:
-        super().__init__()
-        self.dev = dev
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence == 0:
-            self.pos = offset
-        elif whence == 1:
-            self.pos += offset
-        else:
-            self.pos = self.dev.size + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        n = max(0, min(len(b), self.dev.size - self.pos))
-        if n == 0:
-            return 0
-        data = self.dev.read(self.pos, n)
-        b[:n] = data
-        self.pos += n
-        return n
 
 
 @dataclass
