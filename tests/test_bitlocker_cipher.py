@@ -8,7 +8,12 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from templatetool.bitlocker import structs as S
-from templatetool.bitlocker.cipher import CbcCipher, DiffuserCipher, XtsCipher, make_cipher
+from templatetool.bitlocker.cipher import (
+    CbcCipher,
+    DiffuserCipher,
+    XtsCipher,
+    make_cipher,
+)
 from templatetool.errors import FormatError, UnsupportedError
 
 SECTORS = [0, 1, 2**32 - 3, 2**40 + 17, 2**63 + 5]

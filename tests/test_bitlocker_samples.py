@@ -105,8 +105,10 @@ def test_sample_matches_dissect(samples, name: str, method: str, cred: dict) -> 
             b.unlock_with_clear_key()
         s = b.open()
         m = dv.fve.metadata
-        spans = [(0, 4 << 20), (m.vho_offset - 4096, 16384)] + [(o - 512, 65536 + 1024) for o in m.metadata_offsets]
+        head = (1 << 20) if "diffuser" in name else (4 << 20)  # dissect's diffuser is ~1 MB/s
+        spans = [(0, head), (m.vho_offset - 4096, 16384)] + [(o - 512, 65536 + 1024) for o in m.metadata_offsets]
         for off, n in spans:
+            n = min(n, dv.size - off)
             s.seek(off)
             assert dv.read(off, n) == s.read(n), (name, off)
 

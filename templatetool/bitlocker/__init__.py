@@ -11,10 +11,25 @@ from __future__ import annotations
 from typing import Any
 
 from ..blockdev import BlockDevice
-from .keys import (build_bek, generate_recovery_password, parse_bek, parse_recovery_password,
-                   stretch_key)
-from .volume import (DecryptedVolume, EncryptResult, FveRegions, FveVolume, ProtectorResult, ProtectorSpec,
-                     encrypt_volume, is_bitlocker, open_fve, summary)
+from .keys import (
+    build_bek,
+    generate_recovery_password,
+    parse_bek,
+    parse_recovery_password,
+    stretch_key,
+)
+from .volume import (
+    DecryptedVolume,
+    EncryptResult,
+    FveRegions,
+    FveVolume,
+    ProtectorResult,
+    ProtectorSpec,
+    encrypt_volume,
+    is_bitlocker,
+    open_fve,
+    summary,
+)
 
 
 def bitlocker_summary(view: BlockDevice) -> dict[str, Any] | None:
@@ -31,7 +46,21 @@ def __getattr__(name: str) -> Any:  # lazy: reserve imports dissect.ntfs
 
 
 __all__ = [
-    "open_fve", "is_bitlocker", "FveVolume", "DecryptedVolume", "encrypt_volume", "ProtectorSpec",
-    "ProtectorResult", "EncryptResult", "FveRegions", "reserve_ntfs", "find_reserved", "bitlocker_summary",
-    "generate_recovery_password", "parse_recovery_password", "stretch_key", "build_bek", "parse_bek",
+    "DecryptedVolume",
+    "EncryptResult",
+    "FveRegions",
+    "FveVolume",
+    "ProtectorResult",
+    "ProtectorSpec",
+    "bitlocker_summary",
+    "build_bek",
+    "encrypt_volume",
+    "find_reserved",
+    "generate_recovery_password",
+    "is_bitlocker",
+    "open_fve",
+    "parse_bek",
+    "parse_recovery_password",
+    "reserve_ntfs",
+    "stretch_key",
 ]

@@ -17,6 +17,7 @@ Sector numbers are physical positions from the volume start in units of the FVE 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -30,26 +31,15 @@ _U32 = np.dtype("<u4")
 
 def _bytes_view(a: np.ndarray) -> memoryview:
     """A flat byte memoryview of a C-contiguous array (what ``cryptography``'s update accepts)."""
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def _clmul_small(a: int, b: int) -> int:
-    r = 0
-    while b:
-        if b & 1:
-            r ^= a
-        a <<= 1
-        b >>= 1
-    return r
-
-
-#: x^128 = x^7 + x^2 + x + 1: reduction of the 8 bits shifted out by a multiplication by alpha^8.
-_RED8 = np.array([_clmul_small(b, 0x87) for b in range(256)], dtype=_U64)
 _ONE = np.uint64(1)
 _63 = np.uint64(63)
-_56 = np.uint64(56)
-_8 = np.uint64(8)
-_0x87 = np.uint64(0x87)
+_2 = np.uint64(2)
+_7 = np.uint64(7)
+_57 = np.uint64(57)
+_62 = np.uint64(62)
 
 
 class SectorCipher(ABC):
@@ -73,7 +63,7 @@ class SectorCipher(ABC):
         """Decrypt consecutive sectors starting at ``first_sector``."""
 
 
-def _ecb(key: bytes) -> tuple[object, object]:
+def _ecb(key: bytes) -> tuple[Any, Any]:
     c = Cipher(algorithms.AES(key), modes.ECB())
     return c.encryptor(), c.decryptor()
 
@@ -94,39 +84,61 @@ class XtsCipher(SectorCipher):
         self._nb = sector_size // 16
 
     def tweaks(self, first_sector: int, nsec: int) -> np.ndarray:
-        """Return the (nsec, blocks, 2) uint64 array of per-block tweaks (lo, hi words)."""
+        """Return the (nsec, blocks, 2) uint64 array of per-block tweaks (lo, hi words).
+
+        T[s, 0] = AES_K2(u128le(sector)); T[s, j] = T[s, 0] * alpha^j in GF(2^128) (x^128 = x^7 +
+        x^2 + x + 1), filled by doubling the known prefix: T[:, k:2k] = T[:, 0:k] * alpha^k.
+        """
         nb = self._nb
+        if first_sector < 0 or first_sector + nsec > 1 << 64:
+            raise FormatError("sector number outside 0..2^64")
         blk = np.zeros((nsec, 2), dtype=_U64)
-        if first_sector + nsec > 1 << 64:
-            raise FormatError("sector number beyond 2^64")
         blk[:, 0] = np.arange(nsec, dtype=_U64) + np.uint64(first_sector)
         t0 = np.frombuffer(self._enc2.update(blk.tobytes()), dtype=_U64).reshape(nsec, 2)
+        # Work block-major (row j = block j of every sector) so each step touches contiguous rows.
+        L = np.empty((nb, nsec), dtype=_U64)
+        H = np.empty((nb, nsec), dtype=_U64)
+        L[0] = t0[:, 0]
+        H[0] = t0[:, 1]
+        k = 1
+        while k < nb:
+            m = min(k, nb - k)
+            lo, hi = L[:m], H[:m]
+            if k < 64:  # shift by k; the k bits shifted out times 0x87 fit in the low word
+                o = hi >> np.uint64(64 - k)
+                H[k:k + m] = (hi << np.uint64(k)) | (lo >> np.uint64(64 - k))
+                L[k:k + m] = (lo << np.uint64(k)) ^ o ^ (o << _ONE) ^ (o << _2) ^ (o << _7)
+            else:  # alpha^64 applied k/64 times: (hi, lo) -> (lo ^ clmul_hi(hi), clmul_lo(hi))
+                for _ in range(k // 64):
+                    red_lo = hi ^ (hi << _ONE) ^ (hi << _2) ^ (hi << _7)
+                    red_hi = (hi >> _63) ^ (hi >> _62) ^ (hi >> _57)
+                    lo, hi = red_lo, lo ^ red_hi
+                L[k:k + m] = lo
+                H[k:k + m] = hi
+            k *= 2
         T = np.empty((nsec, nb, 2), dtype=_U64)
-        T[:, 0] = t0
-        lo = t0[:, 0].copy()
-        hi = t0[:, 1].copy()
-        for j in range(1, min(8, nb)):
-            carry = hi >> _63
-            hi = (hi << _ONE) | (lo >> _63)
-            lo = (lo << _ONE) ^ (carry * _0x87)
-            T[:, j, 0] = lo
-            T[:, j, 1] = hi
-        for j in range(8, nb, 8):
-            prev = T[:, j - 8:j]
-            plo = prev[..., 0]
-            phi = prev[..., 1]
-            T[:, j:j + 8, 1] = (phi << _8) | (plo >> _56)
-            T[:, j:j + 8, 0] = (plo << _8) ^ _RED8[phi >> _56]
+        T[..., 0] = L.T
+        T[..., 1] = H.T
         return T
 
-    def _run(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: object) -> bytes:
-        nsec = self._check(data)
-        if nsec == 0:
+    def _run(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: Any) -> bytes:
+        if not len(data):
             return b""
+        return self._run_array(data, first_sector, ctx).tobytes()
+
+    def encrypt_to_array(self, data: bytes | bytearray | memoryview, first_sector: int) -> np.ndarray:
+        """Like :meth:`encrypt` but return a fresh writable uint8 array (saves a copy)."""
+        return self._run_array(data, first_sector, self._enc1).reshape(-1).view(np.uint8)
+
+    def _run_array(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: Any) -> np.ndarray:
+        nsec = self._check(data)
         T = self.tweaks(first_sector, nsec)
-        x = np.frombuffer(data, dtype=_U64).reshape(T.shape) ^ T
-        y = np.frombuffer(ctx.update(_bytes_view(x)), dtype=_U64).reshape(T.shape)  # type: ignore[attr-defined]
-        return (y ^ T).tobytes()
+        raw = np.empty(T.size + 2, dtype=_U64)  # update_into wants one spare block of room
+        x = raw[:T.size].reshape(T.shape)
+        np.bitwise_xor(np.frombuffer(data, dtype=_U64).reshape(T.shape), T, out=x)
+        ctx.update_into(_bytes_view(x), _bytes_view(raw))  # type: ignore[attr-defined]  # ECB in place
+        np.bitwise_xor(x, T, out=x)
+        return x
 
     def encrypt(self, data: bytes | bytearray | memoryview, first_sector: int) -> bytes:
         return self._run(data, first_sector, self._enc1)

@@ -20,7 +20,6 @@ from construct import ConstructError
 from ..errors import FormatError, IntegrityError, UnsupportedError
 from . import structs as S
 
-
 # ---- entries -----------------------------------------------------------------------------------
 
 @dataclass
@@ -39,7 +38,7 @@ class Entry:
             raise FormatError("metadata entry too large", self.where)
         return S.EntryHeader.build(dict(size=size, role=self.role, vtype=self.vtype, version=self.version)) + self.payload
 
-    def children(self) -> list["Entry"]:
+    def children(self) -> list[Entry]:
         """Nested entries of VMK / STRETCH_KEY / USE_KEY / EXTERNAL_KEY values ([] otherwise)."""
         if self.vtype not in S.NESTING_TYPES:
             return []
@@ -48,7 +47,7 @@ class Entry:
             raise FormatError(f"entry of type {self.vtype:#06x} shorter than its fixed part", self.where)
         return list(iter_entries(self.payload, start, len(self.payload), self.where + "/nested"))
 
-    def child(self, vtype: int, role: int | None = None) -> "Entry | None":
+    def child(self, vtype: int, role: int | None = None) -> Entry | None:
         """First direct child of the given value type (and role)."""
         for c in self.children():
             if c.vtype == vtype and (role is None or c.role == role):
@@ -286,6 +285,6 @@ def parse_metadata_block(data: bytes, offset: int, volume_size: int, copy: int) 
         raise FormatError("no FVEK entry in the metadata", where)
     if not m.entries_of(S.ROLE_VMK, S.VT_VMK):
         raise FormatError("no key protector (VMK entry) in the metadata", where)
-    for e in m.entries_of(S.ROLE_VMK, S.VT_VMK):
-        e.children()  # validates nesting
+    for vmk in m.entries_of(S.ROLE_VMK, S.VT_VMK):
+        vmk.children()  # validates nesting
     return m

@@ -164,7 +164,7 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
             zf = Path(td) / f"zero{size}"
             if not zf.exists():
                 zf.write_bytes(bytes(size))
-            cp = subprocess.run([ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True)
+            cp = subprocess.run([ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True, check=False)
             if cp.returncode != 0:
                 msg = (cp.stderr or cp.stdout).strip().splitlines()
                 raise ResourceError(f"ntfscp could not create {name}: {msg[-1] if msg else cp.returncode}", str(path),

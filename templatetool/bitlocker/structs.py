@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import uuid
 
-from construct import Array, Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import (
+    Array,
+    Bytes,
+    GreedyBytes,
+    Int8ul,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    Struct,
+)
 
 #: ``-FVE-FS-``: signature of the FVE volume header (boot sector) and of every metadata block.
 FVE_SIGNATURE = b"-FVE-FS-"

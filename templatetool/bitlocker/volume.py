@@ -16,13 +16,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..blockdev import CHUNK, BlockDevice
-from ..errors import CredentialError, FormatError, IntegrityError, TemplateToolError, UsageError
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    TemplateToolError,
+    UsageError,
+)
 from ..progress import progress
 from . import keys as K
 from . import structs as S
 from .cipher import SectorCipher, make_cipher
-from .metadata import (Entry, Metadata, build_boot_sector, build_metadata_block, finish_metadata_block,
-                       make_entry, parse_boot_sector, parse_metadata_block, unicode_entry, unicode_text)
+from .metadata import (
+    Entry,
+    Metadata,
+    build_boot_sector,
+    build_metadata_block,
+    finish_metadata_block,
+    make_entry,
+    parse_boot_sector,
+    parse_metadata_block,
+    unicode_entry,
+    unicode_text,
+)
 
 #: Method names accepted by :func:`encrypt_volume`.
 METHODS_BY_NAME = {v: k for k, v in S.METHOD_NAMES.items()}
@@ -228,7 +244,7 @@ class FveVolume:
         except CredentialError:
             raise IntegrityError("the FVEK entry does not verify under the VMK", f"{self.name}: {e.where}",
                                  "the metadata was altered or the VMK is wrong") from None
-        ktype, fvek = K.parse_key_entry(plain, e.where + " (decrypted FVEK)", expect_len=S.FVEK_LENGTH[m.method])
+        _, fvek = K.parse_key_entry(plain, e.where + " (decrypted FVEK)", expect_len=S.FVEK_LENGTH[m.method])
         if m.validation_ccm is not None:
             where = f"{self.name}: FVE metadata validation at {m.offset:#x}"
             try:
@@ -243,7 +259,7 @@ class FveVolume:
         return fvek
 
     def unlock(self, recovery_password: str | None = None, password: str | None = None,
-               bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> "DecryptedVolume":
+               bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> DecryptedVolume:
         """Unlock with one credential; return the read-only decrypted view."""
         key = self.recover_vmk(recovery_password, password, bek, vmk, clear)
         try:
@@ -278,40 +294,48 @@ class DecryptedVolume(BlockDevice):
         self.header_len = fve.vho_size
         self._zero = [(o, S.METADATA_REGION_SIZE) for o in m.metadata_offsets] + [(m.vho_offset, fve.vho_size)]
 
-    def _phys(self, a: int, b: int) -> bytearray:
-        """Decrypt physical sectors [a, b) in place (a, b sector-aligned; b may exceed size)."""
+    def _phys(self, a: int, b: int) -> bytes:
+        """Decrypt physical sectors [a, b) (a, b sector-aligned; b may exceed the device)."""
         end = min(b, self.base.size)
-        raw = bytearray(self.base.read(a, end - a)) if end > a else bytearray()
-        raw += bytes(b - a - len(raw))
-        ss = self.sector_size
+        raw = self.base.read(a, end - a) if end > a else b""
+        if len(raw) < b - a:
+            raw += bytes(b - a - len(raw))
         enc_end = min(b, self.encrypted_size)
-        if enc_end > a:
-            k = (enc_end - a) // ss * ss
-            raw[:k] = self.cipher.decrypt(memoryview(raw)[:k], a // ss)
-        return raw
+        if enc_end <= a:
+            return raw
+        k = (enc_end - a) // self.sector_size * self.sector_size
+        if k == len(raw):
+            return self.cipher.decrypt(raw, a // self.sector_size)
+        return self.cipher.decrypt(memoryview(raw)[:k], a // self.sector_size) + raw[k:]
+
+    def _chunk(self, a: int, b: int) -> bytes:
+        """Logical sectors [a, b) of the plaintext view."""
+        data = self._phys(a, b)
+        buf: bytearray | None = None
+        for zo, zl in self._zero:
+            lo, hi = max(a, zo), min(b, zo + zl)
+            if lo < hi:
+                buf = buf if buf is not None else bytearray(data)
+                buf[lo - a:hi - a] = bytes(hi - lo)
+        if a < self.header_len:
+            hi = min(b, self.header_len)
+            buf = buf if buf is not None else bytearray(data)
+            buf[0:hi - a] = self._phys(self.vho_offset + a, self.vho_offset + hi)
+        return data if buf is None else bytes(buf)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
-        out = bytearray()
         ss = self.sector_size
         pos, end = offset, offset + length
+        parts = []
         while pos < end:
             a = pos // ss * ss
             b = min(-(-end // ss) * ss, a + CHUNK)
-            buf = self._phys(a, b)
-            for zo, zl in self._zero:
-                lo, hi = max(a, zo), min(b, zo + zl)
-                if lo < hi:
-                    buf[lo - a:hi - a] = bytes(hi - lo)
-            if a < self.header_len:
-                hi = min(b, self.header_len)
-                vo = self.vho_offset
-                buf[0:hi - a] = self._phys(vo + a, vo + hi)
-            take_lo = pos - a
-            take_hi = min(end, b) - a
-            out += buf[take_lo:take_hi]
-            pos = a + take_hi
-        return bytes(out)
+            data = self._chunk(a, b)
+            lo, hi = pos - a, min(end, b) - a
+            parts.append(data if (lo == 0 and hi == len(data)) else data[lo:hi])
+            pos = a + hi
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # ==== encryption ===============================================================================
@@ -536,12 +560,14 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     with progress(vsize, "encrypt") as bar:
         for off in range(0, vsize, CHUNK):
             n = min(CHUNK, vsize - off)
-            out = bytearray(cipher.encrypt(src.read(off, n), off // ss))
+            plain_chunk = src.read(off, n)
+            enc_arr = getattr(cipher, "encrypt_to_array", None)
+            out: Any = enc_arr(plain_chunk, off // ss) if enc_arr else bytearray(cipher.encrypt(plain_chunk, off // ss))
             for ro, data in overlays:
                 lo, hi = max(off, ro), min(off + n, ro + len(data))
                 if lo < hi:
-                    out[lo - off:hi - off] = data[lo - ro:hi - ro]
-            dst.write(off, out)
+                    out[lo - off:hi - off] = memoryview(data)[lo - ro:hi - ro]
+            dst.write(off, memoryview(out))
             bar.update(n)
     dst.flush()
     return EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, results)
@@ -554,4 +580,4 @@ def summary(view: BlockDevice) -> dict[str, Any] | None:
     try:
         return open_fve(view).info()
     except TemplateToolError as e:
-        return {"error": str(e)}
+        return {"status": "unreadable", "error": str(e)}

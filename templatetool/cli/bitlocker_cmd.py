@@ -12,7 +12,7 @@ from ..errors import CredentialError, NotFoundError, ResourceError, UsageError
 from ..secrets import read_secret, write_secret_file
 from .common import emit, human_size, json_option
 
-__all__ = ["register", "bitlocker_summary"]
+__all__ = ["bitlocker_summary", "register"]
 
 METHODS = click.Choice(["xts-aes-128", "xts-aes-256"], case_sensitive=False)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_output
+from ..bitlocker.reserve import find_reserved, reserve_ntfs
+from ..bitlocker.volume import EncryptResult, ProtectorSpec, encrypt_volume, open_fve
 from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
 from ..disk import create_disk, open_disk, read_partition_table, sniff_filesystem
 from ..errors import NotFoundError, UnsupportedError, UsageError
 from ..progress import progress
-from ..bitlocker.reserve import find_reserved, reserve_ntfs
-from ..bitlocker.volume import EncryptResult, ProtectorSpec, encrypt_volume, open_fve
 
 
 @dataclass
@@ -46,8 +46,10 @@ def _out_format(path: str | os.PathLike[str]) -> str:
 
 def _pick(dev: BlockDevice, partition: int | None, want: tuple[str, ...]) -> tuple[int, int, int | None]:
     """(offset, size, index) of the volume: partition N, the largest matching one, or the bare device."""
-    table = read_partition_table(dev)
-    if table.scheme is None:
+    head = dev.read(0, 512) if dev.size >= 512 else b""
+    bare = head[3:11] in (b"-FVE-FS-", b"NTFS    ")  # a volume image, whatever its BPB says
+    table = None if bare else read_partition_table(dev)
+    if table is None or table.scheme is None:
         if partition not in (None, 0, 1):
             raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
         return 0, dev.size, None
