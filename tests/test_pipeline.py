@@ -31,6 +31,23 @@ def _volume_bytes(path: Path) -> bytes:
         return view.read(0, view.size)
 
 
+def _same_used_clusters(a: bytes, b: bytes, template: Path) -> bool:
+    """Equal on every cluster NTFS uses (and beyond the cluster map); free clusters may differ."""
+    import numpy as np
+
+    from templatetool.catalog.ntfs import ntfs_free_map
+
+    with open_disk(template) as dev:
+        view, _ = select_volume(dev, 3)
+        fm = ntfs_free_map(view)
+    cs, n = fm.cluster_size, fm.cluster_count
+    if len(a) != len(b) or a[n * cs:] != b[n * cs:]:
+        return False
+    aa = np.frombuffer(a, np.uint8, n * cs).reshape(n, cs)
+    bb = np.frombuffer(b, np.uint8, n * cs).reshape(n, cs)
+    return bool((aa[fm.used] == bb[fm.used]).all())
+
+
 def test_demo_pipeline_ok(demo: dict) -> None:
     assert demo["ok"], demo["dry_run"]
     assert [s["status"] for s in demo["dry_run"]["steps"]] == ["passed"] * 5 + ["skipped", "passed"]
@@ -72,7 +89,9 @@ def test_escrowed_recovery_password_opens_in_dislocker(demo: dict, tmp_path: Pat
     out = tmp_path / "dislocker.out"
     cp = subprocess.run(["dislocker-file", "-V", str(vol), f"-p{rp}", "--", str(out)], capture_output=True, text=True)
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr
-    assert out.read_bytes() == _volume_bytes(d / "template.vhdx")
+    # shield leaves free + unallocated blocks unallocated: readers return garbage only there
+    assert _same_used_clusters(out.read_bytes(), _volume_bytes(d / "template.vhdx"), d / "template.vhdx")
+    assert out.read_bytes() != _volume_bytes(d / "template.vhdx")  # the sparse path really ran
 
 
 def test_wrong_guardian_host_and_tampering_refused(demo: dict, tmp_path: Path) -> None:
@@ -264,3 +283,30 @@ def test_shield_to_existing_vtpm_and_unlock_via_swtpm(demo: dict, tmp_path: Path
                       tpm_tcti=sw.tcti)
     assert rep2.ok, rep2.to_json()
     assert _volume_bytes(tmp_path / "plain.vhdx") == _volume_bytes(d / "template.vhdx")
+
+
+def test_shield_refuses_tampered_template_in_the_same_pass(demo: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from templatetool.catalog.ntfs import ntfs_free_map
+    from templatetool.guardian.model import load_guardian
+    from templatetool.pipeline.shield import shield
+    from templatetool.vhdx import open_vhdx
+
+    d = demo["dir"]
+    bad = tmp_path / "template.vhdx"
+    shutil.copy(d / "template.vhdx", bad)
+    disk = open_vhdx(bad, writable=True)
+    try:
+        view, _ = select_volume(disk, 3)
+        fm = ntfs_free_map(view)
+        idx = int(fm.used.nonzero()[0][len(fm.used.nonzero()[0]) // 2])  # a used cluster mid-volume
+        off = idx * fm.cluster_size + 100
+        b = view.read(off, 1)
+        view.write(off, bytes([b[0] ^ 0x5A]))
+    finally:
+        disk.close()
+    with pytest.raises(PolicyError, match="no longer matches"):
+        shield(bad, d / "tenant.pdk", tmp_path / "vm.vhdx", load_guardian(d / "owner", private=True),
+               pcr_values={7: bytes(32), 11: bytes(32)}, guardians=[load_guardian(d / "fabric")])
+    assert not list(tmp_path.glob("vm*")) and not list(tmp_path.glob(".vm*"))

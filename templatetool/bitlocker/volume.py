@@ -448,14 +448,56 @@ def _ccm_entry(key: bytes, plain: bytes, ns: K.NonceSource, role: int = S.ROLE_P
     return Entry(role, S.VT_AES_CCM, K.ccm_wrap(key, plain, t, c))
 
 
-def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
-                   protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
-                   description: str | None = None) -> EncryptResult:
-    """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
+@dataclass
+class EncryptionPlan:
+    """Everything decided before the first sector is written: keys (held only in memory), the FVE
+    metadata, the boot sector and the relocated header. Build it with :func:`plan_encryption`."""
 
-    ``regions`` must already be reserved (zero, unused by the filesystem): see
-    :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks; every sector below
-    the volume size is encrypted. Fresh FVEK, VMK, salts, GUIDs and nonces on every call.
+    method: int
+    sector_size: int
+    volume_size: int
+    regions: FveRegions
+    cipher: Any = field(repr=False)
+    result: EncryptResult
+    #: (offset, bytes) written over the ciphertext: FVE boot sector, 3 metadata blocks, relocated header.
+    overlays: list[tuple[int, bytes]] = field(repr=False)
+    _vmk: bytes = field(repr=False, default=b"")
+    _meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def encrypt_chunk(self, offset: int, plaintext: bytes | bytearray | memoryview) -> bytearray:
+        """Ciphertext of the volume span at ``offset`` as it goes to disk (overlays applied)."""
+        n = len(plaintext)
+        out = bytearray(self.cipher.encrypt(plaintext, offset // self.sector_size))
+        for ro, data in self.overlays:
+            lo, hi = max(offset, ro), min(offset + n, ro + len(data))
+            if lo < hi:
+                out[lo - offset:hi - offset] = data[lo - ro:hi - ro]
+        return out
+
+    def overlaps_overlay(self, offset: int, length: int) -> bool:
+        """True when the span touches the boot sector, a metadata block or the relocated header."""
+        return any(ro < offset + length and offset < ro + len(d) for ro, d in self.overlays)
+
+    def metadata_block(self, encrypted_size: int | None = None, state: int | None = None) -> bytes:
+        """A 64 KiB metadata block for another conversion state / encrypted size (in-place conversion)."""
+        m = self._meta
+        ns = m["ns"]
+        vt, vc = ns.next()
+        covered = build_metadata_block(encrypted_size=self.volume_size if encrypted_size is None else encrypted_size,
+                                       virtualized_sectors=m["nsect"], metadata_offsets=self.regions.metadata_offsets,
+                                       vho_offset=self.regions.vho_offset, volume_guid=m["guid"], nonce_counter=ns.counter,
+                                       method=self.method, created=m["ft"], entries=m["entries"],
+                                       state=S.STATE_ENCRYPTED if state is None else state)
+        vccm = K.ccm_wrap(self._vmk, K.key_entry(S.KEYTYPE_VALIDATION_HASH, hashlib.sha256(covered).digest()), vt, vc)
+        return finish_metadata_block(covered, vccm).ljust(S.METADATA_REGION_SIZE, b"\0")
+
+
+def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", protectors: list[ProtectorSpec],
+                    regions: FveRegions, sector_size: int | None = None,
+                    description: str | None = None) -> EncryptionPlan:
+    """Decide keys, protectors and metadata for encrypting the plaintext volume ``src``.
+
+    Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written.
     """
     if not protectors:
         raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
@@ -473,8 +515,6 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     vsize = src.size
     if vsize % ss:
         raise UsageError(f"volume size {vsize} is not a multiple of the sector size {ss}", src.name)
-    if dst.size < vsize:
-        raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
     check_regions(regions, vsize, ss)
     nsect = regions.vho_size // ss
     hidden = struct.unpack_from("<I", head, 0x1C)[0] if is_ntfs else 0
@@ -543,34 +583,50 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     entries.append(fvek_ccm)
     entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
                          struct.pack("<QQ", regions.vho_offset, regions.vho_size)))
-    vt, vc = ns.next()  # validation nonce, reserved before the dataset records the next counter
-    covered = build_metadata_block(encrypted_size=vsize, virtualized_sectors=nsect,
-                                   metadata_offsets=regions.metadata_offsets, vho_offset=regions.vho_offset,
-                                   volume_guid=vol_guid, nonce_counter=ns.counter, method=code, created=ft,
-                                   entries=entries)
-    vccm = K.ccm_wrap(vmk, K.key_entry(S.KEYTYPE_VALIDATION_HASH, hashlib.sha256(covered).digest()), vt, vc)
-    block = finish_metadata_block(covered, vccm).ljust(S.METADATA_REGION_SIZE, b"\0")
-
     cipher = make_cipher(code, fvek, ss)
+    result = EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, results)
+    plan = EncryptionPlan(code, ss, vsize, regions, cipher, result, [], vmk,
+                          {"ns": ns, "nsect": nsect, "guid": vol_guid, "ft": ft, "entries": entries})
+    block = plan.metadata_block()
     boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
                              total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
     vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
-    overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
+    plan.overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
+    return plan
 
+
+def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
+                   protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
+                   description: str | None = None, skip: Callable[[int, int], bool] | None = None,
+                   tap: Callable[[int, bytes], None] | None = None) -> EncryptResult:
+    """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
+
+    ``regions`` must already be reserved (zero, unused by the filesystem): see
+    :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory.
+    ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
+    unallocated in the source: ``dst`` then keeps it unallocated; readers return garbage there,
+    which is harmless for free clusters); chunks holding BitLocker's own structures are always
+    written. ``tap(offset, plaintext)`` sees every plaintext chunk that is read (for measuring in
+    the same pass); skipped chunks are not read and not tapped.
+    """
+    plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
+                           description=description)
+    vsize = plan.volume_size
+    if dst.size < vsize:
+        raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
     with progress(vsize, "encrypt") as bar:
         for off in range(0, vsize, CHUNK):
             n = min(CHUNK, vsize - off)
-            plain_chunk = src.read(off, n)
-            enc_arr = getattr(cipher, "encrypt_to_array", None)
-            out: Any = enc_arr(plain_chunk, off // ss) if enc_arr else bytearray(cipher.encrypt(plain_chunk, off // ss))
-            for ro, data in overlays:
-                lo, hi = max(off, ro), min(off + n, ro + len(data))
-                if lo < hi:
-                    out[lo - off:hi - off] = memoryview(data)[lo - ro:hi - ro]
-            dst.write(off, memoryview(out))
+            if skip is not None and not plan.overlaps_overlay(off, n) and skip(off, n):
+                bar.update(n)
+                continue
+            data = src.read(off, n)
+            if tap is not None:
+                tap(off, data)
+            dst.write(off, plan.encrypt_chunk(off, data))
             bar.update(n)
     dst.flush()
-    return EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, results)
+    return plan.result
 
 
 def summary(view: BlockDevice) -> dict[str, Any] | None:

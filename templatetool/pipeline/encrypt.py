@@ -105,19 +105,64 @@ def _temp_volume(folder: Path) -> Any:
             os.unlink(name)
 
 
+def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any:
+    """``skip(offset, length)``: True when the span is unallocated in ``view`` (a VHDX hole or a
+    sparse-file hole) **and** every NTFS cluster in it is free (NTFS read from ``fs_view``,
+    default ``view``: for decryption, the plaintext view of an encrypted volume).
+
+    Such spans stay unallocated in the output: time and output size then follow the used data,
+    not the virtual size. Returns None (never skip) for non-NTFS volumes.
+    """
+    import bisect
+
+    from ..catalog.ntfs import ntfs_free_map
+
+    fsv = fs_view if fs_view is not None else view
+    if sniff_filesystem(fsv) != "ntfs":
+        return None
+    fm = ntfs_free_map(fsv)
+    starts: list[int] = []
+    ends: list[int] = []
+    for o, n in view.allocated_ranges():
+        starts.append(o)
+        ends.append(o + n)
+
+    def skip(offset: int, length: int) -> bool:
+        i = bisect.bisect_right(starts, offset + length - 1) - 1
+        if i >= 0 and ends[i] > offset:
+            return False  # overlaps allocated data
+        used = fm.used_in(offset, length)
+        if used is None:  # beyond the cluster map (e.g. the NTFS backup boot sector)
+            return False
+        cs = fm.cluster_size
+        covered = (offset % cs == 0) and len(used) * cs >= length
+        return bool(covered and not used.any())
+
+    return skip
+
+
 def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None = None,
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
-                 description: str | None = None) -> dict[str, Any]:
+                 description: str | None = None, *, sparse: bool = True,
+                 tap: Any = None, tap_zeros: Any = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
+    When the volume already carries BitLocker's reservation (a protected template), it is
+    encrypted straight from the source in one pass; otherwise it is first extracted to a sparse
+    temporary file beside the output and reserved there. With ``sparse`` (default), chunks that
+    are unallocated in the source and free in NTFS stay unallocated in the output.
+    ``tap(offset, plaintext)`` / ``tap_zeros(offset, length)`` see the plaintext volume as it is
+    read (skipped chunks as zeros), in order, for measuring in the same pass.
+
     Returns a dict with the partition index, volume offset/size, whether the regions were
-    already reserved, and ``result`` (the :class:`EncryptResult` with protector IDs and secrets).
+    already reserved, ``skipped_bytes`` and ``result`` (the :class:`EncryptResult`).
     """
     if not protectors:
         raise UsageError("at least one key protector is needed")
     if Path(src_path).resolve() == Path(out_path).resolve():
         raise UsageError("the output must be a new file, not the input", str(out_path))
     src = open_disk(src_path, writable=False)
+    skipped = 0
     try:
         vol_off, vol_size, index = _pick(src, partition, ("ntfs",))
         view = View(src, vol_off, vol_size, name=f"{src.name} volume@{vol_off}")
@@ -128,38 +173,56 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             raise UnsupportedError(f"the volume holds {fs or 'no known filesystem'}, not NTFS", view.name,
                                    "BitLocker regions are reserved inside NTFS only")
         out_dir = Path(out_path).parent if str(Path(out_path).parent) else Path(".")
-        with atomic_output(out_path) as tmp_out, _temp_volume(out_dir) as tmp_vol:
-            vol = RawFile.create(tmp_vol, vol_size, sector_size=src.sector_size)
-            try:
-                with progress(vol_size, "extract volume") as bar:
-                    _copy_span(view, vol, 0, vol_size, bar)
-                vol.flush()
-            finally:
-                vol.close()
-            already = find_reserved(RawFile(tmp_vol)) is not None
-            regions = reserve_ntfs(tmp_vol)
+        regions = find_reserved(view)
+        already = regions is not None
+        with atomic_output(out_path) as tmp_out, contextlib.ExitStack() as stack:
+            if regions is None:
+                tmp_vol = stack.enter_context(_temp_volume(out_dir))
+                vol = RawFile.create(tmp_vol, vol_size, sector_size=src.sector_size)
+                try:
+                    with progress(vol_size, "extract volume") as bar:
+                        _copy_span(view, vol, 0, vol_size, bar)
+                    vol.flush()
+                finally:
+                    vol.close()
+                regions = reserve_ntfs(tmp_vol)
+                plain: BlockDevice = stack.enter_context(RawFile(tmp_vol, sector_size=src.sector_size))
+            else:
+                plain = view
+            skip = sparse_skipper(plain) if sparse else None
+            counting_skip = None
+            if skip is not None or tap_zeros is not None:
+                def counting_skip(off: int, n: int) -> bool:
+                    nonlocal skipped
+                    if skip is not None and skip(off, n):
+                        skipped += n
+                        if tap_zeros is not None:
+                            tap_zeros(off, n)
+                        return True
+                    return False
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
-                plain = RawFile(tmp_vol, sector_size=src.sector_size)
-                try:
-                    result: EncryptResult = encrypt_volume(
-                        plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
-                        protectors=protectors, regions=regions, description=description)
-                finally:
-                    plain.close()
+                result: EncryptResult = encrypt_volume(
+                    plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
+                    protectors=protectors, regions=regions, description=description, skip=counting_skip, tap=tap)
                 out.flush()
             finally:
                 out.close()
     finally:
         src.close()
     return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
-            "volume_size": vol_size, "reused_reservation": already, "result": result}
+            "volume_size": vol_size, "reused_reservation": already, "skipped_bytes": skipped, "result": result}
 
 
 def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None,
-                 credentials: Credentials) -> dict[str, Any]:
-    """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted."""
+                 credentials: Credentials, *, sparse: bool = True) -> dict[str, Any]:
+    """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted.
+
+    With ``sparse`` (default), spans left unallocated by a sparse encryption (unallocated in the
+    encrypted disk and free in the decrypted NTFS) are left unallocated (zeros) again, so a
+    sparse shield + decrypt round trip gives back the template's bytes exactly.
+    """
     if Path(src_path).resolve() == Path(out_path).resolve():
         raise UsageError("the output must be a new file, not the input", str(out_path))
     src = open_disk(src_path, writable=False)
@@ -173,9 +236,13 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 dst = View(out, vol_off, vol_size)
+                skip = sparse_skipper(view, plain) if sparse else None
                 with progress(vol_size, "decrypt") as bar:
                     for pos in range(0, vol_size, CHUNK):
                         k = min(CHUNK, vol_size - pos)
+                        if skip is not None and skip(pos, k):
+                            bar.update(k)
+                            continue
                         data = plain.read(pos, k)
                         if not is_zero(data):
                             dst.write(pos, data)

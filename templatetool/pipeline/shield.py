@@ -161,16 +161,20 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                           "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
     vsc = open_vsc(vsc_der, trust=trust)
     timings["checks"] = time.monotonic() - t0
+    measurer = None
     if verify_content:
-        t1 = time.monotonic()
+        # measured in the same pass that encrypts (tap), compared with the catalog at the end
+        from ..catalog.measure import FREE_NTFS, Measurer
+        from ..catalog.ntfs import ntfs_free_map
+
+        doc = vsc.document
         with open_disk(template) as dev:
             view, _part = select_volume(dev, None)
-            root, changed, files = compare_volume(view, vsc.document, name_files=True)
-        if changed:
-            where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
-            raise PolicyError("the template volume no longer matches its signed catalog", str(template),
-                              f"changed: {where}; re-protect the golden disk")
-        timings["verify_template"] = time.monotonic() - t1
+            if view.size != doc.volume.size:
+                raise PolicyError(f"the template volume ({view.size} bytes) differs from its catalog's "
+                                  f"({doc.volume.size})", str(template))
+            fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
+        measurer = Measurer(doc.volume.size, doc.block_size, fm)
     # 3. vTPM key / parent
     vtpm_key = None
     if tpm_parent is not None:
@@ -187,7 +191,17 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         t1 = time.monotonic()
         enc = encrypt_disk(template, partial, None, method=method,
                            protectors=[ProtectorSpec("tpm", seal=sealer), ProtectorSpec("recovery_password", recovery)],
-                           description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
+                           description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
+                           tap=measurer.feed if measurer else None, tap_zeros=measurer.feed_zeros if measurer else None)
+        if measurer is not None:
+            root, _leaves = measurer.finish()
+            if root != vsc.document.root:
+                with open_disk(template) as dev:
+                    view, _part = select_volume(dev, None)
+                    _root, changed, files = compare_volume(view, vsc.document, name_files=True)
+                where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
+                raise PolicyError("the template volume no longer matches its signed catalog", str(template),
+                                  f"changed: {where}; re-protect the golden disk")
         timings["encrypt"] = time.monotonic() - t1
         from ..vhdx import open_vhdx
 
@@ -231,6 +245,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         "vtpm": {"parent_name": parent.name.hex(), "generated": vtpm_key is not None, "bank": bank,
                  "pcrs": sorted(values)},
         "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
-                      "volume_size": enc["volume_size"], **res},
+                      "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
+        "catalog_verified": measurer is not None,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
