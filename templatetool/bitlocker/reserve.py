@@ -133,7 +133,9 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
 def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
     """Reserve the four BitLocker regions inside the raw NTFS volume image (modified in place).
 
-    Reuses an existing reservation. Needs ntfs-3g's ``ntfscp`` (ResourceError otherwise).
+    Reuses an existing reservation. Needs ntfs-3g's ``ntfscp`` (ResourceError otherwise); ``-m``
+    (minimal fragmentation) makes it allocate each file as one run where a long enough free run
+    exists (without it, ntfs-3g fills small gaps first and the files come out fragmented).
     """
     path = Path(raw_volume_path)
     dev = RawFile(path)
@@ -164,7 +166,7 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
             zf = Path(td) / f"zero{size}"
             if not zf.exists():
                 zf.write_bytes(bytes(size))
-            cp = subprocess.run([ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True, check=False)
+            cp = subprocess.run([ntfscp, "-q", "-m", str(path), str(zf), folder + name], capture_output=True, text=True, check=False)
             if cp.returncode != 0:
                 msg = (cp.stderr or cp.stdout).strip().splitlines()
                 raise ResourceError(f"ntfscp could not create {name}: {msg[-1] if msg else cp.returncode}", str(path),
