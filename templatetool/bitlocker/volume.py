@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -474,9 +475,32 @@ class EncryptionPlan:
                 out[lo - offset:hi - offset] = data[lo - ro:hi - ro]
         return out
 
+    def clone_cipher(self) -> Any:
+        """A second sector cipher with the same key (for another thread)."""
+        return self._meta["clone"]()
+
+    def overlay_spans(self) -> list[tuple[int, int]]:
+        """(offset, length) of the boot sector area, the metadata blocks and the relocated header."""
+        r = self.regions
+        return [(0, r.vho_size)] + [(o, S.METADATA_REGION_SIZE) for o in r.metadata_offsets] + [(r.vho_offset, r.vho_size)]
+
     def overlaps_overlay(self, offset: int, length: int) -> bool:
         """True when the span touches the boot sector, a metadata block or the relocated header."""
-        return any(ro < offset + length and offset < ro + len(d) for ro, d in self.overlays)
+        return any(ro < offset + length and offset < ro + n for ro, n in self.overlay_spans())
+
+    def finalize(self) -> "EncryptionPlan":
+        """Finish the deferred part (protector key stretches, metadata, overlays); idempotent."""
+        fin = self._meta.pop("finish", None)
+        if fin is not None:
+            fin()
+        return self
+
+    def abandon(self) -> None:
+        """Stop background work of a plan that will not be finalized (an error happened)."""
+        self._meta.pop("finish", None)
+        st = self._meta.pop("stretches", None)
+        if st is not None:
+            st.close()
 
     def metadata_block(self, encrypted_size: int | None = None, state: int | None = None) -> bytes:
         """A 64 KiB metadata block for another conversion state / encrypted size (in-place conversion)."""
@@ -494,10 +518,13 @@ class EncryptionPlan:
 
 def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", protectors: list[ProtectorSpec],
                     regions: FveRegions, sector_size: int | None = None,
-                    description: str | None = None) -> EncryptionPlan:
+                    description: str | None = None, defer: bool = False) -> EncryptionPlan:
     """Decide keys, protectors and metadata for encrypting the plaintext volume ``src``.
 
-    Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written.
+    Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written. With ``defer``
+    the password/recovery-password key stretches (0x100000 SHA-256 rounds each) run in a
+    background process and the metadata is built by :meth:`EncryptionPlan.finalize`, so the
+    stretch overlaps the pass over the disk; ``cipher`` is usable at once.
     """
     if not protectors:
         raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
@@ -525,107 +552,193 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
     vol_guid = uuid.uuid4()
     ns = K.NonceSource(0)
     ft = ns.time
-    entries: list[Entry] = [unicode_entry(description or f"templatetool {K.filetime_to_iso(ft)}",
-                                          S.ROLE_DESCRIPTION)]
-    results: list[ProtectorResult] = []
-    rec_done = False
+    stretches = _StretchJobs(defer)
+    prepared: list[tuple[ProtectorSpec, str, uuid.UUID, Any]] = []
+    rec_seen = False
     for spec in protectors:
-        guid = uuid.uuid4()
         kind = spec.kind.replace("-", "_")
+        pre: Any = None
         if kind == "recovery_password":
-            if rec_done:
+            if rec_seen:
                 raise UsageError("only one recovery password protector is read by libbde and dislocker")
-            rec_done = True
-            rp = spec.value or K.generate_recovery_password()
-            key16 = K.parse_recovery_password(rp)
-            rp = K.format_recovery_key(key16)
+            rec_seen = True
+            key16 = K.parse_recovery_password(spec.value or K.generate_recovery_password())
             salt = K.random_key(16)
-            skey = K.stretch_key(K.recovery_initial_hash(key16), salt)
-            copy = _ccm_entry(vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), ns, S.ROLE_RECOVERY_KEY_COPY)
-            stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
-                                 struct.pack("<HH", S.KEYTYPE_RECOVERY_STRETCH, 0) + salt, [copy])
-            nested = [unicode_entry("DiskPassword"), stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-            entries.append(_vmk_entry(guid, ft, S.PROT_RECOVERY_PASSWORD, nested))
-            results.append(ProtectorResult(kind, str(guid), S.PROT_RECOVERY_PASSWORD, recovery_password=rp))
+            pre = (key16, salt, stretches.submit(K.recovery_initial_hash(key16), salt))
         elif kind == "password":
             if not spec.value:
                 raise UsageError("a password protector needs a password")
             salt = K.random_key(16)
-            skey = K.stretch_key(K.password_initial_hash(spec.value), salt)
-            stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
-                                 struct.pack("<HH", S.KEYTYPE_PASSWORD_STRETCH, 0) + salt)
-            nested = [stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-            entries.append(_vmk_entry(guid, ft, S.PROT_PASSWORD, nested))
-            results.append(ProtectorResult(kind, str(guid), S.PROT_PASSWORD))
-        elif kind == "startup_key":
-            ext = K.random_key(32)
-            use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, struct.pack("<HH", S.KEYTYPE_EXTERNAL, 0),
-                             [_ccm_entry(vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), ns)])
-            nested = [unicode_entry("ExternalKey"), use, _ccm_entry(ext, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-            entries.append(_vmk_entry(guid, ft, S.PROT_STARTUP_KEY, nested))
-            results.append(ProtectorResult(kind, str(guid), S.PROT_STARTUP_KEY, bek=K.build_bek(guid, ext, ft)))
-        elif kind == "clear":
-            ck = K.random_key(32)
-            keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, struct.pack("<HH", S.KEYTYPE_CLEAR, 0) + ck)
-            nested = [keyent, _ccm_entry(ck, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-            entries.append(_vmk_entry(guid, ft, S.PROT_CLEAR_KEY, nested))
-            results.append(ProtectorResult(kind, str(guid), S.PROT_CLEAR_KEY))
-        elif kind == "tpm":
-            if spec.seal is None:
-                raise UsageError("a TPM protector needs a seal function")
-            blob, pcrs = spec.seal(K.key_entry(S.KEYTYPE_VMK, vmk))
-            tpm = Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, struct.pack("<I", pcrs & 0xFFFFFFFF) + bytes(blob))
-            entries.append(_vmk_entry(guid, ft, S.PROT_TPM, [tpm]))
-            results.append(ProtectorResult(kind, str(guid), S.PROT_TPM))
-        else:
+            pre = (salt, stretches.submit(K.password_initial_hash(spec.value), salt))
+        elif kind == "tpm" and spec.seal is None:
+            raise UsageError("a TPM protector needs a seal function")
+        elif kind not in ("startup_key", "clear", "tpm"):
             raise UsageError(f"unknown protector kind {spec.kind!r}")
-    fvek_ccm = _ccm_entry(vmk, K.key_entry(code, fvek), ns, S.ROLE_FVEK)
-    entries.append(fvek_ccm)
-    entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
-                         struct.pack("<QQ", regions.vho_offset, regions.vho_size)))
+        prepared.append((spec, kind, uuid.uuid4(), pre))
     cipher = make_cipher(code, fvek, ss)
-    result = EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, results)
-    plan = EncryptionPlan(code, ss, vsize, regions, cipher, result, [], vmk,
-                          {"ns": ns, "nsect": nsect, "guid": vol_guid, "ft": ft, "entries": entries})
-    block = plan.metadata_block()
-    boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
-                             total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
-    vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
-    plan.overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
-    return plan
+    plan = EncryptionPlan(code, ss, vsize, regions, cipher, EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss,
+                                                                          vsize, regions, []), [], vmk,
+                          {"clone": lambda: make_cipher(code, fvek, ss)})
+
+    def finish() -> None:
+        entries: list[Entry] = [unicode_entry(description or f"templatetool {K.filetime_to_iso(ft)}",
+                                              S.ROLE_DESCRIPTION)]
+        results: list[ProtectorResult] = []
+        for spec, kind, guid, pre in prepared:
+            if kind == "recovery_password":
+                key16, salt, job = pre
+                rp = K.format_recovery_key(key16)
+                skey = job.result()
+                copy = _ccm_entry(vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), ns, S.ROLE_RECOVERY_KEY_COPY)
+                stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
+                                     struct.pack("<HH", S.KEYTYPE_RECOVERY_STRETCH, 0) + salt, [copy])
+                nested = [unicode_entry("DiskPassword"), stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+                entries.append(_vmk_entry(guid, ft, S.PROT_RECOVERY_PASSWORD, nested))
+                results.append(ProtectorResult(kind, str(guid), S.PROT_RECOVERY_PASSWORD, recovery_password=rp))
+            elif kind == "password":
+                salt, job = pre
+                skey = job.result()
+                stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
+                                     struct.pack("<HH", S.KEYTYPE_PASSWORD_STRETCH, 0) + salt)
+                nested = [stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+                entries.append(_vmk_entry(guid, ft, S.PROT_PASSWORD, nested))
+                results.append(ProtectorResult(kind, str(guid), S.PROT_PASSWORD))
+            elif kind == "startup_key":
+                ext = K.random_key(32)
+                use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, struct.pack("<HH", S.KEYTYPE_EXTERNAL, 0),
+                                 [_ccm_entry(vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), ns)])
+                nested = [unicode_entry("ExternalKey"), use, _ccm_entry(ext, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+                entries.append(_vmk_entry(guid, ft, S.PROT_STARTUP_KEY, nested))
+                results.append(ProtectorResult(kind, str(guid), S.PROT_STARTUP_KEY, bek=K.build_bek(guid, ext, ft)))
+            elif kind == "clear":
+                ck = K.random_key(32)
+                keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, struct.pack("<HH", S.KEYTYPE_CLEAR, 0) + ck)
+                nested = [keyent, _ccm_entry(ck, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
+                entries.append(_vmk_entry(guid, ft, S.PROT_CLEAR_KEY, nested))
+                results.append(ProtectorResult(kind, str(guid), S.PROT_CLEAR_KEY))
+            elif kind == "tpm":
+                assert spec.seal is not None
+                blob, pcrs = spec.seal(K.key_entry(S.KEYTYPE_VMK, vmk))
+                tpm = Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, struct.pack("<I", pcrs & 0xFFFFFFFF) + bytes(blob))
+                entries.append(_vmk_entry(guid, ft, S.PROT_TPM, [tpm]))
+                results.append(ProtectorResult(kind, str(guid), S.PROT_TPM))
+        fvek_ccm = _ccm_entry(vmk, K.key_entry(code, fvek), ns, S.ROLE_FVEK)
+        entries.append(fvek_ccm)
+        entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
+                             struct.pack("<QQ", regions.vho_offset, regions.vho_size)))
+        plan.result.protectors = results
+        plan._meta.update({"ns": ns, "nsect": nsect, "guid": vol_guid, "ft": ft, "entries": entries})
+        block = plan.metadata_block()
+        boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
+                                 total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
+        vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
+        plan.overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
+        stretches.close()
+
+    plan._meta["finish"] = finish
+    plan._meta["stretches"] = stretches
+    return plan if defer else plan.finalize()
+
+
+class _StretchJobs:
+    """BitLocker key stretches, computed now or (``defer``) in one background process."""
+
+    def __init__(self, defer: bool) -> None:
+        self.defer = defer
+        self._pool: Any = None
+
+    def submit(self, initial: bytes, salt: bytes) -> Any:
+        if not self.defer:
+            from concurrent.futures import Future
+
+            f: Future[bytes] = Future()
+            f.set_result(K.stretch_key(initial, salt))
+            return f
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        return self._pool.submit(K.stretch_key, initial, salt)
+
+    def close(self) -> None:
+        """Let the background process exit once its jobs are done."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
                    protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
                    description: str | None = None, skip: Callable[[int, int], bool] | None = None,
-                   tap: Callable[[int, bytes], None] | None = None) -> EncryptResult:
+                   tap: Callable[[int, bytes], None] | None = None, threads: int = 2) -> EncryptResult:
     """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
 
     ``regions`` must already be reserved (zero, unused by the filesystem): see
-    :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory.
+    :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory
+    (a few chunks in flight). Chunks are encrypted on ``threads`` worker threads (the AES and
+    numpy work releases the GIL) and written in order; the protectors' key stretches run in a
+    background process meanwhile, and the few chunks holding BitLocker's own structures are
+    written last, once the metadata is built.
     ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
     unallocated in the source: ``dst`` then keeps it unallocated; readers return garbage there,
     which is harmless for free clusters); chunks holding BitLocker's own structures are always
-    written. ``tap(offset, plaintext)`` sees every plaintext chunk that is read (for measuring in
-    the same pass); skipped chunks are not read and not tapped.
+    written. ``tap(offset, plaintext)`` sees every plaintext chunk that is read, in order (for
+    measuring in the same pass); skipped chunks are not read and not tapped.
     """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
-                           description=description)
-    vsize = plan.volume_size
-    if dst.size < vsize:
-        raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
-    with progress(vsize, "encrypt") as bar:
-        for off in range(0, vsize, CHUNK):
-            n = min(CHUNK, vsize - off)
-            if skip is not None and not plan.overlaps_overlay(off, n) and skip(off, n):
+                           description=description, defer=True)
+    try:
+        vsize = plan.volume_size
+        if dst.size < vsize:
+            raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
+        held: list[tuple[int, bytearray]] = []
+        pending: deque[tuple[int, Any]] = deque()
+        local = threading.local()
+
+        def work(off: int, data: bytes) -> bytearray:
+            c = getattr(local, "cipher", None)
+            if c is None:
+                c = local.cipher = plan.clone_cipher()
+            return bytearray(c.encrypt(data, off // plan.sector_size))
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                o, fut = pending.popleft()
+                dst.write(o, fut.result())
+
+        with progress(vsize, "encrypt") as bar, ThreadPoolExecutor(max(1, threads), "fve-encrypt") as pool:
+            for off in range(0, vsize, CHUNK):
+                n = min(CHUNK, vsize - off)
+                special = plan.overlaps_overlay(off, n)
+                if skip is not None and not special and skip(off, n):
+                    bar.update(n)
+                    continue
+                data = src.read(off, n)
+                if tap is not None:
+                    tap(off, data)
+                if special:
+                    held.append((off, bytearray(plan.cipher.encrypt(data, off // plan.sector_size))))
+                else:
+                    pending.append((off, pool.submit(work, off, data)))
+                    drain(2 * max(1, threads))
                 bar.update(n)
-                continue
-            data = src.read(off, n)
-            if tap is not None:
-                tap(off, data)
-            dst.write(off, plan.encrypt_chunk(off, data))
-            bar.update(n)
-    dst.flush()
+            drain(0)
+        plan.finalize()
+        for off, ct in held:
+            for ro, d in plan.overlays:
+                lo, hi = max(off, ro), min(off + len(ct), ro + len(d))
+                if lo < hi:
+                    ct[lo - off:hi - off] = d[lo - ro:hi - ro]
+            dst.write(off, ct)
+        dst.flush()
+    except BaseException:
+        plan.abandon()
+        raise
     return plan.result
 
 
