@@ -99,7 +99,8 @@ def _timed_rss(cmd: list[str]) -> tuple[float, int]:
     t0 = time.perf_counter()
     cp = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
     if cp.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {cp.stderr[-800:]}")
+        msg = [ln for ln in cp.stderr.splitlines() if ln.startswith("templatetool")]
+        raise RuntimeError(f"{' '.join(cmd[-8:])} failed: {msg or cp.stderr[-400:]}")
     os.sync()
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", cp.stderr)
     return time.perf_counter() - t0, int(m.group(1)) if m else -1

@@ -167,6 +167,11 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
             if not zf.exists():
                 zf.write_bytes(bytes(size))
             cp = subprocess.run([ntfscp, "-q", "-m", str(path), str(zf), folder + name], capture_output=True, text=True, check=False)
+            if cp.returncode != 0 and "No space" in (cp.stderr + cp.stdout):
+                # -m preallocates outside the MFT zone; on a nearly full volume let ntfs-3g place it
+                # anywhere (find_reserved below still insists on one contiguous run)
+                cp = subprocess.run([ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True,
+                                    check=False)
             if cp.returncode != 0:
                 msg = (cp.stderr or cp.stdout).strip().splitlines()
                 raise ResourceError(f"ntfscp could not create {name}: {msg[-1] if msg else cp.returncode}", str(path),
