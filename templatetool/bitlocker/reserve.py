@@ -15,7 +15,6 @@ uses the clusters).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..blockdev import BlockDevice, RawFile
+from ..blockdev import BlockDevice, DeviceIO, RawFile
 from ..errors import FormatError, ResourceError, UnsupportedError
 from . import structs as S
 from .volume import FveRegions
@@ -33,34 +32,6 @@ METADATA_FILE_GUID = "{e40ad34d-dae9-4bc7-95bd-b16218c10f72}"
 VHO_FILE_GUID = "{24e6f0ae-6a00-4f73-984b-75ce9942852d}"
 SVI = "System Volume Information"
 _NAME_RE = re.compile(r"^FVE2\.\{[0-9a-fA-F-]{36}\}(\.[123])?$")
-
-
-class _DevIO(io.RawIOBase):
-    """A seekable read-only file object over a BlockDevice (for dissect.ntfs)."""
-
-    def __init__(self, dev: BlockDevice) -> None:
-        self.dev = dev
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.dev.size + off
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        n = max(0, min(len(b), self.dev.size - self.pos))
-        if n:
-            b[:n] = self.dev.read(self.pos, n)
-        self.pos += n
-        return n
 
 
 def _ntfs_geometry(dev: BlockDevice) -> tuple[int, int]:
@@ -87,7 +58,7 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
         raise ResourceError("dissect.ntfs is not installed", hint="pip install dissect.ntfs") from e
     bps, cluster = _ntfs_geometry(view)
     try:
-        fs = NTFS(_DevIO(view))
+        fs = NTFS(DeviceIO(view))
     except Exception as e:  # noqa: BLE001 - dissect raises many kinds on corrupt NTFS
         raise FormatError(f"cannot read the NTFS volume: {e}", view.name) from None
     found: dict[str, tuple[int, int]] = {}
@@ -149,7 +120,7 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
         try:
             from dissect.ntfs import NTFS
 
-            NTFS(_DevIO(dev)).mft.get("/" + SVI)
+            NTFS(DeviceIO(dev)).mft.get("/" + SVI)
             folder = "/" + SVI + "/"
         except Exception:  # noqa: BLE001 - no System Volume Information folder
             folder = "/"

@@ -750,3 +750,27 @@ def summary(view: BlockDevice) -> dict[str, Any] | None:
         return open_fve(view).info()
     except TemplateToolError as e:
         return {"status": "unreadable", "error": str(e)}
+
+
+def plan_from_metadata(meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: int, sector_size: int,
+                       vho_size: int) -> EncryptionPlan:
+    """Rebuild an :class:`EncryptionPlan` from an existing volume's metadata and its VMK/FVEK.
+
+    Used to resume an in-place conversion: the keys, protectors, volume GUID and creation time
+    stay those already on disk; ``metadata_block`` then builds fresh blocks (new CCM nonces: a new
+    FILETIME) for any state / encrypted size. ``overlays`` is empty (the caller rebuilds the boot
+    sector and relocated header from the plaintext it holds).
+    """
+    regions = FveRegions(meta.metadata_offsets, meta.vho_offset, vho_size)
+    code = meta.method
+    entries = [Entry(e.role, e.vtype, e.payload, e.version) for e in meta.entries]
+    prots = []
+    for e in meta.entries_of(S.ROLE_VMK, S.VT_VMK):
+        p = S.VmkPayload.parse(e.payload)
+        prots.append(ProtectorResult(S.PROTECTION_NAMES.get(p.protection, "unknown").replace("-", "_"),
+                                     str(uuid.UUID(bytes_le=p.guid)), p.protection))
+    result = EncryptResult(str(meta.volume_guid), S.METHOD_NAMES[code], sector_size, volume_size, regions, prots)
+    return EncryptionPlan(code, sector_size, volume_size, regions, make_cipher(code, fvek, sector_size), result, [],
+                          vmk, {"clone": lambda: make_cipher(code, fvek, sector_size),
+                                "ns": K.NonceSource(meta.nonce_counter + 1), "nsect": meta.virtualized_sectors,
+                                "guid": meta.volume_guid, "ft": meta.created, "entries": entries})

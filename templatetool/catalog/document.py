@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..canonical import canonical_json, parse_strict
 from ..errors import FormatError, UnsupportedError, UsageError
 from . import VSC_FORMAT, VSC_FORMAT_VERSION
 from .merkle import HASH_SIZE, level, root_from
@@ -42,25 +42,6 @@ def parse_version(text: str) -> tuple[int, int, int, int]:
 def format_version(v: tuple[int, int, int, int]) -> str:
     """``(1, 2, 3, 4)`` → ``'1.2.3.4'``."""
     return ".".join(str(x) for x in v)
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical byte form of a JSON value."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
-def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise FormatError(f"duplicate key {k!r} in the catalog document")
-        out[k] = v
-    return out
-
-
-def _reject_float(text: str) -> Any:
-    raise FormatError("floating-point numbers are not allowed in a catalog document")
 
 
 @dataclass
@@ -187,10 +168,7 @@ class CatalogDocument:
     @classmethod
     def from_bytes(cls, data: bytes) -> "CatalogDocument":
         """Parse and validate canonical bytes (FormatError/UnsupportedError otherwise)."""
-        try:
-            obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dupes, parse_float=_reject_float)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"the catalog document is not valid JSON: {e}") from None
+        obj = parse_strict(data, "catalog document")
         if not isinstance(obj, dict) or obj.get("format") != VSC_FORMAT:
             raise FormatError("not a templatetool volume signature catalog document")
         fv = obj.get("format_version")

@@ -42,10 +42,122 @@ def _read_file(path: str, what: str) -> bytes:
         raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
 
 
+def _credential_options(f: Any) -> Any:
+    f = click.option("--startup-key", type=click.Path(dir_okay=False),
+                     help="Resume with this startup key file (.BEK).")(f)
+    f = click.option("--recovery-password-env", metavar="VAR", help="Resume with the recovery password in $VAR.")(f)
+    f = click.option("--recovery-password-file", type=click.Path(dir_okay=False),
+                     help="Resume with the recovery password in this file.")(f)
+    return f
+
+
+def _credential(recovery_password_file: str | None, recovery_password_env: str | None, startup_key: str | None,
+                password_env: str | None) -> dict[str, Any]:
+    """The one credential given (as keyword arguments for unlocking); {} when none."""
+    given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env)]
+    if sum(given) > 1:
+        raise UsageError("give only one credential", hint="--recovery-password-file, --recovery-password-env, "
+                         "--startup-key or --password-env")
+    if recovery_password_file:
+        text_ = _read_file(recovery_password_file, "recovery password file").decode("utf-8", "replace").strip()
+        if not text_:
+            raise CredentialError("recovery password file is empty", recovery_password_file)
+        return {"recovery_password": text_}
+    if recovery_password_env:
+        return {"recovery_password": read_secret(recovery_password_env, "recovery password: ")}
+    if startup_key:
+        return {"bek": _read_file(startup_key, "startup key file")}
+    if password_env:
+        return {"password": read_secret(password_env, "BitLocker password: ")}
+    return {}
+
+
+def _in_place_text(d: dict[str, Any]) -> str:
+    verb = "resumed and finished" if d["resumed"] else "encrypted"
+    lines = [f"{verb} {d['method']} volume in place ({human_size(d['volume_size'])}"
+             + (f", partition {d['partition']}" if d.get("partition") else "") + f") in {d['disk']}"]
+    if d["resumed"]:
+        lines.append(f"  resumed at {human_size(d['started_at'])}")
+    for p in d["protectors"]:
+        lines.append(f"  protector {p['type']:<18} {{{p['guid']}}}")
+    if d.get("recovery_password_file"):
+        lines.append(f"  recovery password written to {d['recovery_password_file']}")
+    if d.get("startup_key_file"):
+        lines.append(f"  startup key written to {d['startup_key_file']}")
+    if d.get("recovery_password"):
+        lines.append(f"  recovery password: {d['recovery_password']}")
+    return "\n".join(lines)
+
+
+def _in_place_doc(r: dict[str, Any]) -> dict[str, Any]:
+    doc = {k: v for k, v in r.items() if k != "result"}
+    doc.update(r["result"].to_json())
+    return doc
+
+
+def _encrypt_in_place(disk: str, partition: int | None, method: str, specs: list[Any], description: str | None,
+                      recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
+                      password_env: str | None, recovery_password_file: str | None,
+                      recovery_password_env: str | None, startup_key: str | None, as_json: bool) -> None:
+    from ..bitlocker.inplace import in_place
+
+    if not (recovery_password_out or startup_key_out or password_env):
+        raise UsageError("--in-place needs a durable key protector: a crash before the end must not lose the key",
+                         hint="give --recovery-password-out FILE, --startup-key-out FILE.bek or --password-env VAR")
+    cred = _credential(recovery_password_file, recovery_password_env, startup_key, None)
+    if not cred:  # re-running the same command: the first run's key files are the credential
+        if recovery_password_out and Path(recovery_password_out).is_file():
+            cred = _credential(recovery_password_out, None, None, None)
+        elif startup_key_out and Path(startup_key_out).is_file():
+            cred = _credential(None, None, startup_key_out, None)
+        elif password_env:
+            cred = {"password": next((s.value for s in specs if s.kind == "password"), None)}
+    shown: dict[str, Any] = {}
+
+    def on_keys(res: Any) -> None:
+        # Before the first byte of the volume changes: the keys must survive a crash.
+        if recovery_password_out and res.recovery_password:
+            write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
+            shown["recovery_password_file"] = recovery_password_out
+        if startup_key_out and res.bek is not None:
+            write_secret_file(startup_key_out, res.bek)
+            shown["startup_key_file"] = startup_key_out
+        if show_recovery_password:
+            shown["recovery_password"] = res.recovery_password
+
+    r = in_place(disk, partition, protectors=specs, method=method, description=description, credential=cred,
+                 on_keys=on_keys)
+    doc = _in_place_doc(r)
+    doc.update(shown)
+    emit(doc, as_json, _in_place_text)
+
+
 def register(cli: click.Group) -> None:
+    @cli.command("resume")
+    @click.argument("disk", type=click.Path(dir_okay=False))
+    @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
+    @_credential_options
+    @click.option("--password-env", metavar="VAR", help="Resume with the password in $VAR.")
+    @json_option
+    def resume(disk: str, partition: int | None, recovery_password_file: str | None,
+               recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
+               as_json: bool) -> None:
+        """Finish an interrupted `encrypt --in-place` of DISK (needs one credential of the volume)."""
+        from ..bitlocker.inplace import in_place
+
+        cred = _credential(recovery_password_file, recovery_password_env, startup_key, password_env)
+        if not cred:
+            raise UsageError("resume needs the volume's credential",
+                             hint="--recovery-password-file, --recovery-password-env, --startup-key or --password-env")
+        r = in_place(disk, partition, credential=cred, resume_only=True)
+        emit(_in_place_doc(r), as_json, _in_place_text)
+
+
     @cli.command("encrypt")
     @click.argument("disk", type=click.Path(dir_okay=False))
-    @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("--in-place", "in_place", is_flag=True,
+                  help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).")
     @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
     @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True)
     @click.option("--recovery-password-out", type=click.Path(dir_okay=False),
@@ -55,13 +167,28 @@ def register(cli: click.Group) -> None:
                   help="Add a startup key and write the .BEK file here (mode 0600).")
     @click.option("--password-env", metavar="VAR", help="Add a password protector; password from $VAR.")
     @click.option("--description", help="Volume description stored in the metadata.")
+    @_credential_options
     @json_option
-    def encrypt(disk: str, out: str, partition: int | None, method: str, recovery_password_out: str | None,
-                show_recovery_password: bool, startup_key_out: str | None, password_env: str | None,
-                description: str | None, as_json: bool) -> None:
-        """Encrypt the OS volume of DISK (raw or VHDX) with BitLocker into a new disk OUT."""
+    def encrypt(disk: str, out: str | None, in_place: bool, partition: int | None, method: str,
+                recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
+                password_env: str | None, description: str | None, recovery_password_file: str | None,
+                recovery_password_env: str | None, startup_key: str | None, as_json: bool) -> None:
+        """Encrypt the OS volume of DISK (raw or VHDX) with BitLocker into a new disk OUT, or in place.
+
+        With --in-place, re-running the same command after a crash resumes the conversion: the
+        recovery password / startup key files written by the first run are the credential (or
+        give --recovery-password-file/--recovery-password-env/--startup-key).
+        """
         from ..bitlocker.volume import ProtectorSpec
         from ..pipeline.encrypt import encrypt_disk
+
+        if in_place and out:
+            raise UsageError("--in-place converts DISK itself; do not also give -o/--output")
+        if not in_place and not out:
+            raise UsageError("no output given", hint="pass -o NEW_DISK, or --in-place to convert DISK itself")
+        if not in_place and (recovery_password_file or recovery_password_env or startup_key):
+            raise UsageError("--recovery-password-file/--recovery-password-env/--startup-key resume an in-place "
+                             "conversion; they need --in-place")
 
         specs: list[ProtectorSpec] = []
         if recovery_password_out or show_recovery_password:
@@ -77,6 +204,12 @@ def register(cli: click.Group) -> None:
         for p in (recovery_password_out, startup_key_out):
             if p and not Path(p).resolve().parent.is_dir():
                 raise ResourceError("output folder does not exist", str(Path(p).parent))
+        if in_place:
+            _encrypt_in_place(disk, partition, method, specs, description, recovery_password_out,
+                              show_recovery_password, startup_key_out, password_env, recovery_password_file,
+                              recovery_password_env, startup_key, as_json)
+            return
+        assert out is not None
         r = encrypt_disk(disk, out, partition=partition, method=method, protectors=specs,
                          description=description)
         res = r["result"]

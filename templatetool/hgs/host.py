@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..atomic import write_bytes_atomic
+from ..canonical import canonical_json
 from ..errors import FormatError, NotFoundError, UsageError
 from ..guardian.sigalg import sign_bytes
 from ..signers.certs import new_key
@@ -82,7 +83,7 @@ def load_host(folder: str | os.PathLike[str]) -> Host:
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json(obj)
 
 
 def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: str | None = None,

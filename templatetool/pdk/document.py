@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..canonical import canonical_json, load_canonical
 from ..errors import FormatError, UsageError
 
 PDK_FORMAT = "templatetool-pdk"
@@ -31,37 +31,6 @@ SPEC_KEY_RE = re.compile(r"^@[A-Za-z0-9][A-Za-z0-9_-]{0,62}@$")
 KNOWN_SPEC_KEYS = re.compile(r"^@(ComputerName|TimeZone|ProductKey|IP4Addr-\d+|IP6Addr-\d+|MACAddr-\d+|"
                              r"Prefix-\d+-\d+|NextHop-\d+-\d+)@$")
 _FILE_NAME_RE = re.compile(r"^[^\x00-\x1f/\\:*?\"<>|]{1,255}$")
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte form of a JSON value."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise FormatError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
-def _no_float(text: str) -> Any:
-    raise FormatError("floating-point numbers are not allowed")
-
-
-def load_canonical(data: bytes, what: str) -> dict[str, Any]:
-    """Parse canonical JSON; FormatError when malformed, IntegrityError-worthy drift is FormatError too."""
-    try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dupes, parse_float=_no_float)
-    except FormatError as e:
-        raise FormatError(f"malformed {what}: {e.what}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"malformed {what}: {e}") from None
-    if not isinstance(obj, dict) or canonical_json(obj) != data:
-        raise FormatError(f"the {what} is not in canonical form")
-    return obj
 
 
 def b64(data: bytes) -> str:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
+from ..canonical import canonical_json
 from ..errors import FormatError, PolicyError, UsageError
 from ..guardian.model import Guardian, guardian_from_certificates
 
@@ -52,12 +53,12 @@ class VmSecret:
     pcr_values: dict[int, str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({
+        return canonical_json({
             "format": VM_SECRET_FORMAT, "version": 1,
             "vtpm_key": base64.b64encode(self.vtpm_key_der).decode() if self.vtpm_key_der else None,
             "parent_name": self.parent_name, "bank": self.bank, "pcrs": self.pcrs, "policy": self.policy,
             "pcr_values": {str(k): v for k, v in sorted(self.pcr_values.items())},
-        }, sort_keys=True).encode()
+        })
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "VmSecret":
