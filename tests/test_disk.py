@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest

@@ -15,7 +15,7 @@ from templatetool.errors import FormatError, IntegrityError, PolicyError
 from templatetool.hgs import AttestationPolicy, attest, create_evidence, new_host, verify_health_certificate
 from templatetool.hgs.attest import check_evidence
 from templatetool.hgs.host import pem_public
-from templatetool.signers.certs import ca_certificate, new_key, self_signed
+from templatetool.signers.certs import ca_certificate, new_key
 from templatetool.tpm.eventlog import write_agile_log
 
 from .conftest import require_tool

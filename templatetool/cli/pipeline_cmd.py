@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..errors import NotFoundError, TemplateToolError
+from ..errors import NotFoundError
 from .common import emit, json_option
 
 

