@@ -8,6 +8,10 @@ documented in docs/exit-codes.md and must not change meaning.
 from __future__ import annotations
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 class TemplateToolError(Exception):
     """Base class. ``exit_code`` is the documented process exit status for this kind of failure."""
 
@@ -15,9 +19,10 @@ class TemplateToolError(Exception):
     kind = "error"
 
     def __init__(self, what: str, where: str | None = None, hint: str | None = None) -> None:
-        self.what = what
-        self.where = where
-        self.hint = hint
+        # one line, always: messages from parsers (lxml, asn1crypto ...) may carry newlines
+        self.what = _one_line(what)
+        self.where = _one_line(where) if where is not None else None
+        self.hint = _one_line(hint) if hint is not None else None
         super().__init__(self.__str__())
 
     def __str__(self) -> str:

@@ -66,7 +66,7 @@ def parse_recovery_password(s: str) -> bytes:
     Raises CredentialError naming the first bad group (1-based) — never echoing the password.
     """
     digits = re.sub(r"[\s-]", "", s or "")
-    if not digits.isdigit() or len(digits) != 48:
+    if not re.fullmatch(r"[0-9]{48}", digits):  # ASCII digits only (str.isdigit also accepts '²')
         raise CredentialError(
             "a recovery password has 48 digits in 8 groups of 6",
             hint=f"got {len(digits)} characters after removing dashes")

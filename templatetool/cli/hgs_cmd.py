@@ -9,17 +9,26 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from ..atomic import write_bytes_atomic
-from ..errors import NotFoundError
+from ..errors import FormatError, NotFoundError, UsageError
 from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
 from ..hgs.host import pem_public
 from .common import emit, json_option
 
 
-def _read(path: str) -> bytes:
+#: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
+MAX_INPUT = 64 << 20
+
+
+def _read(path: str, limit: int = MAX_INPUT) -> bytes:
     try:
-        return Path(path).read_bytes()
+        p = Path(path)
+        if p.stat().st_size > limit:
+            raise FormatError(f"file too large ({p.stat().st_size} bytes, limit {limit})", path)
+        return p.read_bytes()
     except FileNotFoundError:
         raise NotFoundError("file not found", path) from None
+    except IsADirectoryError:
+        raise UsageError("expected a file, got a folder", path) from None
 
 
 def _policy_text(p: AttestationPolicy) -> str:
@@ -98,7 +107,9 @@ def register(cli: click.Group) -> None:
     def attest_cmd(guardian_dir: str, evidence: str, output: str, as_json: bool) -> None:
         """Check host evidence; on success write a health certificate (exit 6 naming the failed check)."""
         key, cert = load_attestation(guardian_dir)
-        hc, checks = attest(AttestationPolicy.load(guardian_dir), _read(evidence), key, cert, where=evidence)
+        from ..hgs.host import MAX_EVIDENCE
+
+        hc, checks = attest(AttestationPolicy.load(guardian_dir), _read(evidence, MAX_EVIDENCE), key, cert, where=evidence)
         write_bytes_atomic(output, hc.public_bytes(serialization.Encoding.PEM))
         res: dict[str, Any] = {"health_certificate": output, "expires": hc.not_valid_after_utc.isoformat(),
                                "checks": [c.to_json() for c in checks]}

@@ -25,8 +25,9 @@ from .host import EVIDENCE_FORMAT, MAX_EVIDENCE, _canonical, load_public, pem_pu
 
 POLICY_FILE = "attestation.json"
 POLICY_FORMAT = "templatetool-attestation-policy"
-#: Health certificates live 8 hours by default, like HGS.
+#: Health certificates live 8 hours by default, like HGS (at most 30 days).
 DEFAULT_HOURS = 8
+MAX_HOURS = 24 * 30
 #: Extended key usage marking our health certificates (a UUID-derived OID, ITU-T X.667 arc 2.25).
 HEALTH_EKU = x509.ObjectIdentifier("2.25.207977316315935096287411402925826727105")
 #: Default PCRs of a TPM baseline (firmware, boot manager, Secure Boot policy, BitLocker access control).
@@ -67,12 +68,17 @@ class AttestationPolicy:
             d = json.loads(p.read_text())
             if d.get("format") != POLICY_FORMAT:
                 raise ValueError("format")
-            return cls(host_keys=dict(d.get("host_keys", {})), tpm_hosts=dict(d.get("tpm_hosts", {})),
-                       pcr_bank=str(d.get("pcr_bank", "sha256")),
-                       pcr_baseline={int(k): str(v) for k, v in d.get("pcr_baseline", {}).items()},
-                       ci_policies=[str(x) for x in d.get("ci_policies", [])],
-                       health_hours=int(d.get("health_hours", DEFAULT_HOURS)))
-        except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
+            pol = cls(host_keys=dict(d.get("host_keys", {})), tpm_hosts=dict(d.get("tpm_hosts", {})),
+                      pcr_bank=str(d.get("pcr_bank", "sha256")),
+                      pcr_baseline={int(k): str(v) for k, v in d.get("pcr_baseline", {}).items()},
+                      ci_policies=[str(x) for x in d.get("ci_policies", [])],
+                      health_hours=int(d.get("health_hours", DEFAULT_HOURS)))
+            if not 1 <= pol.health_hours <= MAX_HOURS:
+                raise ValueError("health_hours")
+            if any(not 0 <= k < 24 for k in pol.pcr_baseline):
+                raise ValueError("pcr")
+            return pol
+        except (ValueError, TypeError, AttributeError, RecursionError, json.JSONDecodeError):
             raise FormatError("attestation policy is malformed", str(p), "recreate it with `hgs` commands") from None
 
     def save(self, guardian_dir: str | os.PathLike[str]) -> Path:
@@ -129,7 +135,7 @@ def _parse_evidence(data: bytes, where: str) -> tuple[dict[str, Any], str, bytes
         for k in ("host", "created", "host_key", "encryption_key"):
             if not isinstance(body.get(k), str):
                 raise ValueError(k)
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise FormatError("host evidence is malformed", where, "produce it with `host evidence`") from None
     return body, alg, sig
 

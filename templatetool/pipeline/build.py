@@ -17,9 +17,10 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
-from ..errors import FormatError, NotFoundError
+from ..errors import FormatError, NotFoundError, UsageError
 
 SECTIONS = {"template", "pdk", "shield", "report"}
+MAX_RECIPE = 1 << 20
 KEYS = {
     "template": {"golden", "output", "name", "version", "signer", "signer_password_env", "signer_pin_env", "vsc", "pss"},
     "pdk": {"output", "owner", "owner_password_env", "guardians", "version_rule", "policy", "answer_file",
@@ -44,9 +45,14 @@ class Recipe:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
+            if self.path.stat().st_size > MAX_RECIPE:
+                raise FormatError(f"recipe too large ({self.path.stat().st_size} bytes, limit {MAX_RECIPE})",
+                                  str(self.path))
             self.data = tomllib.loads(self.path.read_text())
         except FileNotFoundError:
             raise NotFoundError("recipe not found", str(self.path)) from None
+        except IsADirectoryError:
+            raise UsageError("expected a recipe file, got a folder", str(self.path)) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"recipe is not valid TOML: {e}", str(self.path)) from None
         self.base = self.path.parent
@@ -63,6 +69,68 @@ class Recipe:
                                   f"allowed: {', '.join(sorted(KEYS[sec]))}")
         if not (set(self.data) & {"template", "pdk", "shield"}):
             raise FormatError("the recipe has nothing to do", str(self.path), "add [template], [pdk] and/or [shield]")
+        self._validate()
+
+    def _bad(self, sec: str, key: str, what: str) -> FormatError:
+        return FormatError(f"[{sec}] {key} must be {what}", str(self.path))
+
+    def _validate(self) -> None:
+        """Every static check before any step runs (fail fast, nothing written)."""
+        from ..catalog.qualifier import normalize_rule
+        from ..pdk.document import POLICIES
+
+        str_keys = {"template": ("golden", "output", "name", "version", "signer", "signer_password_env",
+                                 "signer_pin_env", "vsc"),
+                    "pdk": ("output", "owner", "owner_password_env", "version_rule", "policy", "answer_file", "vsc"),
+                    "shield": ("template", "pdk", "output", "kp", "owner", "owner_password_env", "tcg_log", "bank",
+                               "method", "tpm_parent"),
+                    "report": ("output",)}
+        for sec, keys in str_keys.items():
+            for k in keys:
+                v = self.data.get(sec, {}).get(k)
+                if v is not None and (not isinstance(v, str) or not v):
+                    raise self._bad(sec, k, "a non-empty string")
+        for sec, k in (("pdk", "guardians"), ("pdk", "other_files"), ("shield", "guardians")):
+            v = self.data.get(sec, {}).get(k)
+            if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+                raise self._bad(sec, k, "a list of paths")
+        sv = self.get("pdk", "spec_values")
+        if sv is not None and (not isinstance(sv, dict) or not all(isinstance(x, str) for x in sv.values())):
+            raise self._bad("pdk", "spec_values", 'a table of strings, e.g. { "@ComputerName@" = "vm01" }')
+        if "pdk" in self.data:
+            try:
+                normalize_rule(str(self.get("pdk", "version_rule", "eq")))
+            except UsageError as e:
+                raise FormatError(e.what, str(self.path), e.hint) from None
+            if self.get("pdk", "policy", "shielded") not in POLICIES:
+                raise self._bad("pdk", "policy", " or ".join(POLICIES))
+        if "shield" in self.data:
+            pcrs = self.get("shield", "pcrs", [7, 11])
+            if not isinstance(pcrs, list) or not pcrs or not all(isinstance(x, int) and 0 <= x < 24 for x in pcrs):
+                raise self._bad("shield", "pcrs", "a list of PCR numbers 0-23, e.g. [7, 11]")
+            pv = self.get("shield", "pcr_values")
+            if pv is not None:
+                try:
+                    ok = isinstance(pv, dict) and all(0 <= int(k) < 24 and len(bytes.fromhex(v)) in (20, 32, 48)
+                                                      for k, v in pv.items())
+                except (ValueError, TypeError):
+                    ok = False
+                if not ok:
+                    raise self._bad("shield", "pcr_values", 'a table of PCR number → hex digest, e.g. { "7" = "00..." }')
+            if (pv is None) == (self.get("shield", "tcg_log") is None):
+                raise FormatError("[shield] needs exactly one of 'tcg_log' and 'pcr_values'", str(self.path))
+            if self.get("shield", "method", "xts-aes-128") not in ("xts-aes-128", "xts-aes-256"):
+                raise self._bad("shield", "method", "xts-aes-128 or xts-aes-256")
+        for sec, k in (("template", "golden"), ("shield", "tcg_log"), ("shield", "tpm_parent"),
+                       ("pdk", "answer_file")):
+            p = self.p(sec, k) if sec in self.data else None
+            if p is not None and not p.is_file():
+                raise NotFoundError(f"[{sec}] {k} not found", str(p))
+        for sec, k in (("template", "output"), ("template", "vsc"), ("pdk", "output"), ("shield", "output"),
+                       ("shield", "kp"), ("report", "output")):
+            p = self.p(sec, k) if sec in self.data else None
+            if p is not None and not p.parent.is_dir():
+                raise NotFoundError(f"[{sec}] {k}: the output folder does not exist", str(p.parent), "create it first")
 
     def get(self, sec: str, key: str, default: Any = None, required: bool = False) -> Any:
         v = self.data.get(sec, {}).get(key, default)
@@ -81,7 +149,25 @@ class Recipe:
 
 
 def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run a recipe; returns (and writes, when [report] output is set) the report."""
+    """Run a recipe; returns (and writes, when [report] output is set) the report.
+
+    All-or-nothing: when a step fails, the artifacts earlier steps of this run wrote are removed
+    (a failing step itself never leaves a partial output: every write is atomic).
+    """
+    r = Recipe(recipe_path)
+    written: list[Path] = []
+    try:
+        return _run(r, written)
+    except BaseException:
+        for p in written:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        raise
+
+
+def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     from ..catalog.qualifier import VolumeIdQualifier
     from ..catalog.vsc import open_vsc, read_vsc_bytes
     from ..guardian.model import load_guardian
@@ -91,7 +177,6 @@ def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
     from .protect import protect
     from .shield import shield
 
-    r = Recipe(recipe_path)
     t0 = time.monotonic()
     report: dict[str, Any] = {"tool": f"templatetool {__version__}", "recipe": str(r.path),
                               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -109,8 +194,10 @@ def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
         pr = protect(golden, template_out, str(r.get("template", "name", required=True)),
                      str(r.get("template", "version", required=True)), signer, pss=bool(r.get("template", "pss", False)),
                      overwrite=True)
+        written.append(template_out)
         vsc_out = r.p("template", "vsc") or template_out.with_suffix(".vsc")
         write_bytes_atomic(vsc_out, read_vsc_bytes(template_out))
+        written.append(vsc_out)
         report["steps"]["protect"] = {**pr.to_json(), "seconds": round(time.monotonic() - t, 3)}
         report["catalog_root"] = pr.document.root.hex()
         report["artifacts"]["template"] = str(template_out)
@@ -141,6 +228,7 @@ def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
         der, warnings = create_pdk(owner, guardians, [q], secret, str(r.get("pdk", "policy", "shielded")),
                                    allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
         write_bytes_atomic(pdk_out, der)
+        written.append(pdk_out)
         report["steps"]["pdk"] = {"output": str(pdk_out), "qualifier": q.to_json(), "warnings": warnings,
                                   "seconds": round(time.monotonic() - t, 3)}
         report["artifacts"]["pdk"] = str(pdk_out)
@@ -163,11 +251,13 @@ def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
         if pcr_values is None and tcg is None:
             raise FormatError("[shield] needs 'tcg_log' or 'pcr_values'", str(r.path))
         out = r.p("shield", "output", required=True)
-        rep = shield(tmpl, pdk, out, owner, kp_path=r.p("shield", "kp"), tpm_parent=r.p("shield", "tpm_parent"),
+        kp_out = r.p("shield", "kp") or out.with_suffix(".kp")
+        rep = shield(tmpl, pdk, out, owner, kp_path=kp_out, tpm_parent=r.p("shield", "tpm_parent"),
                      pcrs=[int(x) for x in r.get("shield", "pcrs", [7, 11])], pcr_values=pcr_values,
                      tcg_log=str(tcg) if tcg else None, bank=str(r.get("shield", "bank", "sha256")),
                      method=str(r.get("shield", "method", "xts-aes-128")),
                      verify_content=bool(r.get("shield", "verify_content", True)), guardians=known)
+        written.extend([out, kp_out, out.with_suffix(".recovery.p7m")])
         report["steps"]["shield"] = {**rep, "seconds": round(time.monotonic() - t, 3)}
         report["protector_ids"] = [p["guid"] for p in rep["bitlocker"]["protectors"]]
         report["artifacts"].update({"vm_disk": rep["outputs"]["disk"], "kp": rep["outputs"]["kp"],

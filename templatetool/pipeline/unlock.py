@@ -54,6 +54,23 @@ class UnlockReport:
         return {"ok": self.ok, "output": self.output, "steps": [s.to_json() for s in self.steps]}
 
 
+#: Key protectors and evidence are small documents; refuse absurd sizes before reading them.
+MAX_DOCUMENT = 16 << 20
+
+
+def _read_small(path: str | os.PathLike[str], what: str) -> bytes:
+    from ..errors import FormatError
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_DOCUMENT:
+            raise FormatError(f"{what} too large ({size} bytes, limit {MAX_DOCUMENT})", str(p))
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} not found", str(p)) from None
+
+
 STEPS = ["attestation", "key release", "host receives key", "vTPM unseal", "BitLocker unlock", "decrypt",
          "catalog verify"]
 
@@ -115,17 +132,14 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         if health_cert:
             state["hc"] = load_health_certificate(health_cert)
             return f"using health certificate {health_cert}"
-        ev = Path(host_evidence).read_bytes() if host_evidence else create_evidence(host)
+        ev = _read_small(host_evidence, "host evidence") if host_evidence else create_evidence(host)
         key, cert = load_attestation(guardian_dir)
         hc, checks = attest(AttestationPolicy.load(guardian_dir), ev, key, cert, where=str(host_evidence or "evidence"))
         state["hc"] = hc
         return "; ".join(f"{c.name}: ok" for c in checks) + f"; health certificate valid until {hc.not_valid_after_utc:%H:%M} UTC"
 
     def do_release() -> str:
-        try:
-            kp = Path(kp_path).read_bytes()
-        except FileNotFoundError:
-            raise NotFoundError("key protector not found", str(kp_path)) from None
+        kp = _read_small(kp_path, "key protector")
         _key, att_cert = load_attestation(guardian_dir)
         g = load_guardian(guardian_dir, private=True, password_env=guardian_password_env)
         state["released"] = release_key(kp, state["hc"], g, att_cert)
