@@ -211,9 +211,6 @@ def test_fve_one_copy_flips_still_open(fve: dict) -> None:
     assert not failures, f"{len(failures)}/{N_FVE_ONE} single-copy flips broke the volume:\n" + "\n".join(failures[:25])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bitlocker/volume.py FveVolume.fvek/unlock use only the first copy that "
-                   "parses; when copy 1's validation entry (after the CRC-covered bytes) is damaged, unlock raises "
-                   "IntegrityError instead of falling back to copies 2/3 (dislocker-file opens it)")
 def test_fve_copy1_validation_flips_still_open(fve: dict) -> None:
     r = random.Random(SEED + 6)
     flips = [(0, r.randrange(fve["cov"], fve["used"]), r.randrange(1, 256)) for _ in range(30)]

@@ -96,6 +96,8 @@ class FveVolume:
         self.sector_size = self.boot.sector_size
         self.copies: list[dict[str, Any]] = []
         self.meta: Metadata | None = None
+        #: every copy whose CRC and structure are good, in order (the validation MAC is checked at unlock)
+        self.valid_metas: list[Metadata] = []
         first_error: TemplateToolError | None = None
         for i, off in enumerate(self.boot.metadata_offsets):
             n = min(S.METADATA_REGION_SIZE, dev.size - off)
@@ -105,6 +107,7 @@ class FveVolume:
                     raise FormatError("metadata offsets in the block differ from the volume header",
                                       f"FVE metadata copy {i + 1} at {off:#x}")
                 self.copies.append({"copy": i + 1, "offset": off, "valid": True, "error": None})
+                self.valid_metas.append(m)
                 if self.meta is None:
                     self.meta = m
             except TemplateToolError as e:
@@ -237,8 +240,25 @@ class FveVolume:
         raise CredentialError("the clear key does not unlock this volume", self.name)
 
     def fvek(self, vmk: bytes) -> bytes:
-        """Decrypt the FVEK with the VMK and check the validation entry (as dissect.fve does)."""
-        m = self.metadata
+        """Decrypt the FVEK with the VMK and check the validation entry (as dissect.fve does).
+
+        A copy whose FVEK or validation entry does not verify (the CRC does not cover the
+        validation entry) is skipped for the next valid copy, as dislocker does; the copy that
+        verifies becomes the one in use.
+        """
+        first: IntegrityError | None = None
+        for m in self.valid_metas or [self.metadata]:
+            try:
+                key = self._fvek_from(m, vmk)
+            except IntegrityError as e:
+                first = first or e
+                continue
+            self.meta = m
+            return key
+        assert first is not None
+        raise first
+
+    def _fvek_from(self, m: Metadata, vmk: bytes) -> bytes:
         e = m.entries_of(S.ROLE_FVEK, S.VT_AES_CCM)[0]
         try:
             plain = K.ccm_unwrap(vmk, e.payload, e.where + " (FVEK)")
