@@ -407,10 +407,6 @@ def test_shield_killed_between_outputs(point: str, art: cg.Artifacts, tmp_path: 
     print(f"\nshield killed at {point}: left {left}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bitlocker/volume.py (~l.658) key stretching in a fork-context "
-                   "ProcessPoolExecutor: when the CLI is SIGKILLed, the worker never exits (it holds both ends of its "
-                   "call-queue pipe, so it never sees EOF) and lingers forever with the CLI's inherited fds and the "
-                   "stretch inputs in memory; use a watchdog on the parent (e.g. PR_SET_PDEATHSIG / parent pipe)")
 def test_no_process_left_after_sigkill(art: cg.Artifacts, tmp_path: Path) -> None:
     job = make_jobs(art, tmp_path)["encrypt"]
     p = start(job)

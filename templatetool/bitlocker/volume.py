@@ -9,6 +9,8 @@ returned raw, and everything else is decrypted in place with its own physical se
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import struct
 import threading
 import uuid
@@ -18,11 +20,7 @@ from typing import Any
 
 from ..blockdev import CHUNK, BlockDevice
 from ..errors import (
-    CredentialError,
-    FormatError,
-    IntegrityError,
-    TemplateToolError,
-    UsageError,
+    CredentialError, FormatError, IntegrityError, ResourceError, TemplateToolError, UsageError,
 )
 from ..progress import progress
 from . import keys as K
@@ -661,11 +659,16 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
 
 
 class _StretchJobs:
-    """BitLocker key stretches, computed now or (``defer``) in one background process."""
+    """BitLocker key stretches, computed now or (``defer``) each in a forked child process.
+
+    The child gets the stretch inputs by fork (no copy anywhere else), sends the 32-byte result
+    back over a pipe and exits; on Linux it is also killed with its parent (PR_SET_PDEATHSIG), so
+    a crashed run never leaves it behind holding secrets or file descriptors.
+    """
 
     def __init__(self, defer: bool) -> None:
-        self.defer = defer
-        self._pool: Any = None
+        self.defer = defer and hasattr(os, "fork")
+        self._jobs: list[_StretchChild] = []
 
     def submit(self, initial: bytes, salt: bytes) -> Any:
         if not self.defer:
@@ -674,19 +677,77 @@ class _StretchJobs:
             f: Future[bytes] = Future()
             f.set_result(K.stretch_key(initial, salt))
             return f
-        if self._pool is None:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-        return self._pool.submit(K.stretch_key, initial, salt)
+        job = _StretchChild(initial, salt)
+        self._jobs.append(job)
+        return job
 
     def close(self) -> None:
-        """Let the background process exit once its jobs are done."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Kill and reap children whose result was not collected."""
+        for j in self._jobs:
+            j.close()
+        self._jobs = []
+
+
+class _StretchChild:
+    """One forked stretch computation; ``result()`` waits for it."""
+
+    def __init__(self, initial: bytes, salt: bytes) -> None:
+        r, w = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # child: compute, send, exit without running any parent cleanup
+            code = 1
+            try:
+                os.close(r)
+                _die_with_parent(parent)
+                out = K.stretch_key(initial, salt)
+                os.write(w, out)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        self._pid, self._r, self._value = pid, r, None
+
+    def result(self) -> bytes:
+        if self._value is None:
+            data = b""
+            while len(data) < 32:
+                chunk = os.read(self._r, 32 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) == 32:
+                self._value = data
+            self.close()
+            if self._value is None:
+                raise ResourceError("the key-stretch helper process failed")
+        return self._value
+
+    def close(self) -> None:
+        if self._r >= 0:
+            os.close(self._r)
+            self._r = -1
+        if self._pid:
+            try:
+                if self._value is None:
+                    os.kill(self._pid, signal.SIGKILL)
+                os.waitpid(self._pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._pid = 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: deliver SIGKILL to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
