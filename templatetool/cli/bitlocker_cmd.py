@@ -275,6 +275,9 @@ def register(cli: click.Group) -> None:
             cred.password = read_secret(password_env, "BitLocker password: ")
         else:
             cred.clear = True
+        from ..bitlocker.inplace import refuse_if_converting
+
+        refuse_if_converting(disk, partition)
         r = decrypt_disk(disk, out, partition, cred)
         emit(r, as_json, lambda d: f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
              + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
