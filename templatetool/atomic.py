@@ -33,9 +33,12 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, dest)
+        try:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, dest)
+        except OSError as e:
+            raise ResourceError(f"cannot complete the output: {e.strerror}", str(dest)) from None
         with contextlib.suppress(OSError):
             dfd = os.open(folder, os.O_RDONLY)
             try:
@@ -51,5 +54,8 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically with permissions ``mode``."""
     with atomic_output(path, mode) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise ResourceError(f"cannot write: {e.strerror}", str(path)) from None

@@ -340,9 +340,6 @@ def enc_job(art: cg.Artifacts, tmp_path: Path) -> Job:
     return make_jobs(art, tmp_path)["encrypt"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli/bitlocker_cmd.py encrypt: encrypt_disk renames the encrypted disk into "
-                   "place before the recovery-password/.BEK files are written; a crash in between leaves an encrypted "
-                   "disk whose keys exist nowhere (write the key files first, or the disk last)")
 def test_encrypt_killed_before_key_files(enc_job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
     import templatetool.cli.bitlocker_cmd as bc
 
@@ -352,8 +349,6 @@ def test_encrypt_killed_before_key_files(enc_job: Job, monkeypatch: pytest.Monke
     assert not (enc_job.work / "enc.vhdx").exists() or (enc_job.work / "sk.bek").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli/bitlocker_cmd.py encrypt: an I/O error writing the key files after "
-                   "the disk was renamed gives exit 70 (untyped OSError) and leaves the keyless encrypted disk")
 def test_encrypt_enospc_on_key_file(enc_job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
     import templatetool.cli.bitlocker_cmd as bc
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..bitlocker import bitlocker_summary
-from ..errors import CredentialError, NotFoundError, ResourceError, UsageError
+from ..errors import CredentialError, FormatError, NotFoundError, ResourceError, UsageError
 from ..secrets import read_secret, write_secret_file
 from .common import emit, human_size, json_option
 
@@ -33,8 +33,15 @@ def _info_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Credential files are tiny (a .BEK is 156 bytes); refuse anything absurd before reading it.
+MAX_CREDENTIAL_FILE = 1 << 20
+
+
 def _read_file(path: str, what: str) -> bytes:
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CREDENTIAL_FILE:
+            raise FormatError(f"{what} too large ({size} bytes)", path, f"a {what} is a small file")
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"{what} not found", path) from None
@@ -210,13 +217,20 @@ def register(cli: click.Group) -> None:
                               recovery_password_env, startup_key, as_json)
             return
         assert out is not None
+        def save_keys(res: Any) -> None:
+            # before the encrypted disk is renamed into place: a disk never exists without its keys
+            try:
+                if recovery_password_out and res.recovery_password:
+                    write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
+                if startup_key_out and res.bek is not None:
+                    write_secret_file(startup_key_out, res.bek)
+            except OSError as e:
+                raise ResourceError(f"cannot write the key file: {e.strerror}", hint="the encrypted disk was not "
+                                    "written; free space and run again") from None
+
         r = encrypt_disk(disk, out, partition=partition, method=method, protectors=specs,
-                         description=description)
+                         description=description, on_result=save_keys)
         res = r["result"]
-        if recovery_password_out and res.recovery_password:
-            write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
-        if startup_key_out and res.bek is not None:
-            write_secret_file(startup_key_out, res.bek)
         doc = {k: v for k, v in r.items() if k != "result"}
         doc.update(res.to_json())
         if show_recovery_password:

@@ -144,7 +144,7 @@ def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any
 def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None = None,
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
                  description: str | None = None, *, sparse: bool = True,
-                 tap: Any = None, tap_zeros: Any = None) -> dict[str, Any]:
+                 tap: Any = None, tap_zeros: Any = None, on_result: Any = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -153,6 +153,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     are unallocated in the source and free in NTFS stay unallocated in the output.
     ``tap(offset, plaintext)`` / ``tap_zeros(offset, length)`` see the plaintext volume as it is
     read (skipped chunks as zeros), in order, for measuring in the same pass.
+    ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
+    place (e.g. to save key files first); if it raises, no output appears.
 
     Returns a dict with the partition index, volume offset/size, whether the regions were
     already reserved, ``skipped_bytes`` and ``result`` (the :class:`EncryptResult`).
@@ -207,6 +209,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                     plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
                     protectors=protectors, regions=regions, description=description, skip=counting_skip, tap=tap)
                 out.flush()
+                if on_result is not None:
+                    on_result(result)
             finally:
                 out.close()
     finally:
