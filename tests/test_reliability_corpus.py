@@ -24,31 +24,6 @@ from .conftest import assert_clean_error, run_cli
 
 #: case id -> why it fails today (library bug). Strict xfail: remove the entry once fixed.
 KNOWN_BUGS: dict[str, str] = {
-    "recovery-superscript-digits": "bitlocker/keys.py parse_recovery_password: str.isdigit() accepts '²' but int() "
-                                   "raises ValueError -> exit 70 (use a [0-9] regex)",
-    "kp-nul": "kp/protector.py parse_kp: lxml's multi-line message is put in the FormatError -> two stderr lines",
-    "kp-unwrap-nul": "kp/protector.py parse_kp: lxml's multi-line message is put in the FormatError -> two lines",
-    "evidence-deep-nesting": "hgs/attest.py _parse_evidence: json.loads RecursionError on deeply nested JSON is not "
-                             "caught -> exit 70",
-    "attestation-hours-huge": "hgs/attest.py AttestationPolicy.load/attest: health_hours not range-checked; 10**30 "
-                              "-> OverflowError exit 70",
-    "attestation-hours-negative": "hgs/attest.py AttestationPolicy.load/attest: negative health_hours -> "
-                                  "cryptography ValueError exit 70",
-    "guardian-xml-sig-ref-bad-attr": "guardian/metadata.py import_metadata (~line 173): the XML-DSig schema check raises "
-                                     "lxml/signxml DocumentInvalid, not caught -> exit 70 (found by fuzzing)",
-    "cert-guardian-show-der-flip-tbs": "guardian/model.py load_guardian: a tampered signing.pem (thumbprint differs "
-                                       "from guardian.json, self-signature broken) is accepted; `guardian show` exits 0",
-    "recipe-pcrs-string": "pipeline/build.py run_build: pcrs = \"7,11\" -> ValueError exit 70, and template/pdk "
-                          "outputs of earlier steps are left behind",
-    "recipe-pcrs-huge": "pipeline/build.py run_build: pcrs = [7, 1000000] -> KeyError exit 70, earlier outputs left",
-    "recipe-guardians-int": "pipeline/build.py run_build: guardians = 5 -> TypeError exit 70, template left behind",
-    "recipe-policy-unknown": "pipeline/build.py run_build: policy validated only at the pdk step; template.vhdx/.vsc "
-                             "left behind on failure",
-    "recipe-rule-unknown": "pipeline/build.py run_build: version_rule validated late; template.vhdx/.vsc left behind",
-    "recipe-tcg-log-missing": "pipeline/build.py run_build: missing tcg_log found only at the shield step; "
-                              "template/pdk outputs left behind",
-    "recipe-output-dir-missing": "pipeline/build.py run_build: missing report folder found last; vm.vhdx, vm.kp, "
-                                 "vm.recovery.p7m, template, pdk all left behind after exit != 0",
 }
 
 @pytest.fixture(scope="module")
@@ -176,20 +151,7 @@ FUZZ_CLI = {
     "guardian_xml": ["guardian", "import", "{f}", "-o", "{case}/g", "--allow-untrusted-root"],
     "host_evidence": ["hgs", "attest", "{demo}/fabric", "{f}", "-o", "{case}/hc.pem"],
 }
-KNOWN_FUZZ_BUGS = {
-    "guardian_xml": "(1) guardian/metadata.py parse_xml: lxml's multi-line message (NUL byte) goes into the FormatError "
-                    "-> two stderr lines; (2) guardian/metadata.py import_metadata ~l.173: signxml/lxml DocumentInvalid "
-                    "(XML-DSig schema) not caught -> exit 70; (3) guardian/model.py _is_self_issued ~l.187: "
-                    "cryptography ValueError parsing a malformed subject not caught -> exit 70",
-    "kp": "kp/protector.py parse_kp: lxml's multi-line message (NUL byte in the XML) -> two stderr lines",
-    "host_evidence": "hgs/attest.py _parse_evidence: RecursionError from json.loads on deeply nested arrays -> exit 70",
-    "pdk": "pdk/shielding.py read_pdk/_strict_shape: asn1crypto's multi-line ValueError text ('...\\n    while "
-           "parsing ...') goes into the FormatError -> two stderr lines",
-    "vsc": "cms/signed.py verify_signed_data: asn1crypto's multi-line ValueError text goes into the FormatError -> "
-           "two stderr lines",
-    "tpm_parent": "tpm/keys.py parse_parent_bytes ~l.198-199: a DER certificate with an unknown key-algorithm OID "
-                  "(cryptography UnsupportedAlgorithm) or a bad X.509 version (cryptography InvalidVersion) is not "
-                  "caught (only ValueError is) -> exit 70",
+KNOWN_FUZZ_BUGS: dict[str, str] = {
 }
 
 

@@ -129,7 +129,9 @@ def _child(parent, name: str, where: str, required: bool = True):
 def _cert(el, what: str, where: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(_unb64(el.text, what, where))
-        cert.public_key()  # parsed lazily: a damaged key must fail here
+        cert.public_key()  # parsed lazily: a damaged key or name must fail here
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
         return cert
     except Exception as e:  # noqa: BLE001 - any failure to parse untrusted certificate bytes is malformed input
         raise FormatError(f"{what} is not a valid X.509 certificate: {e}", where) from None
@@ -178,6 +180,9 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
                              "the file was altered after signing") from None
     except etree.XMLSyntaxError as e:
         raise FormatError(f"malformed XML: {e}", where) from None
+    except etree.DocumentInvalid as e:  # signxml validates the ds:Signature against the XML-DSig schema
+        raise FormatError(f"malformed XML signature (not valid XML-DSig): {e}", where,
+                          "the ds:Signature element was altered or is not standard XML-DSig") from None
     signed = result.signed_xml
     if signed is None or signed.tag != _K + "Metadata":
         raise IntegrityError("the XML signature does not cover the Metadata document", where)

@@ -183,8 +183,27 @@ def check_validity(cert: x509.Certificate, where: str, at: _dt.datetime | None =
                           "check the clock, or pass --allow-expired")
 
 
-def _is_self_issued(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject
+def _is_self_issued(cert: x509.Certificate, where: str = "certificate") -> bool:
+    try:
+        return cert.issuer == cert.subject
+    except ValueError as e:  # names are parsed lazily: a malformed subject/issuer fails here
+        raise FormatError(f"malformed certificate name: {_first_line(e)}", where,
+                          "the certificate is damaged; give the original file") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def check_certificate_parses(cert: x509.Certificate, what: str, where: str) -> None:
+    """Force cryptography's lazy parsing of the names and public key: FormatError when damaged."""
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise FormatError(f"{what} is not a valid X.509 certificate: {_first_line(e)}", where,
+                          "the certificate is damaged; give the original file") from None
 
 
 def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate] = (),
@@ -201,7 +220,7 @@ def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate
         der = cur.public_bytes(serialization.Encoding.DER)
         if der in trusted_der:
             return
-        if _is_self_issued(cur):
+        if _is_self_issued(cur, where):
             try:
                 cur.verify_directly_issued_by(cur)
             except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as e:
@@ -213,7 +232,11 @@ def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate
                               "add the root with --trust, or pass --allow-untrusted-root (self-signed guardians)")
         issuer = None
         for cand in pool:
-            if cand.subject == cur.issuer:
+            try:
+                same_name = cand.subject == cur.issuer
+            except ValueError:  # a damaged candidate (e.g. from --trust) cannot be the issuer
+                continue
+            if same_name:
                 try:
                     cur.verify_directly_issued_by(cand)
                     issuer = cand
@@ -322,6 +345,7 @@ def save_guardian(g: Guardian, folder: str | os.PathLike[str], password: str | N
         "encryption_pfx": None,
         "pfx_encrypted": None,
         "signing_thumbprint": g.thumbprint,
+        "encryption_thumbprint": _certs.thumbprint(g.encryption_certificate, "sha1"),
         "encryption_certificate_signature": None if g.encryption_signature is None else {
             "algorithm": g.encryption_signature[0],
             "value": base64.b64encode(g.encryption_signature[1]).decode("ascii")},
@@ -356,7 +380,51 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    return _certs.load_certificates(path)[0]
+    try:
+        cert = _certs.load_certificates(path)[0]
+    except (x509.InvalidVersion, UnsupportedAlgorithm) as e:
+        raise FormatError(f"not a valid certificate: {_first_line(e)}", str(path)) from None
+    check_certificate_parses(cert, "the certificate", str(path))
+    return cert
+
+
+def _norm_thumbprint(value: object, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise FormatError(f"bad {key} in guardian.json", where)
+    return value.strip().replace(":", "").upper()
+
+
+def _verify_folder_certificates(g: Guardian, meta: dict[str, Any], where: str) -> None:
+    """The certificate files must be the ones guardian.json recorded, and self-signatures must verify.
+
+    signing.pem is checked against ``signing_thumbprint`` (and encryption.pem against
+    ``encryption_thumbprint`` when recorded); a self-issued certificate's own signature and the
+    signing key's signature over the encryption certificate must verify. IntegrityError otherwise.
+    """
+    hint = "the guardian folder was altered; restore it from a backup or re-import the guardian"
+    for key, cert, label in (("signing_thumbprint", g.signing_certificate, "signing certificate"),
+                             ("encryption_thumbprint", g.encryption_certificate, "encryption certificate")):
+        if meta.get(key) is None:
+            if key == "signing_thumbprint":
+                raise FormatError("guardian.json lacks signing_thumbprint", where)
+            continue
+        if _norm_thumbprint(meta[key], key, where) != _certs.thumbprint(cert, "sha1"):
+            raise IntegrityError(f"the {label} does not match the thumbprint recorded in guardian.json", where, hint)
+    for cert, label in ((g.signing_certificate, "signing certificate"),
+                        (g.encryption_certificate, "encryption certificate")):
+        if _is_self_issued(cert, where):
+            try:
+                cert.verify_directly_issued_by(cert)
+            except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as e:
+                raise IntegrityError(f"the {label}'s self-signature does not verify ({type(e).__name__})",
+                                     where, hint) from None
+    if g.encryption_signature is not None:
+        from .sigalg import verify_bytes
+
+        alg, value = g.encryption_signature
+        verify_bytes(g.signing_certificate.public_key(), alg, value,
+                     g.encryption_certificate.public_bytes(serialization.Encoding.DER),
+                     "the signing key's signature over the encryption certificate", where)
 
 
 def load_guardian(path: str | os.PathLike[str], *, private: bool = False, password_env: str | None = None,
@@ -401,6 +469,9 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
             g.encryption_signature = (str(ecs["algorithm"]), base64.b64decode(ecs["value"], validate=True))
         except (KeyError, TypeError, ValueError):
             raise FormatError("bad encryption_certificate_signature in guardian.json", str(p)) from None
+    for c in others:
+        check_certificate_parses(c, "an other signing certificate", str(p))
+    _verify_folder_certificates(g, meta, str(p))
     if private:
         if not meta.get("signing_pfx") or not meta.get("encryption_pfx"):
             raise CredentialError(f"guardian {name!r} has no private keys here", str(p),

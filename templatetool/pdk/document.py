@@ -26,6 +26,9 @@ POLICIES = ("shielded", "encryption-supported")
 OTHER_FILES_LIMIT = 384 * 1024
 #: Our own cap on the answer file (not a Microsoft limit).
 ANSWER_FILE_LIMIT = 1024 * 1024
+#: Our own cap on the number of other files (not a Microsoft limit): the 384 KB total bounds the
+#: bytes, this bounds the per-file overhead (a PDK of 10^5 empty files would need 100s of MiB).
+OTHER_FILES_MAX_COUNT = 1000
 SPEC_KEY_RE = re.compile(r"^@[A-Za-z0-9][A-Za-z0-9_-]{0,62}@$")
 #: Substitution strings Microsoft documents for shielded unattend files (N, M are numbers).
 KNOWN_SPEC_KEYS = re.compile(r"^@(ComputerName|TimeZone|ProductKey|IP4Addr-\d+|IP6Addr-\d+|MACAddr-\d+|"
@@ -91,6 +94,9 @@ class SecretPart:
 
     def validate(self) -> None:
         """Microsoft's limits and our own sanity checks (UsageError)."""
+        if len(self.other_files) > OTHER_FILES_MAX_COUNT:
+            raise UsageError(f"too many other files ({len(self.other_files)}, at most {OTHER_FILES_MAX_COUNT})",
+                             hint="bundle them into one archive file")
         total = sum(len(f.data) for f in self.other_files)
         if total > OTHER_FILES_LIMIT:
             raise UsageError("The total size of the files specified by OtherFile exceeds the limit of 384 KB.",
@@ -132,12 +138,20 @@ class SecretPart:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SecretPart:
+        """Parse and check the decrypted secret part (FormatError)."""
+        # Cheap bound before building the JSON objects: in canonical JSON every file object has one
+        # "name": key (escaped quotes inside strings cannot produce this byte sequence).
+        if data.count(b'"name":') > OTHER_FILES_MAX_COUNT + 1:
+            raise FormatError(f"PDK secret part holds more than {OTHER_FILES_MAX_COUNT} other files",
+                              "PDK secret part", "the PDK was not made by a conforming writer")
         d = load_canonical(data, "PDK secret part")
         try:
             if d["format"] != PDK_SECRET_FORMAT or d["version"] != PDK_VERSION:
                 raise FormatError(f"unsupported PDK secret part {d['format']!r} v{d['version']!r}")
             af = d["answer_file"]
             answer = None if af is None else NamedFile(str(af["name"]), unb64(af["data"], "answer file"))
+            if not isinstance(d["other_files"], list) or len(d["other_files"]) > OTHER_FILES_MAX_COUNT:
+                raise FormatError(f"PDK secret part: other_files is not a list of at most {OTHER_FILES_MAX_COUNT}")
             others = [NamedFile(str(f["name"]), unb64(f["data"], "other file")) for f in d["other_files"]]
             sv = d["specialization_values"]
             if not isinstance(sv, dict) or not all(isinstance(v, str) for v in sv.values()):

@@ -16,11 +16,19 @@ from pathlib import Path
 
 from construct import ConstructError
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ..atomic import write_bytes_atomic
-from ..errors import CredentialError, FormatError, NotFoundError, ResourceError, UnsupportedError, UsageError
+from ..errors import (
+    CredentialError,
+    FormatError,
+    NotFoundError,
+    ResourceError,
+    UnsupportedError,
+    UsageError,
+)
 from ..secrets import write_secret_file
 from . import structs as s
 from .algs import ALG_NAMES, hash_bytes
@@ -31,6 +39,9 @@ SRK_ATTRIBUTES = 0x00030472
 EK_ATTRIBUTES = 0x000300B2
 #: PolicySecret(TPM_RH_ENDORSEMENT) — the default EK authPolicy (TCG EK Credential Profile).
 EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+
+#: A TPM2B_PUBLIC, PEM/DER public key, EK certificate or private key is a few KiB: refuse more unread.
+MAX_KEY_FILE = 1 << 20
 
 _CURVES: dict[int, tuple[str, type[ec.EllipticCurve], int]] = {
     s.ECC_NIST_P256: ("P-256", ec.SECP256R1, 32),
@@ -163,13 +174,27 @@ def load_parent(path: str | os.PathLike[str], template: str | None = None) -> Pa
     key or certificate; the default is "ek" for certificates and "srk" for public keys.
     """
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError("parent key file not found", str(p)) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read parent key: {e.strerror}", str(p)) from None
+    data = _read_small(p, "parent key", "give a TPM2B_PUBLIC, a PEM/DER public key or an EK/SRK certificate")
     return parse_parent_bytes(data, template, str(p))
+
+
+def _read_small(p: Path, what: str, hint: str) -> bytes:
+    """Read a key/certificate file of at most MAX_KEY_FILE bytes, refusing larger ones unread."""
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_KEY_FILE:
+                raise FormatError(f"{what} file too large ({size} bytes, at most {MAX_KEY_FILE})", str(p), hint)
+            data = f.read(MAX_KEY_FILE + 1)
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} file not found", str(p)) from None
+    except IsADirectoryError:
+        raise FormatError(f"{what} path is a directory", str(p), hint) from None
+    except OSError as e:
+        raise ResourceError(f"cannot read {what}: {e.strerror}", str(p)) from None
+    if len(data) > MAX_KEY_FILE:  # a special file with no size, or one that grew while read
+        raise FormatError(f"{what} file too large (over {MAX_KEY_FILE} bytes)", str(p), hint)
+    return data
 
 
 def parse_parent_bytes(data: bytes, template: str | None = None, source: str = "parent") -> ParentKey:
@@ -181,14 +206,17 @@ def parse_parent_bytes(data: bytes, template: str | None = None, source: str = "
         if b"CERTIFICATE" in stripped.split(b"\n", 1)[0]:
             try:
                 cert = x509.load_pem_x509_certificate(stripped)
-            except ValueError as e:
+            except (ValueError, x509.InvalidVersion) as e:
                 raise FormatError(f"bad PEM certificate: {_short(e)}", source) from None
-            return _from_key(cert.public_key(), template or "ek", source)
+            return _from_key(_cert_public_key(cert, source), template or "ek", source)
         try:
             key = serialization.load_pem_public_key(stripped)
         except ValueError as e:
             raise FormatError(f"bad PEM public key: {_short(e)}", source,
                               "give a PUBLIC KEY or CERTIFICATE PEM (never the private key)") from None
+        except UnsupportedAlgorithm as e:
+            raise UnsupportedError(f"parent public key algorithm not supported: {_short(e)}", source,
+                                   "the parent key must be RSA or ECC") from None
         return _from_key(key, template or "srk", source)
     # TPM2B_PUBLIC (u16 size matches the file) or a raw TPMT_PUBLIC
     if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
@@ -196,17 +224,32 @@ def parse_parent_bytes(data: bytes, template: str | None = None, source: str = "
     if data[:1] == b"\x30":  # DER
         try:
             cert = x509.load_der_x509_certificate(data)
-            return _from_key(cert.public_key(), template or "ek", source)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             pass
+        else:
+            return _from_key(_cert_public_key(cert, source), template or "ek", source)
         try:
             return _from_key(serialization.load_der_public_key(data), template or "srk", source)
         except ValueError:
             pass
+        except UnsupportedAlgorithm as e:
+            raise UnsupportedError(f"parent public key algorithm not supported: {_short(e)}", source,
+                                   "the parent key must be RSA or ECC") from None
     if len(data) >= 4 and int.from_bytes(data[:2], "big") in (s.ALG_RSA, s.ALG_ECC):
         return parse_parent_public(data, source)
     raise FormatError("unrecognised parent key file", source,
                       "give a TPM2B_PUBLIC (tpm2_readpublic -o), a PEM public key or an EK/SRK certificate")
+
+
+def _cert_public_key(cert: x509.Certificate, source: str) -> object:
+    """The certificate's public key; an unknown key algorithm OID is refused, not a crash."""
+    try:
+        return cert.public_key()
+    except UnsupportedAlgorithm as e:
+        raise UnsupportedError(f"certificate public key algorithm not supported: {_short(e)}", source,
+                               "the parent key must be RSA or ECC") from None
+    except ValueError as e:
+        raise FormatError(f"bad certificate public key: {_short(e)}", source) from None
 
 
 def _from_key(key: object, template: str, source: str) -> ParentKey:
@@ -261,17 +304,14 @@ def create_vtpm_key(out: str | os.PathLike[str], kind: str = "rsa") -> NewVtpmKe
 def load_private_key(path: str | os.PathLike[str], password: bytes | None = None) -> PrivateKey:
     """Load a vTPM storage private key (PEM or DER, PKCS#8 or traditional)."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError("private key file not found", str(p)) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read private key: {e.strerror}", str(p)) from None
+    data = _read_small(p, "private key", "give the PEM or DER storage private key")
     try:
         if data.lstrip().startswith(b"-----"):
             key = serialization.load_pem_private_key(data, password)
         else:
             key = serialization.load_der_private_key(data, password)
+    except UnsupportedAlgorithm:
+        raise UnsupportedError("private key algorithm not supported", str(p), "the key must be RSA or ECC") from None
     except (ValueError, TypeError):
         # never echo the underlying message: it may quote key bytes
         raise CredentialError("cannot load the private key (wrong format or password)", str(p)) from None
