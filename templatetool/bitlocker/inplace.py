@@ -521,29 +521,10 @@ class _Lock:
 
 
 def _locate(dev: BlockDevice, partition: int | None) -> tuple[int, int, int | None]:
-    """(offset, size, index) of the NTFS/BitLocker volume to convert (like the copy-mode choice)."""
-    from ..disk import read_partition_table, sniff_filesystem
-    from ..errors import NotFoundError
+    """(offset, size, index) of the NTFS/BitLocker volume to convert (the copy-mode choice)."""
+    from ..disk import locate_volume
 
-    head = dev.read(0, 512) if dev.size >= 512 else b""
-    bare = head[3:11] in (S.FVE_SIGNATURE, b"NTFS    ")
-    table = None if bare else read_partition_table(dev)
-    if table is None or table.scheme is None:
-        if partition not in (None, 0, 1):
-            raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
-        return 0, dev.size, None
-    if partition:
-        p = table.get(partition)
-        return p.offset, p.size, p.index
-    best = None
-    for p in table.partitions:
-        if p.kind not in ("basic-data", "other"):
-            continue
-        if sniff_filesystem(p.view(dev)) in ("ntfs", "bitlocker") and (best is None or p.size > best.size):
-            best = p
-    if best is None:
-        raise NotFoundError("no NTFS or BitLocker basic-data partition found", dev.name, "pass --partition N")
-    return best.offset, best.size, best.index
+    return locate_volume(dev, partition, ("ntfs", "bitlocker"))
 
 
 def in_place(disk_path: str | os.PathLike[str], partition: int | None = None, *,

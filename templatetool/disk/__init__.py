@@ -20,7 +20,7 @@ VHDX_SIGNATURE = b"vhdxfile"
 __all__ = [
     "open_disk", "create_disk", "disk_format", "read_partition_table", "find_os_volume",
     "sniff_filesystem", "Partition", "PartitionTable", "BASIC_DATA", "EFI_SYSTEM", "MS_RESERVED",
-    "select_volume", "View",
+    "select_volume", "locate_volume", "View",
 ]
 
 
@@ -71,28 +71,47 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
     return RawFile.create(path, size, sector_size=lss)
 
 
-def find_os_volume(table: PartitionTable, dev: BlockDevice) -> Partition:
-    """The OS volume: the largest NTFS basic-data partition (GPT) or NTFS partition (MBR)."""
+def locate_volume(dev: BlockDevice, partition: int | None = None,
+                  want: tuple[str, ...] = ("ntfs", "bitlocker")) -> tuple[int, int, int | None]:
+    """(offset, size, 1-based index or None) of the volume to work on.
+
+    Partition ``partition`` when given; else the largest basic-data partition whose filesystem
+    is one of ``want`` (the OS volume); a bare volume image (no partition table) is the whole device.
+    """
+    head = dev.read(0, 512) if dev.size >= 512 else b""
+    bare = head[3:11] in (b"-FVE-FS-", b"NTFS    ")  # a volume image, whatever its BPB says
+    table = None if bare else read_partition_table(dev)
+    if table is None or table.scheme is None:
+        if partition not in (None, 0, 1):
+            raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
+        return 0, dev.size, None
+    if partition:
+        p = table.get(partition)
+        return p.offset, p.size, p.index
     best: Partition | None = None
     for p in table.partitions:
         if p.kind not in ("basic-data", "other"):
             continue
-        if sniff_filesystem(p.view(dev)) not in ("ntfs", "bitlocker"):
-            continue
-        if best is None or p.size > best.size:
+        if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
             best = p
     if best is None:
-        raise NotFoundError("no NTFS basic-data partition (OS volume) found", dev.name,
+        raise NotFoundError(f"no {' or '.join(want)} basic-data partition (OS volume) found", dev.name,
                             "pass --partition N to choose one")
-    return best
+    return best.offset, best.size, best.index
+
+
+def find_os_volume(table: PartitionTable, dev: BlockDevice) -> Partition:
+    """The OS volume: the largest NTFS (or BitLocker) basic-data partition."""
+    _off, _size, index = locate_volume(dev)
+    if index is None:
+        raise NotFoundError("the disk has no partition table", dev.name)
+    return table.get(index)
 
 
 def select_volume(dev: BlockDevice, partition: int | None = None) -> tuple[View, Partition | None]:
     """The volume to operate on: partition N, the OS volume, or the whole device when it has no table."""
-    table = read_partition_table(dev)
-    if table.scheme is None:
-        if partition not in (None, 0, 1):
-            raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
-        return View(dev, 0, dev.size, name=dev.name), None
-    part = table.get(partition) if partition else find_os_volume(table, dev)
+    off, size, index = locate_volume(dev, partition)
+    if index is None:
+        return View(dev, off, size, name=dev.name), None
+    part = read_partition_table(dev).get(index)
     return part.view(dev), part

@@ -21,8 +21,8 @@ from ..atomic import atomic_output
 from ..bitlocker.reserve import find_reserved, reserve_ntfs
 from ..bitlocker.volume import EncryptResult, ProtectorSpec, encrypt_volume, open_fve
 from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
-from ..disk import create_disk, open_disk, read_partition_table, sniff_filesystem
-from ..errors import NotFoundError, UnsupportedError, UsageError
+from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
+from ..errors import UnsupportedError, UsageError
 from ..progress import progress
 
 
@@ -45,28 +45,8 @@ def _out_format(path: str | os.PathLike[str]) -> str:
 
 
 def _pick(dev: BlockDevice, partition: int | None, want: tuple[str, ...]) -> tuple[int, int, int | None]:
-    """(offset, size, index) of the volume: partition N, the largest matching one, or the bare device."""
-    head = dev.read(0, 512) if dev.size >= 512 else b""
-    bare = head[3:11] in (b"-FVE-FS-", b"NTFS    ")  # a volume image, whatever its BPB says
-    table = None if bare else read_partition_table(dev)
-    if table is None or table.scheme is None:
-        if partition not in (None, 0, 1):
-            raise NotFoundError(f"no partition {partition}: the image is a bare volume", dev.name)
-        return 0, dev.size, None
-    if partition:
-        p = table.get(partition)
-        return p.offset, p.size, p.index
-    best = None
-    for p in table.partitions:
-        if p.kind not in ("basic-data", "other"):
-            continue
-        if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
-            best = p
-    if best is None:
-        raise NotFoundError(f"no {' or '.join(want)} basic-data partition found", dev.name,
-                            "pass --partition N to choose one")
-    return best.offset, best.size, best.index
-
+    """(offset, size, index) of the volume: see :func:`templatetool.disk.locate_volume`."""
+    return locate_volume(dev, partition, want)
 
 def _copy_span(src: BlockDevice, dst: BlockDevice, offset: int, length: int, bar: Any,
                dst_offset: int | None = None) -> None:
