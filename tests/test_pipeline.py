@@ -310,3 +310,36 @@ def test_shield_refuses_tampered_template_in_the_same_pass(demo: dict, tmp_path:
         shield(bad, d / "tenant.pdk", tmp_path / "vm.vhdx", load_guardian(d / "owner", private=True),
                pcr_values={7: bytes(32), 11: bytes(32)}, guardians=[load_guardian(d / "fabric")])
     assert not list(tmp_path.glob("vm*")) and not list(tmp_path.glob(".vm*"))
+
+
+def test_shield_in_place_resumes_after_sigkill(demo: dict, tmp_path: Path) -> None:
+    """shield --in-place converts the template itself; killed mid-way, re-running finishes it."""
+    import os
+    import shutil
+    import signal
+    import sys
+    import time
+
+    d = demo["dir"]
+    disk = tmp_path / "big-template.vhdx"
+    shutil.copy(d / "template.vhdx", disk)
+    zero = "00" * 32
+    args = [sys.executable, "-m", "templatetool.cli.main", "-q", "shield", str(disk), "--pdk", str(d / "tenant.pdk"),
+            "--owner", str(d / "owner"), "--guardian", str(d / "fabric"), "--in-place",
+            "--pcr-values", f"7={zero},11={zero}"]
+    env = dict(os.environ, TEMPLATETOOL_INPLACE_CHUNK="4096")  # small steps so the kill lands mid-conversion
+    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while p.poll() is None and not (tmp_path / "big-template.kp").exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
+    cp = subprocess.run(args + ["--json"], capture_output=True, text=True, env=env)  # re-run = resume from the escrow
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["resumed"] is True  # the kill landed mid-conversion
+    rep = run_cli("unlock", str(disk), "--kp", str(tmp_path / "big-template.kp"), "--guardian", str(d / "fabric"),
+                  "--host", str(d / "host"), "--dry-run", "--json")
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert json.loads(rep.stdout)["ok"] is True

@@ -51,7 +51,9 @@ def register(cli: click.Group) -> None:
     @click.option("--owner-password-env", default=None, help="Env var holding the owner PFX password.")
     @click.option("--guardian", "guardians", multiple=True, type=click.Path(exists=True),
                   help="Guardian folder/metadata for the PDK's guardians (repeatable).")
-    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Shielded VM disk (.vhdx).")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Shielded VM disk (.vhdx).")
+    @click.option("--in-place", is_flag=True,
+                  help="Convert TEMPLATE itself (too large to copy); resumable: re-run after a crash.")
     @click.option("--kp", "kp_out", type=click.Path(dir_okay=False), help="Key protector output (default OUTPUT.kp).")
     @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
                   help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
@@ -63,7 +65,8 @@ def register(cli: click.Group) -> None:
     @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Write the JSON report here too.")
     @json_option
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
-                   output: str, kp_out: str | None, tpm_parent: str | None, pcrs: str, pcr_values: str | None,
+                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: str,
+                   pcr_values: str | None,
                    tcg_log: str | None, bank: str, method: str, report_out: str | None, as_json: bool) -> None:
         """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
         from ..atomic import write_bytes_atomic
@@ -72,17 +75,20 @@ def register(cli: click.Group) -> None:
 
         if (pcr_values is None) == (tcg_log is None):
             raise click.UsageError("give exactly one of --pcr-values and --tcg-log")
+        if (output is None) != in_place:
+            raise click.UsageError("give -o OUTPUT, or --in-place to convert the template itself")
         og = load_guardian(owner, private=True, password_env=owner_password_env)
         known = [load_guardian(g, allow_untrusted_root=True) for g in guardians]
-        rep = shield(template, pdk, output, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=_pcrs(pcrs),
-                     pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known)
+        rep = shield(template, pdk, output or template, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=_pcrs(pcrs),
+                     pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known,
+                     in_place=in_place)
         if report_out:
             write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
         emit(rep, as_json, lambda r: "\n".join([
             f"shielded VM disk {r['outputs']['disk']} (policy {r['policy']})",
             f"key protector   {r['outputs']['kp']} (owner {r['owner']}, guardians {', '.join(r['guardians'])})",
             f"recovery escrow {r['outputs']['recovery_escrow']} (encrypted to the owner)",
-            "protectors      " + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"]["protectors"])]))
+            "protectors      " + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"].get("protectors", []))]))
 
     @cli.command("unlock")
     @click.argument("vm_disk", type=click.Path(dir_okay=False, exists=True))

@@ -114,12 +114,22 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
            pcr_values: Mapping[int, bytes] | None = None, tcg_log: str | os.PathLike[str] | bytes | None = None,
            bank: str = "sha256", method: str = "xts-aes-128", vtpm_kind: str = "rsa",
            verify_content: bool = True, trust: list[Any] | None = None,
-           guardians: Sequence[Guardian] = ()) -> dict[str, Any]:
+           guardians: Sequence[Guardian] = (), in_place: bool = False) -> dict[str, Any]:
     """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
 
     ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
     their encryption-certificate signatures.
+
+    ``in_place``: for templates too large to copy, convert ``template`` itself into the VM disk
+    (``out_path`` is ignored; the KP and escrow are written beside it *before* any sector changes)
+    with the resumable in-place conversion; re-running after a crash resumes it, taking the
+    recovery password from the owner's escrow.
     """
+    if in_place:
+        return _shield_in_place(template, pdk_path, owner, kp_path=kp_path, tpm_parent=tpm_parent, pcrs=pcrs,
+                                pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
+                                vtpm_kind=vtpm_kind, verify_content=verify_content, trust=trust,
+                                guardians=guardians)
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..catalog.vsc import compare_volume, open_vsc, read_vsc_bytes
     from ..cms.enveloped import envelope
@@ -245,4 +255,106 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                       "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
         "catalog_verified": measurer is not None,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian, trust: Any) -> tuple[Any, Any, bytes]:
+    """PDK verified and opened by the owner; template catalog qualifies. Returns (pdk info, vsc, vsc DER)."""
+    from ..catalog.vsc import open_vsc, read_vsc_bytes
+    from ..errors import NotFoundError
+    from ..pdk.shielding import check_template, open_pdk_secret, read_pdk
+
+    if not owner.has_private_keys:
+        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+    try:
+        pdk_der = Path(pdk_path).read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError("PDK not found", str(pdk_path)) from None
+    info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
+    _pin_owner(info, owner)
+    open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
+    if info.policy not in POLICIES:
+        raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
+    vsc_der = read_vsc_bytes(template)
+    qual = check_template(info, vsc_der, str(template), trust=trust)
+    if not qual["qualified"]:
+        raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
+                          "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
+    return info, open_vsc(vsc_der, trust=trust), vsc_der
+
+
+def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: Any, tpm_parent: Any,
+                     pcrs: Sequence[int], pcr_values: Mapping[int, bytes] | None, tcg_log: Any, bank: str, method: str,
+                     vtpm_kind: str, verify_content: bool, trust: Any, guardians: Sequence[Guardian]) -> dict[str, Any]:
+    from ..bitlocker import ProtectorSpec, generate_recovery_password
+    from ..bitlocker.inplace import in_place, probe
+    from ..catalog.vsc import compare_volume
+    from ..cms.enveloped import envelope, open_envelope
+    from ..disk import open_disk, select_volume
+    from ..kp import create_kp
+    from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
+    from ..tpm.protector import make_sealer, resolve_pcr_values
+
+    t0 = time.monotonic()
+    disk = Path(template)
+    kp_out = Path(kp_path) if kp_path else disk.with_suffix(".kp")
+    escrow_out = disk.with_suffix(".recovery.p7m")
+    info, vsc, _der = _check_pdk_and_template(template, pdk_path, owner, trust)
+    with open_disk(template) as dev:
+        view, _part = select_volume(dev, None)
+        state = probe(view).state
+        if state == "plain" and verify_content:
+            _root, changed, files = compare_volume(view, vsc.document, name_files=True)
+            if changed:
+                where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
+                raise PolicyError("the template volume no longer matches its signed catalog", str(template),
+                                  f"changed: {where}; re-protect the golden disk")
+    if state == "converting":  # resume a crashed run with the recovery password escrowed to the owner
+        try:
+            esc = json.loads(open_envelope(escrow_out.read_bytes(), owner.encryption_key, owner.encryption_certificate,
+                                           where=str(escrow_out)))
+        except FileNotFoundError:
+            raise PolicyError("the disk is mid-conversion but its recovery escrow is missing", str(escrow_out),
+                              "resume with `templatetool resume` and the recovery password") from None
+        enc = in_place(template, None, credential={"recovery_password": esc["recovery_password"]})
+        resumed = True
+    elif state != "plain":
+        raise UsageError(f"the template's OS volume is already {state}", str(template))
+    else:
+        resumed = False
+        vtpm_key = None
+        if tpm_parent is not None:
+            parent = load_parent(tpm_parent)
+        else:
+            vtpm_key = generate_storage_key(vtpm_kind)
+            parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
+        values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
+        sealer = make_sealer(parent, list(values), values, bank=bank)
+        recovery = generate_recovery_password()
+        secret = VmSecret(
+            vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()) if vtpm_key is not None else None,
+            parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
+
+        def save_keys(res: Any) -> None:  # before any sector of the template changes
+            escrow = envelope(canonical_json({"recovery_password": recovery, "volume_guid": res.volume_guid,
+                                              "disk": disk.name}), [owner.encryption_certificate])
+            write_bytes_atomic(escrow_out, escrow, mode=0o600)
+            write_bytes_atomic(kp_out, create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians)))
+
+        enc = in_place(template, None, method=method, on_keys=save_keys,
+                       protectors=[ProtectorSpec("tpm", seal=sealer), ProtectorSpec("recovery_password", recovery)],
+                       description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
+    return {
+        "tool": f"templatetool {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "in_place": True, "resumed": resumed,
+        "template": {"path": str(template), "name": vsc.name, "version": ".".join(map(str, vsc.version))},
+        "policy": info.policy,
+        "outputs": {"disk": str(disk), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
+        "guardians": [g.name for g in info.guardians], "owner": info.owner.name,
+        "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
+                      "volume_size": enc["volume_size"]},
+        "catalog_verified": verify_content and not resumed,
+        "timings_s": {"total": round(time.monotonic() - t0, 3)},
     }
