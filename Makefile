@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup deps test test-all demo bench fuzz clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py templatetool/_xts.c
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'

@@ -31,9 +31,19 @@ class BlockDevice(ABC):
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``; reading past ``size`` is an error."""
 
+    def read_into(self, offset: int, dst: memoryview) -> None:
+        """Fill the writable buffer ``dst`` from ``offset`` (no allocation where supported)."""
+        dst[:] = self.read(offset, len(dst))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (within ``size``)."""
         raise UnsupportedError("device is read-only", self.name)
+
+    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        """``(fd, file offset)`` where the span is stored contiguously, allocated now if needed, so
+        a worker process holding the same descriptor may ``pwrite`` it directly; None when the
+        device cannot promise that (then use :meth:`write`)."""
+        return None
 
     def allocated_ranges(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) ranges that may hold non-zero data, in order.
@@ -115,6 +125,25 @@ class RawFile(BlockDevice):
             out += b
         return bytes(out)
 
+    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        if not self.writable:
+            return None
+        self._check_range(offset, length)
+        return self._fd, offset
+
+    def read_into(self, offset: int, dst: memoryview) -> None:
+        self._check_range(offset, len(dst))
+        done, length = 0, len(dst)
+        while done < length:
+            try:
+                k = os.preadv(self._fd, [dst[done:]], offset + done)
+            except OSError as e:
+                raise ResourceError(f"read failed: {e.strerror}", self.name) from e
+            if not k:
+                dst[done:] = bytes(length - done)
+                break
+            done += k
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise UnsupportedError("device is read-only", self.name)
@@ -171,6 +200,14 @@ class View(BlockDevice):
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         return self.base.read(self.offset + offset, length)
+
+    def read_into(self, offset: int, dst: memoryview) -> None:
+        self._check_range(offset, len(dst))
+        self.base.read_into(self.offset + offset, dst)
+
+    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
+        self._check_range(offset, length)
+        return self.base.direct_target(self.offset + offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))

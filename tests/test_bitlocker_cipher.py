@@ -13,6 +13,7 @@ from templatetool.bitlocker.cipher import (
     DiffuserCipher,
     XtsCipher,
     make_cipher,
+    native_xts_available,
 )
 from templatetool.errors import FormatError, UnsupportedError
 
@@ -24,16 +25,46 @@ def _xts_ref(key: bytes, data: bytes, first: int, ss: int) -> bytes:
                     .update(data[i * ss:(i + 1) * ss]) for i in range(len(data) // ss))
 
 
+@pytest.fixture(params=["native", "numpy"])
+def xts_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both XTS implementations: the C loop over OpenSSL and the numpy batch."""
+    if request.param == "native":
+        if not native_xts_available():
+            if os.environ.get("TEMPLATETOOL_CI"):
+                pytest.fail("templatetool._xts was not built: CI must test the fast path")
+            pytest.skip("templatetool._xts not built (needs gcc and libcrypto.so.3)")
+    else:
+        monkeypatch.setenv("TEMPLATETOOL_NATIVE_XTS", "0")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("keylen", [32, 64])
 @pytest.mark.parametrize("ss", [512, 4096])
 @pytest.mark.parametrize("first", SECTORS)
-def test_xts_matches_cryptography_per_sector(keylen: int, ss: int, first: int) -> None:
+def test_xts_matches_cryptography_per_sector(xts_path: str, keylen: int, ss: int, first: int) -> None:
     key = os.urandom(keylen)
     data = os.urandom(ss * 7)
     x = XtsCipher(key, ss)
+    assert (x._native_key is not None) == (xts_path == "native")
     ct = x.encrypt(data, first)
     assert ct == _xts_ref(key, data, first, ss)
     assert x.decrypt(ct, first) == data
+    out = memoryview(bytearray(len(data) + 64))
+    x.encrypt_into(data, first, out)
+    assert bytes(out[:len(data)]) == ct
+    back = memoryview(bytearray(len(data) + 16))
+    x.decrypt_into(ct, first, back)
+    assert bytes(back[:len(data)]) == data
+    assert x.encrypt_to_array(data, first).tobytes() == ct
+
+
+def test_native_and_numpy_paths_agree_on_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native_xts_available():
+        pytest.skip("templatetool._xts not built")
+    key, data = os.urandom(32), os.urandom(1 << 20)
+    fast = XtsCipher(key, 512).encrypt(data, 2**33 + 1)
+    monkeypatch.setenv("TEMPLATETOOL_NATIVE_XTS", "0")
+    assert XtsCipher(key, 512).encrypt(data, 2**33 + 1) == fast
 
 
 # IEEE Std 1619-2007 Annex B, vectors 1-3 (32-byte data units) and vector 4 (512-byte data unit).
@@ -48,13 +79,13 @@ IEEE = [
 
 
 @pytest.mark.parametrize("k1,k2,unit,pt,ct", IEEE)
-def test_xts_ieee1619_vectors(k1: str, k2: str, unit: int, pt: str, ct: str) -> None:
+def test_xts_ieee1619_vectors(xts_path: str, k1: str, k2: str, unit: int, pt: str, ct: str) -> None:
     x = XtsCipher(bytes.fromhex(k1 + k2), 32)
     assert x.encrypt(bytes.fromhex(pt), unit).hex() == ct
     assert x.decrypt(bytes.fromhex(ct), unit).hex() == pt
 
 
-def test_xts_ieee1619_vector4_512_byte_unit() -> None:
+def test_xts_ieee1619_vector4_512_byte_unit(xts_path: str) -> None:
     key = bytes.fromhex("27182818284590452353602874713526" "31415926535897932384626433832795")
     pt = bytes(range(256)) * 2
     x = XtsCipher(key, 512)

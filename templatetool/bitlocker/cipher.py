@@ -25,6 +25,18 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from ..errors import FormatError, UnsupportedError
 from . import structs as S
 
+try:  # optional C loop over OpenSSL's own AES-XTS, one data unit per sector (templatetool/_xts.c)
+    from .. import _xts as _native
+except ImportError:  # not built (no compiler / libcrypto.so.3): the numpy path gives the same bytes
+    _native = None
+
+
+def native_xts_available() -> bool:
+    """True when the compiled XTS loop is present and not disabled (``TEMPLATETOOL_NATIVE_XTS=0``)."""
+    import os
+
+    return _native is not None and os.environ.get("TEMPLATETOOL_NATIVE_XTS", "1") != "0"
+
 _U64 = np.dtype("<u8")
 _U32 = np.dtype("<u4")
 
@@ -62,6 +74,15 @@ class SectorCipher(ABC):
     def decrypt(self, data: bytes | bytearray | memoryview, first_sector: int) -> bytes:
         """Decrypt consecutive sectors starting at ``first_sector``."""
 
+    def encrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
+        """Encrypt into ``out[:len(data)]``; ``out`` must be writable with 16 bytes of room after
+        that (scratch) and must not overlap ``data``."""
+        out[:len(data)] = self.encrypt(data, first_sector)
+
+    def decrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
+        """Decrypt into ``out[:len(data)]`` (same rules as :meth:`encrypt_into`)."""
+        out[:len(data)] = self.decrypt(data, first_sector)
+
 
 def _ecb(key: bytes) -> tuple[Any, Any]:
     c = Cipher(algorithms.AES(key), modes.ECB())
@@ -82,6 +103,8 @@ class XtsCipher(SectorCipher):
         self._enc1, self._dec1 = _ecb(key[:half])
         self._enc2, _ = _ecb(key[half:])
         self._nb = sector_size // 16
+        # OpenSSL refuses XTS keys with equal halves; those (never a random FVEK) stay on numpy
+        self._native_key = key if native_xts_available() and key[:half] != key[half:] else None
 
     def tweaks(self, first_sector: int, nsec: int) -> np.ndarray:
         """Return the (nsec, blocks, 2) uint64 array of per-block tweaks (lo, hi words).
@@ -124,10 +147,20 @@ class XtsCipher(SectorCipher):
     def _run(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: Any) -> bytes:
         if not len(data):
             return b""
+        if self._native_key is not None:
+            self._check(data)
+            out = bytearray(len(data))
+            _native.xts(self._native_key, data, out, first_sector, self.sector_size, ctx is self._enc1)
+            return bytes(out)
         return self._run_array(data, first_sector, ctx).tobytes()
 
     def encrypt_to_array(self, data: bytes | bytearray | memoryview, first_sector: int) -> np.ndarray:
         """Like :meth:`encrypt` but return a fresh writable uint8 array (saves a copy)."""
+        if self._native_key is not None and len(data):
+            self._check(data)
+            out = np.empty(len(data), dtype=np.uint8)
+            _native.xts(self._native_key, data, out, first_sector, self.sector_size, True)
+            return out
         return self._run_array(data, first_sector, self._enc1).reshape(-1).view(np.uint8)
 
     def _run_array(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: Any) -> np.ndarray:
@@ -145,6 +178,29 @@ class XtsCipher(SectorCipher):
 
     def decrypt(self, data: bytes | bytearray | memoryview, first_sector: int) -> bytes:
         return self._run(data, first_sector, self._dec1)
+
+    def _run_into(self, data: bytes | bytearray | memoryview, first_sector: int, ctx: Any, out: memoryview) -> None:
+        n = len(data)
+        nsec = self._check(data)
+        if not n:
+            return
+        if len(out) < n + 16:
+            raise ValueError("output buffer needs 16 bytes of room after the data")
+        if self._native_key is not None:
+            _native.xts(self._native_key, data, out[:n], first_sector, self.sector_size, ctx is self._enc1)
+            return
+        T = self.tweaks(first_sector, nsec)
+        raw = np.frombuffer(out, dtype=np.uint8, count=n + 16)
+        x = raw[:n].view(_U64).reshape(T.shape)
+        np.bitwise_xor(np.frombuffer(data, dtype=_U64, count=n // 8).reshape(T.shape), T, out=x)
+        ctx.update_into(memoryview(raw[:n]), memoryview(raw))  # type: ignore[attr-defined]  # ECB in place
+        np.bitwise_xor(x, T, out=x)
+
+    def encrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
+        self._run_into(data, first_sector, self._enc1, out)
+
+    def decrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
+        self._run_into(data, first_sector, self._dec1, out)
 
 
 class CbcCipher(SectorCipher):

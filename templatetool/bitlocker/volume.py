@@ -12,7 +12,6 @@ import hashlib
 import os
 import signal
 import struct
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,14 @@ from typing import Any
 
 from ..blockdev import CHUNK, BlockDevice
 from ..errors import (
-    CredentialError, FormatError, IntegrityError, ResourceError, TemplateToolError, UsageError,
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    ResourceError,
+    TemplateToolError,
+    UsageError,
 )
+from ..parallel import chunk_items, die_with_parent
 from ..progress import progress
 from . import keys as K
 from . import structs as S
@@ -375,9 +380,31 @@ class ProtectorSpec:
     kind: ProtectorKind
     value: str | None = None
     seal: Callable[[bytes], tuple[bytes, int]] | None = None
+    _pre: Any = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"ProtectorSpec(kind={self.kind!r})"
+
+    def prepare(self) -> ProtectorSpec:
+        """Start this protector's key stretch now, in a forked child (recovery password and
+        password protectors; a no-op for the others), so that it overlaps whatever the caller
+        does before encrypting. Call :meth:`discard` if the spec ends up unused."""
+        kind = self.kind.replace("-", "_")
+        if self._pre is None and kind in ("recovery_password", "password") and hasattr(os, "fork"):
+            jobs = _StretchJobs(True)
+            salt = K.random_key(16)
+            if kind == "recovery_password":
+                key16 = K.parse_recovery_password(self.value or K.generate_recovery_password())
+                self._pre = (key16, salt, jobs.submit(K.recovery_initial_hash(key16), salt))
+            elif self.value:
+                self._pre = (salt, jobs.submit(K.password_initial_hash(self.value), salt))
+        return self
+
+    def discard(self) -> None:
+        """Stop a stretch started by :meth:`prepare` whose result was not used."""
+        if self._pre is not None:
+            self._pre[-1].close()
+            self._pre = None
 
 
 @dataclass
@@ -506,7 +533,7 @@ class EncryptionPlan:
         """True when the span touches the boot sector, a metadata block or the relocated header."""
         return any(ro < offset + length and offset < ro + n for ro, n in self.overlay_spans())
 
-    def finalize(self) -> "EncryptionPlan":
+    def finalize(self) -> EncryptionPlan:
         """Finish the deferred part (protector key stretches, metadata, overlays); idempotent."""
         fin = self._meta.pop("finish", None)
         if fin is not None:
@@ -580,14 +607,20 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
             if rec_seen:
                 raise UsageError("only one recovery password protector is read by libbde and dislocker")
             rec_seen = True
-            key16 = K.parse_recovery_password(spec.value or K.generate_recovery_password())
-            salt = K.random_key(16)
-            pre = (key16, salt, stretches.submit(K.recovery_initial_hash(key16), salt))
+            if spec._pre is not None:
+                pre = spec._pre
+            else:
+                key16 = K.parse_recovery_password(spec.value or K.generate_recovery_password())
+                salt = K.random_key(16)
+                pre = (key16, salt, stretches.submit(K.recovery_initial_hash(key16), salt))
         elif kind == "password":
             if not spec.value:
                 raise UsageError("a password protector needs a password")
-            salt = K.random_key(16)
-            pre = (salt, stretches.submit(K.password_initial_hash(spec.value), salt))
+            if spec._pre is not None:
+                pre = spec._pre
+            else:
+                salt = K.random_key(16)
+                pre = (salt, stretches.submit(K.password_initial_hash(spec.value), salt))
         elif kind == "tpm" and spec.seal is None:
             raise UsageError("a TPM protector needs a seal function")
         elif kind not in ("startup_key", "clear", "tpm"):
@@ -699,7 +732,7 @@ class _StretchChild:
             code = 1
             try:
                 os.close(r)
-                _die_with_parent(parent)
+                die_with_parent(parent)
                 out = K.stretch_key(initial, salt)
                 os.write(w, out)
                 code = 0
@@ -737,78 +770,87 @@ class _StretchChild:
             self._pid = 0
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: deliver SIGKILL to this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
                    protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
                    description: str | None = None, skip: Callable[[int, int], bool] | None = None,
-                   tap: Callable[[int, bytes], None] | None = None, threads: int = 2) -> EncryptResult:
+                   on_skip: Callable[[int, int], None] | None = None,
+                   tap: Callable[[int, bytes | memoryview], None] | None = None,
+                   worker_tap: Callable[[int, memoryview], bytes] | None = None,
+                   on_tap: Callable[[int, int, bytes], None] | None = None,
+                   workers: int | None = None) -> EncryptResult:
     """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
 
     ``regions`` must already be reserved (zero, unused by the filesystem): see
     :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory
-    (a few chunks in flight). Chunks are encrypted on ``threads`` worker threads (the AES and
-    numpy work releases the GIL) and written in order; the protectors' key stretches run in a
-    background process meanwhile, and the few chunks holding BitLocker's own structures are
-    written last, once the metadata is built.
+    (a few chunks in flight). Chunks are read and encrypted by ``workers`` forked processes
+    (:func:`templatetool.parallel.ordered_map`; default: one per CPU) and written in order by this
+    process; the protectors' key stretches run in a background process meanwhile, and the few
+    chunks holding BitLocker's own structures are written last, once the metadata is built.
+
     ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
     unallocated in the source: ``dst`` then keeps it unallocated; readers return garbage there,
     which is harmless for free clusters); chunks holding BitLocker's own structures are always
-    written. ``tap(offset, plaintext)`` sees every plaintext chunk that is read, in order (for
-    measuring in the same pass); skipped chunks are not read and not tapped.
+    written. ``on_skip(offset, length)`` is then called in volume order.
+    ``worker_tap(offset, plaintext) -> bytes`` runs in the worker on every chunk read (e.g. to
+    hash it) and its result reaches ``on_tap(offset, length, result)`` here, in volume order.
+    ``tap(offset, plaintext)`` sees every plaintext chunk in this process, in order (costs a copy).
+    Skipped chunks are not read and not tapped.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
+    from ..parallel import ordered_map
 
     plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
                            description=description, defer=True)
     try:
         vsize = plan.volume_size
+        ss = plan.sector_size
         if dst.size < vsize:
             raise UsageError(f"output volume ({dst.size} bytes) is smaller than the input ({vsize})", dst.name)
         held: list[tuple[int, bytearray]] = []
-        pending: deque[tuple[int, Any]] = deque()
-        local = threading.local()
+        special = {off // CHUNK for o, n in plan.overlay_spans() for off in range(o // CHUNK * CHUNK, o + n, CHUNK)}
+        cipher = plan.cipher
+        rbuf: list[memoryview] = []
 
-        def work(off: int, data: bytes) -> bytearray:
-            c = getattr(local, "cipher", None)
-            if c is None:
-                c = local.cipher = plan.clone_cipher()
-            return bytearray(c.encrypt(data, off // plan.sector_size))
+        def chunk_fn(off: int, n: int, out: memoryview, target: tuple[int, int]) -> bytes:
+            # runs in a worker process: read, tap, encrypt into the shared slot, and write it
+            # straight to the output file when the parent gave a target (fd, file offset)
+            if not rbuf:
+                rbuf.append(memoryview(bytearray(CHUNK)))
+            data = rbuf[0][:n]
+            src.read_into(off, data)
+            payload = worker_tap(off, data) if worker_tap is not None else b""
+            cipher.encrypt_into(data, off // ss, out)
+            if tap is not None:  # the plaintext travels back after the ciphertext (+ room)
+                out[n + 16:2 * n + 16] = data
+            fd, foff = target
+            if fd < 0:
+                return b"\0" + payload
+            _pwrite_all(fd, out[:n], foff, dst.name)
+            return b"\1" + payload
 
-        def drain(limit: int) -> None:
-            while len(pending) > limit:
-                o, fut = pending.popleft()
-                dst.write(o, fut.result())
+        def items() -> Any:
+            def args(off: int, n: int, i: int) -> tuple[int, int]:
+                return (-1, -1) if i in special else dst.direct_target(off, n) or (-1, -1)
 
-        with progress(vsize, "encrypt") as bar, ThreadPoolExecutor(max(1, threads), "fve-encrypt") as pool:
-            for off in range(0, vsize, CHUNK):
-                n = min(CHUNK, vsize - off)
-                special = plan.overlaps_overlay(off, n)
-                if skip is not None and not special and skip(off, n):
+            return chunk_items(vsize, CHUNK, args, skip, special)
+
+        slot = 2 * CHUNK + 16 if tap is not None else CHUNK
+        with progress(vsize, "encrypt") as bar:
+            for off, n, out, payload in ordered_map(chunk_fn, items(), workers, slot=slot):
+                if out is None:
+                    if on_skip is not None:
+                        on_skip(off, n)
                     bar.update(n)
                     continue
-                data = src.read(off, n)
+                assert payload is not None
                 if tap is not None:
-                    tap(off, data)
-                if special:
-                    held.append((off, bytearray(plan.cipher.encrypt(data, off // plan.sector_size))))
-                else:
-                    pending.append((off, pool.submit(work, off, data)))
-                    drain(2 * max(1, threads))
+                    tap(off, out[n + 16:2 * n + 16])
+                if on_tap is not None:
+                    on_tap(off, n, payload[1:])
+                if off // CHUNK in special:
+                    held.append((off, bytearray(out[:n])))
+                elif not payload[0]:
+                    dst.write(off, out[:n])
                 bar.update(n)
-            drain(0)
         plan.finalize()
         for off, ct in held:
             for ro, d in plan.overlays:
@@ -821,6 +863,45 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
         plan.abandon()
         raise
     return plan.result
+
+
+def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int, int], bool] | None = None,
+                   workers: int | None = None) -> int:
+    """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
+
+    Chunks are read and decrypted by ``workers`` forked processes and written here in order;
+    all-zero chunks and chunks ``skip(offset, length)`` declares skippable are not written (a new
+    ``dst`` then keeps them unallocated). Returns the number of bytes written.
+    """
+    from ..blockdev import is_zero
+    from ..parallel import ordered_map
+
+    def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
+        data = plain.read(off, n)  # in a worker: read + decrypt; zero chunks are not sent back
+        if is_zero(data):
+            return b"\0"
+        out[:n] = data
+        return b"\1"
+
+    written = 0
+    with progress(plain.size, "decrypt") as bar:
+        items = chunk_items(plain.size, CHUNK, lambda *_: (0, 0), skip)
+        for off, n, data, flag in ordered_map(chunk_fn, items, workers):
+            if data is not None and flag == b"\1":
+                dst.write(off, data[:n])
+                written += n
+            bar.update(n)
+    dst.flush()
+    return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, name: str) -> None:
+    try:
+        while data:
+            k = os.pwrite(fd, data, offset)
+            data, offset = data[k:], offset + k
+    except OSError as e:
+        raise ResourceError(f"write failed: {e.strerror}", name) from e
 
 
 def summary(view: BlockDevice) -> dict[str, Any] | None:

@@ -204,12 +204,53 @@ class Measurer:
         self._pos += n
         return futs
 
+    def block_digests(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Leaf digests (32 bytes each) of the whole blocks in ``data`` at block-aligned ``offset``.
+
+        Pure (no state changes): safe to call in a worker process; hand the result to
+        :meth:`accept_digests` in order."""
+        bs = self.block_size
+        if offset % bs:
+            raise UsageError("block_digests needs a block-aligned offset")
+        mv = memoryview(data).cast("B")
+        out = []
+        for pos in range(0, len(mv), bs):
+            idx = (offset + pos) // bs
+            blen = self._block_len(idx)
+            if len(mv) - pos < blen:
+                raise UsageError("block_digests needs whole blocks (or the volume's last block)")
+            out.append(leaf_hash(self._mask(idx, mv[pos:pos + blen])))
+        return b"".join(out)
+
+    def accept_digests(self, offset: int, length: int, digests: bytes) -> None:
+        """Record the digests :meth:`block_digests` computed for the span ``offset``+``length``."""
+        bs = self.block_size
+        if offset != self._pos or self._buf or offset % bs:
+            raise UsageError(f"digests out of order: expected offset {self._pos}, got {offset}")
+        count = -(-length // bs)
+        if len(digests) != 32 * count or offset + length > self.volume_size:
+            raise UsageError("digest count does not match the span")
+        first = offset // bs
+        for i in range(count):
+            self._leaves[first + i] = digests[32 * i:32 * i + 32]
+        self._pos += length
+
     def feed_zeros(self, offset: int, length: int) -> None:
         """Add ``length`` zero bytes without materialising whole zero blocks."""
         if offset != self._pos:
             raise UsageError(f"measurer fed out of order: expected offset {self._pos}, got {offset}")
         bs = self.block_size
         end = offset + length
+        if end > self.volume_size:
+            raise UsageError("measurer fed past the end of the volume")
+        if not self._buf and offset % bs == 0 and length >= bs:  # whole blocks at once
+            count = length // bs
+            first = offset // bs
+            if first + count == self.block_count and self._block_len(first + count - 1) != bs:
+                count -= 1  # the short last block goes through the general path
+            z = self._zero(bs)
+            self._leaves[first:first + count] = [z] * count
+            self._pos += count * bs
         while self._pos < end:
             idx = self._pos // bs
             blen = self._block_len(idx)
@@ -320,7 +361,7 @@ def measure_volume(view: BlockDevice, block_size: int = DEFAULT_BLOCK_SIZE, *,
     raw = _raw_fd(view)
     # Reusable read buffers (fresh multi-MiB allocations cost page faults); a buffer is reused
     # only after the hashing of every block in it has finished.
-    nbuf = 2 * m._workers + 1  # noqa: SLF001
+    nbuf = 2 * m._workers + 1
     bufs = [bytearray(per_read * block_size) for _ in range(nbuf)] if raw else []
     pending: list[list[Future[None]]] = [[] for _ in range(nbuf)]
     turn = 0
@@ -330,7 +371,7 @@ def measure_volume(view: BlockDevice, block_size: int = DEFAULT_BLOCK_SIZE, *,
             while idx < m.block_count:
                 if m.block_all_free(idx):
                     m.skip_free_block(idx)
-                    bar.update(m._block_len(idx))  # noqa: SLF001
+                    bar.update(m._block_len(idx))
                     idx += 1
                     continue
                 # Read a run of consecutive blocks that are not entirely free.

@@ -17,9 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import atomic_output
 from ..bitlocker.reserve import find_reserved, reserve_ntfs
-from ..bitlocker.volume import EncryptResult, ProtectorSpec, encrypt_volume, open_fve
+from ..bitlocker.volume import (
+    EncryptResult,
+    ProtectorSpec,
+    decrypt_volume,
+    encrypt_volume,
+    open_fve,
+)
 from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
 from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
 from ..errors import UnsupportedError, UsageError
@@ -118,13 +126,33 @@ def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any
         covered = (offset % cs == 0) and len(used) * cs >= length
         return bool(covered and not used.any())
 
+    def chunk_mask(chunk: int) -> np.ndarray | None:
+        """``skip`` for every whole ``chunk``-sized span of the volume at once (the last, partial
+        span is never skipped); None when the cluster size does not divide ``chunk``."""
+        cs = fm.cluster_size
+        if chunk % cs:
+            return None
+        k = chunk // cs
+        nchunks = fsv.size // chunk
+        per = np.ones(nchunks * k, dtype=bool)  # clusters beyond the map count as used
+        m = min(per.size, fm.used.size)
+        per[:m] = fm.used[:m]
+        mask = ~per.reshape(nchunks, k).any(axis=1)
+        for o, e in zip(starts, ends):
+            mask[o // chunk:min(nchunks, -(-e // chunk))] = False
+        full = np.zeros(-(-view.size // chunk), dtype=bool)
+        full[:nchunks] = mask
+        return full
+
+    skip.chunk_mask = chunk_mask  # type: ignore[attr-defined]
     return skip
 
 
 def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None = None,
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
                  description: str | None = None, *, sparse: bool = True,
-                 tap: Any = None, tap_zeros: Any = None, on_result: Any = None) -> dict[str, Any]:
+                 tap: Any = None, tap_zeros: Any = None, worker_tap: Any = None, on_tap: Any = None,
+                 on_result: Any = None, workers: int | None = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -132,7 +160,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     temporary file beside the output and reserved there. With ``sparse`` (default), chunks that
     are unallocated in the source and free in NTFS stay unallocated in the output.
     ``tap(offset, plaintext)`` / ``tap_zeros(offset, length)`` see the plaintext volume as it is
-    read (skipped chunks as zeros), in order, for measuring in the same pass.
+    read (skipped chunks as zeros), in order, for measuring in the same pass; ``worker_tap`` /
+    ``on_tap`` do the same with the work split (see :func:`encrypt_volume`), which is faster.
     ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
     place (e.g. to save key files first); if it raises, no output appears.
 
@@ -172,22 +201,20 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             else:
                 plain = view
             skip = sparse_skipper(plain) if sparse else None
-            counting_skip = None
-            if skip is not None or tap_zeros is not None:
-                def counting_skip(off: int, n: int) -> bool:
-                    nonlocal skipped
-                    if skip is not None and skip(off, n):
-                        skipped += n
-                        if tap_zeros is not None:
-                            tap_zeros(off, n)
-                        return True
-                    return False
+
+            def on_skip(off: int, n: int) -> None:
+                nonlocal skipped
+                skipped += n
+                if tap_zeros is not None:
+                    tap_zeros(off, n)
+
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(
                     plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
-                    protectors=protectors, regions=regions, description=description, skip=counting_skip, tap=tap)
+                    protectors=protectors, regions=regions, description=description, skip=skip, on_skip=on_skip,
+                    tap=tap, worker_tap=worker_tap, on_tap=on_tap, workers=workers)
                 out.flush()
                 if on_result is not None:
                     on_result(result)
@@ -200,7 +227,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
 
 
 def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None,
-                 credentials: Credentials, *, sparse: bool = True) -> dict[str, Any]:
+                 credentials: Credentials, *, sparse: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted.
 
     With ``sparse`` (default), spans left unallocated by a sparse encryption (unallocated in the
@@ -221,16 +248,7 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 dst = View(out, vol_off, vol_size)
                 skip = sparse_skipper(view, plain) if sparse else None
-                with progress(vol_size, "decrypt") as bar:
-                    for pos in range(0, vol_size, CHUNK):
-                        k = min(CHUNK, vol_size - pos)
-                        if skip is not None and skip(pos, k):
-                            bar.update(k)
-                            continue
-                        data = plain.read(pos, k)
-                        if not is_zero(data):
-                            dst.write(pos, data)
-                        bar.update(k)
+                decrypt_volume(plain, dst, skip=skip, workers=workers)
                 out.flush()
             finally:
                 out.close()

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .. import __version__
 from ..atomic import write_bytes_atomic
+from ..blockdev import CHUNK
 from ..canonical import canonical_json
 from ..errors import FormatError, PolicyError, UsageError
 from ..guardian.model import Guardian, guardian_from_certificates
@@ -152,110 +153,122 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     if not owner.has_private_keys:
         raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
 
-    # 1. PDK
-    try:
-        pdk_der = Path(pdk_path).read_bytes()
-    except FileNotFoundError:
-        from ..errors import NotFoundError
-
-        raise NotFoundError("PDK not found", str(pdk_path)) from None
-    info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
-    _pin_owner(info, owner)
-    open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
-    if info.policy not in POLICIES:
-        raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
-    # 2. template catalog, qualifier, content
-    vsc_der = read_vsc_bytes(template)
-    qual = check_template(info, vsc_der, str(template), trust=trust)
-    if not qual["qualified"]:
-        raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
-                          "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
-    vsc = open_vsc(vsc_der, trust=trust)
-    timings["checks"] = time.monotonic() - t0
-    measurer = None
-    if verify_content:
-        # measured in the same pass that encrypts (tap), compared with the catalog at the end
-        from ..catalog.measure import FREE_NTFS, Measurer
-        from ..catalog.ntfs import ntfs_free_map
-
-        doc = vsc.document
-        with open_disk(template) as dev:
-            view, _part = select_volume(dev, None)
-            if view.size != doc.volume.size:
-                raise PolicyError(f"the template volume ({view.size} bytes) differs from its catalog's "
-                                  f"({doc.volume.size})", str(template))
-            fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
-        measurer = Measurer(doc.volume.size, doc.block_size, fm)
-    # 3. vTPM key / parent
-    vtpm_key = None
-    if tpm_parent is not None:
-        parent = load_parent(tpm_parent)
-    else:
-        vtpm_key = generate_storage_key(vtpm_kind)
-        parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
-    values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
-    sealer = make_sealer(parent, list(values), values, bank=bank)
-    # 4. encrypt into a partial file beside the output
-    partial = out.with_name(f".{out.name}.partial.vhdx")
+    # The recovery password's 2^20-round key stretch starts now, in a forked child, so that it
+    # overlaps the single-threaded checks below instead of competing with the disk pass.
     recovery = generate_recovery_password()
+    rec_spec = ProtectorSpec("recovery_password", recovery).prepare()
     try:
-        t1 = time.monotonic()
-        enc = encrypt_disk(template, partial, None, method=method,
-                           protectors=[ProtectorSpec("tpm", seal=sealer), ProtectorSpec("recovery_password", recovery)],
-                           description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
-                           tap=measurer.feed if measurer else None, tap_zeros=measurer.feed_zeros if measurer else None)
-        if measurer is not None:
-            root, _leaves = measurer.finish()
-            if root != vsc.document.root:
-                with open_disk(template) as dev:
-                    view, _part = select_volume(dev, None)
-                    _root, changed, files = compare_volume(view, vsc.document, name_files=True)
-                where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
-                raise PolicyError("the template volume no longer matches its signed catalog", str(template),
-                                  f"changed: {where}; re-protect the golden disk")
-        timings["encrypt"] = time.monotonic() - t1
-        from ..vhdx import open_vhdx
-
-        disk = open_vhdx(partial, writable=True)
+        # 1. PDK
         try:
-            from ..catalog import VSC_METADATA_GUID
+            pdk_der = Path(pdk_path).read_bytes()
+        except FileNotFoundError:
+            from ..errors import NotFoundError
 
-            disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
+            raise NotFoundError("PDK not found", str(pdk_path)) from None
+        info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
+        _pin_owner(info, owner)
+        open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
+        if info.policy not in POLICIES:
+            raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
+        # 2. template catalog, qualifier, content
+        vsc_der = read_vsc_bytes(template)
+        qual = check_template(info, vsc_der, str(template), trust=trust)
+        if not qual["qualified"]:
+            raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
+                              "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
+        vsc = open_vsc(vsc_der, trust=trust)
+        timings["checks"] = time.monotonic() - t0
+        measurer = None
+        if verify_content:
+            # measured in the same pass that encrypts (tap), compared with the catalog at the end
+            from ..catalog.measure import FREE_NTFS, Measurer
+            from ..catalog.ntfs import ntfs_free_map
+
+            doc = vsc.document
+            with open_disk(template) as dev:
+                view, _part = select_volume(dev, None)
+                if view.size != doc.volume.size:
+                    raise PolicyError(f"the template volume ({view.size} bytes) differs from its catalog's "
+                                      f"({doc.volume.size})", str(template))
+                fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
+            measurer = Measurer(doc.volume.size, doc.block_size, fm)
+        # 3. vTPM key / parent
+        vtpm_key = None
+        if tpm_parent is not None:
+            parent = load_parent(tpm_parent)
+        else:
+            vtpm_key = generate_storage_key(vtpm_kind)
+            parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
+        values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
+        sealer = make_sealer(parent, list(values), values, bank=bank)
+        # 4. encrypt into a partial file beside the output
+        partial = out.with_name(f".{out.name}.partial.vhdx")
+        try:
+            t1 = time.monotonic()
+            taps: dict[str, Any] = {}
+            if measurer is not None:
+                if CHUNK % measurer.block_size == 0:  # hash in the encryption workers
+                    taps = {"worker_tap": measurer.block_digests, "on_tap": measurer.accept_digests}
+                else:
+                    taps = {"tap": measurer.feed}
+            enc = encrypt_disk(template, partial, None, method=method,
+                               protectors=[ProtectorSpec("tpm", seal=sealer), rec_spec],
+                               description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
+                               tap_zeros=measurer.feed_zeros if measurer else None, **taps)
+            if measurer is not None:
+                root, _leaves = measurer.finish()
+                if root != vsc.document.root:
+                    with open_disk(template) as dev:
+                        view, _part = select_volume(dev, None)
+                        _root, changed, files = compare_volume(view, vsc.document, name_files=True)
+                    where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
+                    raise PolicyError("the template volume no longer matches its signed catalog", str(template),
+                                      f"changed: {where}; re-protect the golden disk")
+            timings["encrypt"] = time.monotonic() - t1
+            from ..vhdx import open_vhdx
+
+            disk = open_vhdx(partial, writable=True)
+            try:
+                from ..catalog import VSC_METADATA_GUID
+
+                disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
+            finally:
+                disk.close()
+            # 5. escrow, 6. KP
+            escrow = envelope(json.dumps({"recovery_password": recovery, "volume_guid": enc["result"].to_json().get("volume_guid"),
+                                          "disk": out.name}).encode(), [owner.encryption_certificate])
+            secret = VmSecret(
+                vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()) if vtpm_key is not None else None,
+                parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
+            kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
+            write_bytes_atomic(escrow_out, escrow, mode=0o600)
+            write_bytes_atomic(kp_out, kp)
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, out)
         finally:
-            disk.close()
-        # 5. escrow, 6. KP
-        escrow = envelope(json.dumps({"recovery_password": recovery, "volume_guid": enc["result"].to_json().get("volume_guid"),
-                                      "disk": out.name}).encode(), [owner.encryption_certificate])
-        secret = VmSecret(
-            vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()) if vtpm_key is not None else None,
-            parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
-        kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
-        write_bytes_atomic(escrow_out, escrow, mode=0o600)
-        write_bytes_atomic(kp_out, kp)
-        with open(partial, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, out)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        timings["total"] = time.monotonic() - t0
+        res = enc["result"].to_json()  # public description: protector GUIDs, never the secrets
+        return {
+            "tool": f"templatetool {__version__}",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "template": {"path": str(template), **qual["template"]},
+            "policy": info.policy,
+            "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
+            "guardians": [g.name for g in info.guardians],
+            "owner": info.owner.name,
+            "vtpm": {"parent_name": parent.name.hex(), "generated": vtpm_key is not None, "bank": bank,
+                     "pcrs": sorted(values)},
+            "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
+                          "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
+            "catalog_verified": measurer is not None,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        }
     finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-    timings["total"] = time.monotonic() - t0
-    res = enc["result"].to_json()  # public description: protector GUIDs, never the secrets
-    return {
-        "tool": f"templatetool {__version__}",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "template": {"path": str(template), **qual["template"]},
-        "policy": info.policy,
-        "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
-        "guardians": [g.name for g in info.guardians],
-        "owner": info.owner.name,
-        "vtpm": {"parent_name": parent.name.hex(), "generated": vtpm_key is not None, "bank": bank,
-                 "pcrs": sorted(values)},
-        "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
-                      "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
-        "catalog_verified": measurer is not None,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+        rec_spec.discard()
 
 
 def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian, trust: Any) -> tuple[Any, Any, bytes]:
