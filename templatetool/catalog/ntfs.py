@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,23 +14,44 @@ from ..blockdev import BlockDevice, DeviceIO
 from ..errors import FormatError
 
 
-@dataclass
-class FreeMap:
-    """Which clusters of a volume are in use: ``used[i]`` for the cluster at ``i*cluster_size``.
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
-    Bytes beyond ``len(used) * cluster_size`` (e.g. NTFS's backup boot sector) count as used.
+
+class FreeMap:
+    """Which clusters of a volume are in use, kept as NTFS keeps it: one bit per cluster (LSB
+    first), so a 127 GiB volume of 4 KiB clusters costs 4 MiB, not 32.
+
+    ``used_in(offset, length)`` gives the flags of a span; bytes beyond ``cluster_count *
+    cluster_size`` (e.g. NTFS's backup boot sector) count as used. ``FreeMap(cs, bools)`` builds
+    one from a boolean array; :meth:`from_packed` from $Bitmap bytes.
     """
 
-    cluster_size: int
-    used: np.ndarray  # dtype=bool
+    def __init__(self, cluster_size: int, used: np.ndarray | None = None) -> None:
+        self.cluster_size = cluster_size
+        flags = np.zeros(0, dtype=bool) if used is None else np.asarray(used, dtype=bool)
+        self.cluster_count = int(flags.shape[0])
+        self.packed = np.packbits(flags, bitorder="little")
+
+    @classmethod
+    def from_packed(cls, cluster_size: int, packed: bytes | np.ndarray, count: int) -> "FreeMap":
+        """From ``count`` bits of a packed little-endian bitmap (extra bits are ignored)."""
+        fm = cls(cluster_size)
+        nbytes = (count + 7) // 8
+        arr = np.frombuffer(packed, dtype=np.uint8, count=nbytes).copy() if not isinstance(packed, np.ndarray) \
+            else packed[:nbytes].astype(np.uint8, copy=True)
+        if count % 8:
+            arr[-1] &= (1 << (count % 8)) - 1
+        fm.packed, fm.cluster_count = arr, count
+        return fm
 
     @property
-    def cluster_count(self) -> int:
-        return int(self.used.shape[0])
+    def used(self) -> np.ndarray:
+        """All flags as a bool array (one byte per cluster: for tests and small volumes)."""
+        return np.unpackbits(self.packed, bitorder="little", count=self.cluster_count).astype(bool)
 
     @property
     def free_clusters(self) -> int:
-        return int(self.cluster_count - int(np.count_nonzero(self.used)))
+        return int(self.cluster_count - int(_POPCOUNT[self.packed].sum(dtype=np.int64)))
 
     def used_in(self, offset: int, length: int) -> np.ndarray | None:
         """Per-cluster used flags for an aligned span, or None when the span is beyond the map."""
@@ -40,7 +60,20 @@ class FreeMap:
         if first >= self.cluster_count:
             return None
         last = min(self.cluster_count, (offset + length + cs - 1) // cs)
-        return self.used[first:last]
+        b0 = first // 8
+        bits = np.unpackbits(self.packed[b0:(last + 7) // 8], bitorder="little")
+        return bits[first - 8 * b0:last - 8 * b0].astype(bool)
+
+    def any_used_per(self, clusters: int, n: int) -> np.ndarray | None:
+        """For each of the first ``n`` runs of ``clusters`` clusters (a multiple of 8): whether
+        any is used (runs past the map count as used); None when ``clusters`` is not a multiple of 8."""
+        if clusters <= 0 or clusters % 8:
+            return None
+        per = clusters // 8
+        inside = min(n, self.cluster_count // clusters)
+        out = np.ones(n, dtype=bool)
+        out[:inside] = self.packed[:inside * per].reshape(inside, per).any(axis=1)
+        return out
 
 
 def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
@@ -66,8 +99,7 @@ def ntfs_free_map(view: BlockDevice) -> FreeMap:
                           "run chkdsk (or ntfsfix) on the volume")
     if clusters * cs > view.size:
         raise FormatError("the NTFS volume is larger than its partition", view.name)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:clusters]
-    return FreeMap(cs, bits.astype(bool))
+    return FreeMap.from_packed(cs, raw, clusters)
 
 
 def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit: int = 200) -> list[dict[str, object]]:

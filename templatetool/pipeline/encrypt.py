@@ -132,12 +132,11 @@ def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any
         cs = fm.cluster_size
         if chunk % cs:
             return None
-        k = chunk // cs
         nchunks = fsv.size // chunk
-        per = np.ones(nchunks * k, dtype=bool)  # clusters beyond the map count as used
-        m = min(per.size, fm.used.size)
-        per[:m] = fm.used[:m]
-        mask = ~per.reshape(nchunks, k).any(axis=1)
+        any_used = fm.any_used_per(chunk // cs, nchunks)
+        if any_used is None:
+            return None
+        mask = ~any_used
         for o, e in zip(starts, ends):
             mask[o // chunk:min(nchunks, -(-e // chunk))] = False
         full = np.zeros(-(-view.size // chunk), dtype=bool)
