@@ -13,8 +13,7 @@ import numpy as np
 from ..blockdev import BlockDevice, DeviceIO
 from ..errors import FormatError
 
-
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+_POPCOUNT = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
 
 
 class FreeMap:
@@ -33,7 +32,7 @@ class FreeMap:
         self.packed = np.packbits(flags, bitorder="little")
 
     @classmethod
-    def from_packed(cls, cluster_size: int, packed: bytes | np.ndarray, count: int) -> "FreeMap":
+    def from_packed(cls, cluster_size: int, packed: bytes | np.ndarray, count: int) -> FreeMap:
         """From ``count`` bits of a packed little-endian bitmap (extra bits are ignored)."""
         fm = cls(cluster_size)
         nbytes = (count + 7) // 8
