@@ -23,19 +23,14 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import FormatError, UnsupportedError
+from ..native import native
 from . import structs as S
-
-try:  # optional C loop over OpenSSL's own AES-XTS, one data unit per sector (templatetool/_xts.c)
-    from .. import _xts as _native
-except ImportError:  # not built (no compiler / libcrypto.so.3): the numpy path gives the same bytes
-    _native = None
 
 
 def native_xts_available() -> bool:
-    """True when the compiled XTS loop is present and not disabled (``TEMPLATETOOL_NATIVE_XTS=0``)."""
-    import os
+    """True when the compiled XTS loop is present and not disabled (``TEMPLATETOOL_NATIVE=0``)."""
+    return native() is not None
 
-    return _native is not None and os.environ.get("TEMPLATETOOL_NATIVE_XTS", "1") != "0"
 
 _U64 = np.dtype("<u8")
 _U32 = np.dtype("<u4")
@@ -104,7 +99,8 @@ class XtsCipher(SectorCipher):
         self._enc2, _ = _ecb(key[half:])
         self._nb = sector_size // 16
         # OpenSSL refuses XTS keys with equal halves; those (never a random FVEK) stay on numpy
-        self._native_key = key if native_xts_available() and key[:half] != key[half:] else None
+        self._native = native()
+        self._native_key = key if self._native is not None and key[:half] != key[half:] else None
 
     def tweaks(self, first_sector: int, nsec: int) -> np.ndarray:
         """Return the (nsec, blocks, 2) uint64 array of per-block tweaks (lo, hi words).
@@ -150,7 +146,7 @@ class XtsCipher(SectorCipher):
         if self._native_key is not None:
             self._check(data)
             out = bytearray(len(data))
-            _native.xts(self._native_key, data, out, first_sector, self.sector_size, ctx is self._enc1)
+            self._native.xts(self._native_key, data, out, first_sector, self.sector_size, ctx is self._enc1)
             return bytes(out)
         return self._run_array(data, first_sector, ctx).tobytes()
 
@@ -159,7 +155,7 @@ class XtsCipher(SectorCipher):
         if self._native_key is not None and len(data):
             self._check(data)
             out = np.empty(len(data), dtype=np.uint8)
-            _native.xts(self._native_key, data, out, first_sector, self.sector_size, True)
+            self._native.xts(self._native_key, data, out, first_sector, self.sector_size, True)
             return out
         return self._run_array(data, first_sector, self._enc1).reshape(-1).view(np.uint8)
 
@@ -187,7 +183,7 @@ class XtsCipher(SectorCipher):
         if len(out) < n + 16:
             raise ValueError("output buffer needs 16 bytes of room after the data")
         if self._native_key is not None:
-            _native.xts(self._native_key, data, out[:n], first_sector, self.sector_size, ctx is self._enc1)
+            self._native.xts(self._native_key, data, out[:n], first_sector, self.sector_size, ctx is self._enc1)
             return
         T = self.tweaks(first_sector, nsec)
         raw = np.frombuffer(out, dtype=np.uint8, count=n + 16)

@@ -26,7 +26,7 @@ from ..errors import (
     TemplateToolError,
     UsageError,
 )
-from ..parallel import chunk_items, die_with_parent
+from ..parallel import chunk_items, die_with_parent, start_writeback
 from ..progress import progress
 from . import keys as K
 from . import structs as S
@@ -825,6 +825,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
             if fd < 0:
                 return b"\0" + payload
             _pwrite_all(fd, out[:n], foff, dst.name)
+            start_writeback(fd, foff, n)
             return b"\1" + payload
 
         def items() -> Any:

@@ -1,0 +1,28 @@
+"""The optional compiled helpers (``templatetool/_xts.c``): loops over OpenSSL primitives.
+
+``native()`` returns the module, or None when it was not built (no compiler or no
+libcrypto.so.3 at install time) or ``TEMPLATETOOL_NATIVE=0`` disables it. Every caller has a
+pure-Python/numpy path giving the same bytes; the tests run both.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+try:
+    from . import _xts as _module
+except ImportError:  # pragma: no cover - depends on the build
+    _module = None
+
+
+def native() -> ModuleType | None:
+    """The compiled module, or None (not built, or disabled with ``TEMPLATETOOL_NATIVE=0``)."""
+    if _module is None or os.environ.get("TEMPLATETOOL_NATIVE", "1") == "0":
+        return None
+    return _module
+
+
+def built() -> bool:
+    """True when the extension was built (whatever ``TEMPLATETOOL_NATIVE`` says)."""
+    return _module is not None
