@@ -5,7 +5,7 @@
 Builds a GPT disk with one NTFS volume holding USED_MIB of random files (ntfs-3g), as a dynamic
 VHDX, twice: virtual size = used + 64 MiB ("dense") and virtual = 64 × used ("sparse"). Then:
 - shield (CLI, timed with /usr/bin/time -v for peak RSS) vs `qemu-img convert -O vhdx` of the
-  same template, each followed by sync;
+  same template, each followed by sync and each started with the template in the page cache;
 - protect vs `sha256sum` of the raw volume;
 - sparse/dense shield time ratio (target ≤ 1.2) and peak RSS of both.
 Medians of REPS runs. Needs root (ntfs-3g FUSE mount), qemu-img, sgdisk, mkntfs.
@@ -148,6 +148,24 @@ def _timed_rss(cmd: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - t0, int(m.group(1)) if m else -1, peak[0]
 
 
+COLD = os.environ.get("BENCH_COLD") == "1"
+
+
+def _warm(path: Path) -> None:
+    """Start both tools from the same cache state. Default: the input in the page cache (this
+    VM's kernel reclaims page cache proactively: without this, runs flip between warm and cold
+    input and the spread swamps the comparison). ``BENCH_COLD=1`` (root): drop the page cache
+    instead, so input reads and output pages are cold for both. Then sync: no writeback pending."""
+    if COLD:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+    os.sync()
+
+
 def _identities(t: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
@@ -185,6 +203,7 @@ def run(size_mib: int = 256, reps: int = 3) -> dict:
             sh, rss, pss, qm = [], [], [], []
             for i in range(reps):
                 out = t / f"{label}-vm{i}.vhdx"
+                _warm(tmpl)
                 s, r, ps = _timed_rss(TT + ["shield", str(tmpl), "--pdk", str(t / f"{label}.pdk"), "--owner", str(t / "owner"),
                                         "--guardian", str(t / "fabric"), "-o", str(out), "--pcr-values",
                                         "7=" + "00" * 32 + ",11=" + "00" * 32])
@@ -193,6 +212,7 @@ def run(size_mib: int = 256, reps: int = 3) -> dict:
                 pss.append(ps)
                 for f in (out, out.with_suffix(".kp"), out.with_suffix(".recovery.p7m")):
                     f.unlink(missing_ok=True)
+                _warm(tmpl)
                 q0 = time.perf_counter()
                 _run(["qemu-img", "convert", "-f", "vhdx", "-O", "vhdx", "-o", "subformat=dynamic", str(tmpl),
                       str(t / "q.vhdx")])
@@ -201,7 +221,7 @@ def run(size_mib: int = 256, reps: int = 3) -> dict:
                 (t / "q.vhdx").unlink()
             results[label] = {"shield": statistics.median(sh), "qemu": statistics.median(qm),
                               "rss_mib": max(rss) / 1024, "pss_mib": max(pss) / 1024, "protect": prot_s, "protect_rss_mib": prot_rss / 1024}
-            rows.append({"what": f"shield, {label} ({virtual} MiB virtual, {size_mib} MiB used)",
+            rows.append({"what": f"shield, {label}{' cold' if COLD else ''} ({virtual} MiB virtual, {size_mib} MiB used)",
                          "ours_s": results[label]["shield"], "peer": "qemu-img convert -O vhdx + sync",
                          "peer_s": results[label]["qemu"], "bytes": size_mib * MiB})
             golden.unlink()

@@ -7,6 +7,7 @@ zeros (unallocated VHDX blocks, holes in sparse raw files).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from abc import ABC, abstractmethod
@@ -38,6 +39,9 @@ class BlockDevice(ABC):
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (within ``size``)."""
         raise UnsupportedError("device is read-only", self.name)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Hint that the span will be read soon (the kernel may start reading it now)."""
 
     def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
         """``(fd, file offset)`` where the span is stored contiguously, allocated now if needed, so
@@ -125,6 +129,11 @@ class RawFile(BlockDevice):
             out += b
         return bytes(out)
 
+    def prefetch(self, offset: int, length: int) -> None:
+        if hasattr(os, "posix_fadvise") and 0 <= offset < self.size:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, offset, min(length, self.size - offset), os.POSIX_FADV_WILLNEED)
+
     def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
         if not self.writable:
             return None
@@ -208,6 +217,10 @@ class View(BlockDevice):
     def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
         self._check_range(offset, length)
         return self.base.direct_target(self.offset + offset, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        if 0 <= offset < self.size:
+            self.base.prefetch(self.offset + offset, min(length, self.size - offset))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))

@@ -770,6 +770,9 @@ class _StretchChild:
             self._pid = 0
 
 
+_READ_AHEAD = 16 * CHUNK
+
+
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
                    protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
                    description: str | None = None, skip: Callable[[int, int], bool] | None = None,
@@ -830,6 +833,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
 
         def items() -> Any:
             def args(off: int, n: int, i: int) -> tuple[int, int]:
+                src.prefetch(off + _READ_AHEAD, CHUNK)  # the kernel reads ahead while we encrypt
                 return (-1, -1) if i in special else dst.direct_target(off, n) or (-1, -1)
 
             return chunk_items(vsize, CHUNK, args, skip, special)

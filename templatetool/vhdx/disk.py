@@ -457,6 +457,25 @@ class VhdxDisk(BlockDevice):
             self._write_block(blk, boff, mv[pos - offset:pos - offset + n])
             pos += n
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Ask the kernel to read ahead the file spans backing ``[offset, offset+length)``."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        bs = self.block_size
+        pos, end = max(0, offset), min(self.size, offset + length)
+        while pos < end:
+            blk = pos // bs
+            n = min(bs - (pos - blk * bs), end - pos)
+            e = self._entry(blk)
+            if e & 7 == S.PAYLOAD_BLOCK_FULLY_PRESENT:
+                try:
+                    os.posix_fadvise(self._fd, (e & S.BAT_OFFSET_MASK) + pos - blk * bs, n, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
+            elif self.parent is not None:
+                self.parent.prefetch(pos, n)
+            pos += n
+
     def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
         """Allocate (fully present) the payload block holding the span and return where it lies.
 
