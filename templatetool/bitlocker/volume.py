@@ -178,6 +178,15 @@ class FveVolume:
                 out.append((e, p))
         return out
 
+    def tpm_blobs(self) -> list[bytes]:
+        """The sealed payloads (TPM_ENCODED after its u32 PCR bitmap) of the TPM protectors."""
+        out = []
+        for e, _p in self._vmks(S.PROT_TPM):
+            t = e.child(S.VT_TPM_ENCODED)
+            if t is not None and len(t.payload) > 4:
+                out.append(bytes(t.payload[4:]))
+        return out
+
     def _open_vmk(self, e: Entry, key: bytes) -> bytes:
         ccm = e.child(S.VT_AES_CCM)
         if ccm is None:
@@ -346,6 +355,23 @@ class DecryptedVolume(BlockDevice):
             buf = buf if buf is not None else bytearray(data)
             buf[0:hi - a] = self._phys(self.vho_offset + a, self.vho_offset + hi)
         return data if buf is None else bytes(buf)
+
+    def read_chunk_into(self, offset: int, length: int, out: memoryview) -> None:
+        """Plaintext of ``[offset, offset+length)`` into ``out`` (which needs 16 bytes of room
+        after ``length``). Sector-aligned spans inside the encrypted area that miss BitLocker's
+        own structures are read and decrypted in place (no allocation); others use :meth:`read`."""
+        ss = self.sector_size
+        end = offset + length
+        plain_span = (offset % ss == 0 and length % ss == 0 and offset >= self.header_len
+                      and end <= self.encrypted_size and end <= self.base.size
+                      and not any(zo < end and offset < zo + zl for zo, zl in self._zero))
+        if not plain_span or len(out) < length + 16:
+            out[:length] = self.read(offset, length)
+            return
+        self._check_range(offset, length)
+        buf = out[:length]
+        self.base.read_into(offset, buf)
+        self.cipher.decrypt_into(buf, offset // ss, out)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
@@ -874,26 +900,40 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
                    workers: int | None = None) -> int:
     """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
 
-    Chunks are read and decrypted by ``workers`` forked processes and written here in order;
-    all-zero chunks and chunks ``skip(offset, length)`` declares skippable are not written (a new
-    ``dst`` then keeps them unallocated). Returns the number of bytes written.
+    Chunks are read and decrypted by ``workers`` forked processes, which write them straight into
+    ``dst`` where it offers a :meth:`~BlockDevice.direct_target` (else they are written here, in
+    order). Chunks ``skip(offset, length)`` declares skippable are not read (a new ``dst`` keeps
+    them unallocated); all-zero chunks are not written (on a VHDX ``dst`` their block may still
+    be allocated, reading as zeros). Returns the number of bytes written.
     """
     from ..blockdev import is_zero
     from ..parallel import ordered_map
 
-    def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
-        data = plain.read(off, n)  # in a worker: read + decrypt; zero chunks are not sent back
-        if is_zero(data):
+    fast = getattr(plain, "read_chunk_into", None)
+
+    def chunk_fn(off: int, n: int, out: memoryview, target: tuple[int, int]) -> bytes:
+        # in a worker: read + decrypt into the shared slot, then write it straight to the output
+        # when the parent gave a target; zero chunks are not written
+        if fast is not None:
+            fast(off, n, out)
+        else:
+            out[:n] = plain.read(off, n)
+        if is_zero(out[:n]):
             return b"\0"
-        out[:n] = data
-        return b"\1"
+        fd, foff = target
+        if fd < 0:
+            return b"\1"
+        _pwrite_all(fd, out[:n], foff, dst.name)
+        start_writeback(fd, foff, n)
+        return b"\2"
 
     written = 0
     with progress(plain.size, "decrypt") as bar:
-        items = chunk_items(plain.size, CHUNK, lambda *_: (0, 0), skip)
+        items = chunk_items(plain.size, CHUNK, lambda off, n, i: dst.direct_target(off, n) or (-1, -1), skip)
         for off, n, data, flag in ordered_map(chunk_fn, items, workers):
             if data is not None and flag == b"\1":
                 dst.write(off, data[:n])
+            if flag in (b"\1", b"\2"):
                 written += n
             bar.update(n)
     dst.flush()

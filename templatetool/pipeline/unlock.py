@@ -77,14 +77,7 @@ STEPS = ["attestation", "key release", "host receives key", "vTPM unseal", "BitL
 
 def tpm_payloads(fve: Any) -> list[bytes]:
     """The TPM_ENCODED payloads (after BitLocker's u32 PCR bitmap) of a volume's TPM protectors."""
-    from ..bitlocker import structs as S
-
-    out = []
-    for e, _p in fve._vmks(S.PROT_TPM):
-        t = e.child(S.VT_TPM_ENCODED)
-        if t is not None and len(t.payload) > 4:
-            out.append(bytes(t.payload[4:]))
-    return out
+    return list(fve.tpm_blobs())
 
 
 def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], guardian_dir: str | os.PathLike[str],
