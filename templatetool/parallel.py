@@ -23,6 +23,7 @@ import signal
 import struct
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any
 
 from .blockdev import CHUNK
 from .errors import ResourceError

@@ -17,7 +17,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from templatetool.bitlocker.cipher import XtsCipher
 from templatetool.bitlocker.reserve import reserve_ntfs
-from templatetool.bitlocker.volume import ProtectorSpec, decrypt_volume, encrypt_volume, open_fve
+from templatetool.bitlocker.volume import (
+    ProtectorSpec,
+    decrypt_volume,
+    encrypt_volume,
+    open_fve,
+)
 from templatetool.blockdev import CHUNK, RawFile, View
 from templatetool.catalog.measure import Measurer
 from templatetool.catalog.ntfs import ntfs_free_map
