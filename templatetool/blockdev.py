@@ -7,12 +7,10 @@ zeros (unallocated VHDX blocks, holes in sparse raw files).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
 
 from .errors import FormatError, ResourceError, UnsupportedError
 
@@ -40,15 +38,6 @@ class BlockDevice(ABC):
         """Write ``data`` at ``offset`` (within ``size``)."""
         raise UnsupportedError("device is read-only", self.name)
 
-    def prefetch(self, offset: int, length: int) -> None:
-        """Hint that the span will be read soon (the kernel may start reading it now)."""
-
-    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        """``(fd, file offset)`` where the span is stored contiguously, allocated now if needed, so
-        a worker process holding the same descriptor may ``pwrite`` it directly; None when the
-        device cannot promise that (then use :meth:`write`)."""
-        return None
-
     def allocated_ranges(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) ranges that may hold non-zero data, in order.
 
@@ -70,10 +59,10 @@ class BlockDevice(ABC):
                 f"access {offset}+{length} outside the device of {self.size} bytes", self.name
             )
 
-    def __enter__(self) -> "BlockDevice":
+    def __enter__(self) -> BlockDevice:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def iter_chunks(self, chunk: int = CHUNK, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -102,7 +91,7 @@ class RawFile(BlockDevice):
         self.size = real if size is None else size
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], size: int, sector_size: int = 512) -> "RawFile":
+    def create(cls, path: str | os.PathLike[str], size: int, sector_size: int = 512) -> RawFile:
         """Create (or truncate) a sparse raw file of ``size`` bytes and open it writable."""
         try:
             with open(path, "wb") as f:
@@ -128,17 +117,6 @@ class RawFile(BlockDevice):
                 break
             out += b
         return bytes(out)
-
-    def prefetch(self, offset: int, length: int) -> None:
-        if hasattr(os, "posix_fadvise") and 0 <= offset < self.size:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, offset, min(length, self.size - offset), os.POSIX_FADV_WILLNEED)
-
-    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        if not self.writable:
-            return None
-        self._check_range(offset, length)
-        return self._fd, offset
 
     def read_into(self, offset: int, dst: memoryview) -> None:
         self._check_range(offset, len(dst))
@@ -213,14 +191,6 @@ class View(BlockDevice):
     def read_into(self, offset: int, dst: memoryview) -> None:
         self._check_range(offset, len(dst))
         self.base.read_into(self.offset + offset, dst)
-
-    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        self._check_range(offset, length)
-        return self.base.direct_target(self.offset + offset, length)
-
-    def prefetch(self, offset: int, length: int) -> None:
-        if 0 <= offset < self.size:
-            self.base.prefetch(self.offset + offset, min(length, self.size - offset))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))

@@ -23,7 +23,6 @@ import signal
 import struct
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any
 
 from .blockdev import CHUNK
 from .errors import ResourceError
@@ -60,27 +59,6 @@ def tune_allocator() -> None:
         return
     mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
     mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
-
-
-_sfr: Any = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Linux: start writing ``[offset, offset+length)`` of ``fd`` to disk now, without waiting
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the final ``fsync`` finds little left to do
-    and the device works while the CPUs encrypt. A no-op where unavailable."""
-    global _sfr
-    if _sfr is None:
-        try:
-            import ctypes
-
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            _sfr = f
-        except (OSError, AttributeError):
-            _sfr = False
-    if _sfr:
-        _sfr(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def default_workers() -> int:
@@ -185,7 +163,11 @@ class _Pool:
         return self.view[i * self.stride: (i + 1) * self.stride]
 
     def send(self, w: int, off: int, n: int, slot: int, args: tuple[int, int]) -> None:
-        _write_all(self.task_w[w], _TASK.pack(off, n, slot, *args))
+        try:
+            _write_all(self.task_w[w], _TASK.pack(off, n, slot, *args))
+        except OSError:  # EPIPE: the worker is gone
+            raise ResourceError("a worker process died (killed or out of memory)",
+                                hint="re-run; if it persists, set TEMPLATETOOL_WORKERS=1") from None
 
     def receive(self, w: int) -> bytes:
         try:

@@ -26,7 +26,7 @@ from ..errors import (
     TemplateToolError,
     UsageError,
 )
-from ..parallel import chunk_items, die_with_parent, start_writeback
+from ..parallel import chunk_items, die_with_parent
 from ..progress import progress
 from . import keys as K
 from . import structs as S
@@ -796,9 +796,6 @@ class _StretchChild:
             self._pid = 0
 
 
-_READ_AHEAD = 16 * CHUNK
-
-
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
                    protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
                    description: str | None = None, skip: Callable[[int, int], bool] | None = None,
@@ -813,7 +810,8 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory
     (a few chunks in flight). Chunks are read and encrypted by ``workers`` forked processes
     (:func:`templatetool.parallel.ordered_map`; default: one per CPU) and written in order by this
-    process; the protectors' key stretches run in a background process meanwhile, and the few
+    process (a single writer: two processes writing one file contend on its inode lock, which on
+    this class of VM doubled the time); the protectors' key stretches run in a background process meanwhile, and the few
     chunks holding BitLocker's own structures are written last, once the metadata is built.
 
     ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
@@ -839,9 +837,8 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
         cipher = plan.cipher
         rbuf: list[memoryview] = []
 
-        def chunk_fn(off: int, n: int, out: memoryview, target: tuple[int, int]) -> bytes:
-            # runs in a worker process: read, tap, encrypt into the shared slot, and write it
-            # straight to the output file when the parent gave a target (fd, file offset)
+        def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
+            # runs in a worker process: read, tap, encrypt into the shared slot
             if not rbuf:
                 rbuf.append(memoryview(bytearray(CHUNK)))
             data = rbuf[0][:n]
@@ -850,17 +847,11 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
             cipher.encrypt_into(data, off // ss, out)
             if tap is not None:  # the plaintext travels back after the ciphertext (+ room)
                 out[n + 16:2 * n + 16] = data
-            fd, foff = target
-            if fd < 0:
-                return b"\0" + payload
-            _pwrite_all(fd, out[:n], foff, dst.name)
-            start_writeback(fd, foff, n)
-            return b"\1" + payload
+            return payload
 
         def items() -> Any:
             def args(off: int, n: int, i: int) -> tuple[int, int]:
-                src.prefetch(off + _READ_AHEAD, CHUNK)  # the kernel reads ahead while we encrypt
-                return (-1, -1) if i in special else dst.direct_target(off, n) or (-1, -1)
+                return (0, 0)
 
             return chunk_items(vsize, CHUNK, args, skip, special)
 
@@ -876,10 +867,10 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
                 if tap is not None:
                     tap(off, out[n + 16:2 * n + 16])
                 if on_tap is not None:
-                    on_tap(off, n, payload[1:])
+                    on_tap(off, n, payload)
                 if off // CHUNK in special:
                     held.append((off, bytearray(out[:n])))
-                elif not payload[0]:
+                else:  # one writer: two processes appending to one file contend on its inode lock
                     dst.write(off, out[:n])
                 bar.update(n)
         plan.finalize()
@@ -900,53 +891,33 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
                    workers: int | None = None) -> int:
     """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
 
-    Chunks are read and decrypted by ``workers`` forked processes, which write them straight into
-    ``dst`` where it offers a :meth:`~BlockDevice.direct_target` (else they are written here, in
-    order). Chunks ``skip(offset, length)`` declares skippable are not read (a new ``dst`` keeps
-    them unallocated); all-zero chunks are not written (on a VHDX ``dst`` their block may still
-    be allocated, reading as zeros). Returns the number of bytes written.
+    Chunks are read and decrypted by ``workers`` forked processes and written here, in order.
+    Chunks ``skip(offset, length)`` declares skippable are not read and, like all-zero chunks,
+    not written (a new ``dst`` keeps them unallocated). Returns the number of bytes written.
     """
     from ..blockdev import is_zero
     from ..parallel import ordered_map
 
     fast = getattr(plain, "read_chunk_into", None)
 
-    def chunk_fn(off: int, n: int, out: memoryview, target: tuple[int, int]) -> bytes:
-        # in a worker: read + decrypt into the shared slot, then write it straight to the output
-        # when the parent gave a target; zero chunks are not written
+    def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
+        # in a worker: read + decrypt into the shared slot; zero chunks are not written
         if fast is not None:
             fast(off, n, out)
         else:
             out[:n] = plain.read(off, n)
-        if is_zero(out[:n]):
-            return b"\0"
-        fd, foff = target
-        if fd < 0:
-            return b"\1"
-        _pwrite_all(fd, out[:n], foff, dst.name)
-        start_writeback(fd, foff, n)
-        return b"\2"
+        return b"\0" if is_zero(out[:n]) else b"\1"
 
     written = 0
     with progress(plain.size, "decrypt") as bar:
-        items = chunk_items(plain.size, CHUNK, lambda off, n, i: dst.direct_target(off, n) or (-1, -1), skip)
+        items = chunk_items(plain.size, CHUNK, lambda *_: (0, 0), skip)
         for off, n, data, flag in ordered_map(chunk_fn, items, workers):
             if data is not None and flag == b"\1":
                 dst.write(off, data[:n])
-            if flag in (b"\1", b"\2"):
                 written += n
             bar.update(n)
     dst.flush()
     return written
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, name: str) -> None:
-    try:
-        while data:
-            k = os.pwrite(fd, data, offset)
-            data, offset = data[k:], offset + k
-    except OSError as e:
-        raise ResourceError(f"write failed: {e.strerror}", name) from e
 
 
 def summary(view: BlockDevice) -> dict[str, Any] | None:

@@ -457,48 +457,6 @@ class VhdxDisk(BlockDevice):
             self._write_block(blk, boff, mv[pos - offset:pos - offset + n])
             pos += n
 
-    def prefetch(self, offset: int, length: int) -> None:
-        """Ask the kernel to read ahead the file spans backing ``[offset, offset+length)``."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        bs = self.block_size
-        pos, end = max(0, offset), min(self.size, offset + length)
-        while pos < end:
-            blk = pos // bs
-            n = min(bs - (pos - blk * bs), end - pos)
-            e = self._entry(blk)
-            if e & 7 == S.PAYLOAD_BLOCK_FULLY_PRESENT:
-                try:
-                    os.posix_fadvise(self._fd, (e & S.BAT_OFFSET_MASK) + pos - blk * bs, n, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    return
-            elif self.parent is not None:
-                self.parent.prefetch(pos, n)
-            pos += n
-
-    def direct_target(self, offset: int, length: int) -> tuple[int, int] | None:
-        """Allocate (fully present) the payload block holding the span and return where it lies.
-
-        Only for spans inside one block of a disk without a parent; the block's other bytes read
-        as zeros (a hole in the file) until written."""
-        self._require_writable()
-        self._check_range(offset, length)
-        bs = self.block_size
-        blk = offset // bs
-        if self.parent is not None or length <= 0 or (offset + length - 1) // bs != blk:
-            return None
-        idx = blk + blk // self._cr
-        e = int(self._bat[idx])
-        st = e & 7
-        if st == S.PAYLOAD_BLOCK_FULLY_PRESENT:
-            return self._fd, (e & S.BAT_OFFSET_MASK) + offset - blk * bs
-        if st == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
-            return None
-        self._begin_modify()
-        off = self._allocate(self.block_size)
-        self._set_bat(idx, off | S.PAYLOAD_BLOCK_FULLY_PRESENT)
-        return self._fd, off + offset - blk * bs
-
     def _block_len(self, blk: int) -> int:
         return min(self.block_size, self.size - blk * self.block_size)
 
