@@ -62,7 +62,7 @@ class VmSecret:
         })
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "VmSecret":
+    def from_bytes(cls, data: bytes) -> VmSecret:
         try:
             d = json.loads(data)
             if d.get("format") != VM_SECRET_FORMAT or d.get("version") != 1:
@@ -132,12 +132,16 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                                 vtpm_kind=vtpm_kind, verify_content=verify_content, trust=trust,
                                 guardians=guardians)
     from ..bitlocker import ProtectorSpec, generate_recovery_password
-    from ..catalog.vsc import compare_volume, open_vsc, read_vsc_bytes
+    from ..catalog.vsc import compare_volume
     from ..cms.enveloped import envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
-    from ..pdk.shielding import check_template, open_pdk_secret, read_pdk
-    from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
+    from ..tpm.keys import (
+        generate_storage_key,
+        load_parent,
+        parse_parent_public,
+        template_public,
+    )
     from ..tpm.protector import make_sealer, resolve_pcr_values
     from .encrypt import encrypt_disk
 
@@ -158,25 +162,8 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     recovery = generate_recovery_password()
     rec_spec = ProtectorSpec("recovery_password", recovery).prepare()
     try:
-        # 1. PDK
-        try:
-            pdk_der = Path(pdk_path).read_bytes()
-        except FileNotFoundError:
-            from ..errors import NotFoundError
-
-            raise NotFoundError("PDK not found", str(pdk_path)) from None
-        info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
-        _pin_owner(info, owner)
-        open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
-        if info.policy not in POLICIES:
-            raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
-        # 2. template catalog, qualifier, content
-        vsc_der = read_vsc_bytes(template)
-        qual = check_template(info, vsc_der, str(template), trust=trust)
-        if not qual["qualified"]:
-            raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
-                              "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
-        vsc = open_vsc(vsc_der, trust=trust)
+        # 1. PDK verified and opened by the owner; 2. template catalog and qualifier
+        info, vsc, vsc_der, qual = _check_pdk_and_template(template, pdk_path, owner, trust)
         timings["checks"] = time.monotonic() - t0
         measurer = None
         if verify_content:
@@ -254,7 +241,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         res = enc["result"].to_json()  # public description: protector GUIDs, never the secrets
         return {
             "tool": f"templatetool {__version__}",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "template": {"path": str(template), **qual["template"]},
             "policy": info.policy,
             "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
@@ -271,8 +258,11 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         rec_spec.discard()
 
 
-def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian, trust: Any) -> tuple[Any, Any, bytes]:
-    """PDK verified and opened by the owner; template catalog qualifies. Returns (pdk info, vsc, vsc DER)."""
+def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
+                            trust: Any) -> tuple[Any, Any, bytes, dict[str, Any]]:
+    """PDK verified and opened by the owner; template catalog qualifies.
+
+    Returns (pdk info, vsc, vsc DER, qualifier result)."""
     from ..catalog.vsc import open_vsc, read_vsc_bytes
     from ..errors import NotFoundError
     from ..pdk.shielding import check_template, open_pdk_secret, read_pdk
@@ -293,7 +283,7 @@ def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian, trust
     if not qual["qualified"]:
         raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
                           "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
-    return info, open_vsc(vsc_der, trust=trust), vsc_der
+    return info, open_vsc(vsc_der, trust=trust), vsc_der, qual
 
 
 def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: Any, tpm_parent: Any,
@@ -305,14 +295,19 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
     from ..cms.enveloped import envelope, open_envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
-    from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
+    from ..tpm.keys import (
+        generate_storage_key,
+        load_parent,
+        parse_parent_public,
+        template_public,
+    )
     from ..tpm.protector import make_sealer, resolve_pcr_values
 
     t0 = time.monotonic()
     disk = Path(template)
     kp_out = Path(kp_path) if kp_path else disk.with_suffix(".kp")
     escrow_out = disk.with_suffix(".recovery.p7m")
-    info, vsc, _der = _check_pdk_and_template(template, pdk_path, owner, trust)
+    info, vsc, _der, _qual = _check_pdk_and_template(template, pdk_path, owner, trust)
     with open_disk(template) as dev:
         view, _part = select_volume(dev, None)
         state = probe(view).state
@@ -360,7 +355,7 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
                        description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
     return {
         "tool": f"templatetool {__version__}",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "in_place": True, "resumed": resumed,
         "template": {"path": str(template), "name": vsc.name, "version": ".".join(map(str, vsc.version))},
         "policy": info.policy,
