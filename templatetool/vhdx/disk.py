@@ -58,6 +58,19 @@ def _open_fd(path: PathLike, writable: bool) -> int:
         raise ResourceError(f"cannot open: {e.strerror}", str(path)) from e
 
 
+_DIRECT_MIN = 256 * 1024
+
+
+def _open_direct(path: Path) -> int:
+    """An ``O_DIRECT`` write descriptor for ``path``, or -2 where unavailable or disabled."""
+    if not hasattr(os, "O_DIRECT") or os.environ.get("TEMPLATETOOL_DIRECT_IO", "1") == "0":
+        return -2
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return -2
+
+
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, name: str) -> None:
     mv = memoryview(data).cast("B")
     done = 0
@@ -138,6 +151,7 @@ class VhdxDisk(BlockDevice):
         self.name = str(path)
         self.writable = writable
         self._fd = _open_fd(path, writable)
+        self._dfd = -1  # O_DIRECT descriptor for large aligned payload writes; -2: unavailable
         self.parent: VhdxDisk | None = None
         self._session_started = False
         try:
@@ -460,12 +474,40 @@ class VhdxDisk(BlockDevice):
     def _block_len(self, blk: int) -> int:
         return min(self.block_size, self.size - blk * self.block_size)
 
+    def _payload_write(self, chunk: memoryview, foff: int) -> None:
+        """Write payload bytes; large 4 KiB-aligned writes from page-aligned buffers (the disk
+        passes' shared chunk slots) bypass the page cache with ``O_DIRECT``.
+
+        Why: on VMs whose free memory the hypervisor backs lazily, copying into fresh page-cache
+        pages was the slowest part of shield (0.9-4 s per GiB, bimodal); direct writes measured a
+        steady 0.55-0.65 s per GiB including the fsync. Falls back to ``pwrite`` wherever
+        ``O_DIRECT`` is refused (tmpfs, odd alignment) or ``TEMPLATETOOL_DIRECT_IO=0``.
+        """
+        n = len(chunk)
+        if n >= _DIRECT_MIN and not n % 4096 and not foff % 4096 and self._dfd != -2:
+            addr = np.frombuffer(chunk, dtype=np.uint8).ctypes.data
+            if not addr % 4096:
+                if self._dfd == -1:
+                    self._dfd = _open_direct(self.path)
+                if self._dfd >= 0:
+                    try:
+                        done = 0
+                        while done < n:
+                            done += os.pwrite(self._dfd, chunk[done:], foff + done)
+                        return
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise ResourceError(f"write failed: {e.strerror}", self.name) from e
+                        os.close(self._dfd)
+                        self._dfd = -2  # refused: buffered from now on
+        _pwrite_all(self._fd, chunk, foff, self.name)
+
     def _write_block(self, blk: int, boff: int, chunk: memoryview) -> None:
         idx = blk + blk // self._cr
         e = int(self._bat[idx])
         st = e & 7
         if st == S.PAYLOAD_BLOCK_FULLY_PRESENT:
-            _pwrite_all(self._fd, chunk, (e & S.BAT_OFFSET_MASK) + boff, self.name)
+            self._payload_write(chunk, (e & S.BAT_OFFSET_MASK) + boff)
             return
         if st == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT:
             self._write_partial(blk, e & S.BAT_OFFSET_MASK, boff, chunk)
@@ -480,7 +522,7 @@ class VhdxDisk(BlockDevice):
         if self.parent is None and is_zero(chunk):
             return  # the block already reads as zeros: stay sparse
         off = self._allocate(self.block_size)
-        _pwrite_all(self._fd, chunk, off + boff, self.name)
+        self._payload_write(chunk, off + boff)
         self._set_bat(idx, off | S.PAYLOAD_BLOCK_FULLY_PRESENT)
 
     def _ensure_bitmap(self, blk: int) -> None:
@@ -583,6 +625,9 @@ class VhdxDisk(BlockDevice):
                 raise ResourceError(f"fsync failed: {e.strerror}", self.name) from e
 
     def close(self) -> None:
+        if getattr(self, "_dfd", -1) >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
         if getattr(self, "_fd", -1) >= 0:
             try:
                 if self.writable and self._session_started:
