@@ -136,13 +136,6 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     from ..cms.enveloped import envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
-    from ..tpm.keys import (
-        generate_storage_key,
-        load_parent,
-        parse_parent_public,
-        template_public,
-    )
-    from ..tpm.protector import make_sealer, resolve_pcr_values
     from .encrypt import encrypt_disk
 
     t0 = time.monotonic()
@@ -180,14 +173,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                 fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
             measurer = Measurer(doc.volume.size, doc.block_size, fm)
         # 3. vTPM key / parent
-        vtpm_key = None
-        if tpm_parent is not None:
-            parent = load_parent(tpm_parent)
-        else:
-            vtpm_key = generate_storage_key(vtpm_kind)
-            parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
-        values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
-        sealer = make_sealer(parent, list(values), values, bank=bank)
+        vtpm_key, parent, values, sealer = _vtpm_sealer(tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
         # 4. encrypt into a partial file beside the output
         partial = out.with_name(f".{out.name}.partial.vhdx")
         try:
@@ -258,6 +244,28 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         rec_spec.discard()
 
 
+def _vtpm_sealer(tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str,
+                 pcr_values: Mapping[int, bytes] | None, tcg_log: Any) -> tuple[Any, Any, dict[int, bytes], Any]:
+    """The VM's vTPM storage key (new, or None with ``tpm_parent``), its parent public, the PCR
+    values to seal to and the sealer. Returns (vtpm_key, parent, values, sealer)."""
+    from ..tpm.keys import (
+        generate_storage_key,
+        load_parent,
+        parse_parent_public,
+        template_public,
+    )
+    from ..tpm.protector import make_sealer, resolve_pcr_values
+
+    vtpm_key = None
+    if tpm_parent is not None:
+        parent = load_parent(tpm_parent)
+    else:
+        vtpm_key = generate_storage_key(vtpm_kind)
+        parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
+    values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
+    return vtpm_key, parent, values, make_sealer(parent, list(values), values, bank=bank)
+
+
 def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
                             trust: Any) -> tuple[Any, Any, bytes, dict[str, Any]]:
     """PDK verified and opened by the owner; template catalog qualifies.
@@ -295,13 +303,6 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
     from ..cms.enveloped import envelope, open_envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
-    from ..tpm.keys import (
-        generate_storage_key,
-        load_parent,
-        parse_parent_public,
-        template_public,
-    )
-    from ..tpm.protector import make_sealer, resolve_pcr_values
 
     t0 = time.monotonic()
     disk = Path(template)
@@ -330,14 +331,7 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
         raise UsageError(f"the template's OS volume is already {state}", str(template))
     else:
         resumed = False
-        vtpm_key = None
-        if tpm_parent is not None:
-            parent = load_parent(tpm_parent)
-        else:
-            vtpm_key = generate_storage_key(vtpm_kind)
-            parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
-        values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
-        sealer = make_sealer(parent, list(values), values, bank=bank)
+        vtpm_key, parent, values, sealer = _vtpm_sealer(tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
         recovery = generate_recovery_password()
         secret = VmSecret(
             vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
