@@ -93,13 +93,14 @@ def _temp_volume(folder: Path) -> Any:
             os.unlink(name)
 
 
-def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any:
+def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: Any = None) -> Any:
     """``skip(offset, length)``: True when the span is unallocated in ``view`` (a VHDX hole or a
     sparse-file hole) **and** every NTFS cluster in it is free (NTFS read from ``fs_view``,
     default ``view``: for decryption, the plaintext view of an encrypted volume).
 
     Such spans stay unallocated in the output: time and output size then follow the used data,
-    not the virtual size. Returns None (never skip) for non-NTFS volumes.
+    not the virtual size. Returns None (never skip) for non-NTFS volumes. ``free_map``: the
+    volume's :class:`~templatetool.catalog.ntfs.FreeMap` when the caller already read it.
     """
     import bisect
 
@@ -108,7 +109,7 @@ def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None) -> Any
     fsv = fs_view if fs_view is not None else view
     if sniff_filesystem(fsv) != "ntfs":
         return None
-    fm = ntfs_free_map(fsv)
+    fm = free_map if free_map is not None else ntfs_free_map(fsv)
     starts: list[int] = []
     ends: list[int] = []
     for o, n in view.allocated_ranges():
@@ -151,7 +152,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
                  description: str | None = None, *, sparse: bool = True,
                  tap: Any = None, tap_zeros: Any = None, worker_tap: Any = None, on_tap: Any = None,
-                 on_result: Any = None, workers: int | None = None) -> dict[str, Any]:
+                 on_result: Any = None, workers: int | None = None, free_map: Any = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -161,6 +162,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     ``tap(offset, plaintext)`` / ``tap_zeros(offset, length)`` see the plaintext volume as it is
     read (skipped chunks as zeros), in order, for measuring in the same pass; ``worker_tap`` /
     ``on_tap`` do the same with the work split (see :func:`encrypt_volume`), which is faster.
+    ``free_map``: the source volume's NTFS free map when the caller already read it (used for the
+    sparse decision when the volume is encrypted straight from a reserved template).
     ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
     place (e.g. to save key files first); if it raises, no output appears.
 
@@ -199,7 +202,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 plain: BlockDevice = stack.enter_context(RawFile(tmp_vol, sector_size=src.sector_size))
             else:
                 plain = view
-            skip = sparse_skipper(plain) if sparse else None
+            skip = sparse_skipper(plain, free_map=free_map if already else None) if sparse else None
 
             def on_skip(off: int, n: int) -> None:
                 nonlocal skipped

@@ -187,7 +187,8 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             enc = encrypt_disk(template, partial, None, method=method,
                                protectors=[ProtectorSpec("tpm", seal=sealer), rec_spec],
                                description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
-                               tap_zeros=measurer.feed_zeros if measurer else None, **taps)
+                               tap_zeros=measurer.feed_zeros if measurer else None,
+                               free_map=measurer.free_map if measurer else None, **taps)
             if measurer is not None:
                 root, _leaves = measurer.finish()
                 if root != vsc.document.root:
