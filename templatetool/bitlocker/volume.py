@@ -546,10 +546,6 @@ class EncryptionPlan:
                 out[lo - offset:hi - offset] = data[lo - ro:hi - ro]
         return out
 
-    def clone_cipher(self) -> Any:
-        """A second sector cipher with the same key (for another thread)."""
-        return self._meta["clone"]()
-
     def overlay_spans(self) -> list[tuple[int, int]]:
         """(offset, length) of the boot sector area, the metadata blocks and the relocated header."""
         r = self.regions
@@ -654,8 +650,7 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
         prepared.append((spec, kind, uuid.uuid4(), pre))
     cipher = make_cipher(code, fvek, ss)
     plan = EncryptionPlan(code, ss, vsize, regions, cipher, EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss,
-                                                                          vsize, regions, []), [], vmk,
-                          {"clone": lambda: make_cipher(code, fvek, ss)})
+                                                                          vsize, regions, []), [], vmk, {})
 
     def finish() -> None:
         entries: list[Entry] = [unicode_entry(description or f"templatetool {K.filetime_to_iso(ft)}",
@@ -949,6 +944,5 @@ def plan_from_metadata(meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: 
                                      str(uuid.UUID(bytes_le=p.guid)), p.protection))
     result = EncryptResult(str(meta.volume_guid), S.METHOD_NAMES[code], sector_size, volume_size, regions, prots)
     return EncryptionPlan(code, sector_size, volume_size, regions, make_cipher(code, fvek, sector_size), result, [],
-                          vmk, {"clone": lambda: make_cipher(code, fvek, sector_size),
-                                "ns": K.NonceSource(meta.nonce_counter + 1), "nsect": meta.virtualized_sectors,
+                          vmk, {"ns": K.NonceSource(meta.nonce_counter + 1), "nsect": meta.virtualized_sectors,
                                 "guid": meta.volume_guid, "ft": meta.created, "entries": entries})
