@@ -27,11 +27,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from .blockdev import CHUNK
 from .errors import ResourceError
 
-#: ``fn(offset, length, out, args) -> payload``: fill ``out`` (the whole slot: at least ``slot``
-#: + 64 bytes) and return a small ``bytes`` payload; ``args`` are the item's two integers.
-ChunkFn = Callable[[int, int, memoryview, tuple[int, int]], bytes]
+#: ``fn(offset, length, out) -> payload``: fill ``out`` (the whole slot: at least ``slot`` + 64
+#: bytes) and return a small ``bytes`` payload.
+ChunkFn = Callable[[int, int, memoryview], bytes]
 
-_TASK = struct.Struct("<qqqqq")  # offset, length (-1: exit), slot, two arguments
+_TASK = struct.Struct("<qqq")  # offset, length (-1: exit), slot
 _RESULT = struct.Struct("<BI")  # status (0 ok, 1 error), payload length
 _ROOM = 64  # scratch bytes after each slot (update_into wants a block of room)
 
@@ -105,11 +105,11 @@ def die_with_parent(parent: int) -> None:
 def _worker(fn: ChunkFn, shm: mmap.mmap, stride: int, task_fd: int, result_fd: int) -> None:
     buf = memoryview(shm)
     while True:
-        off, n, slot, a0, a1 = _TASK.unpack(_read_exact(task_fd, _TASK.size))
+        off, n, slot = _TASK.unpack(_read_exact(task_fd, _TASK.size))
         if n < 0:
             return
         try:
-            payload = fn(off, n, buf[slot * stride: (slot + 1) * stride], (a0, a1))
+            payload = fn(off, n, buf[slot * stride: (slot + 1) * stride])
             msg = _RESULT.pack(0, len(payload)) + payload
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
             try:
@@ -162,9 +162,9 @@ class _Pool:
     def slot(self, i: int) -> memoryview:
         return self.view[i * self.stride: (i + 1) * self.stride]
 
-    def send(self, w: int, off: int, n: int, slot: int, args: tuple[int, int]) -> None:
+    def send(self, w: int, off: int, n: int, slot: int) -> None:
         try:
-            _write_all(self.task_w[w], _TASK.pack(off, n, slot, *args))
+            _write_all(self.task_w[w], _TASK.pack(off, n, slot))
         except OSError:  # EPIPE: the worker is gone
             raise ResourceError("a worker process died (killed or out of memory)",
                                 hint="re-run; if it persists, set TEMPLATETOOL_WORKERS=1") from None
@@ -174,7 +174,8 @@ class _Pool:
             status, ln = _RESULT.unpack(_read_exact(self.result_r[w], _RESULT.size))
             payload = _read_exact(self.result_r[w], ln)
         except EOFError:
-            raise ResourceError("a worker process died (killed or out of memory)", hint="re-run; if it persists, set TEMPLATETOOL_WORKERS=1") from None
+            raise ResourceError("a worker process died (killed or out of memory)",
+                                hint="re-run; if it persists, set TEMPLATETOOL_WORKERS=1") from None
         if status:
             try:
                 err = pickle.loads(payload)
@@ -186,7 +187,7 @@ class _Pool:
     def close(self) -> None:
         for fd in self.task_w:
             try:
-                _write_all(fd, _TASK.pack(0, -1, 0, 0, 0))
+                _write_all(fd, _TASK.pack(0, -1, 0))
             except OSError:
                 pass
             os.close(fd)
@@ -206,13 +207,12 @@ class _Pool:
             pass
 
 
-def chunk_items(size: int, chunk: int, args: Callable[[int, int, int], tuple[int, int]],
-                skip: Callable[[int, int], bool] | None = None,
-                keep: Collection[int] = ()) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+def chunk_items(size: int, chunk: int, skip: Callable[[int, int], bool] | None = None,
+                keep: Collection[int] = ()) -> Iterator[tuple[int, int, bool]]:
     """Items for :func:`ordered_map` covering ``[0, size)`` in ``chunk`` steps.
 
-    ``args(offset, length, index)`` gives a chunk's arguments. Chunks ``skip(offset, length)``
-    declares skippable become pass-through items (``args`` None), one item per *run* of them when
+    Chunks ``skip(offset, length)`` declares skippable become pass-through items (``work``
+    false), one item per *run* of them when
     ``skip`` offers a vectorised ``skip.chunk_mask(chunk)`` (so a 127 GiB mostly-empty volume
     costs a few items, not 130,000); chunk indices in ``keep`` are never skipped.
     """
@@ -236,38 +236,39 @@ def chunk_items(size: int, chunk: int, args: Callable[[int, int, int], tuple[int
             if skippable[i]:
                 k = int(np.searchsorted(work_at, i))
                 j = int(work_at[k]) if k < len(work_at) else nchunks
-                yield off, min(size, j * chunk) - off, None
+                yield off, min(size, j * chunk) - off, False
                 i = j
                 continue
         elif skip is not None and i not in keep and skip(off, n):
-            yield off, n, None
+            yield off, n, False
             i += 1
             continue
-        yield off, n, args(off, n, i)
+        yield off, n, True
         i += 1
 
 
-def ordered_map(fn: ChunkFn, items: Iterable[tuple[int, int, tuple[int, int] | None]], workers: int | None = None,
+def ordered_map(fn: ChunkFn, items: Iterable[tuple[int, int, bool]], workers: int | None = None,
                 slot: int = CHUNK, depth: int = 3) -> Iterator[tuple[int, int, memoryview | None, bytes | None]]:
     """Run ``fn`` over ``items`` and yield ``(offset, length, out, payload)`` in item order.
 
-    ``items`` are ``(offset, length, args)``; ``length <= slot``; ``args`` (two integers) go to
-    ``fn``. Items whose ``args`` is None are passed through in order as ``(offset, length, None, None)`` without running ``fn``. ``out``
-    is the whole slot ``fn`` wrote into (at least ``slot`` + 64 bytes) and is valid only until
-    the next item is requested (copy what you keep). At most ``workers * depth`` chunks are in flight: memory is bounded by that many slots.
+    ``items`` are ``(offset, length, work)`` with ``length <= slot``; items with ``work`` false are
+    passed through in order as ``(offset, length, None, None)`` without running ``fn``. ``out`` is
+    the whole slot ``fn`` wrote into (at least ``slot`` + 64 bytes) and is valid only until the
+    next item is requested (copy what you keep). At most ``workers * depth`` chunks are in flight:
+    memory is bounded by that many slots.
     Exceptions raised by ``fn`` are re-raised in the caller (as the same class).
     """
     n_workers = default_workers() if workers is None else workers
     if n_workers <= 1 or not hasattr(os, "fork"):
         tune_allocator()
         buf = memoryview(bytearray(slot + _ROOM))
-        for off, n, args in items:
-            if args is None:
+        for off, n, work in items:
+            if not work:
                 yield off, n, None, None
                 continue
             if n > slot:
                 raise ValueError(f"chunk of {n} bytes exceeds the slot size {slot}")
-            payload = fn(off, n, buf, args)
+            payload = fn(off, n, buf)
             yield off, n, buf, payload
         return
     pool = _Pool(fn, n_workers, slot, depth)
@@ -282,8 +283,8 @@ def ordered_map(fn: ChunkFn, items: Iterable[tuple[int, int, tuple[int, int] | N
                 return off, n, None, None, -1
             return off, n, pool.slot(s), pool.receive(w), s
 
-        for off, n, args in items:
-            if args is None:
+        for off, n, work in items:
+            if not work:
                 if not pending:
                     yield off, n, None, None
                 else:
@@ -297,7 +298,7 @@ def ordered_map(fn: ChunkFn, items: Iterable[tuple[int, int, tuple[int, int] | N
                 if s >= 0:
                     free.append(s)
             s = free.popleft()
-            pool.send(rr, off, n, s, args)
+            pool.send(rr, off, n, s)
             pending.append((off, n, s, rr))
             rr = (rr + 1) % n_workers
         while pending:

@@ -42,16 +42,16 @@ def _no_children_left() -> bool:
     return False
 
 
-def _fill(off: int, n: int, out: memoryview, args: tuple[int, int]) -> bytes:
+def _fill(off: int, n: int, out: memoryview) -> bytes:
     out[:n] = (off.to_bytes(8, "little") * (n // 8 + 1))[:n]
-    return f"{off}:{args[0]}".encode()
+    return f"{off}:{n}".encode()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_ordered_map_keeps_order_and_passes_skips_through(workers: int) -> None:
     items = []
     for i in range(40):
-        items.append((i * 4096, 4096, None if i % 7 == 3 else (i, 0)))
+        items.append((i * 4096, 4096 - (i % 5) * 512, i % 7 != 3))
     got = []
     for off, n, out, payload in ordered_map(_fill, items, workers, slot=4096, depth=2):
         if out is None:
@@ -59,31 +59,31 @@ def test_ordered_map_keeps_order_and_passes_skips_through(workers: int) -> None:
         else:
             assert bytes(out[:n]) == (off.to_bytes(8, "little") * 512)[:n]
             got.append((off, n, payload))
-    assert got == [(o, n, None if a is None else f"{o}:{a[0]}".encode()) for o, n, a in items]
+    assert got == [(o, n, f"{o}:{n}".encode() if w else None) for o, n, w in items]
     assert _no_children_left()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_worker_errors_come_back_typed(workers: int) -> None:
-    def fn(off: int, n: int, out: memoryview, args: tuple[int, int]) -> bytes:
+    def fn(off: int, n: int, out: memoryview) -> bytes:
         if off == 5 * 4096:
             raise FormatError("bad sector", f"offset {off}")
         return b""
 
     with pytest.raises(FormatError, match="bad sector"):
-        for _ in ordered_map(fn, [(i * 4096, 4096, (0, 0)) for i in range(20)], workers, slot=4096):
+        for _ in ordered_map(fn, [(i * 4096, 4096, True) for i in range(20)], workers, slot=4096):
             pass
     assert _no_children_left()
 
 
 def test_dead_worker_is_a_resource_error() -> None:
-    def fn(off: int, n: int, out: memoryview, args: tuple[int, int]) -> bytes:
+    def fn(off: int, n: int, out: memoryview) -> bytes:
         if off == 3 * 4096:
             os.kill(os.getpid(), signal.SIGKILL)
         return b""
 
     with pytest.raises(ResourceError, match="worker process died"):
-        for _ in ordered_map(fn, [(i * 4096, 4096, (0, 0)) for i in range(20)], 2, slot=4096):
+        for _ in ordered_map(fn, [(i * 4096, 4096, True) for i in range(20)], 2, slot=4096):
             pass
     assert _no_children_left()
 
@@ -102,21 +102,20 @@ def test_chunk_items_runs_equal_per_chunk_skip() -> None:
         return np.array(flags, dtype=bool)
 
     keep = {0, 17, 299}
-    per_chunk = list(chunk_items(size, CHUNK, lambda o, n, i: (i, 0), skip, keep))
+    per_chunk = list(chunk_items(size, CHUNK, skip, keep))
     skip.chunk_mask = mask  # type: ignore[attr-defined]
-    runs = list(chunk_items(size, CHUNK, lambda o, n, i: (i, 0), skip, keep))
+    runs = list(chunk_items(size, CHUNK, skip, keep))
     assert len(runs) < len(per_chunk)
+    assert all(n <= CHUNK for _, n, w in runs if w)  # work items stay single chunks
 
     def expand(items):
         out = []
-        for off, n, a in items:
-            if a is None:
-                out += [(o, None) for o in range(off, off + n, CHUNK)]
-            else:
-                out.append((off, a))
+        for off, n, w in items:
+            out += [(o, w) for o in range(off, off + n, CHUNK)]
         return out
 
-    assert expand(runs) == expand(per_chunk)
+    expected = [(i * CHUNK, not flags[i] or i in keep) for i in range(300)]
+    assert expand(runs) == expand(per_chunk) == expected
     assert sum(n for _, n, _ in runs) == size
 
 

@@ -806,8 +806,9 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     (a few chunks in flight). Chunks are read and encrypted by ``workers`` forked processes
     (:func:`templatetool.parallel.ordered_map`; default: one per CPU) and written in order by this
     process (a single writer: two processes writing one file contend on its inode lock, which on
-    this class of VM doubled the time); the protectors' key stretches run in a background process meanwhile, and the few
-    chunks holding BitLocker's own structures are written last, once the metadata is built.
+    this class of VM doubled the time). The protectors' key stretches run in a background process
+    meanwhile, and the few chunks holding BitLocker's own structures are written last, once the
+    metadata is built.
 
     ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
     unallocated in the source: ``dst`` then keeps it unallocated; readers return garbage there,
@@ -832,7 +833,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
         cipher = plan.cipher
         rbuf: list[memoryview] = []
 
-        def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
+        def chunk_fn(off: int, n: int, out: memoryview) -> bytes:
             # runs in a worker process: read, tap, encrypt into the shared slot
             if not rbuf:
                 rbuf.append(memoryview(bytearray(CHUNK)))
@@ -844,15 +845,10 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
                 out[n + 16:2 * n + 16] = data
             return payload
 
-        def items() -> Any:
-            def args(off: int, n: int, i: int) -> tuple[int, int]:
-                return (0, 0)
-
-            return chunk_items(vsize, CHUNK, args, skip, special)
-
         slot = 2 * CHUNK + 16 if tap is not None else CHUNK
+        items = chunk_items(vsize, CHUNK, skip, special)
         with progress(vsize, "encrypt") as bar:
-            for off, n, out, payload in ordered_map(chunk_fn, items(), workers, slot=slot):
+            for off, n, out, payload in ordered_map(chunk_fn, items, workers, slot=slot):
                 if out is None:
                     if on_skip is not None:
                         on_skip(off, n)
@@ -895,7 +891,7 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
 
     fast = getattr(plain, "read_chunk_into", None)
 
-    def chunk_fn(off: int, n: int, out: memoryview, _args: tuple[int, int]) -> bytes:
+    def chunk_fn(off: int, n: int, out: memoryview) -> bytes:
         # in a worker: read + decrypt into the shared slot; zero chunks are not written
         if fast is not None:
             fast(off, n, out)
@@ -905,7 +901,7 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
 
     written = 0
     with progress(plain.size, "decrypt") as bar:
-        items = chunk_items(plain.size, CHUNK, lambda *_: (0, 0), skip)
+        items = chunk_items(plain.size, CHUNK, skip)
         for off, n, data, flag in ordered_map(chunk_fn, items, workers):
             if data is not None and flag == b"\1":
                 dst.write(off, data[:n])
