@@ -416,15 +416,19 @@ class ProtectorSpec:
         password protectors; a no-op for the others), so that it overlaps whatever the caller
         does before encrypting. Call :meth:`discard` if the spec ends up unused."""
         kind = self.kind.replace("-", "_")
-        if self._pre is None and kind in ("recovery_password", "password") and hasattr(os, "fork"):
-            jobs = _StretchJobs(True)
-            salt = K.random_key(16)
-            if kind == "recovery_password":
-                key16 = K.parse_recovery_password(self.value or K.generate_recovery_password())
-                self._pre = (key16, salt, jobs.submit(K.recovery_initial_hash(key16), salt))
-            elif self.value:
-                self._pre = (salt, jobs.submit(K.password_initial_hash(self.value), salt))
+        if self._pre is None and hasattr(os, "fork") and (kind == "recovery_password"
+                                                          or (kind == "password" and self.value)):
+            self._pre = self._start_stretch(kind, _StretchJobs(True))
         return self
+
+    def _start_stretch(self, kind: str, jobs: _StretchJobs) -> tuple[Any, ...]:
+        """Salt and submit the stretch: (key16, salt, job) for a recovery password, (salt, job)
+        for a password (the job's ``result()`` is the stretched key)."""
+        salt = K.random_key(16)
+        if kind == "recovery_password":
+            key16 = K.parse_recovery_password(self.value or K.generate_recovery_password())
+            return key16, salt, jobs.submit(K.recovery_initial_hash(key16), salt)
+        return salt, jobs.submit(K.password_initial_hash(self.value or ""), salt)
 
     def discard(self) -> None:
         """Stop a stretch started by :meth:`prepare` whose result was not used."""
@@ -629,20 +633,11 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
             if rec_seen:
                 raise UsageError("only one recovery password protector is read by libbde and dislocker")
             rec_seen = True
-            if spec._pre is not None:
-                pre = spec._pre
-            else:
-                key16 = K.parse_recovery_password(spec.value or K.generate_recovery_password())
-                salt = K.random_key(16)
-                pre = (key16, salt, stretches.submit(K.recovery_initial_hash(key16), salt))
+            pre = spec._pre or spec._start_stretch(kind, stretches)
         elif kind == "password":
             if not spec.value:
                 raise UsageError("a password protector needs a password")
-            if spec._pre is not None:
-                pre = spec._pre
-            else:
-                salt = K.random_key(16)
-                pre = (salt, stretches.submit(K.password_initial_hash(spec.value), salt))
+            pre = spec._pre or spec._start_stretch(kind, stretches)
         elif kind == "tpm" and spec.seal is None:
             raise UsageError("a TPM protector needs a seal function")
         elif kind not in ("startup_key", "clear", "tpm"):
