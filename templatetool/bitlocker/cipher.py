@@ -71,7 +71,8 @@ class SectorCipher(ABC):
 
     def encrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
         """Encrypt into ``out[:len(data)]``; ``out`` must be writable with 16 bytes of room after
-        that (scratch) and must not overlap ``data``."""
+        that (scratch). ``data`` may be ``out[:len(data)]`` itself (in place), nothing else that
+        overlaps ``out``."""
         out[:len(data)] = self.encrypt(data, first_sector)
 
     def decrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:

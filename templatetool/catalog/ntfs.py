@@ -32,12 +32,10 @@ class FreeMap:
         self.packed = np.packbits(flags, bitorder="little")
 
     @classmethod
-    def from_packed(cls, cluster_size: int, packed: bytes | np.ndarray, count: int) -> FreeMap:
+    def from_packed(cls, cluster_size: int, packed: bytes, count: int) -> FreeMap:
         """From ``count`` bits of a packed little-endian bitmap (extra bits are ignored)."""
         fm = cls(cluster_size)
-        nbytes = (count + 7) // 8
-        arr = np.frombuffer(packed, dtype=np.uint8, count=nbytes).copy() if not isinstance(packed, np.ndarray) \
-            else packed[:nbytes].astype(np.uint8, copy=True)
+        arr = np.frombuffer(packed, dtype=np.uint8, count=(count + 7) // 8).copy()
         if count % 8:
             arr[-1] &= (1 << (count % 8)) - 1
         fm.packed, fm.cluster_count = arr, count
