@@ -1,10 +1,15 @@
-"""Atomic outputs: write to a temp file in the destination folder, fsync, rename when complete."""
+"""Atomic outputs: write to a temp file in the destination folder, fsync, rename when complete.
+
+:func:`atomic_output` makes one output; :func:`atomic_outputs` several that appear together.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +64,130 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o
                 f.write(data)
         except OSError as e:
             raise ResourceError(f"cannot write: {e.strerror}", str(path)) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class OutputSet:
+    """Several outputs of one command that appear together or not at all.
+
+    Each output is first written to a temporary file beside its destination (:meth:`add`,
+    :meth:`write`, or :meth:`adopt` for a finished temporary file made elsewhere). :meth:`commit`
+    fsyncs them and renames them all into place with SIGINT blocked; if a rename fails, the
+    outputs already renamed are undone (an overwritten destination gets its old content back).
+    :meth:`discard` removes the temporaries. Use it through :func:`atomic_outputs`.
+    """
+
+    def __init__(self, overwrite: bool = True) -> None:
+        self.overwrite = overwrite
+        self._items: list[tuple[Path, Path]] = []  # (destination, temporary)
+
+    def _check(self, dest: Path) -> None:
+        if any(d == dest for d, _ in self._items):
+            raise UsageError("the same output is given twice", str(dest), "give each output its own name")
+        if dest.exists() and not self.overwrite:
+            raise UsageError("output exists", str(dest), "choose another name, or pass --overwrite to replace it")
+        folder = dest.parent if str(dest.parent) else Path(".")
+        if not folder.is_dir():
+            raise ResourceError("output folder does not exist", str(folder), "create it first")
+
+    def add(self, path: str | os.PathLike[str], mode: int = 0o644) -> Path:
+        """A new temporary file (mode ``mode``) for destination ``path``; write it, then commit."""
+        dest = Path(path)
+        self._check(dest)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent if str(dest.parent) else ".")
+        except OSError as e:
+            raise ResourceError(f"cannot create output: {e.strerror}", str(dest)) from e
+        os.close(fd)
+        os.chmod(tmp, mode)
+        self._items.append((dest, Path(tmp)))
+        return Path(tmp)
+
+    def write(self, path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+        """Stage ``data`` for ``path``."""
+        tmp = self.add(path, mode)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise ResourceError(f"cannot write: {e.strerror}", str(path)) from None
+
+    def adopt(self, tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+        """Stage the finished file ``tmp`` (same folder as ``path``) as the new ``path``."""
+        dest = Path(path)
+        self._check(dest)
+        self._items.append((dest, Path(tmp)))
+
+    def discard(self) -> None:
+        """Remove every temporary file (the destinations are untouched)."""
+        for _dest, tmp in self._items:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._items.clear()
+
+    def commit(self) -> None:
+        """fsync every temporary file, then rename them all into place, all or nothing."""
+        try:
+            for _dest, tmp in self._items:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+        except OSError as e:
+            raise ResourceError(f"cannot complete the outputs: {e.strerror}") from None
+        can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if can_block else None
+        done: list[tuple[Path, Path | None]] = []  # (destination, backup of its old content)
+        backups: list[Path] = []
+        try:
+            try:
+                for dest, tmp in self._items:
+                    backup = None
+                    if dest.exists():  # keep the old content until every output is in place
+                        backup = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+                        with contextlib.suppress(FileNotFoundError):
+                            backup.unlink()
+                        os.link(dest, backup)
+                        backups.append(backup)
+                    os.replace(tmp, dest)
+                    done.append((dest, backup))
+            except OSError as e:
+                for dest, backup in reversed(done):
+                    with contextlib.suppress(OSError):
+                        if backup is not None:
+                            os.replace(backup, dest)
+                        else:
+                            dest.unlink()
+                raise ResourceError(f"cannot complete the outputs: {e.strerror}", str(e.filename or ""),
+                                    "nothing was changed") from None
+            for b in backups:
+                with contextlib.suppress(OSError):
+                    b.unlink()
+            for folder in {d.parent for d, _ in self._items}:
+                _fsync_dir(folder if str(folder) else Path("."))
+            self._items.clear()
+        finally:
+            for b in backups:
+                with contextlib.suppress(OSError):
+                    b.unlink()
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def atomic_outputs(overwrite: bool = True) -> Iterator[OutputSet]:
+    """An :class:`OutputSet` committed when the block ends normally, discarded on any exception
+    (including KeyboardInterrupt): the outputs appear together or not at all."""
+    outs = OutputSet(overwrite)
+    try:
+        yield outs
+        outs.commit()
+    except BaseException:
+        outs.discard()
+        raise

@@ -10,7 +10,9 @@ import click
 from ..bitlocker import bitlocker_summary
 from ..errors import CredentialError, FormatError, NotFoundError, ResourceError, UsageError
 from ..secrets import read_secret, write_secret_file
+from . import policy
 from .common import emit, human_size, json_option
+from .policy import OUTPUT_FILE, Out
 
 __all__ = ["bitlocker_summary", "register"]
 
@@ -139,6 +141,14 @@ def _encrypt_in_place(disk: str, partition: int | None, method: str, specs: list
     emit(doc, as_json, _in_place_text)
 
 
+def _encrypt_outputs(p: dict[str, Any]) -> list[Out]:
+    """Re-running `encrypt --in-place` on a disk mid-conversion re-reads the first run's key files."""
+    if not (p.get("in_place") and policy.converting(p.get("disk"))):
+        return []
+    return [Out(o, p[n], "resume") for o, n in (("--recovery-password-out", "recovery_password_out"),
+                                                ("--startup-key-out", "startup_key_out")) if p.get(n)]
+
+
 def register(cli: click.Group) -> None:
     @cli.command("resume")
     @click.argument("disk", type=click.Path(dir_okay=False))
@@ -162,20 +172,21 @@ def register(cli: click.Group) -> None:
 
     @cli.command("encrypt")
     @click.argument("disk", type=click.Path(dir_okay=False))
-    @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("-o", "--output", "out", type=OUTPUT_FILE, help="New disk to write.")
     @click.option("--in-place", "in_place", is_flag=True,
                   help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).")
     @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
     @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True)
-    @click.option("--recovery-password-out", type=click.Path(dir_okay=False),
+    @click.option("--recovery-password-out", type=OUTPUT_FILE,
                   help="Add a recovery password and write it to this file (mode 0600).")
     @click.option("--show-recovery-password", is_flag=True, help="Add a recovery password and print it.")
-    @click.option("--startup-key-out", type=click.Path(dir_okay=False),
+    @click.option("--startup-key-out", type=OUTPUT_FILE,
                   help="Add a startup key and write the .BEK file here (mode 0600).")
     @click.option("--password-env", metavar="VAR", help="Add a password protector; password from $VAR.")
     @click.option("--description", help="Volume description stored in the metadata.")
     @_credential_options
     @json_option
+    @policy.derived_outputs(_encrypt_outputs)
     def encrypt(disk: str, out: str | None, in_place: bool, partition: int | None, method: str,
                 recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
                 password_env: str | None, description: str | None, recovery_password_file: str | None,
@@ -257,7 +268,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("decrypt")
     @click.argument("disk", type=click.Path(dir_okay=False))
-    @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="New disk to write.")
+    @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="New disk to write.")
     @click.option("--partition", type=int, default=None, help="Partition number (default: the BitLocker volume).")
     @click.option("--recovery-password-file", type=click.Path(dir_okay=False), help="File holding the recovery password.")
     @click.option("--recovery-password-env", metavar="VAR", help="Recovery password from $VAR.")

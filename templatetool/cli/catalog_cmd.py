@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
+from . import policy
 from .common import emit, json_option, stderr
+from .policy import OUTPUT_FILE, OUTPUT_PREFIX, Out
 
 _SIGNER_HELP = "FILE.pfx | pem:KEY,CERT[,CHAIN] | pkcs11:URI (RFC 7512)."
 
@@ -18,7 +20,7 @@ def _problems_text(probs: list[Any]) -> str:
 
 @click.command("protect")
 @click.argument("golden", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="The new template disk (.vhdx).")
+@click.option("-o", "--output", "output", type=OUTPUT_FILE, help="The new template disk (.vhdx).")
 @click.option("--name", help="Template name (exact match in volume ID qualifiers).")
 @click.option("--version", "version", help="Template version a.b.c.d (each part < 65536).")
 @click.option("--signer", help=f"Signing identity: {_SIGNER_HELP}")
@@ -31,6 +33,9 @@ def _problems_text(probs: list[Any]) -> str:
 @click.option("--in-place", "in_place", is_flag=True,
               help="Modify GOLDEN itself (not atomic; default is a new disk) instead of writing -o.")
 @json_option
+@policy.derived_outputs(lambda p: [Out("the catalog (OUTPUT.vsc)", p["output"] + ".vsc")]
+                        if p.get("output") and not p.get("in_place") and not p.get("check")
+                        and not p["output"].lower().endswith(".vhdx") else [])
 def protect_cmd(golden: str, output: str | None, name: str | None, version: str | None, signer: str | None,
                 password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
                 overwrite: bool, in_place: bool, as_json: bool) -> None:
@@ -71,7 +76,7 @@ def vsc_group() -> None:
 
 @vsc_group.command("export")
 @click.argument("template", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .vsc file to write.")
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="The .vsc file to write.")
 @json_option
 def vsc_export(template: str, output: str, as_json: bool) -> None:
     """Write TEMPLATE's signed catalog to a .vsc file (checks its signature first)."""
@@ -149,6 +154,10 @@ def vsc_verify(template: str, vsc_file: str | None, trust: tuple[str, ...], as_j
         sys.exit(4)
 
 
+def _cert_base(output: str) -> str:
+    return output[:-4] if output.lower().endswith(".pfx") else output
+
+
 @click.group("cert")
 def cert_group() -> None:
     """Certificates for test and lab use."""
@@ -158,12 +167,14 @@ def cert_group() -> None:
 @click.option("--signing", "usage", flag_value="signing", help="A signing certificate (digitalSignature).")
 @click.option("--encryption", "usage", flag_value="encryption", help="An encryption certificate (keyEncipherment / keyAgreement).")
 @click.option("--subject", required=True, help='Subject, e.g. "CN=Template Signer".')
-@click.option("-o", "--output", required=True, help="Output NAME (writes NAME.pfx and NAME.crt unless NAME ends in .pfx).")
+@click.option("-o", "--output", required=True, type=OUTPUT_PREFIX, help="Output NAME (writes NAME.pfx and NAME.crt unless NAME ends in .pfx).")
 @click.option("--key", "key_kind", default="rsa3072", show_default=True,
               type=click.Choice(["rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384"]))
 @click.option("--days", default=3650, show_default=True, type=int)
 @click.option("--password-env", metavar="VAR", help="Environment variable with the PFX password (else prompt; empty = none).")
 @json_option
+@policy.derived_outputs(lambda p: [Out("-o (NAME.pfx)", _cert_base(p["output"]) + ".pfx", "key"),
+                                   Out("-o (NAME.crt)", _cert_base(p["output"]) + ".crt", "key")])
 def cert_new(usage: str | None, subject: str, output: str, key_kind: str, days: int, password_env: str | None,
              as_json: bool) -> None:
     """Create a key and a self-signed certificate; write a PFX (mode 0600) and the certificate (PEM)."""
@@ -177,7 +188,7 @@ def cert_new(usage: str | None, subject: str, output: str, key_kind: str, days: 
 
     if usage is None:
         raise UsageError("choose --signing or --encryption")
-    base = output[:-4] if output.lower().endswith(".pfx") else output
+    base = _cert_base(output)
     if password_env:
         pw: bytes | None = read_secret(password_env, "").encode("utf-8")
     elif sys.stdin.isatty():

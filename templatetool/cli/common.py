@@ -1,4 +1,4 @@
-"""Shared CLI helpers: --json output, one-line errors, exit codes."""
+"""Shared CLI helpers: the --json envelope, one-line errors, exit codes, sizes."""
 
 from __future__ import annotations
 
@@ -9,22 +9,52 @@ from typing import Any, TypeVar
 
 import click
 
+from ..errors import TemplateToolError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON envelope (docs/cli.md) on stdout.")
 
 
-def emit(result: Any, as_json: bool, text: Callable[[Any], str] | str | None = None) -> None:
-    """Print ``result`` as JSON, or as text (``text(result)`` or the string given)."""
+def command_name() -> str:
+    """The running command's path without the program name (``vhdx convert``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return ""
+    return " ".join(ctx.command_path.split()[1:])
+
+
+def envelope(result: Any) -> dict[str, Any]:
+    """The --json success document of every command (docs/cli.md)."""
+    return {"ok": True, "command": command_name(), "result": result}
+
+
+def emit(result: Any, as_json: bool, text: Callable[[Any], str] | str | None = None,
+         error: TemplateToolError | None = None) -> None:
+    """Print ``result`` as the JSON envelope, or as text (``text(result)`` or the string given).
+
+    With ``error`` (a report whose outcome is a failure: a mismatch, a failed check) the text is
+    printed and then ``error`` raised; with --json the report travels in the error document's
+    ``result`` instead (``{"ok": false, "command", "error", "result"}``).
+    """
+    if error is not None:
+        if as_json:
+            error.result = result  # type: ignore[attr-defined]
+            raise error
+        out = text(result) if callable(text) else text
+        if out:
+            click.echo(out)
+        raise error
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=False, default=_json_default))
+        click.echo(json.dumps(envelope(result), indent=2, sort_keys=False, default=json_default))
     elif text is not None:
         out = text(result) if callable(text) else text
         if out:
             click.echo(out)
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """JSON for bytes (hex), objects with ``to_json`` and plain objects."""
     if isinstance(o, bytes):
         return o.hex()
     if hasattr(o, "to_json"):
@@ -32,6 +62,9 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "__dict__"):
         return {k: v for k, v in vars(o).items() if not k.startswith("_")}
     return str(o)
+
+
+_json_default = json_default
 
 
 def human_size(n: int) -> str:

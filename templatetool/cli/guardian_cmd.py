@@ -11,6 +11,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import FormatError, NotFoundError, ResourceError
 from ..secrets import read_secret
 from .common import emit, json_option, stderr
+from .policy import KEY_FOLDER, OUTPUT_FILE, current_plan
 
 password_env_option = click.option(
     "--password-env", metavar="VAR", help="Environment variable holding the guardian's PFX password.")
@@ -63,7 +64,7 @@ def guardian_group() -> None:
 
 @guardian_group.command("new")
 @click.argument("name")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Guardian folder to create.")
+@click.option("-o", "--output", "out", required=True, type=KEY_FOLDER, help="Guardian folder to create.")
 @click.option("--key", "key", default="rsa3072", show_default=True,
               type=click.Choice(["rsa3072", "rsa2048", "rsa4096", "ec-p256", "ec-p384"]), help="Key kind for both certificates.")
 @click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500), help="Validity in days.")
@@ -80,11 +81,13 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
 
     if no_password and password_env:
         raise UsageError("--no-password and --password-env exclude each other")
-    if (Path(out) / "guardian.json").exists():
+    plan = current_plan()
+    force = bool(plan and plan.force_replace_keys)
+    if (Path(out) / "guardian.json").exists() and not force:
         raise UsageError("a guardian already exists in this folder", out, "choose another folder")
     password = None if no_password else read_secret(password_env, "new guardian password: ", confirm=True)
     g = generate_guardian(name, key, days)
-    save_guardian(g, out, password)
+    save_guardian(g, out, password, overwrite=force)
     if no_password:
         stderr("templatetool: warning: the guardian's private keys are stored unencrypted; protect the folder")
     emit({**g.to_json(), "path": out}, as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
@@ -92,7 +95,7 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
 
 @guardian_group.command("import")
 @click.argument("metadata", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Guardian folder to create.")
+@click.option("-o", "--output", "out", required=True, type=KEY_FOLDER, help="Guardian folder to create.")
 @click.option("--name", help="Guardian name (default: the file name without extension).")
 @allow_untrusted_option
 @allow_expired_option
@@ -105,18 +108,20 @@ def guardian_import(metadata: str, out: str, name: str | None, allow_untrusted_r
     from ..errors import UsageError
     from ..guardian import import_metadata, save_guardian
 
-    if (Path(out) / "guardian.json").exists():
+    plan = current_plan()
+    force = bool(plan and plan.force_replace_keys)
+    if (Path(out) / "guardian.json").exists() and not force:
         raise UsageError("a guardian already exists in this folder", out, "choose another folder")
     data = read_input(metadata, "guardian metadata", 4 << 20)
     g = import_metadata(data, name or Path(metadata).stem, metadata, allow_untrusted_root=allow_untrusted_root,
                         allow_expired=allow_expired, trust=load_trust(trust))
-    save_guardian(g, out, None)
+    save_guardian(g, out, None, overwrite=force)
     emit({**g.to_json(), "path": out}, as_json, lambda d: _guardian_text(d) + f"\n  imported into {out}")
 
 
 @guardian_group.command("export")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Metadata XML to write.")
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Metadata XML to write.")
 @click.option("--signer", help="Signer of the XML signature: FILE.pfx | pem:KEY,CERT | pkcs11:URI "
               "(default: the guardian's own signing key).")
 @click.option("--signer-password-env", metavar="VAR", help="Environment variable with the signer's password.")

@@ -13,6 +13,7 @@ from ..errors import FormatError, NotFoundError, UsageError
 from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
 from ..hgs.host import pem_public
 from .common import emit, json_option
+from .policy import KEY_FOLDER, OUTPUT_FILE
 
 
 #: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
@@ -102,7 +103,7 @@ def register(cli: click.Group) -> None:
     @hgs.command("attest")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.argument("evidence", type=click.Path(dir_okay=False))
-    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Health certificate (PEM).")
+    @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Health certificate (PEM).")
     @json_option
     def attest_cmd(guardian_dir: str, evidence: str, output: str, as_json: bool) -> None:
         """Check host evidence; on success write a health certificate (exit 6 naming the failed check)."""
@@ -122,7 +123,7 @@ def register(cli: click.Group) -> None:
 
     @host.command("new")
     @click.argument("name")
-    @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
+    @click.option("-o", "--output", required=True, type=KEY_FOLDER, help="Host folder to create (keys 0600).")
     @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True)
     @json_option
     def host_new(name: str, output: str, key: str, as_json: bool) -> None:
@@ -132,7 +133,7 @@ def register(cli: click.Group) -> None:
 
     @host.command("evidence")
     @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
-    @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Evidence file to write.")
     @click.option("--tcg-log", type=click.Path(dir_okay=False), help="TPM mode: the host's TCG event log.")
     @click.option("--ek", type=click.Path(dir_okay=False), help="TPM mode: the host's EK public key (PEM).")
     @click.option("--ci-policy-hash", default=None, help="TPM mode: hash of the applied CI policy (hex).")

@@ -1,23 +1,30 @@
 """The templatetool command: a thin click layer over the library.
 
 Each command module in ``templatetool.cli`` exposes ``register(group)``; this module loads them,
-runs the command and turns every :class:`~templatetool.errors.TemplateToolError` into one line on
-stderr and its documented exit code (docs/exit-codes.md). Anything else is an internal error
-(exit 70) printed as one line; set TEMPLATETOOL_DEBUG=1 for the traceback.
+applies the output policy (cli/policy.py) to every command, runs the command and turns every
+:class:`~templatetool.errors.TemplateToolError` and every click usage error into one line on
+stderr (and, with --json, the error document on stdout: docs/cli.md) with its documented exit
+code (docs/exit-codes.md). Ctrl-C exits 130. Anything else is an internal error (exit 70)
+printed as one line; set TEMPLATETOOL_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
+from typing import Any, NoReturn
 
 import click
 
 from .. import __version__
 from ..errors import TemplateToolError
 from ..progress import set_quiet
+from . import policy
+from .common import json_default
 
 #: Command modules, loaded in this order. Each defines ``register(cli)``.
 COMMAND_MODULES = [
@@ -33,6 +40,7 @@ COMMAND_MODULES = [
 ]
 
 INTERNAL_ERROR = 70
+INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,7 +51,7 @@ def cli(quiet: bool) -> None:
 
     Exit codes: 0 ok, 1 failure, 2 usage, 3 malformed input, 4 integrity/tamper,
     5 credential, 6 policy/preflight, 7 unsupported, 8 I/O or missing tool, 9 not found,
-    70 internal error.
+    70 internal error, 130 interrupted (Ctrl-C).
     """
     set_quiet(quiet)
 
@@ -57,46 +65,116 @@ def _load() -> None:
                 continue
             raise
         mod.register(cli)
+    for _path, cmd in policy.walk(cli):
+        policy.install(cmd)
 
 
 def _wants_json(argv: list[str]) -> bool:
     return "--json" in argv
 
 
+def _command_name(argv: list[str]) -> str:
+    """The command path named by ``argv`` (``vhdx convert``), for error documents."""
+    node: click.Command = cli
+    names: list[str] = []
+    for a in argv:
+        if a.startswith("-"):
+            continue
+        if not isinstance(node, click.Group) or a not in node.commands:
+            break
+        node = node.commands[a]
+        names.append(a)
+    return " ".join(names)
+
+
+class _Interrupts:
+    """SIGINT handling: the first Ctrl-C raises KeyboardInterrupt (outputs are all-or-nothing:
+    every cleanup then runs undisturbed, later Ctrl-Cs are only recorded); once the command has
+    finished a Ctrl-C is only recorded. Either way the process exits 130."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.finishing = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.seen or self.finishing:
+            self.seen = True
+            return
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread (embedded use)
+            signal.signal(signal.SIGINT, self.handler)
+
+
+def _fail(args: list[str], kind: str, code: int, what: str, where: str | None = None, hint: str | None = None,
+          result: Any = None) -> NoReturn:
+    """Print one error line on stderr (and the --json error document on stdout) and exit ``code``."""
+    if _wants_json(args):
+        doc: dict[str, Any] = {"ok": False, "command": _command_name(args),
+                               "error": {"kind": kind, "exit_code": code, "message": what, "where": where,
+                                         "hint": hint}}
+        if result is not None:
+            doc["result"] = result
+        with contextlib.suppress(Exception):
+            click.echo(json.dumps(doc, indent=2, default=json_default))
+    line = what + (f" ({where})" if where else "") + (f"; {hint}" if hint else "")
+    click.echo(f"templatetool: {kind} error: {' '.join(line.split())}", err=True)
+    _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+def _interrupted() -> NoReturn:
+    click.echo("templatetool: interrupted", err=True)
+    _exit(INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
+    ints = _Interrupts()
+    ints.install()
+    code = 0
     try:
         _load()
         rv = cli.main(args=args, prog_name="templatetool", standalone_mode=False)
         if isinstance(rv, int) and rv:
-            sys.exit(rv)
-    except TemplateToolError as e:
-        if _wants_json(args):
-            click.echo(json.dumps(e.to_json()))
-        click.echo(f"templatetool: {e.kind} error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("templatetool: aborted", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("templatetool: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: never a traceback
-        if os.environ.get("TEMPLATETOOL_DEBUG"):
-            raise
-        click.echo(
-            f"templatetool: internal error: {type(e).__name__}: {e}; "
-            "please report it (TEMPLATETOOL_DEBUG=1 shows the traceback)",
-            err=True,
-        )
-        sys.exit(INTERNAL_ERROR)
-    sys.exit(0)
+            code = rv
+        ints.finishing = True
+    except BaseException as e:  # noqa: BLE001 - one error path for everything
+        ints.finishing = True
+        if ints.seen or isinstance(e, KeyboardInterrupt) or (
+                isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):
+            _interrupted()
+        if isinstance(e, TemplateToolError):
+            _fail(args, e.kind, e.exit_code, e.what, e.where, e.hint, getattr(e, "result", None))
+        if isinstance(e, click.UsageError):
+            where = e.ctx.command_path if e.ctx is not None else "templatetool"
+            _fail(args, "usage", 2, e.format_message(), where, f"see `{where} --help`")
+        if isinstance(e, click.exceptions.Abort):
+            _fail(args, "error", 1, "aborted")
+        if isinstance(e, click.ClickException):
+            _fail(args, "error", e.exit_code, e.format_message())
+        if isinstance(e, click.exceptions.Exit):
+            code = e.exit_code
+        elif isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        else:
+            if os.environ.get("TEMPLATETOOL_DEBUG"):
+                raise
+            _fail(args, "internal", INTERNAL_ERROR, f"{type(e).__name__}: {e}",
+                  hint="please report it (TEMPLATETOOL_DEBUG=1 shows the traceback)")
+    if ints.seen:
+        _interrupted()
+    _exit(code)
 
 
 if __name__ == "__main__":

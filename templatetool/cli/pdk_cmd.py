@@ -11,6 +11,7 @@ from ..atomic import write_bytes_atomic
 from ..errors import NotFoundError, PolicyError, ResourceError, UsageError
 from ..secrets import write_secret_file
 from .common import emit, json_option, stderr
+from .policy import OUTPUT_DIR, OUTPUT_FILE, current_plan
 from .guardian_cmd import (
     allow_expired_option,
     allow_untrusted_option,
@@ -72,7 +73,7 @@ def _pdk_text(d: dict) -> str:
 
 
 @pdk_group.command("new")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="PDK file to write.")
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="PDK file to write.")
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", "guardians", multiple=True, type=click.Path(),
               help="Guardian folder or HGS metadata XML; repeatable.")
@@ -152,7 +153,7 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
 @click.option("--key", "key_spec", help="Recipient key to open the secret part: a guardian folder, FILE.pfx, "
               "pem:KEY,CERT or pkcs11:URI.")
 @password_env_option
-@click.option("--extract", type=click.Path(file_okay=False), help="Write the secret files into this folder (0600).")
+@click.option("--extract", type=OUTPUT_DIR, help="Write the secret files into this folder (0600).")
 @allow_expired_option
 @json_option
 def pdk_show(file: str, key_spec: str | None, password_env: str | None, extract: str | None, allow_expired: bool,
@@ -174,7 +175,12 @@ def pdk_show(file: str, key_spec: str | None, password_env: str | None, extract:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ResourceError(f"cannot create the folder: {e.strerror}", extract) from None
-            for f in ([sp.answer_file] if sp.answer_file else []) + sp.other_files:
+            files = ([sp.answer_file] if sp.answer_file else []) + sp.other_files
+            plan = current_plan()
+            for f in files:  # names come from the PDK: checked like any output before the first write
+                if plan is not None:
+                    plan.check_late(str(folder / f.name), f"--extract file {f.name}")
+            for f in files:
                 write_secret_file(str(folder / f.name), f.data)
             d["extracted_to"] = extract
     emit(d, as_json, _pdk_text)
@@ -243,7 +249,7 @@ def _kp_text(d: dict) -> str:
 
 
 @kp_group.command("new")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", "guardians", multiple=True, type=click.Path(), help="Guardian folder or metadata XML.")
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="The secret to protect (16 B..64 KiB).")
@@ -280,7 +286,7 @@ def kp_show(file: str, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", required=True, type=click.Path(), help="Guardian folder or metadata XML to add.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
 @password_env_option
 @allow_untrusted_option
 @trust_option
@@ -302,7 +308,7 @@ def kp_grant(file: str, owner: str, guardian: str, out: str, password_env: str |
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", required=True, help="Guardian folder, name or certificate thumbprint to remove.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
 @password_env_option
 @json_option
 def kp_revoke(file: str, owner: str, guardian: str, out: str, password_env: str | None, as_json: bool) -> None:
@@ -321,7 +327,7 @@ def kp_revoke(file: str, owner: str, guardian: str, out: str, password_env: str 
 @kp_group.command("unwrap")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--guardian", required=True, type=click.Path(file_okay=False), help="Guardian (or owner) folder with keys.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Secret output (0600).")
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Secret output (0600).")
 @password_env_option
 @json_option
 def kp_unwrap(file: str, guardian: str, out: str, password_env: str | None, as_json: bool) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from ..errors import NotFoundError
+from . import policy
 from .common import emit, json_option
+from .policy import OUTPUT_DIR, OUTPUT_FILE, Out
 
 
 def _pcr_values(text: str | None) -> dict[int, bytes] | None:
@@ -43,6 +45,18 @@ def _unlock_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shield_outputs(p: dict[str, Any]) -> list[Out]:
+    """shield's derived outputs: OUTPUT.kp (unless --kp) and OUTPUT.recovery.p7m; with --in-place
+    they sit beside TEMPLATE and may exist already when a crashed conversion is resumed."""
+    disk = p.get("template") if p.get("in_place") else p.get("output")
+    if not disk:
+        return []
+    role = "resume" if p.get("in_place") and policy.converting(disk) else "file"
+    kp = Out("--kp", p["kp_out"], role) if p.get("kp_out") else Out("--kp (default OUTPUT.kp)",
+                                                                    policy.beside(disk, ".kp"), role)
+    return [kp, Out("the recovery escrow (OUTPUT.recovery.p7m)", policy.beside(disk, ".recovery.p7m"), role)]
+
+
 def register(cli: click.Group) -> None:
     @cli.command("shield")
     @click.argument("template", type=click.Path(dir_okay=False, exists=True))
@@ -51,10 +65,10 @@ def register(cli: click.Group) -> None:
     @click.option("--owner-password-env", default=None, help="Env var holding the owner PFX password.")
     @click.option("--guardian", "guardians", multiple=True, type=click.Path(exists=True),
                   help="Guardian folder/metadata for the PDK's guardians (repeatable).")
-    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Shielded VM disk (.vhdx).")
+    @click.option("-o", "--output", type=OUTPUT_FILE, help="Shielded VM disk (.vhdx).")
     @click.option("--in-place", is_flag=True,
                   help="Convert TEMPLATE itself (too large to copy); resumable: re-run after a crash.")
-    @click.option("--kp", "kp_out", type=click.Path(dir_okay=False), help="Key protector output (default OUTPUT.kp).")
+    @click.option("--kp", "kp_out", type=OUTPUT_FILE, help="Key protector output (default OUTPUT.kp).")
     @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
                   help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
     @click.option("--pcrs", default="7,11", show_default=True)
@@ -62,8 +76,9 @@ def register(cli: click.Group) -> None:
     @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True), help="Reference TCG log to replay.")
     @click.option("--bank", default="sha256", show_default=True)
     @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True)
-    @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Write the JSON report here too.")
+    @click.option("--report", "report_out", type=OUTPUT_FILE, help="Write the JSON report here too.")
     @json_option
+    @policy.derived_outputs(_shield_outputs)
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
                    output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: str,
                    pcr_values: str | None,
@@ -102,7 +117,7 @@ def register(cli: click.Group) -> None:
     @click.option("--health-cert", type=click.Path(dir_okay=False, exists=True), help="Use this health certificate.")
     @click.option("--tpm", "tcti", default=None, help="Unseal through a real TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
     @click.option("--pcr-values", default=None, help="PCR values of the VM's boot (default: those sealed to).")
-    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Decrypted disk.")
+    @click.option("-o", "--output", type=OUTPUT_FILE, help="Decrypted disk.")
     @click.option("--dry-run", is_flag=True, help="Check every step; write nothing.")
     @json_option
     def unlock_cmd(vm_disk: str, kp: str, guardian: str, guardian_password_env: str | None, host_dir: str,
@@ -126,7 +141,7 @@ def register(cli: click.Group) -> None:
     @click.argument("escrow_file", type=click.Path(dir_okay=False, exists=True))
     @click.option("--owner", required=True, type=click.Path(exists=True))
     @click.option("--owner-password-env", default=None)
-    @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the recovery password here (0600).")
+    @click.option("-o", "--output", type=OUTPUT_FILE, help="Write the recovery password here (0600).")
     @click.option("--show", is_flag=True, help="Print the recovery password on stdout.")
     @json_option
     def escrow_open(escrow_file: str, owner: str, owner_password_env: str | None, output: str | None, show: bool,
@@ -161,7 +176,8 @@ def register(cli: click.Group) -> None:
             [f"done in {r['seconds']} s" + (f"; report {r['report']}" if r.get("report") else "")]))
 
     @cli.command("demo")
-    @click.option("-o", "--output", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+    @click.option("-o", "--output", default="demo-out", show_default=True, type=OUTPUT_DIR,
+                  help="Folder for the throwaway identities and every artifact.")
     @click.option("--golden", default=None, type=click.Path(dir_okay=False, exists=True),
                   help="Golden disk (default: fixtures/golden.vhdx of the source tree).")
     @json_option

@@ -10,7 +10,9 @@ import click
 from ..atomic import write_bytes_atomic
 from ..errors import NotFoundError, ResourceError, UsageError
 from ..secrets import read_secret, write_secret_file
+from . import policy
 from .common import emit, json_option
+from .policy import OUTPUT_FILE, OUTPUT_PREFIX, Out
 
 
 def _pcr_values(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str) -> dict[int, bytes]:
@@ -124,10 +126,12 @@ def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
 @bank_option
 @click.option("--pin-env", help="Environment variable holding a PIN (adds PolicyAuthValue).")
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="Secret to seal (1..128 bytes).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Protector payload to write.")
-@click.option("--tpm2-tools", "tools_prefix", type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Protector payload to write.")
+@click.option("--tpm2-tools", "tools_prefix", type=OUTPUT_PREFIX,
               help="Also write PREFIX.pub/.priv/.seed for tpm2_import.")
 @json_option
+@policy.derived_outputs(lambda p: [Out(f"--tpm2-tools (PREFIX{e})", p["tools_prefix"] + e)
+                                   for e in (".pub", ".priv", ".seed")] if p.get("tools_prefix") else [])
 def seal_cmd(parent: str, parent_template: str | None, pcrs: str | None, pcr_values: str | None,
              tcg_log: str | None, bank: str, pin_env: str | None, secret_file: str, output: str,
              tools_prefix: str | None, as_json: bool) -> None:
@@ -170,7 +174,7 @@ def show_cmd(blob: str, as_json: bool) -> None:
 @values_option
 @log_option
 @click.option("--pin-env", help="Environment variable holding the PIN.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Write the secret here (0600).")
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Write the secret here (0600).")
 @json_option
 def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file: str | None, pcr_values: str | None,
                tcg_log: str | None, pin_env: str | None, output: str, as_json: bool) -> None:
@@ -200,30 +204,37 @@ def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file:
     emit({"output": output, "size": len(secret)}, as_json, f"unsealed {len(secret)} bytes to {output}")
 
 
+def _vtpm_base(p: dict) -> str | None:
+    """vtpm new's output prefix: -o NAME, or OUT (OUT/vtpm when OUT is a folder)."""
+    if bool(p.get("out")) == bool(p.get("name")):
+        return None
+    out = p.get("out")
+    if out and os.path.isdir(out):
+        return os.path.join(out, "vtpm")
+    return p.get("name") or out
+
+
 @click.group("vtpm")
 def vtpm_group() -> None:
     """Software vTPM storage keys."""
 
 
 @vtpm_group.command("new")
-@click.argument("out", required=False, type=click.Path())
-@click.option("-o", "--output", "name", help="Output name prefix: writes NAME.key (0600), NAME.pub, NAME.pem.")
+@click.argument("out", required=False, type=OUTPUT_PREFIX)
+@click.option("-o", "--output", "name", type=OUTPUT_PREFIX, help="Output name prefix: writes NAME.key (0600), NAME.pub, NAME.pem.")
 @click.option("--type", "kind", type=click.Choice(["rsa", "ecc"]), default="rsa", show_default=True,
               help="RSA-2048 or ECC NIST P-256.")
 @json_option
+@policy.derived_outputs(lambda p: [Out(f"vtpm key file (*{e})", _vtpm_base(p) + e, "key")
+                                   for e in (".key", ".pub", ".pem")] if _vtpm_base(p) else [])
 def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) -> None:
     """Create a vTPM storage key pair (OUT may be a directory: writes OUT/vtpm.*)."""
     from ..tpm.keys import create_vtpm_key
 
     if bool(out) == bool(name):
         raise UsageError("give an output directory or -o NAME (one of them)")
-    base = name or out
-    assert base is not None
-    if out and os.path.isdir(out):
-        base = os.path.join(out, "vtpm")
-    for ext in (".key", ".pub", ".pem"):
-        if os.path.exists(base + ext):
-            raise UsageError("output exists", base + ext, "choose another name; keys are never overwritten")
+    base = _vtpm_base({"out": out, "name": name})
+    assert base is not None  # existing key files were refused by the output policy (cli/policy.py)
     res = create_vtpm_key(base, kind)
     emit(res.to_json(), as_json, lambda d: f"wrote {d['key']} (private, 0600), {d['pub']}, {d['pem']}; Name {d['name']}")
 

@@ -11,6 +11,7 @@ import click
 from ..atomic import write_bytes_atomic
 from ..errors import IntegrityError, UsageError
 from .common import SIZE, emit, human_size, json_option
+from .policy import OUTPUT_FILE
 
 
 def _fmt_findings(res: dict[str, Any]) -> str:
@@ -29,7 +30,7 @@ def register(cli: click.Group) -> None:
 
     @vhdx.command("convert")
     @click.argument("src", type=click.Path(dir_okay=False))
-    @click.argument("dst", type=click.Path(dir_okay=False))
+    @click.argument("dst", type=OUTPUT_FILE)
     @click.option("--to", "to", type=click.Choice(["raw", "vhdx"]), default=None,
                   help="Output format (default: vhdx when DST ends in .vhdx/.avhdx, else raw).")
     @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True)
@@ -50,7 +51,7 @@ def register(cli: click.Group) -> None:
              + f", {human_size(r['virtual_size'])} virtual, {human_size(r['file_size'])} file")
 
     @vhdx.command("create")
-    @click.argument("dst", type=click.Path(dir_okay=False))
+    @click.argument("dst", type=OUTPUT_FILE)
     @click.option("--size", type=SIZE, default=None, help="Virtual size (e.g. 64M, 10G); not with --parent.")
     @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True)
     @click.option("--block-size", type=SIZE, default=None, help="Block size, 1M..256M (default 32M).")
@@ -109,7 +110,7 @@ def register(cli: click.Group) -> None:
 
     @vhdx.command("replay-log")
     @click.argument("src", type=click.Path(dir_okay=False))
-    @click.argument("dst", type=click.Path(dir_okay=False))
+    @click.argument("dst", type=OUTPUT_FILE)
     @json_option
     def replay_cmd(src: str, dst: str, as_json: bool) -> None:
         """Write DST: a copy of SRC with its unreplayed log applied (SRC is not modified)."""
@@ -139,7 +140,7 @@ def register(cli: click.Group) -> None:
     @metadata.command("get")
     @click.argument("disk", type=click.Path(dir_okay=False))
     @click.argument("guid")
-    @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+    @click.option("-o", "--output", type=OUTPUT_FILE, default=None,
                   help="Write the item here (default: stdout).")
     def md_get(disk: str, guid: str, output: str | None) -> None:
         """Print (or save) the bytes of user item GUID."""
