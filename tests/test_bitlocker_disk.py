@@ -74,7 +74,7 @@ def golden_enc(tmp_path_factory: pytest.TempPathFactory, ) -> dict:
     cp = run_cli("encrypt", str(raw), "-o", str(enc), "--recovery-password-out", str(rpf),
                  "--startup-key-out", str(bek), "--json")
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)
+    doc = json.loads(cp.stdout)["result"]
     return {"dir": d, "raw": raw, "before": before, "enc": enc, "rpf": rpf, "bek": bek, "doc": doc,
             "rp": rpf.read_text().strip()}
 
@@ -92,7 +92,7 @@ def test_encrypt_golden_outputs(golden_enc) -> None:
     assert not list(g["dir"].glob(".tt-volume-*"))  # temp volume removed
     cp = run_cli("inspect", str(g["enc"]), "--json")
     assert cp.returncode == 0, cp.stderr
-    vols = {v["index"]: v for v in json.loads(cp.stdout)["volumes"]}
+    vols = {v["index"]: v for v in json.loads(cp.stdout)["result"]["volumes"]}
     assert vols[OS["index"]]["filesystem"] == "bitlocker"
     assert vols[OS["index"]]["bitlocker"]["method"] == "xts-aes-128"
 
@@ -132,7 +132,7 @@ def test_golden_decrypt_cli(golden_enc) -> None:
     cp = run_cli("encrypt", str(out), "-o", str(again), "--startup-key-out", str(g["dir"] / "k2.bek"), "--json",
                  "--method", "xts-aes-256")
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)
+    doc = json.loads(cp.stdout)["result"]
     assert doc["reused_reservation"] is True and doc["method"] == "xts-aes-256"
     assert doc["regions"]["metadata_offsets"] == g["doc"]["regions"]["metadata_offsets"]
 
@@ -143,7 +143,7 @@ def test_bare_volume_cli_roundtrip(tmp_path: Path) -> None:
     cp = run_cli("encrypt", str(vol), "-o", str(enc), "--show-recovery-password", "--password-env", "TT_PW",
                  "--json", env={"TT_PW": "secret pw"})
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)
+    doc = json.loads(cp.stdout)["result"]
     rp = doc["recovery_password"]
     assert doc["partition"] is None and len(rp) == 55
     assert "secret pw" not in cp.stdout + cp.stderr
@@ -237,4 +237,4 @@ def test_golden_partition_choice_errors(golden_enc) -> None:
     assert_clean_error(run_cli("decrypt", str(g["raw"]), "-o", str(out), "--clear-key"), 9)  # nothing encrypted
     assert not out.exists()
     cp = run_cli("bitlocker", "info", str(g["enc"]), "--json")
-    assert cp.returncode == 0 and json.loads(cp.stdout)["partition"] == OS["index"]
+    assert cp.returncode == 0 and json.loads(cp.stdout)["result"]["partition"] == OS["index"]

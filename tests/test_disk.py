@@ -154,7 +154,7 @@ def test_raw_allocated_ranges_follow_holes(tmp_path: Path) -> None:
 def test_inspect_cli_json(golden_raw: Path) -> None:
     cp = run_cli("inspect", str(golden_raw), "--json")
     assert cp.returncode == 0, cp.stderr
-    r = json.loads(cp.stdout)
+    r = json.loads(cp.stdout)["result"]
     assert r["container"]["format"] == "raw"
     assert [v["filesystem"] for v in r["volumes"]] == ["fat32", None, "ntfs"]
 
@@ -162,7 +162,7 @@ def test_inspect_cli_json(golden_raw: Path) -> None:
 def test_inspect_golden_vhdx(golden: Path) -> None:
     cp = run_cli("inspect", str(golden), "--json")
     assert cp.returncode == 0, cp.stderr
-    r = json.loads(cp.stdout)
+    r = json.loads(cp.stdout)["result"]
     assert r["container"]["format"] == "vhdx"
     assert r["container"]["subformat"] == "dynamic"
     assert r["container"]["virtual_size"] == MANIFEST["disk"]["virtual_size"]

@@ -173,9 +173,9 @@ def test_cli_roundtrip_and_clean_errors(tmp_path):
     assert_clean_error(run_cli("guardian", "import", str(x), "-o", str(tmp_path / "imp")), 6)
     cp = run_cli("guardian", "import", str(x), "-o", str(tmp_path / "imp"), "--allow-untrusted-root", "--json")
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["source"] == "imported"
+    assert json.loads(cp.stdout)["result"]["source"] == "imported"
     cp = run_cli("guardian", "show", str(tmp_path / "imp"), "--json")
-    assert json.loads(cp.stdout)["has_private_keys"] is False
+    assert json.loads(cp.stdout)["result"]["has_private_keys"] is False
     # tampered XML → integrity error; malformed XML → format error
     t = tmp_path / "t.xml"
     t.write_bytes(x.read_bytes().replace(b"<Version>1</Version>", b"<Version>2</Version>"))

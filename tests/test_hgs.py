@@ -165,7 +165,7 @@ def test_cli_flow_and_refusals(tmp_path: Path) -> None:
     assert run_cli("hgs", "register-host", str(g), "--host", str(h), "--name", "h1").returncode == 0
     cp = run_cli("hgs", "attest", str(g), str(tmp_path / "ev.json"), "-o", str(tmp_path / "hc.pem"), "--json")
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["checks"][1]["passed"] is True
+    assert json.loads(cp.stdout)["result"]["checks"][1]["passed"] is True
     assert (tmp_path / "hc.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE")
     (tmp_path / "bad.json").write_text("{")
     assert_clean_error(run_cli("hgs", "attest", str(g), str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.pem")), 3)

@@ -334,7 +334,7 @@ def test_raw_in_place_readers(plain48: Path, tmp_path: Path) -> None:
     cp = run_cli("encrypt", str(vol), "--in-place", "--recovery-password-out", str(rpf), "--startup-key-out", str(bek),
                  "--json")
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)
+    doc = json.loads(cp.stdout)["result"]
     assert doc["resumed"] is False and doc["volume_size"] == vol.stat().st_size
     assert [p["type"] for p in doc["protectors"]] == ["recovery-password", "startup-key"]
     rp = rpf.read_text().strip()
@@ -415,7 +415,7 @@ def test_vhdx_in_place_with_kills(protected_vhdx: Path, tmp_path: Path) -> None:
     assert killed, rc
     cp = run_cli(*args, "--json", env={"TEMPLATETOOL_INPLACE_CHUNK": "16384"})
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["resumed"] is True
+    assert json.loads(cp.stdout)["result"]["resumed"] is True
     chk = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(disk)], capture_output=True, text=True, check=False)
     assert chk.returncode == 0, chk.stdout + chk.stderr
     rp = rpf.read_text().strip()
@@ -505,7 +505,7 @@ def test_wrong_credential_on_resume(plain48: Path, tmp_path: Path) -> None:
     assert "resume" in cp.stderr and not (tmp_path / "dec.img").exists()
     cp = run_cli("resume", str(vol), "--recovery-password-file", str(rpf), "--json")
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["resumed"] is True
+    assert json.loads(cp.stdout)["result"]["resumed"] is True
     assert_complete(RawFile(vol), RawFile(plain48), bek=bek.read_bytes())
     cp = run_cli("decrypt", str(vol), "-o", str(tmp_path / "dec.img"), "--startup-key", str(bek))
     assert cp.returncode == 0, cp.stderr

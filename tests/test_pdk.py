@@ -107,7 +107,7 @@ def test_openssl_decrypts_secret_for_owner_and_each_guardian(world, who):
                         capture_output=True, check=False)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == world["secret"].to_bytes()
-    sp = json.loads(cp.stdout)
+    sp = json.loads(cp.stdout)["result"]
     assert base64.b64decode(sp["other_files"][0]["data"]) == world["secret"].other_files[0].data
     ours = open_pdk_secret(read_pdk(world["pdk"]), world[who].encryption_key,
                            world[who].encryption_certificate)
@@ -168,7 +168,7 @@ def test_qualifier_matrix(world):
     (d / "other.vsc").write_bytes(cats[("WS2022-DC", "author2", "1.2.0.0")])
     cp = run_cli("pdk", "verify", str(d / "t.pdk"), "--vsc", str(d / "t-1.2.vsc"), "--owner", str(d / "owner"), "--json")
     assert cp.returncode == 0, cp.stderr
-    out = json.loads(cp.stdout)
+    out = json.loads(cp.stdout)["result"]
     assert out["template"]["qualified"] and out["owner_trust"].startswith("pinned")
     cp = run_cli("pdk", "verify", str(d / "t.pdk"), "--vsc", str(d / "t-1.1.vsc"))
     assert_clean_error(cp, 6)
@@ -228,7 +228,7 @@ def test_cli_new_show_and_bad_inputs(world, tmp_path):
     cp = run_cli("pdk", "show", str(out), "--key", str(d / "c"),
                  "--password-env", "TPW", "--json", env=ENV)
     assert cp.returncode == 0, cp.stderr
-    shown = json.loads(cp.stdout)
+    shown = json.loads(cp.stdout)["result"]
     assert shown["secret"]["specialization_values"] == {"@ComputerName@": "WEB02"}
     assert shown["policy"] == "encryption-supported"
     cp = run_cli("pdk", "show", str(out), "--key", f"pem:{d / 'a-encryption.key'},{d / 'a-encryption.crt'}",

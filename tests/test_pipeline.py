@@ -176,7 +176,7 @@ def test_cli_dry_run_json_and_exit_code(demo: dict, tmp_path: Path) -> None:
     cp = run_cli("unlock", str(d / "vm.vhdx"), "--kp", str(d / "vm.kp"), "--guardian", str(d / "fabric"),
                  "--host", str(d / "host"), "--dry-run", "--json")
     assert cp.returncode == 0, cp.stderr
-    r = json.loads(cp.stdout)
+    r = json.loads(cp.stdout)["result"]
     assert r["ok"] is True and [s["step"] for s in r["steps"]][0] == "attestation"
     assert run_cli("host", "new", "x", "-o", str(tmp_path / "x")).returncode == 0
     cp = run_cli("unlock", str(d / "vm.vhdx"), "--kp", str(d / "vm.kp"), "--guardian", str(d / "fabric"),
@@ -338,7 +338,7 @@ def test_shield_in_place_resumes_after_sigkill(demo: dict, tmp_path: Path) -> No
     p.wait()
     cp = subprocess.run(args + ["--json"], capture_output=True, text=True, env=env)  # re-run = resume from the escrow
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["resumed"] is True  # the kill landed mid-conversion
+    assert json.loads(cp.stdout)["result"]["resumed"] is True  # the kill landed mid-conversion
     rep = run_cli("unlock", str(disk), "--kp", str(tmp_path / "big-template.kp"), "--guardian", str(d / "fabric"),
                   "--host", str(d / "host"), "--dry-run", "--json")
     assert rep.returncode == 0, rep.stdout + rep.stderr

@@ -239,7 +239,7 @@ def test_preflight_reports_every_problem(tmp_path: Path) -> None:
     lines = [ln for ln in cp.stderr.splitlines() if ln.startswith("templatetool: preflight:")]
     assert len(lines) == len(preflight(mbr)) >= 3
     cpj = run_cli("protect", "--check", str(mbr), "--json")
-    assert cpj.returncode == 6 and {p["code"] for p in json.loads(cpj.stdout)["problems"]} == codes
+    assert cpj.returncode == 6 and {p["code"] for p in json.loads(cpj.stdout)["result"]["problems"]} == codes
 
 
 def test_preflight_differencing_vhdx(tmp_path: Path) -> None:
@@ -279,12 +279,12 @@ def test_cli_protect_export_show_verify(tmp_path: Path, golden_raw: tuple[Path, 
     out = tmp_path / "tpl.img"
     cp = run_cli("protect", str(disk), "-o", str(out), "--name", "CLI", "--version", "1.2.3.4", "--signer", str(pfx),
                  "--password-env", "TT_PFX_PW", "--json", env=env, check=True)
-    r = json.loads(cp.stdout)
+    r = json.loads(cp.stdout)["result"]
     assert r["name"] == "CLI" and r["version"] == "1.2.3.4"
     cp = run_cli("vsc", "export", str(out), "-o", str(tmp_path / "x.vsc"), check=True)
     assert (tmp_path / "x.vsc").read_bytes() == read_vsc_bytes(out)
     cp = run_cli("vsc", "show", str(tmp_path / "x.vsc"), "--json", check=True)
-    shown = json.loads(cp.stdout)
+    shown = json.loads(cp.stdout)["result"]
     assert shown["catalog"]["name"] == "CLI" and shown["signature"]["signer"] == "CN=CLI Signer"
     cp = run_cli("vsc", "verify", str(out), "--vsc", str(tmp_path / "x.vsc"), "--trust", str(tmp_path / "cli.crt"),
                  "--json", check=True)
@@ -347,7 +347,7 @@ def test_protect_golden_vhdx(tmp_path: Path, golden: Path) -> None:
     rep = verify_template(out)
     assert rep.ok
     cpj = run_cli("vsc", "verify", str(out), "--json", check=True)
-    assert json.loads(cpj.stdout)["actual_root"] == res.document.root.hex()
+    assert json.loads(cpj.stdout)["result"]["actual_root"] == res.document.root.hex()
 
 
 def test_protect_in_place(tmp_path: Path, golden_raw: tuple[Path, int, int, bytes], golden: Path) -> None:
@@ -370,7 +370,7 @@ def test_protect_in_place(tmp_path: Path, golden_raw: tuple[Path, int, int, byte
     (tmp_path / "s.pem").write_bytes(s.certificate.public_bytes(Encoding.PEM))
     cp = run_cli("protect", str(copy), "--in-place", "--name", "G", "--version", "1.0.0.0",
                  "--signer", s.path, "--json", env=env, check=True)
-    assert json.loads(cp.stdout)["vsc"] is None
+    assert json.loads(cp.stdout)["result"]["vsc"] is None
     assert subprocess.run(["qemu-img", "check", str(copy)], capture_output=True).returncode == 0
     assert verify_template(copy, trust=[s.certificate]).ok
     with pytest.raises(UsageError):

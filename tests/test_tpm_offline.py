@@ -242,7 +242,7 @@ _FUZZ_PARENT = keys.parse_parent_public(keys.template_public(keys.generate_stora
 def test_cli_vtpm_policy_pcrs_seal_unseal(tmp_path):
     cp = run_cli("vtpm", "new", "-o", str(tmp_path / "vm"), "--type", "ecc", "--json")
     assert cp.returncode == 0, cp.stderr
-    info = json.loads(cp.stdout)
+    info = json.loads(cp.stdout)["result"]
     assert stat.S_IMODE(os.stat(tmp_path / "vm.key").st_mode) == 0o600
     assert "PRIVATE" not in cp.stdout + cp.stderr
     assert keys.load_parent(tmp_path / "vm.pub").name.hex() == info["name"]
@@ -256,14 +256,14 @@ def test_cli_vtpm_policy_pcrs_seal_unseal(tmp_path):
     assert cp.returncode == 0, cp.stderr
     (tmp_path / "pcrs.json").write_text(cp.stdout)
     v7 = hashlib.sha256(Z32 + d).hexdigest()
-    assert json.loads(cp.stdout)["banks"]["sha256"]["7"] == v7
+    assert json.loads(cp.stdout)["result"]["banks"]["sha256"]["7"] == v7
     (tmp_path / "secret").write_bytes(b"q" * 32)
     cp = run_cli("tpm", "seal", "--parent", str(tmp_path / "vm.pem"), "--pcrs", "7", "--pcr-values",
                  str(tmp_path / "pcrs.json"), "--secret-file", str(tmp_path / "secret"), "-o", str(tmp_path / "b"),
                  "--pin-env", "MYPIN", env={"MYPIN": "9999"})
     assert cp.returncode == 0, cp.stderr
     cp = run_cli("tpm", "show", str(tmp_path / "b"), "--json")
-    assert json.loads(cp.stdout)["pin"] is True
+    assert json.loads(cp.stdout)["result"]["pin"] is True
     cp = run_cli("tpm", "unseal", str(tmp_path / "b"), "--key", str(tmp_path / "vm.key"), "--tcg-log",
                  str(tmp_path / "log"), "--pin-env", "MYPIN", "-o", str(tmp_path / "out"), env={"MYPIN": "9999"})
     assert cp.returncode == 0, cp.stderr

@@ -23,7 +23,7 @@ def test_convert_create_check_metadata(tmp_path: Path) -> None:
     out = tmp_path / "out.vhdx"
     cp = run_cli("vhdx", "convert", str(raw), str(out), "--block-size", "2M", "--json")
     assert cp.returncode == 0, cp.stderr
-    res = json.loads(cp.stdout)
+    res = json.loads(cp.stdout)["result"]
     assert res["format"] == "vhdx" and res["subformat"] == "dynamic" and res["virtual_size"] == 16 * MiB
     qemu_check(out)
     assert pyvhdi_read(out) == expected
@@ -50,7 +50,7 @@ def test_convert_create_check_metadata(tmp_path: Path) -> None:
     cp = run_cli("vhdx", "create", str(base), "--size", "32M", "--block-size", "1M",
                  "--logical-sector-size", "4096", "--json")
     assert cp.returncode == 0, cp.stderr
-    info = json.loads(cp.stdout)
+    info = json.loads(cp.stdout)["result"]
     assert info["logical_sector_size"] == 4096 and info["virtual_size"] == 32 * MiB
     child = tmp_path / "child.avhdx"
     cp = run_cli("vhdx", "create", str(child), "--parent", str(base))
@@ -62,7 +62,7 @@ def test_convert_create_check_metadata(tmp_path: Path) -> None:
     gid = str(uuid.uuid4())
     assert run_cli("vhdx", "metadata", "set", str(out), gid, str(item)).returncode == 0
     cp = run_cli("vhdx", "metadata", "list", str(out), "--json")
-    assert json.loads(cp.stdout) == [{"guid": gid, "size": 5000, "virtual_disk": True}]
+    assert json.loads(cp.stdout)["result"] == [{"guid": gid, "size": 5000, "virtual_disk": True}]
     got = tmp_path / "got.bin"
     assert run_cli("vhdx", "metadata", "get", str(out), gid, "-o", str(got)).returncode == 0
     assert got.read_bytes() == item.read_bytes()

@@ -47,14 +47,14 @@ def protect_cmd(golden: str, output: str | None, name: str | None, version: str 
 
     if check:
         probs = preflight(golden)
+        from ..errors import PolicyError
+
+        if probs and not as_json:
+            for p in probs:
+                stderr(f"templatetool: preflight: {p.what}; {p.hint}")
         emit({"disk": golden, "ok": not probs, "problems": [p.to_json() for p in probs]}, as_json,
-             lambda r: f"{golden}: ready to protect" if not probs else "")
-        if probs:
-            if not as_json:
-                for p in probs:
-                    stderr(f"templatetool: preflight: {p.what}; {p.hint}")
-                stderr(f"templatetool: policy error: {len(probs)} preflight problem(s) ({golden})")
-            sys.exit(6)  # click (non-standalone) would swallow click.exceptions.Exit
+             lambda r: f"{golden}: ready to protect" if not probs else "",
+             error=PolicyError(f"{len(probs)} preflight problem(s)", golden) if probs else None)
         return
     need = (("--name", name), ("--version", version), ("--signer", signer)) + (() if in_place else (("-o", output),))
     missing = [o for o, v in need if not v]
@@ -147,11 +147,10 @@ def vsc_verify(template: str, vsc_file: str | None, trust: tuple[str, ...], as_j
         out += [f"  affected: {f['path']} ({f['attribute']})" for f in r.files[:50]]
         return "\n".join(out)
 
-    emit(rep, as_json, text)
-    if not rep.ok:
-        if not as_json:
-            stderr(f"templatetool: integrity error: {len(rep.changed)} changed region(s) in {template}")
-        sys.exit(4)
+    from ..errors import IntegrityError
+
+    emit(rep, as_json, text, error=None if rep.ok else
+         IntegrityError(f"{len(rep.changed)} changed region(s): the volume differs from the catalog", template))
 
 
 def _cert_base(output: str) -> str:

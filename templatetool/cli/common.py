@@ -9,7 +9,14 @@ from typing import Any, TypeVar
 
 import click
 
+from .. import errors as _errors
 from ..errors import TemplateToolError
+
+#: The typed error class of each documented exit code (docs/exit-codes.md).
+ERRORS_BY_CODE: dict[int, type[TemplateToolError]] = {
+    c.exit_code: c for c in (_errors.UsageError, _errors.FormatError, _errors.IntegrityError,
+                             _errors.CredentialError, _errors.PolicyError, _errors.UnsupportedError,
+                             _errors.ResourceError, _errors.NotFoundError)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -57,6 +57,8 @@ def cli(quiet: bool) -> None:
 
 
 def _load() -> None:
+    if cli.commands:  # already loaded (main() called again in one process)
+        return
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(f"templatetool.cli.{name}")

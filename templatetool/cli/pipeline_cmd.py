@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ..errors import NotFoundError
+from ..errors import NotFoundError, TemplateToolError
 from . import policy
-from .common import emit, json_option
+from .common import ERRORS_BY_CODE, emit, json_option
 from .policy import OUTPUT_DIR, OUTPUT_FILE, Out
 
 
@@ -37,6 +37,15 @@ def _pcrs(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"--pcrs must be numbers like 7,11, got {text!r}") from None
+
+
+def _unlock_error(rep: Any) -> TemplateToolError:
+    """The typed error of an unlock report's first failed step (its own kind and exit code)."""
+    st = next((s for s in rep.steps if s.status == "failed"), None)
+    if st is None:
+        return TemplateToolError("the guardian would not unlock this VM")
+    cls = ERRORS_BY_CODE.get(st.exit_code, TemplateToolError)
+    return cls(f"{st.name} failed: {st.detail}")
 
 
 def _unlock_text(r: dict[str, Any]) -> str:
@@ -129,9 +138,7 @@ def register(cli: click.Group) -> None:
         rep = unlock(vm_disk, kp, guardian, host_dir, output=output, host_evidence=host_evidence,
                      health_cert=health_cert, guardian_password_env=guardian_password_env, tpm_tcti=tcti,
                      pcr_values=_pcr_values(pcr_values), dry_run=dry_run)
-        emit(rep.to_json(), as_json, _unlock_text)
-        if not rep.ok:
-            raise click.exceptions.Exit(rep.exit_code)
+        emit(rep.to_json(), as_json, _unlock_text, error=None if rep.ok else _unlock_error(rep))
 
     @cli.group("escrow")
     def escrow() -> None:
@@ -189,7 +196,6 @@ def register(cli: click.Group) -> None:
         if not Path(g).exists():
             raise NotFoundError("golden disk not found", g, "pass --golden DISK")
         rep = run_demo(g, output, say=(lambda s: None) if as_json else click.echo)
-        if as_json:
-            emit(rep, True)
-        if not rep["ok"]:
-            raise click.exceptions.Exit(1)
+        if as_json or not rep["ok"]:
+            emit(rep, as_json, None, error=None if rep["ok"] else
+                 TemplateToolError("the demo pipeline failed", output, "see the steps above"))

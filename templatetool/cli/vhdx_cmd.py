@@ -95,18 +95,8 @@ def register(cli: click.Group) -> None:
             findings += xcheck(disk, parent_search=list(parent_dirs) or None)
         errors = [f for f in findings if f.severity == "error"]
         res = {"path": disk, "ok": not errors, "findings": [f.to_json() for f in findings]}
-        if as_json:
-            emit(res, True)
-            if errors:
-                click.echo(f"templatetool: integrity error: {len(errors)} problem(s) in {disk}", err=True)
-                sys.exit(IntegrityError.exit_code)
-            return
-        for f in findings:
-            click.echo(str(f))
-        if errors:
-            raise IntegrityError(f"check found {len(errors)} problem(s)", disk)
-        if not findings:
-            click.echo(f"{disk}: no problems found")
+        emit(res, as_json, _fmt_findings,
+             error=IntegrityError(f"check found {len(errors)} problem(s)", disk) if errors else None)
 
     @vhdx.command("replay-log")
     @click.argument("src", type=click.Path(dir_okay=False))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_output, write_bytes_atomic
+from ..atomic import atomic_outputs, write_bytes_atomic
 from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
 from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
@@ -318,8 +318,10 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     try:
         table = read_partition_table(src)
         part = find_os_volume(table, src)
-        with atomic_output(out_p, 0o644) as tmp_out, \
+        # the disk and (raw) its OUT.vsc appear together or not at all (also on Ctrl-C)
+        with atomic_outputs() as outs, \
                 tempfile.TemporaryDirectory(prefix=".tt-protect-", dir=out_p.parent) as td:
+            tmp_out = outs.add(out_p, 0o644)
             st = _Staged(part.view(src), Path(td), src.sector_size)
             try:
                 if block_size % st.free_map.cluster_size:
@@ -343,9 +345,9 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                     dst.close()
             finally:
                 st.close()
-        if fmt == "raw":
-            vsc_path = str(out_p) + ".vsc"
-            write_bytes_atomic(vsc_path, der)
+            if fmt == "raw":
+                vsc_path = str(out_p) + ".vsc"
+                outs.write(vsc_path, der)
     finally:
         src.close()
     return ProtectResult(str(out_p), vsc_path, doc, der, signer.describe(),

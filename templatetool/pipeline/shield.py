@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .. import __version__
-from ..atomic import write_bytes_atomic
+from ..atomic import atomic_outputs, write_bytes_atomic
 from ..blockdev import CHUNK
 from ..canonical import canonical_json
 from ..errors import FormatError, PolicyError, UsageError
@@ -216,11 +216,11 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                                        serialization.NoEncryption()) if vtpm_key is not None else None,
                 parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
             kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
-            write_bytes_atomic(escrow_out, escrow, mode=0o600)
-            write_bytes_atomic(kp_out, kp)
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, out)
+            # the disk, its KP and its escrow appear together or not at all (also on Ctrl-C)
+            with atomic_outputs() as outs:
+                outs.write(escrow_out, escrow, mode=0o600)
+                outs.write(kp_out, kp)
+                outs.adopt(partial, out)
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink()

@@ -120,6 +120,8 @@ def parse_pcr_values(spec: str, bank: int | str = "sha256") -> dict[int, bytes]:
                 doc = json.loads(stripped)
             except ValueError as e:
                 raise UsageError(f"PCR values file is not valid JSON: {e}", spec) from None
+            if isinstance(doc, dict) and isinstance(doc.get("result"), dict):  # the --json envelope
+                doc = doc["result"]
             if isinstance(doc, dict) and "banks" in doc:
                 doc = doc["banks"]
             name = ALG_NAMES.get(bank_id(bank), str(bank))
