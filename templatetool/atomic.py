@@ -12,8 +12,57 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import ResourceError, UsageError
+
+
+_critical: dict[str, Any] = {"depth": 0, "pending": None}
+
+
+def defer_interrupt(exc: BaseException) -> bool:
+    """For a SIGINT handler: inside :func:`no_interrupts`, keep ``exc`` to be raised when the
+    block ends and return True; else return False (the handler raises it now).
+
+    Needed besides the signal mask: the kernel delivers a process-wide SIGINT to any thread that
+    does not block it, and Python then runs the handler in the main thread regardless of its mask.
+    """
+    if _critical["depth"] > 0:
+        if _critical["pending"] is None:
+            _critical["pending"] = exc
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[None]:
+    """No SIGINT/SIGTERM inside the block (main thread: signal mask, and a handler using
+    :func:`defer_interrupt`); a pending interrupt is raised when the outermost block ends."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
+        if main and hasattr(signal, "pthread_sigmask") else None
+    if main:
+        _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        if main:
+            _critical["depth"] -= 1
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if main and _critical["depth"] == 0 and _critical["pending"] is not None:
+            exc, _critical["pending"] = _critical["pending"], None
+            raise exc
+
+
+def _new_temp(dest: Path, folder: Path, mode: int) -> Path:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ResourceError(f"cannot create output: {e.strerror}", str(folder)) from e
+    os.close(fd)
+    os.chmod(tmp, mode)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -29,14 +78,10 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ResourceError("output folder does not exist", str(folder), "create it first")
+    tmp_path: Path | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ResourceError(f"cannot create output: {e.strerror}", str(folder)) from e
-    os.close(fd)
-    os.chmod(tmp, mode)
-    tmp_path = Path(tmp)
-    try:
+        with no_interrupts():  # a Ctrl-C cannot land between creating the temp file and owning it
+            tmp_path = _new_temp(dest, folder, mode)
         yield tmp_path
         try:
             with open(tmp_path, "rb+") as f:
@@ -51,8 +96,9 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
             finally:
                 os.close(dfd)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+        if tmp_path is not None:
+            with no_interrupts(), contextlib.suppress(OSError):
+                tmp_path.unlink()
         raise
 
 
@@ -102,14 +148,10 @@ class OutputSet:
         """A new temporary file (mode ``mode``) for destination ``path``; write it, then commit."""
         dest = Path(path)
         self._check(dest)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent if str(dest.parent) else ".")
-        except OSError as e:
-            raise ResourceError(f"cannot create output: {e.strerror}", str(dest)) from e
-        os.close(fd)
-        os.chmod(tmp, mode)
-        self._items.append((dest, Path(tmp)))
-        return Path(tmp)
+        with no_interrupts():  # created and registered (so discarded) as one step
+            tmp = _new_temp(dest, dest.parent if str(dest.parent) else Path("."), mode)
+            self._items.append((dest, tmp))
+        return tmp
 
     def write(self, path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
         """Stage ``data`` for ``path``."""
@@ -128,10 +170,11 @@ class OutputSet:
 
     def discard(self) -> None:
         """Remove every temporary file (the destinations are untouched)."""
-        for _dest, tmp in self._items:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        self._items.clear()
+        with no_interrupts():
+            for _dest, tmp in self._items:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            self._items.clear()
 
     def commit(self) -> None:
         """fsync every temporary file, then rename them all into place, all or nothing."""
@@ -141,8 +184,8 @@ class OutputSet:
                     os.fsync(f.fileno())
         except OSError as e:
             raise ResourceError(f"cannot complete the outputs: {e.strerror}") from None
-        can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if can_block else None
+        blocked = no_interrupts()
+        blocked.__enter__()
         done: list[tuple[Path, Path | None]] = []  # (destination, backup of its old content)
         backups: list[Path] = []
         try:
@@ -176,8 +219,7 @@ class OutputSet:
             for b in backups:
                 with contextlib.suppress(OSError):
                     b.unlink()
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            blocked.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

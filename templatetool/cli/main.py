@@ -10,17 +10,23 @@ printed as one line; set TEMPLATETOOL_DEBUG=1 for the traceback.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 import os
 import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written yet, no traceback either
+    signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
+                                                 os._exit(130)))
+
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
 from typing import Any, NoReturn
 
 import click
 
 from .. import __version__
+from ..atomic import defer_interrupt
 from ..errors import TemplateToolError
 from ..progress import set_quiet
 from . import policy
@@ -89,25 +95,62 @@ def _command_name(argv: list[str]) -> str:
     return " ".join(names)
 
 
+class Interrupted(BaseException):
+    """Raised by the SIGINT handler. Not a KeyboardInterrupt, so click does not turn it into an
+    Abort (with a blank stderr line), and not an Exception, so no ``except Exception`` swallows it."""
+
+
 class _Interrupts:
-    """SIGINT handling: the first Ctrl-C raises KeyboardInterrupt (outputs are all-or-nothing:
-    every cleanup then runs undisturbed, later Ctrl-Cs are only recorded); once the command has
-    finished a Ctrl-C is only recorded. Either way the process exits 130."""
+    """SIGINT handling. The first Ctrl-C raises :class:`Interrupted` (after an all-or-nothing step
+    when inside one, see atomic.no_interrupts); every cleanup then runs undisturbed: later
+    Ctrl-Cs are only recorded, as is one after the command finished. Either way the process
+    exits 130 with one line. Where Python would swallow (and print) an exception — a weakref
+    callback, ``__del__`` — the raise is retried 2 ms later through SIGALRM."""
+
+    RETRY_S = 0.002
 
     def __init__(self) -> None:
-        self.seen = False
+        self.seen = False  # a Ctrl-C arrived
+        self.raised = False  # Interrupted was raised (or deferred)
         self.finishing = False
 
-    def handler(self, signum: int, frame: object) -> None:
-        if self.seen or self.finishing:
+    @staticmethod
+    def _unsafe(frame: Any) -> bool:
+        for _ in range(3):
+            if frame is None:
+                return False
+            code = frame.f_code
+            if code.co_name == "__del__" or code.co_filename.startswith("<frozen importlib"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
             self.seen = True
+        if not self.seen or self.raised or self.finishing:
             return
-        self.seen = True
-        raise KeyboardInterrupt
+        if defer_interrupt(Interrupted()):  # inside an all-or-nothing step: raised at its end
+            self.raised = True
+            return
+        if self._unsafe(frame):
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_S)
+            return
+        self.raised = True
+        raise Interrupted
+
+    def unraisable(self, u: Any) -> None:
+        if isinstance(u.exc_value, Interrupted):  # swallowed anyway: raise it again shortly
+            self.raised = False
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY_S)
+            return
+        sys.__unraisablehook__(u)
 
     def install(self) -> None:
         with contextlib.suppress(ValueError):  # not the main thread (embedded use)
             signal.signal(signal.SIGINT, self.handler)
+            signal.signal(signal.SIGALRM, self.handler)
+            sys.unraisablehook = self.unraisable
 
 
 def _fail(args: list[str], kind: str, code: int, what: str, where: str | None = None, hint: str | None = None,
@@ -153,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         ints.finishing = True
     except BaseException as e:  # noqa: BLE001 - one error path for everything
         ints.finishing = True
-        if ints.seen or isinstance(e, KeyboardInterrupt) or (
+        if ints.seen or isinstance(e, (KeyboardInterrupt, Interrupted)) or (
                 isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):
             _interrupted()
         if isinstance(e, TemplateToolError):

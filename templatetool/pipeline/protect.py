@@ -8,14 +8,17 @@ byte-for-byte what the catalog measured.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_outputs, write_bytes_atomic
+from ..atomic import atomic_outputs, no_interrupts, write_bytes_atomic
 from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
 from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
@@ -278,6 +281,20 @@ def _document(st: _Staged, part: Any, table: Any, sector_size: int, name: str, v
         reserved=[{"offset": o, "length": n} for o, n in st.regions.spans()])
 
 
+@contextlib.contextmanager
+def _scratch_dir(parent: Path) -> Iterator[str]:
+    """A scratch folder beside the output, removed at the end (also when interrupted at any point)."""
+    td = None
+    try:
+        with no_interrupts():
+            td = tempfile.mkdtemp(prefix=".tt-protect-", dir=parent if str(parent) else ".")
+        yield td
+    finally:
+        if td is not None:
+            with no_interrupts():  # a Ctrl-C landing now must not leave half a scratch folder
+                shutil.rmtree(td, ignore_errors=True)
+
+
 def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None, name: str,
             version: str, signer: Signer, *, block_size: int = DEFAULT_BLOCK_SIZE, pss: bool = False,
             overwrite: bool = False, workers: int | None = None, in_place: bool = False) -> ProtectResult:
@@ -319,8 +336,7 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
         table = read_partition_table(src)
         part = find_os_volume(table, src)
         # the disk and (raw) its OUT.vsc appear together or not at all (also on Ctrl-C)
-        with atomic_outputs() as outs, \
-                tempfile.TemporaryDirectory(prefix=".tt-protect-", dir=out_p.parent) as td:
+        with atomic_outputs() as outs, _scratch_dir(out_p.parent) as td:
             tmp_out = outs.add(out_p, 0o644)
             st = _Staged(part.view(src), Path(td), src.sector_size)
             try:

@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .. import __version__
-from ..atomic import atomic_outputs, write_bytes_atomic
+from ..atomic import atomic_outputs, no_interrupts, write_bytes_atomic
 from ..blockdev import CHUNK
 from ..canonical import canonical_json
 from ..errors import FormatError, PolicyError, UsageError
@@ -222,7 +222,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                 outs.write(kp_out, kp)
                 outs.adopt(partial, out)
         finally:
-            with contextlib.suppress(OSError):
+            with no_interrupts(), contextlib.suppress(OSError):
                 partial.unlink()
         timings["total"] = time.monotonic() - t0
         res = enc["result"].to_json()  # public description: protector GUIDs, never the secrets
