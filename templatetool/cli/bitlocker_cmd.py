@@ -176,7 +176,7 @@ def register(cli: click.Group) -> None:
     @click.option("--in-place", "in_place", is_flag=True,
                   help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).")
     @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
-    @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True)
+    @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True, help="BitLocker cipher.")
     @click.option("--recovery-password-out", type=OUTPUT_FILE,
                   help="Add a recovery password and write it to this file (mode 0600).")
     @click.option("--show-recovery-password", is_flag=True, help="Add a recovery password and print it.")

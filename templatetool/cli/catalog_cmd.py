@@ -86,8 +86,9 @@ def vsc_export(template: str, output: str, as_json: bool) -> None:
     der = read_vsc_bytes(template)
     info = open_vsc(der)
     write_bytes_atomic(output, der)
-    emit({"output": output, "bytes": len(der), "name": info.name, "version": info.document.version_str},
-         as_json, lambda r: f"wrote {r['output']} ({r['bytes']} bytes): {r['name']} {r['version']}")
+    emit({"input": template, "output": output, "size": len(der), "name": info.name,
+          "version": info.document.version_str},
+         as_json, lambda r: f"wrote {r['output']} ({r['size']} bytes): {r['name']} {r['version']}")
 
 
 def _show_text(info: Any) -> str:
@@ -168,8 +169,8 @@ def cert_group() -> None:
 @click.option("--subject", required=True, help='Subject, e.g. "CN=Template Signer".')
 @click.option("-o", "--output", required=True, type=OUTPUT_PREFIX, help="Output NAME (writes NAME.pfx and NAME.crt unless NAME ends in .pfx).")
 @click.option("--key", "key_kind", default="rsa3072", show_default=True,
-              type=click.Choice(["rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384"]))
-@click.option("--days", default=3650, show_default=True, type=int)
+              type=click.Choice(["rsa2048", "rsa3072", "rsa4096", "ec-p256", "ec-p384"]), help="Key kind.")
+@click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500), help="Validity in days.")
 @click.option("--password-env", metavar="VAR", help="Environment variable with the PFX password (else prompt; empty = none).")
 @json_option
 @policy.derived_outputs(lambda p: [Out("-o (NAME.pfx)", _cert_base(p["output"]) + ".pfx", "key"),

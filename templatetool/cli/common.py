@@ -60,6 +60,12 @@ def emit(result: Any, as_json: bool, text: Callable[[Any], str] | str | None = N
             click.echo(out)
 
 
+def renamed(d: dict[str, Any], **names: str) -> dict[str, Any]:
+    """``d`` with keys renamed (``renamed(r, destination="output")``) to the envelope's common
+    names (docs/cli.md: input, output, size, seconds, timings_s), order kept."""
+    return {names.get(k, k): v for k, v in d.items()}
+
+
 def json_default(o: Any) -> Any:
     """JSON for bytes (hex), objects with ``to_json`` and plain objects."""
     if isinstance(o, bytes):

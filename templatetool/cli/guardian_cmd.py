@@ -90,7 +90,7 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
     save_guardian(g, out, password, overwrite=force)
     if no_password:
         stderr("templatetool: warning: the guardian's private keys are stored unencrypted; protect the folder")
-    emit({**g.to_json(), "path": out}, as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
+    emit({**g.to_json(), "output": out}, as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
 
 
 @guardian_group.command("import")
@@ -116,7 +116,7 @@ def guardian_import(metadata: str, out: str, name: str | None, allow_untrusted_r
     g = import_metadata(data, name or Path(metadata).stem, metadata, allow_untrusted_root=allow_untrusted_root,
                         allow_expired=allow_expired, trust=load_trust(trust))
     save_guardian(g, out, None, overwrite=force)
-    emit({**g.to_json(), "path": out}, as_json, lambda d: _guardian_text(d) + f"\n  imported into {out}")
+    emit({**g.to_json(), "output": out}, as_json, lambda d: _guardian_text(d) + f"\n  imported into {out}")
 
 
 @guardian_group.command("export")

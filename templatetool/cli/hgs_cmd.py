@@ -83,8 +83,8 @@ def register(cli: click.Group) -> None:
     @hgs.command("baseline")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--tcg-log", required=True, type=click.Path(dir_okay=False), help="Reference TCG event log.")
-    @click.option("--pcrs", default="0,1,2,3,4,5,7,11", show_default=True)
-    @click.option("--bank", default="sha256", show_default=True)
+    @click.option("--pcrs", default="0,1,2,3,4,5,7,11", show_default=True, help="PCR indices of the baseline.")
+    @click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
     @json_option
     def baseline(guardian_dir: str, tcg_log: str, pcrs: str, bank: str, ci: tuple[str, ...], as_json: bool) -> None:
@@ -112,7 +112,7 @@ def register(cli: click.Group) -> None:
 
         hc, checks = attest(AttestationPolicy.load(guardian_dir), _read(evidence, MAX_EVIDENCE), key, cert, where=evidence)
         write_bytes_atomic(output, hc.public_bytes(serialization.Encoding.PEM))
-        res: dict[str, Any] = {"health_certificate": output, "expires": hc.not_valid_after_utc.isoformat(),
+        res: dict[str, Any] = {"output": output, "health_certificate": output, "expires": hc.not_valid_after_utc.isoformat(),
                                "checks": [c.to_json() for c in checks]}
         emit(res, as_json, lambda r: "\n".join([f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]] +
                                                [f"health certificate {output} (expires {r['expires']})"]))
@@ -124,12 +124,13 @@ def register(cli: click.Group) -> None:
     @host.command("new")
     @click.argument("name")
     @click.option("-o", "--output", required=True, type=KEY_FOLDER, help="Host folder to create (keys 0600).")
-    @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True)
+    @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True,
+                  help="Key kind of the host keys.")
     @json_option
     def host_new(name: str, output: str, key: str, as_json: bool) -> None:
         """Create a host identity (host key + encryption key, 0600)."""
         h = new_host(name, output, key)
-        emit({"name": h.name, "path": output}, as_json, f"host {name} created in {output}")
+        emit({"name": h.name, "output": output}, as_json, f"host {name} created in {output}")
 
     @host.command("evidence")
     @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
@@ -146,4 +147,4 @@ def register(cli: click.Group) -> None:
                                ek_public_pem=_read(ek).decode(errors="replace") if ek else None,
                                ci_policy_hash=ci_policy_hash)
         write_bytes_atomic(output, data)
-        emit({"evidence": output, "mode": "tpm" if tcg_log else "host-key"}, as_json, f"evidence written to {output}")
+        emit({"output": output, "mode": "tpm" if tcg_log else "host-key"}, as_json, f"evidence written to {output}")

@@ -86,7 +86,8 @@ def _pdk_text(d: dict) -> str:
               help="Other file to carry (total at most 384 KB); repeatable.")
 @click.option("--spec-value", "spec_values", multiple=True, metavar="@KEY@=VALUE",
               help="Specialization value, e.g. @ComputerName@=WEB01; repeatable.")
-@click.option("--policy", required=True, type=click.Choice(["shielded", "encryption-supported"]))
+@click.option("--policy", required=True, type=click.Choice(["shielded", "encryption-supported"]),
+              help="Shielded (no console, no debugging) or encryption-supported.")
 @password_env_option
 @allow_expired_option
 @allow_untrusted_option
@@ -249,7 +250,7 @@ def _kp_text(d: dict) -> str:
 
 
 @kp_group.command("new")
-@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Key protector file to write.")
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", "guardians", multiple=True, type=click.Path(), help="Guardian folder or metadata XML.")
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="The secret to protect (16 B..64 KiB).")
@@ -286,7 +287,7 @@ def kp_show(file: str, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", required=True, type=click.Path(), help="Guardian folder or metadata XML to add.")
-@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Key protector file to write.")
 @password_env_option
 @allow_untrusted_option
 @trust_option
@@ -308,7 +309,7 @@ def kp_grant(file: str, owner: str, guardian: str, out: str, password_env: str |
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", required=True, help="Guardian folder, name or certificate thumbprint to remove.")
-@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE)
+@click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Key protector file to write.")
 @password_env_option
 @json_option
 def kp_revoke(file: str, owner: str, guardian: str, out: str, password_env: str | None, as_json: bool) -> None:

@@ -71,7 +71,7 @@ def register(cli: click.Group) -> None:
     @click.argument("template", type=click.Path(dir_okay=False, exists=True))
     @click.option("--pdk", required=True, type=click.Path(dir_okay=False, exists=True), help="Shielding data file.")
     @click.option("--owner", required=True, type=click.Path(exists=True), help="Owner guardian folder (with keys).")
-    @click.option("--owner-password-env", default=None, help="Env var holding the owner PFX password.")
+    @click.option("--owner-password-env", default=None, metavar="VAR", help="Env var holding the owner PFX password.")
     @click.option("--guardian", "guardians", multiple=True, type=click.Path(exists=True),
                   help="Guardian folder/metadata for the PDK's guardians (repeatable).")
     @click.option("-o", "--output", type=OUTPUT_FILE, help="Shielded VM disk (.vhdx).")
@@ -80,11 +80,12 @@ def register(cli: click.Group) -> None:
     @click.option("--kp", "kp_out", type=OUTPUT_FILE, help="Key protector output (default OUTPUT.kp).")
     @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
                   help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
-    @click.option("--pcrs", default="7,11", show_default=True)
+    @click.option("--pcrs", default="7,11", show_default=True, help="PCRs the vTPM protector is sealed to (0-23).")
     @click.option("--pcr-values", default=None, help="N=HEX[,N=HEX...] or a file; or use --tcg-log.")
     @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True), help="Reference TCG log to replay.")
-    @click.option("--bank", default="sha256", show_default=True)
-    @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True)
+    @click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
+    @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True,
+                  help="BitLocker cipher.")
     @click.option("--report", "report_out", type=OUTPUT_FILE, help="Write the JSON report here too.")
     @json_option
     @policy.derived_outputs(_shield_outputs)
@@ -116,10 +117,11 @@ def register(cli: click.Group) -> None:
 
     @cli.command("unlock")
     @click.argument("vm_disk", type=click.Path(dir_okay=False, exists=True))
-    @click.option("--kp", required=True, type=click.Path(dir_okay=False, exists=True))
+    @click.option("--kp", required=True, type=click.Path(dir_okay=False, exists=True), help="The VM's key protector (.kp).")
     @click.option("--guardian", required=True, type=click.Path(file_okay=False, exists=True),
                   help="Guardian folder with keys and attestation policy (hgs init).")
-    @click.option("--guardian-password-env", default=None)
+    @click.option("--guardian-password-env", default=None, metavar="VAR",
+                  help="Env var holding the guardian's PFX password.")
     @click.option("--host", "host_dir", required=True, type=click.Path(file_okay=False, exists=True),
                   help="The host folder (host new): receives the released key.")
     @click.option("--host-evidence", type=click.Path(dir_okay=False, exists=True), help="Evidence (default: fresh host-key evidence).")
@@ -146,8 +148,8 @@ def register(cli: click.Group) -> None:
 
     @escrow.command("open")
     @click.argument("escrow_file", type=click.Path(dir_okay=False, exists=True))
-    @click.option("--owner", required=True, type=click.Path(exists=True))
-    @click.option("--owner-password-env", default=None)
+    @click.option("--owner", required=True, type=click.Path(exists=True), help="Owner guardian folder (with keys).")
+    @click.option("--owner-password-env", default=None, metavar="VAR", help="Env var holding the owner PFX password.")
     @click.option("-o", "--output", type=OUTPUT_FILE, help="Write the recovery password here (0600).")
     @click.option("--show", is_flag=True, help="Print the recovery password on stdout.")
     @json_option
@@ -165,7 +167,7 @@ def register(cli: click.Group) -> None:
                                         where=escrow_file))
         if output:
             write_secret_file(output, (data["recovery_password"] + "\n").encode())
-        res = {"disk": data.get("disk"), "volume_guid": data.get("volume_guid"), "written": output}
+        res = {"disk": data.get("disk"), "volume_guid": data.get("volume_guid"), "output": output}
         if show:
             res["recovery_password"] = data["recovery_password"]
         emit(res, as_json, lambda r: r.get("recovery_password") or f"recovery password written to {output}")

@@ -124,7 +124,7 @@ def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
 @values_option
 @log_option
 @bank_option
-@click.option("--pin-env", help="Environment variable holding a PIN (adds PolicyAuthValue).")
+@click.option("--pin-env", metavar="VAR", help="Environment variable holding a PIN (adds PolicyAuthValue).")
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="Secret to seal (1..128 bytes).")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Protector payload to write.")
 @click.option("--tpm2-tools", "tools_prefix", type=OUTPUT_PREFIX,
@@ -173,7 +173,7 @@ def show_cmd(blob: str, as_json: bool) -> None:
               help="Software unseal with the vTPM private key (needs --pcr-values or --tcg-log).")
 @values_option
 @log_option
-@click.option("--pin-env", help="Environment variable holding the PIN.")
+@click.option("--pin-env", metavar="VAR", help="Environment variable holding the PIN.")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Write the secret here (0600).")
 @json_option
 def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file: str | None, pcr_values: str | None,
@@ -252,7 +252,7 @@ def tpm_seal_options(f):  # type: ignore[no-untyped-def]
         click.option("--pcr-values", "tpm_pcr_values", help="7=HEX,11=HEX or a file."),
         click.option("--tcg-log", "tpm_tcg_log", type=click.Path(dir_okay=False), help="Reference TCG event log."),
         click.option("--pcr-bank", "tpm_bank", default="sha256", show_default=True, help="PCR bank."),
-        click.option("--tpm-pin-env", help="Environment variable holding a TPM PIN."),
+        click.option("--tpm-pin-env", metavar="VAR", help="Environment variable holding a TPM PIN."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -10,7 +10,7 @@ import click
 
 from ..atomic import write_bytes_atomic
 from ..errors import IntegrityError, UsageError
-from .common import SIZE, emit, human_size, json_option
+from .common import SIZE, emit, human_size, json_option, renamed
 from .policy import OUTPUT_FILE
 
 
@@ -33,7 +33,8 @@ def register(cli: click.Group) -> None:
     @click.argument("dst", type=OUTPUT_FILE)
     @click.option("--to", "to", type=click.Choice(["raw", "vhdx"]), default=None,
                   help="Output format (default: vhdx when DST ends in .vhdx/.avhdx, else raw).")
-    @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True)
+    @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True,
+                  help="VHDX layout: dynamic (grows) or fixed (preallocated).")
     @click.option("--block-size", type=SIZE, default=None, help="VHDX block size, 1M..256M (default 32M).")
     @click.option("--parent-dir", "parent_dirs", multiple=True, type=click.Path(),
                   help="Extra folder (or file) to look for a moved parent of a differencing SRC in.")
@@ -46,17 +47,21 @@ def register(cli: click.Group) -> None:
         fmt = to or ("vhdx" if dst.lower().endswith((".vhdx", ".avhdx")) else "raw")
         res = convert(src, dst, to=fmt, subformat=subformat, block_size=block_size, progress=not as_json,
                       parent_search=list(parent_dirs) or None)
-        emit(res, as_json, lambda r: f"{r['destination']}: {r['format']}"
+        res = renamed(res, source="input", destination="output", file_size="size")
+        emit(res, as_json, lambda r: f"{r['output']}: {r['format']}"
              + (f" ({r['subformat']})" if r["subformat"] else "")
-             + f", {human_size(r['virtual_size'])} virtual, {human_size(r['file_size'])} file")
+             + f", {human_size(r['virtual_size'])} virtual, {human_size(r['size'])} file")
 
     @vhdx.command("create")
     @click.argument("dst", type=OUTPUT_FILE)
     @click.option("--size", type=SIZE, default=None, help="Virtual size (e.g. 64M, 10G); not with --parent.")
-    @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True)
+    @click.option("--subformat", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True,
+                  help="VHDX layout: dynamic (grows) or fixed (preallocated).")
     @click.option("--block-size", type=SIZE, default=None, help="Block size, 1M..256M (default 32M).")
-    @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), default="512", show_default=True)
-    @click.option("--physical-sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True)
+    @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), default="512", show_default=True,
+                  help="Logical sector size the guest sees.")
+    @click.option("--physical-sector-size", type=click.Choice(["512", "4096"]), default="4096", show_default=True,
+                  help="Physical sector size reported to the guest.")
     @click.option("--parent", type=click.Path(dir_okay=False), default=None,
                   help="Make a differencing child of this VHDX.")
     @json_option
@@ -71,12 +76,12 @@ def register(cli: click.Group) -> None:
                         logical_sector_size=int(logical_sector_size),
                         physical_sector_size=int(physical_sector_size), parent=parent)
         try:
-            res = {"path": dst, "subformat": d.subformat, "virtual_size": d.size, "block_size": d.block_size,
+            res = {"output": dst, "subformat": d.subformat, "virtual_size": d.size, "block_size": d.block_size,
                    "logical_sector_size": d.logical_sector_size, "physical_sector_size": d.physical_sector_size,
                    "virtual_disk_id": str(d.virtual_disk_id), "parent_chain": [str(p) for p in d.parent_chain()]}
         finally:
             d.close()
-        emit(res, as_json, lambda r: f"{r['path']}: {r['subformat']} VHDX, {human_size(r['virtual_size'])}, "
+        emit(res, as_json, lambda r: f"{r['output']}: {r['subformat']} VHDX, {human_size(r['virtual_size'])}, "
                                      f"block {human_size(r['block_size'])}")
 
     @vhdx.command("check")
@@ -106,8 +111,8 @@ def register(cli: click.Group) -> None:
         """Write DST: a copy of SRC with its unreplayed log applied (SRC is not modified)."""
         from ..vhdx import replay_log
 
-        res = replay_log(src, dst)
-        emit(res, as_json, lambda r: f"{r['destination']}: replayed {r['entries']} log entr"
+        res = renamed(replay_log(src, dst), source="input", destination="output")
+        emit(res, as_json, lambda r: f"{r['output']}: replayed {r['entries']} log entr"
                                      f"{'y' if r['entries'] == 1 else 'ies'} ({r['sectors_written']} sectors)")
 
     @vhdx.group("metadata")
