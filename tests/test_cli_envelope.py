@@ -131,3 +131,43 @@ def test_failure_report_travels_in_the_error_document(tmp_path: Path) -> None:
     doc = json.loads(cp.stdout)
     assert cp.returncode == 4 and doc["ok"] is False and doc["error"]["kind"] == "integrity"
     assert doc["result"]["findings"] and cp.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("envelope") / "demo"
+    cp = run_cli("demo", "-o", str(d), "--json")
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    assert doc["ok"] is True and doc["command"] == "demo" and doc["result"]["ok"] is True
+    return d
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_unlock_failure_says_why_on_stderr(demo: Path, tmp_path: Path, dry: bool) -> None:
+    """unlock given the PDK as --kp (dry run or real) fails with one stderr line, its typed exit
+    code and, with --json, the error document carrying the step report (the dry run used to exit
+    3 with nothing on stderr)."""
+    mode = ["--dry-run"] if dry else ["-o", str(tmp_path / "dec.vhdx")]
+    args = ["unlock", str(demo / "vm.vhdx"), "--kp", str(demo / "tenant.pdk"), "--guardian", str(demo / "fabric"),
+            "--host", str(demo / "host"), *mode]
+    cp = run_cli(*args)
+    assert cp.returncode == 3, cp.stderr
+    assert cp.stderr.startswith("templatetool: format error: ") and cp.stderr.count("\n") == 1, cp.stderr
+    assert "key protector" in cp.stderr and "Traceback" not in cp.stderr
+    cp = run_cli(*args, "--json")
+    doc = json.loads(cp.stdout)
+    assert cp.returncode == 3 and doc["ok"] is False and doc["error"]["kind"] == "format"
+    assert cp.stderr.count("\n") == 1
+    if dry:
+        steps = {s["step"]: s["status"] for s in doc["result"]["steps"]}
+        assert steps["attestation"] == "passed" and steps["key release"] == "failed"
+    assert not (tmp_path / "dec.vhdx").exists()
+
+
+def test_unlock_real_envelope(demo: Path, tmp_path: Path) -> None:
+    cp = run_cli("unlock", str(demo / "vm.vhdx"), "--kp", str(demo / "vm.kp"), "--guardian", str(demo / "fabric"),
+                 "--host", str(demo / "host"), "-o", str(tmp_path / "dec.vhdx"), "--json")
+    doc = json.loads(cp.stdout)
+    assert cp.returncode == 0 and doc["ok"] is True and doc["command"] == "unlock", cp.stderr
+    assert doc["result"]["output"] == str(tmp_path / "dec.vhdx")

@@ -107,7 +107,7 @@ def test_openssl_decrypts_secret_for_owner_and_each_guardian(world, who):
                         capture_output=True, check=False)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == world["secret"].to_bytes()
-    sp = json.loads(cp.stdout)["result"]
+    sp = json.loads(cp.stdout)
     assert base64.b64decode(sp["other_files"][0]["data"]) == world["secret"].other_files[0].data
     ours = open_pdk_secret(read_pdk(world["pdk"]), world[who].encryption_key,
                            world[who].encryption_certificate)
