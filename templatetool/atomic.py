@@ -74,7 +74,7 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
     """
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise UsageError("output exists", str(dest), "choose another name or remove it")
+        raise UsageError("output exists", str(dest), "choose another name, or pass --overwrite to replace it")
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ResourceError("output folder does not exist", str(folder), "create it first")

@@ -322,7 +322,7 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
             raise UsageError("the output is the input", str(out_p), "protect writes a new disk; choose another name "
                              "(or use --in-place deliberately)")
         if out_p.exists() and not overwrite:
-            raise UsageError("output exists", str(out_p), "choose another name or remove it")
+            raise UsageError("output exists", str(out_p), "choose another name, or pass --overwrite to replace it")
     problems = preflight(src_p)
     if problems:
         raise PolicyError(f"{len(problems)} preflight problem(s): " + " | ".join(str(p) for p in problems),
