@@ -365,29 +365,23 @@ def test_shield_killed_between_outputs(point: str, art: cg.Artifacts, tmp_path: 
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Kill shield after the escrow, after the KP, or at the final rename: never a disk without its KP and
     escrow; the inputs unchanged; a re-run succeeds."""
-    import templatetool.pipeline.shield as sh
+    import templatetool.atomic as at
 
     cg.preload_cli()
     job = make_jobs(art, tmp_path)["shield"]
-    real = sh.write_bytes_atomic
-    calls = {"n": 0}
+    # the outputs are committed together (atomic.OutputSet): die once the escrow / the KP is in
+    # place, or at the disk's rename (the last one)
+    real_replace = os.replace
 
-    def wba(path, data, mode=0o644):
-        calls["n"] += 1
-        if point == "kp" and calls["n"] == 2 or point == "escrow" and calls["n"] == 1:
+    def rep(a, b, *x, **k):
+        name = Path(b).name
+        if point == "rename" and name == "vm.vhdx":
             _die()
-        return real(path, data, mode=mode)
+        real_replace(a, b, *x, **k)
+        if point == "escrow" and name == "vm.recovery.p7m" or point == "kp" and name == "vm.kp":
+            _die()
 
-    monkeypatch.setattr(sh, "write_bytes_atomic", wba)
-    if point == "rename":
-        real_replace = os.replace
-
-        def rep(a, b, *x, **k):
-            if str(b).endswith("vm.vhdx"):
-                _die()
-            return real_replace(a, b, *x, **k)
-
-        monkeypatch.setattr(sh.os, "replace", rep)
+    monkeypatch.setattr(at.os, "replace", rep)
     cp = cg.fork_cli(*job.args())
     monkeypatch.undo()
     assert cp.returncode == -signal.SIGKILL, cp.stderr

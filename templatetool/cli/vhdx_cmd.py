@@ -14,13 +14,6 @@ from .common import SIZE, emit, human_size, json_option, renamed
 from .policy import OUTPUT_FILE
 
 
-def _fmt_findings(res: dict[str, Any]) -> str:
-    lines = [str(f) for f in res["findings"]]
-    if not lines:
-        lines.append(f"{res['path']}: no problems found")
-    return "\n".join(lines)
-
-
 def register(cli: click.Group) -> None:
     """Add the ``vhdx`` command group to ``cli``."""
 
@@ -100,7 +93,7 @@ def register(cli: click.Group) -> None:
             findings += xcheck(disk, parent_search=list(parent_dirs) or None)
         errors = [f for f in findings if f.severity == "error"]
         res = {"path": disk, "ok": not errors, "findings": [f.to_json() for f in findings]}
-        emit(res, as_json, _fmt_findings,
+        emit(res, as_json, lambda r: "\n".join(str(f) for f in findings) or f"{disk}: no problems found",
              error=IntegrityError(f"check found {len(errors)} problem(s)", disk) if errors else None)
 
     @vhdx.command("replay-log")
