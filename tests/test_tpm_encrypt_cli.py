@@ -207,6 +207,33 @@ def test_ek_parent_tcg_log_pin_wrong_refused_and_counted(tmp_path: Path, swtpm) 
     assert _same_as_dislocker(enc, dec, dl) > 1 << 20
 
 
+def test_pin_guessing_ends_in_reported_lockout(tmp_path: Path, swtpm) -> None:
+    """Wrong PINs count up to the TPM's limit; the last is reported as the start of lockout, and
+    then even the right PIN is refused with a lockout error (exit 5), never a traceback."""
+    vol = make_ntfs(tmp_path / "vol.img", 8)
+    srk = _srk_pub(swtpm, tmp_path / "srk.pub")
+    enc, dec = tmp_path / "enc.img", tmp_path / "dec.img"
+    cp = run_cli("encrypt", str(vol), "-o", str(enc), "--tpm-parent", str(srk), "--pcrs", "11",
+                 "--pcr-values", f"11={'00' * 32}", "--pin-env", "TT_PIN", "--show-recovery-password",
+                 env={"TT_PIN": "2468"})
+    assert cp.returncode == 0, cp.stderr
+    msgs = []
+    for _ in range(10):
+        cp = run_cli("decrypt", str(enc), "-o", str(dec), "--tpm", swtpm.tcti, "--pin-env", "TT_PIN",
+                     env={"TT_PIN": "0000"})
+        assert_clean_error(cp, 5)
+        msgs.append(cp.stderr)
+        if "now in dictionary-attack lockout" in cp.stderr:
+            break
+    else:
+        pytest.fail("no lockout after 10 wrong PINs: " + msgs[-1])
+    assert all("wrong PIN" in m for m in msgs) and f"counted it ({len(msgs)} of {len(msgs)})" in msgs[-1]
+    cp = run_cli("decrypt", str(enc), "-o", str(dec), "--tpm", swtpm.tcti, "--pin-env", "TT_PIN",
+                 env={"TT_PIN": "2468"})
+    assert_clean_error(cp, 5)
+    assert "dictionary-attack lockout" in cp.stderr and not dec.exists()
+
+
 def test_option_validation_is_clean_usage_error(tmp_path: Path) -> None:
     """PCR indices, bank and option combinations are checked at the options: exit 2, one
     `templatetool: usage error:` line naming the problem (before: "No such option")."""

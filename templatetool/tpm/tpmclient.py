@@ -163,7 +163,7 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
         return bytes(esys.unseal(obj, session1=ps))
     except t.TSS2_Exception as e:
         err = _translate(e, stage)
-        if stage == "unseal" and isinstance(err, CredentialError):
+        if stage == "unseal" and _is_wrong_auth(int(e.rc)):
             err = _with_da_status(esys, err)
         raise err from None
     finally:
@@ -193,7 +193,12 @@ def _translate(e: Any, stage: str) -> Exception:
     return ResourceError(f"TPM command failed ({code}: {str(e)[:80]})", stage)
 
 
-def _with_da_status(esys: Any, err: CredentialError) -> CredentialError:
+def _is_wrong_auth(rc: int) -> bool:
+    """A refused authValue (counted by DA protection), not a lockout refusal."""
+    return rc & 0xFFFF != _RC_LOCKOUT and _base_rc(rc) in (_RC_AUTH_FAIL, _RC_BAD_AUTH)
+
+
+def _with_da_status(esys: Any, err: Exception) -> Exception:
     """``err`` with the TPM's dictionary-attack state added (failed tries so far / the limit), so
     that a refused PIN tells how close the TPM is to lockout. Best effort: ``err`` unchanged when
     the TPM does not answer."""
@@ -201,7 +206,11 @@ def _with_da_status(esys: Any, err: CredentialError) -> CredentialError:
         count, limit = da_status(esys)
     except Exception:  # noqa: BLE001 - the PIN error itself matters more
         return err
+    if not isinstance(err, CredentialError):
+        return err
     state = f"the TPM counted it: {count} of {limit} failed authorisations before lockout"
+    if limit and count >= limit:
+        state = f"the TPM counted it ({count} of {limit}) and is now in dictionary-attack lockout"
     return CredentialError(f"{err.what}; {state}", err.where, err.hint or "check the PIN; do not retry blindly")
 
 
