@@ -274,3 +274,24 @@ def test_decrypt_tpm_without_tpm_protector(tmp_path: Path) -> None:
     cp = run_cli("decrypt", str(enc), "-o", str(out), "--tpm", "swtpm:host=127.0.0.1,port=1")
     assert_clean_error(cp, 5)
     assert "no TPM protector" in cp.stderr and not out.exists()
+
+
+def test_in_place_with_vtpm_protector(tmp_path: Path, swtpm) -> None:
+    """`encrypt --in-place --tpm-parent` converts a reserved volume with the vTPM protector;
+    `decrypt --tpm` opens it (files read back by ntfscat), dislocker with the recovery password."""
+    from templatetool.bitlocker.reserve import reserve_ntfs
+
+    vol = make_ntfs(tmp_path / "vol.img", 8)
+    reserve_ntfs(vol)
+    srk = _srk_pub(swtpm, tmp_path / "srk.pub")
+    rpf, dec = tmp_path / "rp.txt", tmp_path / "dec.img"
+    cp = run_cli("encrypt", str(vol), "--in-place", "--tpm-parent", str(srk), "--pcrs", "11",
+                 "--pcr-values", f"11={'00' * 32}", "--recovery-password-out", str(rpf), "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert {p["type"] for p in json.loads(cp.stdout)["protectors"]} == {"tpm", "recovery-password"}
+    cp = run_cli("decrypt", str(vol), "-o", str(dec), "--tpm", swtpm.tcti)
+    assert cp.returncode == 0, cp.stderr
+    assert ntfs_file_hashes(dec) == expected_hashes()
+    dl = dislocker_decrypt(vol, tmp_path / "dl.img", recovery_password=rpf.read_text().strip())
+    assert ntfs_file_hashes(dl) == expected_hashes()
+    assert _same_as_dislocker(vol, dec, dl) > 1 << 20
