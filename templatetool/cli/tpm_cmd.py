@@ -314,9 +314,11 @@ def vtpm_from_options(tpm_parent: str | None, tpm_parent_template: str | None = 
     from ..tpm.protector import make_sealer
 
     if not tpm_parent:
-        if tpm_pcrs or tpm_pcr_values or tpm_tcg_log or tpm_pin_env:
-            raise UsageError("--pcrs, --pcr-values, --tcg-log and --pin-env describe a vTPM protector: "
-                             "they need --tpm-parent")
+        ctx = click.get_current_context(silent=True)
+        bank_given = ctx is not None and ctx.get_parameter_source("tpm_bank") == click.core.ParameterSource.COMMANDLINE
+        if tpm_pcrs or tpm_pcr_values or tpm_tcg_log or tpm_pin_env or tpm_parent_template or bank_given:
+            raise UsageError("--pcrs, --pcr-values, --tcg-log, --bank, --pin-env and --tpm-parent-template describe "
+                             "a vTPM protector: they need --tpm-parent")
         return None
     bank = PCR_BANK.convert(tpm_bank, None, None)
     pcrs: Sequence[int] | None = PCR_LIST.convert(tpm_pcrs, None, None) if tpm_pcrs else None
