@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "guardian_cmd",
     "pdk_cmd",
     "hgs_cmd",
+    "hgs_serve_cmd",
     "pipeline_cmd",
 ]
 

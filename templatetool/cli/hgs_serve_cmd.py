@@ -1,0 +1,72 @@
+"""`templatetool hgs serve`: the Host Guardian Service as an HTTP service (docs/formats/hgs-service.md)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import click
+
+from ..errors import ResourceError, UsageError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 = any free port); ResourceError when the address is unusable."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    fam, _t, _p, _c, addr = infos[0]
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ResourceError(f"cannot listen on {host}:{port}: {e.strerror}", hint="choose another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def register(cli: click.Group) -> None:
+    hgs = cli.commands.get("hgs")
+    if not isinstance(hgs, click.Group):  # hgs_cmd not loaded
+        return
+
+    @hgs.command("serve")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--db", "db_url", metavar="URL", help="State database (SQLAlchemy URL; default: sqlite file "
+                  "hgs-state.sqlite in GUARDIAN_DIR; postgresql+psycopg://... for several nodes).")
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+                  help="TCP port (0 = any free port, printed on start).")
+    @click.option("--node", default=None, help="Node name in the audit log (default HOST:PORT).")
+    @click.option("--password-env", metavar="VAR", help="Environment variable with the guardian's PFX password.")
+    @click.option("--access-log", is_flag=True, help="Log every request (paths and status only).")
+    def serve(guardian_dir: str, db_url: str | None, host: str, port: int, node: str | None,
+              password_env: str | None, access_log: bool) -> None:
+        """Serve attestation ([MS-HGSA]) and key protection ([MS-KPS]) for GUARDIAN_DIR over HTTP.
+
+        GUARDIAN_DIR needs `hgs init` and the guardian's private keys. Runs until interrupted.
+        """
+        try:
+            import uvicorn
+        except ImportError:
+            raise ResourceError("`hgs serve` needs uvicorn", hint="pip install 'templatetool[hgs]'") from None
+        from ..hgs.service import create_app, load_service_state
+
+        sock = bind_socket(host, port)
+        actual = sock.getsockname()[1]
+        state = load_service_state(guardian_dir, db_url, password_env=password_env, node=node or f"{host}:{actual}")
+        app = create_app(state)
+        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off")
+        server = uvicorn.Server(config)
+        click.echo(f"templatetool hgs: serving {guardian_dir} on http://{host}:{actual} "
+                   f"(state {state.store.engine.url.render_as_string(hide_password=True)})", err=True)
+        sys.stderr.flush()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            state.store.close()
+            sock.close()
