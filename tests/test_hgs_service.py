@@ -285,20 +285,21 @@ def test_foreign_health_certificate_refused(world, tmp_path: Path) -> None:
     b'</RollTransportKeyRequest>',
     b'<RollTransportKeyRequest xmlns="http://schemas.microsoft.com/kps/2014/07"><IngressProtector>%%</IngressProtector>'
     b'<HealthCertificate>AA==</HealthCertificate></RollTransportKeyRequest>',
-], ids=["syntax", "wrong-root", "entities", "no-health-cert", "bad-b64"])
+], ids=["syntax", "wrong-root", "entities", "no-health-cert", "bad-b64-kp"])
 def test_malformed_roll_request(world, body: bytes) -> None:
     r = _post(world, ROLL, body, "application/xml")
-    assert r.status_code == 400 and _fault(r) == "InvalidRequestException", (r.status_code, r.content[:300])
+    want = "InvalidProtectorException" if b"%%" in body else "InvalidRequestException"
+    assert r.status_code == 400 and _fault(r) == want, (r.status_code, r.content[:300])
 
 
 def test_garbage_health_certificate_and_kp(world) -> None:
     hc = world["client"].attest(world["host"])
     r = _post(world, ROLL, dump_roll_request(world["kp"], b"\x30\x03\x02\x01\x01"), "application/xml")
     assert r.status_code in (400, 403) and _fault(r) in ("HealthCertificateException", "InvalidRequestException")
-    r = _post(world, ROLL, dump_roll_request(b"<Protector/>", hc.public_bytes(serialization.Encoding.DER)),
-              "application/xml")
-    assert r.status_code == 400 and _fault(r) == "InvalidProtectorException", r.content
-    _assert_no_key(r, world)
+    for bad in (b"<Protector/>", b"<not xml", b"\x00\xff" * 10):
+        r = _post(world, ROLL, dump_roll_request(bad, hc.public_bytes(serialization.Encoding.DER)), "application/xml")
+        assert r.status_code == 400 and _fault(r) == "InvalidProtectorException", r.content
+        _assert_no_key(r, world)
 
 
 # -- the shielded VM, unlocked with a key released over HTTP -------------------------------------
@@ -368,3 +369,60 @@ def test_cli_serve_errors(world, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_clean_error(run_cli("hgs", "serve", str(empty), "--port", "0"), 9)
+
+
+# -- state store -------------------------------------------------------------------------------
+
+def test_store_policy_follows_the_guardian_folder(tmp_path: Path) -> None:
+    """The store mirrors attestation.json on start: a host removed from the folder is refused."""
+    from templatetool.hgs.store import SCHEMA_VERSION, Store
+
+    fabric = _fabric(tmp_path)
+    h = new_host("h1", tmp_path / "h1", key="ec-p256")
+    pol = AttestationPolicy.load(fabric)
+    pol.add_host_key("h1", pem_public(h.host_key.public_key()))
+    pol.allow_ci_policy("ab" * 32)
+    pol.pcr_baseline = {7: "00" * 32}
+    pol.save(fabric)
+    url = f"sqlite:///{tmp_path / 'st.sqlite'}"
+    st = load_service_state(fabric, url)
+    got = st.store.policy()
+    assert got.host_keys == pol.host_keys and got.ci_policies == ["ab" * 32] and got.pcr_baseline == {7: "00" * 32}
+    st.store.close()
+    pol.host_keys.clear()
+    pol.ci_policies.clear()
+    pol.pcr_baseline.clear()
+    pol.save(fabric)
+    st = load_service_state(fabric, url)
+    try:
+        got = st.store.policy()
+        assert got.host_keys == {} and got.ci_policies == [] and got.pcr_baseline == {}
+        assert st.store.migrate() == SCHEMA_VERSION
+    finally:
+        st.store.close()
+    # a database of another schema version is refused, not silently used
+    s = Store(url)
+    with s.engine.begin() as c:
+        c.execute(s.t["schema_version"].update().values(version=99))
+    from templatetool.errors import FormatError
+
+    with pytest.raises(FormatError, match="schema version"):
+        s.migrate()
+    s.close()
+
+
+def test_nonce_single_use_and_expiry(tmp_path: Path) -> None:
+    from templatetool.hgs.store import Store
+
+    s = Store(f"sqlite:///{tmp_path / 'n.sqlite'}")
+    s.migrate()
+    n, _ = s.new_nonce()
+    s.consume_nonce(n)
+    with pytest.raises(PolicyError, match="nonce"):
+        s.consume_nonce(n)
+    old, _ = s.new_nonce(seconds=-1)
+    with pytest.raises(PolicyError, match="nonce"):
+        s.consume_nonce(old)
+    with pytest.raises(PolicyError, match="nonce"):
+        s.consume_nonce("x" * 65)
+    s.close()

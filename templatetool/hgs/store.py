@@ -133,22 +133,30 @@ class Store:
 
     # -- policy ---------------------------------------------------------------------------------
     def import_policy(self, pol: AttestationPolicy) -> None:
-        """Merge a guardian folder's ``attestation.json`` into the store (hosts, baseline, CI, hours)."""
+        """Make the store's policy that of a guardian folder's ``attestation.json`` (one transaction).
+
+        Hosts, PCR baseline and CI policies are replaced, so a host removed from the folder is no
+        longer trusted once the service restarts; registration times of kept hosts are kept.
+        """
         t, sa = self.t, self._sa
 
         def fn(c: Any) -> None:
             now = _iso(_now())
+            h = t["hosts"]
+            old = {r["name"]: r for r in c.execute(sa.select(h)).mappings()}
+            c.execute(h.delete())
             for mode, hosts in (("host-key", pol.host_keys), ("tpm", pol.tpm_hosts)):
                 for name, pem in hosts.items():
-                    c.execute(t["hosts"].delete().where(t["hosts"].c.name == name))
-                    c.execute(t["hosts"].insert().values(name=name, mode=mode, public_key_pem=pem, registered=now))
-            if pol.pcr_baseline:
-                c.execute(t["pcr_baselines"].delete())
-                for pcr, v in sorted(pol.pcr_baseline.items()):
-                    c.execute(t["pcr_baselines"].insert().values(bank=pol.pcr_bank, pcr=pcr, digest_hex=v.lower()))
-            for d in pol.ci_policies:
-                if not c.execute(sa.select(t["ci_policies"]).where(t["ci_policies"].c.digest_hex == d)).first():
-                    c.execute(t["ci_policies"].insert().values(digest_hex=d))
+                    o = old.get(name)
+                    kept = o is not None and o["mode"] == mode and o["public_key_pem"] == pem
+                    c.execute(h.insert().values(name=name, mode=mode, public_key_pem=pem,
+                                                registered=o["registered"] if kept else now))
+            c.execute(t["pcr_baselines"].delete())
+            for pcr, v in sorted(pol.pcr_baseline.items()):
+                c.execute(t["pcr_baselines"].insert().values(bank=pol.pcr_bank, pcr=pcr, digest_hex=v.lower()))
+            c.execute(t["ci_policies"].delete())
+            for d in sorted(set(pol.ci_policies)):
+                c.execute(t["ci_policies"].insert().values(digest_hex=d))
             c.execute(t["settings"].delete().where(t["settings"].c.name == "health_hours"))
             c.execute(t["settings"].insert().values(name="health_hours", value=str(pol.health_hours)))
 

@@ -201,8 +201,8 @@ def fault_code(e: TemplateToolError) -> str:
     if isinstance(e, (IntegrityError,)):
         return "InvalidProtectorException"
     if isinstance(e, (FormatError, UsageError)):
-        return "InvalidProtectorException" if "protector" in e.what or "protector" in (e.where or "") \
-            else "InvalidRequestException"
+        in_kp = "protector" in f"{e.what} {e.where or ''}".lower()
+        return "InvalidProtectorException" if in_kp else "InvalidRequestException"
     if isinstance(e, PolicyError):
         return "HealthCertificateException"
     return "ServiceException"
