@@ -89,6 +89,39 @@ class HgsClient:
             raise FormatError("GetInfoReply carries no Nonce", self.base_url)
         return self.attest_evidence(create_evidence(host, nonce=nonce, **evidence_kw))
 
+    def attest_tpm(self, host: Host, tpm: Any, tcg_log: bytes, *, ci_policy_hash: str | None = None,
+                   pcrs: list[int] | None = None) -> x509.Certificate:
+        """TPM mode: evidence with the TCG log, the credential challenge answered by ``tpm``
+        (:class:`~templatetool.hgs.tpmhost.TpmHost`: ActivateCredential), then a TPM quote over the
+        service's baseline PCRs (or ``pcrs``) with this round's qualifying data."""
+        from ..tpm.algs import bank_id
+        from .service import quote_qualifying
+
+        nonce = self.get_info().get("Nonce")
+        if not isinstance(nonce, str):
+            raise FormatError("GetInfoReply carries no Nonce", self.base_url)
+        ev = create_evidence(host, tcg_log=tcg_log, ek_public_pem=tpm.ek_pem(), ci_policy_hash=ci_policy_hash,
+                             nonce=nonce)
+        base = {"Evidence": wire.b64(ev), "EkPublic": wire.b64(tpm.ek_public), "AkPublic": wire.b64(tpm.ak_public)}
+        path, hdr = "/Attestation/v2.0/hostkeyattest", {"content-type": "application/json"}
+        ch = self._wcf("POST", path, "TpmChallengeReply", content=wire.dump_wcf("AttestationRequest", base), headers=hdr)
+        try:
+            blob = base64.b64decode(ch["CredentialBlob"], validate=True)
+            secret = base64.b64decode(ch["EncryptedSecret"], validate=True)
+            bank = bank_id(str(ch.get("PcrBank", "sha256")))
+            sel = [int(i) for i in (pcrs if pcrs is not None else ch["Pcrs"])]
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise FormatError("malformed TpmChallengeReply", self.base_url) from None
+        credential = tpm.activate(blob, secret)
+        quote, sig = tpm.quote(quote_qualifying(nonce, credential), sel, bank)
+        body = wire.dump_wcf("AttestationRequest", {**base, "Credential": wire.b64(credential), "Quote": wire.b64(quote),
+                                                    "QuoteSignature": wire.b64(sig)})
+        m = self._wcf("POST", path, "HealthCertificateReply", content=body, headers=hdr)
+        try:
+            return x509.load_der_x509_certificate(base64.b64decode(m["HealthCertificate"], validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise FormatError("malformed HealthCertificateReply", self.base_url) from None
+
     # -- key protection -----------------------------------------------------------------------
     def metadata(self) -> bytes:
         """The guardian metadata XML (import it with ``guardian import``)."""

@@ -19,7 +19,9 @@ folder's files and never reach the database, a log line or a reply other than en
 from __future__ import annotations
 
 import datetime as _dt
+import base64
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -30,9 +32,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..errors import FormatError, PolicyError, ResourceError, TemplateToolError
+from ..errors import FormatError, IntegrityError, PolicyError, ResourceError, TemplateToolError
 from . import wire
-from .attest import AttestationPolicy, attest, health_fingerprint, load_attestation
+from .attest import AttestationPolicy, HealthCheck, attest, health_fingerprint, load_attestation
 from .release import release_key
 from .store import Store, default_url
 
@@ -79,14 +81,24 @@ def load_service_state(guardian_dir: str | os.PathLike[str], db_url: str | None 
     return ServiceState(key, cert, g, xml, store)
 
 
-def _evidence_nonce(evidence: bytes) -> str:
+def quote_qualifying(nonce: str, credential: bytes) -> bytes:
+    """TPM2_Quote qualifying data of TPM mode: SHA-256(nonce UTF-8 || activated credential)."""
+    return hashlib.sha256(nonce.encode() + credential).digest()
+
+
+def _evidence_body(evidence: bytes) -> dict[str, Any]:
     try:
-        n = json.loads(evidence)["evidence"]["nonce"]
-        if not isinstance(n, str):
+        body = json.loads(evidence)["evidence"]
+        if not isinstance(body, dict) or not isinstance(body.get("nonce"), str):
             raise TypeError
-        return n
+        return body
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise FormatError("host evidence is malformed (no nonce)", "AttestationRequest.Evidence") from None
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    f = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(a.public_bytes(serialization.Encoding.DER, f) == b.public_bytes(serialization.Encoding.DER, f))
 
 
 def _host_of(cert: x509.Certificate) -> str:
@@ -117,23 +129,31 @@ class Service:
         return wire.dump_wcf("SigningCertificatesReply", {"Certificates": [wire.b64(der)]})
 
     def hostkeyattest(self, body: bytes) -> bytes:
+        """Host-key mode: one round. TPM mode (evidence with a ``tpm`` section): round 1 (EkPublic,
+        AkPublic) returns a TpmChallengeReply; round 2 adds Credential, Quote and QuoteSignature."""
         where = "AttestationRequest"
         _name, m = wire.parse_wcf(body, "AttestationRequest", where)
         evidence = wire.b64_member(m, "Evidence", where)
         host = None
+        extra: list[HealthCheck] = []
         try:
-            nonce = _evidence_nonce(evidence)
-            try:
-                host = str(json.loads(evidence)["evidence"].get("host"))[:64]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                host = None
-            self.s.store.consume_nonce(nonce)
+            doc = _evidence_body(evidence)
+            nonce = doc["nonce"]
+            host = str(doc.get("host"))[:64]
+            if doc.get("tpm") is not None:
+                if "Quote" not in m:
+                    return self._tpm_challenge(m, evidence, doc, nonce)
+                self.s.store.consume_nonce(nonce)
+                extra = self._check_quote(m, evidence, doc, nonce)
+            else:
+                self.s.store.consume_nonce(nonce)
             hc, checks = attest(self.s.store.policy(), evidence, self.s.signer_key, self.s.signer_cert,
                                 where="AttestationRequest.Evidence")
         except TemplateToolError as e:
             if not isinstance(e, ResourceError):
                 self.s.store.audit("attest", "refused", str(e), host=host)
             raise
+        checks = extra + checks
         fp = health_fingerprint(hc)
         self.s.store.record_health_certificate(fp, _host_of(hc), hc.not_valid_before_utc, hc.not_valid_after_utc)
         self.s.store.audit("attest", "granted", "; ".join(f"{c.name}: ok" for c in checks), host=_host_of(hc),
@@ -143,6 +163,74 @@ class Service:
             "ValidFrom": hc.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "ValidTo": hc.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "Checks": [{"Name": c.name, "Passed": c.passed, "Detail": c.detail} for c in checks]})
+
+    def _tpm_challenge(self, m: dict[str, Any], evidence: bytes, doc: dict[str, Any], nonce: str) -> bytes:
+        """Round 1 of TPM mode: MakeCredential for the (registered) EK and the AK's Name."""
+        from .host import load_public
+        from .store import NONCE_SECONDS
+        from .tpmquote import make_credential, parse_ak_public, parse_ek_public
+
+        where = "AttestationRequest"
+        self.s.store.open_nonce(nonce)
+        ek = parse_ek_public(wire.b64_member(m, "EkPublic", where, 4096), f"{where}.EkPublic")
+        _ak_key, ak_name = parse_ak_public(wire.b64_member(m, "AkPublic", where, 4096), f"{where}.AkPublic")
+        try:
+            ev_ek = load_public(str(doc["tpm"].get("ek_public") or ""), "EK public key", f"{where}.Evidence")
+        except AttributeError:
+            raise FormatError("host evidence tpm section is malformed", f"{where}.Evidence") from None
+        if not _same_key(ev_ek, ek.public_key):
+            raise IntegrityError("EkPublic is not the EK the evidence names", f"{where}.EkPublic")
+        pol = self.s.store.policy()
+        if not any(_same_key(load_public(pem, "EK", n), ek.public_key) for n, pem in pol.tpm_hosts.items()):
+            raise PolicyError("attestation failed: TPM endorsement key registered: EK not registered with this guardian",
+                              f"{where}.EkPublic", "register it with `hgs register-host --ek`")
+        if not pol.pcr_baseline:
+            raise PolicyError("attestation failed: PCR baseline: this guardian has no PCR baseline configured", where)
+        credential = os.urandom(32)
+        blob, secret = make_credential(ek, ak_name, credential)
+        self.s.store.put_challenge(nonce, ak_name, hashlib.sha256(credential).hexdigest(),
+                                   hashlib.sha256(evidence).hexdigest(),
+                                   _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=NONCE_SECONDS))
+        return wire.dump_wcf("TpmChallengeReply", {
+            "CredentialBlob": wire.b64(blob), "EncryptedSecret": wire.b64(secret),
+            "PcrBank": pol.pcr_bank, "Pcrs": sorted(pol.pcr_baseline)})
+
+    def _check_quote(self, m: dict[str, Any], evidence: bytes, doc: dict[str, Any], nonce: str) -> list[HealthCheck]:
+        """Round 2 of TPM mode: the activated credential, then the quote against the replayed log."""
+        from ..tpm.algs import bank_id
+        from ..tpm.eventlog import replay_log
+        from .tpmquote import parse_ak_public, verify_quote
+
+        where = "AttestationRequest"
+        ch = self.s.store.take_challenge(nonce)
+        if ch is None:
+            raise PolicyError("no credential challenge is open for this nonce", where,
+                              "send round 1 (EkPublic, AkPublic) first, with a fresh nonce")
+        ak_key, ak_name = parse_ak_public(wire.b64_member(m, "AkPublic", where, 4096), f"{where}.AkPublic")
+        if ak_name != ch[0]:
+            raise IntegrityError("the AK is not the one the credential challenge was made for", f"{where}.AkPublic")
+        if hashlib.sha256(evidence).hexdigest() != ch[2]:
+            raise IntegrityError("round 2 evidence differs from round 1", f"{where}.Evidence")
+        credential = wire.b64_member(m, "Credential", where, 64)
+        if not hmac.compare_digest(hashlib.sha256(credential).hexdigest(), ch[1]):
+            raise IntegrityError("the credential does not answer the challenge (ActivateCredential by another "
+                                 "EK or AK?)", f"{where}.Credential")
+        try:
+            rep = replay_log(base64.b64decode(str(doc["tpm"].get("tcg_log", "")), validate=True))
+        except (ValueError, TypeError, AttributeError):
+            raise FormatError("the evidence TCG log is not base64", f"{where}.Evidence") from None
+        values = {bank_id(b): v for b, v in rep.values_by_bank.items()}
+        sel = verify_quote(ak_key, wire.b64_member(m, "Quote", where, 4096),
+                           wire.b64_member(m, "QuoteSignature", where, 4096),
+                           quote_qualifying(nonce, credential), values, f"{where}.Quote")
+        pol = self.s.store.policy()
+        missing = sorted(set(pol.pcr_baseline) - set(sel.get(bank_id(pol.pcr_bank), [])))
+        if missing:
+            raise PolicyError(f"attestation failed: TPM quote: the quote does not cover baseline "
+                              f"{pol.pcr_bank} PCR(s) {', '.join(map(str, missing))}", f"{where}.Quote")
+        return [HealthCheck("AK certified by the EK", True, "ActivateCredential answered the challenge"),
+                HealthCheck("TPM quote", True, "signed by the AK over this round's nonce; quoted PCRs equal the "
+                            "replayed TCG log")]
 
     # -- key protection -----------------------------------------------------------------------
     def rolltransportkey(self, body: bytes, at: _dt.datetime | None = None) -> bytes:

@@ -2,7 +2,7 @@
 
 Tables (docs/formats/hgs-service.md): ``schema_version``, ``settings``, ``hosts`` (host keys and
 TPM EKs, public only), ``pcr_baselines``, ``ci_policies``, ``nonces`` (server nonces, single
-use), ``health_certificates`` (issued, by fingerprint) and ``audit`` (every attestation and every
+use), ``tpm_challenges`` (MakeCredential rounds), ``health_certificates`` (issued, by fingerprint) and ``audit`` (every attestation and every
 key release, granted or refused). Private keys never enter the database: they stay in the
 guardian folder's files (0600).
 """
@@ -58,6 +58,12 @@ def _metadata(sa: Any) -> Any:
              sa.Column("nonce", S(64), primary_key=True),
              sa.Column("issued", S(20), nullable=False), sa.Column("expires", S(20), nullable=False),
              sa.Column("used", S(20), nullable=True))
+    sa.Table("tpm_challenges", md,
+             sa.Column("nonce", S(64), primary_key=True),
+             sa.Column("ak_name", S(140), nullable=False),           # hex TPM Name of the AK
+             sa.Column("credential_sha256", S(64), nullable=False),  # never the credential itself
+             sa.Column("evidence_sha256", S(64), nullable=False),    # round 2 must send the same evidence
+             sa.Column("expires", S(20), nullable=False))
     sa.Table("health_certificates", md,
              sa.Column("fingerprint", S(64), primary_key=True),
              sa.Column("host", S(64), nullable=False),
@@ -209,6 +215,42 @@ class Store:
         if not isinstance(nonce, str) or len(nonce) > 64 or self._run(fn) != 1:
             raise PolicyError("server nonce is unknown, expired or already used", "evidence nonce",
                               "get a fresh nonce from GET /Attestation/Getinfo and attest once with it")
+
+    # -- TPM challenges (MakeCredential rounds) -----------------------------------------------------
+    def open_nonce(self, nonce: str) -> None:
+        """PolicyError unless ``nonce`` was issued, is unexpired and unused (it stays unused)."""
+        t, sa = self.t["nonces"], self._sa
+        now = _iso(_now())
+        ok = isinstance(nonce, str) and len(nonce) <= 64 and self._run(lambda c: c.execute(
+            sa.select(t.c.nonce).where(sa.and_(t.c.nonce == nonce, t.c.used.is_(None), t.c.expires > now))).first())
+        if not ok:
+            raise PolicyError("server nonce is unknown, expired or already used", "evidence nonce",
+                              "get a fresh nonce from GET /Attestation/Getinfo and attest once with it")
+
+    def put_challenge(self, nonce: str, ak_name: bytes, credential_sha256: str, evidence_sha256: str,
+                      expires: _dt.datetime) -> None:
+        """Remember the credential challenge of an attestation round (one per nonce)."""
+        t = self.t["tpm_challenges"]
+
+        def fn(c: Any) -> None:
+            c.execute(t.delete().where(t.c.nonce == nonce))
+            c.execute(t.insert().values(nonce=nonce, ak_name=ak_name.hex(), credential_sha256=credential_sha256,
+                                        evidence_sha256=evidence_sha256, expires=_iso(expires)))
+            c.execute(t.delete().where(t.c.expires < _iso(_now() - _dt.timedelta(days=1))))
+
+        self._run(fn)
+
+    def take_challenge(self, nonce: str) -> tuple[bytes, str, str] | None:
+        """(AK Name, credential SHA-256 hex, evidence SHA-256 hex) of an unexpired challenge, deleted as read."""
+        t, sa = self.t["tpm_challenges"], self._sa
+        now = _iso(_now())
+
+        def fn(c: Any) -> tuple[bytes, str, str] | None:
+            r = c.execute(sa.select(t).where(sa.and_(t.c.nonce == nonce, t.c.expires > now))).mappings().first()
+            c.execute(t.delete().where(t.c.nonce == nonce))
+            return (bytes.fromhex(r["ak_name"]), r["credential_sha256"], r["evidence_sha256"]) if r else None
+
+        return self._run(fn)
 
     # -- records --------------------------------------------------------------------------------
     def record_health_certificate(self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime) -> None:

@@ -29,7 +29,7 @@ PROTOCOL_VERSION = "2.0"
 ERROR_STATUS = {
     "InvalidRequestErrorReply": 400,   # malformed JSON, wrong __type, bad base64, bad evidence
     "NonceErrorReply": 403,            # unknown, expired or already used server nonce
-    "AttestationErrorReply": 403,      # a failed attestation check (unknown host, PCR baseline ...)
+    "AttestationErrorReply": 403,      # a failed check (unknown host, PCR baseline, quote, credential ...)
     "NotFoundErrorReply": 404,         # unknown route
     "ServiceErrorReply": 503,          # state store unavailable
 }
@@ -118,7 +118,7 @@ def error_reply_name(e: TemplateToolError) -> str:
     """The ErrorReply subtype for an error raised while handling an attestation request."""
     if isinstance(e, PolicyError) and "nonce" in e.what:
         return "NonceErrorReply"
-    if isinstance(e, (PolicyError, CredentialError)):
+    if isinstance(e, (PolicyError, CredentialError, IntegrityError)):
         return "AttestationErrorReply"
     if isinstance(e, NotFoundError):
         return "NotFoundErrorReply"
