@@ -111,6 +111,7 @@ class Store:
         sa = self._sa
         try:
             with self.engine.begin() as c:
+                self._serialize(c)
                 self.md.create_all(c, checkfirst=True)
                 rows = c.execute(sa.select(self.t["schema_version"].c.version)).scalars().all()
                 if not rows:
@@ -122,6 +123,12 @@ class Store:
                 return rows[0]
         except sa.exc.SQLAlchemyError as e:
             raise ResourceError(f"cannot open the HGS database: {type(e).__name__}", self._where()) from None
+
+    def _serialize(self, c: Any) -> None:
+        """Serialize schema and policy writers across nodes (PostgreSQL advisory lock; SQLite
+        serializes writers itself)."""
+        if self.engine.dialect.name == "postgresql":
+            c.execute(self._sa.text("SELECT pg_advisory_xact_lock(716007)"))
 
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -147,6 +154,7 @@ class Store:
         t, sa = self.t, self._sa
 
         def fn(c: Any) -> None:
+            self._serialize(c)
             now = _iso(_now())
             h = t["hosts"]
             old = {r["name"]: r for r in c.execute(sa.select(h)).mappings()}
