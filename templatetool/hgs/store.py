@@ -97,6 +97,13 @@ class Store:
         try:
             if url.startswith("sqlite"):
                 self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+                @sa.event.listens_for(self.engine, "connect")
+                def _wal(dbapi_conn: Any, _rec: Any) -> None:  # readers do not block the writer; still fsynced
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA synchronous=FULL")
+                    cur.close()
             else:
                 self.engine = sa.create_engine(url, pool_pre_ping=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as e:
