@@ -426,3 +426,52 @@ def test_nonce_single_use_and_expiry(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="nonce"):
         s.consume_nonce("x" * 65)
     s.close()
+
+
+def test_cli_serve_tls(world, tmp_path: Path) -> None:
+    """`hgs serve --tls-cert/--tls-key-file`: HTTPS, verified by the client against that certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hgs.test")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kf = tmp_path / "tls.key"
+    kf.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    kf.chmod(0o600)
+    p = subprocess.Popen([sys.executable, "-m", "templatetool.cli.main", "hgs", "serve", str(world["fabric"]),
+                          "--port", "0", "--db", f"sqlite:///{tmp_path / 'tls.sqlite'}", "--tls-cert",
+                          str(tmp_path / "tls.pem"), "--tls-key-file", str(kf)],
+                         cwd=str(ROOT), stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"on (https://127\.0\.0\.1:\d+)", p.stderr.readline())
+        assert m
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "tls.pem"))
+        with HgsClient(m.group(1), verify=ctx) as c:
+            hc = c.attest(world["host"])
+            assert c.release(world["kp"], world["host"], hc) == world["secret"]
+        with pytest.raises(httpx.ConnectError):   # an unverified server certificate is refused
+            httpx.get(m.group(1) + "/Attestation/Getinfo")
+    finally:
+        p.terminate()
+        p.wait(10)
+        p.stderr.close()
+    (tmp_path / "bad.pem").write_text("not a cert")
+    assert_clean_error(run_cli("hgs", "serve", str(world["fabric"]), "--port", "0", "--tls-cert",
+                               str(tmp_path / "bad.pem"), "--tls-key-file", str(kf)), 3)
+    assert_clean_error(run_cli("hgs", "serve", str(world["fabric"]), "--port", "0", "--tls-cert",
+                               str(tmp_path / "tls.pem")), 2)

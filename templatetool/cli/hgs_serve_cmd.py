@@ -29,6 +29,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_tls(cert: str, key: str) -> None:
+    """Load the TLS pair now, so a bad file is one clear error line rather than a uvicorn traceback."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as e:
+        from ..errors import FormatError
+
+        raise FormatError(f"unusable TLS certificate or key: {e.__class__.__name__}", cert,
+                          "give a PEM certificate and its unencrypted PEM private key") from None
+
+
 def register(cli: click.Group) -> None:
     hgs = cli.commands.get("hgs")
     if not isinstance(hgs, click.Group):  # hgs_cmd not loaded
@@ -44,8 +58,12 @@ def register(cli: click.Group) -> None:
     @click.option("--node", default=None, help="Node name in the audit log (default HOST:PORT).")
     @click.option("--password-env", metavar="VAR", help="Environment variable with the guardian's PFX password.")
     @click.option("--access-log", is_flag=True, help="Log every request (paths and status only).")
+    @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
+                  help="Serve HTTPS with this PEM certificate (chain) ...")
+    @click.option("--tls-key-file", type=click.Path(dir_okay=False, exists=True),
+                  help="... and this PEM private key file (unencrypted, 0600).")
     def serve(guardian_dir: str, db_url: str | None, host: str, port: int, node: str | None,
-              password_env: str | None, access_log: bool) -> None:
+              password_env: str | None, access_log: bool, tls_cert: str | None, tls_key_file: str | None) -> None:
         """Serve attestation ([MS-HGSA]) and key protection ([MS-KPS]) for GUARDIAN_DIR over HTTP.
 
         GUARDIAN_DIR needs `hgs init` and the guardian's private keys. Runs until interrupted.
@@ -56,13 +74,19 @@ def register(cli: click.Group) -> None:
             raise ResourceError("`hgs serve` needs uvicorn", hint="pip install 'templatetool[hgs]'") from None
         from ..hgs.service import create_app, load_service_state
 
+        if bool(tls_cert) != bool(tls_key_file):
+            raise UsageError("give --tls-cert and --tls-key-file together")
+        tls: dict[str, str] = {}
+        if tls_cert and tls_key_file:
+            tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key_file}
+            _check_tls(tls_cert, tls_key_file)
         sock = bind_socket(host, port)
         actual = sock.getsockname()[1]
         state = load_service_state(guardian_dir, db_url, password_env=password_env, node=node or f"{host}:{actual}")
         app = create_app(state)
-        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off")
+        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off", **tls)
         server = uvicorn.Server(config)
-        click.echo(f"templatetool hgs: serving {guardian_dir} on http://{host}:{actual} "
+        click.echo(f"templatetool hgs: serving {guardian_dir} on {'https' if tls else 'http'}://{host}:{actual} "
                    f"(state {state.store.engine.url.render_as_string(hide_password=True)})", err=True)
         sys.stderr.flush()
         try:
