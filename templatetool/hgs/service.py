@@ -155,9 +155,8 @@ class Service:
             raise
         checks = extra + checks
         fp = health_fingerprint(hc)
-        self.s.store.record_health_certificate(fp, _host_of(hc), hc.not_valid_before_utc, hc.not_valid_after_utc)
-        self.s.store.audit("attest", "granted", "; ".join(f"{c.name}: ok" for c in checks), host=_host_of(hc),
-                           health_certificate=fp)
+        self.s.store.record_attestation(fp, _host_of(hc), hc.not_valid_before_utc, hc.not_valid_after_utc,
+                                        "; ".join(f"{c.name}: ok" for c in checks))
         return wire.dump_wcf("HealthCertificateReply", {
             "HealthCertificate": wire.b64(hc.public_bytes(serialization.Encoding.DER)),
             "ValidFrom": hc.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -273,6 +273,19 @@ class Store:
         self._run(lambda c: c.execute(self.t["health_certificates"].insert().values(
             fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires))))
 
+    def record_attestation(self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime,
+                           detail: str) -> None:
+        """Record an issued health certificate and its granted-attestation audit row in one transaction
+        (a certificate the KPS honours always has its audit record)."""
+        def fn(c: Any) -> None:
+            c.execute(self.t["health_certificates"].insert().values(
+                fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires)))
+            c.execute(self.t["audit"].insert().values(
+                at=_iso(_now()), node=self.node[:64], event="attest", outcome="granted", host=host[:64] or None,
+                health_certificate=fingerprint, key_protector=None, detail=detail[:2000]))
+
+        self._run(fn)
+
     def health_certificate_host(self, fingerprint: str) -> str | None:
         """The host a health certificate was issued to by any node, or None."""
         t, sa = self.t["health_certificates"], self._sa
