@@ -354,6 +354,15 @@ def test_cli_serve(world, tmp_path: Path) -> None:
         p.wait(10)
         p.stderr.close()
     assert p.returncode in (0, -15)
+    # `hgs audit` reads the same store: the attestation and the release, granted
+    cp = run_cli("hgs", "audit", str(world["fabric"]), "--db", f"sqlite:///{tmp_path / 'cli.sqlite'}", "--json")
+    assert cp.returncode == 0, cp.stderr
+    recs = json.loads(cp.stdout)["records"]
+    assert [(r["event"], r["outcome"], r["host"]) for r in recs] == [("attest", "granted", "host-01"),
+                                                                     ("release", "granted", "host-01")]
+    empty = tmp_path / "nostate"
+    empty.mkdir()
+    assert_clean_error(run_cli("hgs", "audit", str(empty)), 9)
 
 
 def test_cli_serve_errors(world, tmp_path: Path) -> None:

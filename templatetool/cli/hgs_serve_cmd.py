@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import ResourceError, UsageError
+from .common import emit, json_option
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -94,3 +95,29 @@ def register(cli: click.Group) -> None:
         finally:
             state.store.close()
             sock.close()
+
+    @hgs.command("audit")
+    @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--db", "db_url", metavar="URL", help="State database (default: GUARDIAN_DIR/hgs-state.sqlite).")
+    @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000),
+                  help="Latest N records.")
+    @json_option
+    def audit(guardian_dir: str, db_url: str | None, limit: int, as_json: bool) -> None:
+        """Show the service's audit log: every attestation and key release, granted or refused."""
+        from pathlib import Path
+
+        from ..errors import NotFoundError
+        from ..hgs.store import DB_FILE, Store, default_url
+
+        if db_url is None and not (Path(guardian_dir) / DB_FILE).exists():
+            raise NotFoundError("no service state in this guardian folder", guardian_dir,
+                                "run `hgs serve` first or give --db")
+        store = Store(db_url or default_url(guardian_dir))
+        try:
+            store.migrate()
+            rows = store.audit_log(limit)
+        finally:
+            store.close()
+        emit({"records": rows}, as_json, lambda r: "\n".join(
+            f"{x['at']} {x['node']:<16} {x['event']:<7} {x['outcome']:<7} {x['host'] or '-':<20} {x['detail'][:80]}"
+            for x in r["records"]) or "(no records)")
