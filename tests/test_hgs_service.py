@@ -302,6 +302,37 @@ def test_garbage_health_certificate_and_kp(world) -> None:
         _assert_no_key(r, world)
 
 
+def test_mutated_requests_never_500_never_a_key(world) -> None:
+    """Random byte mutations of valid requests: always a documented 4xx reply (or a 200 for a
+    mutation that kept the request valid), never a 500, never the secret in clear."""
+    import random
+
+    rnd = random.Random(16)
+    c: HgsClient = world["client"]
+    hc = c.attest(world["host"])
+    roll = dump_roll_request(world["kp"], hc.public_bytes(serialization.Encoding.DER))
+    statuses = []
+    for i in range(40):
+        ev = create_evidence(world["host"], nonce=c.get_info()["Nonce"])
+        att = dump_wcf("AttestationRequest", {"Evidence": base64.b64encode(ev).decode()})
+        path, body = (ATTEST, att) if i % 2 else (ROLL, roll)
+        b = bytearray(body)
+        for _ in range(rnd.randint(1, 4)):
+            op = rnd.randrange(3)
+            j = rnd.randrange(len(b))
+            if op == 0:
+                b[j] = rnd.randrange(256)
+            elif op == 1:
+                del b[j:j + rnd.randint(1, 40)]
+            else:
+                b[j:j] = bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 8)))
+        r = _post(world, path, bytes(b), "application/json" if path == ATTEST else "application/xml")
+        statuses.append(r.status_code)
+        assert r.status_code in (200, 400, 403), (i, r.status_code, r.content[:300])
+        assert world["secret"] not in r.content and base64.b64encode(world["secret"]) not in r.content
+    assert statuses.count(400) + statuses.count(403) >= 30, statuses
+
+
 # -- the shielded VM, unlocked with a key released over HTTP -------------------------------------
 
 def test_shielded_vm_unlocks_with_key_released_over_http(tmp_path: Path) -> None:
