@@ -89,8 +89,10 @@ def locate_volume(dev: BlockDevice, partition: int | None = None,
         p = table.get(partition)
         return p.offset, p.size, p.index
     best: Partition | None = None
+    # BitLocker To Go keeps a FAT stick's MBR type (0x0B/0x0C/0x0E/0x06): look there too for it
+    kinds = ("basic-data", "other") + (("fat32", "fat16") if "bitlocker-to-go" in want else ())
     for p in table.partitions:
-        if p.kind not in ("basic-data", "other"):
+        if p.kind not in kinds:
             continue
         if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
             best = p
