@@ -122,6 +122,9 @@ def test_bitlocker_info_to_go(togo: ToGo) -> None:
     assert sorted(p["type"] for p in doc["protectors"]) == ["password", "recovery-password", "startup-key"]
     cp = run_cli("bitlocker", "info", str(togo.enc))
     assert cp.returncode == 0 and "BitLocker To Go" in cp.stdout
+    cp = run_cli("inspect", str(togo.enc), "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert "xts-aes-128" in cp.stdout and "bitlocker-to-go" in cp.stdout  # inspect shows its details
 
 
 def test_to_go_in_mbr_partition(togo: ToGo, tmp_path: Path) -> None:

@@ -171,3 +171,31 @@ def test_decrypt_intact_ntfs_still_sparse(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout)["free_space"]["used"] is True
     assert file_sha256(out) == file_sha256(plain)
+
+
+def make_ntfs_free_bitmap(path: Path) -> Path:
+    """An NTFS whose $Bitmap was zeroed (every cluster "free"): parses, but must not be trusted."""
+    require_tool("ntfsinfo")
+    make_ntfs(path, 16)
+    cp = subprocess.run(["ntfsinfo", "-v", "-F", "/$Bitmap", str(path)], capture_output=True, text=True, check=True)
+    lines = cp.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if "Runlist:" in ln and "LCN" in ln)
+    _vcn, lcn_s, len_s = lines[head + 1].split()[:3]  # first run: VCN LCN Length
+    lcn, length = int(lcn_s, 0), int(len_s, 0)
+    with open(path, "r+b") as f:
+        f.seek(lcn * 4096)
+        f.write(bytes(length * 4096))
+    return path
+
+
+def test_free_space_refuses_zeroed_bitmap(tmp_path: Path) -> None:
+    """Regression: a $Bitmap calling the boot sector and $MFT free was trusted as a free map."""
+    from templatetool.pipeline.encrypt import free_space
+
+    dev = RawFile(make_ntfs_free_bitmap(tmp_path / "v.img"))
+    try:
+        fs = free_space(dev)
+    finally:
+        dev.close()
+    assert not fs.used and fs.skip is None
+    assert "$Bitmap" in fs.reason
