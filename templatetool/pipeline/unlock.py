@@ -191,8 +191,10 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
                 return {"vmk": vmk}
 
         part = state["part"]
-        decrypt_disk(vm_disk, output, part.index if part else None, _VmkCredentials())
-        return f"decrypted disk written to {output}"
+        r = decrypt_disk(vm_disk, output, part.index if part else None, _VmkCredentials())
+        fsp = r["free_space"]
+        how = "free space skipped" if fsp["used"] else fsp["reason"]
+        return f"decrypted disk written to {output}; {how}"
 
     def do_verify() -> str:
         vsc = open_vsc(state["disk"].get_user_metadata(VSC_METADATA_GUID)) if hasattr(state["disk"], "get_user_metadata") \
