@@ -23,7 +23,7 @@ from templatetool.disk import sniff_filesystem
 
 from .conftest import assert_clean_error, run_cli
 from .test_bitlocker_common import dislocker_decrypt, dissect_sha256, file_sha256, pybde_sha256
-from .test_decrypt_anyfs import encrypt_volume_with, make_fat32
+from .test_decrypt_anyfs import encrypt_volume_with, make_fat32, make_random
 
 PASSWORD = "ToGo-Passw0rd"  # ASCII: dislocker 0.7.3 mis-encodes non-ASCII passwords
 
@@ -200,3 +200,35 @@ def test_hand_made_to_go_header_is_read(tmp_path: Path) -> None:
     want = file_sha256(plain)
     assert file_sha256(out) == want
     assert pybde_sha256(enc, plain.stat().st_size, bek_path=bek) == want
+
+
+@pytest.mark.parametrize("name,patch", [
+    ("jump", {0: b"\xe9\x00\x00"}),
+    ("sector size", {0x0B: b"\x00\x00"}),
+    ("offset zero", {0x1B8: bytes(8)}),
+    ("offset outside", {0x1C0: struct.pack("<Q", 1 << 40)}),
+    ("no 55AA", {0x1FE: b"\x00\x00"}),
+    ("vista lcn", {0x38: b"\x01"}),
+])
+def test_malformed_to_go_header_is_a_clean_format_error(togo: ToGo, tmp_path: Path, name: str,
+                                                        patch: dict[int, bytes]) -> None:
+    img = _patched(togo, tmp_path, patch)
+    cp = run_cli("bitlocker", "info", str(img))
+    assert_clean_error(cp, 3)
+
+
+def test_to_go_4096_byte_sectors(tmp_path: Path) -> None:
+    """To Go with 4 KiB sectors (random content): pybde and dislocker-file agree with the plaintext."""
+    plain = make_random(tmp_path / "plain.img")
+    enc = tmp_path / "enc.img"
+    _rp, bek = encrypt_volume_with(plain, enc, layout="to-go", sector_size=4096)
+    head = enc.read_bytes()[:512]
+    assert struct.unpack_from("<H", head, 0x0B)[0] == 4096 and head[3:11] == b"MSWIN4.1"
+    want = file_sha256(plain)
+    assert pybde_sha256(enc, plain.stat().st_size, bek_path=bek) == want
+    out = dislocker_decrypt(enc, tmp_path / "dis.raw", bek_path=bek)
+    assert file_sha256(out, plain.stat().st_size) == want
+    dec = tmp_path / "dec.img"
+    cp = run_cli("decrypt", str(enc), "-o", str(dec), "--startup-key", str(bek))
+    assert cp.returncode == 0, cp.stderr
+    assert file_sha256(dec) == want

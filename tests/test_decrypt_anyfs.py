@@ -47,8 +47,8 @@ def zero_regions(path: Path) -> FveRegions:
     return FveRegions((free[0], free[1], free[2]), free[3])
 
 
-def encrypt_volume_with(plain: Path, out: Path, layout: str = "standard",
-                        password: str | None = None) -> tuple[str, Path]:
+def encrypt_volume_with(plain: Path, out: Path, layout: str = "standard", password: str | None = None,
+                        sector_size: int | None = None) -> tuple[str, Path]:
     """Encrypt ``plain`` into ``out`` with a recovery password and a startup key (and a password
     when given); return (recovery password, .BEK path)."""
     specs = [ProtectorSpec("recovery_password"), ProtectorSpec("startup_key")]
@@ -57,7 +57,7 @@ def encrypt_volume_with(plain: Path, out: Path, layout: str = "standard",
     src = RawFile(plain)
     dst = RawFile.create(out, src.size)
     try:
-        r = encrypt_volume(src, dst, protectors=specs, regions=zero_regions(plain),
+        r = encrypt_volume(src, dst, protectors=specs, regions=zero_regions(plain), sector_size=sector_size,
                            **({} if layout == "standard" else {"layout": layout}))
     finally:
         src.close()
