@@ -23,7 +23,7 @@ from templatetool.disk import sniff_filesystem
 
 from .conftest import assert_clean_error, run_cli
 from .test_bitlocker_common import dislocker_decrypt, dissect_sha256, file_sha256, pybde_sha256
-from .test_decrypt_anyfs import encrypt_volume_with, make_fat32, make_random
+from .test_decrypt_anyfs import encrypt_volume_with, make_exfat, make_fat32, make_random
 
 PASSWORD = "ToGo-Passw0rd"  # ASCII: dislocker 0.7.3 mis-encodes non-ASCII passwords
 
@@ -232,3 +232,17 @@ def test_to_go_4096_byte_sectors(tmp_path: Path) -> None:
     cp = run_cli("decrypt", str(enc), "-o", str(dec), "--startup-key", str(bek))
     assert cp.returncode == 0, cp.stderr
     assert file_sha256(dec) == want
+
+
+def test_to_go_exfat(tmp_path: Path) -> None:
+    """exFAT inside To Go (Windows' usual USB-stick case): our decrypt and pybde give the plaintext."""
+    plain = make_exfat(tmp_path / "plain.img")
+    enc = tmp_path / "enc.img"
+    rp, bek = encrypt_volume_with(plain, enc, layout="to-go")
+    dec = tmp_path / "dec.img"
+    cp = run_cli("decrypt", str(enc), "-o", str(dec), "--recovery-password-env", "RP", "--json", env={"RP": rp})
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["free_space"]["filesystem"] == "exfat"
+    want = file_sha256(plain)
+    assert file_sha256(dec) == want
+    assert pybde_sha256(enc, plain.stat().st_size, bek_path=bek) == want
