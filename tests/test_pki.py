@@ -338,3 +338,35 @@ def test_rsa_pss_health_certificate_verifies(tmp_path: Path) -> None:
     fake_ca = _cert("HGS Fake", ca_key, eku=[HEALTH_EKU])
     with pytest.raises(PolicyError, match="is not a CA"):
         verify_health_certificate(_cert("Health host3", host_key, fake_ca, ca_key, eku=[HEALTH_EKU]), fake_ca)
+
+
+def test_ca_issued_pdk_owner_with_chain_verifies(pki, tmp_path: Path) -> None:
+    """Regression: read_pdk took the first embedded certificate as the signer; DER sorts that SET, so a
+    PDK whose owner embeds its CA chain failed with "not signed by the owner it names"."""
+    from templatetool.guardian import Guardian, generate_guardian
+    from templatetool.guardian.sigalg import sign_bytes
+    from templatetool.pdk import NamedFile, SecretPart, create_pdk, read_pdk
+
+    sk, ek = _ec(), _ec()
+    sign_cert = _cert("Shielded VM Signing Certificate (Owner)", sk, pki["inter"], pki["ik"])
+    b = (x509.CertificateBuilder().subject_name(_name("Shielded VM Encryption Certificate (Owner)"))
+         .issuer_name(pki["inter"].subject).public_key(ek.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(NOW - DAY).not_valid_after(NOW + 30 * DAY)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(False, False, False, False, True, False, False, False, False), critical=True))
+    enc_cert = b.sign(pki["ik"], hashes.SHA256())
+    owner = Guardian("Owner", sign_cert, enc_cert, sk, ek, other_signing_certificates=[pki["inter"]],
+                     source="certificates",
+                     encryption_signature=sign_bytes(sk, enc_cert.public_bytes(serialization.Encoding.DER)))
+    secret = SecretPart(NamedFile("unattend.xml", b"<unattend/>"), [], {})
+    der, _ = create_pdk(owner, [generate_guardian("Fabric", "ec-p256")], [], secret, "encryption-supported",
+                        trust=[pki["root"]])
+    info = read_pdk(der, trust=[pki["root"]])
+    assert info.owner_trust == "trusted (chains to --trust)"
+    (tmp_path / "ok.pdk").write_bytes(der)
+    cp = run_cli("pdk", "verify", str(tmp_path / "ok.pdk"), "--trust", str(_pem(tmp_path / "root.pem", pki["root"])))
+    assert cp.returncode == 0, cp.stderr
+    assert "owner trusted (chains to --trust)" in cp.stdout
+    other = _cert("Other Root", _ec(), ca=True)
+    with pytest.raises(PolicyError, match="cannot find the issuer CN=PKI Root"):
+        read_pdk(der, trust=[other])
