@@ -18,7 +18,8 @@ have at least 2048 bits. Our layer on top:
 
 Refusals are :class:`PolicyError`; a certificate that names an issuer we hold but whose
 signature does not verify with that issuer's key (or a self-signed one whose self-signature
-fails) is an :class:`IntegrityError`. See docs/pki.md.
+fails) is an :class:`IntegrityError`; a damaged certificate name a :class:`FormatError`.
+See docs/pki.md.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import verification as _v
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .errors import IntegrityError, PolicyError
+from .errors import FormatError, IntegrityError, PolicyError
 
 #: Longest chain accepted (leaf + intermediates + anchor).
 MAX_DEPTH = 8
@@ -78,11 +79,18 @@ def _ext(c: x509.Certificate, cls: type) -> object | None:
         return None
 
 
-def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+def _signed_by(child: x509.Certificate, parent: x509.Certificate, where: str = "certificate chain") -> bool:
+    """True when ``parent``'s key verifies ``child``'s signature; PolicyError for a refused algorithm."""
     try:
         child.verify_directly_issued_by(parent)
         return True
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+    except (UnsupportedAlgorithm, ValueError) as e:
+        if isinstance(e, ValueError) and "signature algorithm" not in str(e).lower():
+            return False
+        alg = getattr(child.signature_algorithm_oid, "_name", child.signature_algorithm_oid.dotted_string)
+        raise PolicyError(f"{_subj(child)} is signed with {alg}, which is not accepted", where,
+                          "reissue it with SHA-256 or stronger") from None
+    except (InvalidSignature, TypeError):
         return False
 
 
@@ -93,8 +101,13 @@ def _names_match(child: x509.Certificate, parent: x509.Certificate) -> bool:
         return False
 
 
-def _self_issued(c: x509.Certificate) -> bool:
-    return _names_match(c, c)
+def _self_issued(c: x509.Certificate, where: str) -> bool:
+    try:
+        return c.issuer == c.subject
+    except ValueError as e:  # names are parsed lazily: a damaged subject/issuer fails here
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise FormatError(f"malformed certificate name: {msg}", where,
+                          "the certificate is damaged; give the original file") from None
 
 
 def _as_utc(t: _dt.datetime | None) -> _dt.datetime:
@@ -116,8 +129,8 @@ def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set
     while True:
         if _der(cur) in anchors:
             return path, "anchor"
-        if _self_issued(cur):
-            if not _signed_by(cur, cur):
+        if _self_issued(cur, where):
+            if not _signed_by(cur, cur, where):
                 raise IntegrityError("the self-signed certificate's signature does not verify", f"{where}: {_subj(cur)}",
                                      "the certificate was altered")
             return path, "self-signed"
@@ -127,7 +140,7 @@ def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set
         named = [c for c in pool if _der(c) not in seen and _names_match(cur, c)]
         if not named:
             return path, "no-issuer"
-        good = [c for c in named if _signed_by(cur, c)]
+        good = [c for c in named if _signed_by(cur, c, where)]
         if not good:
             raise IntegrityError(f"the signature of {_subj(cur)} does not verify with the key of its issuer "
                                  f"{_subj(named[0])}", where, "the certificate was altered or another CA of that name issued it")
@@ -197,7 +210,7 @@ def _explain(path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, ek
             return f"{role} {_subj(c)} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
         if at < c.not_valid_before_utc:
             return f"{role} {_subj(c)} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        below = sum(1 for i in path[1:k] if not _self_issued(i))
+        below = sum(1 for i in path[1:k] if not _names_match(i, i))
         if bc.path_length is not None and below > bc.path_length:  # type: ignore[attr-defined]
             return (f"path length exceeded: {_subj(c)} allows {bc.path_length} intermediate CA(s) "  # type: ignore[attr-defined]
                     f"below it, the chain has {below}")
@@ -255,13 +268,15 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
         if lo > hi:
             raise PolicyError("the validity periods of the certificates in the chain do not overlap", where)
         check_at = min(max(now, lo), hi)
-    builder = (_v.PolicyBuilder().store(_v.Store(store)).time(check_at).max_chain_depth(max_depth)
-               .extension_policies(ca_policy=_ca_policy(), ee_policy=_ee_policy(eku)))
     try:
+        builder = (_v.PolicyBuilder().store(_v.Store(store)).time(check_at).max_chain_depth(max_depth)
+                   .extension_policies(ca_policy=_ca_policy(), ee_policy=_ee_policy(eku)))
         chain = builder.build_client_verifier().verify(leaf, list(intermediates)).chain
     except (_v.VerificationError, ValueError, TypeError) as e:
-        anchor_idx = len(path) - 1
-        reason = _explain(path, anchor_idx, check_at, eku, what) or _clean(e)
+        try:
+            reason = _explain(path, len(path) - 1, check_at, eku, what) or _clean(e)
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # a damaged certificate: the verifier's words
+            reason = _clean(e)
         raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where,
                           "the certificate chain does not satisfy X.509 path validation (RFC 5280)") from None
     return VerifiedPath(list(chain), trusted, check_at)

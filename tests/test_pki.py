@@ -236,6 +236,27 @@ def test_weak_rsa_issuer_refused(pki) -> None:
         verify_chain(leaf, [weak_ca], [pki["root"]])
 
 
+def test_sha1_signature_refused(tmp_path: Path) -> None:
+    """SHA-1 (which cryptography will not even create) is refused with the algorithm named, not as tampering."""
+    from templatetool.pki import verify_chain
+
+    require_tool("openssl")
+
+    def ossl(*a: str) -> None:
+        subprocess.run(["openssl", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rk.pem", "-out", "root.pem", "-subj", "/CN=SHA1 Root",
+         "-days", "30", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "lk.pem", "-out", "l.csr",
+         "-subj", "/CN=SHA1 Leaf")
+    ossl("x509", "-req", "-in", "l.csr", "-CA", "root.pem", "-CAkey", "rk.pem", "-set_serial", "7", "-out", "leaf.pem",
+         "-days", "10", "-sha1")
+    root = x509.load_pem_x509_certificate((tmp_path / "root.pem").read_bytes())
+    leaf = x509.load_pem_x509_certificate((tmp_path / "leaf.pem").read_bytes())
+    with pytest.raises(PolicyError, match="CN=SHA1 Leaf is signed with sha1WithRSAEncryption, which is not accepted"):
+        verify_chain(leaf, [], [root])
+
+
 # ------------------------------------------------------------------------------------------------
 # The callers: guardian metadata import, PDK owner, CMS signer, health certificates
 # ------------------------------------------------------------------------------------------------
