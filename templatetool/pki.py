@@ -277,8 +277,11 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
             reason = _explain(path, len(path) - 1, check_at, eku, what) or _clean(e)
         except (ValueError, TypeError, UnsupportedAlgorithm):  # a damaged certificate: the verifier's words
             reason = _clean(e)
-        raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where,
-                          "the certificate chain does not satisfy X.509 path validation (RFC 5280)") from None
+        if " expired on " in reason or " is not valid before " in reason:
+            hint = "renew the certificate, or pass --allow-expired to judge the chain inside its validity periods"
+        else:
+            hint = "the certificate chain does not satisfy X.509 path validation (RFC 5280)"
+        raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint) from None
     return VerifiedPath(list(chain), trusted, check_at)
 
 

@@ -262,22 +262,27 @@ def test_sha1_signature_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _forged_guardian(pki):
-    """A guardian whose signing/encryption certificates were "issued" by the root's leaf."""
+def _guardian_issued_by(issuer: x509.Certificate, issuer_key, chain: list[x509.Certificate], name: str = "Evil"):
+    """A guardian (with keys) whose signing and encryption certificates ``issuer`` issued."""
     from templatetool.guardian import Guardian
     from templatetool.guardian.sigalg import sign_bytes
 
     sk, ek = _ec(), _ec()
-    sign_cert = _cert("Shielded VM Signing Certificate (Evil)", sk, pki["leaf"], pki["lk"])
-    b = (x509.CertificateBuilder().subject_name(_name("Shielded VM Encryption Certificate (Evil)"))
-         .issuer_name(pki["leaf"].subject).public_key(ek.public_key()).serial_number(x509.random_serial_number())
+    sign_cert = _cert(f"Shielded VM Signing Certificate ({name})", sk, issuer, issuer_key)
+    b = (x509.CertificateBuilder().subject_name(_name(f"Shielded VM Encryption Certificate ({name})"))
+         .issuer_name(issuer.subject).public_key(ek.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(NOW - DAY).not_valid_after(NOW + 30 * DAY)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
          .add_extension(x509.KeyUsage(False, False, False, False, True, False, False, False, False), critical=True))
-    enc_cert = b.sign(pki["lk"], hashes.SHA256())
+    enc_cert = b.sign(issuer_key, hashes.SHA256())
     ecs = sign_bytes(sk, enc_cert.public_bytes(serialization.Encoding.DER))
-    return Guardian("Evil", sign_cert, enc_cert, sk, ek, other_signing_certificates=[pki["leaf"], pki["inter"]],
-                    source="generated", encryption_signature=ecs)
+    return Guardian(name, sign_cert, enc_cert, sk, ek, other_signing_certificates=chain, source="generated",
+                    encryption_signature=ecs)
+
+
+def _forged_guardian(pki):
+    """A guardian whose certificates were "issued" by the root's leaf (an end entity, not a CA)."""
+    return _guardian_issued_by(pki["leaf"], pki["lk"], [pki["leaf"], pki["inter"]])
 
 
 def test_forged_guardian_metadata_import_refused(pki, tmp_path: Path) -> None:
@@ -391,3 +396,32 @@ def test_ca_issued_pdk_owner_with_chain_verifies(pki, tmp_path: Path) -> None:
     other = _cert("Other Root", _ec(), ca=True)
     with pytest.raises(PolicyError, match="cannot find the issuer CN=PKI Root"):
         read_pdk(der, trust=[other])
+
+
+@pytest.mark.parametrize("case", ["no-keycertsign", "expired-ca", "path-length"])
+def test_guardian_import_cli_reasons(pki, tmp_path: Path, case: str) -> None:
+    """Each chain refusal reaches the CLI as one line with its reason (exit 6)."""
+    from templatetool.guardian import export_metadata
+
+    ck = _ec()
+    if case == "no-keycertsign":
+        ca = _cert("Fabric CA", ck, pki["root"], pki["rk"], ca=True, key_cert_sign=False)
+        chain, reason = [ca], "issuer CN=Fabric CA lacks keyCertSign (keyUsage)"
+    elif case == "expired-ca":
+        ca = _cert("Fabric CA", ck, pki["root"], pki["rk"], ca=True, not_before=NOW - 10 * DAY, not_after=NOW - DAY)
+        chain, reason = [ca], "intermediate CN=Fabric CA expired on"
+    else:
+        top_key = _ec()
+        top = _cert("Fabric Policy CA", top_key, pki["root"], pki["rk"], ca=True, path_length=0)
+        ca = _cert("Fabric CA", ck, top, top_key, ca=True)
+        chain, reason = [ca, top], "path length exceeded: CN=Fabric Policy CA allows 0"
+    g = _guardian_issued_by(ca, ck, chain, "Fabric")
+    meta = tmp_path / "fabric.xml"
+    meta.write_bytes(export_metadata(g, pki["lk"], pki["leaf"], [pki["inter"]]))
+    cp = run_cli("guardian", "import", str(meta), "-o", str(tmp_path / "imp"), "--trust",
+                 str(_pem(tmp_path / "root.pem", pki["root"])))
+    assert_clean_error(cp, 6)
+    assert reason in cp.stderr
+    assert len([ln for ln in cp.stderr.splitlines() if ln.strip()]) == 1
+    if case == "expired-ca":
+        assert "--allow-expired" in cp.stderr
