@@ -250,8 +250,7 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
     pool = [*intermediates, *roots]
     path, status = _walk(leaf, pool, anchors, where, max_depth)
     store = list(roots)
-    trusted = status == "anchor"
-    if not trusted:
+    if status != "anchor":
         if status == "too-long":
             raise PolicyError(f"certificate chain too long (more than {max_depth} certificates)", where)
         if not allow_untrusted_root:
@@ -282,7 +281,7 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
         else:
             hint = "the certificate chain does not satisfy X.509 path validation (RFC 5280)"
         raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint) from None
-    return VerifiedPath(list(chain), trusted, check_at)
+    return VerifiedPath(list(chain), _der(chain[-1]) in anchors, check_at)
 
 
 #: Convenience re-export for callers that want to require code signing.
