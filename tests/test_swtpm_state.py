@@ -94,6 +94,31 @@ def test_malformed_blobs_are_refused():
         decrypt_state(plain_state(b"x" * 10), key)
 
 
+def test_mutated_blobs_only_raise_typed_errors():
+    """Random byte flips, truncations and extensions: a typed error or (never) a silent success."""
+    import random
+
+    from templatetool.errors import TemplateToolError
+
+    r = random.Random(16)
+    key = new_transport_key()
+    good = encrypt_state(r.randbytes(500), key)
+    for _ in range(400):
+        bad = bytearray(good)
+        op = r.randrange(3)
+        if op == 0:
+            for _ in range(r.randint(1, 4)):
+                bad[r.randrange(len(bad))] ^= 1 << r.randrange(8)
+        elif op == 1:
+            del bad[r.randrange(len(bad)):]
+        else:
+            bad += r.randbytes(r.randint(1, 40))
+        if bytes(bad) == good:
+            continue
+        with pytest.raises(TemplateToolError):
+            decrypt_state(bytes(bad), key)
+
+
 # --- against real swtpm -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
