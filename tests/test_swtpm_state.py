@@ -5,6 +5,7 @@ wrong key or an altered blob. One manufactured vTPM is shared by the module (swt
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -230,12 +231,18 @@ def test_rekeyed_state_opens_with_new_key_only(vtpm):
             pass
 
 
-def test_manufactured_publics_are_the_vtpm_keys(vtpm):
+def test_manufactured_publics_are_the_vtpm_keys(vtpm, tmp_path):
+    """tpm2-tools (independent of our tpm2-pytss reader) reads the same SRK and EK publics."""
+    require_tool("tpm2_readpublic")
     from templatetool.tpm.vtpm_manufacture import start_vtpm
 
     assert not vtpm.srk.is_ek_style and vtpm.ek.is_ek_style
     with start_vtpm(vtpm.state, vtpm.key) as sw:
-        assert _srk_name(sw.tcti) == vtpm.srk.name
+        for handle, want in (("0x81000001", vtpm.srk), ("0x81010001", vtpm.ek)):
+            out = tmp_path / f"{handle}.pub"
+            subprocess.run(["tpm2_readpublic", "-T", sw.tcti, "-c", handle, "-o", str(out)], check=True,
+                           capture_output=True)
+            assert out.read_bytes() == want.tpm2b_public
     assert vtpm.key not in repr(vtpm).encode() and vtpm.key.hex() not in str(vtpm.to_json())
 
 
@@ -266,9 +273,14 @@ def test_cli_manufacture_rekey_state(tmp_path):
 
     (tmp_path / "s.bin").write_bytes(SECRET)
     st_, k, p = tmp_path / "vm.state", tmp_path / "k.bin", tmp_path / "p.bin"
-    run_cli("vtpm", "manufacture", "-o", str(st_), "--key-out", str(k), "--secret-file", str(tmp_path / "s.bin"),
-            "--pcrs", "7", "--pcr-values", f"7={PCR7_AFTER_BOOT.hex()}", "--protector-out", str(p), check=True)
+    cp = run_cli("vtpm", "manufacture", "-o", str(st_), "--key-out", str(k), "--secret-file", str(tmp_path / "s.bin"),
+                 "--pcrs", "7", "--pcr-values", f"7={PCR7_AFTER_BOOT.hex()}", "--protector-out", str(p), "--json",
+                 check=True)
     assert stat.S_IMODE(k.stat().st_mode) == 0o600 and len(k.read_bytes()) == 32
+    key = k.read_bytes()
+    for text in (cp.stdout, cp.stderr):  # K in no output form
+        assert key.hex() not in text.lower() and base64.b64encode(key).decode() not in text
+    assert key not in st_.read_bytes() and key not in p.read_bytes()
     assert unseal_in_vtpm(st_.read_bytes(), k.read_bytes(), p.read_bytes(), prepare=_extend7(1)) == SECRET
     before = st_.read_bytes()
     k2, st2 = tmp_path / "k2.bin", tmp_path / "vm2.state"
@@ -312,3 +324,33 @@ def test_swtpm_start_waits_for_initialisation(vtpm, tmp_path):
         (d / "tpm2-00.permall").write_bytes(vtpm.state)
         with pytest.raises(IntegrityError):
             Swtpm(d, key=new_transport_key()).start()
+
+
+def test_swtpm_pads_to_key_length_not_aes_block(tmp_path):
+    """A state whose size makes the two rules differ (pad > 16): swtpm pads to the 32-byte key
+    length; our re-encryption reproduces its file, and swtpm starts on our encryption of it."""
+    require_tool("swtpm", "swtpm_setup")
+    require_module("tpm2_pytss")
+    from templatetool.tpm.vtpm_manufacture import start_vtpm
+
+    key = new_transport_key()
+    d = tmp_path / "spk"
+    d.mkdir(mode=0o700)
+    r, w = os.pipe()
+    os.write(w, key.hex().encode())
+    os.close(w)
+    try:
+        subprocess.run(["swtpm_setup", "--tpm2", "--create-spk", "--tpmstate", str(d), "--config", "/dev/null",
+                        "--overwrite", "--keyfile-fd", str(r), "--cipher", "aes-256-cbc"], check=True,
+                       capture_output=True, pass_fds=(r,))
+    finally:
+        os.close(r)
+    raw = (d / "tpm2-00.permall").read_bytes()
+    plain = decrypt_state(raw, key)
+    ct = parse_state(raw).tlv(st.TAG_ENCRYPTED_DATA)
+    pad = len(ct) - len(plain)
+    assert pad > 16, f"state size {len(plain)} does not tell the rules apart (pad {pad})"
+    assert encrypt_state(plain, key, parse_state(raw).tlv(st.TAG_IVEC_ENCRYPTED_DATA)) == raw
+    k2 = new_transport_key()
+    with start_vtpm(encrypt_state(plain, k2), k2) as sw:
+        assert len(_srk_name(sw.tcti)) == 34

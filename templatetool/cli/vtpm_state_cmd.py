@@ -136,7 +136,14 @@ def state_cmd(state: str, key_file: str | None, as_json: bool) -> None:
     if key_file:
         doc["verified"] = True
         doc["plaintext_size"] = len(decrypt_state(data, _read_key(key_file), state))
-    emit(doc, as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    emit(doc, as_json, _state_text)
+
+
+def _state_text(d: dict[str, object]) -> str:
+    tlvs = d.get("tlvs") or []
+    lines = [f"{k}: {v}" for k, v in d.items() if k != "tlvs"]
+    lines.append("tlvs: " + ", ".join(f"tag {t['tag']} ({t['length']} bytes)" for t in tlvs))  # type: ignore[union-attr,index]
+    return "\n".join(lines)
 
 
 def register(cli: click.Group) -> None:
