@@ -354,3 +354,39 @@ def test_swtpm_pads_to_key_length_not_aes_block(tmp_path):
     k2 = new_transport_key()
     with start_vtpm(encrypt_state(plain, k2), k2) as sw:
         assert len(_srk_name(sw.tcti)) == 34
+
+
+def test_state_changes_persist_encrypted_under_the_same_key(vtpm):
+    """What the TPM stores while it runs (here an NV index) is in ``final_state``, still
+    encrypted under K, and there after a restart; the original state does not have it."""
+    import tpm2_pytss as t
+
+    from templatetool.tpm.tpmclient import open_tpm
+    from templatetool.tpm.vtpm_manufacture import start_vtpm
+
+    nv = 0x01500016
+    with start_vtpm(vtpm.state, vtpm.key) as run:
+        esys = open_tpm(run.tcti)
+        try:
+            pub = t.TPM2B_NV_PUBLIC(t.TPMS_NV_PUBLIC(
+                nvIndex=nv, nameAlg=t.TPM2_ALG.SHA256, dataSize=8,
+                attributes=t.TPMA_NV.OWNERWRITE | t.TPMA_NV.OWNERREAD | t.TPMA_NV.AUTHREAD | t.TPMA_NV.AUTHWRITE))
+            esys.nv_define_space(t.TPM2B_AUTH(), pub)
+        finally:
+            esys.close()
+    after = run.final_state
+    assert after is not None and after != vtpm.state
+    assert decrypt_state(after, vtpm.key) != decrypt_state(vtpm.state, vtpm.key)
+
+    def has_index(state: bytes) -> bool:
+        with start_vtpm(state, vtpm.key) as r:
+            esys = open_tpm(r.tcti)
+            try:
+                esys.tr_from_tpmpublic(nv)
+                return True
+            except t.TSS2_Exception:
+                return False
+            finally:
+                esys.close()
+
+    assert has_index(after) and not has_index(vtpm.state)

@@ -16,11 +16,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import IntegrityError, ResourceError, UsageError
 from . import structs as s
@@ -79,11 +78,25 @@ def _swtpm_setup(state_dir: Path, key: bytes, pcr_banks: str) -> None:
                             hint="check the swtpm and swtpm-tools installation")
 
 
+class RunningVtpm:
+    """A swtpm running on an encrypted state (``tcti`` for tpm2-pytss / tpm2-tools / ``--tpm``).
+    After the ``with`` block, ``final_state`` holds the state as swtpm left it (still encrypted
+    under the same key): what a VM's vTPM must be saved as when the VM stops."""
+
+    def __init__(self, swtpm: Swtpm) -> None:
+        self.swtpm = swtpm
+        self.final_state: bytes | None = None
+
+    @property
+    def tcti(self) -> str:
+        return self.swtpm.tcti
+
+
 @contextmanager
-def start_vtpm(state: bytes, key: bytes) -> Iterator[Swtpm]:
+def start_vtpm(state: bytes, key: bytes) -> Iterator[RunningVtpm]:
     """Run swtpm on an encrypted ``state`` with ``key`` (through a pipe fd) in a private
-    temporary directory; yields the running :class:`Swtpm` (``.tcti``). A state that does not
-    verify with the key is refused by swtpm: IntegrityError."""
+    temporary directory. A state that does not verify with the key is refused by swtpm:
+    IntegrityError. The directory (ciphertext only) is removed on exit."""
     parse_state(state)  # a malformed state is a FormatError before swtpm runs
     if len(key) != KEY_SIZE:
         raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
@@ -97,19 +110,21 @@ def start_vtpm(state: bytes, key: bytes) -> Iterator[Swtpm]:
             sw.start()
         except IntegrityError as e:
             raise IntegrityError(e.what, "vTPM state", e.hint) from None
+        run = RunningVtpm(sw)
         try:
-            yield sw
+            yield run
         finally:
             sw.stop()
+        run.final_state = (tmp / STATE_FILE).read_bytes()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_publics(sw: Swtpm) -> tuple[ParentKey, ParentKey]:
+def _read_publics(sw: RunningVtpm) -> tuple[ParentKey, ParentKey]:
     from .tpmclient import _tss
 
     t = _tss()
-    esys = t.ESAPI(sw.tcti_loader())
+    esys = t.ESAPI(sw.swtpm.tcti_loader())
     try:
         out = []
         for handle, what in ((s.SRK_HANDLE, "vTPM SRK 0x81000001"), (s.EK_HANDLE, "vTPM EK 0x81010001")):
@@ -160,7 +175,7 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
 
 
 def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | None = None,
-                   prepare: Any = None) -> bytes:
+                   prepare: Callable[[str], object] | None = None) -> bytes:
     """Start swtpm on the encrypted state and unseal ``protector`` through it. ``prepare(tcti)``
     (optional) runs first, e.g. to extend PCRs as a boot would. The TPM enforces the policy."""
     from .protector import unseal_with_tpm
@@ -171,4 +186,4 @@ def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | Non
         return unseal_with_tpm(protector, sw.tcti, pin=pin)
 
 
-__all__ = ["ManufacturedVtpm", "STATE_FILE", "manufacture_vtpm", "start_vtpm", "unseal_in_vtpm"]
+__all__ = ["ManufacturedVtpm", "RunningVtpm", "STATE_FILE", "manufacture_vtpm", "start_vtpm", "unseal_in_vtpm"]
