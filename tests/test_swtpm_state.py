@@ -390,3 +390,17 @@ def test_state_changes_persist_encrypted_under_the_same_key(vtpm):
                 esys.close()
 
     assert has_index(after) and not has_index(vtpm.state)
+
+
+def test_manufacture_refuses_bad_input_before_swtpm(monkeypatch):
+    from templatetool.errors import UsageError
+    from templatetool.tpm import vtpm_manufacture as vm
+
+    def boom(*a, **k):  # swtpm_setup must not even run
+        raise AssertionError("swtpm_setup ran")
+
+    monkeypatch.setattr(vm, "_swtpm_setup", boom)
+    for args, kw in (((b"x" * 129, {7: bytes(32)}), {}), ((b"x", {7: bytes(20)}), {}), ((b"x", None), {}),
+                     ((None, {7: bytes(32)}), {}), ((None, None), {"key": b"short"})):
+        with pytest.raises(UsageError):
+            vm.manufacture_vtpm(*args, **kw)

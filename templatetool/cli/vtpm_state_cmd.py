@@ -51,7 +51,7 @@ def _fresh(*paths: str | None) -> None:
               help="Write the fresh 32-byte transport key K here (0600).")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="Seal this secret (1..128 bytes) to the vTPM's own SRK.")
-@click.option("--pcrs", type=PCR_LIST, help="PCR indices 0..23 of the policy, e.g. 7,11.")
+@click.option("--pcrs", type=PCR_LIST, help="PCR indices 0..23 of the policy [default with --tcg-log: 7,11].")
 @click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
 @click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
 @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank of the policy.")
@@ -81,7 +81,7 @@ def manufacture_cmd(output: str, key_out: str, secret_file: str | None, pcrs: li
             raise UsageError("--pcr-values and --tcg-log are exclusive")
         if not pcr_values and not tcg_log:
             raise UsageError("give --pcr-values or --tcg-log", hint="e.g. --pcrs 7 --pcr-values 7=HEX")
-        sel = pcrs or None
+        sel = pcrs or ([7, 11] if tcg_log else None)  # as encrypt --tcg-log: Windows' Secure Boot PCRs
         parsed = parse_pcr_values(pcr_values, bank) if pcr_values else None
         vals = resolve_pcr_values(sel, bank, pcr_values=parsed, tcg_log=tcg_log)
         pin = read_secret(pin_env, "PIN: ") if pin_env else None

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from ..errors import IntegrityError, ResourceError, UsageError
 from . import structs as s
+from .duplicate import MAX_SEALED
 from .keys import ParentKey, parse_parent_public
+from .policy import compute_policy
 from .swtpm import Swtpm
 from .swtpm_state import KEY_SIZE, new_transport_key, parse_state
 
@@ -153,6 +155,11 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
         raise UsageError("sealing into the vTPM needs PCR values", hint="--pcr-values or --tcg-log")
     if secret is None and (pcr_values or pin is not None):
         raise UsageError("PCR values or a PIN without a secret to seal")
+    if secret is not None:  # bad input fails before swtpm runs
+        assert pcr_values is not None
+        if not 0 < len(secret) <= MAX_SEALED:
+            raise UsageError(f"secret must be 1..{MAX_SEALED} bytes, got {len(secret)}")
+        compute_policy(bank, pcr_values, auth_value=pin is not None)
     key = new_transport_key() if key is None else bytes(key)
     if len(key) != KEY_SIZE:
         raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
