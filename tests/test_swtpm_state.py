@@ -404,3 +404,42 @@ def test_manufacture_refuses_bad_input_before_swtpm(monkeypatch):
                      ((None, {7: bytes(32)}), {}), ((None, None), {"key": b"short"})):
         with pytest.raises(UsageError):
             vm.manufacture_vtpm(*args, **kw)
+
+
+def test_cli_manufacture_with_tcg_log_seals_to_the_replayed_boot(tmp_path):
+    """--tcg-log (default PCRs 7,11): a boot that extends the logged digests unseals; a boot
+    missing the PCR 11 event does not."""
+    require_tool("swtpm", "swtpm_setup")
+    require_module("tpm2_pytss")
+    import tpm2_pytss as t
+
+    from templatetool.tpm import structs as s
+    from templatetool.tpm.eventlog import write_agile_log
+    from templatetool.tpm.tpmclient import open_tpm
+    from templatetool.tpm.vtpm_manufacture import unseal_in_vtpm
+
+    ev11 = hashlib.sha256(b"templatetool test pcr 11").digest()
+    log = write_agile_log([(7, 0x80000001, {s.ALG_SHA256: BOOT_EVENT}, b"a"),
+                           (11, 0x0D, {s.ALG_SHA256: ev11}, b"b")], banks={s.ALG_SHA256: 32})
+    (tmp_path / "boot.log").write_bytes(log)
+    (tmp_path / "s.bin").write_bytes(SECRET)
+    stf, k, p = tmp_path / "st", tmp_path / "k", tmp_path / "p"
+    run_cli("vtpm", "manufacture", "-o", str(stf), "--key-out", str(k), "--secret-file", str(tmp_path / "s.bin"),
+            "--tcg-log", str(tmp_path / "boot.log"), "--protector-out", str(p), check=True)
+
+    def boot(events):
+        def prepare(tcti):
+            esys = open_tpm(tcti)
+            try:
+                for pcr, d in events:
+                    ha = t.TPMT_HA(hashAlg=t.TPM2_ALG.SHA256)
+                    ha.digest.sha256 = d
+                    esys.pcr_extend(getattr(t.ESYS_TR, f"PCR{pcr}"), t.TPML_DIGEST_VALUES([ha]))
+            finally:
+                esys.close()
+        return prepare
+
+    state, key, prot = stf.read_bytes(), k.read_bytes(), p.read_bytes()
+    assert unseal_in_vtpm(state, key, prot, prepare=boot([(7, BOOT_EVENT), (11, ev11)])) == SECRET
+    with pytest.raises(PolicyError):
+        unseal_in_vtpm(state, key, prot, prepare=boot([(7, BOOT_EVENT)]))
