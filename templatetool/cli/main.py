@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "pdk_cmd",
     "hgs_cmd",
     "pipeline_cmd",
+    "vtpm_state_cmd",
 ]
 
 INTERNAL_ERROR = 70
