@@ -21,6 +21,7 @@ COMMANDS = [
     ("decrypt", "--clear-key", "-o", "{out}"),
     ("bitlocker", "info"),
     ("vsc", "verify"),
+    ("vhdx", "convert", "{out}"),  # DST after SRC: see the argument order below
 ]
 
 
@@ -41,7 +42,11 @@ def test_tiny_file_is_a_format_error_everywhere(tiny, cmd, suffix):
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     out = folder / "out.img"
     args = [a.format(out=out) for a in cmd]
-    cp = run_cli(*args, str(path))
+    if cmd[:2] == ("vhdx", "convert"):
+        args = ["vhdx", "convert", str(path), str(out)]
+    else:
+        args.append(str(path))
+    cp = run_cli(*args)
     lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
     assert cp.returncode == 3, (cp.returncode, cp.stdout, cp.stderr)
     assert "Traceback" not in cp.stderr
