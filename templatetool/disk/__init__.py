@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..blockdev import BlockDevice, RawFile, View
+from ..blockdev import BlockDevice, RawFile, View, require_disk_bytes
 from ..errors import NotFoundError, ResourceError, UsageError
 from .fs import sniff_filesystem
 from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable,
@@ -40,12 +40,21 @@ def disk_format(path: str | os.PathLike[str]) -> str:
 
 
 def open_disk(path: str | os.PathLike[str], writable: bool = False) -> BlockDevice:
-    """Open a raw image or a VHDX (detected by signature) as a BlockDevice."""
+    """Open a raw image or a VHDX (detected by signature) as a BlockDevice.
+
+    Raises FormatError for a file too small to be a disk (empty, or under one sector).
+    """
     if disk_format(path) == "vhdx":
         from ..vhdx import open_vhdx
 
         return open_vhdx(path, writable=writable)
-    return RawFile(path, writable=writable)
+    dev = RawFile(path, writable=writable)
+    try:
+        require_disk_bytes(dev.size, dev.name)
+    except BaseException:
+        dev.close()
+        raise
+    return dev
 
 
 def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | None = None,

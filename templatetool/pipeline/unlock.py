@@ -219,4 +219,15 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
     finally:
         if "disk" in state:
             state["disk"].close()
+    _explain_skips(report)
     return report
+
+
+def _explain_skips(report: UnlockReport) -> None:
+    """Give every skipped step its reason: after a failed step, or the dry run's decrypt."""
+    failed: str | None = None
+    for s in report.steps:
+        if s.status == "failed" and failed is None:
+            failed = s.name
+        elif s.status == "skipped" and not s.detail:
+            s.detail = f"not run: {failed} failed" if failed else "dry run: no decrypted disk is written"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_output
-from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
+from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero, require_disk_bytes
 from ..errors import UsageError
 from ..progress import progress as progress_bar
 from .disk import PathLike, VhdxDisk, open_vhdx
@@ -27,7 +27,13 @@ def open_image(path: PathLike, writable: bool = False,
         raise NotFoundError("no such disk image", str(path))
     if Path(path).is_dir():
         raise UsageError("expected a disk image, got a folder", str(path))
-    return RawFile(path, writable=writable)
+    dev = RawFile(path, writable=writable)
+    try:
+        require_disk_bytes(dev.size, dev.name)  # empty or sub-sector: malformed, as in open_disk
+    except BaseException:
+        dev.close()
+        raise
+    return dev
 
 
 _BUF = 4 * CHUNK
