@@ -13,12 +13,45 @@ from ..secrets import read_secret, write_secret_file
 from .common import emit, json_option
 
 
-def _pcr_values(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str) -> dict[int, bytes]:
-    from ..tpm.algs import parse_pcr_list
+def parse_pcr_list(text: str) -> tuple[int, ...]:
+    """Parse a ``--pcrs`` value ("7,11" or "0-4,7") into sorted PCR indices, each 0..23.
+
+    The one PCR-list parser of every command (shield, encrypt, tpm ...): bad input is a
+    :class:`~templatetool.errors.UsageError` (exit 2) naming the value, never a KeyError later.
+    """
+    from ..tpm.algs import parse_pcr_list as _parse
+
+    return tuple(_parse(text))
+
+
+class PcrListType(click.ParamType):
+    """click type for ``--pcrs``: converts with :func:`parse_pcr_list` at the option."""
+
+    name = "PCRS"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_pcr_list(str(value))
+        except UsageError as e:
+            # our error path (one line, the --json error document), naming the option
+            opt = param.opts[0] if param is not None and param.opts else "--pcrs"
+            raise UsageError(f"{opt} {value}: {e.what}", e.where, e.hint) from None
+
+
+#: ``--pcrs`` values: a tuple of PCR indices 0..23.
+PCR_LIST = PcrListType()
+#: ``--bank`` / ``--pcr-bank`` values: the PCR banks the offline sealing supports.
+BANK = click.Choice(["sha1", "sha256", "sha384", "sha512"], case_sensitive=False)
+
+
+def _pcr_values(pcrs: str | tuple[int, ...] | None, pcr_values: str | None, tcg_log: str | None,
+                bank: str) -> dict[int, bytes]:
     from ..tpm.policy import parse_pcr_values
     from ..tpm.protector import resolve_pcr_values
 
-    sel = parse_pcr_list(pcrs) if pcrs else None
+    sel = (parse_pcr_list(pcrs) if isinstance(pcrs, str) else tuple(pcrs)) if pcrs else None
     if pcr_values and tcg_log:
         raise UsageError("--pcr-values and --tcg-log are exclusive")
     if not pcr_values and not tcg_log:
@@ -47,8 +80,8 @@ def _pin(pin_env: str | None, ask: bool) -> str | None:
     return None
 
 
-bank_option = click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
-pcrs_option = click.option("--pcrs", help="PCR indices, e.g. 7,11.")
+bank_option = click.option("--bank", type=BANK, default="sha256", show_default=True, help="PCR bank.")
+pcrs_option = click.option("--pcrs", type=PCR_LIST, help="PCR indices 0-23, e.g. 7,11 or 0-4,7.")
 values_option = click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
 log_option = click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
 
@@ -93,7 +126,7 @@ def pcrs_cmd(log: str, all_pcrs: bool, bank: str | None, as_json: bool) -> None:
 @bank_option
 @click.option("--pin", "with_pin", is_flag=True, help="Add PolicyAuthValue (a PIN).")
 @json_option
-def policy_cmd(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str, with_pin: bool,
+def policy_cmd(pcrs: tuple[int, ...] | None, pcr_values: str | None, tcg_log: str | None, bank: str, with_pin: bool,
                as_json: bool) -> None:
     """Print the policy digest (PolicyPCR [+ PolicyAuthValue]) for the given PCR values."""
     from ..tpm.policy import compute_policy
@@ -128,7 +161,7 @@ def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
 @click.option("--tpm2-tools", "tools_prefix", type=click.Path(dir_okay=False),
               help="Also write PREFIX.pub/.priv/.seed for tpm2_import.")
 @json_option
-def seal_cmd(parent: str, parent_template: str | None, pcrs: str | None, pcr_values: str | None,
+def seal_cmd(parent: str, parent_template: str | None, pcrs: tuple[int, ...] | None, pcr_values: str | None,
              tcg_log: str | None, bank: str, pin_env: str | None, secret_file: str, output: str,
              tools_prefix: str | None, as_json: bool) -> None:
     """Seal a secret offline to a (v)TPM parent key under a PCR policy."""
@@ -237,10 +270,11 @@ def tpm_seal_options(f):  # type: ignore[no-untyped-def]
         click.option("--tpm-parent", type=click.Path(dir_okay=False),
                      help="Add a vTPM protector sealed to this parent (TPM2B_PUBLIC, PEM public key, EK/SRK cert)."),
         click.option("--tpm-parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/cert."),
-        click.option("--pcrs", "tpm_pcrs", default="7,11", show_default=True, help="PCRs of the vTPM policy."),
+        click.option("--pcrs", "tpm_pcrs", type=PCR_LIST, default="7,11", show_default=True,
+                     help="PCRs (0-23) of the vTPM policy."),
         click.option("--pcr-values", "tpm_pcr_values", help="7=HEX,11=HEX or a file."),
         click.option("--tcg-log", "tpm_tcg_log", type=click.Path(dir_okay=False), help="Reference TCG event log."),
-        click.option("--pcr-bank", "tpm_bank", default="sha256", show_default=True, help="PCR bank."),
+        click.option("--pcr-bank", "tpm_bank", type=BANK, default="sha256", show_default=True, help="PCR bank."),
         click.option("--tpm-pin-env", help="Environment variable holding a TPM PIN."),
     ]
     for o in reversed(opts):
@@ -248,7 +282,8 @@ def tpm_seal_options(f):  # type: ignore[no-untyped-def]
     return f
 
 
-def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None, tpm_pcrs: str = "7,11",
+def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None,
+                        tpm_pcrs: str | tuple[int, ...] = "7,11",
                         tpm_pcr_values: str | None = None, tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
                         tpm_pin_env: str | None = None):  # type: ignore[no-untyped-def]
     """The BitLocker sealer for :func:`tpm_seal_options` values, or None without --tpm-parent."""

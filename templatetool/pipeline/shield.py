@@ -149,6 +149,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         raise UsageError("the output must be a new file, not the template", str(out))
     if not owner.has_private_keys:
         raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+    _refuse_encrypted(template)
 
     # The recovery password's 2^20-round key stretch starts now, in a forked child, so that it
     # overlaps the single-threaded checks below instead of competing with the disk pass.
@@ -265,6 +266,17 @@ def _vtpm_sealer(tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str
         parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
     values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
     return vtpm_key, parent, values, make_sealer(parent, list(values), values, bank=bank)
+
+
+def _refuse_encrypted(template: Any) -> None:
+    """A template whose OS volume is already BitLocker (a shielded VM disk) is refused up front."""
+    from ..disk import open_disk, select_volume, sniff_filesystem
+
+    with open_disk(template) as dev:
+        view, _part = select_volume(dev, None)
+        if sniff_filesystem(view) == "bitlocker":
+            raise UsageError(f"{Path(template).name} is already BitLocker-encrypted (a shielded VM disk?)",
+                             str(template), "shield the protected template disk the VM was made from")
 
 
 def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
