@@ -90,7 +90,8 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
                 with open(sidecar, "rb") as g:
                     return g.read()
             if size >= 1 << 20 and _looks_like_disk(p):
-                raise _not_protected(p, f"no volume signature catalog: {os.path.basename(sidecar)} is absent")
+                e = _not_protected(p, f"no volume signature catalog: {os.path.basename(sidecar)} is absent")
+                raise FormatError(e.what, e.where, e.hint)  # exit 3, as before: not a catalog
             raise FormatError("not a .vsc file (DER CMS) nor a template disk with a catalog", p,
                               "give a .vsc file or a protected template disk")
         with open(p, "rb") as f:

@@ -58,11 +58,14 @@ def register(cli: click.Group) -> None:
     @click.option("--bank", type=BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True)
     @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Write the JSON report here too.")
+    @click.option("--subformat", type=click.Choice(["fixed", "dynamic"]), default=None,
+                  help="VHDX subformat of the VM disk (default: the template's).")
     @json_option
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
                    output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: tuple[int, ...],
                    pcr_values: str | None,
-                   tcg_log: str | None, bank: str, method: str, report_out: str | None, as_json: bool) -> None:
+                   tcg_log: str | None, bank: str, method: str, report_out: str | None, subformat: str | None,
+                   as_json: bool) -> None:
         """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
         from ..atomic import write_bytes_atomic
         from ..guardian.model import load_guardian
@@ -76,7 +79,7 @@ def register(cli: click.Group) -> None:
         known = [load_guardian(g, allow_untrusted_root=True) for g in guardians]
         rep = shield(template, pdk, output or template, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=pcrs,
                      pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known,
-                     in_place=in_place)
+                     in_place=in_place, subformat=subformat)
         if report_out:
             write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
         emit(rep, as_json, lambda r: "\n".join([

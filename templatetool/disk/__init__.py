@@ -20,7 +20,7 @@ VHDX_SIGNATURE = b"vhdxfile"
 __all__ = [
     "open_disk", "create_disk", "disk_format", "read_partition_table", "find_os_volume",
     "sniff_filesystem", "Partition", "PartitionTable", "BASIC_DATA", "EFI_SYSTEM", "MS_RESERVED",
-    "select_volume", "locate_volume", "View",
+    "select_volume", "locate_volume", "View", "output_subformat", "SUBFORMATS",
 ]
 
 
@@ -69,6 +69,22 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
             kw["physical_sector_size"] = pss
         return create_vhdx(path, size, **kw)
     return RawFile.create(path, size, sector_size=lss)
+
+
+SUBFORMATS = ("fixed", "dynamic")
+
+
+def output_subformat(src: BlockDevice, requested: str | None, out_format: str) -> str:
+    """The VHDX subformat of a disk written from ``src``: ``requested`` (fixed|dynamic), else the
+    source's own (a fixed VHDX stays fixed), else dynamic (raw or differencing sources)."""
+    if requested is not None:
+        if requested not in SUBFORMATS:
+            raise UsageError(f"unknown VHDX subformat {requested!r}", hint="use fixed or dynamic")
+        if out_format != "vhdx":
+            raise UsageError(f"--subformat {requested} applies to a .vhdx output only")
+        return requested
+    own = getattr(src, "subformat", None)
+    return own if own in SUBFORMATS else "dynamic"
 
 
 def locate_volume(dev: BlockDevice, partition: int | None = None,
