@@ -12,7 +12,7 @@ from pathlib import Path
 from ..blockdev import BlockDevice, RawFile, View
 from ..errors import NotFoundError, ResourceError, UsageError
 from .fs import sniff_filesystem
-from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable,
+from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable, gpt_sector_size,
                          read_partition_table)
 
 VHDX_SIGNATURE = b"vhdxfile"
@@ -20,7 +20,7 @@ VHDX_SIGNATURE = b"vhdxfile"
 __all__ = [
     "open_disk", "create_disk", "disk_format", "read_partition_table", "find_os_volume",
     "sniff_filesystem", "Partition", "PartitionTable", "BASIC_DATA", "EFI_SYSTEM", "MS_RESERVED",
-    "select_volume", "locate_volume", "View", "output_subformat", "SUBFORMATS",
+    "select_volume", "locate_volume", "View", "open_raw", "gpt_sector_size", "output_subformat", "SUBFORMATS",
 ]
 
 
@@ -45,7 +45,17 @@ def open_disk(path: str | os.PathLike[str], writable: bool = False) -> BlockDevi
         from ..vhdx import open_vhdx
 
         return open_vhdx(path, writable=writable)
-    return RawFile(path, writable=writable)
+    return open_raw(path, writable)
+
+
+def open_raw(path: str | os.PathLike[str], writable: bool = False, sector_size: int | None = None) -> RawFile:
+    """Open a raw disk image; its logical sector size is ``sector_size``, else detected from the
+    GPT (primary header at byte 512 or 4096), else 512."""
+    dev = RawFile(path, writable=writable)
+    ss = sector_size or gpt_sector_size(dev.read, dev.size)
+    if ss:
+        dev.sector_size = ss
+    return dev
 
 
 def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | None = None,
