@@ -53,8 +53,10 @@ def test_tutorial_runs_as_written(name: str, tmp_path: Path) -> None:
     shim = bindir / "templatetool"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m templatetool.cli.main "$@"\n')
     shim.chmod(0o755)
+    blocks = sh_blocks(name)
+    assert blocks, f"{name} has no sh block to run"
     parts = ["set -euo pipefail"]
-    for i, block in enumerate(sh_blocks(name)):
+    for i, block in enumerate(blocks):
         parts.append(f"echo '@@ block {i + 1}' >&2")
         parts.append(block)
     parts.append("echo '@@ done' >&2")
