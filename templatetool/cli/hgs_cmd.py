@@ -13,7 +13,7 @@ from ..errors import FormatError, NotFoundError, UsageError
 from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
 from ..hgs.host import pem_public
 from .common import emit, json_option
-from .tpm_cmd import BANK, PCR_LIST
+from .tpm_cmd import PCR_BANK, PCR_LIST
 
 
 #: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
@@ -85,14 +85,14 @@ def register(cli: click.Group) -> None:
     @click.option("--tcg-log", required=True, type=click.Path(dir_okay=False), help="Reference TCG event log.")
     @click.option("--pcrs", type=PCR_LIST, default="0,1,2,3,4,5,7,11", show_default=True,
                   help="PCRs (0-23) of the baseline.")
-    @click.option("--bank", type=BANK, default="sha256", show_default=True, help="PCR bank.")
+    @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
     @json_option
-    def baseline(guardian_dir: str, tcg_log: str, pcrs: tuple[int, ...], bank: str, ci: tuple[str, ...],
+    def baseline(guardian_dir: str, tcg_log: str, pcrs: list[int], bank: str, ci: tuple[str, ...],
                  as_json: bool) -> None:
         """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
         pol = AttestationPolicy.load(guardian_dir)
-        pol.set_baseline_from_log(_read(tcg_log), pcrs, bank)
+        pol.set_baseline_from_log(_read(tcg_log), tuple(pcrs), bank)
         for c in ci:
             pol.allow_ci_policy(c)
         pol.save(guardian_dir)

@@ -10,7 +10,7 @@ import click
 
 from ..errors import NotFoundError
 from .common import emit, json_option
-from .tpm_cmd import BANK, PCR_LIST
+from .tpm_cmd import PCR_BANK, PCR_LIST
 
 
 def _pcr_values(text: str | None) -> dict[int, bytes] | None:
@@ -55,14 +55,14 @@ def register(cli: click.Group) -> None:
                   help="PCRs (0-23) the vTPM protector is sealed to, e.g. 7,11.")
     @click.option("--pcr-values", default=None, help="N=HEX[,N=HEX...] or a file; or use --tcg-log.")
     @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True), help="Reference TCG log to replay.")
-    @click.option("--bank", type=BANK, default="sha256", show_default=True, help="PCR bank.")
+    @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True)
     @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Write the JSON report here too.")
     @click.option("--subformat", type=click.Choice(["fixed", "dynamic"]), default=None,
                   help="VHDX subformat of the VM disk (default: the template's).")
     @json_option
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
-                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: tuple[int, ...],
+                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: list[int],
                    pcr_values: str | None,
                    tcg_log: str | None, bank: str, method: str, report_out: str | None, subformat: str | None,
                    as_json: bool) -> None:

@@ -30,22 +30,54 @@ from ..bitlocker.volume import (
 )
 from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
 from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
-from ..errors import UnsupportedError, UsageError
+from ..errors import CredentialError, UnsupportedError, UsageError
 from ..progress import progress
 
 
 @dataclass
 class Credentials:
-    """One way to unlock a BitLocker volume (exactly one field set)."""
+    """One way to unlock a BitLocker volume (exactly one of the credential fields set).
+
+    ``tpm``: the TCTI of a (v)TPM that unseals the volume's vTPM protector (``tpm_pin`` is its
+    PIN, for a TPM+PIN protector); ``vmk``: the 32-byte VMK itself.
+    """
 
     recovery_password: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     bek: bytes | None = field(default=None, repr=False)
     clear: bool = False
+    vmk: bytes | None = field(default=None, repr=False)
+    tpm: str | None = None
+    tpm_pin: str | None = field(default=None, repr=False)
 
     def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`FveVolume.unlock` (a TPM credential is resolved first by
+        :func:`unlock_with`)."""
         return {"recovery_password": self.recovery_password, "password": self.password, "bek": self.bek,
-                "clear": self.clear}
+                "vmk": self.vmk, "clear": self.clear}
+
+
+def tpm_vmk(fve: Any, tcti: str, *, pin: str | None = None, parent_handle: int | None = None) -> bytes:
+    """The VMK of a BitLocker volume, unsealed from its vTPM protector(s) through the (v)TPM at
+    ``tcti``. The TPM enforces the PCR policy (PolicyError, exit 6) and the PIN (CredentialError,
+    counted by the TPM's dictionary-attack protection)."""
+    from ..bitlocker.keys import parse_key_entry
+    from ..tpm.protector import unseal_first_with_tpm
+
+    payloads = fve.tpm_blobs()
+    if not payloads:
+        raise CredentialError("the volume has no TPM protector", fve.name, "unlock it with another credential")
+    entry = unseal_first_with_tpm(payloads, tcti, pin=pin, parent_handle=parent_handle)
+    _, vmk = parse_key_entry(entry, "VMK unsealed by the TPM", expect_len=32)
+    return vmk
+
+
+def unlock_with(fve: Any, credentials: Credentials) -> Any:
+    """Unlock ``fve`` with ``credentials`` (through the TPM for a ``tpm`` credential); return the
+    decrypted view."""
+    if credentials.tpm:
+        return fve.unlock(vmk=tpm_vmk(fve, credentials.tpm, pin=credentials.tpm_pin))
+    return fve.unlock(**credentials.kwargs())
 
 
 def _out_format(path: str | os.PathLike[str]) -> str:
@@ -245,7 +277,7 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
         vol_off, vol_size, index = _pick(src, partition, ("bitlocker",))
         view = View(src, vol_off, vol_size, name=f"{src.name} volume@{vol_off}")
         fve = open_fve(view)
-        plain = fve.unlock(**credentials.kwargs())
+        plain = unlock_with(fve, credentials)
         with atomic_output(out_path) as tmp_out:
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
             try:

@@ -194,14 +194,8 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
     def do_decrypt() -> str:
         from .encrypt import Credentials, decrypt_disk
 
-        vmk = state["vmk"]
-
-        class _VmkCredentials(Credentials):
-            def kwargs(self) -> dict[str, Any]:
-                return {"vmk": vmk}
-
         part = state["part"]
-        decrypt_disk(vm_disk, output, part.index if part else None, _VmkCredentials())
+        decrypt_disk(vm_disk, output, part.index if part else None, Credentials(vmk=state["vmk"]))
         return f"decrypted disk written to {output}"
 
     def do_verify() -> str:
