@@ -76,6 +76,12 @@ class FreeMap:
 def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
     from dissect.ntfs import NTFS
 
+    from ..disk.fs import FS_BITLOCKER, sniff_filesystem
+
+    fs = sniff_filesystem(view)
+    if fs == FS_BITLOCKER:
+        raise FormatError("the volume is BitLocker-encrypted, not plain NTFS (a shielded VM disk?)", view.name,
+                          "use the protected template (or decrypt the disk first)")
     try:
         return NTFS(DeviceIO(view))
     except Exception as e:  # noqa: BLE001 - dissect raises several untyped errors

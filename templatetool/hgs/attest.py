@@ -104,8 +104,10 @@ class AttestationPolicy:
 
     def set_baseline_from_log(self, tcg_log: bytes, pcrs: tuple[int, ...] = DEFAULT_PCRS, bank: str = "sha256") -> None:
         """Set the PCR baseline to the values a reference TCG log implies."""
+        from ..tpm.algs import check_pcrs
         from ..tpm.eventlog import replay_log
 
+        pcrs = tuple(check_pcrs(pcrs))  # 0..23: a UsageError, never a KeyError below
         rep = replay_log(tcg_log)
         if bank not in rep.values_by_bank:
             raise PolicyError(f"reference log has no {bank} bank", hint=f"banks: {', '.join(rep.values_by_bank)}")

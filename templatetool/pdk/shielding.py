@@ -327,7 +327,7 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         if e.encryption_signature is not None:
             sigalg.verify_bytes(e.signing_certificate.public_key(), *e.encryption_signature,
                                 _der(e.encryption_certificate), "encryption certificate signature", w)
-    owner_trust = "not pinned (pass --owner or --trust to pin the owner)"
+    owner_trust = "not pinned (pin the owner with `pdk verify --owner` or `pdk verify --trust`)"
     if owner_certificate is not None:
         if _der(owner_certificate) != _der(owner.signing_certificate):
             raise IntegrityError("the PDK is signed by another owner", where, "check which owner made it")

@@ -231,7 +231,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
                  description: str | None = None, *, sparse: bool = True,
                  tap: Any = None, tap_zeros: Any = None, worker_tap: Any = None, on_tap: Any = None,
-                 on_result: Any = None, workers: int | None = None, free_map: Any = None) -> dict[str, Any]:
+                 on_result: Any = None, workers: int | None = None, free_map: Any = None,
+                 subformat: str = "dynamic") -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -245,6 +246,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     sparse decision when the volume is encrypted straight from a reserved template).
     ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
     place (e.g. to save key files first); if it raises, no output appears.
+    ``subformat``: fixed or dynamic, for a VHDX output.
 
     Returns a dict with the partition index, volume offset/size, whether the regions were
     already reserved, ``skipped_bytes`` and ``result`` (the :class:`EncryptResult`).
@@ -289,7 +291,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 if tap_zeros is not None:
                     tap_zeros(off, n)
 
-            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
+            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path), subformat=subformat)
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(

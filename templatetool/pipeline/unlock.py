@@ -50,8 +50,18 @@ class UnlockReport:
                 return s.exit_code or 1
         return 0
 
+    @property
+    def summary(self) -> str:
+        """One line saying what happened: a real unlock, a dry run's verdict, or the refusal."""
+        if not self.ok:
+            return "WILL NOT UNLOCK"
+        if self.output is not None:
+            return f"unlocked and decrypted to {self.output}"
+        return "the guardian would unlock this VM"
+
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "output": self.output, "steps": [s.to_json() for s in self.steps]}
+        return {"ok": self.ok, "output": self.output, "summary": self.summary,
+                "steps": [s.to_json() for s in self.steps]}
 
 
 #: Key protectors and evidence are small documents; refuse absurd sizes before reading them.
