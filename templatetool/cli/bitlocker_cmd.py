@@ -20,6 +20,7 @@ METHODS = click.Choice(["xts-aes-128", "xts-aes-256"], case_sensitive=False)
 
 def _info_text(r: dict[str, Any]) -> str:
     lines = [f"{r['disk']}" + (f" partition {r['partition']}" if r.get("partition") else " (bare volume)")]
+    lines.append(f"  layout         {r['layout']}" + (" (BitLocker To Go)" if r["layout"] == "to-go" else ""))
     lines.append(f"  method         {r['method']} ({r['method_code']})")
     lines.append(f"  sector size    {r['sector_size']}")
     lines.append(f"  volume GUID    {r['volume_guid']}")
@@ -287,11 +288,17 @@ def register(cli: click.Group) -> None:
     @click.option("--tpm", "tcti", metavar="TCTI",
                   help="Unseal the vTPM protector through this (v)TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
     @click.option("--pin-env", metavar="VAR", help="With --tpm: the TPM PIN is in $VAR.")
+    @click.option("-v", "--verbose", is_flag=True, help="Also say whether free space was skipped, and why not.")
     @json_option
     def decrypt(disk: str, out: str, partition: int | None, recovery_password_file: str | None,
                 recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
-                clear_key: bool, tcti: str | None, pin_env: str | None, as_json: bool) -> None:
-        """Write a copy of DISK with its BitLocker volume decrypted."""
+                clear_key: bool, tcti: str | None, pin_env: str | None, verbose: bool, as_json: bool) -> None:
+        """Write a copy of DISK with its BitLocker volume decrypted.
+
+        Works whatever the volume holds: free NTFS space left unallocated by a sparse encryption
+        is skipped when the inner NTFS parses cleanly; anything else is decrypted whole
+        (`--json` field `free_space`, and `-v`, say which).
+        """
         from ..pipeline.encrypt import Credentials, decrypt_disk
 
         given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key,
@@ -322,8 +329,19 @@ def register(cli: click.Group) -> None:
 
         refuse_if_converting(disk, partition)
         r = decrypt_disk(disk, out, partition, cred)
-        emit(r, as_json, lambda d: f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
-             + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+
+        def text(d: dict[str, Any]) -> str:
+            line = (f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
+                    + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+            if verbose:
+                fsp = d["free_space"]
+                if fsp["used"]:
+                    line += f"\n  free space skipped: {human_size(fsp['skipped_bytes'])} ({fsp['reason']})"
+                else:
+                    line += f"\n  free space not skipped: {fsp['reason']}"
+            return line
+
+        emit(r, as_json, text)
 
     @cli.group("bitlocker")
     def bitlocker() -> None:
@@ -342,7 +360,7 @@ def register(cli: click.Group) -> None:
 
         dev = open_disk(disk)
         try:
-            off, size, index = _pick(dev, partition, ("bitlocker",))
+            off, size, index = _pick(dev, partition, ("bitlocker", "bitlocker-to-go"))
             r = open_fve(View(dev, off, size, name=f"{disk} volume@{off}")).info()
         finally:
             dev.close()

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "hgs_cmd",
     "hgs_serve_cmd",
     "pipeline_cmd",
+    "vtpm_state_cmd",
 ]
 
 INTERNAL_ERROR = 70

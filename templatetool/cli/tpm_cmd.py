@@ -56,6 +56,14 @@ def _opt_name(param: Any) -> str:
 #: Shared PCR option types: ``encrypt``, ``shield`` and the ``tpm`` commands validate with these.
 PCR_LIST = PcrListType()
 PCR_BANK = PcrBankType()
+#: The name other commands look for (``--bank`` / ``--pcr-bank``).
+BANK = PCR_BANK
+
+
+def parse_pcr_list(text: str) -> tuple[int, ...]:
+    """Parse a PCR list ("7,11", "0-4,7") into sorted indices 0..23: the one parser every
+    command shares (:data:`PCR_LIST` at the option). Bad input is a UsageError (exit 2)."""
+    return tuple(PCR_LIST.convert(text, None, None))
 
 
 def _pcr_values(pcrs: str | Sequence[int] | None, pcr_values: str | None, tcg_log: str | None,

@@ -187,20 +187,6 @@ def _check_signing_ku(c: x509.Certificate) -> None:
                           c.subject.rfc4514_string(), "use a certificate made for signing")
 
 
-def _is_ca(c: x509.Certificate) -> bool:
-    try:
-        bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not bc.ca:
-        return False
-    try:
-        ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
-        return ku.key_cert_sign
-    except x509.ExtensionNotFound:
-        return True
-
-
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     if child.issuer != parent.subject:
         return False
@@ -213,32 +199,15 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 def build_chain(leaf: x509.Certificate, pool: list[x509.Certificate], trust: list[x509.Certificate],
                 at: _dt.datetime, max_depth: int = 8) -> x509.Certificate:
-    """Find a path leaf → … → anchor; return the anchor. Raises PolicyError when none exists."""
-    fp = lambda c: c.fingerprint(hashes.SHA256())  # noqa: E731
-    anchors = {fp(t): t for t in trust}
-    if fp(leaf) in anchors:
-        return leaf  # the signer certificate itself is trusted (pinned)
-    cur = leaf
-    seen = {fp(leaf)}
-    for _ in range(max_depth):
-        for t in trust:
-            if _issued_by(cur, t):
-                _check_validity(t, at, "trust anchor")
-                return t
-        nxt = None
-        for c in pool:
-            if fp(c) in seen:
-                continue
-            if _issued_by(cur, c) and _is_ca(c):
-                nxt = c
-                break
-        if nxt is None:
-            break
-        _check_validity(nxt, at, "intermediate")
-        seen.add(fp(nxt))
-        cur = nxt
-    raise PolicyError("the signer certificate does not chain to a trusted certificate",
-                      leaf.subject.rfc4514_string(), "pass the issuing CA or the signer certificate with --trust")
+    """Validate the path leaf → … → anchor (:func:`templatetool.pki.verify_chain`); return the anchor.
+
+    The signer certificate may itself be a trust anchor (pinned). Raises PolicyError when no
+    valid path exists (non-CA issuer, missing keyCertSign, expired CA, path length ...).
+    """
+    from ..pki import verify_chain
+
+    return verify_chain(leaf, pool, trust, at=at, where="CMS signer", what="signer certificate",
+                        max_depth=max_depth).anchor
 
 
 def _check_embedded_certificates(certs: list[x509.Certificate], where: str) -> None:

@@ -187,7 +187,8 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     if signed is None or signed.tag != _K + "Metadata":
         raise IntegrityError("the XML signature does not cover the Metadata document", where)
     check_validity(signer_cert, f"{where}: metadata signer", at, allow_expired)
-    check_chain(signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root)
+    check_chain(signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root,
+                at=at, allow_expired=allow_expired)
     gi = _child(signed, "GuardianInformation", where)
     ver = _child(gi, "Version", where).text
     if (ver or "").strip() != METADATA_VERSION or signed.get("Version") != METADATA_VERSION:
@@ -206,5 +207,5 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     check_usage(enc, "encryption", where)
     for c in (sig, enc):
         check_validity(c, where, at, allow_expired)
-    check_chain(sig, where, others, trust, allow_untrusted_root)
+    check_chain(sig, where, others, trust, allow_untrusted_root, at=at, allow_expired=allow_expired)
     return Guardian(name, sig, enc, other_signing_certificates=others, source="imported", encryption_signature=ecs)

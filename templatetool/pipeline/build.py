@@ -198,7 +198,8 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         vsc_out = r.p("template", "vsc") or template_out.with_suffix(".vsc")
         write_bytes_atomic(vsc_out, read_vsc_bytes(template_out))
         written.append(vsc_out)
-        report["steps"]["protect"] = {**pr.to_json(), "seconds": round(time.monotonic() - t, 3)}
+        # the catalog written by this step is vsc_out (protect's own "vsc" is only a raw disk's sidecar)
+        report["steps"]["protect"] = {**pr.to_json(), "vsc": str(vsc_out), "seconds": round(time.monotonic() - t, 3)}
         report["catalog_root"] = pr.document.root.hex()
         report["artifacts"]["template"] = str(template_out)
         report["artifacts"]["vsc"] = str(vsc_out)
