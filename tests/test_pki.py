@@ -330,20 +330,14 @@ def test_forged_pdk_owner_refused(pki, tmp_path: Path, monkeypatch: pytest.Monke
 def test_cms_signer_path_length_enforced(pki) -> None:
     """Regression: cms.signed.build_chain ignored pathLenConstraint."""
     from templatetool.cms.signed import sign_data, verify_signed_data
-    from templatetool.signers.base import Signer
+    from templatetool.signers.base import KeySigner
 
     i1k, i2k, lk = _ec(), _ec(), _ec()
     i1 = _cert("CMS CA 1", i1k, pki["root"], pki["rk"], ca=True, path_length=0)
     i2 = _cert("CMS CA 2", i2k, i1, i1k, ca=True)
     leaf = _cert("CMS Signer", lk, i2, i2k)
 
-    class _S(Signer):
-        certificate, chain = leaf, [i2, i1]
-
-        def private_key(self):
-            return lk
-
-    der = sign_data(b"catalog", _S())
+    der = sign_data(b"catalog", KeySigner(lk, leaf, [i2, i1]))
     with pytest.raises(PolicyError, match="path length exceeded: CN=CMS CA 1"):
         verify_signed_data(der, trust=[pki["root"]])
     assert verify_signed_data(der, trust=[i2]).trust_anchor == i2  # trusting the lower CA is fine

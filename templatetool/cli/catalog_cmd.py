@@ -39,7 +39,7 @@ def protect_cmd(golden: str, output: str | None, name: str | None, version: str 
     """Make a signed template disk from GOLDEN (a new disk; GOLDEN is never modified)."""
     from ..errors import UsageError
     from ..pipeline.protect import preflight, protect
-    from ..signers import load_signer
+    from .signer_opts import open_signer
     from .common import parse_size
 
     if check:
@@ -57,7 +57,7 @@ def protect_cmd(golden: str, output: str | None, name: str | None, version: str 
     missing = [o for o, v in need if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}", hint="protect GOLDEN -o TEMPLATE.vhdx --name N --version A.B.C.D --signer SPEC")
-    s = load_signer(signer, password_env=password_env, pin_env=pin_env)  # type: ignore[arg-type]
+    s = open_signer(signer, password_env, pin_env)  # type: ignore[arg-type]
     res = protect(golden, output, name, version, s, block_size=parse_size(block_size), pss=pss,  # type: ignore[arg-type]
                   overwrite=overwrite, in_place=in_place, subformat=subformat)
     emit(res.to_json(), as_json, lambda r: (

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..errors import FormatError, IntegrityError, PolicyError, TemplateToolError, UnsupportedError, UsageError
-from ..signers.base import Signer
+from ..signers.base import KeyAlgorithm, Signer
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
@@ -98,7 +98,9 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     """
     if not isinstance(content, (bytes, bytearray)):
         raise UsageError("content must be bytes")
-    key = signer.private_key()
+    if not isinstance(signer, Signer):
+        raise UsageError(f"{type(signer).__name__} is not a Signer",
+                         hint="give an object with certificate, chain, key_algorithm and sign_raw()")
     cert = signer.certificate
     hash_alg = _hash(digest)
     md = _digest(bytes(content), digest)
@@ -116,12 +118,13 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     to_sign = signed_attrs.dump()  # universal SET tag: what the signature covers (RFC 5652 §5.4)
 
     pub = cert.public_key()
-    if isinstance(pub, rsa.RSAPublicKey) != isinstance(key, rsa.RSAPrivateKey) or \
-            isinstance(pub, ec.EllipticCurvePublicKey) != isinstance(key, ec.EllipticCurvePrivateKey):
+    key_alg = signer.key_algorithm
+    if isinstance(pub, rsa.RSAPublicKey) != key_alg.is_rsa or \
+            isinstance(pub, ec.EllipticCurvePublicKey) != (key_alg == KeyAlgorithm.ECDSA):
         raise UsageError("the signer's key type does not match its certificate", signer.describe())
-    if isinstance(pub, rsa.RSAPublicKey) and isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(pub, rsa.RSAPublicKey):
         if pss:
-            pad: padding.AsymmetricPadding = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+            use = KeyAlgorithm.RSA_PSS
             sig_alg = algos.SignedDigestAlgorithm({
                 "algorithm": "rsassa_pss",
                 "parameters": algos.RSASSAPSSParams({
@@ -132,11 +135,11 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
                 }),
             })
         else:
-            pad = padding.PKCS1v15()
+            use = KeyAlgorithm.RSA_PKCS1
             sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
-        signature = key.sign(to_sign, pad, hash_alg)
-    elif isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(to_sign, ec.ECDSA(hash_alg))
+        signature = signer.sign_raw(to_sign, hash_alg, algorithm=use)
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        signature = signer.sign_raw(to_sign, hash_alg, algorithm=KeyAlgorithm.ECDSA)
         sig_alg = algos.SignedDigestAlgorithm({"algorithm": f"{digest}_ecdsa"})
     else:
         raise UnsupportedError(f"unsupported signer key {type(pub).__name__}", hint="use RSA or EC")

@@ -42,7 +42,7 @@ from ..guardian.model import (
     check_validity,
     describe_certificate,
 )
-from ..signers.base import Signer
+from ..signers.base import KeySigner
 from ..signers.certs import thumbprint
 from .document import (
     PDK_FORMAT,
@@ -60,19 +60,19 @@ from .document import (
 MAX_PDK_SIZE = 16 << 20
 
 
-class GuardianSigner(Signer):
-    """Adapts a guardian holding its signing key to the :class:`Signer` interface."""
+class GuardianSigner(KeySigner):
+    """A guardian holding its signing key, as a :class:`~templatetool.signers.base.Signer`."""
 
     def __init__(self, g: Guardian) -> None:
         if g.signing_key is None:
             raise CredentialError(f"guardian {g.name!r} has no private signing key here", g.path,
                                   "give the owner guardian folder that holds its keys")
         self._g = g
-        self.certificate = g.signing_certificate
-        self.chain = list(g.other_signing_certificates)
+        super().__init__(g.signing_key, g.signing_certificate, list(g.other_signing_certificates))
 
-    def private_key(self):
-        return self._g.signing_key
+    def describe(self) -> str:
+        """The guardian's signing certificate subject."""
+        return f"{self.certificate.subject.rfc4514_string()} (guardian {self._g.name})"
 
 
 @dataclass
