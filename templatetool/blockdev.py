@@ -17,6 +17,21 @@ from .errors import FormatError, ResourceError, UnsupportedError
 #: Chunk size for streaming passes (measured best for hashing/XTS on this machine class: 0.5-1 MiB).
 CHUNK = 1 << 20
 
+#: The smallest file that can be a disk image: one 512-byte sector (anything shorter is malformed).
+MIN_DISK_BYTES = 512
+
+
+def require_disk_bytes(size: int, name: str) -> None:
+    """Raise FormatError when ``size`` bytes cannot hold a disk image (empty or under one sector).
+
+    Every command that opens a disk (``open_disk``, ``vhdx check``) calls this, so an empty or
+    truncated-to-nothing file is refused the same way everywhere (exit 3).
+    """
+    if size < MIN_DISK_BYTES:
+        what = "empty file" if size == 0 else f"{size}-byte file"
+        raise FormatError(f"{what} is not a disk image (shorter than one {MIN_DISK_BYTES}-byte sector)",
+                          name, "give a VHDX or raw disk image")
+
 
 class BlockDevice(ABC):
     """A readable (optionally writable) linear address space of ``size`` bytes."""

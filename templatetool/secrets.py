@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from collections.abc import Callable
 
 from .errors import CredentialError, UsageError
 
@@ -32,3 +33,9 @@ def write_secret_file(path: str, data: bytes) -> None:
     from .atomic import write_bytes_atomic
 
     write_bytes_atomic(path, data, mode=0o600)
+
+
+def env_or_prompt(env_var: str | None, prompt: str) -> Callable[[], str]:
+    """A lazy secret source for front ends (CLI, build files): ``read_secret(env_var, prompt)``
+    is called only when a library object actually needs the secret."""
+    return lambda: read_secret(env_var, prompt)

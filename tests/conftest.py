@@ -15,7 +15,14 @@ FIXTURES = ROOT / "fixtures"
 GOLDEN = FIXTURES / "golden.vhdx"
 #: Windows-made BitLocker samples (AGPL test data) live beside the project, never inside it.
 SAMPLES = Path(os.environ.get("TEMPLATETOOL_SAMPLES", ROOT.parent / "shared" / "samples"))
-IN_CI = bool(os.environ.get("TEMPLATETOOL_CI"))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+#: In CI (TEMPLATETOOL_CI or CI set) a missing tool, module or samples folder fails instead of skipping.
+IN_CI = _env_flag("TEMPLATETOOL_CI") or _env_flag("CI")
 
 
 def require_tool(*names: str) -> None:
@@ -40,10 +47,13 @@ def require_module(name: str):
 
 
 def require_samples(sub: str = "bitlocker") -> Path:
-    """Path of a shared samples folder; skip with a message when absent (also in CI)."""
+    """Path of a shared samples folder; skip locally when absent, fail in CI (it always has them)."""
     p = SAMPLES / sub
     if not p.is_dir():
-        pytest.skip(f"samples folder {p} is absent (AGPL test data kept outside the repo)")
+        msg = f"samples folder {p} is absent (AGPL test data kept outside the repo, in ../shared/samples)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
     return p
 
 

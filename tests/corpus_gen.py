@@ -231,7 +231,7 @@ def make_artifacts(d: Path) -> Artifacts:
 
     cert = x509.load_pem_x509_certificate(f["signer.pem"].read_bytes())
     f["cert.der"].write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    assert cert.fingerprint(hashes.SHA256())
+    assert cert.fingerprint(hashes.SHA256()) == hashlib.sha256(f["cert.der"].read_bytes()).digest()
     return a
 
 

@@ -18,6 +18,8 @@ from templatetool.cli import policy
 from .conftest import GOLDEN, ROOT, run_cli
 
 ERROR_KEYS = {"kind", "exit_code", "message", "where", "hint"}
+#: Commands without --json: raw bytes on stdout, a long-running server.
+NO_JSON = {"vhdx metadata get", "hgs serve"}
 
 
 def _commands() -> list[tuple[str, click.Command]]:
@@ -40,7 +42,7 @@ def test_every_option_has_help_and_env_options_say_var() -> None:
 
 
 def test_every_command_has_json() -> None:
-    missing = [n for n, c in _commands() if n != "vhdx metadata get" and not any(p.name == "as_json" for p in c.params)]
+    missing = [n for n, c in _commands() if n not in NO_JSON and not any(p.name == "as_json" for p in c.params)]
     assert not missing
 
 
@@ -66,7 +68,7 @@ def check_error(rc: int, out: str, err: str, command: str, code: int) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("name", [n for n, _c in _commands() if n != "vhdx metadata get"])
+@pytest.mark.parametrize("name", [n for n, _c in _commands() if n not in NO_JSON])
 def test_failure_envelope_for_every_command(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown option is a usage error: exit 2, one stderr line, the JSON error document."""
     rc, out, err = run(capsys, *name.split(), "--json", "--no-such-option")

@@ -181,10 +181,12 @@ def test_journal_records(tmp_path: Path) -> None:
     assert r is not None and (r.seq, r.offset, r.data) == (5, 0xC000, data1)
     assert read_journal(dev, regions, uuid.uuid4()) is None  # another volume's journal is ignored
     # a torn newest record (one byte of its data lost) falls back to the other slot
-    dev.write(regions.metadata_offsets[1] + JOURNAL_START + 4096 + 100, b"\xff")
+    torn = regions.metadata_offsets[1] + JOURNAL_START + 4096 + 100
+    dev.write(torn, bytes([dev.read(torn, 1)[0] ^ 0xFF]))  # a real change whatever the random byte was
     r = read_journal(dev, regions, guid)
     assert r is not None and (r.seq, r.offset, r.data) == (4, 0x8000, data0)
-    dev.write(regions.metadata_offsets[0] + JOURNAL_START + 20, b"\x00\x01")  # header torn too
+    hdr = regions.metadata_offsets[0] + JOURNAL_START + 20
+    dev.write(hdr, bytes(b ^ 0xFF for b in dev.read(hdr, 2)))  # header torn too
     assert read_journal(dev, regions, guid) is None
     dev.close()
 

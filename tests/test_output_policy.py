@@ -95,6 +95,11 @@ CASES: dict[str, tuple[list[str], Builder]] = {
     "host evidence": (["-o"], lambda o, i: ["host", "evidence", i["host"], "-o", o["-o"]]),
     "tpm seal": (["-o"], lambda o, i: ["tpm", "seal", "--parent", i["parent.pub"], "--pcrs", "7", "--pcr-values", "7=00",
                                        "--secret-file", i["secret.bin"], "-o", o["-o"]]),
+    "vtpm manufacture": (["-o", "--key-out", "--protector-out"], lambda o, i: [
+        "vtpm", "manufacture", "-o", o["-o"], "--key-out", o["--key-out"], "--secret-file", i["secret.bin"],
+        "--pcrs", "7", "--pcr-values", "7=00", "--protector-out", o["--protector-out"]]),
+    "vtpm rekey": (["-o", "--new-key-out"], lambda o, i: [
+        "vtpm", "rekey", i["blob.bin"], "--key", i["vtpm.key"], "--new-key-out", o["--new-key-out"], "-o", o["-o"]]),
     "tpm unseal": (["-o"], lambda o, i: ["tpm", "unseal", i["blob.bin"], "--key", i["vtpm.key"], "-o", o["-o"]]),
 }
 

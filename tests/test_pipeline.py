@@ -343,3 +343,35 @@ def test_shield_in_place_resumes_after_sigkill(demo: dict, tmp_path: Path) -> No
                   "--host", str(d / "host"), "--dry-run", "--json")
     assert rep.returncode == 0, rep.stdout + rep.stderr
     assert json.loads(rep.stdout)["ok"] is True
+
+
+def _silent_skips(steps: list[dict]) -> list[str]:
+    return [s["step"] for s in steps if s["status"] == "skipped" and not s["detail"].strip()]
+
+
+def test_every_skipped_step_says_why(demo: dict, tmp_path: Path) -> None:
+    """The demo's dry run, and dry runs failing early or late: no step is skipped without a reason."""
+    from templatetool.hgs import new_host
+    from templatetool.pipeline.unlock import unlock
+
+    d = demo["dir"]
+    dry = demo["dry_run"]["steps"]
+    assert _silent_skips(dry) == [], dry
+    assert [s["detail"] for s in dry if s["step"] == "decrypt"] == ["dry run: no decrypted disk is written"]
+    new_host("rogue", tmp_path / "rogue")
+    variants = {
+        "rogue host": unlock(d / "vm.vhdx", d / "vm.kp", d / "fabric", tmp_path / "rogue", dry_run=True),
+        "other boot": unlock(d / "vm.vhdx", d / "vm.kp", d / "fabric", d / "host", dry_run=True,
+                             pcr_values={7: b"\x01" * 32, 11: b"\x02" * 32}),
+    }
+    for what, rep in variants.items():
+        steps = rep.to_json()["steps"]
+        assert _silent_skips(steps) == [], (what, steps)
+        first = next(s for s in steps if s["status"] == "failed")
+        after = steps[steps.index(first) + 1:]
+        assert after and all(s["status"] == "skipped" and s["detail"] == f"not run: {first['step']} failed"
+                             for s in after), (what, steps)
+    cp = run_cli("unlock", str(d / "vm.vhdx"), "--kp", str(d / "vm.kp"), "--guardian", str(d / "fabric"),
+                 "--host", str(tmp_path / "rogue"), "--dry-run")
+    skipped = [ln for ln in cp.stdout.splitlines() if ln.strip().startswith("skipped")]
+    assert len(skipped) == 6 and all(ln.split(":", 1)[1].strip() for ln in skipped), cp.stdout

@@ -1,14 +1,16 @@
 """Atomic outputs under fault injection (copy mode): `encrypt`, `protect` and `shield`.
 
-Part 1 — SIGKILL at random points: each command runs as a real subprocess
-(``python -m templatetool.cli.main``); the test polls the bytes allocated to the temp files in
-the destination folder and SIGKILLs the process when they cross a seeded random threshold (or at
-a random time). After each kill: the inputs are byte-identical (sha256 before/after); every
+Part 1 — SIGKILL at seeded, event-driven points: each command runs as a real subprocess
+(``python -m tests.killpoints``, i.e. the CLI plus a hand-shake: it stops at every progress step
+of a disk pass and before every rename of an output into place, and waits for the test's answer).
+A calibration run lists the command's events; each kill point is a seeded event index, and the
+test SIGKILLs the process while it waits there — so every planned kill lands, at the same point,
+however loaded the machine (no wall clock, no polling of file sizes). After each kill: the inputs are byte-identical (sha256 before/after); every
 destination is absent or complete and valid (the encrypted disk unlocks and decrypts to the
 template's volume, the template verifies against its catalog, the shielded VM passes the
 guardian dry run); nothing but the documented temp patterns is left (``.NAME.*.tmp``,
 ``.NAME.partial.*``, ``.tt-volume-*.raw``, protect's ``.tt-protect-*`` staging folder) and never at a destination name. Then the same
-command, re-run, succeeds. ≥ 10 kill points in CI, ≥ 50 behind ``slow``.
+command, re-run, succeeds. 12 kill points in CI, 54 behind ``slow``.
 
 Part 2 — deterministic kill points between the steps that write several outputs (in a forked
 CLI child where the step function is replaced by an immediate SIGKILL or an I/O error).
@@ -20,6 +22,7 @@ import hashlib
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -77,34 +80,22 @@ class Job:
     def args(self) -> list[str]:
         return [a.format(w=self.work) for a in self.argv]
 
-    def temp_bytes(self) -> int:
-        n = 0
-        for root, dirs, files in os.walk(self.work):
-            hidden = Path(root) != self.work
-            if not hidden:
-                dirs[:] = [d for d in dirs if d.startswith(".")]
-            for f in files:
-                if hidden or f.startswith("."):
-                    try:
-                        n += os.stat(os.path.join(root, f)).st_blocks * 512
-                    except FileNotFoundError:
-                        pass
-        return n
-
     def reset(self) -> None:
         for p in self.work.iterdir():
             if p.name not in self.inputs:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def start(job: Job) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.pop("TEMPLATETOOL_DEBUG", None)
-    env.update(job.env)
+def start(job: Job, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None,
+          module: str = "templatetool.cli.main") -> subprocess.Popen:
+    e = dict(os.environ)
+    e.pop("TEMPLATETOOL_DEBUG", None)
+    e.update(job.env)
+    e.update(env or {})
     # stderr to a file, not a pipe: a helper process that outlives a killed CLI must not block us
     job.errlog = open(job.work.parent / f"{job.name}.stderr", "w+b")
-    return subprocess.Popen([sys.executable, "-m", "templatetool.cli.main", "-q", *job.args()], cwd=str(ROOT), env=env,
-                            stdout=subprocess.DEVNULL, stderr=job.errlog)
+    return subprocess.Popen([sys.executable, "-m", module, "-q", *job.args()], cwd=str(ROOT), env=e,
+                            stdout=subprocess.DEVNULL, stderr=job.errlog, pass_fds=pass_fds)
 
 
 def lingering(job: Job, grace: float = 3.0) -> list[int]:
@@ -140,29 +131,64 @@ def reap(job: Job) -> None:
     STATS["orphans"] = STATS.get("orphans", 0) + len(pids)
 
 
-def run_and_kill(job: Job, threshold: int | None, at_time: float | None) -> bool:
-    """Run ``job``; SIGKILL it when its temp files reach ``threshold`` bytes or at ``at_time`` s."""
-    p = start(job)
-    t0 = time.monotonic()
-    killed = False
-    while p.poll() is None:
-        if (threshold is not None and job.temp_bytes() >= threshold) or \
-                (at_time is not None and time.monotonic() - t0 >= at_time):
-            p.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.003)
+#: A run that shows no event for this long is hung (generous: only a stuck run waits this long).
+EVENT_TIMEOUT = 300.0
+
+
+def run_and_kill(job: Job, kill_at: int | None) -> tuple[bool, list[str]]:
+    """Run ``job`` under tests.killpoints; SIGKILL it while it waits at event ``kill_at`` (1-based).
+
+    Returns (killed, the events seen). The CLI blocks at each event until we answer, so the kill
+    lands exactly there, however loaded the machine is.
+    """
+    from .killpoints import ENV
+
+    ev_r, ev_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    try:
+        p = start(job, pass_fds=(ev_w, ack_r), env={ENV: f"{ev_w},{ack_r}"}, module="tests.killpoints")
+    finally:
+        os.close(ev_w)
+        os.close(ack_r)
+    events: list[str] = []
+    killed, buf = False, b""
+    last = time.monotonic()
+    try:
+        while not killed:
+            ready, _, _ = select.select([ev_r], [], [], 0.2)
+            if not ready:
+                if p.poll() is not None:
+                    break
+                assert time.monotonic() - last < EVENT_TIMEOUT, f"{job.name}: no event for {EVENT_TIMEOUT} s"
+                continue
+            chunk = os.read(ev_r, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            last = time.monotonic()
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                events.append(line.decode())
+                if len(events) == kill_at:
+                    p.send_signal(signal.SIGKILL)  # the CLI is waiting for our answer: it dies right here
+                    killed = True
+                    break
+                os.write(ack_w, b"g")
+    finally:
+        os.close(ev_r)
+        os.close(ack_w)
     p.wait()
     job.errlog.seek(0)
     err = job.errlog.read()
     job.errlog.close()
-    if killed and p.returncode == -signal.SIGKILL:
+    if killed:
+        assert p.returncode == -signal.SIGKILL, (p.returncode, err.decode()[-2000:])
         STATS["killed"] += 1
         reap(job)
-        return True
+        return True, events
     assert p.returncode == 0, f"{job.name} failed without being killed: {err.decode()[-2000:]}"
     STATS["finished_before_kill"] += 1
-    return False
+    return False, events
 
 
 def check_after(job: Job, art: cg.Artifacts, killed_note: str) -> list[str]:
@@ -221,8 +247,15 @@ def _decrypts_to_template(enc: Path, bek: bytes, template: Path) -> bool:
 
 
 def validate_encrypt(job: Job, art: cg.Artifacts, present: list[str], note: str) -> None:
-    assert "enc.vhdx" in present or not present, present
     if "enc.vhdx" not in present:
+        # killed between the key files and the disk (keys are saved first, B2): each key file
+        # present is complete on its own; the disk that would need them does not exist
+        from templatetool.bitlocker.keys import parse_bek
+
+        if "rp.txt" in present:
+            assert re.fullmatch(r"\d{6}(-\d{6}){7}", (job.work / "rp.txt").read_text().strip()), note
+        if "sk.bek" in present:
+            parse_bek((job.work / "sk.bek").read_bytes(), "sk.bek")
         return
     assert "sk.bek" in present and "rp.txt" in present, \
         f"encrypt {note}: the encrypted disk exists but its key files do not ({present})"
@@ -267,32 +300,28 @@ def make_jobs(art: cg.Artifacts, base: Path) -> dict[str, Job]:
 
 
 def _campaign(art: cg.Artifacts, base: Path, plan: list[tuple[str, str]], seed: int) -> dict:
+    """Kill each planned command at a seeded event: ``data`` = a progress step of a disk pass,
+    ``rename`` = just before an output (or the disk's ``.partial``) is renamed into place."""
     jobs = make_jobs(art, base)
     r = random.Random(seed)
-    full_size = {}
+    calibrated: dict[str, list[str]] = {}
     leftovers_seen: dict[str, set[str]] = {}
     for name, how in plan:
         job = jobs[name]
-        if name not in full_size:  # calibrate: temp bytes a full run writes, and its duration
+        if name not in calibrated:  # a full run: the events this command goes through
             job.reset()
-            p = start(job)
-            t0, peak = time.monotonic(), 0
-            while p.poll() is None:
-                peak = max(peak, job.temp_bytes())
-                time.sleep(0.003)
-            job.errlog.close()
-            assert p.returncode == 0, (job.work.parent / f"{job.name}.stderr").read_text()[-2000:]
-            full_size[name] = (max(peak, 1 << 20), time.monotonic() - t0)
+            killed, events = run_and_kill(job, None)
+            assert not killed and events, f"{name}: no kill-point events"
+            calibrated[name] = events
             check_after(job, art, "complete run")
             job.reset()
-        peak, dur = full_size[name]
-        if how == "bytes":
-            thr, at = r.randrange(1 << 16, int(peak * 0.98)), None
-            note = f"killed at {thr} temp bytes"
-        else:
-            thr, at = None, r.uniform(0.3, dur * 1.05)
-            note = f"killed at {at:.2f} s"
-        run_and_kill(job, thr, at)
+        events = calibrated[name]
+        points = [i + 1 for i, e in enumerate(events) if e.startswith("progress" if how == "data" else "rename")]
+        assert points, f"{name}: no {how} events in {events[:5]}..."
+        k = r.choice(points)
+        note = f"killed at event {k}/{len(events)} ({events[k - 1]})"
+        killed, seen = run_and_kill(job, k)
+        assert killed and seen[-1] == events[k - 1], f"{name}: {note}, but the run showed {seen[-3:]}"
         left = check_after(job, art, note)
         leftovers_seen.setdefault(name, set()).update(left)
         STATS["temp_left"] += len(left)
@@ -300,28 +329,29 @@ def _campaign(art: cg.Artifacts, base: Path, plan: list[tuple[str, str]], seed: 
         for o in job.outputs:
             if (job.work / o).exists():
                 (job.work / o).unlink()
-        assert run_and_kill(job, None, None) is False
+        assert run_and_kill(job, None)[0] is False
         check_after(job, art, f"re-run after {note}")
         job.reset()
     return {k: sorted(v) for k, v in leftovers_seen.items()}
 
 
 def test_sigkill_ci(art: cg.Artifacts, tmp_path: Path) -> None:
-    """12 kill points: 4 per command, half by bytes written, half by time."""
-    plan = [(c, h) for c in ("encrypt", "protect", "shield") for h in ("bytes", "time", "bytes", "time")]
+    """12 kill points, 4 per command: 2 inside a disk pass, 2 just before an output is renamed in."""
+    before = STATS["killed"]
+    plan = [(c, h) for c in ("encrypt", "protect", "shield") for h in ("data", "rename", "data", "rename")]
     left = _campaign(art, tmp_path, plan, SEED)
     print(f"\nSIGKILL CI: {STATS}; temp files seen after kills: {left}")
-    assert STATS["killed"] >= 10, STATS
+    assert STATS["killed"] - before == len(plan), STATS
 
 
 @pytest.mark.slow
 def test_sigkill_full(art: cg.Artifacts, tmp_path: Path) -> None:
     """54 kill points (18 per command)."""
     before = STATS["killed"]
-    plan = [(c, h) for c in ("encrypt", "protect", "shield") for h in ("bytes", "time") * 9]
+    plan = [(c, h) for c in ("encrypt", "protect", "shield") for h in ("data", "rename") * 9]
     left = _campaign(art, tmp_path, plan, SEED + 1)
     print(f"\nSIGKILL full: {STATS}; temp files seen after kills: {left}")
-    assert STATS["killed"] - before >= 50, STATS
+    assert STATS["killed"] - before == len(plan), STATS
 
 
 # ---- Part 2: deterministic kill points between outputs ---------------------------------------

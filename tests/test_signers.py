@@ -101,11 +101,7 @@ def test_legacy_pfx_from_openssl(tmp_path: Path, legacy: list[str]) -> None:
     info = subprocess.run(["openssl", "pkcs12", "-info", "-noout", "-in", str(out), "-passin", "pass:pw", *(
         ["-legacy"] if legacy == ["-legacy"] else [])], capture_output=True, text=True)
     assert "AES" not in info.stderr  # really a legacy file
-    os.environ["TT_TEST_PFX_PW"] = "pw"
-    try:
-        s = load_signer(str(out), password_env="TT_TEST_PFX_PW")
-    finally:
-        del os.environ["TT_TEST_PFX_PW"]
+    s = load_signer(str(out), password="pw")
     assert isinstance(s, PfxSigner) and s.certificate == c
     der = sign_data(b"legacy pfx content", s)
     assert openssl_verify(tmp_path, der, c) == b"legacy pfx content"
@@ -122,17 +118,17 @@ def test_pem_signer_with_chain_and_encrypted_key(tmp_path: Path, monkeypatch: py
                                                        serialization.BestAvailableEncryption(b"kpw")))
     _pem(tmp_path / "cert.pem", c)
     _pem(tmp_path / "chain.pem", ca)
-    monkeypatch.setenv("TT_KEY_PW", "kpw")
-    s = load_signer(f"pem:{tmp_path/'key.pem'},{tmp_path/'cert.pem'},{tmp_path/'chain.pem'}", password_env="TT_KEY_PW")
+    s = load_signer(f"pem:{tmp_path/'key.pem'},{tmp_path/'cert.pem'},{tmp_path/'chain.pem'}", password=b"kpw")
     assert isinstance(s, PemSigner) and s.chain == [ca]
     der = sign_data(b"\n\r\n binary \x00 bytes \n", s, pss=True)
     # openssl checks the chain up to the CA we give it, the exact bytes, and the PSS signature.
     assert openssl_verify(tmp_path, der, ca) == b"\n\r\n binary \x00 bytes \n"
     info = verify_signed_data(der, trust=[ca])
     assert info.trust_anchor == ca and info.signer_cert == c and info.signature_algorithm == "rsassa_pss"
-    monkeypatch.setenv("TT_KEY_PW", "bad")
     with pytest.raises(CredentialError):
-        load_signer(f"pem:{tmp_path/'key.pem'},{tmp_path/'cert.pem'}", password_env="TT_KEY_PW")
+        load_signer(f"pem:{tmp_path/'key.pem'},{tmp_path/'cert.pem'}", password="bad")
+    with pytest.raises(CredentialError, match="needs a password"):
+        load_signer(f"pem:{tmp_path/'key.pem'},{tmp_path/'cert.pem'}")
     with pytest.raises(UsageError):
         load_signer("pem:only-one-part")
 
@@ -257,7 +253,8 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
             attrs = decode_x509_certificate(c.public_bytes(serialization.Encoding.DER))
             attrs.update({Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: kid})
             s.create_object(attrs)
-    assert Mechanism.RSA_PKCS_PSS  # the mechanisms we rely on exist in this python-pkcs11
+    # the token really offers the mechanisms the HSM signer relies on
+    assert {Mechanism.RSA_PKCS_PSS, Mechanism.ECDSA} <= set(token.slot.get_mechanisms())
     yield {"module": module, "ca": ca, "certs": certs}
     if old_conf is None:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -268,17 +265,13 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 @pytest.mark.parametrize("label,pss", [("rsa-key", True), ("rsa-key", False), ("ec-key", False)])
 def test_pkcs11_signer_signs_in_token(tmp_path: Path, softhsm: dict, label: str, pss: bool,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "1234")
+    monkeypatch.delenv("TEMPLATETOOL_PKCS11_PIN", raising=False)  # the PIN is a value, not an env var
     uri = f"pkcs11:token=tt-test;object={label}?module-path={softhsm['module']}"
-    s = load_signer(uri)
+    s = load_signer(uri, pin="1234")
     assert isinstance(s, Pkcs11Signer)
     try:
         assert s.certificate == softhsm["certs"][label]
-        key = s.private_key()
-        assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
-        with pytest.raises(TemplateToolError):
-            key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+        assert not hasattr(s, "private_key")  # no key object outside the token, only sign_raw
         content = b"signed inside the token\n" * 10
         der = sign_data(content, s, pss=pss)
         assert openssl_verify(tmp_path, der, softhsm["ca"]) == content
@@ -290,17 +283,17 @@ def test_pkcs11_signer_signs_in_token(tmp_path: Path, softhsm: dict, label: str,
 
 
 def test_pkcs11_errors(softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "9999")
     uri = f"pkcs11:token=tt-test;object=ec-key?module-path={softhsm['module']}"
     with pytest.raises(CredentialError):
+        load_signer(uri, pin="9999")
+    with pytest.raises(CredentialError, match="needs a PIN"):
         load_signer(uri)
-    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "1234")
     with pytest.raises(TemplateToolError, match="no private key"):
-        load_signer(f"pkcs11:token=tt-test;object=missing?module-path={softhsm['module']}")
+        load_signer(f"pkcs11:token=tt-test;object=missing?module-path={softhsm['module']}", pin="1234")
     with pytest.raises(TemplateToolError, match="no PKCS#11 token"):
-        load_signer(f"pkcs11:token=nope?module-path={softhsm['module']}")
+        load_signer(f"pkcs11:token=nope?module-path={softhsm['module']}", pin="1234")
     # id= selects by CKA_ID (percent-encoded bytes)
-    s = load_signer(f"pkcs11:token=tt-test;id=%02?module-path={softhsm['module']}")
+    s = load_signer(f"pkcs11:token=tt-test;id=%02?module-path={softhsm['module']}", pin="1234")
     try:
         assert s.certificate == softhsm["certs"]["ec-key"]
         assert thumbprint(s.certificate) == hashlib.sha1(s.certificate.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
@@ -315,7 +308,7 @@ def test_pfx_missing_and_garbage(tmp_path: Path) -> None:
         load_signer(str(tmp_path / "nope.pfx"))
     (tmp_path / "bad.pfx").write_bytes(b"garbage")
     with pytest.raises((FormatError, CredentialError)):
-        load_signer(str(tmp_path / "bad.pfx"), password_env="PATH")
+        load_signer(str(tmp_path / "bad.pfx"), password="x")
 
 
 def test_protect_with_token_signer(tmp_path: Path, softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,9 +318,8 @@ def test_protect_with_token_signer(tmp_path: Path, softhsm: dict, monkeypatch: p
     from templatetool.catalog.vsc import verify_template
     from templatetool.pipeline.protect import protect
 
-    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "1234")
     disk, _, _ = make_gpt_disk(tmp_path, files={"a.txt": b"hsm\n"})
-    with load_signer(f"pkcs11:token=tt-test;object=rsa-key?module-path={softhsm['module']}") as s:  # type: ignore[attr-defined]
+    with load_signer(f"pkcs11:token=tt-test;object=rsa-key?module-path={softhsm['module']}", pin="1234") as s:  # type: ignore[attr-defined]
         res = protect(disk, tmp_path / "t.img", "HSM", "1.0.0.0", s, pss=True)
     assert openssl_verify(tmp_path, res.der, softhsm["ca"]) == res.document.to_bytes()
     rep = verify_template(tmp_path / "t.img", trust=[softhsm["ca"]])

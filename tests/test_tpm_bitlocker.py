@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 
 import pytest
@@ -78,7 +79,7 @@ def test_vtpm_protector_unlocks_bitlocker_volume(tmp_path, ntfs_volume):
             dst.close()
             src.close()
             rp = res.recovery_password
-            assert rp
+            assert re.fullmatch(r"\d{6}(-\d{6}){7}", rp), rp
 
             dev = RawFile(out)
             fve = open_fve(dev)

@@ -14,6 +14,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from construct import ConstructError
 
@@ -95,41 +96,76 @@ def unicode_text(e: Entry) -> str:
 
 @dataclass
 class BootInfo:
-    """What the FVE volume header tells: sector size and the three metadata offsets."""
+    """What the FVE volume header tells: sector size, the three metadata offsets and the layout
+    (``standard``: ``-FVE-FS-`` fixed-disk header; ``to-go``: the removable-media header)."""
 
     sector_size: int
     metadata_offsets: tuple[int, int, int]
     total_sectors: int
     identifier: uuid.UUID
     hidden_sectors: int = 0
+    layout: str = S.LAYOUT_STANDARD
+
+
+_BITLOCKER_MSG = b"\r\nThis volume is protected by BitLocker Drive Encryption; unlock it to read.\r\n"
 
 
 def build_boot_sector(sector_size: int, metadata_offsets: tuple[int, int, int], *,
                       total_sectors: int = 0, hidden_sectors: int = 0,
-                      sectors_per_cluster: int = 8) -> bytes:
-    """The 512-byte FVE volume header Windows 7+ writes (``EB 58 90 -FVE-FS-``, GUID at 0xA0)."""
-    msg = b"\r\nThis volume is protected by BitLocker Drive Encryption; unlock it to read.\r\n"
-    boot2 = msg.ljust(0x1FE - 0xD8, b"\0")
-    return S.BootSector.build(dict(
-        jump=S.BOOT_JUMP, signature=S.FVE_SIGNATURE, bytes_per_sector=sector_size,
+                      sectors_per_cluster: int = 8, layout: str = S.LAYOUT_STANDARD) -> bytes:
+    """The 512-byte volume header Windows 7+ writes.
+
+    ``standard``: ``EB 58 90 -FVE-FS-``, BitLocker GUID at 0xA0, metadata offsets at 0xB0.
+    ``to-go``: ``EB 58 90 MSWIN4.1``, GUID at 0x1A8, offsets at 0x1B8 (the total-sector count
+    is always set: libbde sizes a To Go volume from it). In both the BPB has no FATs and no
+    reserved sectors, as in Windows' ``-FVE-FS-`` header, so no FAT driver mounts the raw
+    volume (templatetool does not write the To Go discovery volume's reader files).
+    """
+    if layout not in S.IDENTIFIER_OFFSET:
+        raise FormatError(f"unknown BitLocker volume layout {layout!r}")
+    to_go = layout == S.LAYOUT_TO_GO
+    fields = dict(
+        jump=S.BOOT_JUMP, signature=S.TO_GO_SIGNATURE if to_go else S.FVE_SIGNATURE,
+        bytes_per_sector=sector_size,
         sectors_per_cluster=sectors_per_cluster, reserved_sectors=0, fat_count=0, root_entries=0,
         total_sectors_16=0, media=0xF8, sectors_per_fat_16=0, sectors_per_track=0x3F, heads=0xFF,
         hidden_sectors=hidden_sectors & 0xFFFFFFFF, total_sectors_32=total_sectors if total_sectors < 1 << 32 else 0,
         sectors_per_fat_32=0x1FE0, fat_flags=0, fs_version=0, root_cluster=0, fsinfo_sector=1,
         backup_boot_sector=6, reserved1=bytes(4), vista_metadata_lcn=0, drive_number=0x80, reserved2=0,
         ext_boot_signature=0x29, volume_serial=0, volume_label=b"NO NAME    ", fs_type=b"FAT32   ",
-        boot_code=bytes(70), identifier=S.BITLOCKER_GUID.bytes_le, metadata_offsets=list(metadata_offsets),
-        eow_offsets=[0, 0], boot_code2=boot2, end_signature=b"\x55\xaa"))
+        identifier=S.BITLOCKER_GUID.bytes_le, metadata_offsets=list(metadata_offsets), end_signature=b"\x55\xaa")
+    if to_go:
+        return S.ToGoBootSector.build(dict(fields, boot_code=_BITLOCKER_MSG.ljust(0x1A8 - 0x5A, b"\0"),
+                                           boot_code2=bytes(0x1FE - 0x1D0)))
+    return S.BootSector.build(dict(fields, boot_code=bytes(70), eow_offsets=[0, 0],
+                                   boot_code2=_BITLOCKER_MSG.ljust(0x1FE - 0xD8, b"\0")))
+
+
+def volume_layout(sector: bytes) -> str | None:
+    """``standard``/``to-go`` when ``sector`` (sector 0) is a BitLocker volume header, else None.
+
+    A ``MSWIN4.1`` (FAT) boot sector counts as To Go only with the BitLocker GUID at 0x1A8.
+    """
+    if len(sector) < 512:
+        return None
+    if sector[3:11] == S.FVE_SIGNATURE:
+        return S.LAYOUT_STANDARD
+    if sector[3:11] == S.TO_GO_SIGNATURE and sector[0x1A8:0x1B8] in (S.BITLOCKER_GUID.bytes_le,
+                                                                  S.BITLOCKER_EOW_GUID.bytes_le):
+        return S.LAYOUT_TO_GO
+    return None
 
 
 def parse_boot_sector(sector: bytes, volume_size: int, where: str = "FVE volume header") -> BootInfo:
-    """Parse and validate sector 0 of a BitLocker volume."""
+    """Parse and validate sector 0 of a BitLocker volume (fixed-disk or To Go layout)."""
     if len(sector) < 512:
         raise FormatError("volume too small for a BitLocker header", where)
+    sig = sector[3:11]
+    if sig == S.TO_GO_SIGNATURE:
+        return _parse_to_go(sector[:512], volume_size, where)
     b = S.BootSector.parse(sector[:512])
     if b.signature != S.FVE_SIGNATURE:
-        raise FormatError("not a BitLocker volume (no -FVE-FS- signature)", where,
-                          "BitLocker To Go (FAT) and Vista volumes are not supported" if b.signature == b"MSWIN4.1" else None)
+        raise FormatError("not a BitLocker volume (no -FVE-FS- signature)", where)
     if b.jump == S.BOOT_JUMP_VISTA or b.vista_metadata_lcn != 0:
         raise UnsupportedError("Windows Vista BitLocker volume", where, "only Windows 7+ volumes are supported")
     if b.jump != S.BOOT_JUMP:
@@ -139,6 +175,29 @@ def parse_boot_sector(sector: bytes, volume_size: int, where: str = "FVE volume 
         raise UnsupportedError("used-space-only (EOW) BitLocker volume", where)
     if ident != S.BITLOCKER_GUID:
         raise FormatError(f"unknown BitLocker identifier {ident}", f"{where} offset 0xA0")
+    return _boot_info(b, volume_size, where, S.LAYOUT_STANDARD, 0xB0)
+
+
+def _parse_to_go(sector: bytes, volume_size: int, where: str) -> BootInfo:
+    b = S.ToGoBootSector.parse(sector)
+    ident = uuid.UUID(bytes_le=b.identifier)
+    if ident == S.BITLOCKER_EOW_GUID:
+        raise UnsupportedError("used-space-only (EOW) BitLocker To Go volume", where)
+    if ident != S.BITLOCKER_GUID:
+        at = sector.find(S.BITLOCKER_GUID.bytes_le)
+        if at >= 0:  # a BitLocker identifier, but not where Windows 7+ To Go puts it
+            raise UnsupportedError(f"BitLocker To Go header variant with the identifier at offset {at:#x} "
+                                   "(Windows 7+ puts it at 0x1A8)", where)
+        raise FormatError("not a BitLocker volume (a FAT boot sector without the BitLocker identifier)", where)
+    if b.jump != S.BOOT_JUMP:
+        raise FormatError(f"bad boot-sector jump bytes {b.jump.hex()} (expected eb5890)", where)
+    if b.vista_metadata_lcn != 0:
+        raise FormatError("BitLocker To Go header has a non-zero value at 0x038 (dislocker would read it as "
+                          "Vista)", f"{where} offset 0x38")
+    return _boot_info(b, volume_size, where, S.LAYOUT_TO_GO, 0x1B8)
+
+
+def _boot_info(b: Any, volume_size: int, where: str, layout: str, offsets_at: int) -> BootInfo:
     if b.bytes_per_sector not in (512, 1024, 2048, 4096):
         raise FormatError(f"bytes per sector {b.bytes_per_sector} out of range (512..4096)", f"{where} offset 0x0B")
     if b.end_signature != b"\x55\xaa":
@@ -147,9 +206,10 @@ def parse_boot_sector(sector: bytes, volume_size: int, where: str = "FVE volume 
     for i, o in enumerate(offs):
         if o == 0 or o % b.bytes_per_sector or o + S.BLOCK_HEADER_SIZE > volume_size:
             raise FormatError(f"metadata offset {i + 1} = {o:#x} is outside the volume or misaligned",
-                              f"{where} offset {0xB0 + 8 * i:#x}")
+                              f"{where} offset {offsets_at + 8 * i:#x}")
     total = b.total_sectors_16 or b.total_sectors_32
-    return BootInfo(b.bytes_per_sector, offs, total, ident, b.hidden_sectors)  # type: ignore[arg-type]
+    return BootInfo(b.bytes_per_sector, offs, total, uuid.UUID(bytes_le=b.identifier),  # type: ignore[arg-type]
+                    b.hidden_sectors, layout)
 
 
 # ---- metadata block ----------------------------------------------------------------------------

@@ -23,6 +23,13 @@ from construct import (
 
 #: ``-FVE-FS-``: signature of the FVE volume header (boot sector) and of every metadata block.
 FVE_SIGNATURE = b"-FVE-FS-"
+#: OEM name of a BitLocker To Go volume header (the FAT32 "discovery volume" boot sector).
+TO_GO_SIGNATURE = b"MSWIN4.1"
+#: Volume layouts: the fixed-disk ``-FVE-FS-`` header, or the To Go (removable media) header.
+LAYOUT_STANDARD = "standard"
+LAYOUT_TO_GO = "to-go"
+#: Where the BitLocker identifier sits in each layout's volume header.
+IDENTIFIER_OFFSET = {LAYOUT_STANDARD: 0x0A0, LAYOUT_TO_GO: 0x1A8}
 #: The BitLocker identifier at boot-sector offset 0xA0 (Windows 7 and later), stored bytes_le.
 BITLOCKER_GUID = uuid.UUID("4967d63b-2e29-4ad8-8399-f6a339e3d001")
 #: The "used-space-only / EOW" identifier (read-only support in readers; we never write it).
@@ -130,8 +137,8 @@ STATE_ENCRYPTED = 4
 
 # ==== structures ============================================================================
 
-#: FVE volume header (sector 0), Windows 7+ layout: a FAT32-looking BPB.
-BootSector = Struct(
+#: The FAT32-style BPB both volume-header layouts start with (offsets 0x000..0x05A).
+_BPB = (
     "jump" / Bytes(3),
     "signature" / Bytes(8),
     "bytes_per_sector" / Int16ul,
@@ -160,6 +167,11 @@ BootSector = Struct(
     "volume_serial" / Int32ul,
     "volume_label" / Bytes(11),
     "fs_type" / Bytes(8),
+)
+
+#: FVE volume header (sector 0), Windows 7+ fixed-disk layout: ``-FVE-FS-``, GUID at 0xA0.
+BootSector = Struct(
+    *_BPB,
     "boot_code" / Bytes(70),
     "identifier" / Bytes(16),  # 0x0A0
     "metadata_offsets" / Array(3, Int64ul),  # 0x0B0
@@ -168,6 +180,18 @@ BootSector = Struct(
     "end_signature" / Bytes(2),
 )
 assert BootSector.sizeof() == 512
+
+#: BitLocker To Go volume header (sector 0; removable-media layout, Windows 7+): OEM
+#: ``MSWIN4.1``, the BitLocker GUID at 0x1A8 and the three metadata offsets at 0x1B8.
+ToGoBootSector = Struct(
+    *_BPB,
+    "boot_code" / Bytes(0x1A8 - 0x5A),
+    "identifier" / Bytes(16),  # 0x1A8
+    "metadata_offsets" / Array(3, Int64ul),  # 0x1B8
+    "boot_code2" / Bytes(0x1FE - 0x1D0),
+    "end_signature" / Bytes(2),
+)
+assert ToGoBootSector.sizeof() == 512
 
 #: FVE metadata block header ("FVE_INFORMATION"), version 2; 64 bytes.
 BlockHeader = Struct(

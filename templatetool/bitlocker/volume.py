@@ -42,6 +42,7 @@ from .metadata import (
     parse_metadata_block,
     unicode_entry,
     unicode_text,
+    volume_layout,
 )
 
 #: Method names accepted by :func:`encrypt_volume`.
@@ -49,11 +50,11 @@ METHODS_BY_NAME = {v: k for k, v in S.METHOD_NAMES.items()}
 
 
 def is_bitlocker(dev: BlockDevice) -> bool:
-    """True when the device starts with a BitLocker (Windows 7+) volume header."""
+    """True when the device starts with a BitLocker (Windows 7+) volume header (``-FVE-FS-`` or
+    the To Go layout)."""
     if dev.size < 512:
         return False
-    head = dev.read(0, 512)
-    return head[3:11] == S.FVE_SIGNATURE
+    return volume_layout(dev.read(0, 512)) is not None
 
 
 @dataclass
@@ -97,6 +98,8 @@ class FveVolume:
             raise FormatError("volume too small to be BitLocker", dev.name)
         self.boot = parse_boot_sector(dev.read(0, 512), dev.size, f"{dev.name}: FVE volume header")
         self.sector_size = self.boot.sector_size
+        #: ``standard`` (``-FVE-FS-`` header) or ``to-go`` (removable-media header)
+        self.layout = self.boot.layout
         self.copies: list[dict[str, Any]] = []
         self.meta: Metadata | None = None
         #: every copy whose CRC and structure are good, in order (the validation MAC is checked at unlock)
@@ -154,6 +157,7 @@ class FveVolume:
         """Method, sector size, GUID, sizes, state, protectors and metadata copies."""
         m = self.metadata
         return {
+            "layout": self.layout,
             "method": S.METHOD_NAMES.get(m.method, "unknown"),
             "method_code": f"{m.method:#06x}",
             "sector_size": self.sector_size,
@@ -589,19 +593,24 @@ class EncryptionPlan:
 
 def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", protectors: list[ProtectorSpec],
                     regions: FveRegions, sector_size: int | None = None,
-                    description: str | None = None, defer: bool = False) -> EncryptionPlan:
+                    description: str | None = None, defer: bool = False,
+                    layout: str = S.LAYOUT_STANDARD) -> EncryptionPlan:
     """Decide keys, protectors and metadata for encrypting the plaintext volume ``src``.
 
     Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written. With ``defer``
     the password/recovery-password key stretches (0x100000 SHA-256 rounds each) run in a
     background process and the metadata is built by :meth:`EncryptionPlan.finalize`, so the
     stretch overlaps the pass over the disk; ``cipher`` is usable at once.
+    ``layout``: ``standard`` (the fixed-disk ``-FVE-FS-`` volume header) or ``to-go`` (the
+    BitLocker To Go header Windows writes on removable media: ``MSWIN4.1``, GUID at 0x1A8).
     """
     if not protectors:
         raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
     code = _method_code(method)
     head = src.read(0, 512) if src.size >= 512 else b""
-    if head[3:11] == S.FVE_SIGNATURE:
+    if layout not in S.IDENTIFIER_OFFSET:
+        raise UsageError(f"unknown BitLocker volume layout {layout!r}", hint="use standard or to-go")
+    if volume_layout(head) is not None:
         raise UsageError("the volume is already BitLocker-encrypted", src.name)
     is_ntfs = head[3:11] == b"NTFS    "
     ntfs_ss = struct.unpack_from("<H", head, 0x0B)[0] if is_ntfs else None
@@ -697,7 +706,8 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
         plan._meta.update({"ns": ns, "nsect": nsect, "guid": vol_guid, "ft": ft, "entries": entries})
         block = plan.metadata_block()
         boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
-                                 total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
+                                 total_sectors=0 if is_ntfs and layout == S.LAYOUT_STANDARD else vsize // ss,
+                                 layout=layout).ljust(regions.vho_size, b"\0")
         vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
         plan.overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
         stretches.close()
@@ -793,7 +803,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
                    tap: Callable[[int, bytes | memoryview], None] | None = None,
                    worker_tap: Callable[[int, memoryview], bytes] | None = None,
                    on_tap: Callable[[int, int, bytes], None] | None = None,
-                   workers: int | None = None) -> EncryptResult:
+                   workers: int | None = None, layout: str = S.LAYOUT_STANDARD) -> EncryptResult:
     """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
 
     ``regions`` must already be reserved (zero, unused by the filesystem): see
@@ -812,12 +822,12 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     ``worker_tap(offset, plaintext) -> bytes`` runs in the worker on every chunk read (e.g. to
     hash it) and its result reaches ``on_tap(offset, length, result)`` here, in volume order.
     ``tap(offset, plaintext)`` sees every plaintext chunk in this process, in order (costs a copy).
-    Skipped chunks are not read and not tapped.
+    Skipped chunks are not read and not tapped. ``layout``: see :func:`plan_encryption`.
     """
     from ..parallel import ordered_map
 
     plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
-                           description=description, defer=True)
+                           description=description, defer=True, layout=layout)
     try:
         vsize = plan.volume_size
         ss = plan.sector_size
@@ -874,12 +884,13 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
 
 
 def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int, int], bool] | None = None,
-                   workers: int | None = None) -> int:
+                   workers: int | None = None, on_skip: Callable[[int, int], None] | None = None) -> int:
     """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
 
     Chunks are read and decrypted by ``workers`` forked processes and written here, in order.
     Chunks ``skip(offset, length)`` declares skippable are not read and, like all-zero chunks,
-    not written (a new ``dst`` keeps them unallocated). Returns the number of bytes written.
+    not written (a new ``dst`` keeps them unallocated); ``on_skip(offset, length)`` is called for
+    each skipped span, in order. Returns the number of bytes written.
     """
     from ..blockdev import is_zero
     from ..parallel import ordered_map
@@ -898,7 +909,10 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
     with progress(plain.size, "decrypt") as bar:
         items = chunk_items(plain.size, CHUNK, skip)
         for off, n, data, flag in ordered_map(chunk_fn, items, workers):
-            if data is not None and flag == b"\1":
+            if data is None:
+                if on_skip is not None:
+                    on_skip(off, n)
+            elif flag == b"\1":
                 dst.write(off, data[:n])
                 written += n
             bar.update(n)

@@ -76,6 +76,12 @@ class FreeMap:
 def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
     from dissect.ntfs import NTFS
 
+    from ..disk.fs import FS_BITLOCKER, sniff_filesystem
+
+    fs = sniff_filesystem(view)
+    if fs == FS_BITLOCKER:
+        raise FormatError("the volume is BitLocker-encrypted, not plain NTFS (a shielded VM disk?)", view.name,
+                          "use the protected template (or decrypt the disk first)")
     try:
         return NTFS(DeviceIO(view))
     except Exception as e:  # noqa: BLE001 - dissect raises several untyped errors
@@ -83,7 +89,10 @@ def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
 
 
 def ntfs_free_map(view: BlockDevice) -> FreeMap:
-    """Read $Bitmap (bit i, LSB first = cluster i in use) into a FreeMap."""
+    """Read $Bitmap (bit i, LSB first = cluster i in use) into a FreeMap.
+
+    FormatError when NTFS or its $Bitmap cannot be read, is shorter than the volume, or calls
+    the boot sector's or the $MFT's clusters free (a damaged bitmap must never drive a skip)."""
     fs = _open_ntfs(view)
     cs = fs.cluster_size
     try:
@@ -96,7 +105,16 @@ def ntfs_free_map(view: BlockDevice) -> FreeMap:
                           "run chkdsk (or ntfsfix) on the volume")
     if clusters * cs > view.size:
         raise FormatError("the NTFS volume is larger than its partition", view.name)
-    return FreeMap.from_packed(cs, raw, clusters)
+    fm = FreeMap.from_packed(cs, raw, clusters)
+    # A $Bitmap that calls the boot sector's or the $MFT's own clusters free is damaged: trusting
+    # it would treat live data as free space.
+    mft = int(fs.boot_sector.MftStartLcn)
+    for what, lcn in (("boot sector", 0), ("$MFT", mft)):
+        flags = fm.used_in(lcn * cs, cs)
+        if flags is None or not flags.any():
+            raise FormatError(f"the NTFS $Bitmap marks the {what} (cluster {lcn}) free", view.name,
+                              "run chkdsk (or ntfsfix) on the volume")
+    return fm
 
 
 def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit: int = 200) -> list[dict[str, object]]:

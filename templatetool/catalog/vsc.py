@@ -72,11 +72,12 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
         disk = open_vhdx(p)
         try:
             data = disk.get_user_metadata(VSC_METADATA_GUID)
+        except NotFoundError:
+            data = None  # the VHDX has no catalog item: say so in the user's terms below
         finally:
             disk.close()
         if not data:
-            raise NotFoundError("the disk has no volume signature catalog", p,
-                                "protect it first (templatetool protect)")
+            raise _not_protected(p, "no volume signature catalog in its VHDX metadata")
         return bytes(data)
     try:
         size = os.path.getsize(p)
@@ -88,12 +89,29 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
             if os.path.exists(sidecar):
                 with open(sidecar, "rb") as g:
                     return g.read()
+            if size >= 1 << 20 and _looks_like_disk(p):
+                e = _not_protected(p, f"no volume signature catalog: {os.path.basename(sidecar)} is absent")
+                raise FormatError(e.what, e.where, e.hint)  # exit 3, as before: not a catalog
             raise FormatError("not a .vsc file (DER CMS) nor a template disk with a catalog", p,
                               "give a .vsc file or a protected template disk")
         with open(p, "rb") as f:
             return f.read()
     except OSError as e:
         raise ResourceError(f"cannot read: {e.strerror}", p) from None
+
+
+def _not_protected(path: str, why: str) -> NotFoundError:
+    return NotFoundError(f"{os.path.basename(path)} is not a protected template ({why})", path,
+                         "run `templatetool protect` on it first, or give the protected template disk")
+
+
+def _looks_like_disk(path: str) -> bool:
+    """A raw disk image: an MBR/protective-MBR boot signature in sector 0."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(512)[510:512] == b"\x55\xaa"
+    except OSError:
+        return False
 
 
 @dataclass

@@ -13,6 +13,7 @@ from ..secrets import read_secret, write_secret_file
 from . import policy
 from .common import emit, human_size, json_option
 from .policy import OUTPUT_FILE, Out
+from .tpm_cmd import tpm_seal_options, vtpm_from_options
 
 __all__ = ["bitlocker_summary", "register"]
 
@@ -21,6 +22,7 @@ METHODS = click.Choice(["xts-aes-128", "xts-aes-256"], case_sensitive=False)
 
 def _info_text(r: dict[str, Any]) -> str:
     lines = [f"{r['disk']}" + (f" partition {r['partition']}" if r.get("partition") else " (bare volume)")]
+    lines.append(f"  layout         {r['layout']}" + (" (BitLocker To Go)" if r["layout"] == "to-go" else ""))
     lines.append(f"  method         {r['method']} ({r['method_code']})")
     lines.append(f"  sector size    {r['sector_size']}")
     lines.append(f"  volume GUID    {r['volume_guid']}")
@@ -185,13 +187,19 @@ def register(cli: click.Group) -> None:
     @click.option("--password-env", metavar="VAR", help="Add a password protector; password from $VAR.")
     @click.option("--description", help="Volume description stored in the metadata.")
     @_credential_options
+    @tpm_seal_options
     @json_option
     @policy.derived_outputs(_encrypt_outputs)
     def encrypt(disk: str, out: str | None, in_place: bool, partition: int | None, method: str,
                 recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
                 password_env: str | None, description: str | None, recovery_password_file: str | None,
-                recovery_password_env: str | None, startup_key: str | None, as_json: bool) -> None:
+                recovery_password_env: str | None, startup_key: str | None, as_json: bool,
+                **tpm_opts: Any) -> None:
         """Encrypt the OS volume of DISK (raw or VHDX) with BitLocker into a new disk OUT, or in place.
+
+        --tpm-parent adds a vTPM protector sealed offline to that (v)TPM key under the PCR policy
+        (--pcrs with --pcr-values or --tcg-log, optional --pin-env); it needs a second protector
+        (e.g. --recovery-password-out) so that a changed boot chain never locks the data away.
 
         With --in-place, re-running the same command after a crash resumes the conversion: the
         recovery password / startup key files written by the first run are the credential (or
@@ -215,6 +223,13 @@ def register(cli: click.Group) -> None:
             specs.append(ProtectorSpec("startup_key"))
         if password_env:
             specs.append(ProtectorSpec("password", read_secret(password_env, "BitLocker password: ")))
+        vtpm = vtpm_from_options(**tpm_opts)
+        if vtpm is not None:
+            if not specs:
+                raise UsageError("a vTPM protector alone would lock the volume for good once a PCR changes",
+                                 hint="add --recovery-password-out FILE or --show-recovery-password "
+                                      "(or --startup-key-out / --password-env)")
+            specs.insert(0, ProtectorSpec("tpm", seal=vtpm[0]))
         if not specs:
             raise UsageError("no key protector requested: the volume could never be unlocked",
                              hint="give --recovery-password-out FILE, --show-recovery-password, "
@@ -250,6 +265,8 @@ def register(cli: click.Group) -> None:
             doc["recovery_password_file"] = recovery_password_out
         if startup_key_out:
             doc["startup_key_file"] = startup_key_out
+        if vtpm is not None:
+            doc["vtpm"] = vtpm[1]
 
         def text(d: dict[str, Any]) -> str:
             lines = [f"encrypted {d['method']} volume ({human_size(d['volume_size'])}"
@@ -262,6 +279,10 @@ def register(cli: click.Group) -> None:
                 lines.append(f"  startup key written to {d['startup_key_file']}")
             if d.get("recovery_password"):
                 lines.append(f"  recovery password: {d['recovery_password']}")
+            if d.get("vtpm"):
+                v = d["vtpm"]
+                lines.append(f"  vTPM sealed to parent {v['parent_name'][:20]}... ({v['bank']} PCRs "
+                             f"{','.join(map(str, v['pcrs']))}{', PIN' if v['pin'] else ''})")
             return "\n".join(lines)
 
         emit(doc, as_json, text)
@@ -275,17 +296,29 @@ def register(cli: click.Group) -> None:
     @click.option("--startup-key", type=click.Path(dir_okay=False), help="Startup key file (.BEK).")
     @click.option("--password-env", metavar="VAR", help="Password from $VAR.")
     @click.option("--clear-key", is_flag=True, help="Use the clear key (suspended protection).")
+    @click.option("--tpm", "tcti", metavar="TCTI",
+                  help="Unseal the vTPM protector through this (v)TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
+    @click.option("--pin-env", metavar="VAR", help="With --tpm: the TPM PIN is in $VAR.")
+    @click.option("-v", "--verbose", is_flag=True, help="Also say whether free space was skipped, and why not.")
     @json_option
     def decrypt(disk: str, out: str, partition: int | None, recovery_password_file: str | None,
                 recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
-                clear_key: bool, as_json: bool) -> None:
-        """Write a copy of DISK with its BitLocker volume decrypted."""
+                clear_key: bool, tcti: str | None, pin_env: str | None, verbose: bool, as_json: bool) -> None:
+        """Write a copy of DISK with its BitLocker volume decrypted.
+
+        Works whatever the volume holds: free NTFS space left unallocated by a sparse encryption
+        is skipped when the inner NTFS parses cleanly; anything else is decrypted whole
+        (`--json` field `free_space`, and `-v`, say which).
+        """
         from ..pipeline.encrypt import Credentials, decrypt_disk
 
-        given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key)]
+        given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key,
+                                   tcti)]
         if sum(given) != 1:
             raise UsageError("give exactly one credential", hint="--recovery-password-file, --recovery-password-env, "
-                             "--startup-key, --password-env or --clear-key")
+                             "--startup-key, --password-env, --clear-key or --tpm TCTI")
+        if pin_env and not tcti:
+            raise UsageError("--pin-env is the PIN of a vTPM protector: it needs --tpm TCTI")
         cred = Credentials()
         if recovery_password_file:
             text_ = _read_file(recovery_password_file, "recovery password file").decode("utf-8", "replace").strip()
@@ -298,14 +331,28 @@ def register(cli: click.Group) -> None:
             cred.bek = _read_file(startup_key, "startup key file")
         elif password_env:
             cred.password = read_secret(password_env, "BitLocker password: ")
+        elif tcti:
+            cred.tpm = tcti
+            cred.tpm_pin = read_secret(pin_env, "TPM PIN: ") if pin_env else None
         else:
             cred.clear = True
         from ..bitlocker.inplace import refuse_if_converting
 
         refuse_if_converting(disk, partition)
         r = decrypt_disk(disk, out, partition, cred)
-        emit(r, as_json, lambda d: f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
-             + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+
+        def text(d: dict[str, Any]) -> str:
+            line = (f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
+                    + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+            if verbose:
+                fsp = d["free_space"]
+                if fsp["used"]:
+                    line += f"\n  free space skipped: {human_size(fsp['skipped_bytes'])} ({fsp['reason']})"
+                else:
+                    line += f"\n  free space not skipped: {fsp['reason']}"
+            return line
+
+        emit(r, as_json, text)
 
     @cli.group("bitlocker")
     def bitlocker() -> None:
@@ -324,7 +371,7 @@ def register(cli: click.Group) -> None:
 
         dev = open_disk(disk)
         try:
-            off, size, index = _pick(dev, partition, ("bitlocker",))
+            off, size, index = _pick(dev, partition, ("bitlocker", "bitlocker-to-go"))
             r = open_fve(View(dev, off, size, name=f"{disk} volume@{off}")).info()
         finally:
             dev.close()

@@ -30,6 +30,8 @@ def _problems_text(probs: list[Any]) -> str:
 @click.option("--block-size", default="1M", show_default=True, help="Measurement block size.")
 @click.option("--check", is_flag=True, help="Only run the preflight checks; list every problem; exit 6 if any.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--subformat", type=click.Choice(["fixed", "dynamic"]), default=None,
+              help="VHDX subformat of the output (default: the input's; dynamic for a raw input).")
 @click.option("--in-place", "in_place", is_flag=True,
               help="Modify GOLDEN itself (not atomic; default is a new disk) instead of writing -o.")
 @json_option
@@ -38,11 +40,11 @@ def _problems_text(probs: list[Any]) -> str:
                         and not p["output"].lower().endswith(".vhdx") else [])
 def protect_cmd(golden: str, output: str | None, name: str | None, version: str | None, signer: str | None,
                 password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
-                overwrite: bool, in_place: bool, as_json: bool) -> None:
+                overwrite: bool, subformat: str | None, in_place: bool, as_json: bool) -> None:
     """Make a signed template disk from GOLDEN (a new disk; GOLDEN is never modified)."""
     from ..errors import UsageError
     from ..pipeline.protect import preflight, protect
-    from ..signers import load_signer
+    from .signer_opts import open_signer
     from .common import parse_size
 
     if check:
@@ -60,9 +62,9 @@ def protect_cmd(golden: str, output: str | None, name: str | None, version: str 
     missing = [o for o, v in need if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}", hint="protect GOLDEN -o TEMPLATE.vhdx --name N --version A.B.C.D --signer SPEC")
-    s = load_signer(signer, password_env=password_env, pin_env=pin_env)  # type: ignore[arg-type]
+    s = open_signer(signer, password_env, pin_env)  # type: ignore[arg-type]
     res = protect(golden, output, name, version, s, block_size=parse_size(block_size), pss=pss,  # type: ignore[arg-type]
-                  overwrite=overwrite, in_place=in_place)
+                  overwrite=overwrite, in_place=in_place, subformat=subformat)
     emit(res.to_json(), as_json, lambda r: (
         f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
         f"  root {r['root']} ({r['block_count']} blocks of {r['block_size']} bytes)"

@@ -135,13 +135,14 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
 
     g = load_guardian(folder, private=True, password_env=password_env)
     if signer:
-        from ..signers import load_signer
+        from .signer_opts import open_signer
 
-        s = load_signer(signer, password_env=signer_password_env, pin_env=pin_env)
-        key, cert, chain = s.private_key(), s.certificate, list(s.chain)
+        s = open_signer(signer, signer_password_env, pin_env)
+        cert = s.certificate
+        xml = export_metadata(g, s)
     else:
-        key, cert, chain = g.signing_key, g.signing_certificate, []
-    xml = export_metadata(g, key, cert, chain)
+        cert = g.signing_certificate
+        xml = export_metadata(g, g.signing_key, cert)
     write_bytes_atomic(out, xml)
     emit({"guardian": g.name, "output": out, "signer": cert.subject.rfc4514_string(), "size": len(xml)}, as_json,
          f"wrote {out} (signed by {cert.subject.rfc4514_string()})")

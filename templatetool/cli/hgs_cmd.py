@@ -14,6 +14,7 @@ from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, 
 from ..hgs.host import pem_public
 from .common import emit, json_option
 from .policy import KEY_FOLDER, OUTPUT_FILE
+from .tpm_cmd import PCR_BANK, PCR_LIST
 
 
 #: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
@@ -83,18 +84,16 @@ def register(cli: click.Group) -> None:
     @hgs.command("baseline")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--tcg-log", required=True, type=click.Path(dir_okay=False), help="Reference TCG event log.")
-    @click.option("--pcrs", default="0,1,2,3,4,5,7,11", show_default=True, help="PCR indices of the baseline.")
-    @click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
+    @click.option("--pcrs", type=PCR_LIST, default="0,1,2,3,4,5,7,11", show_default=True,
+                  help="PCRs (0-23) of the baseline.")
+    @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
     @json_option
-    def baseline(guardian_dir: str, tcg_log: str, pcrs: str, bank: str, ci: tuple[str, ...], as_json: bool) -> None:
+    def baseline(guardian_dir: str, tcg_log: str, pcrs: list[int], bank: str, ci: tuple[str, ...],
+                 as_json: bool) -> None:
         """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
         pol = AttestationPolicy.load(guardian_dir)
-        try:
-            sel = tuple(int(x) for x in pcrs.split(",") if x.strip())
-        except ValueError:
-            raise click.BadParameter(f"--pcrs must be a comma list of numbers, got {pcrs!r}") from None
-        pol.set_baseline_from_log(_read(tcg_log), sel, bank)
+        pol.set_baseline_from_log(_read(tcg_log), tuple(pcrs), bank)
         for c in ci:
             pol.allow_ci_policy(c)
         pol.save(guardian_dir)

@@ -42,7 +42,9 @@ COMMAND_MODULES = [
     "guardian_cmd",
     "pdk_cmd",
     "hgs_cmd",
+    "hgs_serve_cmd",
     "pipeline_cmd",
+    "vtpm_state_cmd",
 ]
 
 INTERNAL_ERROR = 70

@@ -35,9 +35,13 @@ def _recipient_key(spec: str, password_env: str | None):
 
         g = load_guardian(spec, private=True, password_env=password_env)
         return g.encryption_key, g.encryption_certificate
-    from ..signers import load_signer
+    from ..errors import UnsupportedError
+    from ..signers import KeySigner
+    from .signer_opts import open_signer
 
-    s = load_signer(spec, password_env=password_env)
+    s = open_signer(spec, password_env)
+    if not isinstance(s, KeySigner):
+        raise UnsupportedError("a PKCS#11 key cannot decrypt here", spec, "use the guardian folder or its PFX")
     return s.private_key(), s.certificate
 
 

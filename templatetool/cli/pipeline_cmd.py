@@ -12,6 +12,7 @@ from ..errors import NotFoundError, TemplateToolError
 from . import policy
 from .common import ERRORS_BY_CODE, emit, json_option
 from .policy import OUTPUT_DIR, OUTPUT_FILE, Out
+from .tpm_cmd import PCR_BANK, PCR_LIST
 
 
 def _pcr_values(text: str | None) -> dict[int, bytes] | None:
@@ -32,13 +33,6 @@ def _pcr_values(text: str | None) -> dict[int, bytes] | None:
         raise click.BadParameter("use N=HEX[,N=HEX...] or a file of such lines") from None
 
 
-def _pcrs(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"--pcrs must be numbers like 7,11, got {text!r}") from None
-
-
 def _unlock_error(rep: Any) -> TemplateToolError:
     """The typed error of an unlock report's first failed step (its own kind and exit code)."""
     st = next((s for s in rep.steps if s.status == "failed"), None)
@@ -50,7 +44,7 @@ def _unlock_error(rep: Any) -> TemplateToolError:
 
 def _unlock_text(r: dict[str, Any]) -> str:
     lines = [f"  {s['status']:>7}  {s['step']}: {s['detail']}" for s in r["steps"]]
-    lines.append("result: " + ("the guardian would unlock this VM" if r["ok"] else "WILL NOT UNLOCK"))
+    lines.append("result: " + r["summary"])
     return "\n".join(lines)
 
 
@@ -80,19 +74,23 @@ def register(cli: click.Group) -> None:
     @click.option("--kp", "kp_out", type=OUTPUT_FILE, help="Key protector output (default OUTPUT.kp).")
     @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
                   help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
-    @click.option("--pcrs", default="7,11", show_default=True, help="PCRs the vTPM protector is sealed to (0-23).")
+    @click.option("--pcrs", type=PCR_LIST, default="7,11", show_default=True,
+                  help="PCRs (0-23) the vTPM protector is sealed to, e.g. 7,11.")
     @click.option("--pcr-values", default=None, help="N=HEX[,N=HEX...] or a file; or use --tcg-log.")
     @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True), help="Reference TCG log to replay.")
-    @click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
+    @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--method", type=click.Choice(["xts-aes-128", "xts-aes-256"]), default="xts-aes-128", show_default=True,
                   help="BitLocker cipher.")
     @click.option("--report", "report_out", type=OUTPUT_FILE, help="Write the JSON report here too.")
+    @click.option("--subformat", type=click.Choice(["fixed", "dynamic"]), default=None,
+                  help="VHDX subformat of the VM disk (default: the template's).")
     @json_option
     @policy.derived_outputs(_shield_outputs)
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
-                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: str,
+                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: list[int],
                    pcr_values: str | None,
-                   tcg_log: str | None, bank: str, method: str, report_out: str | None, as_json: bool) -> None:
+                   tcg_log: str | None, bank: str, method: str, report_out: str | None, subformat: str | None,
+                   as_json: bool) -> None:
         """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
         from ..atomic import write_bytes_atomic
         from ..guardian.model import load_guardian
@@ -104,9 +102,9 @@ def register(cli: click.Group) -> None:
             raise click.UsageError("give -o OUTPUT, or --in-place to convert the template itself")
         og = load_guardian(owner, private=True, password_env=owner_password_env)
         known = [load_guardian(g, allow_untrusted_root=True) for g in guardians]
-        rep = shield(template, pdk, output or template, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=_pcrs(pcrs),
+        rep = shield(template, pdk, output or template, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=pcrs,
                      pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known,
-                     in_place=in_place)
+                     in_place=in_place, subformat=subformat)
         if report_out:
             write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
         emit(rep, as_json, lambda r: "\n".join([

@@ -78,6 +78,16 @@ class KeyFolder(_Role, click.Path):
         super().__init__(**kw)
 
 
+class KeyFile(_Role, click.Path):
+    """A private-key file the command writes: never replaced unless --force-replace-keys."""
+
+    role = "key"
+
+    def __init__(self, **kw: Any) -> None:
+        kw.setdefault("dir_okay", False)
+        super().__init__(**kw)
+
+
 class OutputPrefix(_Role, click.Path):
     """A name prefix whose derived files (see :func:`derived_outputs`) the command writes."""
 
@@ -88,6 +98,7 @@ OUTPUT_FILE = OutputFile()
 OUTPUT_DIR = OutputDir()
 KEY_FOLDER = KeyFolder()
 OUTPUT_PREFIX = OutputPrefix()
+KEY_FILE = KeyFile()
 
 #: Roles of outputs. "resume": an output that may already exist (a crashed run's key file, read back).
 OUTPUT_ROLES = {"file", "dir", "key-folder", "key", "resume"}
@@ -203,7 +214,7 @@ def plan_for(cmd: click.Command, params: dict[str, Any]) -> Plan:
             continue
         vals = _values(params[p.name])
         role = getattr(p.type, "role", None)
-        if role in ("file", "dir", "key-folder"):
+        if role in ("file", "dir", "key-folder", "key"):
             plan.outputs += [Out(_label(p), v, role) for v in vals]
         elif role == "prefix":
             continue  # its files come from derived_outputs
@@ -271,7 +282,7 @@ def install(cmd: click.Command) -> None:
         return
     roles = {getattr(p.type, "role", None) for p in cmd.params}
     derive = getattr(cmd.callback, "__templatetool_derived__", None)
-    if not (roles & {"file", "dir", "key-folder", "prefix"}) and derive is None:
+    if not (roles & {"file", "dir", "key-folder", "key", "prefix"}) and derive is None:
         return
     names = {p.name for p in cmd.params}
     accepted = set(inspect.signature(cmd.callback).parameters)
@@ -279,7 +290,7 @@ def install(cmd: click.Command) -> None:
     if "overwrite" not in names:
         cmd.params.append(click.Option(["--overwrite"], is_flag=True, help=_OVERWRITE_HELP))
         injected.add("overwrite")
-    keyish = roles & {"key-folder", "prefix"} or getattr(cmd.callback, "__templatetool_keys__", False)
+    keyish = roles & {"key-folder", "key", "prefix"} or getattr(cmd.callback, "__templatetool_keys__", False)
     if keyish and "force_replace_keys" not in names:
         cmd.params.append(click.Option(["--force-replace-keys"], is_flag=True, help=_FORCE_HELP))
         injected.add("force_replace_keys")

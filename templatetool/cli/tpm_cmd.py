@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,12 +17,63 @@ from .common import emit, json_option
 from .policy import OUTPUT_FILE, OUTPUT_PREFIX, Out
 
 
-def _pcr_values(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str) -> dict[int, bytes]:
-    from ..tpm.algs import parse_pcr_list
+class PcrListType(click.ParamType):
+    """click type for a PCR list ("7,11", "0-4,7"): sorted indices, each 0..23. Bad input is a
+    :class:`UsageError` (exit 2) naming the option, raised while the options are parsed."""
+
+    name = "pcrs"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
+        from ..tpm.algs import check_pcrs, parse_pcr_list
+
+        try:
+            if isinstance(value, (list, tuple)):
+                return check_pcrs(int(v) for v in value)
+            return parse_pcr_list(str(value))
+        except UsageError as e:
+            raise UsageError(e.what, _opt_name(param), e.hint) from None
+
+
+class PcrBankType(click.ParamType):
+    """click type for a PCR bank name (sha1, sha256, sha384, sha512): the normalised name, or a
+    :class:`UsageError` (exit 2) naming the option."""
+
+    name = "bank"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from ..tpm.algs import ALG_BY_NAME
+
+        name = str(value).strip().lower().replace("-", "")
+        if name not in ALG_BY_NAME:
+            raise UsageError(f"unknown PCR bank {str(value)[:20]!r}", _opt_name(param),
+                             "use " + ", ".join(sorted(ALG_BY_NAME)))
+        return name
+
+
+def _opt_name(param: Any) -> str:
+    opts = getattr(param, "opts", None)
+    return opts[0] if opts else "PCR option"
+
+
+#: Shared PCR option types: ``encrypt``, ``shield`` and the ``tpm`` commands validate with these.
+PCR_LIST = PcrListType()
+PCR_BANK = PcrBankType()
+#: The name other commands look for (``--bank`` / ``--pcr-bank``).
+BANK = PCR_BANK
+
+
+def parse_pcr_list(text: str) -> tuple[int, ...]:
+    """Parse a PCR list ("7,11", "0-4,7") into sorted indices 0..23: the one parser every
+    command shares (:data:`PCR_LIST` at the option). Bad input is a UsageError (exit 2)."""
+    return tuple(PCR_LIST.convert(text, None, None))
+
+
+def _pcr_values(pcrs: str | Sequence[int] | None, pcr_values: str | None, tcg_log: str | None,
+                bank: str) -> dict[int, bytes]:
     from ..tpm.policy import parse_pcr_values
     from ..tpm.protector import resolve_pcr_values
 
-    sel = parse_pcr_list(pcrs) if pcrs else None
+    sel = PCR_LIST.convert(pcrs, None, None) if pcrs else None
     if pcr_values and tcg_log:
         raise UsageError("--pcr-values and --tcg-log are exclusive")
     if not pcr_values and not tcg_log:
@@ -49,8 +102,9 @@ def _pin(pin_env: str | None, ask: bool) -> str | None:
     return None
 
 
-bank_option = click.option("--bank", default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384.")
-pcrs_option = click.option("--pcrs", help="PCR indices, e.g. 7,11.")
+bank_option = click.option("--bank", type=PCR_BANK, default="sha256", show_default=True,
+                           help="PCR bank: sha1, sha256, sha384, sha512.")
+pcrs_option = click.option("--pcrs", type=PCR_LIST, help="PCR indices 0..23, e.g. 7,11.")
 values_option = click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
 log_option = click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
 
@@ -241,38 +295,69 @@ def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) ->
 
 # --- options for other commands (encrypt / decrypt) -------------------------------------------
 
-def tpm_seal_options(f):  # type: ignore[no-untyped-def]
-    """click options adding a vTPM protector to an encrypt-like command; pass the values to
-    :func:`sealer_from_options`."""
+def tpm_seal_options(f: Any) -> Any:
+    """click options adding a vTPM protector to an encrypt-like command: ``--tpm-parent``,
+    ``--tpm-parent-template``, ``--pcrs``, ``--pcr-values``, ``--tcg-log``, ``--bank`` and
+    ``--pin-env`` (keyword names ``tpm_*``). Pass the values to :func:`vtpm_from_options`."""
     opts = [
         click.option("--tpm-parent", type=click.Path(dir_okay=False),
                      help="Add a vTPM protector sealed to this parent (TPM2B_PUBLIC, PEM public key, EK/SRK cert)."),
         click.option("--tpm-parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/cert."),
-        click.option("--pcrs", "tpm_pcrs", default="7,11", show_default=True, help="PCRs of the vTPM policy."),
+        click.option("--pcrs", "tpm_pcrs", type=PCR_LIST, default=None,
+                     help="PCRs 0..23 of the vTPM policy [default: those in --pcr-values; 7,11 with --tcg-log]."),
         click.option("--pcr-values", "tpm_pcr_values", help="7=HEX,11=HEX or a file."),
         click.option("--tcg-log", "tpm_tcg_log", type=click.Path(dir_okay=False), help="Reference TCG event log."),
-        click.option("--pcr-bank", "tpm_bank", default="sha256", show_default=True, help="PCR bank."),
-        click.option("--tpm-pin-env", metavar="VAR", help="Environment variable holding a TPM PIN."),
+        click.option("--bank", "tpm_bank", type=PCR_BANK, default="sha256", show_default=True,
+                     help="PCR bank of the vTPM policy."),
+        click.option("--pin-env", "tpm_pin_env", metavar="VAR",
+                     help="TPM+PIN: the PIN is in $VAR (adds PolicyAuthValue)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None, tpm_pcrs: str = "7,11",
-                        tpm_pcr_values: str | None = None, tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
-                        tpm_pin_env: str | None = None):  # type: ignore[no-untyped-def]
-    """The BitLocker sealer for :func:`tpm_seal_options` values, or None without --tpm-parent."""
+#: PCRs sealed to with --tcg-log when --pcrs is not given (Windows' UEFI Secure Boot default).
+DEFAULT_LOG_PCRS = (7, 11)
+
+
+def vtpm_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None,
+                      tpm_pcrs: str | Sequence[int] | None = None, tpm_pcr_values: str | None = None,
+                      tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
+                      tpm_pin_env: str | None = None) -> tuple[Any, dict[str, Any]] | None:
+    """(sealer, description) for :func:`tpm_seal_options` values, or None without --tpm-parent.
+
+    Everything (parent, PCR values or log replay, PIN) is read and checked now, before any disk
+    is touched. The description (parent Name, bank, PCRs, pin) holds no secret."""
     from ..tpm.keys import load_parent
     from ..tpm.protector import make_sealer
 
     if not tpm_parent:
-        if tpm_pcr_values or tpm_tcg_log or tpm_pin_env:
-            raise UsageError("PCR values, a TCG log or a TPM PIN need --tpm-parent")
+        ctx = click.get_current_context(silent=True)
+        bank_given = ctx is not None and ctx.get_parameter_source("tpm_bank") == click.core.ParameterSource.COMMANDLINE
+        if tpm_pcrs or tpm_pcr_values or tpm_tcg_log or tpm_pin_env or tpm_parent_template or bank_given:
+            raise UsageError("--pcrs, --pcr-values, --tcg-log, --bank, --pin-env and --tpm-parent-template describe "
+                             "a vTPM protector: they need --tpm-parent")
         return None
-    vals = _pcr_values(tpm_pcrs, tpm_pcr_values, tpm_tcg_log, tpm_bank)
-    return make_sealer(load_parent(tpm_parent, tpm_parent_template), sorted(vals), vals, bank=tpm_bank,
-                       pin=_pin(tpm_pin_env, False))
+    bank = PCR_BANK.convert(tpm_bank, None, None)
+    pcrs: Sequence[int] | None = PCR_LIST.convert(tpm_pcrs, None, None) if tpm_pcrs else None
+    if pcrs is None and tpm_tcg_log:
+        pcrs = DEFAULT_LOG_PCRS
+    vals = _pcr_values(pcrs, tpm_pcr_values, tpm_tcg_log, bank)
+    parent = load_parent(tpm_parent, tpm_parent_template)
+    pin = _pin(tpm_pin_env, False)
+    seal = make_sealer(parent, sorted(vals), vals, bank=bank, pin=pin)
+    return seal, {"parent_name": parent.name.hex(), "bank": bank, "pcrs": sorted(vals), "pin": pin is not None}
+
+
+def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None,
+                        tpm_pcrs: str | Sequence[int] | None = None, tpm_pcr_values: str | None = None,
+                        tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
+                        tpm_pin_env: str | None = None) -> Any:
+    """The BitLocker sealer for :func:`tpm_seal_options` values, or None without --tpm-parent."""
+    r = vtpm_from_options(tpm_parent, tpm_parent_template, tpm_pcrs, tpm_pcr_values, tpm_tcg_log, tpm_bank,
+                          tpm_pin_env)
+    return r[0] if r else None
 
 
 def register(cli: click.Group) -> None:

@@ -30,15 +30,18 @@ def register(cli: click.Group) -> None:
     @click.option("--block-size", type=SIZE, default=None, help="VHDX block size, 1M..256M (default 32M).")
     @click.option("--parent-dir", "parent_dirs", multiple=True, type=click.Path(),
                   help="Extra folder (or file) to look for a moved parent of a differencing SRC in.")
+    @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), default=None,
+                  help="Sector size of a raw SRC (default: from its GPT, else 512).")
     @json_option
     def convert_cmd(src: str, dst: str, to: str | None, subformat: str, block_size: int | None,
-                    parent_dirs: tuple[str, ...], as_json: bool) -> None:
+                    parent_dirs: tuple[str, ...], logical_sector_size: str | None, as_json: bool) -> None:
         """Convert SRC (raw or VHDX, by signature) to DST, keeping zero/unallocated blocks sparse."""
         from ..vhdx import convert
 
         fmt = to or ("vhdx" if dst.lower().endswith((".vhdx", ".avhdx")) else "raw")
         res = convert(src, dst, to=fmt, subformat=subformat, block_size=block_size, progress=not as_json,
-                      parent_search=list(parent_dirs) or None)
+                      parent_search=list(parent_dirs) or None,
+                      logical_sector_size=int(logical_sector_size) if logical_sector_size else None)
         res = renamed(res, source="input", destination="output", file_size="size")
         emit(res, as_json, lambda r: f"{r['output']}: {r['format']}"
              + (f" ({r['subformat']})" if r["subformat"] else "")

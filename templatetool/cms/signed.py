@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..errors import FormatError, IntegrityError, PolicyError, TemplateToolError, UnsupportedError, UsageError
-from ..signers.base import Signer
+from ..signers.base import KeyAlgorithm, Signer
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
@@ -98,7 +98,9 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     """
     if not isinstance(content, (bytes, bytearray)):
         raise UsageError("content must be bytes")
-    key = signer.private_key()
+    if not isinstance(signer, Signer):
+        raise UsageError(f"{type(signer).__name__} is not a Signer",
+                         hint="give an object with certificate, chain, key_algorithm and sign_raw()")
     cert = signer.certificate
     hash_alg = _hash(digest)
     md = _digest(bytes(content), digest)
@@ -116,12 +118,13 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     to_sign = signed_attrs.dump()  # universal SET tag: what the signature covers (RFC 5652 §5.4)
 
     pub = cert.public_key()
-    if isinstance(pub, rsa.RSAPublicKey) != isinstance(key, rsa.RSAPrivateKey) or \
-            isinstance(pub, ec.EllipticCurvePublicKey) != isinstance(key, ec.EllipticCurvePrivateKey):
+    key_alg = signer.key_algorithm
+    if isinstance(pub, rsa.RSAPublicKey) != key_alg.is_rsa or \
+            isinstance(pub, ec.EllipticCurvePublicKey) != (key_alg == KeyAlgorithm.ECDSA):
         raise UsageError("the signer's key type does not match its certificate", signer.describe())
-    if isinstance(pub, rsa.RSAPublicKey) and isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(pub, rsa.RSAPublicKey):
         if pss:
-            pad: padding.AsymmetricPadding = padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=hash_alg.digest_size)
+            use = KeyAlgorithm.RSA_PSS
             sig_alg = algos.SignedDigestAlgorithm({
                 "algorithm": "rsassa_pss",
                 "parameters": algos.RSASSAPSSParams({
@@ -132,11 +135,11 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
                 }),
             })
         else:
-            pad = padding.PKCS1v15()
+            use = KeyAlgorithm.RSA_PKCS1
             sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
-        signature = key.sign(to_sign, pad, hash_alg)
-    elif isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(to_sign, ec.ECDSA(hash_alg))
+        signature = signer.sign_raw(to_sign, hash_alg, algorithm=use)
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        signature = signer.sign_raw(to_sign, hash_alg, algorithm=KeyAlgorithm.ECDSA)
         sig_alg = algos.SignedDigestAlgorithm({"algorithm": f"{digest}_ecdsa"})
     else:
         raise UnsupportedError(f"unsupported signer key {type(pub).__name__}", hint="use RSA or EC")
@@ -187,20 +190,6 @@ def _check_signing_ku(c: x509.Certificate) -> None:
                           c.subject.rfc4514_string(), "use a certificate made for signing")
 
 
-def _is_ca(c: x509.Certificate) -> bool:
-    try:
-        bc = c.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not bc.ca:
-        return False
-    try:
-        ku = c.extensions.get_extension_for_class(x509.KeyUsage).value
-        return ku.key_cert_sign
-    except x509.ExtensionNotFound:
-        return True
-
-
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     if child.issuer != parent.subject:
         return False
@@ -213,32 +202,15 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 def build_chain(leaf: x509.Certificate, pool: list[x509.Certificate], trust: list[x509.Certificate],
                 at: _dt.datetime, max_depth: int = 8) -> x509.Certificate:
-    """Find a path leaf → … → anchor; return the anchor. Raises PolicyError when none exists."""
-    fp = lambda c: c.fingerprint(hashes.SHA256())  # noqa: E731
-    anchors = {fp(t): t for t in trust}
-    if fp(leaf) in anchors:
-        return leaf  # the signer certificate itself is trusted (pinned)
-    cur = leaf
-    seen = {fp(leaf)}
-    for _ in range(max_depth):
-        for t in trust:
-            if _issued_by(cur, t):
-                _check_validity(t, at, "trust anchor")
-                return t
-        nxt = None
-        for c in pool:
-            if fp(c) in seen:
-                continue
-            if _issued_by(cur, c) and _is_ca(c):
-                nxt = c
-                break
-        if nxt is None:
-            break
-        _check_validity(nxt, at, "intermediate")
-        seen.add(fp(nxt))
-        cur = nxt
-    raise PolicyError("the signer certificate does not chain to a trusted certificate",
-                      leaf.subject.rfc4514_string(), "pass the issuing CA or the signer certificate with --trust")
+    """Validate the path leaf → … → anchor (:func:`templatetool.pki.verify_chain`); return the anchor.
+
+    The signer certificate may itself be a trust anchor (pinned). Raises PolicyError when no
+    valid path exists (non-CA issuer, missing keyCertSign, expired CA, path length ...).
+    """
+    from ..pki import verify_chain
+
+    return verify_chain(leaf, pool, trust, at=at, where="CMS signer", what="signer certificate",
+                        max_depth=max_depth).anchor
 
 
 def _check_embedded_certificates(certs: list[x509.Certificate], where: str) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..blockdev import BlockDevice, RawFile, View
+from ..blockdev import BlockDevice, RawFile, View, require_disk_bytes
 from ..errors import NotFoundError, ResourceError, UsageError
 from .fs import sniff_filesystem
-from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable,
+from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable, gpt_sector_size,
                          read_partition_table)
 
 VHDX_SIGNATURE = b"vhdxfile"
@@ -20,7 +20,7 @@ VHDX_SIGNATURE = b"vhdxfile"
 __all__ = [
     "open_disk", "create_disk", "disk_format", "read_partition_table", "find_os_volume",
     "sniff_filesystem", "Partition", "PartitionTable", "BASIC_DATA", "EFI_SYSTEM", "MS_RESERVED",
-    "select_volume", "locate_volume", "View",
+    "select_volume", "locate_volume", "View", "open_raw", "gpt_sector_size", "output_subformat", "SUBFORMATS",
 ]
 
 
@@ -40,12 +40,31 @@ def disk_format(path: str | os.PathLike[str]) -> str:
 
 
 def open_disk(path: str | os.PathLike[str], writable: bool = False) -> BlockDevice:
-    """Open a raw image or a VHDX (detected by signature) as a BlockDevice."""
+    """Open a raw image or a VHDX (detected by signature) as a BlockDevice.
+
+    Raises FormatError for a file too small to be a disk (empty, or under one sector).
+    """
     if disk_format(path) == "vhdx":
         from ..vhdx import open_vhdx
 
         return open_vhdx(path, writable=writable)
-    return RawFile(path, writable=writable)
+    return open_raw(path, writable)
+
+
+def open_raw(path: str | os.PathLike[str], writable: bool = False, sector_size: int | None = None) -> RawFile:
+    """Open a raw disk image; its logical sector size is ``sector_size``, else detected from the
+    GPT (primary header at byte 512 or 4096), else 512. An empty or sub-sector file is a
+    FormatError."""
+    dev = RawFile(path, writable=writable)
+    try:
+        require_disk_bytes(dev.size, dev.name)
+        ss = sector_size or gpt_sector_size(dev.read, dev.size)
+    except BaseException:
+        dev.close()
+        raise
+    if ss:
+        dev.sector_size = ss
+    return dev
 
 
 def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | None = None,
@@ -71,6 +90,22 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
     return RawFile.create(path, size, sector_size=lss)
 
 
+SUBFORMATS = ("fixed", "dynamic")
+
+
+def output_subformat(src: BlockDevice, requested: str | None, out_format: str) -> str:
+    """The VHDX subformat of a disk written from ``src``: ``requested`` (fixed|dynamic), else the
+    source's own (a fixed VHDX stays fixed), else dynamic (raw or differencing sources)."""
+    if requested is not None:
+        if requested not in SUBFORMATS:
+            raise UsageError(f"unknown VHDX subformat {requested!r}", hint="use fixed or dynamic")
+        if out_format != "vhdx":
+            raise UsageError(f"--subformat {requested} applies to a .vhdx output only")
+        return requested
+    own = getattr(src, "subformat", None)
+    return own if own in SUBFORMATS else "dynamic"
+
+
 def locate_volume(dev: BlockDevice, partition: int | None = None,
                   want: tuple[str, ...] = ("ntfs", "bitlocker")) -> tuple[int, int, int | None]:
     """(offset, size, 1-based index or None) of the volume to work on.
@@ -89,8 +124,10 @@ def locate_volume(dev: BlockDevice, partition: int | None = None,
         p = table.get(partition)
         return p.offset, p.size, p.index
     best: Partition | None = None
+    # BitLocker To Go keeps a FAT stick's MBR type (0x0B/0x0C/0x0E/0x06): look there too for it
+    kinds = ("basic-data", "other") + (("fat32", "fat16") if "bitlocker-to-go" in want else ())
     for p in table.partitions:
-        if p.kind not in ("basic-data", "other"):
+        if p.kind not in kinds:
             continue
         if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
             best = p

@@ -14,7 +14,7 @@ FS_BITLOCKER_TOGO = "bitlocker-to-go"
 
 
 def sniff_filesystem(view: BlockDevice) -> str | None:
-    """Return 'ntfs', 'fat32', 'fat', 'exfat', 'ext', 'bitlocker' or None (unknown/empty)."""
+    """Return 'ntfs', 'fat32', 'fat', 'exfat', 'ext', 'bitlocker', 'bitlocker-to-go' or None."""
     if view.size < 2048:
         return None
     head = view.read(0, min(view.size, 4096))
@@ -25,7 +25,7 @@ def sniff_filesystem(view: BlockDevice) -> str | None:
         return FS_NTFS
     if oem == b"EXFAT   ":
         return FS_EXFAT
-    if oem == b"MSWIN4.1" and head[0x52:0x5A] != b"FAT32   " and b"\x3b\xd6\x67\x49" in head[:512]:
+    if oem == b"MSWIN4.1" and head[0x1A8:0x1AC] == b"\x3b\xd6\x67\x49":  # BitLocker GUID where To Go has it
         return FS_BITLOCKER_TOGO
     if head[0x52:0x5A] == b"FAT32   ":
         return FS_FAT32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from construct import ConstructError
@@ -133,6 +134,19 @@ def _parse_gpt_at(dev: BlockDevice, lba: int, ss: int, where: str) -> tuple[dict
             attributes=e.attributes,
         ))
     return hdr, parts
+
+
+#: Logical sector sizes a GPT disk image may use (the header sits at LBA 1 = byte 512 or 4096).
+GPT_SECTOR_SIZES = (512, 4096)
+
+
+def gpt_sector_size(read: Callable[[int, int], bytes], size: int) -> int | None:
+    """The logical sector size of a GPT disk image: 512 or 4096 by where the primary header's
+    "EFI PART" signature is (LBA 1), or None (no GPT there). ``read(offset, n)`` reads the image."""
+    for ss in GPT_SECTOR_SIZES:
+        if size >= 2 * ss and read(ss, 8) == b"EFI PART":
+            return ss
+    return None
 
 
 def _looks_like_boot_sector(head: bytes) -> bool:

@@ -16,8 +16,9 @@ Document (namespace ``http://schemas.microsoft.com/kps/2014/07``)::
 
 The certificate signatures are the guardian's signing key over the DER of the encryption
 certificate and over the DER of the signing certificate itself (algorithm URIs in ``sigalg``).
-The enveloped XML-DSig signature is made and checked with signxml (no hand canonicalisation);
-the tests check it independently with ``xmlsec1 --verify``.
+The enveloped XML-DSig signature is built here (lxml exclusive c14n) and signed through the
+:class:`~templatetool.signers.Signer` protocol, so PFX, PEM and PKCS#11 keys sign alike; it is
+checked with signxml on import, and the tests check it independently with ``xmlsec1 --verify``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ import base64
 import binascii
 import datetime as _dt
 
+from collections.abc import Sequence
+
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from lxml import etree
 
-from ..errors import FormatError, IntegrityError, UsageError
+from ..errors import FormatError, IntegrityError, UnsupportedError, UsageError
+from ..signers.base import KeyAlgorithm, KeySigner, Signer
 from . import sigalg
 from .model import Guardian, check_chain, check_usage, check_validity, validate_name
 
@@ -61,17 +67,78 @@ def _sig_element(parent, tag: str, key, data: bytes) -> None:
     etree.SubElement(el, _K + "SignatureValue").text = _b64(value)
 
 
-def export_metadata(g: Guardian, signer_key: sigalg.SigningKey, signer_cert: x509.Certificate,
-                    signer_chain: list[x509.Certificate] = ()) -> bytes:
+_DS = f"{{{DS_NS}}}"
+_EXC_C14N = "http://www.w3.org/2001/10/xml-exc-c14n#"
+_ENVELOPED = "http://www.w3.org/2000/09/xmldsig#enveloped-signature"
+_SHA256_URI = "http://www.w3.org/2001/04/xmlenc#sha256"
+
+
+def _exc_c14n(el: etree._Element) -> bytes:
+    return etree.tostring(el, method="c14n", exclusive=True, with_comments=False)
+
+
+def _signature_method(signer: Signer) -> str:
+    """RSA PKCS#1 v1.5 SHA-256, or ECDSA SHA-256 (P-256) / SHA-384 (P-384)."""
+    pub = signer.certificate.public_key()
+    if signer.key_algorithm.is_rsa:
+        return sigalg.RSA_SHA256
+    if signer.key_algorithm != KeyAlgorithm.ECDSA or not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise UnsupportedError(f"unsupported signer key {type(pub).__name__}", signer.describe(), "use RSA or EC")
+    return sigalg.algorithm_for(pub)
+
+
+def _signature_value(signer: Signer, method: str, data: bytes) -> bytes:
+    """The SignatureValue over ``data``; ECDSA as fixed-length r||s (RFC 4051 §3.3)."""
+    if method == sigalg.RSA_SHA256:
+        return signer.sign_raw(data, hashes.SHA256(), algorithm=KeyAlgorithm.RSA_PKCS1)
+    h: hashes.HashAlgorithm = hashes.SHA384() if method == sigalg.ECDSA_SHA384 else hashes.SHA256()
+    r, s = decode_dss_signature(signer.sign_raw(data, h, algorithm=KeyAlgorithm.ECDSA))
+    n = (signer.certificate.public_key().key_size + 7) // 8  # type: ignore[union-attr]
+    return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+
+
+def sign_enveloped(root: etree._Element, signer: Signer) -> None:
+    """Append an enveloped XML-DSig ``ds:Signature`` to ``root`` (in place), made by ``signer``.
+
+    Reference URI="" with the enveloped-signature and exclusive-c14n transforms, SHA-256 digest,
+    SignedInfo canonicalised with exclusive c14n and signed through :meth:`Signer.sign_raw`;
+    KeyInfo carries the signer certificate then its chain.
+    """
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_exc_c14n(root))  # = the document after the enveloped-signature transform
+    sig = etree.SubElement(root, _DS + "Signature", nsmap={"ds": DS_NS})
+    si = etree.SubElement(sig, _DS + "SignedInfo")
+    etree.SubElement(si, _DS + "CanonicalizationMethod", Algorithm=_EXC_C14N)
+    method = _signature_method(signer)
+    etree.SubElement(si, _DS + "SignatureMethod", Algorithm=method)
+    ref = etree.SubElement(si, _DS + "Reference", URI="")
+    transforms = etree.SubElement(ref, _DS + "Transforms")
+    etree.SubElement(transforms, _DS + "Transform", Algorithm=_ENVELOPED)
+    etree.SubElement(transforms, _DS + "Transform", Algorithm=_EXC_C14N)
+    etree.SubElement(ref, _DS + "DigestMethod", Algorithm=_SHA256_URI)
+    etree.SubElement(ref, _DS + "DigestValue").text = _b64(digest.finalize())
+    etree.SubElement(sig, _DS + "SignatureValue").text = _b64(_signature_value(signer, method, _exc_c14n(si)))
+    x509_data = etree.SubElement(etree.SubElement(sig, _DS + "KeyInfo"), _DS + "X509Data")
+    for c in (signer.certificate, *signer.chain):
+        etree.SubElement(x509_data, _DS + "X509Certificate").text = _b64(_der(c))
+
+
+def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert: x509.Certificate | None = None,
+                    signer_chain: Sequence[x509.Certificate] = ()) -> bytes:
     """Build and sign the guardian metadata XML for ``g`` (needs ``g.signing_key``).
 
-    ``signer_key``/``signer_cert`` make the enveloped XML-DSig signature (HGS uses its
-    communications certificate; a guardian may sign with its own signing key).
+    ``signer`` makes the enveloped XML-DSig signature: any :class:`~templatetool.signers.Signer`
+    (PFX, PEM, PKCS#11 — HGS uses its communications certificate), or a private key with
+    ``signer_cert`` (and ``signer_chain``), e.g. the guardian's own signing key.
     """
     if g.signing_key is None:
         raise UsageError(f"guardian {g.name!r} has no private signing key here", g.path,
                          "export from the folder where the guardian was generated")
-    root = etree.Element(_K + "Metadata", nsmap={None: KPS_NS}, Version=METADATA_VERSION)
+    if isinstance(signer, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        if signer_cert is None:
+            raise UsageError("a signing key needs its certificate", g.path)
+        signer = KeySigner(signer, signer_cert, signer_chain)
+    root = etree.Element(_K + "Metadata", nsmap={None: KPS_NS}, Version=METADATA_VERSION)  # type: ignore[dict-item]
     gi = etree.SubElement(root, _K + "GuardianInformation")
     etree.SubElement(gi, _K + "Version").text = METADATA_VERSION
     etree.SubElement(gi, _K + "EncryptionCertificate").text = _b64(_der(g.encryption_certificate))
@@ -82,20 +149,8 @@ def export_metadata(g: Guardian, signer_key: sigalg.SigningKey, signer_cert: x50
         others = etree.SubElement(gi, _K + "OtherSigningCertificates")
         for c in g.other_signing_certificates:
             etree.SubElement(others, _K + "Certificate").text = _b64(_der(c))
-    from signxml import (
-        CanonicalizationMethod,
-        DigestAlgorithm,
-        SignatureMethod,
-        XMLSigner,
-    )
-
-    alg = sigalg.algorithm_for(signer_key)
-    method = {sigalg.RSA_SHA256: SignatureMethod.RSA_SHA256, sigalg.ECDSA_SHA256: SignatureMethod.ECDSA_SHA256,
-              sigalg.ECDSA_SHA384: SignatureMethod.ECDSA_SHA384}[alg]
-    signer = XMLSigner(signature_algorithm=method, digest_algorithm=DigestAlgorithm.SHA256,
-                       c14n_algorithm=CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0)
-    signed = signer.sign(root, key=signer_key, cert=[signer_cert, *signer_chain])
-    return etree.tostring(signed, xml_declaration=True, encoding="UTF-8")
+    sign_enveloped(root, signer)
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
 
 
 def safe_parser() -> etree.XMLParser:
@@ -187,7 +242,8 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     if signed is None or signed.tag != _K + "Metadata":
         raise IntegrityError("the XML signature does not cover the Metadata document", where)
     check_validity(signer_cert, f"{where}: metadata signer", at, allow_expired)
-    check_chain(signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root)
+    check_chain(signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root,
+                at=at, allow_expired=allow_expired)
     gi = _child(signed, "GuardianInformation", where)
     ver = _child(gi, "Version", where).text
     if (ver or "").strip() != METADATA_VERSION or signed.get("Version") != METADATA_VERSION:
@@ -206,5 +262,5 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     check_usage(enc, "encryption", where)
     for c in (sig, enc):
         check_validity(c, where, at, allow_expired)
-    check_chain(sig, where, others, trust, allow_untrusted_root)
+    check_chain(sig, where, others, trust, allow_untrusted_root, at=at, allow_expired=allow_expired)
     return Guardian(name, sig, enc, other_signing_certificates=others, source="imported", encryption_signature=ecs)

@@ -207,49 +207,19 @@ def check_certificate_parses(cert: x509.Certificate, what: str, where: str) -> N
 
 
 def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate] = (),
-                trust: list[x509.Certificate] = (), allow_untrusted_root: bool = False) -> None:
-    """Verify ``cert``'s issuer chain (signatures) up to a root; the root must be in ``trust``.
+                trust: list[x509.Certificate] = (), allow_untrusted_root: bool = False, *,
+                at: _dt.datetime | None = None, allow_expired: bool = False) -> list[x509.Certificate]:
+    """Validate ``cert``'s chain up to a root in ``trust`` (:func:`templatetool.pki.verify_chain`).
 
-    A self-signed root outside ``trust`` is refused unless ``allow_untrusted_root``
-    (like ``-AllowUntrustedRoot``). A bad certificate signature is an IntegrityError.
+    Every issuer must be a CA (basicConstraints, keyCertSign) valid at ``at`` (now) unless
+    ``allow_expired``; a root outside ``trust`` is refused unless ``allow_untrusted_root`` (like
+    ``-AllowUntrustedRoot``; the rest of the chain is still validated). Returns the path.
+    A bad certificate signature is an IntegrityError, any other refusal a PolicyError.
     """
-    pool = list(extra) + list(trust)
-    trusted_der = {c.public_bytes(serialization.Encoding.DER) for c in trust}
-    cur = cert
-    for _ in range(8):
-        der = cur.public_bytes(serialization.Encoding.DER)
-        if der in trusted_der:
-            return
-        if _is_self_issued(cur, where):
-            try:
-                cur.verify_directly_issued_by(cur)
-            except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as e:
-                raise IntegrityError(f"the self-signed certificate's signature does not verify ({type(e).__name__})",
-                                     f"{where}: {cur.subject.rfc4514_string()}", "the certificate was altered") from None
-            if allow_untrusted_root:
-                return
-            raise PolicyError("the certificate chains to an untrusted root", f"{where}: {cur.subject.rfc4514_string()}",
-                              "add the root with --trust, or pass --allow-untrusted-root (self-signed guardians)")
-        issuer = None
-        for cand in pool:
-            try:
-                same_name = cand.subject == cur.issuer
-            except ValueError:  # a damaged candidate (e.g. from --trust) cannot be the issuer
-                continue
-            if same_name:
-                try:
-                    cur.verify_directly_issued_by(cand)
-                    issuer = cand
-                    break
-                except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
-                    continue  # not this candidate: try the next one
-        if issuer is None:
-            if allow_untrusted_root:
-                return
-            raise PolicyError("cannot find the issuer of the certificate", f"{where}: {cur.issuer.rfc4514_string()}",
-                              "add the issuing CA with --trust, or pass --allow-untrusted-root")
-        cur = issuer
-    raise PolicyError("certificate chain too long", where)
+    from ..pki import verify_chain
+
+    return verify_chain(cert, list(extra), list(trust), at=at, allow_untrusted_root=allow_untrusted_root,
+                        allow_expired=allow_expired, where=where).chain
 
 
 def check_guardian(g: Guardian, where: str | None = None, *, at: _dt.datetime | None = None,
@@ -268,9 +238,9 @@ def check_guardian(g: Guardian, where: str | None = None, *, at: _dt.datetime | 
         check_validity(c, w, at, allow_expired)
     enforce_root = g.source not in ("generated", "imported")
     check_chain(g.signing_certificate, w, g.other_signing_certificates, trust,
-                allow_untrusted_root or not enforce_root)
+                allow_untrusted_root or not enforce_root, at=at, allow_expired=allow_expired)
     check_chain(g.encryption_certificate, w, [g.signing_certificate, *g.other_signing_certificates], trust,
-                allow_untrusted_root or not enforce_root)
+                allow_untrusted_root or not enforce_root, at=at, allow_expired=allow_expired)
 
 
 # ------------------------------------------------------------------------------------------------

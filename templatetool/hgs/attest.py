@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ..atomic import write_bytes_atomic
@@ -105,8 +104,10 @@ class AttestationPolicy:
 
     def set_baseline_from_log(self, tcg_log: bytes, pcrs: tuple[int, ...] = DEFAULT_PCRS, bank: str = "sha256") -> None:
         """Set the PCR baseline to the values a reference TCG log implies."""
+        from ..tpm.algs import check_pcrs
         from ..tpm.eventlog import replay_log
 
+        pcrs = tuple(check_pcrs(pcrs))  # 0..23: a UsageError, never a KeyError below
         rep = replay_log(tcg_log)
         if bank not in rep.values_by_bank:
             raise PolicyError(f"reference log has no {bank} bank", hint=f"banks: {', '.join(rep.values_by_bank)}")
@@ -234,31 +235,13 @@ def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_c
 
 def verify_health_certificate(cert: x509.Certificate, issuer_cert: x509.Certificate, *,
                               at: _dt.datetime | None = None, where: str = "health certificate") -> None:
-    """Check a health certificate: issued by this guardian, our EKU, and fresh at ``at`` (now)."""
+    """Check a health certificate: issued by this guardian's attestation CA (any signature algorithm
+    the PKI module accepts), our EKU, and fresh at ``at`` (now). PolicyError / IntegrityError."""
     if cert.issuer != issuer_cert.subject:
         raise PolicyError("health certificate was not issued by this guardian", where, "attest again with this guardian")
-    pub = issuer_cert.public_key()
-    try:
-        if isinstance(pub, rsa.RSAPublicKey):
-            pub.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
-        elif isinstance(pub, ec.EllipticCurvePublicKey):
-            pub.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
-        else:
-            raise InvalidSignature
-    except InvalidSignature:
-        raise IntegrityError("health certificate signature does not verify", where) from None
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = []
-    if HEALTH_EKU not in eku:
-        raise PolicyError("certificate is not a health certificate", where)
-    now = at or _dt.datetime.now(_dt.timezone.utc)
-    if now > cert.not_valid_after_utc:
-        raise PolicyError(f"health certificate expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", where,
-                          "attest again to get a fresh one")
-    if now < cert.not_valid_before_utc:
-        raise PolicyError("health certificate is not valid yet", where)
+    from ..pki import verify_chain
+
+    verify_chain(cert, [], [issuer_cert], at=at, eku=HEALTH_EKU, where=where, what="health certificate")
 
 
 ATTESTATION_KEY = "attestation-signer.key.pem"

@@ -42,7 +42,7 @@ from ..guardian.model import (
     check_validity,
     describe_certificate,
 )
-from ..signers.base import Signer
+from ..signers.base import KeySigner
 from ..signers.certs import thumbprint
 from .document import (
     PDK_FORMAT,
@@ -60,19 +60,19 @@ from .document import (
 MAX_PDK_SIZE = 16 << 20
 
 
-class GuardianSigner(Signer):
-    """Adapts a guardian holding its signing key to the :class:`Signer` interface."""
+class GuardianSigner(KeySigner):
+    """A guardian holding its signing key, as a :class:`~templatetool.signers.base.Signer`."""
 
     def __init__(self, g: Guardian) -> None:
         if g.signing_key is None:
             raise CredentialError(f"guardian {g.name!r} has no private signing key here", g.path,
                                   "give the owner guardian folder that holds its keys")
         self._g = g
-        self.certificate = g.signing_certificate
-        self.chain = list(g.other_signing_certificates)
+        super().__init__(g.signing_key, g.signing_certificate, list(g.other_signing_certificates))
 
-    def private_key(self):
-        return self._g.signing_key
+    def describe(self) -> str:
+        """The guardian's signing certificate subject."""
+        return f"{self.certificate.subject.rfc4514_string()} (guardian {self._g.name})"
 
 
 @dataclass
@@ -222,6 +222,7 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
         for c in certs:
             c.public_key()  # parsed lazily: a damaged key must fail here
         problems = []
+        signer: x509.Certificate | None = None
         if sd["version"].native != "v1":
             problems.append("SignedData version")
         if sd["encap_content_info"]["content_type"].native != "data":
@@ -241,10 +242,15 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
                 problems.append("SignerInfo version")
             if si["unsigned_attrs"].native is not None:
                 problems.append("unsigned attributes")
-            if not certs:
-                problems.append("no certificates")
+            # DER sorts the SET OF certificates: find the signer by issuer and serial, not position
+            sid = si["sid"].chosen if si["sid"].name == "issuer_and_serial_number" else None
+            signer = None if sid is None else next(
+                (c for c in certs if c.serial_number == sid["serial_number"].native
+                 and c.issuer.public_bytes() == sid["issuer"].dump()), None)
+            if signer is None:
+                problems.append("no signer certificate")
             else:
-                pub = certs[0].public_key()
+                pub = signer.public_key()
                 if isinstance(pub, rsa.RSAPublicKey):
                     expect = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"}).dump()
                 elif isinstance(pub, ec.EllipticCurvePublicKey):
@@ -256,7 +262,7 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
         if problems:
             raise IntegrityError(f"unexpected CMS fields in the PDK ({', '.join(problems)})", where,
                                  "it was altered after signing or not written by templatetool")
-        return certs[0], certs[1:]
+        return signer, [c for c in certs if c is not signer]
     except TemplateToolError:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure of untrusted DER (asn1crypto, x509) is malformed input
@@ -315,18 +321,20 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         for c in (e.signing_certificate, e.encryption_certificate):
             check_validity(c, w, now, allow_expired)
         # signature of each certificate where its issuer is known (self-signed: always)
-        check_chain(e.signing_certificate, w, chain, (), allow_untrusted_root=True)
-        check_chain(e.encryption_certificate, w, [e.signing_certificate, *chain], (), allow_untrusted_root=True)
+        check_chain(e.signing_certificate, w, chain, (), allow_untrusted_root=True, at=now, allow_expired=allow_expired)
+        check_chain(e.encryption_certificate, w, [e.signing_certificate, *chain], (), allow_untrusted_root=True,
+                    at=now, allow_expired=allow_expired)
         if e.encryption_signature is not None:
             sigalg.verify_bytes(e.signing_certificate.public_key(), *e.encryption_signature,
                                 _der(e.encryption_certificate), "encryption certificate signature", w)
-    owner_trust = "not pinned (pass --owner or --trust to pin the owner)"
+    owner_trust = "not pinned (pin the owner with `pdk verify --owner` or `pdk verify --trust`)"
     if owner_certificate is not None:
         if _der(owner_certificate) != _der(owner.signing_certificate):
             raise IntegrityError("the PDK is signed by another owner", where, "check which owner made it")
         owner_trust = "pinned (owner certificate matches)"
     elif trust:
-        check_chain(owner.signing_certificate, f"{where}: owner", chain, list(trust), allow_untrusted_root=False)
+        check_chain(owner.signing_certificate, f"{where}: owner", chain, list(trust), allow_untrusted_root=False,
+                    at=now, allow_expired=allow_expired)
         owner_trust = "trusted (chains to --trust)"
     expected = sorted((c.issuer.public_bytes(), c.serial_number)
                       for c in [owner.encryption_certificate] + [g.encryption_certificate for g in guardians])

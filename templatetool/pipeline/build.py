@@ -173,7 +173,9 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     from ..guardian.model import load_guardian
     from ..pdk.document import NamedFile, SecretPart
     from ..pdk.shielding import create_pdk
+    from ..secrets import env_or_prompt
     from ..signers import load_signer
+    from ..signers.pkcs11_signer import DEFAULT_PIN_ENV
     from .protect import protect
     from .shield import shield
 
@@ -188,9 +190,11 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         t = time.monotonic()
         golden = r.p("template", "golden", required=True)
         template_out = r.p("template", "output", required=True)
-        signer = load_signer(str(r.get("template", "signer", required=True)),
-                             password_env=r.get("template", "signer_password_env"),
-                             pin_env=r.get("template", "signer_pin_env"))
+        signer_spec = str(r.get("template", "signer", required=True))
+        signer = load_signer(signer_spec,
+                             password=env_or_prompt(r.get("template", "signer_password_env"),
+                                                    f"password for {os.path.basename(signer_spec)}: "),
+                             pin=env_or_prompt(r.get("template", "signer_pin_env") or DEFAULT_PIN_ENV, "token PIN: "))
         pr = protect(golden, template_out, str(r.get("template", "name", required=True)),
                      str(r.get("template", "version", required=True)), signer, pss=bool(r.get("template", "pss", False)),
                      overwrite=True)
@@ -198,7 +202,8 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         vsc_out = r.p("template", "vsc") or template_out.with_suffix(".vsc")
         write_bytes_atomic(vsc_out, read_vsc_bytes(template_out))
         written.append(vsc_out)
-        report["steps"]["protect"] = {**pr.to_json(), "seconds": round(time.monotonic() - t, 3)}
+        # the catalog written by this step is vsc_out (protect's own "vsc" is only a raw disk's sidecar)
+        report["steps"]["protect"] = {**pr.to_json(), "vsc": str(vsc_out), "seconds": round(time.monotonic() - t, 3)}
         report["catalog_root"] = pr.document.root.hex()
         report["artifacts"]["template"] = str(template_out)
         report["artifacts"]["vsc"] = str(vsc_out)

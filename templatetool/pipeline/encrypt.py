@@ -30,22 +30,54 @@ from ..bitlocker.volume import (
 )
 from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
 from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
-from ..errors import UnsupportedError, UsageError
+from ..errors import CredentialError, ResourceError, UnsupportedError, UsageError
 from ..progress import progress
 
 
 @dataclass
 class Credentials:
-    """One way to unlock a BitLocker volume (exactly one field set)."""
+    """One way to unlock a BitLocker volume (exactly one of the credential fields set).
+
+    ``tpm``: the TCTI of a (v)TPM that unseals the volume's vTPM protector (``tpm_pin`` is its
+    PIN, for a TPM+PIN protector); ``vmk``: the 32-byte VMK itself.
+    """
 
     recovery_password: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
     bek: bytes | None = field(default=None, repr=False)
     clear: bool = False
+    vmk: bytes | None = field(default=None, repr=False)
+    tpm: str | None = None
+    tpm_pin: str | None = field(default=None, repr=False)
 
     def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`FveVolume.unlock` (a TPM credential is resolved first by
+        :func:`unlock_with`)."""
         return {"recovery_password": self.recovery_password, "password": self.password, "bek": self.bek,
-                "clear": self.clear}
+                "vmk": self.vmk, "clear": self.clear}
+
+
+def tpm_vmk(fve: Any, tcti: str, *, pin: str | None = None, parent_handle: int | None = None) -> bytes:
+    """The VMK of a BitLocker volume, unsealed from its vTPM protector(s) through the (v)TPM at
+    ``tcti``. The TPM enforces the PCR policy (PolicyError, exit 6) and the PIN (CredentialError,
+    counted by the TPM's dictionary-attack protection)."""
+    from ..bitlocker.keys import parse_key_entry
+    from ..tpm.protector import unseal_first_with_tpm
+
+    payloads = fve.tpm_blobs()
+    if not payloads:
+        raise CredentialError("the volume has no TPM protector", fve.name, "unlock it with another credential")
+    entry = unseal_first_with_tpm(payloads, tcti, pin=pin, parent_handle=parent_handle)
+    _, vmk = parse_key_entry(entry, "VMK unsealed by the TPM", expect_len=32)
+    return vmk
+
+
+def unlock_with(fve: Any, credentials: Credentials) -> Any:
+    """Unlock ``fve`` with ``credentials`` (through the TPM for a ``tpm`` credential); return the
+    decrypted view."""
+    if credentials.tpm:
+        return fve.unlock(vmk=tpm_vmk(fve, credentials.tpm, pin=credentials.tpm_pin))
+    return fve.unlock(**credentials.kwargs())
 
 
 def _out_format(path: str | os.PathLike[str]) -> str:
@@ -93,23 +125,70 @@ def _temp_volume(folder: Path) -> Any:
             os.unlink(name)
 
 
+@dataclass
+class FreeSpace:
+    """The free-space decision for one pass over a volume.
+
+    ``skip`` is the ``skip(offset, length)`` function (None: every chunk is processed);
+    ``used`` whether the optimisation applies; ``reason`` why not (or what it is based on);
+    ``filesystem`` what :func:`~templatetool.disk.sniff_filesystem` saw; ``skipped_bytes`` is
+    filled in by the caller after the pass.
+    """
+
+    skip: Any
+    used: bool
+    reason: str
+    filesystem: str | None
+    skipped_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"used": self.used, "reason": self.reason, "filesystem": self.filesystem,
+                "skipped_bytes": self.skipped_bytes}
+
+
+def free_space(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: Any = None) -> FreeSpace:
+    """Decide whether a pass over ``view`` may skip free space, and how (never raises for the
+    filesystem's sake).
+
+    The skip is an optimisation only: it is used when the filesystem read from ``fs_view``
+    (default ``view``: for decryption, the plaintext view of an encrypted volume) is NTFS and its
+    $Bitmap parses cleanly. Any other content (FAT32, exFAT, ReFS, a damaged NTFS, random bytes)
+    gives ``used=False`` with the reason, and the caller processes the whole volume.
+    """
+    from ..catalog.ntfs import ntfs_free_map
+    from ..errors import TemplateToolError
+
+    fsv = fs_view if fs_view is not None else view
+    fs = sniff_filesystem(fsv)
+    if fs != "ntfs":
+        return FreeSpace(None, False, f"the volume holds {fs or 'no recognised filesystem'}, not NTFS: "
+                         "whole volume processed", fs)
+    try:
+        fm = free_map if free_map is not None else ntfs_free_map(fsv)
+    except TemplateToolError as e:
+        if isinstance(e, ResourceError):
+            raise  # an I/O problem is not a filesystem verdict
+        return FreeSpace(None, False, f"NTFS free-cluster map unusable ({e.what}): whole volume processed", fs)
+    return FreeSpace(_skipper(view, fsv, fm), True, "NTFS $Bitmap: free clusters that are unallocated are skipped",
+                     fs)
+
+
 def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: Any = None) -> Any:
     """``skip(offset, length)``: True when the span is unallocated in ``view`` (a VHDX hole or a
     sparse-file hole) **and** every NTFS cluster in it is free (NTFS read from ``fs_view``,
     default ``view``: for decryption, the plaintext view of an encrypted volume).
 
     Such spans stay unallocated in the output: time and output size then follow the used data,
-    not the virtual size. Returns None (never skip) for non-NTFS volumes. ``free_map``: the
+    not the virtual size. Returns None (never skip) for non-NTFS volumes and for an NTFS whose
+    $Bitmap cannot be read (see :func:`free_space`, which also says why). ``free_map``: the
     volume's :class:`~templatetool.catalog.ntfs.FreeMap` when the caller already read it.
     """
+    return free_space(view, fs_view, free_map).skip
+
+
+def _skipper(view: BlockDevice, fsv: BlockDevice, fm: Any) -> Any:
     import bisect
 
-    from ..catalog.ntfs import ntfs_free_map
-
-    fsv = fs_view if fs_view is not None else view
-    if sniff_filesystem(fsv) != "ntfs":
-        return None
-    fm = free_map if free_map is not None else ntfs_free_map(fsv)
     starts: list[int] = []
     ends: list[int] = []
     for o, n in view.allocated_ranges():
@@ -152,7 +231,8 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                  method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
                  description: str | None = None, *, sparse: bool = True,
                  tap: Any = None, tap_zeros: Any = None, worker_tap: Any = None, on_tap: Any = None,
-                 on_result: Any = None, workers: int | None = None, free_map: Any = None) -> dict[str, Any]:
+                 on_result: Any = None, workers: int | None = None, free_map: Any = None,
+                 subformat: str = "dynamic") -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -166,6 +246,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     sparse decision when the volume is encrypted straight from a reserved template).
     ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
     place (e.g. to save key files first); if it raises, no output appears.
+    ``subformat``: fixed or dynamic, for a VHDX output.
 
     Returns a dict with the partition index, volume offset/size, whether the regions were
     already reserved, ``skipped_bytes`` and ``result`` (the :class:`EncryptResult`).
@@ -210,7 +291,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 if tap_zeros is not None:
                     tap_zeros(off, n)
 
-            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
+            out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path), subformat=subformat)
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(
@@ -232,29 +313,40 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                  credentials: Credentials, *, sparse: bool = True, workers: int | None = None) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted.
 
-    With ``sparse`` (default), spans left unallocated by a sparse encryption (unallocated in the
-    encrypted disk and free in the decrypted NTFS) are left unallocated (zeros) again, so a
-    sparse shield + decrypt round trip gives back the template's bytes exactly.
+    Decryption never depends on the filesystem inside the volume. With ``sparse`` (default) and
+    an inner NTFS whose $Bitmap parses cleanly, spans left unallocated by a sparse encryption
+    (unallocated in the encrypted disk and free in the decrypted NTFS) are left unallocated
+    (zeros) again, so a sparse shield + decrypt round trip gives back the template's bytes
+    exactly; any other content (FAT32, exFAT, ReFS, damaged NTFS, unknown) is decrypted whole.
+    The result's ``free_space`` says which (``used``, ``reason``, ``filesystem``, ``skipped_bytes``).
     """
     if Path(src_path).resolve() == Path(out_path).resolve():
         raise UsageError("the output must be a new file, not the input", str(out_path))
     src = open_disk(src_path, writable=False)
     try:
-        vol_off, vol_size, index = _pick(src, partition, ("bitlocker",))
+        vol_off, vol_size, index = _pick(src, partition, ("bitlocker", "bitlocker-to-go"))
         view = View(src, vol_off, vol_size, name=f"{src.name} volume@{vol_off}")
         fve = open_fve(view)
-        plain = fve.unlock(**credentials.kwargs())
+        plain = unlock_with(fve, credentials)
+        if sparse:
+            fsp = free_space(view, plain)
+        else:
+            fsp = FreeSpace(None, False, "sparse output not requested: whole volume processed", None)
+
+        def on_skip(off: int, n: int) -> None:
+            fsp.skipped_bytes += n
+
         with atomic_output(out_path) as tmp_out:
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 dst = View(out, vol_off, vol_size)
-                skip = sparse_skipper(view, plain) if sparse else None
-                decrypt_volume(plain, dst, skip=skip, workers=workers)
+                decrypt_volume(plain, dst, skip=fsp.skip, workers=workers, on_skip=on_skip)
                 out.flush()
             finally:
                 out.close()
     finally:
         src.close()
     return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
-            "volume_size": vol_size, "method": fve.info()["method"]}
+            "volume_size": vol_size, "method": fve.info()["method"], "layout": fve.layout,
+            "free_space": fsp.to_json()}

@@ -67,7 +67,7 @@ def describe_disk(path: str | os.PathLike[str]) -> dict[str, Any]:
             fs = sniff_filesystem(view)
             vol: dict[str, Any] = part.to_json() if part else {"index": 0, "offset": 0, "size": dev.size, "kind": "volume"}
             vol["filesystem"] = fs
-            vol["bitlocker"] = _bitlocker(view) if fs == "bitlocker" else None
+            vol["bitlocker"] = _bitlocker(view) if fs in ("bitlocker", "bitlocker-to-go") else None
             volumes.append(vol)
         result["volumes"] = volumes
         return result

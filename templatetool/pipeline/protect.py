@@ -297,15 +297,17 @@ def _scratch_dir(parent: Path) -> Iterator[str]:
 
 def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None, name: str,
             version: str, signer: Signer, *, block_size: int = DEFAULT_BLOCK_SIZE, pss: bool = False,
-            overwrite: bool = False, workers: int | None = None, in_place: bool = False) -> ProtectResult:
+            overwrite: bool = False, workers: int | None = None, in_place: bool = False,
+            subformat: str | None = None) -> ProtectResult:
     """Make a signed template disk from ``golden_path`` at ``out_path``.
 
     By default the input is never modified: a new disk is written atomically (VHDX when
     ``out_path`` ends in .vhdx, else raw + ``OUT.vsc``), with the OS volume's free clusters
     zeroed. ``in_place=True`` (explicit, not atomic) instead adds the BitLocker reservation and
     the catalog to ``golden_path`` itself, leaving free clusters as they are.
+    ``subformat`` (fixed|dynamic) of a VHDX output; default: the input's (a fixed VHDX stays fixed).
     """
-    from ..disk import create_disk, find_os_volume, open_disk, read_partition_table
+    from ..disk import create_disk, find_os_volume, open_disk, output_subformat, read_partition_table
 
     t0 = time.perf_counter()
     parse_version(version)
@@ -313,6 +315,8 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     if in_place:
         if out_path is not None and Path(out_path).resolve() != src_p.resolve():
             raise UsageError("--in-place modifies the input; do not also give an output", str(out_path))
+        if subformat is not None:
+            raise UsageError("--subformat needs a new output disk; --in-place keeps the input's")
         out_p = src_p
     else:
         if out_path is None:
@@ -333,6 +337,7 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
     src = open_disk(src_p)
     vsc_path = None
     try:
+        sub = output_subformat(src, subformat, fmt)
         table = read_partition_table(src)
         part = find_os_volume(table, src)
         # the disk and (raw) its OUT.vsc appear together or not at all (also on Ctrl-C)
@@ -343,7 +348,7 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                 if block_size % st.free_map.cluster_size:
                     raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
                                      f"{st.free_map.cluster_size}")
-                dst = create_disk(tmp_out, src.size, like=src, fmt=fmt)
+                dst = create_disk(tmp_out, src.size, like=src, fmt=fmt, subformat=sub)
                 try:
                     def write(off: int, data: bytes, masked: bytes) -> None:
                         if not is_zero(masked):

@@ -115,7 +115,8 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
            pcr_values: Mapping[int, bytes] | None = None, tcg_log: str | os.PathLike[str] | bytes | None = None,
            bank: str = "sha256", method: str = "xts-aes-128", vtpm_kind: str = "rsa",
            verify_content: bool = True, trust: list[Any] | None = None,
-           guardians: Sequence[Guardian] = (), in_place: bool = False) -> dict[str, Any]:
+           guardians: Sequence[Guardian] = (), in_place: bool = False,
+           subformat: str | None = None) -> dict[str, Any]:
     """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
 
     ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
@@ -125,8 +126,12 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     (``out_path`` is ignored; the KP and escrow are written beside it *before* any sector changes)
     with the resumable in-place conversion; re-running after a crash resumes it, taking the
     recovery password from the owner's escrow.
+
+    ``subformat``: fixed or dynamic VM disk; default: the template's (a fixed VHDX stays fixed).
     """
     if in_place:
+        if subformat is not None:
+            raise UsageError("--subformat needs a new output disk; --in-place keeps the template's")
         return _shield_in_place(template, pdk_path, owner, kp_path=kp_path, tpm_parent=tpm_parent, pcrs=pcrs,
                                 pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
                                 vtpm_kind=vtpm_kind, verify_content=verify_content, trust=trust,
@@ -149,6 +154,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         raise UsageError("the output must be a new file, not the template", str(out))
     if not owner.has_private_keys:
         raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+    sub = _template_precheck(template, subformat)
 
     # The recovery password's 2^20-round key stretch starts now, in a forked child, so that it
     # overlaps the single-threaded checks below instead of competing with the disk pass.
@@ -188,7 +194,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                                protectors=[ProtectorSpec("tpm", seal=sealer), rec_spec],
                                description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
                                tap_zeros=measurer.feed_zeros if measurer else None,
-                               free_map=measurer.free_map if measurer else None, **taps)
+                               free_map=measurer.free_map if measurer else None, subformat=sub, **taps)
             if measurer is not None:
                 root, _leaves = measurer.finish()
                 if root != vsc.document.root:
@@ -265,6 +271,19 @@ def _vtpm_sealer(tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str
         parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
     values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
     return vtpm_key, parent, values, make_sealer(parent, list(values), values, bank=bank)
+
+
+def _template_precheck(template: Any, subformat: str | None) -> str:
+    """A template whose OS volume is already BitLocker (a shielded VM disk) is refused up front.
+    Returns the VM disk's VHDX subformat (``subformat``, else the template's)."""
+    from ..disk import open_disk, output_subformat, select_volume, sniff_filesystem
+
+    with open_disk(template) as dev:
+        view, _part = select_volume(dev, None)
+        if sniff_filesystem(view) == "bitlocker":
+            raise UsageError(f"{Path(template).name} is already BitLocker-encrypted (a shielded VM disk?)",
+                             str(template), "shield the protected template disk the VM was made from")
+        return output_subformat(dev, subformat, "vhdx")
 
 
 def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,

@@ -50,8 +50,18 @@ class UnlockReport:
                 return s.exit_code or 1
         return 0
 
+    @property
+    def summary(self) -> str:
+        """One line saying what happened: a real unlock, a dry run's verdict, or the refusal."""
+        if not self.ok:
+            return "WILL NOT UNLOCK"
+        if self.output is not None:
+            return f"unlocked and decrypted to {self.output}"
+        return "the guardian would unlock this VM"
+
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "output": self.output, "steps": [s.to_json() for s in self.steps]}
+        return {"ok": self.ok, "output": self.output, "summary": self.summary,
+                "steps": [s.to_json() for s in self.steps]}
 
 
 #: Key protectors and evidence are small documents; refuse absurd sizes before reading them.
@@ -184,15 +194,11 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
     def do_decrypt() -> str:
         from .encrypt import Credentials, decrypt_disk
 
-        vmk = state["vmk"]
-
-        class _VmkCredentials(Credentials):
-            def kwargs(self) -> dict[str, Any]:
-                return {"vmk": vmk}
-
         part = state["part"]
-        decrypt_disk(vm_disk, output, part.index if part else None, _VmkCredentials())
-        return f"decrypted disk written to {output}"
+        r = decrypt_disk(vm_disk, output, part.index if part else None, Credentials(vmk=state["vmk"]))
+        fsp = r["free_space"]
+        how = "free space skipped" if fsp["used"] else fsp["reason"]
+        return f"decrypted disk written to {output}; {how}"
 
     def do_verify() -> str:
         vsc = open_vsc(state["disk"].get_user_metadata(VSC_METADATA_GUID)) if hasattr(state["disk"], "get_user_metadata") \
@@ -223,4 +229,15 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
     finally:
         if "disk" in state:
             state["disk"].close()
+    _explain_skips(report)
     return report
+
+
+def _explain_skips(report: UnlockReport) -> None:
+    """Give every skipped step its reason: after a failed step, or the dry run's decrypt."""
+    failed: str | None = None
+    for s in report.steps:
+        if s.status == "failed" and failed is None:
+            failed = s.name
+        elif s.status == "skipped" and not s.detail:
+            s.detail = f"not run: {failed} failed" if failed else "dry run: no decrypted disk is written"

@@ -219,12 +219,27 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
         raise NotFoundError("certificate file not found", str(path)) from None
     except OSError as e:
         raise ResourceError(f"cannot read the certificate: {e.strerror}", str(path)) from None
+    if _is_pkcs12(data):
+        raise FormatError("not a PEM/DER certificate but a PKCS#12 (.pfx) file", str(path),
+                          "pass the signer's .crt/.pem certificate (a .pfx holds a private key)")
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
-    except ValueError as e:
-        raise FormatError(f"not a certificate: {e}", str(path), "give a PEM or DER X.509 certificate") from None
+    except ValueError:
+        # the parser's own message (a Rust ParseError dump) means nothing to a user
+        raise FormatError("not a PEM/DER X.509 certificate", str(path),
+                          "pass the signer's .crt/.pem certificate") from None
+
+
+def _is_pkcs12(data: bytes) -> bool:
+    """DER PFX: SEQUENCE { INTEGER 3 (version), ... } (RFC 7292 section 4); a certificate's first
+    element is a SEQUENCE (tbsCertificate) instead."""
+    if len(data) < 8 or data[0] != 0x30:
+        return False
+    n = data[1]
+    pos = 2 if n < 0x80 else 2 + (n & 0x7F)
+    return data[pos:pos + 3] == b"\x02\x01\x03"
 
 
 def thumbprint(cert: x509.Certificate, algorithm: str = "sha1") -> str:

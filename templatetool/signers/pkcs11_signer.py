@@ -5,12 +5,12 @@
 * path attributes used: ``token``, ``serial``, ``object``, ``id``, ``type`` (must be private
   if given); query attributes: ``module-path`` (else ``$TEMPLATETOOL_PKCS11_MODULE``) and our
   vendor attribute ``x-cert-path`` (certificate file when the token holds none).
-* the PIN comes only from an environment variable (default ``TEMPLATETOOL_PKCS11_PIN``),
-  never from the URI (``pin-value`` is refused) or argv.
+* the PIN is passed as a value (``bytes``/``str``) or a SecretSource, never taken from the URI
+  (``pin-value`` is refused); the CLI reads it from ``$TEMPLATETOOL_PKCS11_PIN`` or ``--pin-env``.
 
-The private-key object returned by :meth:`Pkcs11Signer.private_key` subclasses cryptography's
-``RSAPrivateKey``/``EllipticCurvePrivateKey``: ``sign()`` hashes locally and asks the token to
-sign the digest (CKM_RSA_PKCS over a DigestInfo, CKM_RSA_PKCS_PSS, or CKM_ECDSA).
+:class:`Pkcs11Signer` implements the :class:`~templatetool.signers.base.Signer` protocol:
+``sign_raw`` hashes locally and asks the token to sign the digest (CKM_RSA_PKCS over a DER
+DigestInfo, CKM_RSA_PKCS_PSS with explicit hash/MGF/salt, or CKM_ECDSA, r||s re-encoded as DER).
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 
 from ..errors import CredentialError, NotFoundError, ResourceError, UnsupportedError, UsageError
-from ..secrets import read_secret
-from .base import Signer
+from .base import KeyAlgorithm, Secret, check_algorithm, key_algorithm_of, resolve_secret
 from .certs import load_certificates
 
 DEFAULT_PIN_ENV = "TEMPLATETOOL_PKCS11_PIN"
@@ -72,30 +70,15 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
         out.query[k] = urllib.parse.unquote(v)
     if "pin-value" in out.query or "pin-value" in out.path:
         raise UsageError("a PIN in the URI is refused (it would show in argv and logs)",
-                         hint=f"put it in ${DEFAULT_PIN_ENV} or the variable named by --pin-env")
+                         hint="pass the PIN separately")
     return out
-
-
-def _hash_obj(algorithm: Any) -> tuple[hashes.HashAlgorithm, bool]:
-    if isinstance(algorithm, utils.Prehashed):
-        return algorithm._algorithm, True  # noqa: SLF001 - public type, private attr only here
-    return algorithm, False
-
-
-def _digest(data: bytes, algorithm: Any) -> tuple[bytes, hashes.HashAlgorithm]:
-    alg, pre = _hash_obj(algorithm)
-    if pre:
-        return data, alg
-    h = hashes.Hash(alg)
-    h.update(data)
-    return h.finalize(), alg
 
 
 def _token_error(e: Exception, what: str) -> Exception:
     import pkcs11.exceptions as px
 
     if isinstance(e, (px.PinIncorrect, px.PinInvalid, px.PinLenRange)):
-        return CredentialError("the token refused the PIN", what, "check the PIN variable")
+        return CredentialError("the token refused the PIN", what, "check the PIN")
     if isinstance(e, (px.PinLocked, px.PinExpired)):
         return CredentialError(f"the token PIN is unusable: {type(e).__name__}", what)
     if isinstance(e, px.MechanismInvalid):
@@ -103,94 +86,14 @@ def _token_error(e: Exception, what: str) -> Exception:
     return ResourceError(f"PKCS#11 error: {type(e).__name__} {e}".strip(), what)
 
 
-class _TokenKeyMixin:
-    _signer: "Pkcs11Signer"
-    _pub: Any
+class Pkcs11Signer:
+    """A :class:`~templatetool.signers.base.Signer` whose key stays inside a PKCS#11 token.
 
-    def public_key(self) -> Any:
-        return self._pub
+    ``pin`` is the user PIN as a value or a SecretSource (CredentialError when None).
+    ``module`` overrides the URI's ``module-path`` (else ``$TEMPLATETOOL_PKCS11_MODULE``).
+    """
 
-    @property
-    def key_size(self) -> int:
-        return self._pub.key_size
-
-    def private_numbers(self) -> Any:
-        raise UnsupportedError("the private key lives in the PKCS#11 token and cannot be exported")
-
-    def private_bytes(self, *a: Any, **k: Any) -> bytes:
-        raise UnsupportedError("the private key lives in the PKCS#11 token and cannot be exported")
-
-    def __copy__(self) -> Any:
-        return self
-
-    def __deepcopy__(self, memo: Any) -> Any:
-        return self
-
-
-class TokenRSAPrivateKey(_TokenKeyMixin, rsa.RSAPrivateKey):
-    """An RSA private key inside a PKCS#11 token (sign only)."""
-
-    def __init__(self, signer: "Pkcs11Signer", pub: rsa.RSAPublicKey) -> None:
-        self._signer = signer
-        self._pub = pub
-
-    def decrypt(self, ciphertext: bytes, padding: Any) -> bytes:  # noqa: A002
-        raise UnsupportedError("decryption with a token signing key is not supported")
-
-    def sign(self, data: bytes, padding_: Any, algorithm: Any) -> bytes:  # type: ignore[override]
-        from pkcs11 import MGF, Mechanism
-
-        digest, alg = _digest(data, algorithm)
-        if isinstance(padding_, padding.PKCS1v15):
-            if alg.name not in _DIGEST_INFO:
-                raise UnsupportedError(f"hash {alg.name} not supported for token RSA signing")
-            return self._signer._sign(_DIGEST_INFO[alg.name] + digest, Mechanism.RSA_PKCS, None)
-        if isinstance(padding_, padding.PSS):
-            hmech, mgf = {
-                "sha256": (Mechanism.SHA256, MGF.SHA256),
-                "sha384": (Mechanism.SHA384, MGF.SHA384),
-                "sha512": (Mechanism.SHA512, MGF.SHA512),
-            }[alg.name]
-            salt = padding_._salt_length  # noqa: SLF001
-            if salt is padding.PSS.DIGEST_LENGTH:
-                salt = alg.digest_size
-            elif salt is padding.PSS.MAX_LENGTH:
-                salt = (self._pub.key_size + 7) // 8 - alg.digest_size - 2
-            elif not isinstance(salt, int):
-                raise UnsupportedError("PSS salt length must be DIGEST_LENGTH, MAX_LENGTH or a number")
-            return self._signer._sign(digest, Mechanism.RSA_PKCS_PSS, (hmech, mgf, salt))
-        raise UnsupportedError(f"RSA padding {type(padding_).__name__} not supported by the token signer")
-
-
-class TokenECPrivateKey(_TokenKeyMixin, ec.EllipticCurvePrivateKey):
-    """An EC (P-256/P-384) private key inside a PKCS#11 token (sign only)."""
-
-    def __init__(self, signer: "Pkcs11Signer", pub: ec.EllipticCurvePublicKey) -> None:
-        self._signer = signer
-        self._pub = pub
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._pub.curve
-
-    def exchange(self, algorithm: Any, peer_public_key: Any) -> bytes:
-        raise UnsupportedError("ECDH with a token signing key is not supported")
-
-    def sign(self, data: bytes, signature_algorithm: Any) -> bytes:  # type: ignore[override]
-        from pkcs11 import Mechanism
-
-        if not isinstance(signature_algorithm, ec.ECDSA):
-            raise UnsupportedError("only ECDSA signing is supported")
-        digest, _ = _digest(data, signature_algorithm.algorithm)
-        raw = self._signer._sign(digest, Mechanism.ECDSA, None)
-        n = len(raw) // 2
-        return utils.encode_dss_signature(int.from_bytes(raw[:n], "big"), int.from_bytes(raw[n:], "big"))
-
-
-class Pkcs11Signer(Signer):
-    """A signer whose private key stays inside a PKCS#11 token (SoftHSM2, smart card, HSM)."""
-
-    def __init__(self, uri: str, pin_env: str | None = None) -> None:
+    def __init__(self, uri: str, pin: Secret | None = None, *, module: str | None = None) -> None:
         try:
             import pkcs11
         except ImportError as e:  # pragma: no cover - dependency is declared
@@ -199,7 +102,7 @@ class Pkcs11Signer(Signer):
         u = self.uri
         if u.path.get("type") not in (None, "private"):
             raise UsageError("the PKCS#11 URI must name a private key (type=private)", uri)
-        module = u.query.get("module-path") or os.environ.get(MODULE_ENV)
+        module = module or u.query.get("module-path") or os.environ.get(MODULE_ENV)
         if not module:
             raise UsageError("no PKCS#11 module given",
                              hint=f"add ?module-path=/path/lib.so to the URI or set ${MODULE_ENV}")
@@ -223,14 +126,19 @@ class Pkcs11Signer(Signer):
             raise NotFoundError("no PKCS#11 token matches the URI", self._where, "check token= / serial=")
         if len(tokens) > 1:
             raise UsageError("several PKCS#11 tokens match the URI", self._where, "add token= or serial=")
-        pin = read_secret(pin_env or DEFAULT_PIN_ENV, "token PIN: ")
+        if pin is None:
+            raise CredentialError("the PKCS#11 token needs a PIN", self._where)
         try:
-            self._session = tokens[0].open(user_pin=pin)
+            pin_s = (resolve_secret(pin) or b"").decode("utf-8")  # python-pkcs11 takes str
+        except UnicodeDecodeError:
+            raise CredentialError("the PIN is not valid UTF-8", self._where) from None
+        try:
+            self._session = tokens[0].open(user_pin=pin_s)
         except pkcs11.exceptions.UserAlreadyLoggedIn:
             self._session = tokens[0].open()  # another session of this process is logged in
         except Exception as e:  # noqa: BLE001
             raise _token_error(e, self._where) from None
-        del pin
+        del pin_s
         try:
             self._select_key_and_cert()
         except BaseException:
@@ -254,12 +162,9 @@ class Pkcs11Signer(Signer):
         self._key = keys[0]
         self.certificate, self.chain = self._find_certificate()
         pub = self.certificate.public_key()
-        if isinstance(pub, rsa.RSAPublicKey):
-            self._pk: PrivateKeyTypes = TokenRSAPrivateKey(self, pub)
-        elif isinstance(pub, ec.EllipticCurvePublicKey):
-            self._pk = TokenECPrivateKey(self, pub)
-        else:
+        if not isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
             raise UnsupportedError(f"unsupported key type {type(pub).__name__}", self._where)
+        self.key_algorithm = key_algorithm_of(pub)
 
     def _safe_uri(self) -> str:
         parts = ";".join(f"{k}={v}" for k, v in self.uri.path.items() if k != "id")
@@ -296,8 +201,37 @@ class Pkcs11Signer(Signer):
         except Exception as e:  # noqa: BLE001
             raise _token_error(e, self._where) from None
 
-    def private_key(self) -> PrivateKeyTypes:
-        return self._pk
+    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *,
+                 algorithm: KeyAlgorithm | None = None) -> bytes:
+        """Hash ``data`` locally with ``digest`` and have the token sign the digest."""
+        h = hashes.Hash(digest)
+        h.update(bytes(data))
+        return self.sign_digest(h.finalize(), digest, algorithm=algorithm)
+
+    def sign_digest(self, digest_value: bytes, digest: hashes.HashAlgorithm, *,
+                    algorithm: KeyAlgorithm | None = None) -> bytes:
+        """Have the token sign a precomputed ``digest`` value (only the digest leaves the host)."""
+        from pkcs11 import MGF, Mechanism
+
+        use = check_algorithm(self.key_algorithm, algorithm, self._where)
+        if digest.name not in _DIGEST_INFO:
+            raise UnsupportedError(f"hash {digest.name} not supported for token signing", self._where,
+                                   "use sha256, sha384 or sha512")
+        if len(digest_value) != digest.digest_size:
+            raise UnsupportedError(f"a {digest.name} digest is {digest.digest_size} bytes, got {len(digest_value)}")
+        if use == KeyAlgorithm.RSA_PKCS1:
+            return self._sign(_DIGEST_INFO[digest.name] + digest_value, Mechanism.RSA_PKCS, None)
+        if use == KeyAlgorithm.RSA_PSS:
+            hmech, mgf = {
+                "sha256": (Mechanism.SHA256, MGF.SHA256),
+                "sha384": (Mechanism.SHA384, MGF.SHA384),
+                "sha512": (Mechanism.SHA512, MGF.SHA512),
+            }[digest.name]
+            return self._sign(digest_value, Mechanism.RSA_PKCS_PSS, (hmech, mgf, digest.digest_size))
+        raw = self._sign(digest_value, Mechanism.ECDSA, None)
+        n = len(raw) // 2
+        return utils.encode_dss_signature(int.from_bytes(raw[:n], "big"), int.from_bytes(raw[n:], "big"))
+
 
     def close(self) -> None:
         """Close the token session."""
@@ -322,4 +256,4 @@ class Pkcs11Signer(Signer):
         self.close()
 
 
-__all__ = ["Pkcs11Signer", "parse_pkcs11_uri", "TokenRSAPrivateKey", "TokenECPrivateKey"]
+__all__ = ["Pkcs11Signer", "Pkcs11Uri", "parse_pkcs11_uri", "DEFAULT_PIN_ENV", "MODULE_ENV"]

@@ -64,7 +64,11 @@ def hash_bytes(alg: int | str, *parts: bytes) -> bytes:
 
 def check_pcrs(pcrs: Iterable[int]) -> list[int]:
     """Sorted, de-duplicated PCR indices; each must be 0..23."""
-    out = sorted(set(pcrs))
+    items = list(pcrs)
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise UsageError(f"PCR index {str(i)[:12]!r} is not a number", hint="PCRs are 0..23")
+    out = sorted(set(items))
     for i in out:
         if not 0 <= i < NUM_PCRS:
             raise UsageError(f"PCR index {i} out of range", hint="PCRs are 0..23")

@@ -18,7 +18,7 @@ from construct import ConstructError
 
 from ..errors import CredentialError, FormatError, PolicyError, UnsupportedError, UsageError
 from . import structs as s
-from .algs import bank_id, bank_name, digest_size, hash_bytes, pcr_mask, pcrs_from_bitmap
+from .algs import bank_id, bank_name, check_pcrs, digest_size, hash_bytes, pcr_mask, pcrs_from_bitmap
 from .duplicate import SealedBlob, seal_offline, unwrap
 from .keys import (
     ParentKey,
@@ -130,6 +130,9 @@ def resolve_pcr_values(pcrs: Sequence[int] | None, bank: int | str = "sha256", *
     """The PCR values to seal to: given explicitly, or replayed from a TCG event log."""
     if (pcr_values is None) == (tcg_log is None):
         raise UsageError("give either PCR values or a TCG event log", hint="--pcr-values or --tcg-log")
+    bank_name(bank_id(bank))  # an unknown bank is a UsageError here, before any lookup
+    if pcrs:
+        pcrs = check_pcrs(pcrs)  # 0..23: an index past the PCR file is a UsageError, never a KeyError
     if tcg_log is not None:
         from .eventlog import replay_log
 

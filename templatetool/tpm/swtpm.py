@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ResourceError
+from ..errors import IntegrityError, ResourceError
+
+
+#: swtpm control-channel command CMD_GET_CAPABILITY (u32 big-endian 1).
+_CMD_GET_CAPABILITY = (1).to_bytes(4, "big")
 
 
 def _free_port_pair() -> int:
@@ -38,8 +42,12 @@ def _free_port_pair() -> int:
 class Swtpm:
     """A swtpm socket process with its own state directory."""
 
-    def __init__(self, state_dir: str | os.PathLike[str] | None = None, pcr_banks: str | None = None) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, pcr_banks: str | None = None,
+                 key: bytes | None = None) -> None:
+        """``key``: the raw AES-256 key of an encrypted state (passed to swtpm through a pipe fd,
+        never argv or a file); a state that does not verify with it is an IntegrityError."""
         self._own_dir = state_dir is None
+        self._key = key
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="swtpm-"))
         self.pcr_banks = pcr_banks
         self.port = 0
@@ -71,27 +79,51 @@ class Swtpm:
         log_path = self.state_dir / "swtpm.stderr"
         for _ in range(10):
             self.port = _free_port_pair()
-            with open(log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
-                     "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                     "--flags", "not-need-init,startup-clear"],
-                    stdout=subprocess.DEVNULL, stderr=log)
+            args = [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
+                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                    "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                    "--flags", "not-need-init,startup-clear"]
+            fds: tuple[int, ...] = ()
+            if self._key is not None:
+                r, w = os.pipe()
+                os.write(w, self._key)
+                os.close(w)
+                fds = (r,)
+                mode = "aes-256-cbc" if len(self._key) == 32 else "aes-128-cbc"
+                args += ["--key", f"fd={r},format=binary,mode={mode}"]
+            try:
+                with open(log_path, "wb") as log:
+                    self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, pass_fds=fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                try:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                        return self
-                except OSError:
-                    time.sleep(0.01)
+                if self._ready():
+                    return self
+                time.sleep(0.01)
             if self.proc.poll() is None:
                 self.proc.terminate()
                 self.proc.wait(5)
             last = log_path.read_bytes().decode(errors="replace").strip()
+            if self._key is not None and "HMAC failed" in last:
+                raise IntegrityError("swtpm refused the vTPM state: it does not verify with this key",
+                                     str(self.state_dir), "wrong transport key, or the state was altered")
         raise ResourceError(f"swtpm did not start: {last[:200]}")
+
+    def _ready(self) -> bool:
+        """True once swtpm answers on its control channel. swtpm listens on its sockets before it
+        loads the state and initialises libtpms (a wrong key or a bad state ends it then), so an
+        accepted TCP connection alone does not mean a working TPM: CMD_GET_CAPABILITY is only
+        answered from the main loop, after initialisation."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port + 1), timeout=0.5) as c:
+                c.sendall(_CMD_GET_CAPABILITY)
+                return len(c.recv(8)) > 0
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

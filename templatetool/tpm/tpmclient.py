@@ -162,7 +162,10 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
         stage = "unseal"
         return bytes(esys.unseal(obj, session1=ps))
     except t.TSS2_Exception as e:
-        raise _translate(e, stage) from None
+        err = _translate(e, stage)
+        if stage == "unseal" and _is_wrong_auth(int(e.rc)):
+            err = _with_da_status(esys, err)
+        raise err from None
     finally:
         if own:
             sess.close()
@@ -188,6 +191,36 @@ def _translate(e: Any, stage: str) -> Exception:
         return IntegrityError(f"the TPM rejected the sealed blob ({code})", stage,
                               "the blob is damaged or sealed to another parent")
     return ResourceError(f"TPM command failed ({code}: {str(e)[:80]})", stage)
+
+
+def _is_wrong_auth(rc: int) -> bool:
+    """A refused authValue (counted by DA protection), not a lockout refusal."""
+    return rc & 0xFFFF != _RC_LOCKOUT and _base_rc(rc) in (_RC_AUTH_FAIL, _RC_BAD_AUTH)
+
+
+def _with_da_status(esys: Any, err: Exception) -> Exception:
+    """``err`` with the TPM's dictionary-attack state added (failed tries so far / the limit), so
+    that a refused PIN tells how close the TPM is to lockout. Best effort: ``err`` unchanged when
+    the TPM does not answer."""
+    try:
+        count, limit = da_status(esys)
+    except Exception:  # noqa: BLE001 - the PIN error itself matters more
+        return err
+    if not isinstance(err, CredentialError):
+        return err
+    state = f"the TPM counted it: {count} of {limit} failed authorisations before lockout"
+    if limit and count >= limit:
+        state = f"the TPM counted it ({count} of {limit}) and is now in dictionary-attack lockout"
+    return CredentialError(f"{err.what}; {state}", err.where, err.hint or "check the PIN; do not retry blindly")
+
+
+def da_status(esys: Any) -> tuple[int, int]:
+    """(TPM_PT_LOCKOUT_COUNTER, TPM_PT_MAX_AUTH_FAIL): failed authorisations counted towards
+    dictionary-attack lockout, and the count at which the TPM locks out."""
+    t = _tss()
+    _, caps = esys.get_capability(t.TPM2_CAP.TPM_PROPERTIES, t.TPM2_PT.LOCKOUT_COUNTER, 2)
+    vals = {int(p.property): int(p.value) for p in caps.data.tpmProperties}
+    return vals.get(int(t.TPM2_PT.LOCKOUT_COUNTER), 0), vals.get(int(t.TPM2_PT.MAX_AUTH_FAIL), 0)
 
 
 def lockout_counter(esys: Any) -> int:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..blockdev import require_disk_bytes
 from ..errors import NotFoundError, ResourceError, TemplateToolError, UsageError
 from ..progress import progress as progress_bar
 from .convert import _NullBar
@@ -31,6 +32,11 @@ def check(path: PathLike, parent_search: Sequence[PathLike] | None = None) -> li
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise ResourceError(f"cannot open: {e.strerror}", name) from e
+    try:
+        require_disk_bytes(os.lseek(fd, 0, os.SEEK_END), name)  # empty/sub-sector: malformed, exit 3
+    except BaseException:
+        os.close(fd)
+        raise
     rep = Reporter(name, collect=True)
     try:
         parse_layout(fd, rep)

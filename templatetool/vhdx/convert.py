@@ -17,8 +17,11 @@ from .writer import DEFAULT_BLOCK_SIZE, is_vhdx, write_new_vhdx
 
 
 def open_image(path: PathLike, writable: bool = False,
-               parent_search: Sequence[PathLike] | None = None) -> BlockDevice:
-    """Open a raw image or a VHDX, detected by the ``vhdxfile`` signature (not the name)."""
+               parent_search: Sequence[PathLike] | None = None, sector_size: int | None = None) -> BlockDevice:
+    """Open a raw image or a VHDX, detected by the ``vhdxfile`` signature (not the name).
+
+    A raw image's logical sector size is ``sector_size``, else detected from its GPT (LBA 1 at
+    byte 512 or 4096), else 512."""
     if is_vhdx(path):
         return open_vhdx(path, writable=writable, parent_search=parent_search)
     if not Path(path).exists():
@@ -27,7 +30,9 @@ def open_image(path: PathLike, writable: bool = False,
         raise NotFoundError("no such disk image", str(path))
     if Path(path).is_dir():
         raise UsageError("expected a disk image, got a folder", str(path))
-    return RawFile(path, writable=writable)
+    from ..disk import open_raw
+
+    return open_raw(path, writable, sector_size)  # empty or sub-sector: malformed, as in open_disk
 
 
 _BUF = 4 * CHUNK
@@ -101,20 +106,29 @@ class _NullBar:
 
 def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", subformat: str = "dynamic",
             block_size: int | None = None, progress: bool = True,
-            parent_search: Sequence[PathLike] | None = None) -> dict[str, Any]:
+            parent_search: Sequence[PathLike] | None = None,
+            logical_sector_size: int | None = None) -> dict[str, Any]:
     """Copy ``src`` (raw or VHDX, a path or an open BlockDevice) to a new VHDX or raw file.
 
     Streams over ``src.allocated_ranges()`` and skips all-zero 1 MiB chunks, so holes and
     unallocated blocks stay sparse. The output appears only when complete (atomic rename).
     A raw source whose size is not a sector multiple is padded with zeros to the next sector.
+    A VHDX output keeps the source's logical sector size: a VHDX's own, a raw image's from its
+    GPT (header at byte 512 or 4096), or ``logical_sector_size`` (512 or 4096) when given.
     """
     if to not in ("vhdx", "raw"):
         raise UsageError(f"unknown output format {to!r}", hint="use vhdx or raw")
     if subformat not in ("fixed", "dynamic"):
         raise UsageError(f"convert writes fixed or dynamic VHDX, not {subformat!r}")
+    if logical_sector_size not in (None, 512, 4096):
+        raise UsageError(f"logical sector size {logical_sector_size} is not 512 or 4096")
     own = not isinstance(src, BlockDevice)
-    dev: BlockDevice = src if isinstance(src, BlockDevice) else open_image(src, parent_search=parent_search)
+    dev: BlockDevice = src if isinstance(src, BlockDevice) else open_image(src, parent_search=parent_search,
+                                                                          sector_size=logical_sector_size)
     try:
+        if logical_sector_size and dev.sector_size != logical_sector_size:
+            raise UsageError(f"the source has {dev.sector_size}-byte logical sectors, not {logical_sector_size}",
+                             dev.name, "--logical-sector-size reinterprets raw images only")
         if own and os.path.exists(dst_path) and os.path.samefile(src, dst_path):  # type: ignore[arg-type]
             raise UsageError("source and destination are the same file", str(dst_path))
         if dev.size <= 0:

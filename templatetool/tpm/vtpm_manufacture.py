@@ -1,0 +1,196 @@
+"""Manufacture a VM's vTPM with swtpm: a real TPM 2.0 state, encrypted by a transport key K.
+
+``manufacture_vtpm()`` runs ``swtpm_setup --tpm2 --createek --create-spk`` into a private
+temporary directory (0700) with the state encrypted from the start under a fresh 32-byte key K
+(handed to swtpm_setup through a pipe, never argv or a file), starts swtpm on it once to read the
+SRK (0x81000001) and EK (0x81010001) public areas, and optionally seals a secret (the BitLocker
+VMK KEY entry) offline to that SRK under a PCR policy (the offline import path of
+``protector.seal_to_parent``). The caller gets the encrypted ``tpm2-00.permall`` bytes and K;
+only ciphertext ever touches the disk. ``start_vtpm(state, K)`` runs swtpm on such a state
+(e.g. to unseal through it). Format: docs/formats/vtpm-state.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import IntegrityError, ResourceError, UsageError
+from . import structs as s
+from .duplicate import MAX_SEALED
+from .keys import ParentKey, parse_parent_public
+from .policy import compute_policy
+from .swtpm import Swtpm
+from .swtpm_state import KEY_SIZE, new_transport_key, parse_state
+
+#: swtpm's permanent-state file inside a state directory.
+STATE_FILE = "tpm2-00.permall"
+
+
+@dataclass(frozen=True)
+class ManufacturedVtpm:
+    """A new vTPM: its encrypted state, the transport key K, its public keys and (optionally) a
+    protector sealed to its SRK. ``key`` is secret: it is not part of ``repr`` or ``to_json``."""
+
+    state: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    srk: ParentKey
+    ek: ParentKey
+    protector: bytes | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        return {"state_size": len(self.state), "srk_name": self.srk.name.hex(), "ek_name": self.ek.name.hex(),
+                "srk": self.srk.describe(), "ek": self.ek.describe(),
+                "protector_size": len(self.protector) if self.protector is not None else None}
+
+
+def _tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise ResourceError(f"{name} is not installed", hint="apt install swtpm swtpm-tools")
+    return exe
+
+
+def _swtpm_setup(state_dir: Path, key: bytes, pcr_banks: str) -> None:
+    """swtpm_setup with the state encrypted under ``key`` (hex through a pipe fd: swtpm_setup's
+    --keyfile-fd reads hex text)."""
+    r, w = os.pipe()
+    try:
+        os.write(w, key.hex().encode())
+    finally:
+        os.close(w)
+    try:
+        cp = subprocess.run([_tool("swtpm_setup"), "--tpm2", "--createek", "--create-spk", "--tpmstate", str(state_dir),
+                             "--config", "/dev/null", "--overwrite", "--pcr-banks", pcr_banks,
+                             "--keyfile-fd", str(r), "--cipher", "aes-256-cbc"],
+                            capture_output=True, pass_fds=(r,), timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise ResourceError("swtpm_setup did not finish in 60 s") from None
+    finally:
+        os.close(r)
+    if cp.returncode != 0 or not (state_dir / STATE_FILE).is_file():
+        msg = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()
+        raise ResourceError(f"swtpm_setup failed (exit {cp.returncode}): {(msg[-1] if msg else '')[:160]}",
+                            hint="check the swtpm and swtpm-tools installation")
+
+
+class RunningVtpm:
+    """A swtpm running on an encrypted state (``tcti`` for tpm2-pytss / tpm2-tools / ``--tpm``).
+    After the ``with`` block, ``final_state`` holds the state as swtpm left it (still encrypted
+    under the same key): what a VM's vTPM must be saved as when the VM stops."""
+
+    def __init__(self, swtpm: Swtpm) -> None:
+        self.swtpm = swtpm
+        self.final_state: bytes | None = None
+
+    @property
+    def tcti(self) -> str:
+        return self.swtpm.tcti
+
+
+@contextmanager
+def start_vtpm(state: bytes, key: bytes) -> Iterator[RunningVtpm]:
+    """Run swtpm on an encrypted ``state`` with ``key`` (through a pipe fd) in a private
+    temporary directory. A state that does not verify with the key is refused by swtpm:
+    IntegrityError. The directory (ciphertext only) is removed on exit."""
+    parse_state(state)  # a malformed state is a FormatError before swtpm runs
+    if len(key) != KEY_SIZE:
+        raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
+    tmp = Path(tempfile.mkdtemp(prefix="vtpm-run-"))
+    try:
+        fd = os.open(tmp / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(state)
+        sw = Swtpm(tmp, key=key)
+        try:
+            sw.start()
+        except IntegrityError as e:
+            raise IntegrityError(e.what, "vTPM state", e.hint) from None
+        run = RunningVtpm(sw)
+        try:
+            yield run
+        finally:
+            sw.stop()
+        run.final_state = (tmp / STATE_FILE).read_bytes()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_publics(sw: RunningVtpm) -> tuple[ParentKey, ParentKey]:
+    from .tpmclient import _tss
+
+    t = _tss()
+    esys = t.ESAPI(sw.swtpm.tcti_loader())
+    try:
+        out = []
+        for handle, what in ((s.SRK_HANDLE, "vTPM SRK 0x81000001"), (s.EK_HANDLE, "vTPM EK 0x81010001")):
+            try:
+                tr = esys.tr_from_tpmpublic(handle)
+                pub, _, _ = esys.read_public(tr)
+            except t.TSS2_Exception as e:
+                raise ResourceError(f"cannot read the {what} from the new vTPM (TPM rc 0x{int(e.rc):x})") from None
+            out.append(parse_parent_public(pub.marshal()[2:], what))
+        return out[0], out[1]
+    finally:
+        esys.close()
+
+
+def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes] | None = None,
+                     bank: str = "sha256", *, pin: str | None = None, key: bytes | None = None,
+                     pcr_banks: str = "sha256") -> ManufacturedVtpm:
+    """Make a new vTPM (encrypted under ``key``, default a fresh random K) and, when ``secret``
+    is given, seal it to the vTPM's own SRK under PolicyPCR(``pcr_values``) [+ PIN].
+
+    Returns the encrypted state (the bytes of ``tpm2-00.permall``), K, the SRK and EK public and
+    the protector payload (docs/formats/vtpm-protector.md, parent handle 0x81000001)."""
+    from .protector import seal_to_parent
+
+    if secret is not None and not pcr_values:
+        raise UsageError("sealing into the vTPM needs PCR values", hint="--pcr-values or --tcg-log")
+    if secret is None and (pcr_values or pin is not None):
+        raise UsageError("PCR values or a PIN without a secret to seal")
+    if secret is not None:  # bad input fails before swtpm runs
+        assert pcr_values is not None
+        if not 0 < len(secret) <= MAX_SEALED:
+            raise UsageError(f"secret must be 1..{MAX_SEALED} bytes, got {len(secret)}")
+        compute_policy(bank, pcr_values, auth_value=pin is not None)
+    key = new_transport_key() if key is None else bytes(key)
+    if len(key) != KEY_SIZE:
+        raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
+    tmp = Path(tempfile.mkdtemp(prefix="vtpm-mfg-"))  # 0700
+    try:
+        _swtpm_setup(tmp, key, pcr_banks)
+        state = (tmp / STATE_FILE).read_bytes()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    blob = parse_state(state, "swtpm_setup output")
+    if not blob.encrypted:
+        raise ResourceError("swtpm_setup wrote an unencrypted state", hint="swtpm >= 0.7 with --cipher aes-256-cbc")
+    with start_vtpm(state, key) as sw:
+        srk, ek = _read_publics(sw)
+    protector = None
+    if secret is not None:
+        assert pcr_values is not None
+        protector = seal_to_parent(srk, secret, bank, pcr_values, pin=pin, parent_handle=s.SRK_HANDLE)
+    return ManufacturedVtpm(state, key, srk, ek, protector)
+
+
+def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | None = None,
+                   prepare: Callable[[str], object] | None = None) -> bytes:
+    """Start swtpm on the encrypted state and unseal ``protector`` through it. ``prepare(tcti)``
+    (optional) runs first, e.g. to extend PCRs as a boot would. The TPM enforces the policy."""
+    from .protector import unseal_with_tpm
+
+    with start_vtpm(state, key) as sw:
+        if prepare is not None:
+            prepare(sw.tcti)
+        return unseal_with_tpm(protector, sw.tcti, pin=pin)
+
+
+__all__ = ["ManufacturedVtpm", "RunningVtpm", "STATE_FILE", "manufacture_vtpm", "start_vtpm", "unseal_in_vtpm"]
