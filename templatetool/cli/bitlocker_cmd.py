@@ -8,10 +8,10 @@ from typing import Any
 import click
 
 from ..bitlocker import bitlocker_summary
-from ..errors import CredentialError, FormatError, NotFoundError, ResourceError, UsageError
+from ..errors import CredentialError, ResourceError, UsageError
 from ..secrets import read_secret, write_secret_file
 from . import policy
-from .common import emit, human_size, json_option
+from .common import emit, human_size, json_option, read_small_file
 from .policy import OUTPUT_FILE, Out
 from .tpm_cmd import tpm_seal_options, vtpm_from_options
 
@@ -42,15 +42,7 @@ MAX_CREDENTIAL_FILE = 1 << 20
 
 
 def _read_file(path: str, what: str) -> bytes:
-    try:
-        size = Path(path).stat().st_size
-        if size > MAX_CREDENTIAL_FILE:
-            raise FormatError(f"{what} too large ({size} bytes)", path, f"a {what} is a small file")
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} not found", path) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+    return read_small_file(path, what, MAX_CREDENTIAL_FILE)
 
 
 def _credential_options(f: Any) -> Any:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from .. import errors as _errors
-from ..errors import TemplateToolError
+from ..errors import FormatError, NotFoundError, ResourceError, TemplateToolError, UsageError
 
 #: The typed error class of each documented exit code (docs/exit-codes.md).
 ERRORS_BY_CODE: dict[int, type[TemplateToolError]] = {
@@ -116,6 +117,27 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+#: The largest whole-file input a command reads (keys, evidence, logs, protectors, credentials).
+MAX_SMALL_INPUT = 64 << 20
+
+
+def read_small_file(path: str, what: str = "file", limit: int = MAX_SMALL_INPUT) -> bytes:
+    """Read a whole small input file; a missing file, a folder, an oversized file or an I/O error
+    is one typed error naming ``what`` and ``path`` (the size is checked before reading)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise FormatError(f"{what} is too large ({size} bytes, limit {limit})", path)
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{what} not found", path) from None
+    except IsADirectoryError:
+        raise UsageError(f"{what}: expected a file, got a folder", path) from None
+    except OSError as e:
+        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
 
 
 def stderr(msg: str) -> None:

@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from ..atomic import write_bytes_atomic
-from ..errors import FormatError, NotFoundError, ResourceError
 from ..secrets import read_secret
-from .common import emit, json_option, stderr
+from .common import emit, json_option, read_small_file, stderr
 from .policy import KEY_FOLDER, OUTPUT_FILE, current_plan
 
 password_env_option = click.option(
@@ -24,18 +23,7 @@ allow_untrusted_option = click.option("--allow-untrusted-root", is_flag=True,
 
 def read_input(path: str, what: str, limit: int = 64 << 20) -> bytes:
     """Read a whole (small) input file with clean errors."""
-    try:
-        size = os.path.getsize(path)
-        if size > limit:
-            raise FormatError(f"{what} is too large ({size} bytes)", path)
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} not found", path) from None
-    except IsADirectoryError:
-        raise NotFoundError(f"{what} is a folder, a file was expected", path) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+    return read_small_file(path, what, limit)
 
 
 def load_trust(paths: tuple[str, ...]) -> list:

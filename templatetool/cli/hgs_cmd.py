@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 from cryptography.hazmat.primitives import serialization
 
 from ..atomic import write_bytes_atomic
-from ..errors import FormatError, NotFoundError, UsageError
 from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
 from ..hgs.host import pem_public
-from .common import emit, json_option
+from .common import emit, json_option, read_small_file
 from .policy import KEY_FOLDER, OUTPUT_FILE
 from .tpm_cmd import PCR_BANK, PCR_LIST
 
@@ -22,15 +20,7 @@ MAX_INPUT = 64 << 20
 
 
 def _read(path: str, limit: int = MAX_INPUT) -> bytes:
-    try:
-        p = Path(path)
-        if p.stat().st_size > limit:
-            raise FormatError(f"file too large ({p.stat().st_size} bytes, limit {limit})", path)
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError("file not found", path) from None
-    except IsADirectoryError:
-        raise UsageError("expected a file, got a folder", path) from None
+    return read_small_file(path, "file", limit)
 
 
 def _policy_text(p: AttestationPolicy) -> str:

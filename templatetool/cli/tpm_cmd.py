@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 
 from ..atomic import write_bytes_atomic
-from ..errors import NotFoundError, ResourceError, UsageError
+from ..errors import UsageError
 from ..secrets import read_secret, write_secret_file
 from . import policy
-from .common import emit, json_option
+from .common import emit, json_option, read_small_file
 from .policy import OUTPUT_FILE, OUTPUT_PREFIX, Out
 
 
@@ -83,15 +82,7 @@ def _pcr_values(pcrs: str | Sequence[int] | None, pcr_values: str | None, tcg_lo
 
 
 def _read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
-    p = Path(path)
-    try:
-        if p.stat().st_size > limit:
-            raise UsageError(f"{what} is too large", path)
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} not found", path) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+    return read_small_file(path, what, limit)
 
 
 def _pin(pin_env: str | None, ask: bool) -> str | None:

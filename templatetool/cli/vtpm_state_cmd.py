@@ -4,30 +4,19 @@ transport key K (library: tpm/vtpm_manufacture.py, tpm/swtpm_state.py). Thin: pa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import click
 
 from ..atomic import write_bytes_atomic
-from ..errors import NotFoundError, ResourceError, UsageError
+from ..errors import UsageError
 from ..secrets import read_secret, write_secret_file
-from .common import emit, json_option
+from .common import emit, json_option, read_small_file
 from .policy import KEY_FILE, OUTPUT_FILE
 from .tpm_cmd import PCR_BANK, PCR_LIST
 
 
 def _read(path: str, what: str, limit: int = 16 << 20) -> bytes:
-    p = Path(path)
-    try:
-        if p.stat().st_size > limit:
-            raise UsageError(f"{what} is too large", path)
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} not found", path) from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} is a directory", path) from None
-    except OSError as e:
-        raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+    return read_small_file(path, what, limit)
 
 
 def _read_key(path: str) -> bytes:
