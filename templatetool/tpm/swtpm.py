@@ -20,6 +20,8 @@ from ..errors import IntegrityError, ResourceError
 
 #: swtpm control-channel command CMD_GET_CAPABILITY (u32 big-endian 1).
 _CMD_GET_CAPABILITY = (1).to_bytes(4, "big")
+#: TPM2_GetRandom(8) with no sessions: tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_GetRandom.
+_TPM2_GET_RANDOM = bytes.fromhex("80010000000c0000017b0008")
 
 
 def _free_port_pair() -> int:
@@ -121,7 +123,20 @@ class Swtpm:
         try:
             with socket.create_connection(("127.0.0.1", self.port + 1), timeout=0.5) as c:
                 c.sendall(_CMD_GET_CAPABILITY)
-                return len(c.recv(8)) > 0
+                if not c.recv(8):
+                    return False
+            # ... and a TPM command must succeed: under load the control channel was seen answering
+            # while a state that does not verify with the key was still being refused (swtpm then
+            # exits), so only a TPM response with rc 0 proves the state was loaded
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as c:
+                c.sendall(_TPM2_GET_RANDOM)
+                head = b""
+                while len(head) < 10:
+                    part = c.recv(10 - len(head))
+                    if not part:
+                        return False
+                    head += part
+                return int.from_bytes(head[6:10], "big") == 0
         except OSError:
             return False
 
