@@ -92,6 +92,8 @@ STATE_SWITCHING = 2
 #: Journal record flag: the last record of a run with a journal area; redoing it encrypts the
 #: (all-zero) area itself.
 FLAG_AREA_DONE = 1
+#: Journal record flag: the step's plaintext is all zeros (no data stored).
+FLAG_ZERO = 2
 
 JournalHeader = Struct(
     "magic" / Const(JOURNAL_MAGIC),
@@ -132,24 +134,34 @@ def _header(guid: bytes, seq: int, offset: int, length: int, flags: int, data_of
 
 
 def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes | memoryview, flags: int = 0,
-                    data_offset: int = 0, area: tuple[int, int] | None = None) -> bytes:
-    h = hashlib.sha256(_header(guid, seq, offset, len(data), flags, data_offset, area, bytes(32)))
-    h.update(data)
-    return h.digest()
+                    data_offset: int = 0, area: tuple[int, int] | None = None,
+                    data_hash: bytes | None = None, length: int | None = None) -> bytes:
+    """SHA-256 over the header (digest zero) and the SHA-256 of the data (none for a zero step);
+    ``data_hash`` when the data's SHA-256 is already known (the workers compute it)."""
+    n = len(data) if length is None else length
+    if flags & FLAG_ZERO:
+        data_hash = b""
+    elif data_hash is None:
+        data_hash = hashlib.sha256(data).digest()
+    return hashlib.sha256(_header(guid, seq, offset, n, flags, data_offset, area, bytes(32)) + data_hash).digest()
 
 
 def build_journal(guid: uuid.UUID, seq: int, offset: int, data: bytes | memoryview, *, flags: int = 0,
-                  data_offset: int = 0, area: tuple[int, int] | None = None) -> bytes:
+                  data_offset: int = 0, area: tuple[int, int] | None = None, data_hash: bytes | None = None,
+                  length: int | None = None) -> bytes:
     """Header (padded to 4 KiB) + data of one journal record.
 
     With ``data_offset`` the data is stored there (in the journal area) and only the header is
-    returned; the digest covers header and data wherever they are."""
-    if not data_offset and len(data) > MAX_STEP:
-        raise UsageError(f"journal step of {len(data)} bytes exceeds {MAX_STEP}")
+    returned; with ``flags`` & FLAG_ZERO the step of ``length`` bytes is all zeros and no data is
+    stored. The digest covers header and data wherever they are."""
+    n = len(data) if length is None else length
+    if not data_offset and not flags & FLAG_ZERO and n > MAX_STEP:
+        raise UsageError(f"journal step of {n} bytes exceeds {MAX_STEP}")
     g = guid.bytes_le
-    head = _header(g, seq, offset, len(data), flags, data_offset, area,
-                   _journal_digest(g, seq, offset, data, flags, data_offset, area))
-    return head.ljust(JOURNAL_HEADER, b"\0") + (b"" if data_offset else bytes(data))
+    head = _header(g, seq, offset, n, flags, data_offset, area,
+                   _journal_digest(g, seq, offset, data, flags, data_offset, area, data_hash, n))
+    inline = b"" if data_offset or flags & FLAG_ZERO else bytes(data)
+    return head.ljust(JOURNAL_HEADER, b"\0") + inline
 
 
 def read_journal(dev: BlockDevice, regions: FveRegions, guid: uuid.UUID) -> JournalRecord | None:
@@ -172,7 +184,11 @@ def read_journals(dev: BlockDevice, regions: FveRegions, guid: uuid.UUID) -> lis
             continue
         if area is not None and area[0] + area[1] > dev.size:
             continue
-        if h.data_offset:
+        if h.flags & FLAG_ZERO:
+            if h.data_offset or h.length > MAX_AREA_STEP:
+                continue
+            data = bytes(h.length)
+        elif h.data_offset:
             if area is None or not (area[0] <= h.data_offset and h.data_offset + h.length <= area[0] + area[1]):
                 continue
             data = dev.read(h.data_offset, h.length)
@@ -184,6 +200,16 @@ def read_journals(dev: BlockDevice, regions: FveRegions, guid: uuid.UUID) -> lis
             continue  # torn or stale write: the other slot describes the state
         out.append(JournalRecord(slot, h.seq, h.offset, data, area, h.flags))
     return sorted(out, key=lambda r: r.seq)
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
 
 
 def _is_zero(b: bytes) -> bool:
@@ -352,16 +378,22 @@ class _Converter:
         self.dev.flush()
 
     # -- writes ------------------------------------------------------------------
-    def write_journal(self, offset: int, data: bytes | memoryview, flags: int = 0) -> None:
-        """Make the record of a step durable (data in the area's slot, or inline), then count it."""
+    def write_journal(self, offset: int, data: bytes | memoryview, flags: int = 0,
+                      data_hash: bytes | None = None) -> None:
+        """Make the record of a step durable (data in the area's slot, or inline), then count it.
+
+        ``data_hash``: the data's SHA-256 when known; ``flags`` & FLAG_ZERO: ``data`` is all zeros
+        and is not stored."""
         slot = self.seq % 2
         head_at = self.regions.metadata_offsets[slot] + JOURNAL_START
         data_offset = 0
-        if self.area is not None and len(data) and offset:  # the head's record stays inline: until
-            # the metadata exists, nothing outside BitLocker's regions may change
+        if self.area is not None and len(data) and offset and not flags & FLAG_ZERO:
+            # (the head's record stays inline: until the metadata exists, nothing outside
+            # BitLocker's regions may change)
             data_offset = self.area[0] + slot * (self.area[1] // 2)
             self.dev.write(data_offset, data)
-        rec = build_journal(self.guid, self.seq, offset, data, flags=flags, data_offset=data_offset, area=self.area)
+        rec = build_journal(self.guid, self.seq, offset, data, flags=flags, data_offset=data_offset, area=self.area,
+                            data_hash=data_hash, length=len(data))
         self.dev.write(head_at, rec)
         self.sync()
         self.seq += 1
@@ -430,7 +462,9 @@ class _Converter:
         plain = out[:n]
         self.dev.read_into(off, plain)
         self.plan.cipher.encrypt_into(plain, off // self.ss, out[n:])
-        return b""
+        if plain == _zeros(n):
+            return b""  # a zero step: its record stores no data
+        return hashlib.sha256(plain).digest()
 
     def run(self, start: int) -> None:
         """Convert ``[start, volume end)`` then the journal area, then write the final metadata.
@@ -440,11 +474,14 @@ class _Converter:
         last = time.monotonic()
         since = 0
         with progress(self.vsize - start, "encrypt in place") as bar:
-            for off, n, out, _ in ordered_map(self._chunk, self._items(start), slot=2 * self.step):
+            for off, n, out, payload in ordered_map(self._chunk, self._items(start), slot=2 * self.step):
                 if out is not None:
                     # The journal's fsync also makes the previous step's ciphertext durable, which is
                     # why resume redoes both journal slots (the newest two steps).
-                    self.write_journal(off, out[:n])
+                    if payload:
+                        self.write_journal(off, out[:n], data_hash=payload)
+                    else:
+                        self.write_journal(off, out[:n], flags=FLAG_ZERO)
                     self._write_skipping(off, out[n:2 * n])
                     self.steps += 1
                     since += 1
