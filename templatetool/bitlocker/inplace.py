@@ -461,6 +461,10 @@ class _Converter:
         """Worker side: the plaintext of the step into ``out[:n]``, its ciphertext into ``out[n:2n]``."""
         plain = out[:n]
         self.dev.read_into(off, plain)
+        for ro, rn in self.skip:  # never written by this step, and this process changes them meanwhile
+            lo, hi = max(off, ro), min(off + n, ro + rn)  # (journal, checkpoints): zeros, so that
+            if lo < hi:                                   # every run journals the same bytes
+                plain[lo - off:hi - off] = _zeros(hi - lo)
         self.plan.cipher.encrypt_into(plain, off // self.ss, out[n:])
         if plain == _zeros(n):
             return b""  # a zero step: its record stores no data
