@@ -4,7 +4,8 @@ The volume is converted from its start to its end, one small step at a time, the
 converts online; a crash (SIGKILL, power cut) at any instant leaves every sector either
 ciphertext the metadata/journal describe or plaintext, and :func:`resume_conversion` finishes.
 
-Layout during the conversion (all inside BitLocker's own reserved regions, so NTFS never sees it):
+Layout during the conversion (inside BitLocker's own reserved regions, which NTFS never sees, and
+the journal area):
 
 * metadata region *i* (64 KiB): the FVE metadata block in its first 16 KiB (state 2/2 =
   switching, StateOffset = bytes converted at the last checkpoint), and from 16 KiB a **journal
@@ -13,6 +14,13 @@ Layout during the conversion (all inside BitLocker's own reserved regions, so NT
   the step being converted (at most 44 KiB).
 * the relocated-header region holds the encrypted first 8 KiB from the start (before sector 0
   changes).
+* the **journal area** (when the volume has one): a run of free clusters reading as zeros; its
+  halves 0 and 1 hold the plaintext of the steps of slots 0 and 1 (the slot then holds only the
+  header), so steps are MiBs (one fsync each) instead of 44 KiB. The area is encrypted last,
+  with zeros as its known plaintext, after a record flagged "steps done".
+
+Forked workers (:func:`templatetool.parallel.ordered_map`) read, encrypt and hash the steps
+ahead; this process alone writes, in order.
 
 Per step ``[X, X+n)``: journal record (plaintext) -> fsync -> ciphertext (made durable by the
 next record's fsync). Every second or so the three metadata copies are rewritten one after the
