@@ -249,16 +249,28 @@ def plain16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_reserved(tmp_path_factory.mktemp("inplace16") / "plain.img", 16, 12, seed=2)
 
 
-@pytest.mark.parametrize(("chunk", "cuts"), [(40960, POWER_CUTS), (36864, 4)])
+@pytest.mark.parametrize(("chunk", "cuts", "area"), [(40960, POWER_CUTS, True), (36864, 4, True),
+                                                     (262144, 12, True), (40960, 8, False)])
 def test_power_cuts_then_resume(plain16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int,
-                                cuts: int) -> None:
+                                cuts: int, area: bool) -> None:
     """Cut the power at the N-th write of a conversion (N random over the whole run, plus the
     first and last writes; un-flushed writes land whole, not at all, torn or scattered), resume,
     and compare every byte with the original. Two step sizes, so that the last journal record
-    falls once in each slot (the final metadata writes wipe slot 0, then slot 1)."""
+    falls once in each slot (the final metadata writes wipe slot 0, then slot 1); steps larger
+    than a metadata slot (their plaintext in the journal area); and, with ``area`` false, a
+    volume where no journal area is found (the plaintext stays in the metadata slots)."""
     from templatetool.bitlocker import inplace
 
     monkeypatch.setenv("TEMPLATETOOL_INPLACE_CHUNK", str(chunk))
+    found: list[object] = []
+    real_find = inplace.find_area
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        r = real_find(*a, **k) if area else None
+        found.append(r)
+        return r
+
+    monkeypatch.setattr(inplace, "find_area", spy)
     # deterministic checkpoints (every 25 steps) so every run makes the same writes
     monkeypatch.setattr(inplace, "CHECKPOINT_SECONDS", float("inf"))
     monkeypatch.setattr(inplace, "CHECKPOINT_STEPS", 25)
@@ -272,6 +284,7 @@ def test_power_cuts_then_resume(plain16: Path, tmp_path: Path, monkeypatch: pyte
     start_conversion(counter, protectors=[ProtectorSpec("startup_key")])
     total = counter.n
     counter.base.close()
+    assert (found[0] is not None) == area, found
     ends = {total - i for i in range(8)}
     points = sorted({1, 2, 3, 4, 5} | ends | {rnd.randrange(1, total + 1) for _ in range(cuts)})
     # the final metadata writes matter most: cut each of them a few more times
@@ -325,6 +338,55 @@ def test_library_4k_sectors_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     orig = RawFile(plain)
     want = assert_complete(base, orig, recovery_password=keys["rp"])
     assert pybde_sha256(vol, base.size, recovery_password=keys["rp"]) == want
+    base.close()
+    orig.close()
+
+
+class _Flushes(BlockDevice):
+    """Counts the flushes (fsyncs) of a conversion."""
+
+    def __init__(self, base: BlockDevice) -> None:
+        self.base, self.size, self.sector_size, self.writable, self.name = (base, base.size, base.sector_size, True,
+                                                                             base.name)
+        self.flushes = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.base.read(offset, length)
+
+    def write(self, offset: int, data) -> None:
+        self.base.write(offset, data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.base.flush()
+
+
+def test_large_steps_on_parallel_workers(plain48: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default steps (issue 15): the plaintext journal lives in a run of zeros of the volume, so a
+    step is megabytes, not 44 KiB (one fsync each); forked workers read and encrypt them. The
+    result is the original plaintext byte for byte and the area's zeros came back."""
+    from templatetool.bitlocker import inplace
+
+    monkeypatch.delenv("TEMPLATETOOL_INPLACE_CHUNK", raising=False)
+    monkeypatch.setenv("TEMPLATETOOL_WORKERS", "2")
+    calls: list[int] = []
+    real_map = getattr(inplace, "ordered_map", None)
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(k.get("slot", 0))
+        return real_map(*a, **k)
+
+    monkeypatch.setattr(inplace, "ordered_map", spy, raising=False)
+    vol = tmp_path / "v.img"
+    shutil.copyfile(plain48, vol)
+    base = RawFile(vol, writable=True)
+    dev = _Flushes(base)
+    keys: dict[str, bytes] = {}
+    r = start_conversion(dev, protectors=[ProtectorSpec("startup_key")], on_keys=lambda x: keys.update(bek=x.bek))
+    assert calls and calls[0] >= 2 * (1 << 20), calls  # steps of MiBs through ordered_map
+    assert r.steps <= 48 and dev.flushes < 80, (r.steps, dev.flushes)  # 44 KiB steps: > 1,000 fsyncs
+    orig = RawFile(plain48)
+    assert_complete(base, orig, bek=keys["bek"])
     base.close()
     orig.close()
 

@@ -4,7 +4,8 @@ The volume is converted from its start to its end, one small step at a time, the
 converts online; a crash (SIGKILL, power cut) at any instant leaves every sector either
 ciphertext the metadata/journal describe or plaintext, and :func:`resume_conversion` finishes.
 
-Layout during the conversion (all inside BitLocker's own reserved regions, so NTFS never sees it):
+Layout during the conversion (inside BitLocker's own reserved regions, which NTFS never sees, and
+the journal area):
 
 * metadata region *i* (64 KiB): the FVE metadata block in its first 16 KiB (state 2/2 =
   switching, StateOffset = bytes converted at the last checkpoint), and from 16 KiB a **journal
@@ -13,6 +14,13 @@ Layout during the conversion (all inside BitLocker's own reserved regions, so NT
   the step being converted (at most 44 KiB).
 * the relocated-header region holds the encrypted first 8 KiB from the start (before sector 0
   changes).
+* the **journal area** (when the volume has one): a run of free clusters reading as zeros; its
+  halves 0 and 1 hold the plaintext of the steps of slots 0 and 1 (the slot then holds only the
+  header), so steps are MiBs (one fsync each) instead of 44 KiB. The area is encrypted last,
+  with zeros as its known plaintext, after a record flagged "steps done".
+
+Forked workers (:func:`templatetool.parallel.ordered_map`) read, encrypt and hash the steps
+ahead; this process alone writes, in order.
 
 Per step ``[X, X+n)``: journal record (plaintext) -> fsync -> ciphertext (made durable by the
 next record's fsync). Every second or so the three metadata copies are rewritten one after the
@@ -34,7 +42,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +58,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
+from ..parallel import ordered_map
 from ..progress import progress
 from . import structs as S
 from .metadata import (
@@ -76,14 +85,23 @@ JOURNAL_START = 16 * 1024
 JOURNAL_HEADER = 4096
 #: Largest step: what fits in a slot after the header.
 MAX_STEP = S.METADATA_REGION_SIZE - JOURNAL_START - JOURNAL_HEADER
-JOURNAL_MAGIC = b"TTFVEJL1"
+JOURNAL_MAGIC = b"TTFVEJL2"
 #: Environment variable that overrides the step size (bytes; tests use it to get many steps).
 CHUNK_ENV = "TEMPLATETOOL_INPLACE_CHUNK"
+#: Default step when a journal area is found (each step costs one fsync).
+AREA_STEP = 4 << 20
+#: Largest step the environment may ask for.
+MAX_AREA_STEP = 16 << 20
 #: Seconds between metadata checkpoints (the journal makes checkpoints optional for safety).
 CHECKPOINT_SECONDS = 1.0
 #: ... or after this many steps, whichever comes first.
 CHECKPOINT_STEPS = 1 << 30
 STATE_SWITCHING = 2
+#: Journal record flag: the last record of a run with a journal area; redoing it encrypts the
+#: (all-zero) area itself.
+FLAG_AREA_DONE = 1
+#: Journal record flag: the step's plaintext is all zeros (no data stored).
+FLAG_ZERO = 2
 
 JournalHeader = Struct(
     "magic" / Const(JOURNAL_MAGIC),
@@ -92,6 +110,9 @@ JournalHeader = Struct(
     "offset" / Int64ul,
     "length" / Int32ul,
     "flags" / Int32ul,
+    "data_offset" / Int64ul,  # 0: the data follows the header in the slot; else: where it is
+    "area_offset" / Int64ul,  # the journal area of this run (0/0: none)
+    "area_size" / Int64ul,
     "digest" / Bytes(32),
 )
 _JH_LEN = JournalHeader.sizeof()
@@ -99,28 +120,56 @@ _JH_LEN = JournalHeader.sizeof()
 
 @dataclass
 class JournalRecord:
-    """A valid journal record: plaintext of the step ``[offset, offset+length)``."""
+    """A valid journal record: plaintext of the step ``[offset, offset+length)``.
+
+    ``area``: the run's journal area ``(offset, size)`` or None; ``flags`` & FLAG_AREA_DONE marks
+    the record written once every step is converted (redoing it encrypts the area)."""
 
     slot: int
     seq: int
     offset: int
     data: bytes = field(repr=False)
+    area: tuple[int, int] | None = None
+    flags: int = 0
 
 
-def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes) -> bytes:
-    head = JournalHeader.build({"volume_guid": guid, "seq": seq, "offset": offset, "length": len(data),
-                                "flags": 0, "digest": bytes(32)})
-    return hashlib.sha256(head + data).digest()
+def _header(guid: bytes, seq: int, offset: int, length: int, flags: int, data_offset: int,
+            area: tuple[int, int] | None, digest: bytes) -> bytes:
+    ao, an = area or (0, 0)
+    return JournalHeader.build({"volume_guid": guid, "seq": seq, "offset": offset, "length": length,
+                                "flags": flags, "data_offset": data_offset, "area_offset": ao, "area_size": an,
+                                "digest": digest})
 
 
-def build_journal(guid: uuid.UUID, seq: int, offset: int, data: bytes) -> bytes:
-    """Header (padded to 4 KiB) + data of one journal record."""
-    if len(data) > MAX_STEP:
-        raise UsageError(f"journal step of {len(data)} bytes exceeds {MAX_STEP}")
+def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes | memoryview, flags: int = 0,
+                    data_offset: int = 0, area: tuple[int, int] | None = None,
+                    data_hash: bytes | None = None, length: int | None = None) -> bytes:
+    """SHA-256 over the header (digest zero) and the SHA-256 of the data (none for a zero step);
+    ``data_hash`` when the data's SHA-256 is already known (the workers compute it)."""
+    n = len(data) if length is None else length
+    if flags & FLAG_ZERO:
+        data_hash = b""
+    elif data_hash is None:
+        data_hash = hashlib.sha256(data).digest()
+    return hashlib.sha256(_header(guid, seq, offset, n, flags, data_offset, area, bytes(32)) + data_hash).digest()
+
+
+def build_journal(guid: uuid.UUID, seq: int, offset: int, data: bytes | memoryview, *, flags: int = 0,
+                  data_offset: int = 0, area: tuple[int, int] | None = None, data_hash: bytes | None = None,
+                  length: int | None = None) -> bytes:
+    """Header (padded to 4 KiB) + data of one journal record.
+
+    With ``data_offset`` the data is stored there (in the journal area) and only the header is
+    returned; with ``flags`` & FLAG_ZERO the step of ``length`` bytes is all zeros and no data is
+    stored. The digest covers header and data wherever they are."""
+    n = len(data) if length is None else length
+    if not data_offset and not flags & FLAG_ZERO and n > MAX_STEP:
+        raise UsageError(f"journal step of {n} bytes exceeds {MAX_STEP}")
     g = guid.bytes_le
-    head = JournalHeader.build({"volume_guid": g, "seq": seq, "offset": offset, "length": len(data), "flags": 0,
-                                "digest": _journal_digest(g, seq, offset, data)})
-    return head.ljust(JOURNAL_HEADER, b"\0") + data
+    head = _header(g, seq, offset, n, flags, data_offset, area,
+                   _journal_digest(g, seq, offset, data, flags, data_offset, area, data_hash, n))
+    inline = b"" if data_offset or flags & FLAG_ZERO else bytes(data)
+    return head.ljust(JOURNAL_HEADER, b"\0") + inline
 
 
 def read_journal(dev: BlockDevice, regions: FveRegions, guid: uuid.UUID) -> JournalRecord | None:
@@ -138,13 +187,77 @@ def read_journals(dev: BlockDevice, regions: FveRegions, guid: uuid.UUID) -> lis
         if head[:8] != JOURNAL_MAGIC:
             continue
         h = JournalHeader.parse(head[:_JH_LEN])
-        if h.volume_guid != guid.bytes_le or h.length > MAX_STEP or h.offset + h.length > dev.size:
+        area = (h.area_offset, h.area_size) if h.area_size else None
+        if h.volume_guid != guid.bytes_le or h.offset + h.length > dev.size:
             continue
-        data = dev.read(base + JOURNAL_HEADER, h.length)
-        if _journal_digest(h.volume_guid, h.seq, h.offset, data) != h.digest:
+        if area is not None and area[0] + area[1] > dev.size:
+            continue
+        if h.flags & FLAG_ZERO:
+            if h.data_offset or h.length > MAX_AREA_STEP:
+                continue
+            data = bytes(h.length)
+        elif h.data_offset:
+            if area is None or not (area[0] <= h.data_offset and h.data_offset + h.length <= area[0] + area[1]):
+                continue
+            data = dev.read(h.data_offset, h.length)
+        else:
+            if h.length > MAX_STEP:
+                continue
+            data = dev.read(base + JOURNAL_HEADER, h.length)
+        if _journal_digest(h.volume_guid, h.seq, h.offset, data, h.flags, h.data_offset, area) != h.digest:
             continue  # torn or stale write: the other slot describes the state
-        out.append(JournalRecord(slot, h.seq, h.offset, data))
+        out.append(JournalRecord(slot, h.seq, h.offset, data, area, h.flags))
     return sorted(out, key=lambda r: r.seq)
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
+
+
+def _is_zero(b: bytes) -> bool:
+    return not b or (b[0] == 0 and b == bytes(len(b)))
+
+
+def find_area(view: BlockDevice, sizes: list[int],
+              avoid: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
+    """A journal area: ``(offset, size)`` of at least ``sizes[k]`` bytes of the volume that read
+    as zeros, away from ``avoid`` (the head and BitLocker's regions), and ``k`` (the first size
+    of ``sizes`` found). Candidates are runs of free clusters in the NTFS $Bitmap, from the end
+    of the volume; each is read and must be all zeros, because the conversion ends by writing
+    the ciphertext of zeros over the area (so its plaintext stays what it was). None when there
+    is no such run (the journal then stays in the metadata regions' slots)."""
+    import numpy as np
+
+    from ..catalog.ntfs import ntfs_free_map
+
+    try:
+        fm = ntfs_free_map(view)
+    except TemplateToolError:
+        return None
+    cs = fm.cluster_size
+    for k, size in enumerate(sizes):
+        per = -(-(-(-size // cs)) // 8) * 8  # clusters, a multiple of 8 (whole bytes of the bitmap)
+        win = per * cs
+        used = fm.any_used_per(per, view.size // win)
+        if used is None:
+            continue
+        tried = 0
+        for i in np.flatnonzero(~used)[::-1]:
+            off = int(i) * win
+            if any(off < o + n and o < off + win for o, n in avoid):
+                continue
+            tried += 1
+            if tried > 8:
+                break
+            if all(_is_zero(view.read(p, min(1 << 20, off + win - p))) for p in range(off, off + win, 1 << 20)):
+                return (off, win), k
+    return None
 
 
 # ---- probing ----------------------------------------------------------------------------------------
@@ -211,17 +324,24 @@ def probe(view: BlockDevice) -> InPlaceStatus:
 
 # ---- the converter ------------------------------------------------------------------------------
 def step_size(sector_size: int) -> int:
-    """The conversion step: $TEMPLATETOOL_INPLACE_CHUNK or the largest that fits the journal."""
+    """The wanted conversion step: $TEMPLATETOOL_INPLACE_CHUNK or :data:`AREA_STEP`.
+
+    Without a journal area the step is cut to what fits a metadata-region slot (:data:`MAX_STEP`)."""
     raw = os.environ.get(CHUNK_ENV)
     if not raw:
-        return MAX_STEP // sector_size * sector_size
+        return AREA_STEP
     try:
         n = int(raw)
     except ValueError:
         raise UsageError(f"{CHUNK_ENV}={raw!r} is not a number of bytes") from None
-    if n <= 0 or n % sector_size or n > MAX_STEP:
-        raise UsageError(f"{CHUNK_ENV}={n}: must be a multiple of the sector size {sector_size} and at most {MAX_STEP}")
+    if n <= 0 or n % sector_size or n > MAX_AREA_STEP:
+        raise UsageError(f"{CHUNK_ENV}={n}: must be a multiple of the sector size {sector_size} and at most "
+                         f"{MAX_AREA_STEP}")
     return n
+
+
+def _inline_step(step: int, sector_size: int) -> int:
+    return min(step, MAX_STEP // sector_size * sector_size)
 
 
 def _boot_sector(plain_head: bytes, ss: int, regions: FveRegions, vsize: int) -> bytes:
@@ -234,9 +354,14 @@ def _boot_sector(plain_head: bytes, ss: int, regions: FveRegions, vsize: int) ->
 
 
 class _Converter:
-    """Drives the ordered writes for one volume; ``dev`` is the volume window (writable)."""
+    """Drives the ordered writes for one volume; ``dev`` is the volume window (writable).
 
-    def __init__(self, dev: BlockDevice, plan: EncryptionPlan, guid: uuid.UUID, seq: int) -> None:
+    ``area``: the journal area (``(offset, size)``, two slots of ``size // 2`` bytes holding the
+    plaintext of the steps; all zeros before the run) or None (the plaintext stays in the
+    metadata regions' slots, steps of at most :data:`MAX_STEP`)."""
+
+    def __init__(self, dev: BlockDevice, plan: EncryptionPlan, guid: uuid.UUID, seq: int,
+                 area: tuple[int, int] | None = None, step: int | None = None) -> None:
         self.dev = dev
         self.plan = plan
         self.regions = plan.regions
@@ -244,9 +369,16 @@ class _Converter:
         self.vsize = plan.volume_size
         self.guid = guid
         self.seq = seq
-        self.step = step_size(self.ss)
+        self.area = area
+        want = step if step is not None else step_size(self.ss)
+        if area is None:
+            self.step = _inline_step(want, self.ss)
+        else:
+            self.step = min(want, area[1] // 2 // self.ss * self.ss)
         self.reserved = sorted([(o, S.METADATA_REGION_SIZE) for o in self.regions.metadata_offsets]
                                + [(self.regions.vho_offset, self.regions.vho_size)])
+        # what the ciphertext writes of the steps leave alone (the area is encrypted last)
+        self.skip = sorted(self.reserved + ([area] if area else []))
         self.checkpoints = 0
         self.steps = 0
 
@@ -254,10 +386,23 @@ class _Converter:
         self.dev.flush()
 
     # -- writes ------------------------------------------------------------------
-    def write_journal(self, offset: int, data: bytes) -> None:
+    def write_journal(self, offset: int, data: bytes | memoryview, flags: int = 0,
+                      data_hash: bytes | None = None) -> None:
+        """Make the record of a step durable (data in the area's slot, or inline), then count it.
+
+        ``data_hash``: the data's SHA-256 when known; ``flags`` & FLAG_ZERO: ``data`` is all zeros
+        and is not stored."""
         slot = self.seq % 2
-        rec = build_journal(self.guid, self.seq, offset, data)
-        self.dev.write(self.regions.metadata_offsets[slot] + JOURNAL_START, rec)
+        head_at = self.regions.metadata_offsets[slot] + JOURNAL_START
+        data_offset = 0
+        if self.area is not None and len(data) and offset and not flags & FLAG_ZERO:
+            # (the head's record stays inline: until the metadata exists, nothing outside
+            # BitLocker's regions may change)
+            data_offset = self.area[0] + slot * (self.area[1] // 2)
+            self.dev.write(data_offset, data)
+        rec = build_journal(self.guid, self.seq, offset, data, flags=flags, data_offset=data_offset, area=self.area,
+                            data_hash=data_hash, length=len(data))
+        self.dev.write(head_at, rec)
         self.sync()
         self.seq += 1
 
@@ -274,23 +419,36 @@ class _Converter:
             self.sync()
         self.checkpoints += 1
 
-    def write_ciphertext(self, offset: int, plain: bytes, sync: bool = True) -> None:
-        """Encrypt ``plain`` (the step at ``offset``) and write it, skipping BitLocker's regions.
-
-        Without ``sync`` the write becomes durable with the next journal record's fsync."""
-        ct = self.plan.cipher.encrypt(plain, offset // self.ss)
-        end = offset + len(plain)
+    def _write_skipping(self, offset: int, ct: bytes | memoryview) -> None:
+        """Write the ciphertext ``ct`` of the step at ``offset``, leaving ``self.skip`` alone."""
+        mv = memoryview(ct)
+        end = offset + len(mv)
         pos = offset
-        for ro, rn in self.reserved:
+        for ro, rn in self.skip:
             if ro + rn <= pos or ro >= end:
                 continue
             if ro > pos:
-                self.dev.write(pos, memoryview(ct)[pos - offset:ro - offset])
+                self.dev.write(pos, mv[pos - offset:ro - offset])
             pos = max(pos, ro + rn)
         if pos < end:
-            self.dev.write(pos, memoryview(ct)[pos - offset:])
+            self.dev.write(pos, mv[pos - offset:])
+
+    def write_ciphertext(self, offset: int, plain: bytes, sync: bool = True) -> None:
+        """Encrypt ``plain`` (the step at ``offset``) and write it, skipping BitLocker's regions
+        and the journal area. Without ``sync`` the write becomes durable with the next fsync."""
+        self._write_skipping(offset, self.plan.cipher.encrypt(plain, offset // self.ss))
         if sync:
             self.sync()
+
+    def encrypt_area(self) -> None:
+        """Write the ciphertext of zeros (the area's plaintext) over the journal area; durable."""
+        if self.area is None:
+            return
+        ao, an = self.area
+        for p in range(ao, ao + an, 1 << 20):
+            n = min(1 << 20, ao + an - p)
+            self.dev.write(p, self.plan.cipher.encrypt(bytes(n), p // self.ss))
+        self.sync()
 
     def write_head(self, plain_head: bytes) -> None:
         """Step 0: relocated header (encrypted first sectors) and the FVE volume header."""
@@ -301,28 +459,56 @@ class _Converter:
         self.sync()
 
     # -- the loop ----------------------------------------------------------------
+    def _items(self, start: int) -> Iterator[tuple[int, int, bool]]:
+        ao, an = self.area or (0, 0)
+        for pos in range(start, self.vsize, self.step):
+            n = min(self.step, self.vsize - pos)
+            yield pos, n, not (ao <= pos and pos + n <= ao + an)  # wholly in the area: encrypted last
+
+    def _chunk(self, off: int, n: int, out: memoryview) -> bytes:
+        """Worker side: the plaintext of the step into ``out[:n]``, its ciphertext into ``out[n:2n]``."""
+        plain = out[:n]
+        self.dev.read_into(off, plain)
+        for ro, rn in self.skip:  # never written by this step, and this process changes them meanwhile
+            lo, hi = max(off, ro), min(off + n, ro + rn)  # (journal, checkpoints): zeros, so that
+            if lo < hi:                                   # every run journals the same bytes
+                plain[lo - off:hi - off] = _zeros(hi - lo)
+        self.plan.cipher.encrypt_into(plain, off // self.ss, out[n:])
+        if plain == _zeros(n):
+            return b""  # a zero step: its record stores no data
+        return hashlib.sha256(plain).digest()
+
     def run(self, start: int) -> None:
-        """Convert ``[start, volume end)`` then write the final metadata."""
+        """Convert ``[start, volume end)`` then the journal area, then write the final metadata.
+
+        Forked workers (:func:`ordered_map`) read and encrypt the steps ahead; this process alone
+        writes, in order, each step's journal record (durable) before its ciphertext."""
         last = time.monotonic()
         since = 0
-        pos = start
         with progress(self.vsize - start, "encrypt in place") as bar:
-            while pos < self.vsize:
-                n = min(self.step, self.vsize - pos)
-                plain = self.dev.read(pos, n)
-                # The journal's fsync also makes the previous step's ciphertext durable, which is
-                # why resume redoes both journal slots (the newest two steps).
-                self.write_journal(pos, plain)
-                self.write_ciphertext(pos, plain, sync=False)
-                pos += n
-                self.steps += 1
+            for off, n, out, payload in ordered_map(self._chunk, self._items(start), slot=2 * self.step):
+                if out is not None:
+                    # The journal's fsync also makes the previous step's ciphertext durable, which is
+                    # why resume redoes both journal slots (the newest two steps).
+                    if payload:
+                        self.write_journal(off, out[:n], data_hash=payload)
+                    else:
+                        self.write_journal(off, out[:n], flags=FLAG_ZERO)
+                    self._write_skipping(off, out[n:2 * n])
+                    self.steps += 1
+                    since += 1
                 bar.update(n)
-                since += 1
+                pos = off + n
                 now = time.monotonic()
                 if (now - last >= CHECKPOINT_SECONDS or since >= CHECKPOINT_STEPS) and pos < self.vsize:
                     self.write_metadata(pos)
                     last, since = now, 0
         self.sync()
+        if self.area is not None:
+            # Record that every step is done (this record's fsync makes the last ciphertext durable),
+            # then the area's own plaintext (zeros) is encrypted over the journal data.
+            self.write_journal(self.area[0], b"", flags=FLAG_AREA_DONE)
+            self.encrypt_area()
         # Every copy must say "all converted" before the final blocks wipe the journal slots.
         self.write_metadata(self.vsize)
         self.write_metadata(self.vsize, final=True)
@@ -387,7 +573,17 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
     if on_keys is not None:
         on_keys(plan.result)
     r = plan.regions
-    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0)
+    ss = plan.sector_size
+    want = step_size(ss)
+    sizes = [want]
+    while sizes[-1] > MAX_STEP:  # a smaller area when no run of zeros is large enough
+        sizes.append(max(ss, sizes[-1] // 2 // ss * ss))
+    area = None
+    found = find_area(view, [2 * w for w in sizes], [(0, r.vho_size), *r.spans()])
+    if found is not None:
+        area, k = found
+        want = sizes[k]
+    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0, area=area, step=want)
     head = view.read(0, r.vho_size)
     # 1. relocated header (reserved region, invisible to NTFS); 2. journal of the first step;
     # 3. metadata (state switching); 4. the FVE volume header over the first sectors.
@@ -445,7 +641,8 @@ def resume_conversion(view: BlockDevice, credential: dict[str, Any]) -> InPlaceR
     plan = plan_from_metadata(m, vmk, fvek, volume_size=view.size, sector_size=ss, vho_size=vho_size)
     records = read_journals(view, plan.regions, m.volume_guid)
     journal = records[-1] if records else None
-    conv = _Converter(view, plan, m.volume_guid, journal.seq + 1 if journal else 0)
+    conv = _Converter(view, plan, m.volume_guid, journal.seq + 1 if journal else 0,
+                      area=journal.area if journal else None)
     if m.encrypted_size >= view.size:
         conv.write_metadata(view.size, final=True)  # interrupted while writing the final copies
         return InPlaceResult(True, view.size, view.size, 0, conv.checkpoints, plan.result)
@@ -453,13 +650,17 @@ def resume_conversion(view: BlockDevice, credential: dict[str, Any]) -> InPlaceR
         raise UnsupportedError("the volume is mid-conversion but holds no templatetool conversion journal",
                                view.name, "finish the conversion with the tool that started it")
     for rec in records:  # redo the newest two steps from their plaintext (idempotent)
-        if rec.offset == 0:
+        if rec.flags & FLAG_AREA_DONE:
+            conv.encrypt_area()
+        elif rec.offset == 0:
             if len(rec.data) != vho_size:
                 raise FormatError("first journal record has the wrong size", view.name)
             conv.write_head(rec.data)
         else:
             conv.write_ciphertext(rec.offset, rec.data)
     boundary = max(m.encrypted_size, journal.offset + len(journal.data))
+    if journal.flags & FLAG_AREA_DONE:
+        boundary = view.size
     conv.write_metadata(boundary)
     conv.run(boundary)
     return InPlaceResult(True, boundary, view.size, conv.steps, conv.checkpoints, plan.result)
