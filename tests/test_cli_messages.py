@@ -179,6 +179,38 @@ output = "out/report.json"
     assert vsc.read_bytes() == read_vsc_bytes(tmp_path / "out" / "template.vhdx")
 
 
+def test_build_recipe_outputs_follow_the_output_policy(demo: Path, tmp_path: Path) -> None:
+    """A recipe's outputs are checked like options: never an input, never an existing file
+    without --overwrite, and --overwrite replaces them."""
+    import hashlib
+
+    golden = tmp_path / "golden.vhdx"
+    golden.write_bytes(GOLDEN.read_bytes())
+    signer = f"pem:{demo / 'signer.key.pem'},{demo / 'signer.pem'}"
+
+    def recipe(output: str, name: str = "recipe.toml") -> Path:
+        r = tmp_path / name
+        r.write_text(f'[template]\ngolden = "golden.vhdx"\noutput = "{output}"\nname = "Srv"\n'
+                     f'version = "1.2.3.4"\nsigner = "{signer}"\n[report]\noutput = "report.json"\n')
+        return r
+
+    before = hashlib.sha256(golden.read_bytes()).hexdigest()
+    cp = run_cli("build", str(recipe("golden.vhdx")))  # the template output is the golden input
+    assert cp.returncode == 2 and "is also the input [template] golden" in cp.stderr, cp.stderr
+    assert hashlib.sha256(golden.read_bytes()).hexdigest() == before
+    cp = run_cli("build", str(recipe("report.json", "r2.toml")))  # two outputs at one path
+    assert cp.returncode == 2 and "[report] output" in cp.stderr, cp.stderr
+    r = recipe("t.vhdx")
+    assert run_cli("build", str(r)).returncode == 0
+    first = (tmp_path / "t.vhdx").stat().st_ino
+    cp = run_cli("build", str(r))  # everything exists now
+    assert cp.returncode == 2 and "--overwrite" in cp.stderr, cp.stderr
+    assert (tmp_path / "t.vhdx").stat().st_ino == first
+    cp = run_cli("build", str(r), "--overwrite")
+    assert cp.returncode == 0, cp.stderr
+    assert (tmp_path / "t.vhdx").stat().st_ino != first  # replaced by a rename
+
+
 def test_shared_seal_options_validate_pcrs_and_bank(tmp_path: Path) -> None:
     """tpm_seal_options (encrypt) and shield share the PCR_LIST / PCR_BANK option types."""
     import click

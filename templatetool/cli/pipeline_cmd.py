@@ -48,6 +48,14 @@ def _unlock_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _recipe_paths(p: dict[str, Any]) -> list[Out]:
+    """A build recipe's inputs and outputs (checked like any command's options)."""
+    from ..pipeline.build import Recipe
+
+    ins, outs = Recipe(p["recipe"]).io_paths()
+    return [Out(label, str(q), "input") for label, q in ins] + [Out(label, str(q)) for label, q in outs]
+
+
 def _shield_outputs(p: dict[str, Any]) -> list[Out]:
     """shield's derived outputs: OUTPUT.kp (unless --kp) and OUTPUT.recovery.p7m; with --in-place
     they sit beside TEMPLATE and may exist already when a crashed conversion is resumed."""
@@ -173,6 +181,7 @@ def register(cli: click.Group) -> None:
     @cli.command("build")
     @click.argument("recipe", type=click.Path(dir_okay=False))
     @json_option
+    @policy.derived_outputs(_recipe_paths)
     def build_cmd(recipe: str, as_json: bool) -> None:
         """Run a pipeline recipe (protect → vsc export → pdk new → shield) and write report.json."""
         from ..pipeline.build import run_build

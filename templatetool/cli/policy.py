@@ -101,6 +101,7 @@ OUTPUT_PREFIX = OutputPrefix()
 KEY_FILE = KeyFile()
 
 #: Roles of outputs. "resume": an output that may already exist (a crashed run's key file, read back).
+#: A derived entry with role "input" is a file the command reads (e.g. named in a build recipe).
 OUTPUT_ROLES = {"file", "dir", "key-folder", "key", "resume"}
 
 
@@ -225,6 +226,9 @@ def plan_for(cmd: click.Command, params: dict[str, Any]) -> Plan:
     derive = getattr(cmd.callback, "__templatetool_derived__", None)
     if derive is not None:
         for d in derive(params):
+            if d.role == "input":  # a file the command reads, named inside another input (a recipe)
+                plan.inputs.append((d.label, d.path))
+                continue
             for i, o in enumerate(plan.outputs):
                 if o.label == d.label:
                     plan.outputs[i] = d

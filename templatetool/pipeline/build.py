@@ -132,6 +132,29 @@ class Recipe:
             if p is not None and not p.parent.is_dir():
                 raise NotFoundError(f"[{sec}] {k}: the output folder does not exist", str(p.parent), "create it first")
 
+    def io_paths(self) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+        """The files the recipe reads and the files it writes, as ``([label, path], [label, path])``
+        (shield's KP and escrow derived as the step derives them), for the CLI's output policy."""
+        ins: list[tuple[str, Path]] = [("the recipe", self.path)]
+        outs: list[tuple[str, Path]] = []
+        for sec, k in (("template", "golden"), ("template", "signer"), ("pdk", "owner"), ("pdk", "answer_file"),
+                       ("shield", "template"), ("shield", "pdk"), ("shield", "owner"), ("shield", "tcg_log"),
+                       ("shield", "tpm_parent")):
+            v = self.get(sec, k) if sec in self.data else None
+            if isinstance(v, str) and not v.startswith(("pkcs11:", "pem:")):
+                ins.append((f"[{sec}] {k}", self.p(sec, k)))  # type: ignore[arg-type]
+        for sec, k in (("template", "output"), ("template", "vsc"), ("pdk", "output"), ("shield", "output"),
+                       ("shield", "kp"), ("report", "output")):
+            q = self.p(sec, k) if sec in self.data else None
+            if q is not None:
+                outs.append((f"[{sec}] {k}", q))
+        out = self.p("shield", "output") if "shield" in self.data else None
+        if out is not None:
+            if self.get("shield", "kp") is None:
+                outs.append(("[shield] kp (OUTPUT.kp)", out.with_suffix(".kp")))
+            outs.append(("[shield] recovery escrow (OUTPUT.recovery.p7m)", out.with_suffix(".recovery.p7m")))
+        return ins, outs
+
     def get(self, sec: str, key: str, default: Any = None, required: bool = False) -> Any:
         v = self.data.get(sec, {}).get(key, default)
         if required and v in (None, ""):
