@@ -89,12 +89,7 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
             os.replace(tmp_path, dest)
         except OSError as e:
             raise ResourceError(f"cannot complete the output: {e.strerror}", str(dest)) from None
-        with contextlib.suppress(OSError):
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        _fsync_dir(folder)
     except BaseException:
         if tmp_path is not None:
             with no_interrupts(), contextlib.suppress(OSError):

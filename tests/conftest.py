@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
     if check and cp.returncode != 0:
         raise AssertionError(f"templatetool {' '.join(args)} failed ({cp.returncode}): {cp.stderr}")
     return cp
+
+
+def run_inprocess(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run the CLI in this process (fast); returns (exit code, stdout, stderr). The CLI's SIGINT /
+    SIGALRM handlers and unraisable hook are restored afterwards."""
+    from templatetool.cli import main as cli_main
+
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGALRM), sys.unraisablehook
+    try:
+        with pytest.raises(SystemExit) as ex:
+            cli_main.main([str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGALRM, old[1])
+        sys.unraisablehook = old[2]
+    out = capsys.readouterr()
+    return int(ex.value.code or 0), out.out, out.err
 
 
 def assert_clean_error(cp: subprocess.CompletedProcess[str], code: int | None = None) -> None:

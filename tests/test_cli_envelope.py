@@ -5,8 +5,6 @@ every environment-variable option)."""
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from pathlib import Path
 
 import click
@@ -15,7 +13,7 @@ import pytest
 from templatetool.cli import main as cli_main
 from templatetool.cli import policy
 
-from .conftest import GOLDEN, ROOT, run_cli
+from .conftest import GOLDEN, ROOT, run_cli, run_inprocess
 
 ERROR_KEYS = {"kind", "exit_code", "message", "where", "hint"}
 #: Commands without --json: raw bytes on stdout, a long-running server.
@@ -46,17 +44,9 @@ def test_every_command_has_json() -> None:
     assert not missing
 
 
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGALRM), sys.unraisablehook
-    try:
-        with pytest.raises(SystemExit) as ex:
-            cli_main.main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGALRM, old[1])
-        sys.unraisablehook = old[2]
-    out = capsys.readouterr()
-    return int(ex.value.code or 0), out.out, out.err
+    return run_inprocess(capsys, *args)
 
 
 def check_error(rc: int, out: str, err: str, command: str, code: int) -> dict:

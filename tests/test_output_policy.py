@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,23 +16,14 @@ import pytest
 from templatetool.cli import main as cli_main
 from templatetool.cli import policy
 
-from .conftest import run_cli
+from .conftest import run_cli, run_inprocess
 
 GUID = "cacb4f3d-37ce-4234-b403-fcfdc5e1fb8d"
 
 
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGALRM), sys.unraisablehook
-    try:
-        with pytest.raises(SystemExit) as ex:
-            cli_main.main([str(a) for a in args])
-    finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGALRM, old[1])
-        sys.unraisablehook = old[2]
-    out = capsys.readouterr()
-    return int(ex.value.code or 0), out.out, out.err
+    return run_inprocess(capsys, *args)
 
 
 def sha(p: Path) -> str:
