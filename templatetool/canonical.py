@@ -18,7 +18,8 @@ def canonical_json(obj: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json.loads that refuses a repeated member (FormatError)."""
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -34,7 +35,7 @@ def _no_float(text: str) -> Any:
 def parse_strict(data: bytes, what: str) -> Any:
     """Parse JSON refusing duplicate keys and floats; FormatError naming ``what`` when malformed."""
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_dupes, parse_float=_no_float)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys, parse_float=_no_float)
     except FormatError as e:
         raise FormatError(f"malformed {what}: {e.what}") from None
     except (UnicodeDecodeError, ValueError) as e:

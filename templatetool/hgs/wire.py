@@ -15,6 +15,7 @@ from typing import Any
 
 from lxml import etree
 
+from ..canonical import no_duplicate_keys
 from ..errors import (CredentialError, FormatError, IntegrityError, NotFoundError, PolicyError, TemplateToolError,
                       UsageError)
 from ..guardian.metadata import KPS_NS, parse_xml
@@ -62,15 +63,6 @@ def dump_wcf(name: str, members: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate member {k!r}")
-        d[k] = v
-    return d
-
-
 def parse_wcf(body: bytes, expected: str | tuple[str, ...], where: str = "request") -> tuple[str, dict[str, Any]]:
     """Parse a WCF JSON object; returns (message name, members without ``__type``).
 
@@ -80,7 +72,9 @@ def parse_wcf(body: bytes, expected: str | tuple[str, ...], where: str = "reques
     if len(body) > MAX_BODY:
         raise FormatError(f"body too large ({len(body)} bytes, limit {MAX_BODY})", where)
     try:
-        obj = json.loads(body, object_pairs_hook=_no_duplicates)
+        obj = json.loads(body, object_pairs_hook=no_duplicate_keys)
+    except FormatError as e:
+        raise FormatError(f"malformed JSON: {e.what}", where) from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise FormatError(f"malformed JSON: {str(e)[:120]}", where) from None
     if not isinstance(obj, dict):
