@@ -1,10 +1,10 @@
-# templatetool — make demo | make test | make bench | make fuzz
+# templatetool — make demo | make test | make lint | make bench | make fuzz
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup deps test test-all demo bench fuzz clean
+.PHONY: setup deps test test-all demo bench fuzz lint clean
 
 $(STAMP): pyproject.toml setup.py templatetool/_xts.c
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: setup
 
 test-all: setup
 	$(VPY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check templatetool
+	$(VENV)/bin/ruff format --check templatetool
+	$(VENV)/bin/mypy
 
 demo: setup
 	./tools/demo.sh
