@@ -16,7 +16,6 @@ from typing import Any
 
 from .errors import ResourceError, UsageError
 
-
 _critical: dict[str, Any] = {"depth": 0, "pending": None}
 
 

@@ -62,10 +62,10 @@ class BlockDevice(ABC):
         if end > offset:
             yield (offset, end - offset)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 -- optional hook: a no-op unless the device buffers writes
         """Make written data durable where supported."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- optional hook: a no-op unless the device holds resources
         """Release resources."""
 
     def _check_range(self, offset: int, length: int) -> None:

@@ -112,8 +112,8 @@ def _self_issued(c: x509.Certificate, where: str) -> bool:
 
 def _as_utc(t: _dt.datetime | None) -> _dt.datetime:
     if t is None:
-        return _dt.datetime.now(_dt.timezone.utc)
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+        return _dt.datetime.now(_dt.UTC)
+    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
 def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set[bytes],
@@ -287,4 +287,4 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
 #: Convenience re-export for callers that want to require code signing.
 CODE_SIGNING = ExtendedKeyUsageOID.CODE_SIGNING
 
-__all__ = ["VerifiedPath", "verify_chain", "MAX_DEPTH", "MIN_RSA_BITS", "CODE_SIGNING"]
+__all__ = ["CODE_SIGNING", "MAX_DEPTH", "MIN_RSA_BITS", "VerifiedPath", "verify_chain"]

@@ -19,7 +19,7 @@ VSC_FORMAT_VERSION = 1
 #: Default measurement block size (1 MiB).
 DEFAULT_BLOCK_SIZE = 1 << 20
 
-__all__ = ["VSC_METADATA_GUID", "VSC_FORMAT", "VSC_FORMAT_VERSION", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "VSC_FORMAT", "VSC_FORMAT_VERSION", "VSC_METADATA_GUID"]
 
 _LAZY = {
     "CatalogDocument": "document", "VolumeInfo": "document", "parse_version": "document",

@@ -68,7 +68,7 @@ class VolumeInfo:
                 "cluster_size": self.cluster_size, "partition": part, "disk_guid": self.disk_guid}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "VolumeInfo":
+    def from_json(cls, d: dict[str, Any]) -> VolumeInfo:
         p = d.get("partition")
         _expect(d, {"size": int, "sector_size": int}, "volume")
         if p is not None:
@@ -113,7 +113,7 @@ class CatalogDocument:
     def build(cls, name: str, version: str | tuple[int, int, int, int], volume: VolumeInfo,
               block_size: int, leaves: list[bytes], root: bytes, free_space: str,
               reserved: list[dict[str, Any]] | None = None, created: _dt.datetime | None = None,
-              max_detail_nodes: int = MAX_DETAIL_NODES) -> "CatalogDocument":
+              max_detail_nodes: int = MAX_DETAIL_NODES) -> CatalogDocument:
         """Make a document from a measurement (stores the finest level that fits)."""
         from .merkle import detail_level_for
 
@@ -121,7 +121,7 @@ class CatalogDocument:
             raise UsageError(f"bad template name {name!r}", hint="use 1-256 printable characters")
         ver = parse_version(version) if isinstance(version, str) else tuple(version)
         k = detail_level_for(len(leaves), max_detail_nodes)
-        when = (created or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
+        when = (created or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
         return cls(name=name, version=ver, volume=volume, block_size=block_size,  # type: ignore[arg-type]
                    block_count=len(leaves), free_space=free_space, root=root, detail_level=k,
                    detail=level(leaves, k), created=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -166,7 +166,7 @@ class CatalogDocument:
         return canonical_json(self.to_json())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CatalogDocument":
+    def from_bytes(cls, data: bytes) -> CatalogDocument:
         """Parse and validate canonical bytes (FormatError/UnsupportedError otherwise)."""
         obj = parse_strict(data, "catalog document")
         if not isinstance(obj, dict) or obj.get("format") != VSC_FORMAT:

@@ -84,7 +84,7 @@ def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
                           "use the protected template (or decrypt the disk first)")
     try:
         return NTFS(DeviceIO(view))
-    except Exception as e:  # noqa: BLE001 - dissect raises several untyped errors
+    except Exception as e:
         raise FormatError(f"cannot read the NTFS volume: {e}", view.name) from None
 
 
@@ -98,7 +98,7 @@ def ntfs_free_map(view: BlockDevice) -> FreeMap:
     try:
         clusters = int(fs.boot_sector.NumberSectors) * fs.sector_size // cs
         raw = fs.mft.get("$Bitmap").open().read()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise FormatError(f"cannot read the NTFS $Bitmap: {e}", view.name) from None
     if len(raw) * 8 < clusters:
         raise FormatError("the NTFS $Bitmap is shorter than the volume", view.name,
@@ -145,7 +145,7 @@ def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit:
             if rec.header.BaseFileRecordSegment.SegmentNumberLowPart or rec.header.BaseFileRecordSegment.SegmentNumberHighPart:
                 continue  # extension record: its attributes are listed under the base record
             attrs = rec.attributes
-        except Exception:  # noqa: BLE001 - skip unreadable records
+        except Exception:
             continue
         for collection in attrs.values():
             for attr in collection:
@@ -153,7 +153,7 @@ def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit:
                     if attr.header.resident:
                         continue
                     runs = attr.dataruns()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     continue
                 for lcn, count in runs:
                     if lcn is None:
@@ -163,7 +163,7 @@ def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit:
                         continue
                     try:
                         path = rec.full_path() or rec.filename or f"<record {rec.segment}>"
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         path = f"<record {rec.segment}>"
                     key = (rec.segment or 0, attr.header.type.name)
                     if key in seen:

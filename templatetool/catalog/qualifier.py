@@ -47,7 +47,7 @@ class VolumeIdQualifier:
             object.__setattr__(self, "version", parse_version(self.version))
 
     @classmethod
-    def from_vsc(cls, info: Any, rule: str = "eq") -> "VolumeIdQualifier":
+    def from_vsc(cls, info: Any, rule: str = "eq") -> VolumeIdQualifier:
         """A qualifier for exactly this signed catalog's name and signer (``rule`` on its version)."""
         return cls(info.name, info.signer_thumbprint, tuple(info.version), rule)  # type: ignore[arg-type]
 
@@ -73,7 +73,7 @@ class VolumeIdQualifier:
                 "version": format_version(self.version), "rule": self.rule}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "VolumeIdQualifier":
+    def from_json(cls, d: dict[str, Any]) -> VolumeIdQualifier:
         try:
             return cls(str(d["name"]), str(d["signer_thumbprint"]), parse_version(str(d["version"])),
                        str(d.get("rule", "eq")))

@@ -104,7 +104,7 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     cert = signer.certificate
     hash_alg = _hash(digest)
     md = _digest(bytes(content), digest)
-    when = (signing_time or _dt.datetime.now(_dt.timezone.utc)).replace(microsecond=0)
+    when = (signing_time or _dt.datetime.now(_dt.UTC)).replace(microsecond=0)
     if when.year < 2050:
         st = cms.Time({"utc_time": core.UTCTime(when)})
     else:
@@ -168,7 +168,7 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
 
 
 def _as_utc(t: _dt.datetime) -> _dt.datetime:
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
 def _check_validity(c: x509.Certificate, at: _dt.datetime, role: str) -> None:
@@ -350,7 +350,7 @@ def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certif
     except InvalidSignature:
         raise IntegrityError("the CMS signature does not verify", where,
                              "the catalog or its signature was altered") from None
-    when = _as_utc(at) if at else _dt.datetime.now(_dt.timezone.utc)
+    when = _as_utc(at) if at else _dt.datetime.now(_dt.UTC)
     _check_validity(signer_cert, when, "signer")
     _check_signing_ku(signer_cert)
     anchor = None
@@ -376,8 +376,8 @@ def verify_signed_data(der: bytes, *, content: bytes | None = None,
         return _verify(der, content=content, trust=trust, at=at)
     except TemplateToolError:
         raise
-    except Exception as e:  # noqa: BLE001 - asn1crypto/cryptography parse lazily and raise many kinds
+    except Exception as e:
         raise FormatError(f"malformed CMS SignedData: {type(e).__name__}: {e}", "CMS SignedData") from None
 
 
-__all__ = ["sign_data", "verify_signed_data", "SignedDataInfo", "build_chain"]
+__all__ = ["SignedDataInfo", "build_chain", "sign_data", "verify_signed_data"]

@@ -12,15 +12,37 @@ from pathlib import Path
 from ..blockdev import BlockDevice, RawFile, View, require_disk_bytes
 from ..errors import NotFoundError, ResourceError, UsageError
 from .fs import sniff_filesystem
-from .partitions import (BASIC_DATA, EFI_SYSTEM, MS_RESERVED, Partition, PartitionTable, gpt_sector_size,
-                         read_partition_table)
+from .partitions import (
+    BASIC_DATA,
+    EFI_SYSTEM,
+    MS_RESERVED,
+    Partition,
+    PartitionTable,
+    gpt_sector_size,
+    read_partition_table,
+)
 
 VHDX_SIGNATURE = b"vhdxfile"
 
 __all__ = [
-    "open_disk", "create_disk", "disk_format", "read_partition_table", "find_os_volume",
-    "sniff_filesystem", "Partition", "PartitionTable", "BASIC_DATA", "EFI_SYSTEM", "MS_RESERVED",
-    "select_volume", "locate_volume", "View", "open_raw", "gpt_sector_size", "output_subformat", "SUBFORMATS",
+    "BASIC_DATA",
+    "EFI_SYSTEM",
+    "MS_RESERVED",
+    "SUBFORMATS",
+    "Partition",
+    "PartitionTable",
+    "View",
+    "create_disk",
+    "disk_format",
+    "find_os_volume",
+    "gpt_sector_size",
+    "locate_volume",
+    "open_disk",
+    "open_raw",
+    "output_subformat",
+    "read_partition_table",
+    "select_volume",
+    "sniff_filesystem",
 ]
 
 
@@ -79,14 +101,10 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
     if fmt == "vhdx":
         from ..vhdx import create_vhdx
 
-        kw: dict[str, object] = {"subformat": subformat, "logical_sector_size": lss}
-        bs = block_size or getattr(like, "block_size", None)
-        if bs:
-            kw["block_size"] = bs
-        pss = getattr(like, "physical_sector_size", None)
-        if pss:
-            kw["physical_sector_size"] = pss
-        return create_vhdx(path, size, **kw)
+        bs: int | None = block_size or getattr(like, "block_size", None) or None
+        pss: int = getattr(like, "physical_sector_size", None) or 4096  # create_vhdx's default
+        return create_vhdx(path, size, subformat=subformat, block_size=bs, logical_sector_size=lss,
+                           physical_sector_size=pss)
     return RawFile.create(path, size, sector_size=lss)
 
 

@@ -6,6 +6,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from construct import ConstructError
 
@@ -95,7 +96,8 @@ class PartitionTable:
         }
 
 
-def _parse_gpt_at(dev: BlockDevice, lba: int, ss: int, where: str) -> tuple[dict, list[Partition]]:
+def _parse_gpt_at(dev: BlockDevice, lba: int, ss: int, where: str) -> tuple[Any, list[Partition]]:
+    # Any: the header is a construct Container (construct has no types)
     raw = dev.read(lba * ss, ss)
     try:
         hdr = GPT_HEADER.parse(raw)
@@ -194,12 +196,12 @@ def read_partition_table(dev: BlockDevice) -> PartitionTable:
         table.partitions = parts
         return table
     table = PartitionTable("mbr", ss)
-    for i, e in enumerate(mbr.entries):
-        if e.type == 0 or e.sectors == 0:
+    for i, ent in enumerate(mbr.entries):
+        if ent.type == 0 or ent.sectors == 0:
             continue
-        off, size = e.lba_first * ss, e.sectors * ss
+        off, size = ent.lba_first * ss, ent.sectors * ss
         if off + size > dev.size:
             raise FormatError(f"MBR partition {i + 1} extends past the end of the disk", dev.name)
         table.partitions.append(Partition(index=i + 1, offset=off, size=size,
-                                          kind=MBR_KINDS.get(e.type, "other"), mbr_type=e.type))
+                                          kind=MBR_KINDS.get(ent.type, "other"), mbr_type=ent.type))
     return table

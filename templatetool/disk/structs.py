@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from construct import Bytes, Const, Int8ul, Int32ul, Int64ul, Struct, Array, Padding
+from construct import Array, Bytes, Const, Int8ul, Int32ul, Int64ul, Padding, Struct
 
 MBR_ENTRY = Struct(
     "status" / Int8ul,
@@ -47,4 +47,4 @@ GPT_ENTRY = Struct(
     "name" / Bytes(72),
 )
 
-__all__ = ["MBR", "MBR_ENTRY", "GPT_HEADER", "GPT_ENTRY", "Padding"]
+__all__ = ["GPT_ENTRY", "GPT_HEADER", "MBR", "MBR_ENTRY", "Padding"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
-
 from collections.abc import Sequence
 
 from cryptography import x509
@@ -188,7 +187,7 @@ def _cert(el, what: str, where: str) -> x509.Certificate:
         cert.subject.rfc4514_string()
         cert.issuer.rfc4514_string()
         return cert
-    except Exception as e:  # noqa: BLE001 - any failure to parse untrusted certificate bytes is malformed input
+    except Exception as e:
         raise FormatError(f"{what} is not a valid X.509 certificate: {e}", where) from None
 
 

@@ -58,7 +58,7 @@ def cert_from_b64(text: Any, what: str) -> x509.Certificate:
         cert = x509.load_der_x509_certificate(unb64(text, what))
         cert.public_key()  # parsed lazily: a damaged key must fail here
         return cert
-    except Exception:  # noqa: BLE001 - any failure to parse untrusted certificate bytes is malformed input
+    except Exception:
         raise FormatError(f"{what} is not a valid X.509 certificate") from None
 
 

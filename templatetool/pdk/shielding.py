@@ -265,7 +265,7 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
         return signer, [c for c in certs if c is not signer]
     except TemplateToolError:
         raise
-    except Exception as e:  # noqa: BLE001 - any parse failure of untrusted DER (asn1crypto, x509) is malformed input
+    except Exception as e:
         raise FormatError(f"malformed CMS in the PDK: {type(e).__name__}: {e}", where) from None
 
 

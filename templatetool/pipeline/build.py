@@ -7,6 +7,7 @@ recipe: passwords and PINs are named by environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -183,10 +184,8 @@ def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
         return _run(r, written)
     except BaseException:
         for p in written:
-            try:
+            with contextlib.suppress(OSError):
                 p.unlink()
-            except OSError:
-                pass
         raise
 
 
@@ -204,7 +203,7 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
 
     t0 = time.monotonic()
     report: dict[str, Any] = {"tool": f"templatetool {__version__}", "recipe": str(r.path),
-                              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                               "steps": {}, "artifacts": {}}
     template_out: Path | None = None
     vsc_out: Path | None = None
@@ -301,4 +300,4 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     return report
 
 
-__all__ = ["run_build", "Recipe"]
+__all__ = ["Recipe", "run_build"]

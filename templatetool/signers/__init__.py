@@ -31,5 +31,14 @@ def load_signer(spec: str, *, password: Secret | None = None, pin: Secret | None
     return PfxSigner(spec, password=password)
 
 
-__all__ = ["Signer", "KeyAlgorithm", "KeySigner", "Secret", "SecretSource", "load_signer",
-           "PfxSigner", "PemSigner", "Pkcs11Signer"]
+__all__ = [
+    "KeyAlgorithm",
+    "KeySigner",
+    "PemSigner",
+    "PfxSigner",
+    "Pkcs11Signer",
+    "Secret",
+    "SecretSource",
+    "Signer",
+    "load_signer",
+]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from ..errors import FormatError, UnsupportedError
 
 #: A secret given as a value, or a callable producing it when (and only if) it is needed.
-SecretSource = Callable[[], Union[bytes, str]]
-Secret = Union[bytes, str, SecretSource]
+SecretSource = Callable[[], bytes | str]
+Secret = bytes | str | SecretSource
 
 
 def resolve_secret(secret: Secret | None) -> bytes | None:
@@ -172,5 +172,14 @@ class KeySigner:
         return self.certificate.subject.rfc4514_string()
 
 
-__all__ = ["Signer", "KeyAlgorithm", "KeySigner", "SecretSource", "Secret", "resolve_secret",
-           "key_algorithm_of", "check_algorithm", "pss_padding"]
+__all__ = [
+    "KeyAlgorithm",
+    "KeySigner",
+    "Secret",
+    "SecretSource",
+    "Signer",
+    "check_algorithm",
+    "key_algorithm_of",
+    "pss_padding",
+    "resolve_secret",
+]

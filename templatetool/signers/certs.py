@@ -68,7 +68,7 @@ def self_signed(subject: str, key: PrivateKey, usage: str = "signing", days: int
     if usage not in ("signing", "encryption"):
         raise UsageError(f"unknown certificate usage {usage!r}", hint="use 'signing' or 'encryption'")
     name = parse_subject(subject)
-    start = not_before or (_dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=1))
+    start = not_before or (_dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1))
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
     sign = usage == "signing"
     ku = x509.KeyUsage(
@@ -104,7 +104,7 @@ def self_signed(subject: str, key: PrivateKey, usage: str = "signing", days: int
 def ca_certificate(subject: str, key: PrivateKey, days: int = 3650) -> x509.Certificate:
     """A self-signed CA certificate (keyCertSign, cRLSign) — for tests and labs."""
     name = parse_subject(subject)
-    start = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=1)
+    start = _dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1)
     return (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -122,7 +122,7 @@ def issue_certificate(subject: str, key_public, ca_key: PrivateKey, ca_cert: x50
                       not_before: _dt.datetime | None = None) -> x509.Certificate:
     """An end-entity certificate for ``key_public`` issued by ``ca_cert`` — for tests and labs."""
     name = parse_subject(subject)
-    start = not_before or (_dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(hours=1))
+    start = not_before or (_dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1))
     sign = usage == "signing"
     is_rsa = isinstance(key_public, rsa.RSAPublicKey)
     ku = x509.KeyUsage(sign, False, (not sign) and is_rsa, False, (not sign) and not is_rsa,

@@ -15,6 +15,7 @@ DigestInfo, CKM_RSA_PKCS_PSS with explicit hash/MGF/salt, or CKM_ECDSA, r||s re-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class Pkcs11Signer:
         self._where = self._safe_uri()
         try:
             lib = pkcs11.lib(module)
-        except Exception as e:  # noqa: BLE001 - loader errors are untyped
+        except Exception as e:
             raise ResourceError(f"cannot load the PKCS#11 module: {e}", module) from None
         kw: dict[str, Any] = {}
         if "token" in u.path:
@@ -120,7 +121,7 @@ class Pkcs11Signer:
             kw["token_serial"] = u.path["serial"].encode()
         try:
             tokens = list(lib.get_tokens(**kw))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _token_error(e, self._where) from None
         if not tokens:
             raise NotFoundError("no PKCS#11 token matches the URI", self._where, "check token= / serial=")
@@ -136,7 +137,7 @@ class Pkcs11Signer:
             self._session = tokens[0].open(user_pin=pin_s)
         except pkcs11.exceptions.UserAlreadyLoggedIn:
             self._session = tokens[0].open()  # another session of this process is logged in
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _token_error(e, self._where) from None
         del pin_s
         try:
@@ -198,7 +199,7 @@ class Pkcs11Signer:
     def _sign(self, data: bytes, mechanism: Any, param: Any) -> bytes:
         try:
             return bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _token_error(e, self._where) from None
 
     def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *,
@@ -237,16 +238,14 @@ class Pkcs11Signer:
         """Close the token session."""
         s = getattr(self, "_session", None)
         if s is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead session cannot be closed twice; nothing to report
                 s.close()
-            except Exception:  # noqa: BLE001
-                pass
             self._session = None  # type: ignore[assignment]
 
     def describe(self) -> str:
         return f"{self.certificate.subject.rfc4514_string()} ({self._where})"
 
-    def __enter__(self) -> "Pkcs11Signer":
+    def __enter__(self) -> Pkcs11Signer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -256,4 +255,4 @@ class Pkcs11Signer:
         self.close()
 
 
-__all__ = ["Pkcs11Signer", "Pkcs11Uri", "parse_pkcs11_uri", "DEFAULT_PIN_ENV", "MODULE_ENV"]
+__all__ = ["DEFAULT_PIN_ENV", "MODULE_ENV", "Pkcs11Signer", "Pkcs11Uri", "parse_pkcs11_uri"]

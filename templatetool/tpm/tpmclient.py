@@ -3,6 +3,7 @@ Unseal. Imported lazily: the offline side never needs the TSS libraries."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -37,7 +38,7 @@ def open_tpm(tcti: str) -> Any:
     t = _tss()
     try:
         return t.ESAPI(t.TCTILdr.parse(tcti))
-    except Exception as e:  # noqa: BLE001 - TSS raises several types
+    except Exception as e:
         raise ResourceError(f"cannot connect to the TPM: {str(e)[:120]}", tcti,
                             "check the TCTI string (e.g. swtpm:host=127.0.0.1,port=2321, device:/dev/tpmrm0)") from None
 
@@ -73,10 +74,8 @@ class _Session:
 
     def close(self) -> None:
         for h in reversed(self.handles):
-            try:
+            with contextlib.suppress(Exception):  # best-effort cleanup; the TPM error that got us here wins
                 self.esys.flush_context(h)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
         self.esys.close()
 
 
@@ -94,7 +93,7 @@ def find_parent(esys: Any, sess: _Session, parent_name: bytes, handles: list[int
         esys.tr_close(tr)
     for hier, tmpl in _standard_templates(t):
         try:
-            h, pub, *_ = esys.create_primary(t.TPM2B_SENSITIVE_CREATE(), tmpl, hier)
+            h, _pub, *_ = esys.create_primary(t.TPM2B_SENSITIVE_CREATE(), tmpl, hier)
         except t.TSS2_Exception:
             continue
         if bytes(esys.tr_get_name(h)) == parent_name:
@@ -171,10 +170,8 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
             sess.close()
         else:
             for h in reversed(sess.handles):
-                try:
+                with contextlib.suppress(Exception):  # best-effort cleanup of transient handles
                     esys.flush_context(h)
-                except Exception:  # noqa: BLE001
-                    pass
 
 
 def _translate(e: Any, stage: str) -> Exception:
@@ -204,7 +201,7 @@ def _with_da_status(esys: Any, err: Exception) -> Exception:
     the TPM does not answer."""
     try:
         count, limit = da_status(esys)
-    except Exception:  # noqa: BLE001 - the PIN error itself matters more
+    except Exception:
         return err
     if not isinstance(err, CredentialError):
         return err

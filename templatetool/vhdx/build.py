@@ -14,7 +14,7 @@ from .layout import MetaItem, Region, align_up, with_crc
 def file_identifier() -> bytes:
     """The 64 KiB file type identifier block with our creator string."""
     creator = f"templatetool {__version__}".encode("utf-16-le")
-    raw = S.FileIdentifier.build({"signature": S.SIG_FILE, "creator": creator.ljust(512, b"\0")})
+    raw: bytes = S.FileIdentifier.build({"signature": S.SIG_FILE, "creator": creator.ljust(512, b"\0")})
     return raw.ljust(64 * S.KiB, b"\0")
 
 
@@ -75,7 +75,7 @@ def parent_locator(pairs: dict[str, str]) -> bytes:
         strings += vb
         entries += S.ParentLocatorEntry.build({"key_offset": koff, "value_offset": voff,
                                                "key_length": len(kb), "value_length": len(vb)})
-    head = S.ParentLocatorHeader.build({"locator_type": S.VHDX_PARENT_LOCATOR_TYPE, "reserved": 0,
+    head: bytes = S.ParentLocatorHeader.build({"locator_type": S.VHDX_PARENT_LOCATOR_TYPE, "reserved": 0,
                                         "key_value_count": n})
     return head + bytes(entries) + bytes(strings)
 

@@ -56,7 +56,7 @@ def check(path: PathLike, parent_search: Sequence[PathLike] | None = None) -> li
 
 
 def _pyvhdi_chain(disk: VhdxDisk) -> list[Any]:
-    import pyvhdi  # type: ignore[import-not-found]
+    import pyvhdi
 
     files = []
     paths = [disk.path, *disk.parent_chain()]
@@ -79,14 +79,14 @@ def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
     """Compare every byte we read with what libvhdi (pyvhdi) reads; returns findings."""
     findings: list[Finding] = []
     try:
-        import pyvhdi  # noqa: F401  # type: ignore[import-not-found]
+        import pyvhdi  # noqa: F401 -- optional extra: probe before opening anything
     except ImportError:
-        raise ResourceError("the cross-check needs the libvhdi-python module (pyvhdi)",
-                            hint="pip install libvhdi-python") from None
+        raise ResourceError("the cross-check needs the libvhdi-python module (pyvhdi), an optional extra",
+                            hint="pip install 'templatetool[vhdi]'") from None
     with open_vhdx(path, parent_search=parent_search) as disk:
         try:
             files = _pyvhdi_chain(disk)
-        except Exception as e:  # noqa: BLE001 - pyvhdi raises plain IOError/OSError
+        except Exception as e:
             return [Finding("error", "integrity", f"libvhdi cannot open the file: {e}", str(path))]
         try:
             top = files[0]
@@ -101,7 +101,7 @@ def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
                     a = disk.read(pos, n)
                     try:
                         b = top.read_buffer_at_offset(n, pos)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         return [Finding("error", "integrity", f"libvhdi read failed at {pos}: {e}", str(path))]
                     if a != b:
                         k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), 0)

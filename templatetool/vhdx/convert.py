@@ -94,7 +94,7 @@ def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
 
 
 class _NullBar:
-    def __enter__(self) -> _NullBar:  # noqa: PYI034
+    def __enter__(self) -> _NullBar:
         return self
 
     def __exit__(self, *a: object) -> None:
@@ -129,7 +129,7 @@ def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", s
         if logical_sector_size and dev.sector_size != logical_sector_size:
             raise UsageError(f"the source has {dev.sector_size}-byte logical sectors, not {logical_sector_size}",
                              dev.name, "--logical-sector-size reinterprets raw images only")
-        if own and os.path.exists(dst_path) and os.path.samefile(src, dst_path):  # type: ignore[arg-type]
+        if not isinstance(src, BlockDevice) and os.path.exists(dst_path) and os.path.samefile(src, dst_path):
             raise UsageError("source and destination are the same file", str(dst_path))
         if dev.size <= 0:
             raise UsageError("the source disk is empty", dev.name)

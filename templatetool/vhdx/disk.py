@@ -185,7 +185,7 @@ class VhdxDisk(BlockDevice):
     def _open_parent(self, parent_search: Sequence[PathLike] | None, chain: tuple[str, ...]) -> None:
         loc = self.layout.locator or {}
         me = os.path.realpath(self.path)
-        chain = chain + (me,)
+        chain = (*chain, me)
         tried = parent_candidates(self.path, loc, parent_search)
         found = next((p for p in tried if p.is_file()), None)
         if found is None:
@@ -216,11 +216,13 @@ class VhdxDisk(BlockDevice):
     @property
     def data_write_guid(self) -> uuid.UUID:
         """The current header's DataWriteGuid (children link to it)."""
-        return self.layout.header.data_write_guid
+        guid: uuid.UUID = self.layout.header.data_write_guid
+        return guid
 
     @property
     def file_write_guid(self) -> uuid.UUID:
-        return self.layout.header.file_write_guid
+        guid: uuid.UUID = self.layout.header.file_write_guid
+        return guid
 
     def parent_chain(self) -> list[Path]:
         """Paths of the parents, nearest first (empty for fixed/dynamic disks)."""
@@ -333,7 +335,7 @@ class VhdxDisk(BlockDevice):
         edges = np.flatnonzero(np.diff(sel.astype(np.int8))) + 1
         starts = np.concatenate(([0], edges))
         ends = np.concatenate((edges, [sel.size]))
-        for a, z in zip(starts.tolist(), ends.tolist()):
+        for a, z in zip(starts.tolist(), ends.tolist(), strict=True):
             lo = max(pos, (s0 + a) * lss)
             hi = min(pos + n, (s0 + z) * lss)
             if hi <= lo:
@@ -376,7 +378,7 @@ class VhdxDisk(BlockDevice):
         edges = np.flatnonzero(np.diff(cls)) + 1
         starts = np.concatenate(([0], edges)).tolist()
         ends = np.concatenate((edges, [cls.size])).tolist()
-        for a, z in zip(starts, ends):
+        for a, z in zip(starts, ends, strict=True):
             c = int(cls[a])
             lo, hi = max(offset, (b0 + a) * bs), min(end, (b0 + z) * bs)
             if c == 0 or hi <= lo:
@@ -427,7 +429,7 @@ class VhdxDisk(BlockDevice):
         h = lay.header
         fwg = uuid.uuid4()
         dwg = uuid.uuid4() if new_dwg else h.data_write_guid
-        seq = max(x.sequence_number for x, ok in zip(lay.headers, lay.header_valid) if ok and x is not None)
+        seq = max(x.sequence_number for x, ok in zip(lay.headers, lay.header_valid, strict=True) if ok and x is not None)
         other = 1 - lay.current
         for i, slot in enumerate((other, lay.current)):
             raw = build.header(seq + 1 + i, fwg, dwg, None, h.log_offset, h.log_length)
@@ -639,7 +641,7 @@ class VhdxDisk(BlockDevice):
             self.parent.close()
             self.parent = None
 
-    def __enter__(self) -> VhdxDisk:  # noqa: PYI034
+    def __enter__(self) -> VhdxDisk:
         return self
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, NoReturn
 
 import crc32c
 import numpy as np
@@ -66,7 +66,7 @@ class Reporter:
         return f"{self.name}: {where}" if where else self.name
 
     def fail(self, cls: type[TemplateToolError], what: str, where: str | None = None,
-             hint: str | None = None) -> None:
+             hint: str | None = None) -> NoReturn:
         """A problem that stops parsing in both modes."""
         if not self.collect:
             raise cls(what, self._where(where), hint)
@@ -207,10 +207,7 @@ def bat_geometry(size: int, block_size: int, lss: int, has_parent: bool) -> tupl
     chunk_ratio = ((1 << 23) * lss) // block_size
     data_blocks = -(-size // block_size)
     sb_blocks = -(-data_blocks // chunk_ratio)
-    if has_parent:
-        total = sb_blocks * (chunk_ratio + 1)
-    else:
-        total = data_blocks + (data_blocks - 1) // chunk_ratio
+    total = sb_blocks * (chunk_ratio + 1) if has_parent else data_blocks + (data_blocks - 1) // chunk_ratio
     return chunk_ratio, data_blocks, sb_blocks, total
 
 
@@ -338,7 +335,9 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
     for p, _ in problems:
         rep.flaw(p, "headers", "the other header is used")
     if all(valid):
-        s0, s1 = headers[0].sequence_number, headers[1].sequence_number  # type: ignore[union-attr]
+        h0, h1 = headers
+        assert h0 is not None and h1 is not None  # a valid slot always parsed
+        s0, s1 = h0.sequence_number, h1.sequence_number
         if s0 == s1 and raws[0] != raws[1]:
             rep.fail(FormatError, f"both headers carry sequence number {s0} but differ", "headers")
         current = 0 if s0 >= s1 else 1
@@ -368,7 +367,7 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         rep.warn("LogGuid is set but the log holds no valid entry (nothing to replay)", "header")
 
     # --- region tables
-    tables = []
+    tables: list[list[Region] | None] = []
     traws = []
     for i, off in enumerate(S.REGION_TABLE_OFFSETS):
         raw = pread_exact(fd, S.REGION_TABLE_SIZE, off)
@@ -382,7 +381,7 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         rep.fail(FormatError, "no usable region table", "region tables")
     if tables[0] is not None and tables[1] is not None and traws[0] != traws[1]:
         rep.error(FormatError, "the two region tables differ", "region tables")
-    regions: list[Region] = tables[0] if tables[0] is not None else tables[1]  # type: ignore[assignment]
+    regions = next(t for t in tables if t is not None)  # rep.fail above when both are unusable
     spans: list[tuple[int, int, str]] = [(0, S.MiB, "header section")]
     if h.log_length:
         spans.append((h.log_offset, h.log_offset + h.log_length, "log"))

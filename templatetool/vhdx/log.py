@@ -44,11 +44,11 @@ class LogEntry:
 
 def _valid_entry(raw: bytes, h: Any, log_guid: uuid.UUID, log_length: int) -> bool:
     """Header, descriptor and data-sector consistency plus the whole-entry CRC."""
-    el = h.entry_length
+    el: int = h.entry_length
     if (h.signature != S.SIG_LOG_ENTRY or el == 0 or el % S.LOG_SECTOR or el > log_length or len(raw) != el
             or h.sequence_number == 0 or h.log_guid != log_guid):
         return False
-    nd = h.descriptor_count
+    nd: int = h.descriptor_count
     desc_sectors = -(-(nd + 2) // 128)
     if desc_sectors * S.LOG_SECTOR > el:
         return False
