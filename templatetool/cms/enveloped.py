@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from asn1crypto import algos, cms, core, keys
 from cryptography import x509
@@ -84,19 +85,19 @@ GCM_TAG_LEN = 16
 # --------------------------------------------------------------------------------------------
 
 
-class _AlgId(core.Sequence):
+class _AlgId(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     """AlgorithmIdentifier with uninterpreted parameters."""
 
     _fields = [("algorithm", core.ObjectIdentifier), ("parameters", core.Any, {"optional": True})]
 
 
-class _GCMParameters(core.Sequence):
+class _GCMParameters(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     """RFC 5084 GCMParameters."""
 
     _fields = [("aes_nonce", core.OctetString), ("aes_icv_len", core.Integer, {"default": 12})]
 
 
-class _EccCmsSharedInfo(core.Sequence):
+class _EccCmsSharedInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     """RFC 5753 ECC-CMS-SharedInfo (the X9.63 KDF's SharedInfo)."""
 
     _fields = [
@@ -106,7 +107,7 @@ class _EccCmsSharedInfo(core.Sequence):
     ]
 
 
-class _KeyAgreeRecipientInfo(core.Sequence):
+class _KeyAgreeRecipientInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     """RFC 5652 KeyAgreeRecipientInfo with a generic key-encryption AlgorithmIdentifier."""
 
     _fields = [
@@ -118,7 +119,7 @@ class _KeyAgreeRecipientInfo(core.Sequence):
     ]
 
 
-class _RecipientInfo(core.Choice):
+class _RecipientInfo(core.Choice):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     _alternatives = [
         ("ktri", cms.KeyTransRecipientInfo),
         ("kari", _KeyAgreeRecipientInfo, {"implicit": 1}),
@@ -128,11 +129,11 @@ class _RecipientInfo(core.Choice):
     ]
 
 
-class _RecipientInfos(core.SetOf):
+class _RecipientInfos(core.SetOf):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     _child_spec = _RecipientInfo
 
 
-class _EncryptedContentInfo(core.Sequence):
+class _EncryptedContentInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     _fields = [
         ("content_type", core.ObjectIdentifier),
         ("content_encryption_algorithm", _AlgId),
@@ -140,7 +141,7 @@ class _EncryptedContentInfo(core.Sequence):
     ]
 
 
-class _AuthEnvelopedData(core.Sequence):
+class _AuthEnvelopedData(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     """RFC 5083 AuthEnvelopedData."""
 
     _fields = [
@@ -154,11 +155,11 @@ class _AuthEnvelopedData(core.Sequence):
     ]
 
 
-class _ContentInfo(core.Sequence):
+class _ContentInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     _fields = [("content_type", core.ObjectIdentifier), ("content", core.Any, {"explicit": 0})]
 
 
-class _AuthEnvelopedContentInfo(core.Sequence):
+class _AuthEnvelopedContentInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto is untyped: its base classes are Any
     _fields = [("content_type", core.ObjectIdentifier), ("content", _AuthEnvelopedData, {"explicit": 0})]
 
 
@@ -172,7 +173,7 @@ def _issuer_serial(cert: x509.Certificate) -> cms.IssuerAndSerialNumber:
     return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
 
 
-def _asn1_cert(cert: x509.Certificate):  # -> asn1crypto.x509.Certificate
+def _asn1_cert(cert: x509.Certificate) -> Any:  # an asn1crypto.x509.Certificate (asn1crypto is untyped)
     from asn1crypto import x509 as ax509
 
     return ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
@@ -182,7 +183,8 @@ def _shared_info(wrap_oid: str, kek_len: int, ukm: bytes | None) -> bytes:
     info = {"key_info": _AlgId({"algorithm": wrap_oid}), "supp_pub_info": (kek_len * 8).to_bytes(4, "big")}
     if ukm is not None:
         info["entity_u_info"] = ukm
-    return _EccCmsSharedInfo(info).dump()
+    der: bytes = _EccCmsSharedInfo(info).dump()
+    return der
 
 
 def _kek(shared: bytes, hash_cls: type[hashes.HashAlgorithm], wrap_oid: str, kek_len: int, ukm: bytes | None) -> bytes:
@@ -291,7 +293,8 @@ def envelope(content: bytes, recipients: list[x509.Certificate]) -> bytes:
         },
         "mac": tag,
     })
-    return _AuthEnvelopedContentInfo({"content_type": OID_AUTH_ENVELOPED_DATA, "content": aed}).dump()
+    der: bytes = _AuthEnvelopedContentInfo({"content_type": OID_AUTH_ENVELOPED_DATA, "content": aed}).dump()
+    return der
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +321,7 @@ def _parse(der: bytes, where: str) -> _AuthEnvelopedData:
         if ci["content_type"].dotted != OID_AUTH_ENVELOPED_DATA:
             raise FormatError(f"CMS content type {ci['content_type'].dotted} is not AuthEnvelopedData", where,
                               "expected an envelope written by templatetool or openssl cms -encrypt -aes-256-gcm")
-        aed = _AuthEnvelopedContentInfo.load(der, strict=True)["content"]
+        aed: _AuthEnvelopedData = _AuthEnvelopedContentInfo.load(der, strict=True)["content"]
         _ = aed.native  # force a full parse so malformed inner fields fail here
         for ri in aed["recipient_infos"]:
             _ = ri.chosen.native
@@ -329,12 +332,12 @@ def _parse(der: bytes, where: str) -> _AuthEnvelopedData:
         raise FormatError(f"malformed CMS envelope: {e}", where, "the file is damaged or not a CMS envelope") from None
 
 
-def _rid_matches(rid, cert: x509.Certificate) -> bool:
+def _rid_matches(rid: Any, cert: x509.Certificate) -> bool:  # rid: an asn1crypto Choice
     """True when a RecipientIdentifier / KeyAgreementRecipientIdentifier names ``cert``."""
     ac = _asn1_cert(cert)
     if rid.name == "issuer_and_serial_number":
         ias = rid.chosen
-        return ias["issuer"].dump() == ac.issuer.dump() and ias["serial_number"].native == ac.serial_number
+        return bool(ias["issuer"].dump() == ac.issuer.dump() and ias["serial_number"].native == ac.serial_number)
     ski = ac.key_identifier
     if rid.name == "subject_key_identifier":
         return ski is not None and rid.chosen.native == ski
@@ -392,7 +395,7 @@ def _key_matches_cert(key: RecipientKey, cert: x509.Certificate) -> bool:
     return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
 
 
-def _open_ktri(ktri, key: rsa.RSAPrivateKey, where: str) -> bytes:
+def _open_ktri(ktri: Any, key: rsa.RSAPrivateKey, where: str) -> bytes:  # ktri: asn1crypto KeyTransRecipientInfo
     alg = ktri["key_encryption_algorithm"]
     if alg["algorithm"].native != "rsaes_oaep":
         raise UnsupportedError(f"RSA key transport {alg['algorithm'].native} is not supported", where,

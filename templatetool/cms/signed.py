@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as a_x509
@@ -164,7 +165,8 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
         "certificates": [a_cert] + [_a_cert(c) for c in signer.chain],
         "signer_infos": [signer_info],
     })
-    return cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump(force=True)
+    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump(force=True)
+    return der
 
 
 def _as_utc(t: _dt.datetime) -> _dt.datetime:
@@ -303,7 +305,7 @@ def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certif
         sa = si["signed_attrs"]
         if isinstance(sa, core.Void) or not len(sa):
             raise UnsupportedError("SignerInfo without signed attributes", where)
-        attrs: dict[str, list[object]] = {}
+        attrs: dict[str, list[Any]] = {}  # attribute name -> asn1crypto SetOf values (untyped)
         for a in sa:
             attrs.setdefault(a["type"].native, []).append(a["values"])
         sa_der = b"\x31" + sa.dump()[1:]  # re-tag [0] IMPLICIT as SET OF: what was signed
@@ -316,16 +318,16 @@ def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certif
         raise FormatError("the signer certificate is not embedded", where)
     signer_cert = cands[0]
     for name in ("content_type", "message_digest"):
-        if len(attrs.get(name, [])) != 1 or len(attrs[name][0]) != 1:  # type: ignore[arg-type]
+        if len(attrs.get(name, [])) != 1 or len(attrs[name][0]) != 1:
             raise IntegrityError(f"signed attribute {name} missing or repeated", where)
-    attr_ct = attrs["content_type"][0][0]  # type: ignore[index]
+    attr_ct = attrs["content_type"][0][0]
     if attr_ct.dotted != encap["content_type"].dotted:
         raise IntegrityError("signed content-type attribute differs from the content type", where)
-    if _digest(data, dig_name) != attrs["message_digest"][0][0].native:  # type: ignore[index]
+    if _digest(data, dig_name) != attrs["message_digest"][0][0].native:
         raise IntegrityError("content digest mismatch: the signed content was changed", where)
     signing_time = None
     if "signing_time" in attrs:
-        signing_time = attrs["signing_time"][0][0].native  # type: ignore[index]
+        signing_time = attrs["signing_time"][0][0].native
     h = _hash(dig_name)
     pub = signer_cert.public_key()
     try:

@@ -60,7 +60,7 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _sig_element(parent, tag: str, key, data: bytes) -> None:
+def _sig_element(parent: etree._Element, tag: str, key: sigalg.SigningKey, data: bytes) -> None:
     alg, value = sigalg.sign_bytes(key, data)
     el = etree.SubElement(parent, _K + tag, Algorithm=alg)
     etree.SubElement(el, _K + "SignatureValue").text = _b64(value)
@@ -73,7 +73,8 @@ _SHA256_URI = "http://www.w3.org/2001/04/xmlenc#sha256"
 
 
 def _exc_c14n(el: etree._Element) -> bytes:
-    return etree.tostring(el, method="c14n", exclusive=True, with_comments=False)
+    out: bytes = etree.tostring(el, method="c14n", exclusive=True, with_comments=False)
+    return out
 
 
 def _signature_method(signer: Signer) -> str:
@@ -92,7 +93,9 @@ def _signature_value(signer: Signer, method: str, data: bytes) -> bytes:
         return signer.sign_raw(data, hashes.SHA256(), algorithm=KeyAlgorithm.RSA_PKCS1)
     h: hashes.HashAlgorithm = hashes.SHA384() if method == sigalg.ECDSA_SHA384 else hashes.SHA256()
     r, s = decode_dss_signature(signer.sign_raw(data, h, algorithm=KeyAlgorithm.ECDSA))
-    n = (signer.certificate.public_key().key_size + 7) // 8  # type: ignore[union-attr]
+    pub = signer.certificate.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)  # _signature_method chose ECDSA for this key
+    n = (pub.key_size + 7) // 8
     return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
 
@@ -137,7 +140,7 @@ def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert
         if signer_cert is None:
             raise UsageError("a signing key needs its certificate", g.path)
         signer = KeySigner(signer, signer_cert, signer_chain)
-    root = etree.Element(_K + "Metadata", nsmap={None: KPS_NS}, Version=METADATA_VERSION)  # type: ignore[dict-item]
+    root = etree.Element(_K + "Metadata", nsmap={None: KPS_NS}, Version=METADATA_VERSION)
     gi = etree.SubElement(root, _K + "GuardianInformation")
     etree.SubElement(gi, _K + "Version").text = METADATA_VERSION
     etree.SubElement(gi, _K + "EncryptionCertificate").text = _b64(_der(g.encryption_certificate))
@@ -149,7 +152,8 @@ def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert
         for c in g.other_signing_certificates:
             etree.SubElement(others, _K + "Certificate").text = _b64(_der(c))
     sign_enveloped(root, signer)
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+    out: bytes = etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+    return out
 
 
 def safe_parser() -> etree.XMLParser:
@@ -169,18 +173,23 @@ def parse_xml(data: bytes, where: str) -> etree._Element:
     return root
 
 
-def _child(parent, name: str, where: str, required: bool = True):
+def _opt_child(parent: etree._Element, name: str, where: str) -> etree._Element | None:
+    """The single ``name`` child of ``parent`` in the KPS namespace, None when absent."""
     found = parent.findall(_K + name)
     if len(found) > 1:
         raise FormatError(f"more than one <{name}>", where)
-    if not found:
-        if required:
-            raise FormatError(f"missing <{name}>", where)
-        return None
-    return found[0]
+    return found[0] if found else None
 
 
-def _cert(el, what: str, where: str) -> x509.Certificate:
+def _child(parent: etree._Element, name: str, where: str) -> etree._Element:
+    """The single, required ``name`` child of ``parent``."""
+    el = _opt_child(parent, name, where)
+    if el is None:
+        raise FormatError(f"missing <{name}>", where)
+    return el
+
+
+def _cert(el: etree._Element, what: str, where: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(_unb64(el.text, what, where))
         cert.public_key()  # parsed lazily: a damaged key or name must fail here
@@ -191,14 +200,14 @@ def _cert(el, what: str, where: str) -> x509.Certificate:
         raise FormatError(f"{what} is not a valid X.509 certificate: {e}", where) from None
 
 
-def _check_sig(el, cert: x509.Certificate, data: bytes, what: str, where: str) -> None:
+def _check_sig(el: etree._Element, cert: x509.Certificate, data: bytes, what: str, where: str) -> None:
     alg = el.get("Algorithm") or ""
     value = _unb64(_child(el, "SignatureValue", where).text, f"{what} value", where)
     sigalg.verify_bytes(cert.public_key(), alg, value, data, what, where)
 
 
 def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_untrusted_root: bool = False,
-                    allow_expired: bool = False, trust: list[x509.Certificate] = (),
+                    allow_expired: bool = False, trust: Sequence[x509.Certificate] = (),
                     at: _dt.datetime | None = None) -> Guardian:
     """Verify guardian metadata XML and return the guardian it describes (no private keys).
 
@@ -222,8 +231,8 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
         raise IntegrityError("the XML signature has no signer certificate", where)
     signer_cert = _cert(cert_els[0], "metadata signer certificate", where)
     chain = [_cert(e, "metadata signer chain certificate", where) for e in cert_els[1:]]
-    from signxml import XMLVerifier
     from signxml.exceptions import InvalidInput, InvalidSignature
+    from signxml.verifier import XMLVerifier
 
     try:
         result = XMLVerifier().verify(data, x509_cert=signer_cert, parser=safe_parser())
@@ -237,6 +246,8 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     except etree.DocumentInvalid as e:  # signxml validates the ds:Signature against the XML-DSig schema
         raise FormatError(f"malformed XML signature (not valid XML-DSig): {e}", where,
                           "the ds:Signature element was altered or is not standard XML-DSig") from None
+    if isinstance(result, list):  # only with expect_references > 1, which we never ask for
+        raise IntegrityError("the XML signature has more than one reference", where)
     signed = result.signed_xml
     if signed is None or signed.tag != _K + "Metadata":
         raise IntegrityError("the XML signature does not cover the Metadata document", where)
@@ -254,7 +265,7 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     ecs_el = _child(gi, "EncryptionCertificateSignature", where)
     _check_sig(ecs_el, sig, _der(enc), "EncryptionCertificateSignature", where)
     ecs = (ecs_el.get("Algorithm") or "", _unb64(_child(ecs_el, "SignatureValue", where).text, "signature", where))
-    others_el = _child(gi, "OtherSigningCertificates", where, required=False)
+    others_el = _opt_child(gi, "OtherSigningCertificates", where)
     others = [] if others_el is None else [_cert(c, "OtherSigningCertificates", where)
                                            for c in others_el.findall(_K + "Certificate")]
     check_usage(sig, "signing", where)

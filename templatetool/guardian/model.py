@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,8 @@ def check_certificate_parses(cert: x509.Certificate, what: str, where: str) -> N
                           "the certificate is damaged; give the original file") from None
 
 
-def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate] = (),
-                trust: list[x509.Certificate] = (), allow_untrusted_root: bool = False, *,
+def check_chain(cert: x509.Certificate, where: str, extra: Sequence[x509.Certificate] = (),
+                trust: Sequence[x509.Certificate] = (), allow_untrusted_root: bool = False, *,
                 at: _dt.datetime | None = None, allow_expired: bool = False) -> list[x509.Certificate]:
     """Validate ``cert``'s chain up to a root in ``trust`` (:func:`templatetool.pki.verify_chain`).
 
@@ -224,7 +225,7 @@ def check_chain(cert: x509.Certificate, where: str, extra: list[x509.Certificate
 
 def check_guardian(g: Guardian, where: str | None = None, *, at: _dt.datetime | None = None,
                    allow_expired: bool = False, allow_untrusted_root: bool = False,
-                   trust: list[x509.Certificate] = ()) -> None:
+                   trust: Sequence[x509.Certificate] = ()) -> None:
     """Usage, validity and chain checks on both certificates of a guardian.
 
     Root trust is only enforced for guardians given as bare certificates or metadata
@@ -398,7 +399,7 @@ def _verify_folder_certificates(g: Guardian, meta: dict[str, Any], where: str) -
 
 
 def load_guardian(path: str | os.PathLike[str], *, private: bool = False, password_env: str | None = None,
-                  allow_untrusted_root: bool = False, trust: list[x509.Certificate] = ()) -> Guardian:
+                  allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> Guardian:
     """Load a guardian from a folder (or its guardian.json), or from HGS metadata XML.
 
     With ``private=True`` the PFX files are opened (password from ``$password_env`` or a prompt when

@@ -47,7 +47,7 @@ def _coord_len(curve: ec.EllipticCurve) -> int:
 def sign_bytes(key: SigningKey, data: bytes) -> tuple[str, bytes]:
     """Sign ``data``; returns (algorithm URI, signature value)."""
     alg = algorithm_for(key)
-    if alg == RSA_SHA256:
+    if isinstance(key, rsa.RSAPrivateKey):
         return alg, key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     h = hashes.SHA384() if alg == ECDSA_SHA384 else hashes.SHA256()
     r, s = decode_dss_signature(key.sign(data, ec.ECDSA(h)))

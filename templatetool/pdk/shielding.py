@@ -9,6 +9,7 @@ certificates, volume ID qualifiers, policy, and the secret part as CMS AuthEnvel
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..canonical import canonical_json, load_canonical
 from ..catalog.qualifier import VolumeIdQualifier
 from ..cms.enveloped import (
     RecipientKey,
@@ -50,10 +52,8 @@ from .document import (
     POLICIES,
     SecretPart,
     b64,
-    canonical_json,
     cert_b64,
     cert_from_b64,
-    load_canonical,
     unb64,
 )
 
@@ -156,7 +156,7 @@ def _der(c: x509.Certificate) -> bytes:
 
 def create_pdk(owner: Guardian, guardians: list[Guardian], qualifiers: list[VolumeIdQualifier],
                secret: SecretPart, policy: str = "shielded", *, allow_expired: bool = False,
-               allow_untrusted_root: bool = False, trust: list[x509.Certificate] = (),
+               allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = (),
                created: _dt.datetime | None = None) -> tuple[bytes, list[str]]:
     """Build and sign a PDK; returns (DER bytes, warnings).
 
@@ -259,7 +259,7 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
                     expect = b""
                 if si["signature_algorithm"].dump() != expect:
                     problems.append("signature algorithm")
-        if problems:
+        if problems or signer is None:  # (no signer always adds a problem)
             raise IntegrityError(f"unexpected CMS fields in the PDK ({', '.join(problems)})", where,
                                  "it was altered after signing or not written by templatetool")
         return signer, [c for c in certs if c is not signer]
@@ -314,19 +314,19 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         raise FormatError(f"incomplete PDK document ({e})", where) from None
     if _der(info.signer_cert) != _der(owner.signing_certificate) or _der(signer_cert) != _der(owner.signing_certificate):
         raise IntegrityError("the PDK is not signed by the owner it names", where)
-    for e in [owner, *guardians]:
-        w = f"{where}: {'owner' if e is owner else 'guardian'} {e.name!r}"
-        check_usage(e.signing_certificate, "signing", w)
-        check_usage(e.encryption_certificate, "encryption", w)
-        for c in (e.signing_certificate, e.encryption_certificate):
+    for ent in [owner, *guardians]:
+        w = f"{where}: {'owner' if ent is owner else 'guardian'} {ent.name!r}"
+        check_usage(ent.signing_certificate, "signing", w)
+        check_usage(ent.encryption_certificate, "encryption", w)
+        for c in (ent.signing_certificate, ent.encryption_certificate):
             check_validity(c, w, now, allow_expired)
         # signature of each certificate where its issuer is known (self-signed: always)
-        check_chain(e.signing_certificate, w, chain, (), allow_untrusted_root=True, at=now, allow_expired=allow_expired)
-        check_chain(e.encryption_certificate, w, [e.signing_certificate, *chain], (), allow_untrusted_root=True,
+        check_chain(ent.signing_certificate, w, chain, (), allow_untrusted_root=True, at=now, allow_expired=allow_expired)
+        check_chain(ent.encryption_certificate, w, [ent.signing_certificate, *chain], (), allow_untrusted_root=True,
                     at=now, allow_expired=allow_expired)
-        if e.encryption_signature is not None:
-            sigalg.verify_bytes(e.signing_certificate.public_key(), *e.encryption_signature,
-                                _der(e.encryption_certificate), "encryption certificate signature", w)
+        if ent.encryption_signature is not None:
+            sigalg.verify_bytes(ent.signing_certificate.public_key(), *ent.encryption_signature,
+                                _der(ent.encryption_certificate), "encryption certificate signature", w)
     owner_trust = "not pinned (pin the owner with `pdk verify --owner` or `pdk verify --trust`)"
     if owner_certificate is not None:
         if _der(owner_certificate) != _der(owner.signing_certificate):
@@ -363,7 +363,7 @@ def check_template(info: PdkInfo, vsc_der: bytes, where: str = "template", *,
     from ..catalog.vsc import open_vsc
 
     vi = open_vsc(vsc_der, trust=trust)
-    results = []
+    results: list[dict[str, Any]] = []  # JSON report rows
     ok = False
     for q in info.qualifiers:
         m, reason = q.matches(vi)
