@@ -11,8 +11,12 @@ import io
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .errors import FormatError, ResourceError, UnsupportedError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Chunk size for streaming passes (measured best for hashing/XTS on this machine class: 0.5-1 MiB).
 CHUNK = 1 << 20
@@ -262,11 +266,12 @@ class DeviceIO(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        n = max(0, min(len(b), self.dev.size - self.pos))
+    def readinto(self, b: WriteableBuffer) -> int:
+        out = memoryview(b).cast("B")
+        n = max(0, min(len(out), self.dev.size - self.pos))
         if n == 0:
             return 0
         data = self.dev.read(self.pos, n)
-        b[:n] = data
+        out[:n] = data
         self.pos += n
         return n

@@ -11,6 +11,7 @@ import base64
 import datetime as _dt
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,18 +29,30 @@ MAX_DETAIL_NODES = 16384
 _VERSION_RE = re.compile(r"^(\d{1,5})\.(\d{1,5})\.(\d{1,5})\.(\d{1,5})$")
 
 
-def parse_version(text: str) -> tuple[int, int, int, int]:
+#: A template version ``(major, minor, build, revision)``.
+Version = tuple[int, int, int, int]
+
+
+def parse_version(text: str) -> Version:
     """Parse ``a.b.c.d`` (each part 0..65535, like .NET System.Version)."""
     m = _VERSION_RE.match(text.strip()) if isinstance(text, str) else None
     if not m:
         raise UsageError(f"bad version {text!r}", hint="use a.b.c.d with each part an integer below 65536")
-    parts = tuple(int(x) for x in m.groups())
-    if any(p > 65535 for p in parts):
+    a, b, c, d = (int(x) for x in m.groups())
+    if any(p > 65535 for p in (a, b, c, d)):
         raise UsageError(f"bad version {text!r}: each part must be below 65536")
-    return parts  # type: ignore[return-value]
+    return (a, b, c, d)
 
 
-def format_version(v: tuple[int, int, int, int]) -> str:
+def as_version(v: str | Sequence[int]) -> Version:
+    """A version from ``a.b.c.d`` text or a 4-item sequence of ints."""
+    if isinstance(v, str):
+        return parse_version(v)
+    a, b, c, d = v
+    return (a, b, c, d)
+
+
+def format_version(v: Sequence[int]) -> str:
     """``(1, 2, 3, 4)`` → ``'1.2.3.4'``."""
     return ".".join(str(x) for x in v)
 
@@ -119,10 +132,10 @@ class CatalogDocument:
 
         if not name or len(name) > 256 or any(ord(c) < 32 for c in name):
             raise UsageError(f"bad template name {name!r}", hint="use 1-256 printable characters")
-        ver = parse_version(version) if isinstance(version, str) else tuple(version)
+        ver = as_version(version)
         k = detail_level_for(len(leaves), max_detail_nodes)
         when = (created or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
-        return cls(name=name, version=ver, volume=volume, block_size=block_size,  # type: ignore[arg-type]
+        return cls(name=name, version=ver, volume=volume, block_size=block_size,
                    block_count=len(leaves), free_space=free_space, root=root, detail_level=k,
                    detail=level(leaves, k), created=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
                    reserved=list(reserved or []))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class FreeMap:
         return out
 
 
-def _open_ntfs(view: BlockDevice):  # type: ignore[no-untyped-def]
+def _open_ntfs(view: BlockDevice) -> Any:  # a dissect.ntfs NTFS (dissect.ntfs is untyped)
     from dissect.ntfs import NTFS
 
     from ..disk.fs import FS_BITLOCKER, sniff_filesystem

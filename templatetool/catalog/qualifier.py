@@ -7,11 +7,23 @@ certificate must match exactly** before the version is compared with the rule
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import FormatError, UsageError
-from .document import format_version, parse_version
+from .document import Version, as_version, format_version, parse_version
+
+
+class CatalogIdentity(Protocol):
+    """What a qualifier compares: a signed catalog's name, signer and version (e.g. a VscInfo)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def signer_thumbprint(self) -> str: ...
+    @property
+    def version(self) -> str | Sequence[int]: ...
 
 RULES = {"eq": "Equals", "ge": "GreaterThanOrEquals", "gt": "GreaterThan"}
 _ALIASES = {"equals": "eq", "greaterthanorequals": "ge", "greaterthan": "gt", "==": "eq", ">=": "ge", ">": "gt"}
@@ -37,7 +49,7 @@ class VolumeIdQualifier:
 
     name: str
     signer_thumbprint: str
-    version: tuple[int, int, int, int]
+    version: Version
     rule: str = "eq"
 
     def __post_init__(self) -> None:
@@ -47,17 +59,15 @@ class VolumeIdQualifier:
             object.__setattr__(self, "version", parse_version(self.version))
 
     @classmethod
-    def from_vsc(cls, info: Any, rule: str = "eq") -> VolumeIdQualifier:
+    def from_vsc(cls, info: CatalogIdentity, rule: str = "eq") -> VolumeIdQualifier:
         """A qualifier for exactly this signed catalog's name and signer (``rule`` on its version)."""
-        return cls(info.name, info.signer_thumbprint, tuple(info.version), rule)  # type: ignore[arg-type]
+        return cls(info.name, info.signer_thumbprint, as_version(info.version), rule)
 
-    def matches(self, catalog_info: Any) -> tuple[bool, str]:
+    def matches(self, catalog_info: CatalogIdentity) -> tuple[bool, str]:
         """Does a signed catalog (``.name``, ``.signer_thumbprint``, ``.version``) qualify?"""
         name = catalog_info.name
         thumb = _norm_thumb(catalog_info.signer_thumbprint)
-        ver = tuple(catalog_info.version)
-        if isinstance(catalog_info.version, str):
-            ver = parse_version(catalog_info.version)
+        ver = as_version(catalog_info.version)
         if name != self.name:
             return False, f"template name {name!r} is not {self.name!r}"
         if thumb != self.signer_thumbprint:
@@ -65,8 +75,8 @@ class VolumeIdQualifier:
         ok = {"eq": ver == self.version, "ge": ver >= self.version, "gt": ver > self.version}[self.rule]
         rel = {"eq": "equal to", "ge": "at least", "gt": "greater than"}[self.rule]
         if not ok:
-            return False, f"version {format_version(ver)} is not {rel} {format_version(self.version)}"  # type: ignore[arg-type]
-        return True, f"{name} {format_version(ver)} signed by {thumb} ({rel} {format_version(self.version)})"  # type: ignore[arg-type]
+            return False, f"version {format_version(ver)} is not {rel} {format_version(self.version)}"
+        return True, f"{name} {format_version(ver)} signed by {thumb} ({rel} {format_version(self.version)})"
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "signer_thumbprint": self.signer_thumbprint,
