@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -70,7 +71,10 @@ def _subj(c: x509.Certificate) -> str:
         return "(malformed subject)"
 
 
-def _ext(c: x509.Certificate, cls: type) -> object | None:
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _ext(c: x509.Certificate, cls: type[_E]) -> _E | None:
     try:
         return c.extensions.get_extension_for_class(cls).value
     except x509.ExtensionNotFound:
@@ -191,7 +195,7 @@ def _explain(path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, ek
         return f"{what} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
     if eku is not None:
         ext = _ext(leaf, x509.ExtendedKeyUsage)
-        if ext is None or eku not in list(ext):  # type: ignore[call-overload]
+        if ext is None or eku not in list(ext):
             return f"wrong extended key usage: {_subj(leaf)} is not issued for {_eku_name(eku)}"
     for k, c in enumerate(path):
         if k == 0:
@@ -201,18 +205,18 @@ def _explain(path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, ek
             return f"the RSA key of issuer {_subj(c)} is too weak ({pub.key_size} bits, {MIN_RSA_BITS} needed)"
         role = "root" if k == anchor_idx else "intermediate"
         bc = _ext(c, x509.BasicConstraints)
-        if bc is None or not bc.ca:  # type: ignore[attr-defined]
+        if bc is None or not bc.ca:
             return f"issuer {_subj(c)} is not a CA (basicConstraints)"
         ku = _ext(c, x509.KeyUsage)
-        if ku is None or not ku.key_cert_sign:  # type: ignore[attr-defined]
+        if ku is None or not ku.key_cert_sign:
             return f"issuer {_subj(c)} lacks keyCertSign (keyUsage)"
         if at > c.not_valid_after_utc:
             return f"{role} {_subj(c)} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
         if at < c.not_valid_before_utc:
             return f"{role} {_subj(c)} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
         below = sum(1 for i in path[1:k] if not _names_match(i, i))
-        if bc.path_length is not None and below > bc.path_length:  # type: ignore[attr-defined]
-            return (f"path length exceeded: {_subj(c)} allows {bc.path_length} intermediate CA(s) "  # type: ignore[attr-defined]
+        if bc.path_length is not None and below > bc.path_length:
+            return (f"path length exceeded: {_subj(c)} allows {bc.path_length} intermediate CA(s) "
                     f"below it, the chain has {below}")
     return None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import require_module, require_tool
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from templatetool.cms.signed import sign_data, verify_signed_data
@@ -299,6 +299,33 @@ def test_pkcs11_errors(softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
         assert thumbprint(s.certificate) == hashlib.sha1(s.certificate.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
     finally:
         s.close()
+
+
+def test_pkcs11_closed_session_and_non_signing_key(tmp_path: Path, softhsm: dict) -> None:
+    """Signing after close() and with a key whose CKA_SIGN is false fail with a clear, typed error
+    (they used to surface as a PKCS#11/AttributeError ResourceError)."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+
+    from templatetool.errors import ResourceError, UnsupportedError
+
+    s = load_signer(f"pkcs11:token=tt-test;object=rsa-key?module-path={softhsm['module']}", pin="1234")
+    s.close()
+    with pytest.raises(ResourceError, match="session is closed"):
+        s.sign_raw(b"data", hashes.SHA256())
+    token = pkcs11.lib(softhsm["module"]).get_token(token_label="tt-test")
+    with token.open(user_pin="1234", rw=True) as sess:
+        pub, _ = sess.generate_keypair(KeyType.RSA, 2048, store=True, label="nosign-key", id=b"\x09",
+                                       private_template={Attribute.SIGN: False, Attribute.SENSITIVE: True})
+        rsa_pub = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
+                                       int.from_bytes(pub[Attribute.MODULUS], "big")).public_key()
+    ca_k = new_key("ec-p256")
+    cert = issue_certificate("CN=no sign", rsa_pub, ca_k, ca_certificate("CN=CA", ca_k))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    uri = f"pkcs11:token=tt-test;object=nosign-key?module-path={softhsm['module']}&x-cert-path={tmp_path / 'c.pem'}"
+    with load_signer(uri, pin="1234") as ns:  # type: ignore[attr-defined]
+        with pytest.raises(UnsupportedError, match="not allowed to sign"):
+            ns.sign_raw(b"data", hashes.SHA256())
 
 
 def test_pfx_missing_and_garbage(tmp_path: Path) -> None:

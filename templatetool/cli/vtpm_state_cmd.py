@@ -130,9 +130,10 @@ def state_cmd(state: str, key_file: str | None, as_json: bool) -> None:
 
 
 def _state_text(d: dict[str, object]) -> str:
-    tlvs = d.get("tlvs") or []
+    tlvs = d.get("tlvs")
+    rows = tlvs if isinstance(tlvs, list) else []  # StateBlob.to_json rows: {"tag", "length"}
     lines = [f"{k}: {v}" for k, v in d.items() if k != "tlvs"]
-    lines.append("tlvs: " + ", ".join(f"tag {t['tag']} ({t['length']} bytes)" for t in tlvs))  # type: ignore[union-attr,index]
+    lines.append("tlvs: " + ", ".join(f"tag {t['tag']} ({t['length']} bytes)" for t in rows))
     return "\n".join(lines)
 
 

@@ -143,7 +143,7 @@ class Recipe:
                        ("shield", "tpm_parent")):
             v = self.get(sec, k) if sec in self.data else None
             if isinstance(v, str) and not v.startswith(("pkcs11:", "pem:")):
-                ins.append((f"[{sec}] {k}", self.p(sec, k)))  # type: ignore[arg-type]
+                ins.append((f"[{sec}] {k}", self.req(sec, k)))
         for sec, k in (("template", "output"), ("template", "vsc"), ("pdk", "output"), ("shield", "output"),
                        ("shield", "kp"), ("report", "output")):
             q = self.p(sec, k) if sec in self.data else None
@@ -170,6 +170,12 @@ class Recipe:
             raise FormatError(f"[{sec}] {key} must be a path string", str(self.path))
         q = Path(v)
         return q if q.is_absolute() else self.base / q
+
+    def req(self, sec: str, key: str) -> Path:
+        """The path ``[sec] key`` (relative to the recipe); FormatError when it is missing."""
+        q = self.p(sec, key, required=True)
+        assert q is not None  # required: get() raised on None
+        return q
 
 
 def run_build(recipe_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -210,8 +216,8 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     pdk_out: Path | None = None
     if "template" in r.data:
         t = time.monotonic()
-        golden = r.p("template", "golden", required=True)
-        template_out = r.p("template", "output", required=True)
+        golden = r.req("template", "golden")
+        template_out = r.req("template", "output")
         signer_spec = str(r.get("template", "signer", required=True))
         signer = load_signer(signer_spec,
                              password=env_or_prompt(r.get("template", "signer_password_env"),
@@ -231,11 +237,11 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         report["artifacts"]["vsc"] = str(vsc_out)
     if "pdk" in r.data:
         t = time.monotonic()
-        pdk_out = r.p("pdk", "output", required=True)
+        pdk_out = r.req("pdk", "output")
         vsc_path = r.p("pdk", "vsc") or vsc_out
         if vsc_path is None:
             raise FormatError("[pdk] needs 'vsc' (or a [template] section)", str(r.path))
-        owner = load_guardian(r.p("pdk", "owner", required=True), private=True,
+        owner = load_guardian(r.req("pdk", "owner"), private=True,
                               password_env=r.get("pdk", "owner_password_env"))
         guardians = [load_guardian(r.base / g if not Path(g).is_absolute() else g,
                                    allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
@@ -277,7 +283,7 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         tcg = r.p("shield", "tcg_log")
         if pcr_values is None and tcg is None:
             raise FormatError("[shield] needs 'tcg_log' or 'pcr_values'", str(r.path))
-        out = r.p("shield", "output", required=True)
+        out = r.req("shield", "output")
         kp_out = r.p("shield", "kp") or out.with_suffix(".kp")
         rep = shield(tmpl, pdk, out, owner, kp_path=kp_out, tpm_parent=r.p("shield", "tpm_parent"),
                      pcrs=[int(x) for x in r.get("shield", "pcrs", [7, 11])], pcr_values=pcr_values,
@@ -291,12 +297,12 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
                                     "recovery_escrow": rep["outputs"]["recovery_escrow"]})
     report["hashes"] = {k: _sha256(Path(v)) for k, v in report["artifacts"].items()}
     report["seconds"] = round(time.monotonic() - t0, 3)
-    out = r.p("report", "output")
-    if out is not None:
+    report_out = r.p("report", "output")
+    if report_out is not None:
         import json
 
-        write_bytes_atomic(out, json.dumps(report, indent=2, default=str).encode())
-        report["report"] = str(out)
+        write_bytes_atomic(report_out, json.dumps(report, indent=2, default=str).encode())
+        report["report"] = str(report_out)
     return report
 
 

@@ -41,10 +41,8 @@ def _container(path: str | os.PathLike[str], dev: BlockDevice) -> dict[str, Any]
 
 
 def _bitlocker(view: BlockDevice) -> dict[str, Any] | None:
-    try:
-        from ..bitlocker import bitlocker_summary  # type: ignore[attr-defined]
-    except ImportError:
-        return {"status": "encrypted (details need the bitlocker package)"}
+    from ..bitlocker import bitlocker_summary
+
     try:
         return bitlocker_summary(view)
     except TemplateToolError as e:

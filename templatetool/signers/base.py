@@ -23,8 +23,9 @@ from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from ..errors import FormatError, UnsupportedError
 
@@ -92,6 +93,13 @@ class Signer(Protocol):
         ...
 
 
+def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
+    """True when ``a`` and ``b`` are the same public key (compared as DER SubjectPublicKeyInfo,
+    so keys of different types simply differ)."""
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
+
+
 def key_algorithm_of(public_key: object) -> KeyAlgorithm:
     """The default :class:`KeyAlgorithm` for an RSA or EC public/private key."""
     if isinstance(public_key, (rsa.RSAPublicKey, rsa.RSAPrivateKey)):
@@ -130,11 +138,7 @@ class KeySigner:
                   where: str) -> None:
         if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
             raise FormatError(f"unsupported key type {type(key).__name__}", where, "use RSA or EC P-256/P-384")
-        try:
-            same = key.public_key().public_numbers() == certificate.public_key().public_numbers()  # type: ignore[union-attr]
-        except AttributeError:  # e.g. an Ed25519 certificate
-            same = False
-        if not same:
+        if not same_public_key(key.public_key(), certificate.public_key()):  # e.g. an Ed25519 certificate
             raise FormatError("the certificate does not match the private key", where,
                               "give the certificate issued for this key")
         self._key = key

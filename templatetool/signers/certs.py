@@ -14,11 +14,13 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..atomic import write_bytes_atomic
 from ..errors import CredentialError, FormatError, NotFoundError, ResourceError, UsageError
+from .base import same_public_key
 
 #: Key kinds accepted by :func:`new_key` (and ``cert new --key``).
 KEY_KINDS = ("rsa3072", "rsa2048", "rsa4096", "ec-p256", "ec-p384")
@@ -117,7 +119,7 @@ def ca_certificate(subject: str, key: PrivateKey, days: int = 3650) -> x509.Cert
     )
 
 
-def issue_certificate(subject: str, key_public, ca_key: PrivateKey, ca_cert: x509.Certificate,
+def issue_certificate(subject: str, key_public: CertificatePublicKeyTypes, ca_key: PrivateKey, ca_cert: x509.Certificate,
                       usage: str = "signing", days: int = 365,
                       not_before: _dt.datetime | None = None) -> x509.Certificate:
     """An end-entity certificate for ``key_public`` issued by ``ca_cert`` — for tests and labs."""
@@ -180,16 +182,13 @@ def load_pfx_bytes(data: bytes, password: bytes | None, where: str = "<pfx>"
                           "export it with its private key")
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise FormatError(f"unsupported key type {type(key).__name__}", where, "use RSA or EC P-256/P-384")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+    if not same_public_key(key.public_key(), cert.public_key()):
         # Some PFX files list several certs; pick the one matching the key.
         for c in extra:
-            try:
-                if c.public_key().public_numbers() == key.public_key().public_numbers():  # type: ignore[union-attr]
-                    extra = [x for x in extra if x is not c] + [cert]
-                    cert = c
-                    break
-            except AttributeError:
-                continue
+            if same_public_key(c.public_key(), key.public_key()):
+                extra = [x for x in extra if x is not c] + [cert]
+                cert = c
+                break
         else:
             raise FormatError("the PFX certificate does not match its private key", where)
     return key, cert, list(extra)

@@ -19,7 +19,7 @@ import contextlib
 import os
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,6 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from ..errors import CredentialError, NotFoundError, ResourceError, UnsupportedError, UsageError
 from .base import KeyAlgorithm, Secret, check_algorithm, key_algorithm_of, resolve_secret
 from .certs import load_certificates
+
+if TYPE_CHECKING:  # python-pkcs11 is an optional extra, imported only when a token is opened
+    from pkcs11 import Session
+    from pkcs11.types import Object
 
 DEFAULT_PIN_ENV = "TEMPLATETOOL_PKCS11_PIN"
 MODULE_ENV = "TEMPLATETOOL_PKCS11_MODULE"
@@ -94,6 +98,9 @@ class Pkcs11Signer:
     ``module`` overrides the URI's ``module-path`` (else ``$TEMPLATETOOL_PKCS11_MODULE``).
     """
 
+    _session: Session | None = None
+    _key: Object
+
     def __init__(self, uri: str, pin: Secret | None = None, *, module: str | None = None) -> None:
         try:
             import pkcs11
@@ -155,7 +162,7 @@ class Pkcs11Signer:
             attrs[Attribute.LABEL] = u.path["object"]
         if "id" in u.path:
             attrs[Attribute.ID] = u._raw_id
-        keys = list(self._session.get_objects(attrs))
+        keys = list(self._live_session().get_objects(attrs))
         if not keys:
             raise NotFoundError("no private key on the token matches the URI", self._where, "check object= / id=")
         if len(keys) > 1:
@@ -184,7 +191,7 @@ class Pkcs11Signer:
         for key_attr in ((Attribute.ID, self._key[Attribute.ID]), (Attribute.LABEL, self._key[Attribute.LABEL])):
             if not key_attr[1]:
                 continue
-            for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, key_attr[0]: key_attr[1]}):
+            for obj in self._live_session().get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, key_attr[0]: key_attr[1]}):
                 try:
                     found.append(x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE])))
                 except ValueError:
@@ -196,9 +203,19 @@ class Pkcs11Signer:
                                 "store one with the same id/label or add ?x-cert-path=CERT.pem to the URI")
         return found[0], []
 
+    def _live_session(self) -> Session:
+        if self._session is None:
+            raise ResourceError("the PKCS#11 session is closed", self._where, "open a new signer")
+        return self._session
+
     def _sign(self, data: bytes, mechanism: Any, param: Any) -> bytes:
+        from pkcs11.types import SignMixin
+
+        self._live_session()
+        if not isinstance(self._key, SignMixin):
+            raise UnsupportedError("the token's private key is not allowed to sign (CKA_SIGN is false)", self._where)
         try:
-            return bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))  # type: ignore[attr-defined]
+            return bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))
         except Exception as e:
             raise _token_error(e, self._where) from None
 
@@ -240,7 +257,7 @@ class Pkcs11Signer:
         if s is not None:
             with contextlib.suppress(Exception):  # a dead session cannot be closed twice; nothing to report
                 s.close()
-            self._session = None  # type: ignore[assignment]
+            self._session = None
 
     def describe(self) -> str:
         return f"{self.certificate.subject.rfc4514_string()} ({self._where})"

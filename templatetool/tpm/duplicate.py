@@ -19,13 +19,14 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from construct import ConstructError
 
 try:  # cryptography >= 43 moved CFB to "decrepit" (still the TPM's only symmetric mode)
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
 except ImportError:  # pragma: no cover - older cryptography
-    from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment,no-redef]
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
@@ -147,7 +148,7 @@ def wrap(parent: ParentKey, public_area: bytes, sensitive: bytes) -> tuple[bytes
     return s.DUPLICATE_BODY.build({"outerHMAC": mac, "encSensitive": enc}), in_sym_seed
 
 
-def unwrap(parent: ParentKey, key: PrivateKey, public_area: bytes, duplicate: bytes, in_sym_seed: bytes):
+def unwrap(parent: ParentKey, key: PrivateKey, public_area: bytes, duplicate: bytes, in_sym_seed: bytes) -> Any:
     """Undo :func:`wrap` with the parent's private key; checks the outer HMAC and the
     unique = H(seedValue || data) binding like TPM2_Import. Returns the parsed TPMT_SENSITIVE."""
     seed = recover_seed(parent, key, in_sym_seed)

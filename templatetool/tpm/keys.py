@@ -163,8 +163,9 @@ def template_public(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kind: str
         typ = s.ALG_ECC
     else:
         raise UnsupportedError("parent key must be RSA or ECC")
-    return s.TPMT_PUBLIC.build({"type": typ, "nameAlg": s.ALG_SHA256, "objectAttributes": attrs,
-                                "authPolicy": policy, "parameters": params, "unique": unique})
+    area: bytes = s.TPMT_PUBLIC.build({"type": typ, "nameAlg": s.ALG_SHA256, "objectAttributes": attrs,
+                                       "authPolicy": policy, "parameters": params, "unique": unique})
+    return area
 
 
 def load_parent(path: str | os.PathLike[str], template: str | None = None) -> ParentKey:
@@ -322,7 +323,7 @@ def load_private_key(path: str | os.PathLike[str], password: bytes | None = None
 
 def key_matches_parent(key: PrivateKey, parent: ParentKey) -> bool:
     """True when ``key`` is the private half of ``parent``."""
-    return key.public_key().public_numbers() == parent.public_key.public_numbers()  # type: ignore[union-attr,comparison-overlap]
+    return key.public_key().public_numbers() == parent.public_key.public_numbers()
 
 
 def _short(e: Exception) -> str:

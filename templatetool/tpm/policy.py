@@ -19,7 +19,8 @@ from .algs import bank_id, bank_name, check_pcrs, digest_size, hash_bytes, pcr_b
 
 def pcr_selection(bank: int | str, pcrs: Sequence[int]) -> bytes:
     """Marshalled TPML_PCR_SELECTION with one bank and sizeofSelect = 3."""
-    return s.TPML_PCR_SELECTION.build([{"hash": bank_id(bank), "pcrSelect": pcr_bitmap(pcrs)}])
+    sel: bytes = s.TPML_PCR_SELECTION.build([{"hash": bank_id(bank), "pcrSelect": pcr_bitmap(pcrs)}])
+    return sel
 
 
 def pcr_digest(pcr_values: Mapping[int, bytes], bank: int | str, policy_alg: int | str = "sha256") -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from types import ModuleType
 from typing import Any
 
 from ..errors import CredentialError, IntegrityError, NotFoundError, PolicyError, ResourceError, UnsupportedError
@@ -19,12 +20,14 @@ _RC_LOCKOUT = 0x921
 _RC_HANDLE = 0x08B
 
 
-def _tss():
+def _tss() -> ModuleType:  # tpm2_pytss (untyped; attributes are Any)
     os.environ.setdefault("TSS2_LOG", "all+NONE")  # expected TPM errors must not spam stderr
     try:
-        import tpm2_pytss as t
+        import tpm2_pytss
     except ImportError as e:
-        raise ResourceError(f"tpm2-pytss is not available: {e}", hint="pip install tpm2-pytss (needs libtss2)") from None
+        raise ResourceError(f"tpm2-pytss is not available: {e}",
+                            hint="pip install 'templatetool[tpm]' (needs libtss2)") from None
+    t: ModuleType = tpm2_pytss
     return t
 
 
