@@ -104,8 +104,9 @@ class Pkcs11Signer:
     def __init__(self, uri: str, pin: Secret | None = None, *, module: str | None = None) -> None:
         try:
             import pkcs11
-        except ImportError as e:  # pragma: no cover - dependency is declared
-            raise ResourceError(f"python-pkcs11 is not available: {e}") from None
+        except ImportError:  # an optional extra
+            raise ResourceError("PKCS#11 signing needs the python-pkcs11 module, an optional extra", uri.split("?")[0],
+                                "pip install 'templatetool[pkcs11]'") from None
         self.uri = parse_pkcs11_uri(uri)
         u = self.uri
         if u.path.get("type") not in (None, "private"):
