@@ -67,7 +67,7 @@ def open_disk(path: str | os.PathLike[str], writable: bool = False) -> BlockDevi
     Raises FormatError for a file too small to be a disk (empty, or under one sector).
     """
     if disk_format(path) == "vhdx":
-        from ..vhdx import open_vhdx
+        from ..vhdx.disk import open_vhdx
 
         return open_vhdx(path, writable=writable)
     return open_raw(path, writable)
@@ -99,7 +99,7 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
         fmt = "vhdx" if str(path).lower().endswith((".vhdx", ".avhdx")) else "raw"
     lss = like.sector_size if like is not None else 512
     if fmt == "vhdx":
-        from ..vhdx import create_vhdx
+        from ..vhdx.writer import create_vhdx
 
         bs: int | None = block_size or getattr(like, "block_size", None) or None
         pss: int = getattr(like, "physical_sector_size", None) or 4096  # create_vhdx's default

@@ -37,7 +37,7 @@ from lxml import etree
 from ..errors import FormatError, IntegrityError, UnsupportedError, UsageError
 from ..signers.base import KeyAlgorithm, KeySigner, Signer
 from . import sigalg
-from .model import Guardian, check_chain, check_usage, check_validity, validate_name
+from .core import Guardian, check_chain, check_usage, check_validity, validate_name
 
 KPS_NS = "http://schemas.microsoft.com/kps/2014/07"
 DS_NS = "http://www.w3.org/2000/09/xmldsig#"
