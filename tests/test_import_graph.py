@@ -11,6 +11,7 @@ that way). docs/internals.md states the layering this enforces.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def _resolve(importer: str, is_pkg: bool, node: ast.ImportFrom) -> str:
 
 def import_graph(late: bool = False) -> dict[str, set[str]]:
     """module -> the templatetool modules it imports at module level (``late``: anywhere)."""
+    return {m: set(v) for m, v in _graph(late).items()}  # a copy: callers may cut edges
+
+
+@functools.cache
+def _graph(late: bool) -> dict[str, frozenset[str]]:
     mods = all_modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
@@ -94,7 +100,7 @@ def import_graph(late: bool = False) -> dict[str, set[str]]:
                     t = t.rpartition(".")[0]
                 if t.startswith("templatetool") and t != name:
                     graph[name].add(t)
-    return graph
+    return {m: frozenset(v) for m, v in graph.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -183,3 +189,24 @@ def test_no_import_cycles_through_late_imports() -> None:
     cycles = find_cycles(g)
     assert not cycles, "import cycles (counting imports inside functions): " + "; ".join(
         " -> ".join(_cycle_path(g, c)) for c in cycles)
+
+
+#: The primitives (docs/internals.md): they import only each other, never a package of templatetool.
+PRIMITIVES = {f"templatetool.{m}" for m in ("errors", "atomic", "blockdev", "canonical", "pki", "secrets")}
+#: The layers above every format: only they (and the package root) may import the pipeline.
+TOP = ("templatetool.cli", "templatetool.api", "templatetool.pipeline")
+
+
+def test_layers() -> None:
+    """cli and api on top, then pipeline, then the formats, then the primitives (late imports too)."""
+    g = import_graph(late=True)
+    bad = []
+    for m, deps in sorted(g.items()):
+        for d in sorted(deps):
+            if d.startswith("templatetool.cli") and not m.startswith("templatetool.cli"):
+                bad.append(f"{m} -> {d} (only the CLI imports the CLI)")
+            if d.startswith("templatetool.pipeline") and not m.startswith(TOP) and m != "templatetool":
+                bad.append(f"{m} -> {d} (formats never import the pipeline)")
+            if m in PRIMITIVES and d not in PRIMITIVES:
+                bad.append(f"{m} -> {d} (a primitive imports only primitives)")
+    assert not bad, "layering broken: " + "; ".join(bad)
