@@ -11,12 +11,21 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import ResourceError, UsageError
 
-_critical: dict[str, Any] = {"depth": 0, "pending": None}
+
+@dataclass
+class _Critical:
+    """The main thread's :func:`no_interrupts` nesting and the interrupt it deferred."""
+
+    depth: int = 0
+    pending: BaseException | None = None
+
+
+_critical = _Critical()
 
 
 def defer_interrupt(exc: BaseException) -> bool:
@@ -26,9 +35,9 @@ def defer_interrupt(exc: BaseException) -> bool:
     Needed besides the signal mask: the kernel delivers a process-wide SIGINT to any thread that
     does not block it, and Python then runs the handler in the main thread regardless of its mask.
     """
-    if _critical["depth"] > 0:
-        if _critical["pending"] is None:
-            _critical["pending"] = exc
+    if _critical.depth > 0:
+        if _critical.pending is None:
+            _critical.pending = exc
         return True
     return False
 
@@ -41,16 +50,16 @@ def no_interrupts() -> Iterator[None]:
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
         if main and hasattr(signal, "pthread_sigmask") else None
     if main:
-        _critical["depth"] += 1
+        _critical.depth += 1
     try:
         yield
     finally:
         if main:
-            _critical["depth"] -= 1
+            _critical.depth -= 1
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        if main and _critical["depth"] == 0 and _critical["pending"] is not None:
-            exc, _critical["pending"] = _critical["pending"], None
+        if main and _critical.depth == 0 and _critical.pending is not None:
+            exc, _critical.pending = _critical.pending, None
             raise exc
 
 

@@ -93,7 +93,7 @@ class VolumeInfo:
                    partition_name=p.get("name", "") if p else "", disk_guid=d.get("disk_guid"))
 
 
-def _expect(d: Any, fields: dict[str, type], where: str) -> None:
+def _expect(d: object, fields: dict[str, type], where: str) -> None:
     if not isinstance(d, dict):
         raise FormatError(f"catalog field {where} must be an object")
     for k, t in fields.items():

@@ -40,7 +40,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def unb64(text: Any, what: str) -> bytes:
+def unb64(text: object, what: str) -> bytes:
     if not isinstance(text, str):
         raise FormatError(f"{what} is not a base64 string")
     try:
@@ -53,7 +53,7 @@ def cert_b64(cert: x509.Certificate) -> str:
     return b64(cert.public_bytes(serialization.Encoding.DER))
 
 
-def cert_from_b64(text: Any, what: str) -> x509.Certificate:
+def cert_from_b64(text: object, what: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(unb64(text, what))
         cert.public_key()  # parsed lazily: a damaged key must fail here
