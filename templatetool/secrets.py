@@ -39,3 +39,6 @@ def env_or_prompt(env_var: str | None, prompt: str) -> Callable[[], str]:
     """A lazy secret source for front ends (CLI, build files): ``read_secret(env_var, prompt)``
     is called only when a library object actually needs the secret."""
     return lambda: read_secret(env_var, prompt)
+
+
+__all__ = ["env_or_prompt", "read_secret", "write_secret_file"]

@@ -19,7 +19,10 @@ VSC_FORMAT_VERSION = 1
 #: Default measurement block size (1 MiB).
 DEFAULT_BLOCK_SIZE = 1 << 20
 
-__all__ = ["VSC_METADATA_GUID", "VSC_FORMAT", "VSC_FORMAT_VERSION", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["VSC_METADATA_GUID", "VSC_FORMAT", "VSC_FORMAT_VERSION", "DEFAULT_BLOCK_SIZE",
+           "CatalogDocument", "VolumeInfo", "parse_version", "Measurer", "measure_volume", "Measurement", "FreeMap",
+           "ntfs_free_map", "files_in_ranges", "VscInfo", "open_vsc", "read_vsc_bytes", "sign_catalog",
+           "verify_template", "compare_volume", "VerifyReport", "VolumeIdQualifier"]
 
 _LAZY = {
     "CatalogDocument": "document", "VolumeInfo": "document", "parse_version": "document",

@@ -9,7 +9,7 @@ import click
 
 from ..atomic import write_bytes_atomic
 from ..secrets import read_secret
-from .common import emit, json_option, read_small_file, stderr
+from .common import emit, guardian_password, json_option, read_small_file, stderr
 from .policy import KEY_FOLDER, OUTPUT_FILE, current_plan
 
 password_env_option = click.option(
@@ -28,7 +28,7 @@ def read_input(path: str, what: str, limit: int = 64 << 20) -> bytes:
 
 def load_trust(paths: tuple[str, ...]) -> list:
     """Certificates from --trust files."""
-    from ..signers.certs import load_certificates
+    from ..signers import load_certificates
 
     out = []
     for p in paths:
@@ -64,8 +64,8 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
     """Generate a guardian with self-signed signing and encryption certificates (like
     New-HgsGuardian -GenerateCertificates). Keys go to PFX files (0600) protected by the password
     from --password-env (or a prompt)."""
+    from .. import api
     from ..errors import UsageError
-    from ..guardian import generate_guardian, save_guardian
 
     if no_password and password_env:
         raise UsageError("--no-password and --password-env exclude each other")
@@ -74,11 +74,10 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
     if (Path(out) / "guardian.json").exists() and not force:
         raise UsageError("a guardian already exists in this folder", out, "choose another folder")
     password = None if no_password else read_secret(password_env, "new guardian password: ", confirm=True)
-    g = generate_guardian(name, key, days)
-    save_guardian(g, out, password, overwrite=force)
+    res = api.new_guardian(name, out, password=password, key=key, days=days, overwrite=force)
     if no_password:
         stderr("templatetool: warning: the guardian's private keys are stored unencrypted; protect the folder")
-    emit({**g.to_json(), "output": out}, as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
+    emit(res.to_json(), as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
 
 
 @guardian_group.command("import")
@@ -121,7 +120,7 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
     """Export a guardian we hold the keys of as signed HGS metadata XML."""
     from ..guardian import export_metadata, load_guardian
 
-    g = load_guardian(folder, private=True, password_env=password_env)
+    g = load_guardian(folder, private=True, password=guardian_password(folder, password_env))
     if signer:
         from .signer_opts import open_signer
 

@@ -30,7 +30,7 @@ from ..atomic import defer_interrupt
 from ..errors import TemplateToolError
 from ..progress import set_quiet
 from . import policy
-from .common import json_default
+from .common import cli_hint, json_default
 
 #: Command modules, loaded in this order. Each defines ``register(cli)``.
 COMMAND_MODULES = [
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):
             _interrupted()
         if isinstance(e, TemplateToolError):
-            _fail(args, e.kind, e.exit_code, e.what, e.where, e.hint, getattr(e, "result", None))
+            _fail(args, e.kind, e.exit_code, e.what, e.where, cli_hint(e), getattr(e, "result", None))
         if isinstance(e, click.UsageError):
             where = e.ctx.command_path if e.ctx is not None else "templatetool"
             _fail(args, "usage", 2, e.format_message(), where, f"see `{where} --help`")

@@ -335,7 +335,7 @@ def converting(disk: str | None) -> bool:
     """True when ``disk`` is mid in-place conversion (a resume may re-read its key files)."""
     if not disk or not os.path.isfile(disk):
         return False
-    from ..bitlocker.inplace import refuse_if_converting
+    from ..bitlocker import refuse_if_converting
     from ..errors import TemplateToolError
 
     try:

@@ -30,7 +30,7 @@ class PcrListType(click.ParamType):
                 return check_pcrs(int(v) for v in value)
             return parse_pcr_list(str(value))
         except UsageError as e:
-            raise UsageError(e.what, _opt_name(param), e.hint) from None
+            raise UsageError(e.what, _opt_name(param), e.hint, code=e.code) from None
 
 
 class PcrBankType(click.ParamType):
