@@ -82,7 +82,7 @@ def test_encrypt_and_decrypt_with_values(tmp_path: Path) -> None:
     assert rp not in repr(enc) and "bitlocker pw" not in repr(enc)
     a = api.decrypt(tmp_path / "enc.vhdx", tmp_path / "a.vhdx", recovery_password=rp)
     b = api.decrypt(tmp_path / "enc.vhdx", tmp_path / "b.vhdx", password=lambda: "bitlocker pw")
-    assert a.method == enc.method
+    assert a.method == b.method == enc.method
 
     def vol(p: Path) -> str:
         from templatetool.disk import open_disk, select_volume

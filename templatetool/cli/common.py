@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -108,7 +108,7 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]
     """click type for sizes with K/M/G/T suffixes."""
 
     name = "size"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
+from cryptography import x509
 
 from ..atomic import write_bytes_atomic
 from ..secrets import read_secret
@@ -26,17 +28,17 @@ def read_input(path: str, what: str, limit: int = 64 << 20) -> bytes:
     return read_small_file(path, what, limit)
 
 
-def load_trust(paths: tuple[str, ...]) -> list:
+def load_trust(paths: tuple[str, ...]) -> list[x509.Certificate]:
     """Certificates from --trust files."""
     from ..signers import load_certificates
 
-    out = []
+    out: list[x509.Certificate] = []
     for p in paths:
         out.extend(load_certificates(p))
     return out
 
 
-def _guardian_text(d: dict) -> str:
+def _guardian_text(d: dict[str, Any]) -> str:
     lines = [f"guardian {d['name']} ({d['source']}, {'with' if d['has_private_keys'] else 'no'} private keys)"]
     for role in ("signing", "encryption"):
         c = d[f"{role}_certificate"]
@@ -129,6 +131,7 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
         xml = export_metadata(g, s)
     else:
         cert = g.signing_certificate
+        assert g.signing_key is not None  # load_guardian(private=True) loaded it
         xml = export_metadata(g, g.signing_key, cert)
     write_bytes_atomic(out, xml)
     emit({"guardian": g.name, "output": out, "signer": cert.subject.rfc4514_string(), "size": len(xml)}, as_json,

@@ -18,9 +18,9 @@ if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written ye
     signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
                                                  os._exit(130)))
 
-import contextlib  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
+import contextlib
+import importlib
+import json
 from typing import Any, NoReturn
 
 import click
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rv, int) and rv:
             code = rv
         ints.finishing = True
-    except BaseException as e:  # noqa: BLE001 - one error path for everything
+    except BaseException as e:
         ints.finishing = True
         if ints.seen or isinstance(e, (KeyboardInterrupt, Interrupted)) or (
                 isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):

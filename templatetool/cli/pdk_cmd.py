@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from cryptography import x509
 
 from ..atomic import write_bytes_atomic
 from ..errors import NotFoundError, PolicyError, ResourceError, UsageError
 from ..secrets import write_secret_file
 from .common import emit, guardian_password, json_option, stderr
-from .policy import OUTPUT_DIR, OUTPUT_FILE, current_plan
 from .guardian_cmd import (
     allow_expired_option,
     allow_untrusted_option,
@@ -20,20 +21,26 @@ from .guardian_cmd import (
     read_input,
     trust_option,
 )
+from .policy import OUTPUT_DIR, OUTPUT_FILE, current_plan
+
+if TYPE_CHECKING:
+    from ..cms import RecipientKey
+    from ..guardian import Guardian
 
 
-def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list) -> list:
+def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list[x509.Certificate]) -> list[Guardian]:
     from ..guardian import load_guardian
 
     return [load_guardian(p, allow_untrusted_root=allow_untrusted_root, trust=trust) for p in paths]
 
 
-def _recipient_key(spec: str, password_env: str | None):
+def _recipient_key(spec: str, password_env: str | None) -> tuple[RecipientKey, x509.Certificate]:
     """(private key, certificate) from a guardian folder or a signer spec."""
     if os.path.isdir(spec):
         from ..guardian import load_guardian
 
         g = load_guardian(spec, private=True, password=guardian_password(spec, password_env))
+        assert g.encryption_key is not None  # load_guardian(private=True) loaded it
         return g.encryption_key, g.encryption_certificate
     from ..errors import UnsupportedError
     from ..signers import KeySigner
@@ -55,7 +62,7 @@ def pdk_group() -> None:
     """Shielding data files (.pdk): owner-signed clear part + encrypted secrets for guardians."""
 
 
-def _pdk_text(d: dict) -> str:
+def _pdk_text(d: dict[str, Any]) -> str:
     lines = [f"PDK v{d['version']}  policy {d['policy']}  created {d['created']}",
              f"  owner     {d['owner']['name']}: {d['owner']['signing_certificate']['subject']}"]
     for g in d["guardians"]:
@@ -118,8 +125,8 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
         except OSError:
             raise NotFoundError("other file not found", f) from None
     if sum(sizes) > OTHER_FILES_LIMIT:
-        SecretPart(other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes)]).validate()
-    values = {}
+        SecretPart(other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes, strict=True)]).validate()
+    values: dict[str, str] = {}
     for sv in spec_values:
         k, sep, v = sv.partition("=")
         if not sep:
@@ -229,7 +236,7 @@ def kp_group() -> None:
     """Key protectors ([MS-KPS] Protector XML): a secret wrapped to an owner and guardians."""
 
 
-def _kp_text(d: dict) -> str:
+def _kp_text(d: dict[str, Any]) -> str:
     o = d["owner"]
     lines = [f"key protector: owner wrapping {o['id']}: {o['signing_certificate']['subject']}"]
     for g in d["guardians"]:

@@ -144,10 +144,14 @@ def register(cli: click.Group) -> None:
 
         if not dry_run and output is None:
             raise UsageError("give -o OUTPUT, or --dry-run")
-        opts = dict(guardian_password=guardian_password(guardian, guardian_password_env), host_evidence=host_evidence,
-                    health_cert=health_cert, tpm_tcti=tcti, pcr_values=_pcr_values(pcr_values))
-        rep = api.dry_run(vm_disk, kp, guardian, host_dir, **opts) if dry_run else \
-            api.unlock(vm_disk, kp, guardian, host_dir, output, **opts)  # type: ignore[arg-type]
+        pw, values = guardian_password(guardian, guardian_password_env), _pcr_values(pcr_values)
+        if dry_run:
+            rep = api.dry_run(vm_disk, kp, guardian, host_dir, guardian_password=pw, host_evidence=host_evidence,
+                              health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
+        else:
+            assert output is not None
+            rep = api.unlock(vm_disk, kp, guardian, host_dir, output, guardian_password=pw,
+                             host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
         emit(rep.to_json(), as_json, _unlock_text, error=None if rep.ok else _unlock_error(rep))
 
     @cli.group("escrow")

@@ -326,7 +326,7 @@ def walk(group: click.Command, path: tuple[str, ...] = ()) -> Iterable[tuple[tup
     """Every (command path, leaf command) under ``group``."""
     if isinstance(group, click.Group):
         for name, sub in group.commands.items():
-            yield from walk(sub, path + (name,))
+            yield from walk(sub, (*path, name))
     else:
         yield path, group
 
