@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from .guardian import Guardian
+    from .pdk import NamedFile
     from .signers.base import Signer
 
 #: A value of the JSON documents the results carry.
@@ -316,7 +317,8 @@ def _bytes_or_file(v: bytes | PathLike, what: str, limit: int) -> tuple[str, byt
 def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_password: Secret | None = None,
             guardians: Sequence[GuardianLike] = (), templates: Sequence[bytes | PathLike] = (),
             version_rule: str | Sequence[str] = "eq", answer_file: bytes | PathLike | None = None,
-            answer_file_name: str = "unattend.xml", other_files: Mapping[str, bytes] | None = None,
+            answer_file_name: str = "unattend.xml",
+            other_files: Mapping[str, bytes] | Sequence[NamedFile] | None = None,
             spec_values: Mapping[str, str] | None = None, allow_expired: bool = False,
             allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> PdkCreated:
     """Create a shielding data file (like New-ShieldingDataFile), written atomically to ``output``.
@@ -325,7 +327,8 @@ def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_passwor
     ``owner_password``). ``guardians``: the fabrics' guardians (objects, folders or metadata XML).
     ``templates``: the signed catalogs to trust (DER bytes, .vsc files or template disks), each
     with ``version_rule`` (eq|ge|gt; one for all or one per template). ``policy``: shielded or
-    encryption-supported.
+    encryption-supported. ``other_files``: name → bytes, or NamedFile objects (two files may not
+    share a name).
     """
     from .atomic import write_bytes_atomic
     from .catalog.qualifier import VolumeIdQualifier
@@ -345,7 +348,8 @@ def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_passwor
         if name.lower().endswith(".xml"):
             parse_xml(data, name)
         answer = NamedFile(name, data)
-    others = [NamedFile(n, d) for n, d in (other_files or {}).items()]
+    others = [NamedFile(n, d) for n, d in other_files.items()] if isinstance(other_files, Mapping) \
+        else list(other_files or ())
     secret = SecretPart(answer, others, dict(spec_values or {}))
     secret.validate()
     quals = []

@@ -119,3 +119,21 @@ def test_coded_library_error_gets_the_cli_flag_wording(tmp_path: Path) -> None:
         api.protect(GOLDEN, out, name="n", version="1.0.0.0", signer=None)  # type: ignore[arg-type]
     assert ei.value.code == "output.exists" and "--" not in str(ei.value)
     assert out.read_bytes() == b"x"
+
+
+def test_new_pdk_with_an_owner_password_value(owner: Path, tmp_path: Path) -> None:
+    from templatetool.pdk import NamedFile, read_pdk
+
+    fabric = api.new_guardian("Fabric", tmp_path / "fabric", password=None)
+    res = api.new_pdk(tmp_path / "t.pdk", owner=owner, owner_password=PASSWORD, guardians=[fabric.guardian],
+                      policy="shielded", other_files={"a.txt": b"1"}, spec_values={"@ComputerName@": "vm01"},
+                      allow_untrusted_root=True)
+    assert (res.owner, res.guardians, res.policy) == ("Owner", ("Fabric",), "shielded")
+    assert (tmp_path / "t.pdk").read_bytes() == res.der
+    o = api.open_guardian(owner)
+    info = read_pdk(res.der, "t.pdk", owner_certificate=o.signing_certificate)  # the owner's signature verifies
+    assert info.owner.name == "Owner" and [g.name for g in info.guardians] == ["Fabric"]
+    with pytest.raises(UsageError, match="two other files"):
+        api.new_pdk(tmp_path / "u.pdk", owner=owner, owner_password=PASSWORD, policy="shielded",
+                    other_files=[NamedFile("a.txt", b"1"), NamedFile("a.txt", b"2")])
+    assert not (tmp_path / "u.pdk").exists()

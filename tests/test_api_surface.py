@@ -193,3 +193,21 @@ def test_every_package_declares_all() -> None:
         assert isinstance(getattr(mod, "__all__", None), list), f"{mod.__name__} has no __all__"
         for name in mod.__all__:
             assert getattr(mod, name, None) is not None, f"{mod.__name__}.__all__ names a missing {name}"
+
+
+#: Library modules allowed to read a secret from the environment or a prompt: the helpers
+#: themselves, build recipes (a front end) and load_guardian's legacy ``password_env`` shim.
+SECRET_READERS = {"secrets.py", "pipeline/build.py", "guardian/model.py"}
+
+
+def test_only_front_ends_prompt_or_read_secret_variables() -> None:
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG).as_posix()
+        if rel.startswith("cli/") or rel in SECRET_READERS:
+            continue
+        text = f.read_text()
+        for word in ("getpass", "read_secret", "env_or_prompt"):
+            if re.search(rf"\b{word}\b", text):
+                bad.append(f"{rel}: {word}")
+    assert bad == []

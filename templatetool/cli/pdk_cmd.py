@@ -133,7 +133,7 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
             raise UsageError(f"bad --spec-value {sv!r}", hint="use @KEY@=VALUE")
         values[k.strip()] = v
     answer = read_input(answer_file, "answer file", 1 << 20) if answer_file else None
-    others = {Path(f).name: read_input(f, "other file", OTHER_FILES_LIMIT) for f in other_files}
+    others = [NamedFile(Path(f).name, read_input(f, "other file", OTHER_FILES_LIMIT)) for f in other_files]
     res = api.new_pdk(out, owner=owner, policy=policy, owner_password=guardian_password(owner, password_env),
                       guardians=guardians, templates=vscs, version_rule=rules or "eq", answer_file=answer,
                       answer_file_name=Path(answer_file).name if answer_file else "unattend.xml",
