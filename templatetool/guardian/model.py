@@ -39,8 +39,8 @@ from ..errors import (
     UsageError,
 )
 from ..secrets import env_or_prompt
-from ..signers.base import Secret, resolve_secret
 from ..signers import certs as _certs
+from ..signers.base import Secret, resolve_secret
 
 FORMAT = "templatetool-guardian"
 FORMAT_VERSION = 1

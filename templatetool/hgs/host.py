@@ -111,4 +111,4 @@ def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: 
                        "signature": base64.b64encode(sig).decode()}, indent=2).encode()
 
 
-__all__ = ["Host", "MAX_EVIDENCE", "create_evidence", "load_host", "load_public", "new_host", "pem_public"]
+__all__ = ["MAX_EVIDENCE", "Host", "create_evidence", "load_host", "load_public", "new_host", "pem_public"]
