@@ -82,7 +82,8 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
     """
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise UsageError("output exists", str(dest), "choose another name, or pass --overwrite to replace it")
+        raise UsageError("output exists", str(dest), "choose another name, or allow overwriting it",
+                         code="output.exists")
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ResourceError("output folder does not exist", str(folder), "create it first")
@@ -142,7 +143,8 @@ class OutputSet:
         if any(d == dest for d, _ in self._items):
             raise UsageError("the same output is given twice", str(dest), "give each output its own name")
         if dest.exists() and not self.overwrite:
-            raise UsageError("output exists", str(dest), "choose another name, or pass --overwrite to replace it")
+            raise UsageError("output exists", str(dest), "choose another name, or allow overwriting it",
+                             code="output.exists")
         folder = dest.parent if str(dest.parent) else Path(".")
         if not folder.is_dir():
             raise ResourceError("output folder does not exist", str(folder), "create it first")
@@ -236,3 +238,6 @@ def atomic_outputs(overwrite: bool = True) -> Iterator[OutputSet]:
     except BaseException:
         outs.discard()
         raise
+
+
+__all__ = ["OutputSet", "atomic_output", "atomic_outputs", "defer_interrupt", "no_interrupts", "write_bytes_atomic"]

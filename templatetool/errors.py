@@ -1,8 +1,11 @@
 """The typed error hierarchy every layer raises.
 
-Each error carries *what* went wrong, *where* (a file, offset or field) and a *hint* (what to do).
-The CLI prints ``str(err)`` as one line and exits with ``err.exit_code``. Exit codes are
-documented in docs/exit-codes.md and must not change meaning.
+Each error carries *what* went wrong, *where* (a file, offset or field), a *hint* (what to do,
+in library terms: never a command-line flag) and a stable *code* (``"pki.expired"``, or the
+class-level code such as ``"format"``) that programs may match on. The CLI prints one line and
+exits with ``err.exit_code``; where a hint is best said as a flag, the CLI maps the code to its
+own wording (``templatetool.cli.common.CLI_HINTS``). Exit codes are documented in
+docs/exit-codes.md and must not change meaning. Messages never carry secrets.
 """
 
 from __future__ import annotations
@@ -17,9 +20,19 @@ class TemplateToolError(Exception):
 
     exit_code = 1
     kind = "error"
+    #: The stable machine-readable code of this error (the class's kind unless given).
+    code: str = "error"
 
-    def __init__(self, what: str, where: str | None = None, hint: str | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            cls.code = cls.kind
+
+    def __init__(self, what: str, where: str | None = None, hint: str | None = None, *,
+                 code: str | None = None) -> None:
         # one line, always: messages from parsers (lxml, asn1crypto ...) may carry newlines
+        if code is not None:
+            self.code = code
         self.what = _one_line(what)
         self.where = _one_line(where) if where is not None else None
         self.hint = _one_line(hint) if hint is not None else None
@@ -38,6 +51,7 @@ class TemplateToolError(Exception):
         """A machine-readable form for ``--json`` output."""
         return {
             "error": self.kind,
+            "code": self.code,
             "exit_code": self.exit_code,
             "message": self.what,
             "where": self.where,
@@ -99,3 +113,16 @@ class NotFoundError(TemplateToolError):
 
     exit_code = 9
     kind = "not-found"
+
+
+__all__ = [
+    "CredentialError",
+    "FormatError",
+    "IntegrityError",
+    "NotFoundError",
+    "PolicyError",
+    "ResourceError",
+    "TemplateToolError",
+    "UnsupportedError",
+    "UsageError",
+]

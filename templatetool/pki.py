@@ -260,10 +260,11 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
         if not allow_untrusted_root:
             if status == "self-signed":
                 raise PolicyError(f"the {what} chains to an untrusted root: {_subj(path[-1])} is not trusted", where,
-                                  "add the root with --trust, or pass --allow-untrusted-root (self-signed guardians)")
+                                  "add the root to the trust anchors, or allow an untrusted root (self-signed guardians)",
+                                  code="pki.untrusted-root")
             raise PolicyError(f"cannot find the issuer {path[-1].issuer.rfc4514_string()} of {_subj(path[-1])}, "
                               f"so the {what} does not chain to a trusted root", where,
-                              "add the issuing CA with --trust, or pass --allow-untrusted-root")
+                              "add the issuing CA to the trust anchors, or allow an untrusted root", code="pki.untrusted-ca")
         store.append(path[-1])
     check_at = now
     if allow_expired:
@@ -281,10 +282,13 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
         except (ValueError, TypeError, UnsupportedAlgorithm):  # a damaged certificate: the verifier's words
             reason = _clean(e)
         if " expired on " in reason or " is not valid before " in reason:
-            hint = "renew the certificate, or pass --allow-expired to judge the chain inside its validity periods"
+            hint = "renew the certificate, or allow expired certificates to judge the chain inside its validity periods"
+            code = "pki.expired"
         else:
             hint = "the certificate chain does not satisfy X.509 path validation (RFC 5280)"
-        raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint) from None
+            code = "pki.invalid-chain"
+        raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint,
+                          code=code) from None
     return VerifiedPath(list(chain), _der(chain[-1]) in anchors, check_at)
 
 

@@ -33,3 +33,6 @@ def progress(total: int | None, desc: str, unit: str = "B", **kw: Any) -> tqdm:
         leave=False,
         **kw,
     )
+
+
+__all__ = ["progress", "set_quiet"]

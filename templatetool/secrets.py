@@ -1,4 +1,10 @@
-"""Secret input: passwords come from an environment variable or an interactive prompt, never argv."""
+"""Secrets: the value types the library takes, and the front ends' helpers that obtain them.
+
+The library takes secrets as values: ``bytes``/``str`` or a :data:`SecretSource` (a callable
+called only when the secret is needed); see :mod:`templatetool.signers.base`. Reading an
+environment variable or prompting on the terminal (:func:`read_secret`, :func:`env_or_prompt`)
+is for front ends only (the CLI, build recipes): never argv, never logs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import CredentialError, UsageError
+from .signers.base import Secret, SecretSource, resolve_secret
 
 
 def read_secret(env_var: str | None, prompt: str, confirm: bool = False) -> str:
@@ -39,3 +46,6 @@ def env_or_prompt(env_var: str | None, prompt: str) -> Callable[[], str]:
     """A lazy secret source for front ends (CLI, build files): ``read_secret(env_var, prompt)``
     is called only when a library object actually needs the secret."""
     return lambda: read_secret(env_var, prompt)
+
+
+__all__ = ["Secret", "SecretSource", "env_or_prompt", "read_secret", "resolve_secret", "write_secret_file"]

@@ -42,6 +42,10 @@ def __getattr__(name: str) -> Any:  # lazy: reserve imports dissect.ntfs
         from . import reserve
 
         return getattr(reserve, name)
+    if name in ("in_place", "refuse_if_converting"):
+        from . import inplace
+
+        return getattr(inplace, name)
     raise AttributeError(name)
 
 
@@ -57,10 +61,12 @@ __all__ = [
     "encrypt_volume",
     "find_reserved",
     "generate_recovery_password",
+    "in_place",
     "is_bitlocker",
     "open_fve",
     "parse_bek",
     "parse_recovery_password",
+    "refuse_if_converting",
     "reserve_ntfs",
     "stretch_key",
 ]

@@ -598,7 +598,8 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
 
 def _refuse(st: InPlaceStatus, view: BlockDevice, fresh: bool) -> None:
     if not fresh and st.state in ("plain", "unreserved", "other"):
-        raise UsageError("the volume is not being converted", view.name, "start with `templatetool encrypt --in-place`")
+        raise UsageError("the volume is not being converted", view.name, "start an in-place encryption first",
+                         code="bitlocker.not-converting")
     if st.state == "encrypted":
         raise UsageError("the volume is already fully BitLocker-encrypted", view.name, "nothing to do")
     if st.state == "unreserved":

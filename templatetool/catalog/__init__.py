@@ -8,6 +8,7 @@ template VHDX as the user metadata item :data:`VSC_METADATA_GUID` and as a ``.vs
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 #: VHDX user metadata item holding the signed catalog (templatetool's own GUID).
 VSC_METADATA_GUID = uuid.UUID("cacb4f3d-37ce-4234-b403-fcfdc5e1fb8d")
@@ -19,7 +20,36 @@ VSC_FORMAT_VERSION = 1
 #: Default measurement block size (1 MiB).
 DEFAULT_BLOCK_SIZE = 1 << 20
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "VSC_FORMAT", "VSC_FORMAT_VERSION", "VSC_METADATA_GUID"]
+if TYPE_CHECKING:
+    from .document import CatalogDocument, VolumeInfo, parse_version
+    from .measure import Measurement, Measurer, measure_volume
+    from .ntfs import FreeMap, files_in_ranges, ntfs_free_map
+    from .qualifier import VolumeIdQualifier
+    from .vsc import VerifyReport, VscInfo, compare_volume, open_vsc, read_vsc_bytes, sign_catalog, verify_template
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "VSC_FORMAT",
+    "VSC_FORMAT_VERSION",
+    "VSC_METADATA_GUID",
+    "CatalogDocument",
+    "FreeMap",
+    "Measurement",
+    "Measurer",
+    "VerifyReport",
+    "VolumeIdQualifier",
+    "VolumeInfo",
+    "VscInfo",
+    "compare_volume",
+    "files_in_ranges",
+    "measure_volume",
+    "ntfs_free_map",
+    "open_vsc",
+    "parse_version",
+    "read_vsc_bytes",
+    "sign_catalog",
+    "verify_template",
+]
 
 _LAZY = {
     "CatalogDocument": "document", "VolumeInfo": "document", "parse_version": "document",

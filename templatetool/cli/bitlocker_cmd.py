@@ -102,7 +102,7 @@ def _encrypt_in_place(disk: str, partition: int | None, method: str, specs: list
                       recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
                       password_env: str | None, recovery_password_file: str | None,
                       recovery_password_env: str | None, startup_key: str | None, as_json: bool) -> None:
-    from ..bitlocker.inplace import in_place
+    from ..bitlocker import in_place
 
     if not (recovery_password_out or startup_key_out or password_env):
         raise UsageError("--in-place needs a durable key protector: a crash before the end must not lose the key",
@@ -154,7 +154,7 @@ def register(cli: click.Group) -> None:
                recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
                as_json: bool) -> None:
         """Finish an interrupted `encrypt --in-place` of DISK (needs one credential of the volume)."""
-        from ..bitlocker.inplace import in_place
+        from ..bitlocker import in_place
 
         cred = _credential(recovery_password_file, recovery_password_env, startup_key, password_env)
         if not cred:
@@ -197,8 +197,7 @@ def register(cli: click.Group) -> None:
         recovery password / startup key files written by the first run are the credential (or
         give --recovery-password-file/--recovery-password-env/--startup-key).
         """
-        from ..bitlocker.volume import ProtectorSpec
-        from ..pipeline.encrypt import encrypt_disk
+        from ..bitlocker import ProtectorSpec
 
         if in_place and out:
             raise UsageError("--in-place converts DISK itself; do not also give -o/--output")
@@ -209,12 +208,13 @@ def register(cli: click.Group) -> None:
                              "conversion; they need --in-place")
 
         specs: list[ProtectorSpec] = []
+        password = read_secret(password_env, "BitLocker password: ") if password_env else None
         if recovery_password_out or show_recovery_password:
             specs.append(ProtectorSpec("recovery_password"))
         if startup_key_out:
             specs.append(ProtectorSpec("startup_key"))
-        if password_env:
-            specs.append(ProtectorSpec("password", read_secret(password_env, "BitLocker password: ")))
+        if password is not None:
+            specs.append(ProtectorSpec("password", password))
         vtpm = vtpm_from_options(**tpm_opts)
         if vtpm is not None:
             if not specs:
@@ -235,24 +235,26 @@ def register(cli: click.Group) -> None:
                               recovery_password_env, startup_key, as_json)
             return
         assert out is not None
-        def save_keys(res: Any) -> None:
+        from .. import api
+
+        def save_keys(keys: api.EncryptKeys) -> None:
             # before the encrypted disk is renamed into place: a disk never exists without its keys
             try:
-                if recovery_password_out and res.recovery_password:
-                    write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
-                if startup_key_out and res.bek is not None:
-                    write_secret_file(startup_key_out, res.bek)
+                if recovery_password_out and keys.recovery_password:
+                    write_secret_file(recovery_password_out, (keys.recovery_password + "\n").encode())
+                if startup_key_out and keys.startup_key is not None:
+                    write_secret_file(startup_key_out, keys.startup_key)
             except OSError as e:
                 raise ResourceError(f"cannot write the key file: {e.strerror}", hint="the encrypted disk was not "
                                     "written; free space and run again") from None
 
-        r = encrypt_disk(disk, out, partition=partition, method=method, protectors=specs,
-                         description=description, on_result=save_keys)
-        res = r["result"]
-        doc = {k: v for k, v in r.items() if k != "result"}
-        doc.update(res.to_json())
+        res = api.encrypt(disk, out, recovery_password=bool(recovery_password_out or show_recovery_password),
+                          startup_key=bool(startup_key_out), password=password,
+                          tpm_seal=vtpm[0] if vtpm is not None else None, partition=partition, method=method,
+                          description=description, on_keys=save_keys)
+        doc = res.to_json()
         if show_recovery_password:
-            doc["recovery_password"] = res.recovery_password
+            doc["recovery_password"] = res.keys.recovery_password
         if recovery_password_out:
             doc["recovery_password_file"] = recovery_password_out
         if startup_key_out:
@@ -302,7 +304,7 @@ def register(cli: click.Group) -> None:
         is skipped when the inner NTFS parses cleanly; anything else is decrypted whole
         (`--json` field `free_space`, and `-v`, say which).
         """
-        from ..pipeline.encrypt import Credentials, decrypt_disk
+        from .. import api
 
         given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key,
                                    tcti)]
@@ -311,27 +313,24 @@ def register(cli: click.Group) -> None:
                              "--startup-key, --password-env, --clear-key or --tpm TCTI")
         if pin_env and not tcti:
             raise UsageError("--pin-env is the PIN of a vTPM protector: it needs --tpm TCTI")
-        cred = Credentials()
+        cred: dict[str, Any] = {}
         if recovery_password_file:
             text_ = _read_file(recovery_password_file, "recovery password file").decode("utf-8", "replace").strip()
             if not text_:
                 raise CredentialError("recovery password file is empty", recovery_password_file)
-            cred.recovery_password = text_
+            cred["recovery_password"] = text_
         elif recovery_password_env:
-            cred.recovery_password = read_secret(recovery_password_env, "recovery password: ")
+            cred["recovery_password"] = read_secret(recovery_password_env, "recovery password: ")
         elif startup_key:
-            cred.bek = _read_file(startup_key, "startup key file")
+            cred["startup_key"] = _read_file(startup_key, "startup key file")
         elif password_env:
-            cred.password = read_secret(password_env, "BitLocker password: ")
+            cred["password"] = read_secret(password_env, "BitLocker password: ")
         elif tcti:
-            cred.tpm = tcti
-            cred.tpm_pin = read_secret(pin_env, "TPM PIN: ") if pin_env else None
+            cred["tpm"] = tcti
+            cred["tpm_pin"] = read_secret(pin_env, "TPM PIN: ") if pin_env else None
         else:
-            cred.clear = True
-        from ..bitlocker.inplace import refuse_if_converting
-
-        refuse_if_converting(disk, partition)
-        r = decrypt_disk(disk, out, partition, cred)
+            cred["clear_key"] = True
+        r = api.decrypt(disk, out, partition=partition, **cred).to_json()
 
         def text(d: dict[str, Any]) -> str:
             line = (f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
@@ -356,14 +355,12 @@ def register(cli: click.Group) -> None:
     @json_option
     def info(disk: str, partition: int | None, as_json: bool) -> None:
         """Method, sector size, protectors (type, GUID, dates) and metadata copies of a BitLocker volume."""
-        from ..bitlocker.volume import open_fve
-        from ..blockdev import View
-        from ..disk import open_disk
-        from ..pipeline.encrypt import _pick
+        from ..bitlocker import open_fve
+        from ..disk import View, locate_volume, open_disk
 
         dev = open_disk(disk)
         try:
-            off, size, index = _pick(dev, partition, ("bitlocker", "bitlocker-to-go"))
+            off, size, index = locate_volume(dev, partition, ("bitlocker", "bitlocker-to-go"))
             r = open_fve(View(dev, off, size, name=f"{disk} volume@{off}")).info()
         finally:
             dev.close()

@@ -42,29 +42,28 @@ def protect_cmd(golden: str, output: str | None, name: str | None, version: str 
                 password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
                 overwrite: bool, subformat: str | None, in_place: bool, as_json: bool) -> None:
     """Make a signed template disk from GOLDEN (a new disk; GOLDEN is never modified)."""
-    from ..errors import UsageError
-    from ..pipeline.protect import preflight, protect
-    from .signer_opts import open_signer
+    from .. import api
+    from ..errors import PolicyError, UsageError
     from .common import parse_size
+    from .signer_opts import open_signer
 
     if check:
-        probs = preflight(golden)
-        from ..errors import PolicyError
-
+        pf = api.preflight(golden)
+        probs = pf.problems
         if probs and not as_json:
             for p in probs:
                 stderr(f"templatetool: preflight: {p.what}; {p.hint}")
-        emit({"disk": golden, "ok": not probs, "problems": [p.to_json() for p in probs]}, as_json,
-             lambda r: f"{golden}: ready to protect" if not probs else "",
+        emit(pf.to_json(), as_json, lambda r: f"{golden}: ready to protect" if not probs else "",
              error=PolicyError(f"{len(probs)} preflight problem(s)", golden) if probs else None)
         return
     need = (("--name", name), ("--version", version), ("--signer", signer)) + (() if in_place else (("-o", output),))
     missing = [o for o, v in need if not v]
     if missing:
         raise UsageError(f"missing {', '.join(missing)}", hint="protect GOLDEN -o TEMPLATE.vhdx --name N --version A.B.C.D --signer SPEC")
-    s = open_signer(signer, password_env, pin_env)  # type: ignore[arg-type]
-    res = protect(golden, output, name, version, s, block_size=parse_size(block_size), pss=pss,  # type: ignore[arg-type]
-                  overwrite=overwrite, in_place=in_place, subformat=subformat)
+    assert name is not None and version is not None and signer is not None
+    s = open_signer(signer, password_env, pin_env)
+    res = api.protect(golden, output, name=name, version=version, signer=s, block_size=parse_size(block_size), pss=pss,
+                      overwrite=overwrite, in_place=in_place, subformat=subformat)
     emit(res.to_json(), as_json, lambda r: (
         f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
         f"  root {r['root']} ({r['block_count']} blocks of {r['block_size']} bytes)"
@@ -82,15 +81,9 @@ def vsc_group() -> None:
 @json_option
 def vsc_export(template: str, output: str, as_json: bool) -> None:
     """Write TEMPLATE's signed catalog to a .vsc file (checks its signature first)."""
-    from ..atomic import write_bytes_atomic
-    from ..catalog.vsc import open_vsc, read_vsc_bytes
+    from .. import api
 
-    der = read_vsc_bytes(template)
-    info = open_vsc(der)
-    write_bytes_atomic(output, der)
-    emit({"input": template, "output": output, "size": len(der), "name": info.name,
-          "version": info.document.version_str},
-         as_json, lambda r: f"wrote {r['output']} ({r['size']} bytes): {r['name']} {r['version']}")
+    emit(api.export_vsc(template, output).to_json(), as_json, lambda r: f"wrote {r['output']} ({r['size']} bytes): {r['name']} {r['version']}")
 
 
 def _show_text(info: Any) -> str:
@@ -122,7 +115,7 @@ def _show_text(info: Any) -> str:
 @json_option
 def vsc_show(source: str, as_json: bool) -> None:
     """Show a catalog from a .vsc file or a template disk (its signature is checked)."""
-    from ..catalog.vsc import open_vsc, read_vsc_bytes
+    from ..catalog import open_vsc, read_vsc_bytes
 
     info = open_vsc(read_vsc_bytes(source))
     emit(info.to_json(), as_json, lambda _: _show_text(info))
@@ -135,24 +128,23 @@ def vsc_show(source: str, as_json: bool) -> None:
 @json_option
 def vsc_verify(template: str, vsc_file: str | None, trust: tuple[str, ...], as_json: bool) -> None:
     """Verify TEMPLATE: catalog signature, certificate, and the disk content (exit 4 on mismatch)."""
-    from ..catalog.vsc import read_vsc_bytes, verify_template
-    from ..signers.certs import load_certificates
+    from .. import api
+    from ..errors import IntegrityError
+    from ..signers import load_certificates
 
     anchors = [c for t in trust for c in load_certificates(t)] or None
-    der = read_vsc_bytes(vsc_file) if vsc_file else None
-    rep = verify_template(template, vsc=der, trust=anchors)
+    rep = api.verify_vsc(template, vsc=vsc_file, trust=anchors)
 
-    def text(r: Any) -> str:
-        if r.ok:
-            return f"OK: {r.name} {r.version} signed by {r.signer}; volume matches the catalog (root {r.actual_root})"
-        out = [f"MISMATCH: {r.name} {r.version}: the volume differs from the catalog"]
-        out += [f"  changed bytes {c['offset']}..{c['offset'] + c['length'] - 1} of the volume" for c in r.changed[:50]]
-        out += [f"  affected: {f['path']} ({f['attribute']})" for f in r.files[:50]]
+    def text(d: Any) -> str:
+        if rep.ok:
+            return (f"OK: {rep.name} {rep.version} signed by {rep.signer}; volume matches the catalog "
+                    f"(root {rep.actual_root})")
+        out = [f"MISMATCH: {rep.name} {rep.version}: the volume differs from the catalog"]
+        out += [f"  changed bytes {off}..{off + n - 1} of the volume" for off, n in rep.changed[:50]]
+        out += [f"  affected: {f['path']} ({f['attribute']})" for f in d["files"][:50]]
         return "\n".join(out)
 
-    from ..errors import IntegrityError
-
-    emit(rep, as_json, text, error=None if rep.ok else
+    emit(rep.to_json(), as_json, text, error=None if rep.ok else
          IntegrityError(f"{len(rep.changed)} changed region(s): the volume differs from the catalog", template))
 
 
@@ -186,7 +178,7 @@ def cert_new(usage: str | None, subject: str, output: str, key_kind: str, days: 
     from ..atomic import write_bytes_atomic
     from ..errors import UsageError
     from ..secrets import read_secret
-    from ..signers.certs import new_key, self_signed, thumbprint, write_pfx
+    from ..signers import new_key, self_signed, thumbprint, write_pfx
 
     if usage is None:
         raise UsageError("choose --signing or --encryption")

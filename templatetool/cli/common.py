@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from .. import errors as _errors
 from ..errors import FormatError, NotFoundError, ResourceError, TemplateToolError, UsageError
+from ..secrets import env_or_prompt
+from ..signers import SecretSource
 
 #: The typed error class of each documented exit code (docs/exit-codes.md).
 ERRORS_BY_CODE: dict[int, type[TemplateToolError]] = {
@@ -105,7 +108,7 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]
     """click type for sizes with K/M/G/T suffixes."""
 
     name = "size"
@@ -138,6 +141,54 @@ def read_small_file(path: str, what: str = "file", limit: int = MAX_SMALL_INPUT)
         raise UsageError(f"{what}: expected a file, got a folder", path) from None
     except OSError as e:
         raise ResourceError(f"cannot read {what}: {e.strerror}", path) from None
+
+
+def guardian_password(path: str, env_var: str | None) -> SecretSource:
+    """The password of the guardian at ``path`` as a lazy source: ``$env_var``, else a terminal
+    prompt; asked only when the guardian's keys turn out to be password-protected."""
+    return env_or_prompt(env_var, f"password for guardian {os.path.basename(os.path.normpath(path))}: ")
+
+
+#: CLI wording of library hints, by error code: the library says what to do in its own terms
+#: (``allow_expired``), the command line names its flag. The codes are the library's.
+CLI_HINTS: dict[str, str] = {
+    "pki.untrusted-root": "add the root with --trust, or pass --allow-untrusted-root (self-signed guardians)",
+    "pki.untrusted-ca": "add the issuing CA with --trust, or pass --allow-untrusted-root",
+    "pki.expired": "renew the certificate, or pass --allow-expired to judge the chain inside its validity periods",
+    "cert.expired": "renew it, or pass --allow-expired to accept it anyway",
+    "cert.not-yet-valid": "check the clock, or pass --allow-expired",
+    "hgs.ek-unregistered": "register it with `hgs register-host --ek`",
+    "vhdx.child-subformat": "drop --subformat",
+    "vhdx.parent-missing": "the parent was moved or deleted: put it back or pass its location "
+                           "(parent_search / --parent-dir)",
+    "vhdx.sector-size-raw-only": "--logical-sector-size reinterprets raw images only",
+    "tpm.pcr-values-needed": "--pcr-values or --tcg-log",
+    "tpm.pcr-source": "--pcr-values or --tcg-log",
+    "tpm.pcrs-with-log": "e.g. --pcrs 7,11",
+    "tpm.pcrs-empty": "use e.g. --pcrs 7,11",
+    "tpm.no-pcrs": "give --pcrs and their values",
+    "tpm.pin-needed": "pass --pin-env VAR",
+    "tpm.parent-handle": "was the blob sealed to this vTPM's SRK/EK? pass its persistent handle with --parent-handle",
+    "unlock.no-vtpm-key": "use --tpm TCTI",
+    "protect.no-output": "pass -o TEMPLATE.vhdx (or --in-place)",
+    "protect.output-is-input": "protect writes a new disk; choose another name (or use --in-place deliberately)",
+    "protect.preflight": "run 'templatetool protect --check' for the list",
+    "output.exists": "choose another name, or pass --overwrite to replace it",
+    "disk.no-os-volume": "pass --partition N to choose one",
+    "bitlocker.not-converting": "start with `templatetool encrypt --in-place`",
+    "encrypt.tpm-alone": "add --recovery-password-out FILE or --show-recovery-password "
+                         "(or --startup-key-out / --password-env)",
+    "encrypt.no-protector": "give --recovery-password-out FILE, --show-recovery-password, "
+                            "--startup-key-out FILE.bek or --password-env VAR",
+    "decrypt.credential": "--recovery-password-file, --recovery-password-env, --startup-key, --password-env, "
+                          "--clear-key or --tpm TCTI",
+}
+
+
+def cli_hint(err: TemplateToolError) -> str | None:
+    """The hint the CLI prints for ``err``: its flag wording when the code has one, else the
+    library's hint."""
+    return CLI_HINTS.get(err.code, err.hint)
 
 
 def stderr(msg: str) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
+from cryptography import x509
 
 from ..atomic import write_bytes_atomic
 from ..secrets import read_secret
-from .common import emit, json_option, read_small_file, stderr
+from .common import emit, guardian_password, json_option, read_small_file, stderr
 from .policy import KEY_FOLDER, OUTPUT_FILE, current_plan
 
 password_env_option = click.option(
@@ -26,17 +28,17 @@ def read_input(path: str, what: str, limit: int = 64 << 20) -> bytes:
     return read_small_file(path, what, limit)
 
 
-def load_trust(paths: tuple[str, ...]) -> list:
+def load_trust(paths: tuple[str, ...]) -> list[x509.Certificate]:
     """Certificates from --trust files."""
-    from ..signers.certs import load_certificates
+    from ..signers import load_certificates
 
-    out = []
+    out: list[x509.Certificate] = []
     for p in paths:
         out.extend(load_certificates(p))
     return out
 
 
-def _guardian_text(d: dict) -> str:
+def _guardian_text(d: dict[str, Any]) -> str:
     lines = [f"guardian {d['name']} ({d['source']}, {'with' if d['has_private_keys'] else 'no'} private keys)"]
     for role in ("signing", "encryption"):
         c = d[f"{role}_certificate"]
@@ -64,8 +66,8 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
     """Generate a guardian with self-signed signing and encryption certificates (like
     New-HgsGuardian -GenerateCertificates). Keys go to PFX files (0600) protected by the password
     from --password-env (or a prompt)."""
+    from .. import api
     from ..errors import UsageError
-    from ..guardian import generate_guardian, save_guardian
 
     if no_password and password_env:
         raise UsageError("--no-password and --password-env exclude each other")
@@ -74,11 +76,10 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
     if (Path(out) / "guardian.json").exists() and not force:
         raise UsageError("a guardian already exists in this folder", out, "choose another folder")
     password = None if no_password else read_secret(password_env, "new guardian password: ", confirm=True)
-    g = generate_guardian(name, key, days)
-    save_guardian(g, out, password, overwrite=force)
+    res = api.new_guardian(name, out, password=password, key=key, days=days, overwrite=force)
     if no_password:
         stderr("templatetool: warning: the guardian's private keys are stored unencrypted; protect the folder")
-    emit({**g.to_json(), "output": out}, as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
+    emit(res.to_json(), as_json, lambda d: _guardian_text(d) + f"\n  saved in {out}")
 
 
 @guardian_group.command("import")
@@ -121,7 +122,7 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
     """Export a guardian we hold the keys of as signed HGS metadata XML."""
     from ..guardian import export_metadata, load_guardian
 
-    g = load_guardian(folder, private=True, password_env=password_env)
+    g = load_guardian(folder, private=True, password=guardian_password(folder, password_env))
     if signer:
         from .signer_opts import open_signer
 
@@ -130,6 +131,7 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
         xml = export_metadata(g, s)
     else:
         cert = g.signing_certificate
+        assert g.signing_key is not None  # load_guardian(private=True) loaded it
         xml = export_metadata(g, g.signing_key, cert)
     write_bytes_atomic(out, xml)
     emit({"guardian": g.name, "output": out, "signer": cert.subject.rfc4514_string(), "size": len(xml)}, as_json,

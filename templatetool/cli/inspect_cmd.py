@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..pipeline.inspect import describe_disk
+from .. import api
 from .common import emit, human_size, json_option
 
 
@@ -53,4 +53,4 @@ def register(cli: click.Group) -> None:
     @json_option
     def inspect(disk: str, as_json: bool) -> None:
         """Describe DISK (raw or VHDX): container, partitions, filesystems, BitLocker status."""
-        emit(describe_disk(disk), as_json, _text)
+        emit(api.inspect(disk).to_json(), as_json, _text)

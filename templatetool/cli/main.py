@@ -18,9 +18,9 @@ if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written ye
     signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
                                                  os._exit(130)))
 
-import contextlib  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
+import contextlib
+import importlib
+import json
 from typing import Any, NoReturn
 
 import click
@@ -30,7 +30,7 @@ from ..atomic import defer_interrupt
 from ..errors import TemplateToolError
 from ..progress import set_quiet
 from . import policy
-from .common import json_default
+from .common import cli_hint, json_default
 
 #: Command modules, loaded in this order. Each defines ``register(cli)``.
 COMMAND_MODULES = [
@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rv, int) and rv:
             code = rv
         ints.finishing = True
-    except BaseException as e:  # noqa: BLE001 - one error path for everything
+    except BaseException as e:
         ints.finishing = True
         if ints.seen or isinstance(e, (KeyboardInterrupt, Interrupted)) or (
                 isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):
             _interrupted()
         if isinstance(e, TemplateToolError):
-            _fail(args, e.kind, e.exit_code, e.what, e.where, e.hint, getattr(e, "result", None))
+            _fail(args, e.kind, e.exit_code, e.what, e.where, cli_hint(e), getattr(e, "result", None))
         if isinstance(e, click.UsageError):
             where = e.ctx.command_path if e.ctx is not None else "templatetool"
             _fail(args, "usage", 2, e.format_message(), where, f"see `{where} --help`")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+from cryptography import x509
 
 from ..atomic import write_bytes_atomic
 from ..errors import NotFoundError, PolicyError, ResourceError, UsageError
 from ..secrets import write_secret_file
-from .common import emit, json_option, stderr
-from .policy import OUTPUT_DIR, OUTPUT_FILE, current_plan
+from .common import emit, guardian_password, json_option, stderr
 from .guardian_cmd import (
     allow_expired_option,
     allow_untrusted_option,
@@ -20,20 +21,26 @@ from .guardian_cmd import (
     read_input,
     trust_option,
 )
+from .policy import OUTPUT_DIR, OUTPUT_FILE, current_plan
+
+if TYPE_CHECKING:
+    from ..cms import RecipientKey
+    from ..guardian import Guardian
 
 
-def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list) -> list:
+def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list[x509.Certificate]) -> list[Guardian]:
     from ..guardian import load_guardian
 
     return [load_guardian(p, allow_untrusted_root=allow_untrusted_root, trust=trust) for p in paths]
 
 
-def _recipient_key(spec: str, password_env: str | None):
+def _recipient_key(spec: str, password_env: str | None) -> tuple[RecipientKey, x509.Certificate]:
     """(private key, certificate) from a guardian folder or a signer spec."""
     if os.path.isdir(spec):
         from ..guardian import load_guardian
 
-        g = load_guardian(spec, private=True, password_env=password_env)
+        g = load_guardian(spec, private=True, password=guardian_password(spec, password_env))
+        assert g.encryption_key is not None  # load_guardian(private=True) loaded it
         return g.encryption_key, g.encryption_certificate
     from ..errors import UnsupportedError
     from ..signers import KeySigner
@@ -55,7 +62,7 @@ def pdk_group() -> None:
     """Shielding data files (.pdk): owner-signed clear part + encrypted secrets for guardians."""
 
 
-def _pdk_text(d: dict) -> str:
+def _pdk_text(d: dict[str, Any]) -> str:
     lines = [f"PDK v{d['version']}  policy {d['policy']}  created {d['created']}",
              f"  owner     {d['owner']['name']}: {d['owner']['signing_certificate']['subject']}"]
     for g in d["guardians"]:
@@ -102,11 +109,8 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
             password_env: str | None, allow_expired: bool, allow_untrusted_root: bool, trust: tuple[str, ...],
             as_json: bool) -> None:
     """Create a shielding data file signed by the owner (like New-ShieldingDataFile)."""
-    from ..catalog.qualifier import VolumeIdQualifier
-    from ..catalog.vsc import open_vsc, read_vsc_bytes
-    from ..guardian import load_guardian
-    from ..guardian.metadata import parse_xml
-    from ..pdk import OTHER_FILES_LIMIT, NamedFile, SecretPart, create_pdk
+    from .. import api
+    from ..pdk import OTHER_FILES_LIMIT, NamedFile, SecretPart
 
     if rules and len(rules) not in (1, len(vscs)):
         raise UsageError("give --version-rule once, or once per --vsc")
@@ -121,36 +125,25 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
         except OSError:
             raise NotFoundError("other file not found", f) from None
     if sum(sizes) > OTHER_FILES_LIMIT:
-        SecretPart(other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes)]).validate()
-    values = {}
+        SecretPart(other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes, strict=True)]).validate()
+    values: dict[str, str] = {}
     for sv in spec_values:
         k, sep, v = sv.partition("=")
         if not sep:
             raise UsageError(f"bad --spec-value {sv!r}", hint="use @KEY@=VALUE")
         values[k.strip()] = v
-    answer = None
-    if answer_file:
-        data = read_input(answer_file, "answer file", 1 << 20)
-        if answer_file.lower().endswith(".xml"):
-            parse_xml(data, answer_file)
-        answer = NamedFile(Path(answer_file).name, data)
+    answer = read_input(answer_file, "answer file", 1 << 20) if answer_file else None
     others = [NamedFile(Path(f).name, read_input(f, "other file", OTHER_FILES_LIMIT)) for f in other_files]
-    secret = SecretPart(answer, others, values)
-    secret.validate()
-    quals = []
-    for i, v in enumerate(vscs):
-        info = open_vsc(read_vsc_bytes(v), trust=trust_certs or None)
-        quals.append(VolumeIdQualifier.from_vsc(info, rules[i] if len(rules) > 1 else rules[0]))
-    gs = _load_guardians(guardians, allow_untrusted_root, trust_certs)
-    og = load_guardian(owner, private=True, password_env=password_env)
-    der, warnings = create_pdk(og, gs, quals, secret, policy, allow_expired=allow_expired,
-                               allow_untrusted_root=allow_untrusted_root, trust=trust_certs)
-    write_bytes_atomic(out, der)
-    for w in warnings:
+    res = api.new_pdk(out, owner=owner, policy=policy, owner_password=guardian_password(owner, password_env),
+                      guardians=guardians, templates=vscs, version_rule=rules or "eq", answer_file=answer,
+                      answer_file_name=Path(answer_file).name if answer_file else "unattend.xml",
+                      other_files=others, spec_values=values, allow_expired=allow_expired,
+                      allow_untrusted_root=allow_untrusted_root, trust=trust_certs)
+    for w in res.warnings:
         stderr(f"templatetool: warning: {w}")
-    emit({"output": out, "size": len(der), "owner": og.name, "guardians": [g.name for g in gs],
-          "qualifiers": [q.to_json() for q in quals], "policy": policy, "warnings": warnings}, as_json,
-         f"wrote {out} ({len(der)} bytes): owner {og.name}, {len(gs)} guardian(s), {len(quals)} qualifier(s)")
+    emit(res.to_json(), as_json,
+         f"wrote {out} ({len(res.der)} bytes): owner {res.owner}, {len(res.guardians)} guardian(s), "
+         f"{len(res.report['qualifiers'])} qualifier(s)")  # type: ignore[arg-type]
 
 
 @pdk_group.command("show")
@@ -204,7 +197,7 @@ def pdk_verify(file: str, template: str | None, vsc: str | None, owner: str | No
                trust: tuple[str, ...], as_json: bool) -> None:
     """Verify the owner signature and every certificate; with --template/--vsc, check that the
     template satisfies a volume ID qualifier (exit 6 with the reason when it does not)."""
-    from ..catalog.vsc import read_vsc_bytes
+    from ..catalog import read_vsc_bytes
     from ..guardian import load_guardian
     from ..pdk import check_template, read_pdk
 
@@ -214,7 +207,7 @@ def pdk_verify(file: str, template: str | None, vsc: str | None, owner: str | No
     owner_cert = None
     if owner:
         if os.path.isfile(owner):
-            from ..signers.certs import load_certificates
+            from ..signers import load_certificates
 
             owner_cert = load_certificates(owner)[0]
         else:
@@ -243,7 +236,7 @@ def kp_group() -> None:
     """Key protectors ([MS-KPS] Protector XML): a secret wrapped to an owner and guardians."""
 
 
-def _kp_text(d: dict) -> str:
+def _kp_text(d: dict[str, Any]) -> str:
     o = d["owner"]
     lines = [f"key protector: owner wrapping {o['id']}: {o['signing_certificate']['subject']}"]
     for g in d["guardians"]:
@@ -270,7 +263,7 @@ def kp_new(out: str, owner: str, guardians: tuple[str, ...], secret_file: str, p
 
     secret = read_input(secret_file, "secret file", 64 * 1024 + 1)
     gs = _load_guardians(guardians, allow_untrusted_root, load_trust(trust))
-    og = load_guardian(owner, private=True, password_env=password_env)
+    og = load_guardian(owner, private=True, password=guardian_password(owner, password_env))
     xml = create_kp(secret, og, gs)
     write_bytes_atomic(out, xml)
     emit({"output": out, "owner": og.name, "guardians": [g.name for g in gs]}, as_json,
@@ -304,7 +297,7 @@ def kp_grant(file: str, owner: str, guardian: str, out: str, password_env: str |
 
     data = read_input(file, "key protector", 16 << 20)
     g = _load_guardians((guardian,), allow_untrusted_root, load_trust(trust))[0]
-    og = load_guardian(owner, private=True, password_env=password_env)
+    og = load_guardian(owner, private=True, password=guardian_password(owner, password_env))
     write_bytes_atomic(out, grant(data, og, g, file))
     emit({"output": out, "granted": g.name}, as_json, f"wrote {out}: granted {g.name}")
 
@@ -323,7 +316,7 @@ def kp_revoke(file: str, owner: str, guardian: str, out: str, password_env: str 
 
     data = read_input(file, "key protector", 16 << 20)
     target = load_guardian(guardian) if os.path.isdir(guardian) else guardian
-    og = load_guardian(owner, private=True, password_env=password_env)
+    og = load_guardian(owner, private=True, password=guardian_password(owner, password_env))
     write_bytes_atomic(out, revoke(data, og, target, file))
     name = getattr(target, "name", target)
     emit({"output": out, "revoked": name}, as_json, f"wrote {out}: revoked {name}")
@@ -341,7 +334,7 @@ def kp_unwrap(file: str, guardian: str, out: str, password_env: str | None, as_j
     from ..kp import unwrap
 
     data = read_input(file, "key protector", 16 << 20)
-    g = load_guardian(guardian, private=True, password_env=password_env)
+    g = load_guardian(guardian, private=True, password=guardian_password(guardian, password_env))
     secret = unwrap(data, g, file)
     write_secret_file(out, secret)
     emit({"output": out, "size": len(secret), "guardian": g.name}, as_json,

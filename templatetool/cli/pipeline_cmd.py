@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ..errors import NotFoundError, TemplateToolError
+from ..errors import NotFoundError, TemplateToolError, UsageError
 from . import policy
-from .common import ERRORS_BY_CODE, emit, json_option
+from .common import ERRORS_BY_CODE, emit, guardian_password, json_option
 from .policy import OUTPUT_DIR, OUTPUT_FILE, Out
 from .tpm_cmd import PCR_BANK, PCR_LIST
 
@@ -100,19 +100,18 @@ def register(cli: click.Group) -> None:
                    tcg_log: str | None, bank: str, method: str, report_out: str | None, subformat: str | None,
                    as_json: bool) -> None:
         """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
+        from .. import api
         from ..atomic import write_bytes_atomic
-        from ..guardian.model import load_guardian
-        from ..pipeline.shield import shield
 
         if (pcr_values is None) == (tcg_log is None):
             raise click.UsageError("give exactly one of --pcr-values and --tcg-log")
         if (output is None) != in_place:
             raise click.UsageError("give -o OUTPUT, or --in-place to convert the template itself")
-        og = load_guardian(owner, private=True, password_env=owner_password_env)
-        known = [load_guardian(g, allow_untrusted_root=True) for g in guardians]
-        rep = shield(template, pdk, output or template, og, kp_path=kp_out, tpm_parent=tpm_parent, pcrs=pcrs,
-                     pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method, guardians=known,
-                     in_place=in_place, subformat=subformat)
+        res = api.shield(template, pdk, output, owner=owner, owner_password=guardian_password(owner, owner_password_env),
+                         guardians=guardians, kp=kp_out, tpm_parent=tpm_parent, pcrs=pcrs,
+                         pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method,
+                         in_place=in_place, subformat=subformat)
+        rep = res.to_json()
         if report_out:
             write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
         emit(rep, as_json, lambda r: "\n".join([
@@ -141,11 +140,18 @@ def register(cli: click.Group) -> None:
                    host_evidence: str | None, health_cert: str | None, tcti: str | None, pcr_values: str | None,
                    output: str | None, dry_run: bool, as_json: bool) -> None:
         """Guardian dry run / unlock: attestation → key release → vTPM unseal → BitLocker → catalog verify."""
-        from ..pipeline.unlock import unlock
+        from .. import api
 
-        rep = unlock(vm_disk, kp, guardian, host_dir, output=output, host_evidence=host_evidence,
-                     health_cert=health_cert, guardian_password_env=guardian_password_env, tpm_tcti=tcti,
-                     pcr_values=_pcr_values(pcr_values), dry_run=dry_run)
+        if not dry_run and output is None:
+            raise UsageError("give -o OUTPUT, or --dry-run")
+        pw, values = guardian_password(guardian, guardian_password_env), _pcr_values(pcr_values)
+        if dry_run:
+            rep = api.dry_run(vm_disk, kp, guardian, host_dir, guardian_password=pw, host_evidence=host_evidence,
+                              health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
+        else:
+            assert output is not None
+            rep = api.unlock(vm_disk, kp, guardian, host_dir, output, guardian_password=pw,
+                             host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
         emit(rep.to_json(), as_json, _unlock_text, error=None if rep.ok else _unlock_error(rep))
 
     @cli.group("escrow")
@@ -162,20 +168,17 @@ def register(cli: click.Group) -> None:
     def escrow_open(escrow_file: str, owner: str, owner_password_env: str | None, output: str | None, show: bool,
                     as_json: bool) -> None:
         """Recover a shielded VM's BitLocker recovery password with the owner's key."""
-        from ..cms.enveloped import open_envelope
-        from ..guardian.model import load_guardian
+        from .. import api
         from ..secrets import write_secret_file
 
         if not output and not show:
             raise click.UsageError("give -o FILE or --show")
-        g = load_guardian(owner, private=True, password_env=owner_password_env)
-        data = json.loads(open_envelope(Path(escrow_file).read_bytes(), g.encryption_key, g.encryption_certificate,
-                                        where=escrow_file))
+        data = api.open_escrow(escrow_file, owner=owner, owner_password=guardian_password(owner, owner_password_env))
         if output:
-            write_secret_file(output, (data["recovery_password"] + "\n").encode())
-        res = {"disk": data.get("disk"), "volume_guid": data.get("volume_guid"), "output": output}
+            write_secret_file(output, (data.recovery_password + "\n").encode())
+        res = {"disk": data.disk, "volume_guid": data.volume_guid, "output": output}
         if show:
-            res["recovery_password"] = data["recovery_password"]
+            res["recovery_password"] = data.recovery_password
         emit(res, as_json, lambda r: r.get("recovery_password") or f"recovery password written to {output}")
 
     @cli.command("build")

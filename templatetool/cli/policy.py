@@ -326,7 +326,7 @@ def walk(group: click.Command, path: tuple[str, ...] = ()) -> Iterable[tuple[tup
     """Every (command path, leaf command) under ``group``."""
     if isinstance(group, click.Group):
         for name, sub in group.commands.items():
-            yield from walk(sub, path + (name,))
+            yield from walk(sub, (*path, name))
     else:
         yield path, group
 
@@ -335,7 +335,7 @@ def converting(disk: str | None) -> bool:
     """True when ``disk`` is mid in-place conversion (a resume may re-read its key files)."""
     if not disk or not os.path.isfile(disk):
         return False
-    from ..bitlocker.inplace import refuse_if_converting
+    from ..bitlocker import refuse_if_converting
     from ..errors import TemplateToolError
 
     try:

@@ -16,7 +16,7 @@ from .common import emit, json_option, read_small_file
 from .policy import OUTPUT_FILE, OUTPUT_PREFIX, Out
 
 
-class PcrListType(click.ParamType):
+class PcrListType(click.ParamType):  # type: ignore[type-arg]
     """click type for a PCR list ("7,11", "0-4,7"): sorted indices, each 0..23. Bad input is a
     :class:`UsageError` (exit 2) naming the option, raised while the options are parsed."""
 
@@ -30,10 +30,10 @@ class PcrListType(click.ParamType):
                 return check_pcrs(int(v) for v in value)
             return parse_pcr_list(str(value))
         except UsageError as e:
-            raise UsageError(e.what, _opt_name(param), e.hint) from None
+            raise UsageError(e.what, _opt_name(param), e.hint, code=e.code) from None
 
 
-class PcrBankType(click.ParamType):
+class PcrBankType(click.ParamType):  # type: ignore[type-arg]
     """click type for a PCR bank name (sha1, sha256, sha384, sha512): the normalised name, or a
     :class:`UsageError` (exit 2) naming the option."""
 
@@ -121,7 +121,7 @@ def pcrs_cmd(log: str, all_pcrs: bool, bank: str | None, as_json: bool) -> None:
             raise UsageError(f"the log has no {bank} bank", log)
         doc["banks"] = {bank: doc["banks"][bank]}  # type: ignore[index]
 
-    def text(d: dict) -> str:
+    def text(d: dict[str, Any]) -> str:
         lines = [f"{d['format']} log, {d['events']} measured events, startup locality {d['startup_locality']}"]
         for b, vals in d["banks"].items():
             for i, v in vals.items():
@@ -249,7 +249,7 @@ def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file:
     emit({"output": output, "size": len(secret)}, as_json, f"unsealed {len(secret)} bytes to {output}")
 
 
-def _vtpm_base(p: dict) -> str | None:
+def _vtpm_base(p: dict[str, Any]) -> str | None:
     """vtpm new's output prefix: -o NAME, or OUT (OUT/vtpm when OUT is a folder)."""
     if bool(p.get("out")) == bool(p.get("name")):
         return None
@@ -270,7 +270,7 @@ def vtpm_group() -> None:
 @click.option("--type", "kind", type=click.Choice(["rsa", "ecc"]), default="rsa", show_default=True,
               help="RSA-2048 or ECC NIST P-256.")
 @json_option
-@policy.derived_outputs(lambda p: [Out(f"vtpm key file (*{e})", _vtpm_base(p) + e, "key")
+@policy.derived_outputs(lambda p: [Out(f"vtpm key file (*{e})", (_vtpm_base(p) or "") + e, "key")
                                    for e in (".key", ".pub", ".pem")] if _vtpm_base(p) else [])
 def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) -> None:
     """Create a vTPM storage key pair (OUT may be a directory: writes OUT/vtpm.*)."""

@@ -151,7 +151,8 @@ def locate_volume(dev: BlockDevice, partition: int | None = None,
             best = p
     if best is None:
         raise NotFoundError(f"no {' or '.join(want)} basic-data partition (OS volume) found", dev.name,
-                            "pass --partition N to choose one")
+                            "choose the partition by number",
+                            code="disk.no-os-volume")
     return best.offset, best.size, best.index
 
 

@@ -156,10 +156,10 @@ def check_validity(cert: x509.Certificate, where: str, at: _dt.datetime | None =
     subj = cert.subject.rfc4514_string()
     if now > cert.not_valid_after_utc:
         raise PolicyError(f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}", f"{where}: {subj}",
-                          "renew it, or pass --allow-expired to accept it anyway")
+                          "renew it, or allow expired certificates to accept it anyway", code="cert.expired")
     if now < cert.not_valid_before_utc:
         raise PolicyError(f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d}", f"{where}: {subj}",
-                          "check the clock, or pass --allow-expired")
+                          "check the clock, or allow expired certificates", code="cert.not-yet-valid")
 
 
 def _is_self_issued(cert: x509.Certificate, where: str = "certificate") -> bool:

@@ -35,8 +35,9 @@ from ..errors import (
     ResourceError,
     UsageError,
 )
-from ..secrets import read_secret
+from ..secrets import env_or_prompt
 from ..signers import certs as _certs
+from ..signers.base import Secret, resolve_secret
 from .core import (
     Guardian,
     _first_line,
@@ -207,13 +208,16 @@ def _verify_folder_certificates(g: Guardian, meta: dict[str, Any], where: str) -
                      "the signing key's signature over the encryption certificate", where)
 
 
-def load_guardian(path: str | os.PathLike[str], *, private: bool = False, password_env: str | None = None,
+def load_guardian(path: str | os.PathLike[str], *, private: bool = False, password: Secret | None = None,
+                  password_env: str | None = None,
                   allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> Guardian:
     """Load a guardian from a folder (or its guardian.json), or from HGS metadata XML.
 
-    With ``private=True`` the PFX files are opened (password from ``$password_env`` or a prompt when
-    they are encrypted); a guardian without private keys then raises CredentialError. Metadata XML
-    is verified on the way in (see :func:`templatetool.guardian.metadata.import_metadata`).
+    With ``private=True`` the PFX files are opened; ``password`` (a value or a SecretSource,
+    called only when the files are encrypted) opens encrypted ones. A guardian without private
+    keys then raises CredentialError. ``password_env`` is the front ends' form (the hgs service,
+    build recipes): the password from that variable or a terminal prompt. Metadata XML is
+    verified on the way in (see :func:`templatetool.guardian.metadata.import_metadata`).
     """
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".xml":
@@ -255,9 +259,13 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
         if not meta.get("signing_pfx") or not meta.get("encryption_pfx"):
             raise CredentialError(f"guardian {name!r} has no private keys here", str(p),
                                   "use the folder where the guardian was generated")
-        pw: str | None = None
+        pw: bytes | None = None
         if meta.get("pfx_encrypted"):
-            pw = read_secret(password_env, f"password for guardian {name}: ")
+            if password is None and password_env is None:
+                raise CredentialError(f"guardian {name!r} has password-protected private keys and no password "
+                                      "was given", str(p), "give the guardian's password", code="guardian.password-needed")
+            pw = resolve_secret(password if password is not None else env_or_prompt(password_env,
+                                                                                     f"password for guardian {name}: "))
         sk, scert, _ = _certs.load_pfx(p / meta["signing_pfx"], pw)
         ek, ecert2, _ = _certs.load_pfx(p / meta["encryption_pfx"], pw)
         der = serialization.Encoding.DER

@@ -109,3 +109,6 @@ def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: 
     alg, sig = sign_bytes(host.host_key, _canonical(body))
     return json.dumps({"evidence": body, "signature_algorithm": alg,
                        "signature": base64.b64encode(sig).decode()}, indent=2).encode()
+
+
+__all__ = ["MAX_EVIDENCE", "Host", "create_evidence", "load_host", "load_public", "new_host", "pem_public"]

@@ -182,7 +182,7 @@ class Service:
         pol = self.s.store.policy()
         if not any(_same_key(load_public(pem, "EK", n), ek.public_key) for n, pem in pol.tpm_hosts.items()):
             raise PolicyError("attestation failed: TPM endorsement key registered: EK not registered with this guardian",
-                              f"{where}.EkPublic", "register it with `hgs register-host --ek`")
+                              f"{where}.EkPublic", "register the host's EK with this guardian", code="hgs.ek-unregistered")
         if not pol.pcr_baseline:
             raise PolicyError("attestation failed: PCR baseline: this guardian has no PCR baseline configured", where)
         credential = os.urandom(32)

@@ -310,4 +310,4 @@ class Store:
         self.engine.dispose()
 
 
-__all__ = ["Store", "SCHEMA_VERSION", "NONCE_SECONDS", "default_url"]
+__all__ = ["DB_FILE", "Store", "SCHEMA_VERSION", "NONCE_SECONDS", "default_url"]

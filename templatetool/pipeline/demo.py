@@ -119,3 +119,6 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     say("\ntimings (s): " + ", ".join(f"{k.split(':')[0]} {v}" for k, v in timings.items()))
     return {"ok": dry.ok and real.ok, "out_dir": str(d), "timings_s": timings, "shield": rep,
             "dry_run": dry.to_json(), "unlock": real.to_json()}
+
+
+__all__ = ["DEMO_PCRS", "demo_tcg_log", "run_demo"]

@@ -320,17 +320,18 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
         out_p = src_p
     else:
         if out_path is None:
-            raise UsageError("no output given", hint="pass -o TEMPLATE.vhdx (or --in-place)")
+            raise UsageError("no output given", hint="give an output path (or protect in place)", code="protect.no-output")
         out_p = Path(out_path)
         if out_p.exists() and src_p.exists() and os.path.samefile(src_p, out_p):
             raise UsageError("the output is the input", str(out_p), "protect writes a new disk; choose another name "
-                             "(or use --in-place deliberately)")
+                             "(or protect in place deliberately)", code="protect.output-is-input")
         if out_p.exists() and not overwrite:
-            raise UsageError("output exists", str(out_p), "choose another name, or pass --overwrite to replace it")
+            raise UsageError("output exists", str(out_p), "choose another name, or allow overwriting it",
+                             code="output.exists")
     problems = preflight(src_p)
     if problems:
         raise PolicyError(f"{len(problems)} preflight problem(s): " + " | ".join(str(p) for p in problems),
-                          str(src_p), "run 'templatetool protect --check' for the list")
+                          str(src_p), "run the preflight check for the list", code="protect.preflight")
     if in_place:
         return _protect_in_place(src_p, name, version, signer, block_size, pss, workers, t0)
     fmt = "vhdx" if out_p.name.lower().endswith(".vhdx") else "raw"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CredentialError, NotFoundError, TemplateToolError
+from ..signers.base import Secret
 
 
 @dataclass
@@ -93,7 +94,8 @@ def tpm_payloads(fve: Any) -> list[bytes]:
 def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], guardian_dir: str | os.PathLike[str],
            host_dir: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
            host_evidence: str | os.PathLike[str] | None = None, health_cert: str | os.PathLike[str] | None = None,
-           guardian_password_env: str | None = None, tpm_tcti: str | None = None,
+           guardian_password_env: str | None = None, guardian_password: Secret | None = None,
+           tpm_tcti: str | None = None,
            pcr_values: Mapping[int, bytes] | None = None, dry_run: bool = False) -> UnlockReport:
     """Run the unlock chain; see the module docstring."""
     from ..bitlocker import open_fve
@@ -144,7 +146,8 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
     def do_release() -> str:
         kp = _read_small(kp_path, "key protector")
         _key, att_cert = load_attestation(guardian_dir)
-        g = load_guardian(guardian_dir, private=True, password_env=guardian_password_env)
+        g = load_guardian(guardian_dir, private=True, password=guardian_password,
+                          password_env=guardian_password_env)
         state["released"] = release_key(kp, state["hc"], g, att_cert)
         return f"guardian {g.name!r} unwrapped the KP and re-wrapped the key to the host's health certificate"
 
@@ -170,7 +173,8 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         else:
             key = sec.private_key()
             if key is None:
-                raise CredentialError("the KP holds no vTPM key (sealed to an existing vTPM)", hint="use --tpm TCTI")
+                raise CredentialError("the KP holds no vTPM key (sealed to an existing vTPM)", hint="unseal through the vTPM (tpm_tcti)",
+                                      code="unlock.no-vtpm-key")
             values = dict(pcr_values) if pcr_values is not None else {k: bytes.fromhex(v) for k, v in sec.pcr_values.items()}
             last: TemplateToolError | None = None
             entry = b""

@@ -12,7 +12,8 @@ Secrets are values (``bytes``/``str``) or a SecretSource (a callable, called onl
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import KeyAlgorithm, KeySigner, Secret, SecretSource, Signer
+from .base import KeyAlgorithm, KeySigner, Secret, SecretSource, Signer, resolve_secret
+from .certs import load_certificates, new_key, self_signed, thumbprint, write_pfx
 from .files import PemSigner, PfxSigner
 from .pkcs11_signer import Pkcs11Signer
 
@@ -31,14 +32,6 @@ def load_signer(spec: str, *, password: Secret | None = None, pin: Secret | None
     return PfxSigner(spec, password=password)
 
 
-__all__ = [
-    "KeyAlgorithm",
-    "KeySigner",
-    "PemSigner",
-    "PfxSigner",
-    "Pkcs11Signer",
-    "Secret",
-    "SecretSource",
-    "Signer",
-    "load_signer",
-]
+__all__ = ["Signer", "KeyAlgorithm", "KeySigner", "Secret", "SecretSource", "load_signer", "resolve_secret",
+           "load_certificates", "new_key", "self_signed", "thumbprint", "write_pfx",
+           "PfxSigner", "PemSigner", "Pkcs11Signer"]

@@ -109,5 +109,9 @@ def parse_pcr_list(text: str) -> list[int]:
         except ValueError:
             raise UsageError(f"bad PCR list {text!r}", hint="use e.g. 7,11 or 0-4,7") from None
     if not out:
-        raise UsageError("empty PCR list", hint="use e.g. --pcrs 7,11")
+        raise UsageError("empty PCR list", hint="give PCR indices, e.g. 7 and 11", code="tpm.pcrs-empty")
     return check_pcrs(out)
+
+
+__all__ = ["ALG_BY_NAME", "ALG_NAMES", "HASH_ALGS", "NUM_PCRS", "bank_id", "bank_name", "check_pcrs", "digest_size",
+           "hash_alg", "hash_bytes", "parse_pcr_list", "pcr_bitmap", "pcr_mask", "pcrs_from_bitmap"]

@@ -325,3 +325,6 @@ def write_sha1_log(events: list[tuple[int, int, bytes, bytes]]) -> bytes:
     """Build a legacy SHA-1 log: ``events`` = (pcr, type, sha1 digest, data)."""
     return b"".join(s.TCG_PCR_EVENT.build({"pcrIndex": p, "eventType": t, "digest": d, "event": data})
                     for p, t, d, data in events)
+
+
+__all__ = ["parse_log", "read_log", "replay", "replay_log", "write_agile_log", "write_sha1_log"]

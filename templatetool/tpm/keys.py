@@ -329,3 +329,7 @@ def key_matches_parent(key: PrivateKey, parent: ParentKey) -> bool:
 def _short(e: Exception) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg[:160]
+
+
+__all__ = ["create_vtpm_key", "generate_storage_key", "key_matches_parent", "load_parent", "load_private_key",
+           "object_name", "parse_parent_bytes", "parse_parent_public", "template_public"]

@@ -79,7 +79,7 @@ def compute_policy(bank: int | str, pcr_values: Mapping[int, bytes], *, auth_val
     when ``auth_value`` (a PIN). ``commands`` overrides the assertion order (for replaying a
     recorded protector)."""
     if not pcr_values:
-        raise UsageError("no PCRs selected", hint="give --pcrs and their values")
+        raise UsageError("no PCRs selected", hint="give PCR indices and their values", code="tpm.no-pcrs")
     b = bank_id(bank)
     pa = bank_id(policy_alg)
     pcrs = tuple(check_pcrs(pcr_values))
@@ -162,3 +162,7 @@ def _pairs_to_values(pairs: list[tuple[object, object]], bank: int | str, where:
     if not out:
         raise UsageError("no PCR values given", where)
     return out
+
+
+__all__ = ["compute_policy", "extend_policy_auth_value", "extend_policy_pcr", "parse_pcr_values", "pcr_digest",
+           "pcr_selection"]

@@ -129,7 +129,7 @@ def resolve_pcr_values(pcrs: Sequence[int] | None, bank: int | str = "sha256", *
                        tcg_log: str | os.PathLike[str] | bytes | None = None) -> dict[int, bytes]:
     """The PCR values to seal to: given explicitly, or replayed from a TCG event log."""
     if (pcr_values is None) == (tcg_log is None):
-        raise UsageError("give either PCR values or a TCG event log", hint="--pcr-values or --tcg-log")
+        raise UsageError("give either PCR values or a TCG event log", hint="one of the two", code="tpm.pcr-source")
     bank_name(bank_id(bank))  # an unknown bank is a UsageError here, before any lookup
     if pcrs:
         pcrs = check_pcrs(pcrs)  # 0..23: an index past the PCR file is a UsageError, never a KeyError
@@ -141,7 +141,8 @@ def resolve_pcr_values(pcrs: Sequence[int] | None, bank: int | str = "sha256", *
         if name not in banks.values_by_bank:
             raise UsageError(f"the event log has no {name} bank", hint=f"banks in the log: {', '.join(banks.values_by_bank)}")
         if not pcrs:
-            raise UsageError("give --pcrs with --tcg-log", hint="e.g. --pcrs 7,11")
+            raise UsageError("give --pcrs with --tcg-log", hint="give the PCR indices to replay, e.g. 7 and 11",
+                             code="tpm.pcrs-with-log")
         return {i: banks.values_by_bank[name][i] for i in pcrs}
     vals = dict(pcr_values or {})
     if pcrs:
@@ -214,7 +215,7 @@ def unseal_with_software_key(payload: bytes | VtpmProtector, parent_private_key:
     expected_auth = bytes(sens.authValue)
     if s.CC_POLICY_AUTH_VALUE in prot.commands:
         if pin is None:
-            raise CredentialError("this protector needs a PIN", hint="pass --pin-env VAR")
+            raise CredentialError("this protector needs a PIN", hint="give the PIN", code="tpm.pin-needed")
         if pin_auth_value(pin) != expected_auth:
             raise CredentialError("wrong PIN")
     return bytes(sens.sensitive)

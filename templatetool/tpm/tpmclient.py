@@ -104,7 +104,8 @@ def find_parent(esys: Any, sess: _Session, parent_name: bytes, handles: list[int
         esys.flush_context(h)
     raise NotFoundError("the protector's parent key is not in this TPM",
                         f"parent Name {parent_name.hex()[:24]}...",
-                        "was the blob sealed to this vTPM's SRK/EK? pass its persistent handle with --parent-handle")
+                        "was the blob sealed to this vTPM's SRK/EK? give its persistent handle (parent_handle)",
+                        code="tpm.parent-handle")
 
 
 def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
@@ -159,7 +160,7 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
                 raise UnsupportedError(f"policy command 0x{cc:x}")
         if s.CC_POLICY_AUTH_VALUE in prot.commands:
             if pin_auth is None:
-                raise CredentialError("this protector needs a PIN", hint="pass --pin-env VAR")
+                raise CredentialError("this protector needs a PIN", hint="give the PIN", code="tpm.pin-needed")
             esys.tr_set_auth(obj, pin_auth)
         stage = "unseal"
         return bytes(esys.unseal(obj, session1=ps))

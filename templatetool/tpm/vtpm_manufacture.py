@@ -152,7 +152,7 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
     from .protector import seal_to_parent
 
     if secret is not None and not pcr_values:
-        raise UsageError("sealing into the vTPM needs PCR values", hint="--pcr-values or --tcg-log")
+        raise UsageError("sealing into the vTPM needs PCR values", hint="give PCR values or a TCG log", code="tpm.pcr-values-needed")
     if secret is None and (pcr_values or pin is not None):
         raise UsageError("PCR values or a PIN without a secret to seal")
     if secret is not None:  # bad input fails before swtpm runs
@@ -171,7 +171,7 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
         shutil.rmtree(tmp, ignore_errors=True)
     blob = parse_state(state, "swtpm_setup output")
     if not blob.encrypted:
-        raise ResourceError("swtpm_setup wrote an unencrypted state", hint="swtpm >= 0.7 with --cipher aes-256-cbc")
+        raise ResourceError("swtpm_setup wrote an unencrypted state", hint="use swtpm >= 0.7 (state encryption with aes-256-cbc)")
     with start_vtpm(state, key) as sw:
         srk, ek = _read_publics(sw)
     protector = None

@@ -128,7 +128,8 @@ def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", s
     try:
         if logical_sector_size and dev.sector_size != logical_sector_size:
             raise UsageError(f"the source has {dev.sector_size}-byte logical sectors, not {logical_sector_size}",
-                             dev.name, "--logical-sector-size reinterprets raw images only")
+                             dev.name, "a logical sector size reinterprets raw images only",
+                             code="vhdx.sector-size-raw-only")
         if not isinstance(src, BlockDevice) and os.path.exists(dst_path) and os.path.samefile(src, dst_path):
             raise UsageError("source and destination are the same file", str(dst_path))
         if dev.size <= 0:

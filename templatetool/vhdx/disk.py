@@ -191,8 +191,8 @@ class VhdxDisk(BlockDevice):
         if found is None:
             shown = ", ".join(str(p) for p in tried) or "(no usable path in the locator)"
             raise NotFoundError(f"parent disk not found; tried {shown}", self.name,
-                                "the parent was moved or deleted: put it back or pass its location "
-                                "(parent_search / --parent-dir)")
+                                "the parent was moved or deleted: put it back or pass its folder (parent_search)",
+                                code="vhdx.parent-missing")
         if os.path.realpath(found) in chain:
             raise FormatError(f"parent chain has a cycle: {found} is already in the chain", self.name)
         parent = VhdxDisk(found, writable=False, parent_search=parent_search, _chain=chain)

@@ -140,7 +140,8 @@ def create_vhdx(path: PathLike, size: int | None, subformat: str = "dynamic", bl
     link: ParentLink | None = None
     if parent is not None:
         if subformat not in ("dynamic", "differencing"):
-            raise UsageError("a child of a parent disk is always differencing", hint="drop --subformat")
+            raise UsageError("a child of a parent disk is always differencing", hint="give no subformat for a child",
+                             code="vhdx.child-subformat")
         subformat = "differencing"
         if not isinstance(parent, VhdxDisk) and os.path.exists(path) and os.path.exists(parent) \
                 and os.path.samefile(parent, path):
