@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import FormatError, IntegrityError, UnsupportedError
+from ..tpm import tpmclient
 from ..tpm.algs import bank_id, bank_name, check_pcrs
 from ..tpm.policy import compute_policy
-from ..tpm import tpmclient
 from ..tpm.tpmclient import _Session, _translate, open_tpm
 from .kdf import KdfParams
 from .volume import KeyslotSpec

@@ -1,0 +1,145 @@
+"""`templatetool luks ...`: LUKS2 root volumes for Linux shielded templates (docs/formats/luks2.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+from ..secrets import read_secret
+from .common import emit, human_size, json_option
+from .policy import OUTPUT_FILE
+
+
+def _kdf(pbkdf: str, memory: int, time_cost: int, parallel: int, iterations: int) -> Any:
+    from ..luks import KdfParams
+
+    if pbkdf == "pbkdf2":
+        return KdfParams("pbkdf2", iterations=iterations)
+    return KdfParams("argon2id", time=time_cost, memory=memory, cpus=parallel)
+
+
+def _pcrs(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace("+", ",").split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--tpm2-pcrs {text!r} is not a list of PCR numbers", hint="e.g. 7 or 0,7") from None
+
+
+def _dump_text(d: dict[str, Any]) -> str:
+    lines = [f"{d['path']}: LUKS2, uuid {d['uuid']}, header {d['hdr_size']} bytes x2 ({d['checksum']}), "
+             f"seqid {d['seqid']}, copies " + ", ".join(f"{k} {'ok' if v else 'BAD'}" for k, v in d["copies"].items())]
+    for k, s in d["segments"].items():
+        lines.append(f"  segment {k}: {s.get('encryption')} sector {s.get('sector_size')} offset {s.get('offset')} "
+                     f"size {s.get('size')}")
+    for k, ks in d["keyslots"].items():
+        kd = ks["kdf"]
+        params = ", ".join(f"{x} {y}" for x, y in kd.items() if x != "type")
+        lines.append(f"  keyslot {k}: {ks['key_bits']}-bit key, {kd.get('type')} ({params}), "
+                     f"AF {ks['af'].get('stripes')} x {ks['af'].get('hash')}, area {ks['area'].get('offset')}"
+                     f"+{ks['area'].get('size')}")
+    for k, t in d["tokens"].items():
+        extra = ", ".join(f"{x} {y}" for x, y in t.items() if x not in ("type", "keyslots"))
+        lines.append(f"  token {k}: {t.get('type')} -> keyslots {','.join(t.get('keyslots', []))}" +
+                     (f" ({extra})" if extra else ""))
+    return "\n".join(lines)
+
+
+def register(cli: click.Group) -> None:
+    """Add the ``luks`` command group to ``cli``."""
+
+    @cli.group("luks")
+    def luks() -> None:
+        """LUKS2 volumes written natively: encrypt a root image, dump, decrypt, systemd-tpm2 tokens."""
+
+    @luks.command("encrypt")
+    @click.argument("src", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "dst", type=OUTPUT_FILE, required=True, help="The new LUKS2 image.")
+    @click.option("--passphrase-env", metavar="VAR", default=None,
+                  help="Keyslot 0's passphrase from $VAR (prompted when omitted).")
+    @click.option("--sector-size", type=click.Choice(["512", "4096"]), default=None,
+                  help="Encryption unit (default 4096 when SRC is a whole number of 4 KiB, else 512).")
+    @click.option("--pbkdf", type=click.Choice(["argon2id", "pbkdf2"]), default="argon2id", show_default=True,
+                  help="Keyslot 0's KDF.")
+    @click.option("--pbkdf-memory", type=click.IntRange(64, 4 << 20), default=262144, show_default=True,
+                  help="Argon2id memory in KiB.")
+    @click.option("--pbkdf-time", type=click.IntRange(1, 1000), default=4, show_default=True,
+                  help="Argon2id passes.")
+    @click.option("--pbkdf-parallel", type=click.IntRange(1, 16), default=2, show_default=True,
+                  help="Argon2id lanes.")
+    @click.option("--pbkdf-iterations", type=click.IntRange(1000, 1 << 31), default=600_000, show_default=True,
+                  help="PBKDF2-SHA256 iterations.")
+    @click.option("--tpm2-device", metavar="TCTI", default=None,
+                  help="Also seal a systemd-tpm2 token in this TPM (e.g. swtpm:host=127.0.0.1,port=2321).")
+    @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
+    @click.option("--tpm2-pcr-bank", type=click.Choice(["sha256", "sha1", "sha384"]), default="sha256",
+                  show_default=True)
+    @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True)
+    @click.option("--label", default="", help="LUKS2 label.")
+    @json_option
+    def encrypt_cmd(src: str, dst: str, passphrase_env: str | None, sector_size: str | None, pbkdf: str,
+                    pbkdf_memory: int, pbkdf_time: int, pbkdf_parallel: int, pbkdf_iterations: int,
+                    tpm2_device: str | None, tpm2_pcrs: str, tpm2_pcr_bank: str, tpm2_primary_alg: str,
+                    label: str, as_json: bool) -> None:
+        """Encrypt the raw root image SRC (ext4, ...) into a new LUKS2 image (SRC is not changed)."""
+        from ..luks import KeyslotSpec, encrypt_image
+
+        if len(label) > 47:
+            raise UsageError("--label is longer than 47 characters")
+        pw = read_secret(passphrase_env, "LUKS passphrase: ", confirm=True).encode()
+        slots = [KeyslotSpec(pw, _kdf(pbkdf, pbkdf_memory, pbkdf_time, pbkdf_parallel, pbkdf_iterations))]
+        if tpm2_device:
+            from ..luks.tpm2 import token_keyslot
+
+            slots.append(token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg))
+        res = encrypt_image(src, dst, slots, sector_size=int(sector_size) if sector_size else None, label=label)
+        emit(res, as_json, lambda r: f"{r['output']}: LUKS2 {r['cipher']} {r['key_bits']}-bit, "
+             f"{human_size(r['data_size'])} data at {human_size(r['data_offset'])}, sector {r['sector_size']}, "
+             f"{r['keyslots']} keyslot(s)")
+
+    @luks.command("dump")
+    @click.argument("image", type=click.Path(dir_okay=False))
+    @json_option
+    def dump_cmd(image: str, as_json: bool) -> None:
+        """Show the LUKS2 header of IMAGE (salts, digests and sealed blobs left out)."""
+        from ..luks import describe
+
+        emit(describe(image), as_json, _dump_text)
+
+    @luks.command("decrypt")
+    @click.argument("image", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "dst", type=OUTPUT_FILE, required=True, help="The plaintext image.")
+    @click.option("--passphrase-env", metavar="VAR", default=None, help="The passphrase from $VAR.")
+    @click.option("--tpm2-device", metavar="TCTI", default=None,
+                  help="Unlock with the image's systemd-tpm2 token in this TPM instead.")
+    @json_option
+    def decrypt_cmd(image: str, dst: str, passphrase_env: str | None, tpm2_device: str | None,
+                    as_json: bool) -> None:
+        """Write the plaintext of IMAGE's data segment to a new file (IMAGE is not changed)."""
+        from ..luks import decrypt_image
+
+        if tpm2_device and passphrase_env:
+            raise UsageError("give --passphrase-env or --tpm2-device, not both")
+        if tpm2_device:
+            pw = _token_passphrase(image, tpm2_device)
+        else:
+            pw = read_secret(passphrase_env, "LUKS passphrase: ").encode()
+        res = decrypt_image(image, dst, pw)
+        emit(res, as_json, lambda r: f"{r['output']}: {human_size(r['data_size'])} decrypted (keyslot {r['keyslot']})")
+
+
+def _token_passphrase(image: str, tcti: str) -> bytes:
+    from ..errors import NotFoundError
+    from ..luks import read_header
+    from ..luks.tpm2 import tokens_of, unseal_token
+
+    try:
+        f = open(image, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise NotFoundError("image not found", image) from None
+    with f:
+        toks = tokens_of(read_header(f, image).metadata)
+    if not toks:
+        raise NotFoundError("the image has no systemd-tpm2 token", image, "use --passphrase-env")
+    return unseal_token(tcti, toks[0][1])
