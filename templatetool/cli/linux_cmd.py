@@ -8,8 +8,9 @@ import click
 
 from ..errors import UsageError
 from ..secrets import read_secret
+from . import policy
 from .common import emit, human_size, json_option
-from .policy import OUTPUT_FILE
+from .policy import OUTPUT_FILE, Out
 
 
 def _kdf(pbkdf: str, memory: int, time_cost: int, parallel: int, iterations: int) -> Any:
@@ -18,6 +19,24 @@ def _kdf(pbkdf: str, memory: int, time_cost: int, parallel: int, iterations: int
     if pbkdf == "pbkdf2":
         return KdfParams("pbkdf2", iterations=iterations)
     return KdfParams("argon2id", time=time_cost, memory=memory, cpus=parallel)
+
+
+def _kdf_options(f: Any) -> Any:
+    """The keyslot-0 KDF options shared by ``luks encrypt`` and ``luks protect``."""
+    for opt in reversed([
+        click.option("--pbkdf", type=click.Choice(["argon2id", "pbkdf2"]), default="argon2id", show_default=True,
+                     help="Keyslot 0's KDF."),
+        click.option("--pbkdf-memory", type=click.IntRange(64, 4 << 20), default=262144, show_default=True,
+                     help="Argon2id memory in KiB."),
+        click.option("--pbkdf-time", type=click.IntRange(1, 1000), default=4, show_default=True,
+                     help="Argon2id passes."),
+        click.option("--pbkdf-parallel", type=click.IntRange(1, 16), default=2, show_default=True,
+                     help="Argon2id lanes."),
+        click.option("--pbkdf-iterations", type=click.IntRange(1000, 1 << 31), default=600_000, show_default=True,
+                     help="PBKDF2-SHA256 iterations (--pbkdf pbkdf2)."),
+    ]):
+        f = opt(f)
+    return f
 
 
 def _pcrs(text: str) -> list[int]:
@@ -60,22 +79,14 @@ def register(cli: click.Group) -> None:
                   help="Keyslot 0's passphrase from $VAR (prompted when omitted).")
     @click.option("--sector-size", type=click.Choice(["512", "4096"]), default=None,
                   help="Encryption unit (default 4096 when SRC is a whole number of 4 KiB, else 512).")
-    @click.option("--pbkdf", type=click.Choice(["argon2id", "pbkdf2"]), default="argon2id", show_default=True,
-                  help="Keyslot 0's KDF.")
-    @click.option("--pbkdf-memory", type=click.IntRange(64, 4 << 20), default=262144, show_default=True,
-                  help="Argon2id memory in KiB.")
-    @click.option("--pbkdf-time", type=click.IntRange(1, 1000), default=4, show_default=True,
-                  help="Argon2id passes.")
-    @click.option("--pbkdf-parallel", type=click.IntRange(1, 16), default=2, show_default=True,
-                  help="Argon2id lanes.")
-    @click.option("--pbkdf-iterations", type=click.IntRange(1000, 1 << 31), default=600_000, show_default=True,
-                  help="PBKDF2-SHA256 iterations.")
+    @_kdf_options
     @click.option("--tpm2-device", metavar="TCTI", default=None,
                   help="Also seal a systemd-tpm2 token in this TPM (e.g. swtpm:host=127.0.0.1,port=2321).")
     @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
     @click.option("--tpm2-pcr-bank", type=click.Choice(["sha256", "sha1", "sha384"]), default="sha256",
-                  show_default=True)
-    @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True)
+                  show_default=True, help="PCR bank of the token's policy.")
+    @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True,
+                  help="systemd's primary key: ECC P-256 or RSA-2048.")
     @click.option("--label", default="", help="LUKS2 label.")
     @json_option
     def encrypt_cmd(src: str, dst: str, passphrase_env: str | None, sector_size: str | None, pbkdf: str,
@@ -97,6 +108,47 @@ def register(cli: click.Group) -> None:
         emit(res, as_json, lambda r: f"{r['output']}: LUKS2 {r['cipher']} {r['key_bits']}-bit, "
              f"{human_size(r['data_size'])} data at {human_size(r['data_offset'])}, sector {r['sector_size']}, "
              f"{r['keyslots']} keyslot(s)")
+
+    @luks.command("protect")
+    @click.argument("golden", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "dst", type=OUTPUT_FILE, required=True, help="The new template disk (.vhdx or raw).")
+    @click.option("--name", required=True, help="Template name.")
+    @click.option("--version", "version", required=True, help="Template version a.b.c.d.")
+    @click.option("--signer", required=True, help="Signing identity: FILE.pfx | pem:KEY,CERT[,CHAIN] | pkcs11:URI.")
+    @click.option("--password-env", metavar="VAR", help="Environment variable holding the PFX/key password.")
+    @click.option("--pin-env", metavar="VAR", help="Environment variable holding the PKCS#11 PIN.")
+    @click.option("--pss", is_flag=True, help="Sign with RSASSA-PSS (RSA keys).")
+    @click.option("--passphrase-env", metavar="VAR", default=None,
+                  help="The LUKS2 passphrase (keyslot 0) from $VAR (prompted when omitted).")
+    @_kdf_options
+    @click.option("--root-partition", type=int, default=None, help="The root partition (default: the one Linux ext).")
+    @click.option("--block-size", default="1M", show_default=True, help="Catalog measurement block size.")
+    @click.option("--subformat", type=click.Choice(["fixed", "dynamic"]), default=None,
+                  help="VHDX subformat of the output (default: the input's; dynamic for a raw input).")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+    @json_option
+    @policy.derived_outputs(lambda p: [Out("the catalog (OUTPUT.vsc)", p["dst"] + ".vsc")]
+                            if p.get("dst") and not p["dst"].lower().endswith(".vhdx") else [])
+    def protect_cmd(golden: str, dst: str, name: str, version: str, signer: str, password_env: str | None,
+                    pin_env: str | None, pss: bool, passphrase_env: str | None, pbkdf: str, pbkdf_memory: int,
+                    pbkdf_time: int, pbkdf_parallel: int, pbkdf_iterations: int, root_partition: int | None,
+                    block_size: str, subformat: str | None, overwrite: bool, as_json: bool) -> None:
+        """Make a signed Linux template from GOLDEN: LUKS2 root, the ESP measured into a VSC."""
+        from ..luks import KeyslotSpec
+        from ..pipeline.protect_linux import protect_linux
+        from .common import parse_size
+        from .signer_opts import open_signer
+
+        s = open_signer(signer, password_env, pin_env)
+        pw = read_secret(passphrase_env, "LUKS passphrase: ", confirm=True).encode()
+        slots = [KeyslotSpec(pw, _kdf(pbkdf, pbkdf_memory, pbkdf_time, pbkdf_parallel, pbkdf_iterations))]
+        res = protect_linux(golden, dst, name, version, s, slots, block_size=parse_size(block_size), pss=pss,
+                            overwrite=overwrite, root_partition=root_partition, subformat=subformat)
+        emit(res, as_json, lambda r: (
+            f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
+            f"  ESP partition {r['esp']['index']} measured: root {r['root']}\n"
+            f"  root partition {r['luks']['partition']}: LUKS2, {human_size(r['luks']['data_size'])} data"
+            + (f"\n  catalog {r['vsc']}" if r["vsc"] else "")))
 
     @luks.command("dump")
     @click.argument("image", type=click.Path(dir_okay=False))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -135,6 +135,28 @@ def build_metadata_region(volume_key: bytes, keyslots: Sequence[KeyslotSpec], *,
     }
     region[:2 * HDR_SIZE] = build_header_copies(meta, uuid=uuid, label=label)
     return bytes(region)
+
+
+def encrypt_data(cipher: XtsCipher, size: int, read: Callable[[int, int], bytes],
+                 write: Callable[[int, memoryview], None], desc: str = "luks encrypt") -> None:
+    """Stream ``size`` plaintext bytes (``read(offset, n)``, offsets from the segment start)
+    through the segment cipher into ``write(offset, ciphertext)``, 1 MiB at a time."""
+    if size % cipher.sector_size:
+        raise FormatError(f"{size} bytes are not whole {cipher.sector_size}-byte sectors")
+    buf = bytearray(CHUNK + 16)
+    view = memoryview(buf)
+    with progress(size, desc) as bar:
+        pos = 0
+        while pos < size:
+            n = min(CHUNK, size - pos)
+            data = read(pos, n)
+            if len(data) != n:
+                raise FormatError("short read from the plaintext volume")
+            view[:n] = data
+            crypt_units(cipher, view, n, pos, True)
+            write(pos, view[:n])
+            pos += n
+            bar.update(n)
 
 
 def _input_size(f: BinaryIO, path: str) -> int:
