@@ -196,3 +196,58 @@ def test_argon2id_matches_cryptsetup(tmp_path: Path) -> None:
         assert (kdf["type"], kdf["memory"], kdf["cpus"]) == ("argon2id", 8192, 2)
         assert open_keyslot(h, f, "0", PW) is not None
         assert len(derive(kdf, PW, 64)) == 64
+
+
+# --- hostile headers ---------------------------------------------------------------------------
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 70), st.text(max_size=8),
+                  st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def _paths(obj: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("hostile")
+    src = d / "src.img"
+    src.write_bytes(os.urandom(8192))
+    encrypt_image(src, d / "v.luks", [KeyslotSpec(PW, FAST)])
+    return d / "v.luks"
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_hostile_metadata_gives_clean_errors(small_volume: Path, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Any JSON value replaced by junk (checksums made valid again): the reader answers with a
+    TemplateToolError or succeeds, never another exception."""
+    import json
+
+    from templatetool.errors import TemplateToolError
+    from templatetool.luks.metadata import build_header_copies
+
+    vol = small_volume.read_bytes()
+    with open(small_volume, "rb") as f:
+        meta = read_header(f).metadata
+    path = data.draw(st.sampled_from(_paths(meta)))
+    node = meta
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = data.draw(_JUNK)
+    try:
+        hdr = build_header_copies(json.loads(json.dumps(meta)))
+    except TemplateToolError:
+        return
+    img = tmp_path_factory.mktemp("h") / "v.luks"
+    img.write_bytes(hdr + vol[len(hdr):])
+    for fn in (lambda: describe(img), lambda: decrypt_image(img, img.with_suffix(".out"), PW)):
+        try:
+            fn()
+        except TemplateToolError:
+            pass
+

@@ -80,7 +80,10 @@ def build_header_copies(metadata: dict[str, Any], *, seqid: int = 1, uuid: str |
     if hdr_size not in S.HDR_SIZES:
         raise FormatError(f"LUKS2 header size {hdr_size} is not allowed")
     json_size = hdr_size - S.BIN_HDR_SIZE
-    metadata.setdefault("config", {})["json_size"] = str(json_size)
+    config = metadata.setdefault("config", {})
+    if not isinstance(config, dict):
+        raise FormatError("LUKS2 metadata config is not an object")
+    config["json_size"] = str(json_size)
     text = json.dumps(metadata, separators=(",", ":")).encode()
     if len(text) >= json_size:  # the area must keep at least one NUL after the text
         raise FormatError(f"LUKS2 JSON metadata is {len(text)} bytes, the area holds {json_size - 1}")
@@ -155,20 +158,72 @@ def read_header(f: BinaryIO, where: str = "") -> LuksHeader:
     return best
 
 
+def _obj(d: Any, key: str, where: str) -> dict[str, Any]:
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, dict):
+        raise FormatError(f"LUKS2 {where}.{key} is not an object")
+    return v
+
+
+def _typed(d: dict[str, Any], key: str, kind: type, where: str, optional: bool = False) -> None:
+    v = d.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise FormatError(f"LUKS2 {where}.{key} is not a {kind.__name__}")
+
+
+def _str_list(d: dict[str, Any], key: str, where: str) -> None:
+    v = d.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise FormatError(f"LUKS2 {where}.{key} is not a list of strings")
+
+
 def _validate(h: LuksHeader, where: str) -> None:
-    """Structural checks of the JSON the reader relies on (cryptsetup checks more)."""
+    """Type checks of every JSON field the reader uses (cryptsetup checks more), so a hostile
+    header is a FormatError, never a crash further on."""
     m = h.metadata
     for k in ("keyslots", "segments", "digests", "config", "tokens"):
-        if not isinstance(m.get(k), dict):
-            raise FormatError(f"LUKS2 metadata has no {k!r} object", where)
+        _obj(m, k, "metadata")
     if _u64(m["config"].get("json_size"), "config.json_size") != h.hdr_size - S.BIN_HDR_SIZE:
         raise FormatError("LUKS2 config.json_size does not match the header size", where)
     ks_size = _u64(m["config"].get("keyslots_size"), "config.keyslots_size")
     end = 2 * h.hdr_size + ks_size
+    for section in ("keyslots", "segments", "digests", "tokens"):
+        for name in m[section]:
+            if not name.isdigit():
+                raise FormatError(f"LUKS2 {section} id {name!r} is not a number", where)
+            _obj(m[section], name, section)
     for name, ks in m["keyslots"].items():
-        area = ks.get("area") if isinstance(ks, dict) else None
-        if not isinstance(area, dict):
-            raise FormatError(f"LUKS2 keyslot {name} has no area", where)
-        off, size = _u64(area.get("offset"), "area offset"), _u64(area.get("size"), "area size")
+        w = f"keyslots.{name}"
+        _typed(ks, "type", str, w)
+        _typed(ks, "key_size", int, w)
+        af, area, kdf = _obj(ks, "af", w), _obj(ks, "area", w), _obj(ks, "kdf", w)
+        for k, t in (("type", str), ("stripes", int), ("hash", str)):
+            _typed(af, k, t, w + ".af")
+        for k, t in (("type", str), ("encryption", str), ("key_size", int)):
+            _typed(area, k, t, w + ".area")
+        _typed(kdf, "type", str, w + ".kdf")
+        _typed(kdf, "salt", str, w + ".kdf")
+        for k in ("iterations", "time", "memory", "cpus"):
+            _typed(kdf, k, int, w + ".kdf", optional=True)
+        _typed(kdf, "hash", str, w + ".kdf", optional=True)
+        off, size = _u64(area.get("offset"), w + ".area.offset"), _u64(area.get("size"), w + ".area.size")
         if off < 2 * h.hdr_size or off + size > end:
             raise FormatError(f"LUKS2 keyslot {name} area lies outside the keyslots area", where)
+    for name, seg in m["segments"].items():
+        w = f"segments.{name}"
+        for k in ("type", "offset", "size", "encryption"):
+            _typed(seg, k, str, w)
+        _typed(seg, "sector_size", int, w)
+        _typed(seg, "iv_tweak", str, w, optional=True)
+    for name, dg in m["digests"].items():
+        w = f"digests.{name}"
+        _str_list(dg, "keyslots", w)
+        _str_list(dg, "segments", w)
+        for k in ("type", "hash", "salt", "digest"):
+            _typed(dg, k, str, w)
+        _typed(dg, "iterations", int, w)
+    for name, tok in m["tokens"].items():
+        _typed(tok, "type", str, f"tokens.{name}")
+        _str_list(tok, "keyslots", f"tokens.{name}")
