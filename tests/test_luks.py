@@ -3,6 +3,7 @@ from volumes cryptsetup made."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -246,8 +247,6 @@ def test_hostile_metadata_gives_clean_errors(small_volume: Path, data: st.DataOb
     img = tmp_path_factory.mktemp("h") / "v.luks"
     img.write_bytes(hdr + vol[len(hdr):])
     for fn in (lambda: describe(img), lambda: decrypt_image(img, img.with_suffix(".out"), PW)):
-        try:
+        with contextlib.suppress(TemplateToolError):
             fn()
-        except TemplateToolError:
-            pass
 
