@@ -152,3 +152,30 @@ def test_token_matches_systemd_cryptenroll_field_by_field(tmp_path: Path, swtpm:
     # and each side's blob loads under the other's primary: systemd's plugin opens both images
     assert stock_plugin_unlocks(theirs, swtpm.tcti) == 1
     assert stock_plugin_unlocks(ours, swtpm.tcti) == 1
+
+
+def test_enroll_tpm2_into_an_existing_volume(tmp_path: Path, swtpm: Any) -> None:
+    """`luks enroll-tpm2` (our systemd-cryptenroll): the passphrase keyslot keeps working, the
+    stock plugin opens the new one, the data is unchanged, and the input is untouched."""
+    from .conftest import run_cli
+
+    src = tmp_path / "root.img"
+    src.write_bytes(os.urandom(1 << 20))
+    one = tmp_path / "one.luks"
+    encrypt_image(src, one, [KeyslotSpec(PW, KdfParams("pbkdf2", iterations=1000))])
+    before = one.read_bytes()
+    two = tmp_path / "two.luks"
+    run_cli("luks", "enroll-tpm2", str(one), "-o", str(two), "--passphrase-env", "PW", "--tpm2-device", swtpm.tcti,
+            env={"PW": PW.decode()}, check=True)
+    assert one.read_bytes() == before
+    assert two.read_bytes()[16 << 20:] == before[16 << 20:]
+    assert stock_plugin_unlocks(two, swtpm.tcti) == 1
+    r = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-slot", "0", "--key-file", "-", str(two)],
+                       input=PW, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    with open(two, "rb") as f:
+        h = read_header(f)
+    assert h.seqid == 2 and h.metadata["digests"]["0"]["keyslots"] == ["0", "1"]
+    back = tmp_path / "back.img"
+    run_cli("luks", "decrypt", str(two), "-o", str(back), "--tpm2-device", swtpm.tcti, check=True)
+    assert back.read_bytes() == src.read_bytes()

@@ -150,6 +150,30 @@ def register(cli: click.Group) -> None:
             f"  root partition {r['luks']['partition']}: LUKS2, {human_size(r['luks']['data_size'])} data"
             + (f"\n  catalog {r['vsc']}" if r["vsc"] else "")))
 
+    @luks.command("enroll-tpm2")
+    @click.argument("image", type=click.Path(dir_okay=False))
+    @click.option("-o", "--output", "dst", type=OUTPUT_FILE, required=True,
+                  help="The new image: IMAGE plus the token's keyslot.")
+    @click.option("--passphrase-env", metavar="VAR", default=None, help="An existing passphrase from $VAR.")
+    @click.option("--tpm2-device", metavar="TCTI", required=True,
+                  help="The TPM to seal in (e.g. swtpm:host=127.0.0.1,port=2321).")
+    @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
+    @click.option("--tpm2-pcr-bank", type=click.Choice(["sha256", "sha1", "sha384"]), default="sha256",
+                  show_default=True, help="PCR bank of the token's policy.")
+    @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True,
+                  help="systemd's primary key: ECC P-256 or RSA-2048.")
+    @json_option
+    def enroll_cmd(image: str, dst: str, passphrase_env: str | None, tpm2_device: str, tpm2_pcrs: str,
+                   tpm2_pcr_bank: str, tpm2_primary_alg: str, as_json: bool) -> None:
+        """Copy IMAGE with a systemd-tpm2 token added (systemd-cryptenroll --tpm2-device, offline)."""
+        from ..luks.tpm2 import token_keyslot
+        from ..luks.volume import add_keyslot
+
+        pw = read_secret(passphrase_env, "LUKS passphrase: ").encode()
+        spec = token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg)
+        res = add_keyslot(image, dst, pw, spec)
+        emit(res, as_json, lambda r: f"{r['output']}: systemd-tpm2 token enrolled as keyslot {r['keyslot']}")
+
     @luks.command("dump")
     @click.argument("image", type=click.Path(dir_okay=False))
     @json_option

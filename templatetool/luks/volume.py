@@ -14,8 +14,10 @@ larger units are one call each.
 
 from __future__ import annotations
 
+import copy
 import hmac
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +290,52 @@ def unlock(h: LuksHeader, f: BinaryIO, passphrase: bytes, where: str = "") -> tu
         if key is not None:
             return slot, key
     raise CredentialError("no LUKS2 keyslot accepts this passphrase", where)
+
+
+def add_keyslot(src: str | os.PathLike[str], dst: str | os.PathLike[str], passphrase: bytes, spec: KeyslotSpec,
+                overwrite: bool = True) -> dict[str, Any]:
+    """A copy of the LUKS2 image ``src`` at ``dst`` with one more keyslot (and its token, e.g. a
+    systemd-tpm2 one) for the same volume key, unlocked with ``passphrase``. The header is
+    rewritten in both copies with ``seqid + 1``; data and other keyslots are unchanged."""
+    src_s = str(src)
+    if Path(src).resolve() == Path(dst).resolve():
+        raise UsageError("the output must differ from the input", str(dst))
+    try:
+        fin = open(src, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise NotFoundError("input image not found", src_s) from None
+    with fin:
+        h = read_header(fin, src_s)
+        slot, key = unlock(h, fin, passphrase, src_s)
+    meta = copy.deepcopy(h.metadata)
+    ks_end = 2 * h.hdr_size + _u64(meta["config"].get("keyslots_size"), "config.keyslots_size")
+    used_end = max([2 * h.hdr_size] + [_u64(k["area"]["offset"], "area offset") + _u64(k["area"]["size"], "area size")
+                                       for k in meta["keyslots"].values()])
+    offset = _align(used_end)
+    new_id = str(max([-1] + [int(k) for k in meta["keyslots"]]) + 1)
+    obj, area = make_keyslot(key, spec, offset)
+    if offset + len(area) > ks_end:
+        raise UsageError("no room for another keyslot in the keyslots area", src_s)
+    meta["keyslots"][new_id] = obj
+    digests = [d for d in meta["digests"].values() if slot in d["keyslots"]]
+    for d in digests:
+        d["keyslots"].append(new_id)
+    if spec.token is not None:
+        tid = str(max([-1] + [int(k) for k in meta["tokens"]]) + 1)
+        meta["tokens"][tid] = dict(spec.token, keyslots=[new_id])
+    region = build_header_copies(meta, seqid=h.seqid + 1, uuid=h.uuid, label=h.label, hdr_size=h.hdr_size)
+    with atomic_output(dst, 0o600, overwrite=overwrite) as tmp:
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "r+b") as out:
+                out.write(region)
+                out.seek(offset)
+                out.write(area)
+                os.fchmod(out.fileno(), 0o644)
+        except OSError as e:
+            raise ResourceError(f"cannot write the output: {e.strerror}", str(dst)) from None
+    return {"output": str(dst), "keyslot": int(new_id), "unlocked_with": int(slot), "seqid": h.seqid + 1,
+            "token": spec.token is not None}
 
 
 def decrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], passphrase: bytes,
