@@ -111,3 +111,18 @@ def test_luks_protect_cli_vhdx(tmp_path: Path) -> None:
             env={"LUKS_PW": PW.decode()}, check=True)
     cp = run_cli("vsc", "verify", str(out))
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_protect_os_linux(tmp_path: Path) -> None:
+    """`protect --os linux` runs the Linux pipeline from the main protect command."""
+    from .conftest import assert_clean_error
+
+    disk, _ = make_linux_disk(tmp_path)
+    signer = make_pfx_signer(tmp_path)
+    out = tmp_path / "template.img"
+    cp = run_cli("protect", str(disk), "--os", "linux", "-o", str(out), "--name", "LinuxT", "--version", "1.0.0.2",
+                 "--signer", signer.path, "--luks-passphrase-env", "LUKS_PW", "--json",
+                 env={"LUKS_PW": PW.decode()}, check=True)
+    assert '"luks"' in cp.stdout and (tmp_path / "template.img.vsc").exists()
+    assert verify_template(out).ok
+    assert_clean_error(run_cli("protect", str(disk), "--os", "linux", "--check"), 2)

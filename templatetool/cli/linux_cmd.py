@@ -65,6 +65,44 @@ def _dump_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _protect(golden: str, dst: str, name: str, version: str, signer: str, password_env: str | None,
+             pin_env: str | None, pss: bool, passphrase_env: str | None, kdf: Any, root_partition: int | None,
+             block_size: str, subformat: str | None, overwrite: bool, as_json: bool) -> None:
+    from ..luks import KeyslotSpec
+    from ..pipeline.protect_linux import protect_linux
+    from .common import parse_size
+    from .signer_opts import open_signer
+
+    s = open_signer(signer, password_env, pin_env)
+    pw = read_secret(passphrase_env, "LUKS passphrase: ", confirm=True).encode()
+    res = protect_linux(golden, dst, name, version, s, [KeyslotSpec(pw, kdf)], block_size=parse_size(block_size),
+                        pss=pss, overwrite=overwrite, root_partition=root_partition, subformat=subformat)
+    emit(res, as_json, lambda r: (
+        f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
+        f"  ESP partition {r['esp']['index']} measured: root {r['root']}\n"
+        f"  root partition {r['luks']['partition']}: LUKS2, {human_size(r['luks']['data_size'])} data"
+        + (f"\n  catalog {r['vsc']}" if r["vsc"] else "")))
+
+
+def protect_linux_cli(golden: str, output: str | None, name: str | None, version: str | None, signer: str | None,
+                      password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
+                      overwrite: bool, subformat: str | None, in_place: bool, passphrase_env: str | None,
+                      as_json: bool) -> None:
+    """``protect --os linux``: the main protect command's options, run as ``luks protect`` with the
+    default Argon2id keyslot."""
+    from ..luks import KdfParams
+
+    if check or in_place:
+        raise UsageError("--check and --in-place are for Windows templates", hint="a Linux template is always a new disk")
+    missing = [o for o, v in (("-o", output), ("--name", name), ("--version", version), ("--signer", signer)) if not v]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}",
+                         hint="protect GOLDEN --os linux -o T.vhdx --name N --version A.B.C.D --signer SPEC")
+    assert output and name and version and signer
+    _protect(golden, output, name, version, signer, password_env, pin_env, pss, passphrase_env, KdfParams(), None,
+             block_size, subformat, overwrite, as_json)
+
+
 def register(cli: click.Group) -> None:
     """Add the ``luks`` command group to ``cli``."""
 
@@ -134,21 +172,9 @@ def register(cli: click.Group) -> None:
                     pbkdf_time: int, pbkdf_parallel: int, pbkdf_iterations: int, root_partition: int | None,
                     block_size: str, subformat: str | None, overwrite: bool, as_json: bool) -> None:
         """Make a signed Linux template from GOLDEN: LUKS2 root, the ESP measured into a VSC."""
-        from ..luks import KeyslotSpec
-        from ..pipeline.protect_linux import protect_linux
-        from .common import parse_size
-        from .signer_opts import open_signer
-
-        s = open_signer(signer, password_env, pin_env)
-        pw = read_secret(passphrase_env, "LUKS passphrase: ", confirm=True).encode()
-        slots = [KeyslotSpec(pw, _kdf(pbkdf, pbkdf_memory, pbkdf_time, pbkdf_parallel, pbkdf_iterations))]
-        res = protect_linux(golden, dst, name, version, s, slots, block_size=parse_size(block_size), pss=pss,
-                            overwrite=overwrite, root_partition=root_partition, subformat=subformat)
-        emit(res, as_json, lambda r: (
-            f"protected {golden} -> {r['output']}\n  template {r['name']} {r['version']} signed by {r['signer']}\n"
-            f"  ESP partition {r['esp']['index']} measured: root {r['root']}\n"
-            f"  root partition {r['luks']['partition']}: LUKS2, {human_size(r['luks']['data_size'])} data"
-            + (f"\n  catalog {r['vsc']}" if r["vsc"] else "")))
+        _protect(golden, dst, name, version, signer, password_env, pin_env, pss, passphrase_env,
+                 _kdf(pbkdf, pbkdf_memory, pbkdf_time, pbkdf_parallel, pbkdf_iterations), root_partition, block_size,
+                 subformat, overwrite, as_json)
 
     @luks.command("enroll-tpm2")
     @click.argument("image", type=click.Path(dir_okay=False))
