@@ -52,10 +52,12 @@ def stock_plugin_unlocks(img: Path, tcti: str) -> int:
 
 
 def flush_sessions(tcti: str) -> None:
-    """systemd 252 leaves one session loaded per run (the kernel's /dev/tpmrm0 resource manager
-    flushes it when the process closes the device); a raw swtpm socket has no resource manager,
-    so do what it would, or the swtpm runs out of its 3 session slots."""
-    subprocess.run(["tpm2_flushcontext", "-T", tcti, "--loaded-session"], check=True, capture_output=True)
+    """systemd 252 leaves one session loaded per run, and its primary and sealed object after a
+    refused unseal (the kernel's /dev/tpmrm0 resource manager flushes them when the process
+    closes the device); a raw swtpm socket has no resource manager, so do what it would, or the
+    swtpm runs out of its 3 session / 3 object slots."""
+    for what in ("--loaded-session", "--transient-object"):
+        subprocess.run(["tpm2_flushcontext", "-T", tcti, what], check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -179,3 +181,24 @@ def test_enroll_tpm2_into_an_existing_volume(tmp_path: Path, swtpm: Any) -> None
     back = tmp_path / "back.img"
     run_cli("luks", "decrypt", str(two), "-o", str(back), "--tpm2-device", swtpm.tcti, check=True)
     assert back.read_bytes() == src.read_bytes()
+
+
+def test_seal_to_predicted_pcrs(tmp_path: Path, swtpm: Any) -> None:
+    """Sealed to PCR values computed offline (what the VM's boot will measure): the stock plugin
+    refuses now and opens once the TPM reaches them."""
+    from tpm2_pytss import ESAPI, TPML_PCR_SELECTION, TCTILdr
+
+    from .conftest import run_cli
+
+    with ESAPI(TCTILdr.parse(swtpm.tcti)) as e:
+        now = bytes(e.pcr_read(TPML_PCR_SELECTION.parse("sha256:7"))[2][0])
+    predicted = hashlib.sha256(now + hashlib.sha256(b"uki").digest()).digest()
+    src = tmp_path / "root.img"
+    src.write_bytes(os.urandom(64 << 10))
+    out = tmp_path / "root.luks"
+    run_cli("luks", "encrypt", str(src), "-o", str(out), "--passphrase-env", "PW", "--pbkdf", "pbkdf2",
+            "--pbkdf-iterations", "1000", "--tpm2-device", swtpm.tcti, "--tpm2-pcr-values", f"7={predicted.hex()}",
+            env={"PW": "pw"}, check=True)
+    assert stock_plugin_unlocks(out, swtpm.tcti) < 0
+    _extend(swtpm.tcti, 7, b"uki")
+    assert stock_plugin_unlocks(out, swtpm.tcti) == 1

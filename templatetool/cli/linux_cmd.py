@@ -46,6 +46,14 @@ def _pcrs(text: str) -> list[int]:
         raise UsageError(f"--tpm2-pcrs {text!r} is not a list of PCR numbers", hint="e.g. 7 or 0,7") from None
 
 
+def _pcr_values(spec: str | None, bank: str) -> dict[int, bytes] | None:
+    if spec is None:
+        return None
+    from ..tpm.policy import parse_pcr_values
+
+    return parse_pcr_values(spec, bank)
+
+
 def _dump_text(d: dict[str, Any]) -> str:
     lines = [f"{d['path']}: LUKS2, uuid {d['uuid']}, header {d['hdr_size']} bytes x2 ({d['checksum']}), "
              f"seqid {d['seqid']}, copies " + ", ".join(f"{k} {'ok' if v else 'BAD'}" for k, v in d["copies"].items())]
@@ -121,6 +129,9 @@ def register(cli: click.Group) -> None:
     @click.option("--tpm2-device", metavar="TCTI", default=None,
                   help="Also seal a systemd-tpm2 token in this TPM (e.g. swtpm:host=127.0.0.1,port=2321).")
     @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
+    @click.option("--tpm2-pcr-values", metavar="SPEC", default=None,
+                  help="Seal to these PCR values (7=HEX,... or a file, e.g. replayed from a TCG log) "
+                       "instead of the TPM's current ones.")
     @click.option("--tpm2-pcr-bank", type=click.Choice(["sha256", "sha1", "sha384"]), default="sha256",
                   show_default=True, help="PCR bank of the token's policy.")
     @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True,
@@ -129,8 +140,8 @@ def register(cli: click.Group) -> None:
     @json_option
     def encrypt_cmd(src: str, dst: str, passphrase_env: str | None, sector_size: str | None, pbkdf: str,
                     pbkdf_memory: int, pbkdf_time: int, pbkdf_parallel: int, pbkdf_iterations: int,
-                    tpm2_device: str | None, tpm2_pcrs: str, tpm2_pcr_bank: str, tpm2_primary_alg: str,
-                    label: str, as_json: bool) -> None:
+                    tpm2_device: str | None, tpm2_pcrs: str, tpm2_pcr_values: str | None, tpm2_pcr_bank: str,
+                    tpm2_primary_alg: str, label: str, as_json: bool) -> None:
         """Encrypt the raw root image SRC (ext4, ...) into a new LUKS2 image (SRC is not changed)."""
         from ..luks import KeyslotSpec, encrypt_image
 
@@ -141,7 +152,8 @@ def register(cli: click.Group) -> None:
         if tpm2_device:
             from ..luks.tpm2 import token_keyslot
 
-            slots.append(token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg))
+            slots.append(token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg,
+                                       _pcr_values(tpm2_pcr_values, tpm2_pcr_bank)))
         res = encrypt_image(src, dst, slots, sector_size=int(sector_size) if sector_size else None, label=label)
         emit(res, as_json, lambda r: f"{r['output']}: LUKS2 {r['cipher']} {r['key_bits']}-bit, "
              f"{human_size(r['data_size'])} data at {human_size(r['data_offset'])}, sector {r['sector_size']}, "
@@ -184,19 +196,23 @@ def register(cli: click.Group) -> None:
     @click.option("--tpm2-device", metavar="TCTI", required=True,
                   help="The TPM to seal in (e.g. swtpm:host=127.0.0.1,port=2321).")
     @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
+    @click.option("--tpm2-pcr-values", metavar="SPEC", default=None,
+                  help="Seal to these PCR values (7=HEX,... or a file, e.g. replayed from a TCG log) "
+                       "instead of the TPM's current ones.")
     @click.option("--tpm2-pcr-bank", type=click.Choice(["sha256", "sha1", "sha384"]), default="sha256",
                   show_default=True, help="PCR bank of the token's policy.")
     @click.option("--tpm2-primary-alg", type=click.Choice(["ecc", "rsa"]), default="ecc", show_default=True,
                   help="systemd's primary key: ECC P-256 or RSA-2048.")
     @json_option
     def enroll_cmd(image: str, dst: str, passphrase_env: str | None, tpm2_device: str, tpm2_pcrs: str,
-                   tpm2_pcr_bank: str, tpm2_primary_alg: str, as_json: bool) -> None:
+                   tpm2_pcr_values: str | None, tpm2_pcr_bank: str, tpm2_primary_alg: str, as_json: bool) -> None:
         """Copy IMAGE with a systemd-tpm2 token added (systemd-cryptenroll --tpm2-device, offline)."""
         from ..luks.tpm2 import token_keyslot
         from ..luks.volume import add_keyslot
 
         pw = read_secret(passphrase_env, "LUKS passphrase: ").encode()
-        spec = token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg)
+        spec = token_keyslot(tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg,
+                             _pcr_values(tpm2_pcr_values, tpm2_pcr_bank))
         res = add_keyslot(image, dst, pw, spec)
         emit(res, as_json, lambda r: f"{r['output']}: systemd-tpm2 token enrolled as keyslot {r['keyslot']}")
 

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import FormatError, IntegrityError, UnsupportedError
+from ..errors import FormatError, IntegrityError, UnsupportedError, UsageError
 from ..tpm import tpmclient
 from ..tpm.algs import bank_id, bank_name, check_pcrs
 from ..tpm.policy import compute_policy
@@ -113,10 +113,14 @@ def token_passphrase(secret: bytes) -> bytes:
     return base64.b64encode(secret)
 
 
-def token_keyslot(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256",
-                  primary_alg: str = "ecc") -> KeyslotSpec:
-    """A keyslot spec (passphrase + bound token) sealed in the TPM at ``tcti``."""
-    secret, token = seal_token(tcti, pcrs, bank, primary_alg)
+def token_keyslot(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", primary_alg: str = "ecc",
+                  pcr_values: dict[int, bytes] | None = None) -> KeyslotSpec:
+    """A keyslot spec (passphrase + bound token) sealed in the TPM at ``tcti``; ``pcr_values``
+    (e.g. replayed from the VM's TCG log) instead of the TPM's current PCRs."""
+    if pcr_values is not None and sorted(pcr_values) != sorted(set(pcrs)):
+        raise UsageError(f"PCR values are given for {sorted(pcr_values)}, the token is sealed to {sorted(set(pcrs))}",
+                         hint="give a value for every --tpm2-pcrs PCR")
+    secret, token = seal_token(tcti, pcrs, bank, primary_alg, pcr_values)
     return KeyslotSpec(token_passphrase(secret), TOKEN_KDF, token=token, af_hash="sha512")
 
 
