@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from templatetool.errors import CredentialError, IntegrityError
+from templatetool.errors import CredentialError, IntegrityError, UnsupportedError
 from templatetool.luks import KdfParams, KeyslotSpec, decrypt_image, describe, encrypt_image, read_header
 from templatetool.luks.af import af_merge, af_split, diffuse
 from templatetool.luks.kdf import derive
@@ -128,6 +128,11 @@ def test_cryptsetup_decrypts_our_data(tmp_path: Path, plain: Path, ss: int) -> N
             str(enc), stdin=PW)
     assert r.returncode == 0, r.stderr
     assert enc.read_bytes() == plain.read_bytes()
+    # the header cryptsetup left (a "linear" segment, no encryption) still reads
+    seg = describe(hdr)["segments"]["0"]
+    assert seg["type"] == "linear" and "encryption" not in seg
+    with pytest.raises(UnsupportedError):
+        decrypt_image(hdr, tmp_path / "nothing", PW)
 
 
 def test_dissect_reads_our_volume(tmp_path: Path, plain: Path) -> None:

@@ -58,8 +58,8 @@ def _dump_text(d: dict[str, Any]) -> str:
     lines = [f"{d['path']}: LUKS2, uuid {d['uuid']}, header {d['hdr_size']} bytes x2 ({d['checksum']}), "
              f"seqid {d['seqid']}, copies " + ", ".join(f"{k} {'ok' if v else 'BAD'}" for k, v in d["copies"].items())]
     for k, s in d["segments"].items():
-        lines.append(f"  segment {k}: {s.get('encryption')} sector {s.get('sector_size')} offset {s.get('offset')} "
-                     f"size {s.get('size')}")
+        how = f"{s.get('encryption')} sector {s.get('sector_size')}" if s.get("type") == "crypt" else "not encrypted"
+        lines.append(f"  segment {k}: {s.get('type')}, {how}, offset {s.get('offset')} size {s.get('size')}")
     for k, ks in d["keyslots"].items():
         kd = ks["kdf"]
         params = ", ".join(f"{x} {y}" for x, y in kd.items() if x != "type")

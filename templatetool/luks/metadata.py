@@ -213,9 +213,11 @@ def _validate(h: LuksHeader, where: str) -> None:
             raise FormatError(f"LUKS2 keyslot {name} area lies outside the keyslots area", where)
     for name, seg in m["segments"].items():
         w = f"segments.{name}"
-        for k in ("type", "offset", "size", "encryption"):
+        for k in ("type", "offset", "size"):
             _typed(seg, k, str, w)
-        _typed(seg, "sector_size", int, w)
+        if seg["type"] == "crypt":  # a "linear" segment (left by a decryption) has neither
+            _typed(seg, "encryption", str, w)
+            _typed(seg, "sector_size", int, w)
         _typed(seg, "iv_tweak", str, w, optional=True)
     for name, dg in m["digests"].items():
         w = f"digests.{name}"

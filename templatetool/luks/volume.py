@@ -19,7 +19,7 @@ import hmac
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,7 +51,7 @@ CHUNK = 1 << 20
 class KeyslotSpec:
     """A keyslot to create: its passphrase (bytes), KDF and an optional token bound to it."""
 
-    passphrase: bytes
+    passphrase: bytes = field(repr=False)
     kdf: kdf.KdfParams
     token: dict[str, Any] | None = None
     af_hash: str = "sha256"
