@@ -111,6 +111,15 @@ def test_luks_protect_cli_vhdx(tmp_path: Path) -> None:
             env={"LUKS_PW": PW.decode()}, check=True)
     cp = run_cli("vsc", "verify", str(out))
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    # qemu-img reads the VHDX; the root partition inside it is LUKS2 that cryptsetup opens
+    require_tool("qemu-img", "cryptsetup")
+    assert subprocess.run(["qemu-img", "check", "-f", "vhdx", str(out)], capture_output=True).returncode == 0
+    raw = tmp_path / "flat.img"
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(out), str(raw)], check=True)
+    luks = _part(raw, ROOT, tmp_path / "root.luks")
+    r = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(luks)], input=PW,
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_protect_os_linux(tmp_path: Path) -> None:
