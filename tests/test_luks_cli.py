@@ -7,7 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from .conftest import assert_clean_error, require_module, require_tool, run_cli
+import pytest
+
+from .conftest import assert_clean_error, require_module, require_tool, run_cli, run_inprocess
 
 FAST = ("--pbkdf", "argon2id", "--pbkdf-memory", "8192", "--pbkdf-time", "1", "--pbkdf-parallel", "1")
 
@@ -35,32 +37,47 @@ def test_encrypt_dump_decrypt(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_clean_errors(tmp_path: Path) -> None:
+def _clean(res: tuple[int, str, str], code: int) -> None:
+    rc, _out, err = res
+    assert rc == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("templatetool:"), err
+
+
+def test_clean_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "root.img"
     src.write_bytes(os.urandom(64 << 10))
     out = tmp_path / "root.luks"
-    env = {"LUKS_PW": "pw"}
-    run_cli("luks", "encrypt", str(src), "-o", str(out), "--passphrase-env", "LUKS_PW", *FAST, env=env, check=True)
-    cp = run_cli("luks", "decrypt", str(out), "-o", str(tmp_path / "x"), "--passphrase-env", "LUKS_PW",
-                 env={"LUKS_PW": "wrong"})
-    assert_clean_error(cp, 5)
+    monkeypatch.setenv("LUKS_PW", "pw")
+    monkeypatch.setenv("WRONG_PW", "wrong")
+    monkeypatch.delenv("UNSET_VAR_X", raising=False)
+
+    def run(*args: object) -> tuple[int, str, str]:
+        return run_inprocess(capsys, *args)
+
+    assert run("luks", "encrypt", src, "-o", out, "--passphrase-env", "LUKS_PW", *FAST)[0] == 0
+    _clean(run("luks", "decrypt", out, "-o", tmp_path / "x", "--passphrase-env", "WRONG_PW"), 5)
     assert not (tmp_path / "x").exists()
-    assert_clean_error(run_cli("luks", "dump", str(src)), 3)  # not LUKS
-    assert_clean_error(run_cli("luks", "dump", str(tmp_path / "missing")), 9)
-    assert_clean_error(run_cli("luks", "encrypt", str(tmp_path / "missing"), "-o", str(tmp_path / "y"),
-                               "--passphrase-env", "LUKS_PW", env=env), 9)
+    _clean(run("luks", "dump", src), 3)  # not LUKS
+    _clean(run("luks", "dump", tmp_path / "missing"), 9)
+    _clean(run("luks", "encrypt", tmp_path / "missing", "-o", tmp_path / "y", "--passphrase-env", "LUKS_PW"), 9)
     # the output exists: refused before any work (the output policy), input untouched
     before = src.read_bytes()
-    assert_clean_error(run_cli("luks", "encrypt", str(src), "-o", str(out), "--passphrase-env", "LUKS_PW", env=env), 2)
-    assert_clean_error(run_cli("luks", "encrypt", str(src), "-o", str(src), "--passphrase-env", "LUKS_PW",
-                               "--overwrite", env=env), 2)
+    _clean(run("luks", "encrypt", src, "-o", out, "--passphrase-env", "LUKS_PW"), 2)
+    _clean(run("luks", "encrypt", src, "-o", src, "--passphrase-env", "LUKS_PW", "--overwrite"), 2)
     assert src.read_bytes() == before
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
-    assert_clean_error(run_cli("luks", "encrypt", str(odd), "-o", str(tmp_path / "z"), "--passphrase-env",
-                               "LUKS_PW", env=env), 2)
-    assert_clean_error(run_cli("luks", "encrypt", str(src), "-o", str(tmp_path / "z"), "--passphrase-env",
-                               "UNSET_VAR_X"), 5)
+    _clean(run("luks", "encrypt", odd, "-o", tmp_path / "z", "--passphrase-env", "LUKS_PW"), 2)
+    _clean(run("luks", "encrypt", src, "-o", tmp_path / "z", "--passphrase-env", "UNSET_VAR_X"), 5)
+    # a damaged header: both copies → integrity error
+    raw = bytearray(out.read_bytes())
+    raw[4096 + 3] ^= 1
+    raw[16384 + 4096 + 3] ^= 1
+    bad = tmp_path / "bad.luks"
+    bad.write_bytes(raw)
+    _clean(run("luks", "dump", bad), 4)
+    # one subprocess run: the real exit path
+    assert_clean_error(run_cli("luks", "dump", str(src)), 3)
 
 
 def test_tpm2_token_cli(tmp_path: Path) -> None:
