@@ -90,6 +90,13 @@ CASES: dict[str, tuple[list[str], Builder]] = {
     "vtpm rekey": (["-o", "--new-key-out"], lambda o, i: [
         "vtpm", "rekey", i["blob.bin"], "--key", i["vtpm.key"], "--new-key-out", o["--new-key-out"], "-o", o["-o"]]),
     "tpm unseal": (["-o"], lambda o, i: ["tpm", "unseal", i["blob.bin"], "--key", i["vtpm.key"], "-o", o["-o"]]),
+    "luks encrypt": (["-o"], lambda o, i: ["luks", "encrypt", i["disk.vhdx"], "-o", o["-o"], "--passphrase-env", "X"]),
+    "luks decrypt": (["-o"], lambda o, i: ["luks", "decrypt", i["disk.vhdx"], "-o", o["-o"], "--passphrase-env", "X"]),
+    "luks enroll-tpm2": (["-o"], lambda o, i: ["luks", "enroll-tpm2", i["disk.vhdx"], "-o", o["-o"],
+                                               "--passphrase-env", "X", "--tpm2-device", "swtpm:port=1"]),
+    "luks protect": (["-o"], lambda o, i: ["luks", "protect", i["disk.vhdx"], "-o", o["-o"], "--name", "n",
+                                           "--version", "1.0.0.0", "--signer", i["signer.pfx"],
+                                           "--passphrase-env", "X"]),
 }
 
 #: Commands whose outputs are folders or key files: tested below, one by one.

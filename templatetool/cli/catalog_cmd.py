@@ -34,14 +34,23 @@ def _problems_text(probs: list[Any]) -> str:
               help="VHDX subformat of the output (default: the input's; dynamic for a raw input).")
 @click.option("--in-place", "in_place", is_flag=True,
               help="Modify GOLDEN itself (not atomic; default is a new disk) instead of writing -o.")
+@click.option("--os", "os_", type=click.Choice(["windows", "linux"]), default="windows", show_default=True,
+              help="linux: LUKS2 root + the ESP measured (as 'luks protect').")
+@click.option("--luks-passphrase-env", metavar="VAR", help="With --os linux: the LUKS2 passphrase from $VAR.")
 @json_option
 @policy.derived_outputs(lambda p: [Out("the catalog (OUTPUT.vsc)", p["output"] + ".vsc")]
                         if p.get("output") and not p.get("in_place") and not p.get("check")
                         and not p["output"].lower().endswith(".vhdx") else [])
 def protect_cmd(golden: str, output: str | None, name: str | None, version: str | None, signer: str | None,
                 password_env: str | None, pin_env: str | None, pss: bool, block_size: str, check: bool,
-                overwrite: bool, subformat: str | None, in_place: bool, as_json: bool) -> None:
+                overwrite: bool, subformat: str | None, in_place: bool, os_: str, luks_passphrase_env: str | None,
+                as_json: bool) -> None:
     """Make a signed template disk from GOLDEN (a new disk; GOLDEN is never modified)."""
+    if os_ == "linux":
+        from .linux_cmd import protect_linux_cli
+
+        return protect_linux_cli(golden, output, name, version, signer, password_env, pin_env, pss, block_size,
+                                 check, overwrite, subformat, in_place, luks_passphrase_env, as_json)
     from .. import api
     from ..errors import PolicyError, UsageError
     from .common import parse_size

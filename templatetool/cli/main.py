@@ -45,6 +45,7 @@ COMMAND_MODULES = [
     "hgs_serve_cmd",
     "pipeline_cmd",
     "vtpm_state_cmd",
+    "linux_cmd",
 ]
 
 INTERNAL_ERROR = 70
