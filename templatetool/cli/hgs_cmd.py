@@ -1,4 +1,4 @@
-"""`templatetool hgs ...` (guardian-side attestation) and `templatetool host ...` (simulated host)."""
+"""`templatetool hgs ...`: guardian-side attestation (the `host` group lives in host_cmd)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from ..atomic import write_bytes_atomic
-from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
+from ..hgs import AttestationPolicy, attest, init_attestation, load_attestation, load_host
 from ..hgs.host import pem_public
 from .common import emit, json_option, read_small_file
-from .policy import KEY_FOLDER, OUTPUT_FILE
+from .policy import OUTPUT_FILE
 from .tpm_cmd import PCR_BANK, PCR_LIST
-
 
 #: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
 MAX_INPUT = 64 << 20
@@ -106,34 +105,6 @@ def register(cli: click.Group) -> None:
         emit(res, as_json, lambda r: "\n".join([f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]] +
                                                [f"health certificate {output} (expires {r['expires']})"]))
 
-    @cli.group("host")
-    def host() -> None:
-        """A simulated guarded host: identity and attestation evidence (for dry runs and tests)."""
+    from . import host_cmd
 
-    @host.command("new")
-    @click.argument("name")
-    @click.option("-o", "--output", required=True, type=KEY_FOLDER, help="Host folder to create (keys 0600).")
-    @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True,
-                  help="Key kind of the host keys.")
-    @json_option
-    def host_new(name: str, output: str, key: str, as_json: bool) -> None:
-        """Create a host identity (host key + encryption key, 0600)."""
-        h = new_host(name, output, key)
-        emit({"name": h.name, "output": output}, as_json, f"host {name} created in {output}")
-
-    @host.command("evidence")
-    @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
-    @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Evidence file to write.")
-    @click.option("--tcg-log", type=click.Path(dir_okay=False), help="TPM mode: the host's TCG event log.")
-    @click.option("--ek", type=click.Path(dir_okay=False), help="TPM mode: the host's EK public key (PEM).")
-    @click.option("--ci-policy-hash", default=None, help="TPM mode: hash of the applied CI policy (hex).")
-    @json_option
-    def host_evidence(host_dir: str, output: str, tcg_log: str | None, ek: str | None, ci_policy_hash: str | None,
-                      as_json: bool) -> None:
-        """Write attestation evidence signed by the host key (host-key mode, or TPM mode with --tcg-log)."""
-        h = load_host(host_dir)
-        data = create_evidence(h, tcg_log=_read(tcg_log) if tcg_log else None,
-                               ek_public_pem=_read(ek).decode(errors="replace") if ek else None,
-                               ci_policy_hash=ci_policy_hash)
-        write_bytes_atomic(output, data)
-        emit({"output": output, "mode": "tpm" if tcg_log else "host-key"}, as_json, f"evidence written to {output}")
+    host_cmd.register(cli)
