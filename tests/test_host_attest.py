@@ -45,7 +45,7 @@ def fab(tmp_path_factory: pytest.TempPathFactory):
     kp_other = create_kp(os.urandom(32), owner, [generate_guardian("Other fabric", "ec-p256")])
     state = load_service_state(gdir, f"sqlite:///{root / 'state.sqlite'}", node="t")
     srv = LiveServer(create_app(state))
-    yield {"root": root, "host": root / "host", "rogue": root / "rogue", "url": srv.url, "kp": kp,
+    yield {"root": root, "gdir": gdir, "db": f"sqlite:///{root / 'state.sqlite'}", "host": root / "host", "rogue": root / "rogue", "url": srv.url, "kp": kp,
            "kp_other": kp_other, "secret": secret}
     srv.stop()
     state.store.close()
@@ -110,3 +110,88 @@ def test_release_over_the_service(fab) -> None:
     bad[i + 1 : i + 2] = b"Q"
     with pytest.raises((IntegrityError, FormatError)):
         release_secret(fab["url"], fab["host"], bytes(bad), st)
+
+
+def test_register_host_reaches_the_running_service(fab) -> None:
+    """`hgs register-host --db` updates the live store: the host attests without a service restart."""
+    late = fab["root"] / "late"
+    assert run_cli("host", "new", "late", "-o", str(late)).returncode == 0
+    assert_clean_error(run_cli("host", "attest", "--hgs", fab["url"], "--host", str(late)), 6)
+    cp = run_cli("hgs", "register-host", str(fab["gdir"]), "--host", str(late), "--name", "late", "--db", fab["db"],
+                 "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["result"]["store"].endswith("state.sqlite")
+    cp = run_cli("host", "attest", "--hgs", fab["url"], "--host", str(late), "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout)["result"]["cached"] is False
+
+
+# -- host start: refusals before any VM runs ---------------------------------------------------
+
+def _vm_secret(policy: str = "shielded", **extra) -> bytes:
+    from templatetool.pipeline.shield import VmSecret
+
+    return VmSecret(None, "00" * 34, "sha256", [7, 11], policy, {}, **extra).to_bytes()
+
+
+def _start(fab, tmp: Path, secret: bytes, *extra: str, guardians=None):
+    owner = generate_guardian("Owner", "ec-p256")
+    kp = create_kp(secret, owner, guardians if guardians is not None else [load_guardian(fab["gdir"])])
+    (tmp / "VM.kp").write_bytes(kp)
+    (tmp / "VM.vhdx").write_bytes(b"\0" * 4096)
+    (tmp / "VM.vtpm").write_bytes(b"state")
+    return run_cli("host", "start", str(tmp / "VM.vhdx"), "--kp", str(tmp / "VM.kp"), "--hgs", fab["url"],
+                   "--host", str(fab["host"]), "--json", *extra)
+
+
+def test_host_start_refusals(fab, tmp_path: Path) -> None:
+    # a VM secret without a vTPM state key (a software-vTPM VM): unsupported, exit 7
+    cp = _start(fab, tmp_path, _vm_secret())
+    assert_clean_error(cp, 7)
+    # a KP whose secret is not a VM secret: exit 3
+    assert_clean_error(_start(fab, tmp_path, os.urandom(32)), 3)
+    # a KP this fabric is not a guardian of: no key, exit 5
+    assert_clean_error(_start(fab, tmp_path, _vm_secret(), guardians=[generate_guardian("Other", "ec-p256")]), 5)
+    # no vTPM state beside the disk: exit 9, before any network call
+    (tmp_path / "VM.vtpm").unlink()
+    cp = run_cli("host", "start", str(tmp_path / "VM.vhdx"), "--kp", str(tmp_path / "VM.kp"), "--hgs",
+                 "http://127.0.0.1:9", "--host", str(fab["host"]))
+    assert_clean_error(cp, 9)
+    assert (tmp_path / "VM.vhdx").read_bytes() == b"\0" * 4096
+
+
+def _has_state_key() -> bool:
+    import dataclasses
+
+    from templatetool.pipeline.shield import VmSecret
+
+    return "vtpm_state_key" in {f.name for f in dataclasses.fields(VmSecret)}
+
+
+@pytest.mark.slow
+def test_host_start_cli_boots_the_vm(fab, tmp_path: Path) -> None:
+    """The whole CLI path (once VmSecret carries the vTPM state key): the console a shielded VM
+    may not have is refused (exit 6), then the VM boots and its vTPM state is saved back."""
+    if not _has_state_key():
+        pytest.skip("VmSecret.vtpm_state_key not on this branch yet")
+    from templatetool.tpm.vtpm_manufacture import manufacture_vtpm
+
+    from .test_host_start import guest_pcr0, make_esp_vhdx
+
+    v = manufacture_vtpm()
+    disk = make_esp_vhdx(tmp_path)
+    import hashlib
+
+    secret = _vm_secret("shielded", vtpm_state_key=v.key, vtpm_state_sha256=hashlib.sha256(v.state).hexdigest())
+    kp = create_kp(secret, generate_guardian("Owner", "ec-p256"), [load_guardian(fab["gdir"])])
+    (tmp_path / "VM.kp").write_bytes(kp)
+    (tmp_path / "VM.vtpm").write_bytes(v.state)
+    base = ["host", "start", str(disk), "--kp", str(tmp_path / "VM.kp"), "--hgs", fab["url"], "--host",
+            str(fab["host"]), "--memory", "256", "--cpus", "1", "--no-reboot", "--timeout", "240"]
+    assert_clean_error(run_cli(*base, "--console", "serial"), 6)
+    cp = run_cli(*base, "--serial-log", str(tmp_path / "serial.log"), "--json")
+    assert cp.returncode == 0, cp.stderr
+    r = json.loads(cp.stdout)["result"]
+    assert r["policy"] == "shielded" and r["vm"]["exit_code"] == 0 and r["vtpm_state_saved"] is True
+    assert guest_pcr0((tmp_path / "serial.log").read_bytes()) != bytes(32)
+    assert (tmp_path / "VM.vtpm").read_bytes() != v.state

@@ -29,6 +29,28 @@ def _policy_text(p: AttestationPolicy) -> str:
     return "\n".join(lines)
 
 
+def _sync_store(guardian_dir: str, db_url: str | None, pol: AttestationPolicy) -> str | None:
+    """Push the folder's policy into the service's state store (so running `hgs serve` nodes use it
+    at once): the --db URL, or the folder's default SQLite store when it exists. Returns the URL."""
+    from pathlib import Path
+
+    from ..hgs.store import DB_FILE, Store, default_url
+
+    if db_url is None and not (Path(guardian_dir) / DB_FILE).exists():
+        return None
+    store = Store(db_url or default_url(guardian_dir))
+    try:
+        store.migrate()
+        store.import_policy(pol)
+        return str(store.engine.url.render_as_string(hide_password=True))
+    finally:
+        store.close()
+
+
+DB_OPTION = click.option("--db", "db_url", metavar="URL", help="Also update this `hgs serve` state database "
+                         "(default: GUARDIAN_DIR/hgs-state.sqlite when it exists); running nodes use it at once.")
+
+
 def register(cli: click.Group) -> None:
     @cli.group("hgs")
     def hgs() -> None:
@@ -54,9 +76,10 @@ def register(cli: click.Group) -> None:
     @click.option("--host-key", type=click.Path(dir_okay=False, exists=True), help="A PEM public host key.")
     @click.option("--ek", type=click.Path(dir_okay=False, exists=True), help="Register for TPM attestation by EK public key (PEM).")
     @click.option("--name", required=True, help="Name to register the host under.")
+    @DB_OPTION
     @json_option
     def register_host(guardian_dir: str, host_dir: str | None, host_key: str | None, ek: str | None, name: str,
-                      as_json: bool) -> None:
+                      db_url: str | None, as_json: bool) -> None:
         """Register a host by host key (--host/--host-key) or by TPM EK (--ek)."""
         pol = AttestationPolicy.load(guardian_dir)
         if ek:
@@ -68,7 +91,9 @@ def register(cli: click.Group) -> None:
         else:
             raise click.UsageError("give --host, --host-key or --ek")
         pol.save(guardian_dir)
-        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+        synced = _sync_store(guardian_dir, db_url, pol)
+        emit({**pol.to_json(), "store": synced}, as_json,
+             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
 
     @hgs.command("baseline")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
@@ -77,16 +102,19 @@ def register(cli: click.Group) -> None:
                   help="PCRs (0-23) of the baseline.")
     @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
+    @DB_OPTION
     @json_option
     def baseline(guardian_dir: str, tcg_log: str, pcrs: list[int], bank: str, ci: tuple[str, ...],
-                 as_json: bool) -> None:
+                 db_url: str | None, as_json: bool) -> None:
         """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
         pol = AttestationPolicy.load(guardian_dir)
         pol.set_baseline_from_log(_read(tcg_log), tuple(pcrs), bank)
         for c in ci:
             pol.allow_ci_policy(c)
         pol.save(guardian_dir)
-        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+        synced = _sync_store(guardian_dir, db_url, pol)
+        emit({**pol.to_json(), "store": synced}, as_json,
+             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
 
     @hgs.command("attest")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
