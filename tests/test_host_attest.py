@@ -28,6 +28,8 @@ from templatetool.host.health import attest_host, cache_path, cached_health, par
 from templatetool.kp import create_kp  # noqa: E402
 
 from .test_hgs_service import LiveServer, _fabric  # noqa: E402
+from .test_hgs_tpm_quote import booted  # noqa: E402, F401 (fixture)
+from .test_hgs_tpm_quote import fabric as tpmfab  # noqa: E402, F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +197,23 @@ def test_host_start_cli_boots_the_vm(fab, tmp_path: Path) -> None:
     assert r["policy"] == "shielded" and r["vm"]["exit_code"] == 0 and r["vtpm_state_saved"] is True
     assert guest_pcr0((tmp_path / "serial.log").read_bytes()) != bytes(32)
     assert (tmp_path / "VM.vtpm").read_bytes() != v.state
+
+
+def test_host_attest_tpm_mode_with_swtpm(tpmfab, tmp_path: Path) -> None:  # noqa: F811
+    """`host attest --tpm`: a TPM quote by swtpm standing in for the host TPM; cached like host-key mode."""
+    from .test_hgs_tpm_quote import _log
+
+    log = tmp_path / "tcg.log"
+    log.write_bytes(_log())
+    th = tpmfab["tpm"]
+    for h in (th.ak, th.ek):  # free the fixture's transient slots: the CLI loads its own EK and AK
+        th.esys.flush_context(h)
+    args = ["host", "attest", "--hgs", tpmfab["url"], "--host", str(tpmfab["host"].path), "--tpm",
+            tpmfab["tpm"].tcti, "--tcg-log", str(log), "--json"]
+    cp = run_cli(*args)
+    assert cp.returncode == 0, cp.stderr
+    r = json.loads(cp.stdout)["result"]
+    assert r["mode"] == "tpm" and r["cached"] is False
+    assert json.loads(run_cli(*args).stdout)["result"]["cached"] is True
+    # host-key mode does not reuse a TPM-mode certificate (and this host has no host-key registration)
+    assert_clean_error(run_cli(*args[:6]), 6)
