@@ -9,13 +9,30 @@ key protector, the health certificate and its freshness, and re-wraps the releas
 host's key (CMS AuthEnvelopedData to the health certificate). See docs/formats/attestation.md.
 """
 
-from .attest import (AttestationPolicy, HealthCheck, attest, init_attestation, load_attestation,
-                     load_health_certificate, verify_health_certificate)
+from .attest import (
+                     AttestationPolicy,
+                     HealthCheck,
+                     attest,
+                     init_attestation,
+                     load_attestation,
+                     load_health_certificate,
+                     verify_health_certificate,
+)
 from .host import Host, create_evidence, load_host, new_host
 from .release import open_release, release_key
 
 __all__ = [
-    "AttestationPolicy", "HealthCheck", "attest", "verify_health_certificate", "init_attestation",
-    "load_attestation", "load_health_certificate",
-    "Host", "new_host", "load_host", "create_evidence", "release_key", "open_release",
+                     "AttestationPolicy",
+                     "HealthCheck",
+                     "Host",
+                     "attest",
+                     "create_evidence",
+                     "init_attestation",
+                     "load_attestation",
+                     "load_health_certificate",
+                     "load_host",
+                     "new_host",
+                     "open_release",
+                     "release_key",
+                     "verify_health_certificate",
 ]
