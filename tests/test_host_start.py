@@ -211,3 +211,47 @@ def test_ovmf_boots_with_the_released_vtpm(vtpm, tmp_path: Path) -> None:
     assert after == before + 1  # the firmware's TPM2_Startup(CLEAR) is in the saved state
     # PCRs are volatile: OVMF ends with TPM2_Shutdown(CLEAR), so a restarted TPM starts from zero
     assert pcr0_restarted == bytes(32)
+
+
+# -- fast: the launcher's process handling, with a stand-in for QEMU -----------------------------
+
+FAKE_QEMU = """#!/bin/sh
+# stand-in for qemu-system-x86_64: KVM "fails" like on a nested host, TCG runs and exits 0
+case "$*" in
+  *"-accel kvm"*) echo "KVM internal error. Suberror: 1" >&2; sleep 30 ;;
+esac
+case "$*" in
+  *"tpm-crb,tpmdev=tpm0"*) ;;
+  *) exit 3 ;;
+esac
+[ -n "$FAKE_QEMU_FAIL" ] && { echo "qemu-system-x86_64: -drive: Could not open disk" >&2; exit 1; }
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path) -> str:
+    p = tmp_path / "fake-qemu"
+    p.write_text(FAKE_QEMU)
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_kvm_failure_falls_back_to_tcg(vtpm, tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import templatetool.host.launch as launch
+
+    monkeypatch.setattr(launch, "kvm_usable", lambda dev="/dev/kvm": True)
+    cfg = _cfg(tmp_path, policy="shielded", qemu=fake_qemu, timeout=60)
+    run = run_vm(cfg, vtpm.state, vtpm.key)
+    assert (run.accel, run.kvm_fallback, run.exit_code) == ("tcg", True, 0)
+    assert run.final_state == vtpm.state  # swtpm ran on the state; nothing used the TPM
+    assert vtpm.key.hex() not in " ".join(run.argv)
+
+
+def test_qemu_failure_is_one_clean_error(vtpm, tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from templatetool.errors import ResourceError
+
+    monkeypatch.setenv("FAKE_QEMU_FAIL", "1")
+    cfg = _cfg(tmp_path, policy="shielded", qemu=fake_qemu, accel="tcg", timeout=60)
+    with pytest.raises(ResourceError, match="Could not open disk"):
+        run_vm(cfg, vtpm.state, vtpm.key)
