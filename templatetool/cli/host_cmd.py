@@ -105,8 +105,8 @@ def register(cli: click.Group) -> None:
 
         st = attest_host(hgs_url, host_dir, tpm=tpm, tcg_log=_tpm_args(tpm, tcg_log), ci_policy_hash=ci_policy_hash,
                          refresh_margin=_margin(refresh_margin), force=force, verify=_verify(ca))
-        emit(st.to_json(), as_json, lambda r: f"health certificate {'cached' if r['cached'] else 'issued'} by "
-             f"{r['hgs']} ({r['mode']} mode), valid to {r['valid_to']}")
+        emit(st.to_json(), as_json, lambda r: f"health certificate {'reused from the cache, ' if r['cached'] else ''}issued "
+             f"by {r['hgs']} ({r['mode']} mode), valid to {r['valid_to']}")
 
     @host.command("start")
     @click.argument("disk", type=click.Path(dir_okay=False, exists=True))
