@@ -1,4 +1,4 @@
-"""`templatetool hgs ...` (guardian-side attestation) and `templatetool host ...` (simulated host)."""
+"""`templatetool hgs ...`: guardian-side attestation (the `host` group lives in host_cmd)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from ..atomic import write_bytes_atomic
-from ..hgs import AttestationPolicy, attest, create_evidence, init_attestation, load_attestation, load_host, new_host
+from ..hgs import AttestationPolicy, attest, init_attestation, load_attestation, load_host
 from ..hgs.host import pem_public
 from .common import emit, json_option, read_small_file
-from .policy import KEY_FOLDER, OUTPUT_FILE
+from .policy import OUTPUT_FILE
 from .tpm_cmd import PCR_BANK, PCR_LIST
-
 
 #: Evidence, keys and TCG logs we read are small; refuse anything larger before reading it.
 MAX_INPUT = 64 << 20
@@ -28,6 +27,28 @@ def _policy_text(p: AttestationPolicy) -> str:
              f"PCR baseline ({p.pcr_bank}): " + (", ".join(f"{k}" for k in sorted(p.pcr_baseline)) or "(none)"),
              f"CI policies: {len(p.ci_policies)}", f"health certificate lifetime: {p.health_hours} h"]
     return "\n".join(lines)
+
+
+def _sync_store(guardian_dir: str, db_url: str | None, pol: AttestationPolicy) -> str | None:
+    """Push the folder's policy into the service's state store (so running `hgs serve` nodes use it
+    at once): the --db URL, or the folder's default SQLite store when it exists. Returns the URL."""
+    from pathlib import Path
+
+    from ..hgs.store import DB_FILE, Store, default_url
+
+    if db_url is None and not (Path(guardian_dir) / DB_FILE).exists():
+        return None
+    store = Store(db_url or default_url(guardian_dir))
+    try:
+        store.migrate()
+        store.import_policy(pol)
+        return str(store.engine.url.render_as_string(hide_password=True))
+    finally:
+        store.close()
+
+
+DB_OPTION = click.option("--db", "db_url", metavar="URL", help="Also update this `hgs serve` state database "
+                         "(default: GUARDIAN_DIR/hgs-state.sqlite when it exists); running nodes use it at once.")
 
 
 def register(cli: click.Group) -> None:
@@ -55,9 +76,10 @@ def register(cli: click.Group) -> None:
     @click.option("--host-key", type=click.Path(dir_okay=False, exists=True), help="A PEM public host key.")
     @click.option("--ek", type=click.Path(dir_okay=False, exists=True), help="Register for TPM attestation by EK public key (PEM).")
     @click.option("--name", required=True, help="Name to register the host under.")
+    @DB_OPTION
     @json_option
     def register_host(guardian_dir: str, host_dir: str | None, host_key: str | None, ek: str | None, name: str,
-                      as_json: bool) -> None:
+                      db_url: str | None, as_json: bool) -> None:
         """Register a host by host key (--host/--host-key) or by TPM EK (--ek)."""
         pol = AttestationPolicy.load(guardian_dir)
         if ek:
@@ -69,7 +91,9 @@ def register(cli: click.Group) -> None:
         else:
             raise click.UsageError("give --host, --host-key or --ek")
         pol.save(guardian_dir)
-        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+        synced = _sync_store(guardian_dir, db_url, pol)
+        emit({**pol.to_json(), "store": synced}, as_json,
+             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
 
     @hgs.command("baseline")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
@@ -78,16 +102,19 @@ def register(cli: click.Group) -> None:
                   help="PCRs (0-23) of the baseline.")
     @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
+    @DB_OPTION
     @json_option
     def baseline(guardian_dir: str, tcg_log: str, pcrs: list[int], bank: str, ci: tuple[str, ...],
-                 as_json: bool) -> None:
+                 db_url: str | None, as_json: bool) -> None:
         """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
         pol = AttestationPolicy.load(guardian_dir)
         pol.set_baseline_from_log(_read(tcg_log), tuple(pcrs), bank)
         for c in ci:
             pol.allow_ci_policy(c)
         pol.save(guardian_dir)
-        emit(pol.to_json(), as_json, lambda _: _policy_text(pol))
+        synced = _sync_store(guardian_dir, db_url, pol)
+        emit({**pol.to_json(), "store": synced}, as_json,
+             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
 
     @hgs.command("attest")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
@@ -106,34 +133,6 @@ def register(cli: click.Group) -> None:
         emit(res, as_json, lambda r: "\n".join([f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]] +
                                                [f"health certificate {output} (expires {r['expires']})"]))
 
-    @cli.group("host")
-    def host() -> None:
-        """A simulated guarded host: identity and attestation evidence (for dry runs and tests)."""
+    from . import host_cmd
 
-    @host.command("new")
-    @click.argument("name")
-    @click.option("-o", "--output", required=True, type=KEY_FOLDER, help="Host folder to create (keys 0600).")
-    @click.option("--key", type=click.Choice(["rsa3072", "rsa2048", "ec-p256", "ec-p384"]), default="ec-p256", show_default=True,
-                  help="Key kind of the host keys.")
-    @json_option
-    def host_new(name: str, output: str, key: str, as_json: bool) -> None:
-        """Create a host identity (host key + encryption key, 0600)."""
-        h = new_host(name, output, key)
-        emit({"name": h.name, "output": output}, as_json, f"host {name} created in {output}")
-
-    @host.command("evidence")
-    @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
-    @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Evidence file to write.")
-    @click.option("--tcg-log", type=click.Path(dir_okay=False), help="TPM mode: the host's TCG event log.")
-    @click.option("--ek", type=click.Path(dir_okay=False), help="TPM mode: the host's EK public key (PEM).")
-    @click.option("--ci-policy-hash", default=None, help="TPM mode: hash of the applied CI policy (hex).")
-    @json_option
-    def host_evidence(host_dir: str, output: str, tcg_log: str | None, ek: str | None, ci_policy_hash: str | None,
-                      as_json: bool) -> None:
-        """Write attestation evidence signed by the host key (host-key mode, or TPM mode with --tcg-log)."""
-        h = load_host(host_dir)
-        data = create_evidence(h, tcg_log=_read(tcg_log) if tcg_log else None,
-                               ek_public_pem=_read(ek).decode(errors="replace") if ek else None,
-                               ci_policy_hash=ci_policy_hash)
-        write_bytes_atomic(output, data)
-        emit({"output": output, "mode": "tpm" if tcg_log else "host-key"}, as_json, f"evidence written to {output}")
+    host_cmd.register(cli)

@@ -77,15 +77,15 @@ def register(cli: click.Group) -> None:
 
         if bool(tls_cert) != bool(tls_key_file):
             raise UsageError("give --tls-cert and --tls-key-file together")
-        tls: dict[str, str] = {}
+        tls = bool(tls_cert and tls_key_file)
         if tls_cert and tls_key_file:
-            tls = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key_file}
             _check_tls(tls_cert, tls_key_file)
         sock = bind_socket(host, port)
         actual = sock.getsockname()[1]
         state = load_service_state(guardian_dir, db_url, password_env=password_env, node=node or f"{host}:{actual}")
         app = create_app(state)
-        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off", **tls)
+        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
+                                ssl_certfile=tls_cert if tls else None, ssl_keyfile=tls_key_file if tls else None)
         server = uvicorn.Server(config)
         click.echo(f"templatetool hgs: serving {guardian_dir} on {'https' if tls else 'http'}://{host}:{actual} "
                    f"(state {state.store.engine.url.render_as_string(hide_password=True)})", err=True)

@@ -58,7 +58,7 @@ class AttestationPolicy:
 
     # -- persistence -----------------------------------------------------------------------
     @classmethod
-    def load(cls, guardian_dir: str | os.PathLike[str]) -> "AttestationPolicy":
+    def load(cls, guardian_dir: str | os.PathLike[str]) -> AttestationPolicy:
         """Load ``attestation.json`` from a guardian folder (an empty policy when absent)."""
         p = Path(guardian_dir) / POLICY_FILE
         if not p.exists():
@@ -141,9 +141,17 @@ def _parse_evidence(data: bytes, where: str) -> tuple[dict[str, Any], str, bytes
     return body, alg, sig
 
 
+def _issuer_public(cert: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The attestation signer's public key (RSA or EC, as init_attestation makes it)."""
+    pub = cert.public_key()
+    if not isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise FormatError("the attestation signer key must be RSA or EC", "attestation signer")
+    return pub
+
+
 def _pub_equal(a: Any, b: Any) -> bool:
     f = serialization.PublicFormat.SubjectPublicKeyInfo
-    return a.public_bytes(serialization.Encoding.DER, f) == b.public_bytes(serialization.Encoding.DER, f)
+    return bool(a.public_bytes(serialization.Encoding.DER, f) == b.public_bytes(serialization.Encoding.DER, f))
 
 
 def check_evidence(policy: AttestationPolicy, evidence: bytes, where: str = "host evidence") -> tuple[list[HealthCheck], dict[str, Any]]:
@@ -210,7 +218,7 @@ def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_c
     if failed:
         raise PolicyError(f"attestation failed: {failed[0].name}: {failed[0].detail}", where,
                           "; ".join(f"{c.name}: {'ok' if c.passed else 'FAILED'}" for c in checks))
-    now = at or _dt.datetime.now(_dt.timezone.utc)
+    now = at or _dt.datetime.now(_dt.UTC)
     host_enc = load_public(body["encryption_key"], "host encryption key", where)
     ku_enc = isinstance(host_enc, rsa.RSAPublicKey)
     cert = (
@@ -226,7 +234,7 @@ def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_c
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([HEALTH_EKU]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(_issuer_public(issuer_cert)), critical=False)
         .sign(issuer_key, hashes.SHA384() if isinstance(issuer_key, ec.EllipticCurvePrivateKey)
               and issuer_key.curve.key_size >= 384 else hashes.SHA256())
     )
@@ -295,6 +303,15 @@ def health_fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-__all__ = ["AttestationPolicy", "HealthCheck", "attest", "check_evidence", "verify_health_certificate",
-           "init_attestation", "load_attestation",
-           "load_health_certificate", "health_fingerprint", "pem_public"]
+__all__ = [
+    "AttestationPolicy",
+    "HealthCheck",
+    "attest",
+    "check_evidence",
+    "health_fingerprint",
+    "init_attestation",
+    "load_attestation",
+    "load_health_certificate",
+    "pem_public",
+    "verify_health_certificate",
+]

@@ -38,7 +38,7 @@ class HgsClient:
         """Close the connection pool."""
         self._c.close()
 
-    def __enter__(self) -> "HgsClient":
+    def __enter__(self) -> HgsClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -128,7 +128,7 @@ class HgsClient:
         r = self._request("GET", "/KeyProtection/service/metadata/2014-07/metadata.xml")
         if r.status_code != 200:
             raise ResourceError(f"metadata request failed: HTTP {r.status_code}", self.base_url)
-        return r.content
+        return bytes(r.content)
 
     def roll_transport_key(self, kp: bytes, health_cert: x509.Certificate, version: str = "v1") -> tuple[bytes, bytes]:
         """POST RollTransportKey; returns (egress protector, keys enveloped to the health certificate)."""

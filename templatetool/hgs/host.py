@@ -40,7 +40,8 @@ class Host:
 
 def pem_public(pub: Any) -> str:
     """SubjectPublicKeyInfo PEM text of a public key."""
-    return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pem: bytes = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem.decode()
 
 
 def load_public(pem: str, what: str, where: str) -> Any:
@@ -90,7 +91,7 @@ def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: 
                     ci_policy_hash: str | None = None, nonce: str | None = None,
                     at: _dt.datetime | None = None) -> bytes:
     """Evidence JSON signed by the host key: host key, encryption key and (TPM mode) EK + TCG log + CI hash."""
-    now = at or _dt.datetime.now(_dt.timezone.utc)
+    now = at or _dt.datetime.now(_dt.UTC)
     body: dict[str, Any] = {
         "format": EVIDENCE_FORMAT,
         "version": EVIDENCE_VERSION,

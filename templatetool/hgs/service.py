@@ -18,13 +18,14 @@ folder's files and never reach the database, a log line or a reply other than en
 
 from __future__ import annotations
 
-import datetime as _dt
 import base64
+import datetime as _dt
 import hashlib
 import hmac
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def load_service_state(guardian_dir: str | os.PathLike[str], db_url: str | None 
     store.migrate()
     if (Path(guardian_dir) / "attestation.json").exists():
         store.import_policy(AttestationPolicy.load(guardian_dir))
+    if g.signing_key is None:
+        raise FormatError("the guardian folder has no signing private key", str(guardian_dir),
+                          "`hgs serve` needs the guardian's private keys")
     xml = export_metadata(g, g.signing_key, g.signing_certificate)
     return ServiceState(key, cert, g, xml, store)
 
@@ -189,7 +193,7 @@ class Service:
         blob, secret = make_credential(ek, ak_name, credential)
         self.s.store.put_challenge(nonce, ak_name, hashlib.sha256(credential).hexdigest(),
                                    hashlib.sha256(evidence).hexdigest(),
-                                   _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=NONCE_SECONDS))
+                                   _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=NONCE_SECONDS))
         return wire.dump_wcf("TpmChallengeReply", {
             "CredentialBlob": wire.b64(blob), "EncryptedSecret": wire.b64(secret),
             "PcrBank": pol.pcr_bank, "Pcrs": sorted(pol.pcr_baseline)})
@@ -301,9 +305,10 @@ def create_app(state: ServiceState) -> Any:
         code = wire.fault_code(e)
         return Response(wire.dump_fault(code, str(e)), wire.KPS_FAULT_STATUS[code], media_type=XML)
 
-    async def guarded(fn: Any, on_error: Any, *args: Any) -> Response:
+    async def guarded(fn: Any, on_error: Callable[[TemplateToolError], Response], *args: Any) -> Response:
         try:
-            return await run_in_threadpool(fn, *args)
+            resp: Response = await run_in_threadpool(fn, *args)
+            return resp
         except TemplateToolError as e:
             log.info("refused: %s", e)
             return on_error(e)
@@ -357,4 +362,4 @@ def create_app(state: ServiceState) -> Any:
     return app
 
 
-__all__ = ["ServiceState", "Service", "create_app", "load_service_state"]
+__all__ = ["Service", "ServiceState", "create_app", "load_service_state"]

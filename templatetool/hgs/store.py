@@ -12,11 +12,14 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import FormatError, PolicyError, ResourceError, UsageError
 from .attest import DEFAULT_HOURS, MAX_HOURS, AttestationPolicy
+
+_T = TypeVar("_T")
 
 SCHEMA_VERSION = 1
 #: A server nonce is valid this long after Getinfo handed it out.
@@ -33,17 +36,17 @@ def _sa() -> Any:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
 
 def _iso(t: _dt.datetime) -> str:
-    return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _metadata(sa: Any) -> Any:
     md = sa.MetaData()
-    S, I, T = sa.String, sa.Integer, sa.Text
-    sa.Table("schema_version", md, sa.Column("version", I, nullable=False))
+    S, Int, T = sa.String, sa.Integer, sa.Text
+    sa.Table("schema_version", md, sa.Column("version", Int, nullable=False))
     sa.Table("settings", md, sa.Column("name", S(64), primary_key=True), sa.Column("value", T, nullable=False))
     sa.Table("hosts", md,
              sa.Column("name", S(64), primary_key=True),
@@ -51,7 +54,7 @@ def _metadata(sa: Any) -> Any:
              sa.Column("public_key_pem", T, nullable=False),      # host key, or the TPM EK public key
              sa.Column("registered", S(20), nullable=False))
     sa.Table("pcr_baselines", md,
-             sa.Column("bank", S(16), primary_key=True), sa.Column("pcr", I, primary_key=True),
+             sa.Column("bank", S(16), primary_key=True), sa.Column("pcr", Int, primary_key=True),
              sa.Column("digest_hex", S(128), nullable=False))
     sa.Table("ci_policies", md, sa.Column("digest_hex", S(128), primary_key=True))
     sa.Table("nonces", md,
@@ -69,7 +72,7 @@ def _metadata(sa: Any) -> Any:
              sa.Column("host", S(64), nullable=False),
              sa.Column("issued", S(20), nullable=False), sa.Column("expires", S(20), nullable=False))
     sa.Table("audit", md,
-             sa.Column("id", I, primary_key=True, autoincrement=True),
+             sa.Column("id", Int, primary_key=True, autoincrement=True),
              sa.Column("at", S(20), nullable=False),
              sa.Column("node", S(64), nullable=False),
              sa.Column("event", S(16), nullable=False),           # attest | release
@@ -98,12 +101,13 @@ class Store:
             if url.startswith("sqlite"):
                 self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
-                @sa.event.listens_for(self.engine, "connect")
                 def _wal(dbapi_conn: Any, _rec: Any) -> None:  # readers do not block the writer; still fsynced
                     cur = dbapi_conn.cursor()
                     cur.execute("PRAGMA journal_mode=WAL")
                     cur.execute("PRAGMA synchronous=FULL")
                     cur.close()
+
+                sa.event.listen(self.engine, "connect", _wal)
             else:
                 self.engine = sa.create_engine(url, pool_pre_ping=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as e:
@@ -127,7 +131,7 @@ class Store:
                 if len(rows) != 1 or rows[0] != SCHEMA_VERSION:
                     raise FormatError(f"HGS database schema version {rows} is not {SCHEMA_VERSION}", self._where(),
                                       "use a database made by this templatetool version")
-                return rows[0]
+                return int(rows[0])
         except sa.exc.SQLAlchemyError as e:
             raise ResourceError(f"cannot open the HGS database: {type(e).__name__}", self._where()) from None
 
@@ -138,12 +142,12 @@ class Store:
             c.execute(self._sa.text("SELECT pg_advisory_xact_lock(716007)"))
 
     def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        return str(self.engine.url.render_as_string(hide_password=True))
 
     def _tx(self) -> Any:
         return self.engine.begin()
 
-    def _run(self, fn: Any) -> Any:
+    def _run(self, fn: Callable[[Any], _T]) -> _T:
         sa = self._sa
         try:
             with self._tx() as c:
@@ -171,7 +175,7 @@ class Store:
                     o = old.get(name)
                     kept = o is not None and o["mode"] == mode and o["public_key_pem"] == pem
                     c.execute(h.insert().values(name=name, mode=mode, public_key_pem=pem,
-                                                registered=o["registered"] if kept else now))
+                                                registered=o["registered"] if kept and o is not None else now))
             c.execute(t["pcr_baselines"].delete())
             for pcr, v in sorted(pol.pcr_baseline.items()):
                 c.execute(t["pcr_baselines"].insert().values(bank=pol.pcr_bank, pcr=pcr, digest_hex=v.lower()))
@@ -225,7 +229,7 @@ class Store:
                           .values(used=now))
             # purge nonces long expired (bounded table)
             c.execute(t.delete().where(t.c.expires < _iso(_now() - _dt.timedelta(days=1))))
-            return r.rowcount
+            return int(r.rowcount)
 
         if not isinstance(nonce, str) or len(nonce) > 64 or self._run(fn) != 1:
             raise PolicyError("server nonce is unknown, expired or already used", "evidence nonce",
@@ -289,7 +293,8 @@ class Store:
     def health_certificate_host(self, fingerprint: str) -> str | None:
         """The host a health certificate was issued to by any node, or None."""
         t, sa = self.t["health_certificates"], self._sa
-        return self._run(lambda c: c.execute(sa.select(t.c.host).where(t.c.fingerprint == fingerprint)).scalar())
+        host = self._run(lambda c: c.execute(sa.select(t.c.host).where(t.c.fingerprint == fingerprint)).scalar())
+        return None if host is None else str(host)
 
     def audit(self, event: str, outcome: str, detail: str, *, host: str | None = None,
               health_certificate: str | None = None, key_protector: str | None = None) -> None:
@@ -310,4 +315,4 @@ class Store:
         self.engine.dispose()
 
 
-__all__ = ["DB_FILE", "Store", "SCHEMA_VERSION", "NONCE_SECONDS", "default_url"]
+__all__ = ["DB_FILE", "NONCE_SECONDS", "SCHEMA_VERSION", "Store", "default_url"]

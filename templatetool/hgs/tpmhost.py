@@ -9,6 +9,7 @@ and TPM2_Quote signs the PCRs with the service's qualifying data.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from ..errors import CredentialError, ResourceError
@@ -78,17 +79,15 @@ class TpmHost:
     def close(self) -> None:
         """Flush the primaries and close the connection."""
         for h in (self.ak, self.ek):
-            try:
+            with contextlib.suppress(Exception):  # best effort: the connection is closed next
                 self.esys.flush_context(h)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
         self.esys.close()
 
-    def __enter__(self) -> "TpmHost":
+    def __enter__(self) -> TpmHost:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
-__all__ = ["TpmHost", "AK_ATTRIBUTES"]
+__all__ = ["AK_ATTRIBUTES", "TpmHost"]

@@ -144,4 +144,4 @@ def verify_quote(ak_key: Any, attest: bytes, signature: bytes, qualifying: bytes
     return selection
 
 
-__all__ = ["make_credential", "parse_ek_public", "parse_ak_public", "verify_quote", "pcr_digest", "AK_REQUIRED"]
+__all__ = ["AK_REQUIRED", "make_credential", "parse_ak_public", "parse_ek_public", "pcr_digest", "verify_quote"]

@@ -16,8 +16,15 @@ from typing import Any
 from lxml import etree
 
 from ..canonical import no_duplicate_keys
-from ..errors import (CredentialError, FormatError, IntegrityError, NotFoundError, PolicyError, TemplateToolError,
-                      UsageError)
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    PolicyError,
+    TemplateToolError,
+    UsageError,
+)
 from ..guardian.metadata import KPS_NS, parse_xml
 
 #: WCF data contract namespace of our attestation messages (the part after ``:#`` in ``__type``).
@@ -131,7 +138,8 @@ def dump_error(name: str, code: str, message: str) -> bytes:
 # -------------------------------------------------------------------------------------------
 
 def _c14n(el: etree._Element) -> bytes:
-    return etree.tostring(el, method="c14n", exclusive=True)
+    out: bytes = etree.tostring(el, method="c14n", exclusive=True)
+    return out
 
 
 def _text_child(parent: etree._Element, name: str, where: str) -> str:
@@ -240,7 +248,24 @@ def raise_error_reply(name: str, members: dict[str, Any], where: str) -> None:
     raise _REPLY_ERRORS.get(name, ResourceError)(f"attestation service refused: {code}: {msg}", where)
 
 
-__all__ = ["WCF_NS", "MAX_BODY", "ERROR_STATUS", "KPS_FAULT_STATUS", "wcf_type", "dump_wcf", "parse_wcf",
-           "b64_member", "b64", "error_reply_name", "dump_error", "dump_roll_request", "parse_roll_request",
-           "dump_roll_response", "parse_roll_response", "fault_code", "dump_fault", "raise_fault",
-           "raise_error_reply"]
+__all__ = [
+    "ERROR_STATUS",
+    "KPS_FAULT_STATUS",
+    "MAX_BODY",
+    "WCF_NS",
+    "b64",
+    "b64_member",
+    "dump_error",
+    "dump_fault",
+    "dump_roll_request",
+    "dump_roll_response",
+    "dump_wcf",
+    "error_reply_name",
+    "fault_code",
+    "parse_roll_request",
+    "parse_roll_response",
+    "parse_wcf",
+    "raise_error_reply",
+    "raise_fault",
+    "wcf_type",
+]
