@@ -1,7 +1,7 @@
 """Secrets: the value types the library takes, and the front ends' helpers that obtain them.
 
 The library takes secrets as values: ``bytes``/``str`` or a :data:`SecretSource` (a callable
-called only when the secret is needed); see :mod:`templatetool.signers.base`. Reading an
+called only when the secret is needed); used by :mod:`templatetool.signers.base` and the api. Reading an
 environment variable or prompting on the terminal (:func:`read_secret`, :func:`env_or_prompt`)
 is for front ends only (the CLI, build recipes): never argv, never logs.
 """
@@ -14,7 +14,18 @@ import sys
 from collections.abc import Callable
 
 from .errors import CredentialError, UsageError
-from .signers.base import Secret, SecretSource, resolve_secret
+
+#: A secret given as a value, or a callable producing it when (and only if) it is needed.
+SecretSource = Callable[[], bytes | str]
+Secret = bytes | str | SecretSource
+
+
+def resolve_secret(secret: Secret | None) -> bytes | None:
+    """The secret as UTF-8 bytes (calling a :data:`SecretSource`); None stays None."""
+    if secret is None:
+        return None
+    value = secret() if callable(secret) else secret
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
 def read_secret(env_var: str | None, prompt: str, confirm: bool = False) -> str:

@@ -193,8 +193,9 @@ def test_no_import_cycles_through_late_imports() -> None:
 
 #: The primitives (docs/internals.md): they import only each other, never a package of templatetool.
 PRIMITIVES = {f"templatetool.{m}" for m in ("errors", "atomic", "blockdev", "canonical", "pki", "secrets")}
-#: The layers above every format: only they (and the package root) may import the pipeline.
-TOP = ("templatetool.cli", "templatetool.api", "templatetool.pipeline")
+#: The layers above every format: only they (and the package root) may import the pipeline
+#: (host/ is the guarded host: it orchestrates release + vTPM + QEMU like the pipeline does).
+TOP = ("templatetool.cli", "templatetool.api", "templatetool.pipeline", "templatetool.host")
 
 
 def test_layers() -> None:

@@ -175,6 +175,12 @@ CLI_HINTS: dict[str, str] = {
     "protect.preflight": "run 'templatetool protect --check' for the list",
     "output.exists": "choose another name, or pass --overwrite to replace it",
     "disk.no-os-volume": "pass --partition N to choose one",
+    "host.tcg-log-needed": "give --tcg-log",
+    "host.kvm-failed": "retry with --accel tcg",
+    "host.vtpm-state-missing": "shield writes VM.vtpm beside VM.vhdx; or give --vtpm-state",
+    "luks.pcr-values": "give a value for every --tpm2-pcrs PCR",
+    "luks.sector-size": "use --sector-size 512",
+    "linux.root-partition": "pass --root-partition N",
     "bitlocker.not-converting": "start with `templatetool encrypt --in-place`",
     "encrypt.tpm-alone": "add --recovery-password-out FILE or --show-recovery-password "
                          "(or --startup-key-out / --password-env)",

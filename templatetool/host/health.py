@@ -130,7 +130,7 @@ def attest_host(hgs_url: str, host_dir: str | os.PathLike[str], *, tpm: str | No
 
     url = _normal_url(hgs_url)
     if tpm is not None and tcg_log is None:
-        raise UsageError("TPM attestation needs the host's TCG log", hint="give --tcg-log")
+        raise UsageError("TPM attestation needs the host's TCG log", hint="give the host's TCG log", code="host.tcg-log-needed")
     if tpm is None and (tcg_log is not None or ci_policy_hash is not None):
         raise UsageError("--tcg-log and --ci-policy-hash need --tpm")
     host = load_host(host_dir)

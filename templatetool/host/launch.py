@@ -323,7 +323,7 @@ def run_vm(cfg: VmConfig, state: bytes, key: bytes, *,
             return VmRun(rc, seconds, accel, argv, tpm.state(), fallback)
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
-    raise ResourceError("KVM could not run the VM", str(cfg.disk), "retry with --accel tcg")  # pragma: no cover
+    raise ResourceError("KVM could not run the VM", str(cfg.disk), "retry with the TCG accelerator", code="host.kvm-failed")  # pragma: no cover
 
 
 __all__ = ["ACCELS", "CONSOLES", "OVMF_PAIRS", "POLICIES", "VmConfig", "VmRun", "build_qemu_argv", "find_ovmf",

@@ -66,7 +66,7 @@ def read_state(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise NotFoundError("vTPM state not found", str(path), "shield writes VM.vtpm beside VM.vhdx; or "
-                            "give --vtpm-state") from None
+                            "give the state file's path", code="host.vtpm-state-missing") from None
 
 
 def start_vm(disk: str | os.PathLike[str], kp: bytes, hgs_url: str, host_dir: str | os.PathLike[str], *,

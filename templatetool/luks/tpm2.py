@@ -119,7 +119,7 @@ def token_keyslot(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", p
     (e.g. replayed from the VM's TCG log) instead of the TPM's current PCRs."""
     if pcr_values is not None and sorted(pcr_values) != sorted(set(pcrs)):
         raise UsageError(f"PCR values are given for {sorted(pcr_values)}, the token is sealed to {sorted(set(pcrs))}",
-                         hint="give a value for every --tpm2-pcrs PCR")
+                         hint="give a value for every PCR the token is sealed to", code="luks.pcr-values")
     secret, token = seal_token(tcti, pcrs, bank, primary_alg, pcr_values)
     return KeyslotSpec(token_passphrase(secret), TOKEN_KDF, token=token, af_hash="sha512")
 

@@ -196,7 +196,7 @@ def encrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], keys
         ss = sector_size or default_sector_size(size)
         if size % ss:
             raise UsageError(f"the image size {size} is not a multiple of the {ss}-byte sector size", src_s,
-                             "use --sector-size 512")
+                             "use 512-byte sectors", code="luks.sector-size")
         region = build_metadata_region(key, keyslots, sector_size=ss, label=label)
         cipher = XtsCipher(key, ss)
         with atomic_output(dst, 0o600, overwrite=overwrite) as tmp, open(tmp, "r+b") as out:
@@ -397,3 +397,6 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             "digests": {k: {"type": d.get("type"), "hash": d.get("hash"), "keyslots": d.get("keyslots"),
                             "segments": d.get("segments")} for k, d in m["digests"].items()},
             "config": m["config"]}
+
+
+__all__ = ["add_keyslot", "decrypt_image", "describe", "encrypt_image", "open_keyslot", "unlock"]

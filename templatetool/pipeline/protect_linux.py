@@ -68,7 +68,7 @@ def _find(table: PartitionTable, dev: BlockDevice, root_index: int | None) -> tu
                  and ext_size(p.view(dev)) is not None]
         if len(cands) != 1:
             raise UsageError(f"{len(cands)} Linux ext partitions: cannot tell which is the root", dev.name,
-                             "pass --root-partition N")
+                             "name the root partition", code="linux.root-partition")
         root = cands[0]
     if root.index == esps[0].index:
         raise UsageError("the root partition is the ESP", dev.name)
@@ -103,7 +103,7 @@ def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLi
     if out_p.exists() and src_p.exists() and os.path.samefile(src_p, out_p):
         raise UsageError("the output is the input", str(out_p), "protect writes a new disk")
     if out_p.exists() and not overwrite:
-        raise UsageError("output exists", str(out_p), "choose another name, or pass --overwrite to replace it")
+        raise UsageError("output exists", str(out_p), "choose another name, or allow overwriting", code="output.exists")
     if not keyslots:
         raise UsageError("at least one keyslot is needed")
     fmt = "vhdx" if out_p.name.lower().endswith(".vhdx") else "raw"
@@ -169,3 +169,6 @@ def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLi
                      "data_size": data_size, "filesystem_size": fs, "sector_size": ss,
                      "keyslots": len(keyslots), "tokens": sum(1 for k in keyslots if k.token)},
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+__all__ = ["ext_size", "protect_linux"]

@@ -18,7 +18,7 @@ belongs to the caller (the CLI).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
@@ -28,18 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from ..errors import FormatError, UnsupportedError
-
-#: A secret given as a value, or a callable producing it when (and only if) it is needed.
-SecretSource = Callable[[], bytes | str]
-Secret = bytes | str | SecretSource
-
-
-def resolve_secret(secret: Secret | None) -> bytes | None:
-    """The secret as UTF-8 bytes (calling a :data:`SecretSource`); None stays None."""
-    if secret is None:
-        return None
-    value = secret() if callable(secret) else secret
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+from ..secrets import Secret, SecretSource, resolve_secret
 
 
 class KeyAlgorithm(IntEnum):
