@@ -364,3 +364,37 @@ def test_shield_refuses_an_existing_vtpm_state_without_overwrite(capsys: pytest.
     assert_clean_error(cp, 2)
     assert "vm.vtpm" in cp.stderr, cp.stderr
     assert (tmp_path / "vm.vtpm").read_bytes() == b"someone's state" and not (tmp_path / "vm.vhdx").exists()
+
+
+def test_shield_in_place_writes_the_vtpm_state_before_converting(vm: dict[str, Any], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--in-place: VM.vtpm is written with the KP and escrow (before any sector changes); the VM unlocks."""
+    from templatetool.guardian.model import load_guardian
+    from templatetool.pipeline.shield import shield
+    from templatetool.pipeline.unlock import unlock
+
+    d = vm["dir"]
+    disk = tmp_path / "big.vhdx"
+    shutil.copy(d / "template.vhdx", disk)
+    seen: list[bool] = []
+    import templatetool.bitlocker.inplace as ip
+
+    real = ip.in_place
+
+    def spy(*a: Any, **k: Any) -> Any:
+        on_keys = k.get("on_keys")
+
+        def keys(res: Any) -> None:
+            assert on_keys is not None
+            on_keys(res)
+            seen.append((tmp_path / "big.vtpm").is_file() and (tmp_path / "big.kp").is_file())
+        return real(*a, **{**k, "on_keys": keys})
+
+    monkeypatch.setattr(ip, "in_place", spy)
+    rep = shield(disk, d / "tenant.pdk", disk, vm["owner"], in_place=True, pcr_values={7: bytes(32), 11: bytes(32)},
+                 guardians=[load_guardian(d / "fabric")])
+    monkeypatch.undo()
+    assert seen == [True]
+    assert rep["outputs"]["vtpm_state"] == str(tmp_path / "big.vtpm") and rep["vtpm"]["kind"] == "swtpm"
+    dry = unlock(disk, tmp_path / "big.kp", d / "fabric", d / "host", dry_run=True)
+    assert dry.ok and "swtpm started" in dry.steps[3].detail, dry.to_json()
