@@ -379,6 +379,7 @@ class Shielded(_Result):
     policy: str = ""
     owner: str = ""
     guardians: tuple[str, ...] = ()
+    vtpm_state: str | None = None  # the VM's encrypted swtpm state (None: software vTPM / existing vTPM)
     volume_guid: str = ""
     protectors: tuple[str, ...] = ()  # protector types, in the volume's order
 
@@ -388,14 +389,17 @@ def shield(template: PathLike, pdk: PathLike, output: PathLike | None, *, owner:
            kp: PathLike | None = None, tpm_parent: PathLike | None = None, pcrs: Sequence[int] = (7, 11),
            pcr_values: Mapping[int, bytes] | None = None, tcg_log: PathLike | bytes | None = None,
            bank: str = "sha256", method: str = "xts-aes-128", in_place: bool = False,
-           subformat: str | None = None, **options: object) -> Shielded:
+           subformat: str | None = None, vtpm: str = "swtpm", **options: object) -> Shielded:
     """Turn ``template`` + the PDK into a shielded VM disk at ``output`` (``None`` with
     ``in_place``), its key protector (default ``OUTPUT.kp``) and the recovery escrow
     (``OUTPUT.recovery.p7m``, encrypted to the owner).
 
     The vTPM protector is sealed to ``pcrs`` with ``pcr_values`` or the replay of ``tcg_log``
     (give one). ``guardians``: guardians of the PDK (objects, folders or metadata XML) when the
-    PDK does not carry their certificate signatures. Further keyword ``options`` go to
+    PDK does not carry their certificate signatures. ``vtpm``: ``"swtpm"`` (default) manufactures
+    the VM's own vTPM with swtpm and writes its encrypted state as ``OUTPUT.vtpm``
+    (:attr:`Shielded.vtpm_state`); ``"software"`` keeps a software vTPM key in the KP instead.
+    Further keyword ``options`` go to
     :func:`templatetool.pipeline.shield.shield` unchanged.
     """
     from .pipeline.shield import shield as _shield
@@ -408,11 +412,12 @@ def shield(template: PathLike, pdk: PathLike, output: PathLike | None, *, owner:
     known = [_guardian(g, private=False, allow_untrusted_root=True) for g in guardians]
     rep = _shield(template, pdk, output if output is not None else template, og, kp_path=kp, tpm_parent=tpm_parent,
                   pcrs=list(pcrs), pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
-                  guardians=known, in_place=in_place, subformat=subformat, **options)  # type: ignore[arg-type]
+                  guardians=known, in_place=in_place, subformat=subformat, vtpm=vtpm, **options)  # type: ignore[arg-type]
     outs = rep["outputs"]
     bl = rep.get("bitlocker", {})
     return Shielded(report=_frozen(rep), disk=str(outs["disk"]), kp=str(outs["kp"]),
-                    recovery_escrow=str(outs["recovery_escrow"]), policy=str(rep["policy"]), owner=str(rep["owner"]),
+                    recovery_escrow=str(outs["recovery_escrow"]),
+                    vtpm_state=str(outs["vtpm_state"]) if outs.get("vtpm_state") else None, policy=str(rep["policy"]), owner=str(rep["owner"]),
                     guardians=tuple(rep["guardians"]), volume_guid=str(bl.get("volume_guid", "")),
                     protectors=tuple(str(p["type"]) for p in bl.get("protectors", [])))
 
@@ -480,11 +485,13 @@ class UnlockResult(_Result):
 def _unlock(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, *, output: PathLike | None,
             dry: bool, guardian_password: Secret | None, host_evidence: PathLike | None,
             health_cert: PathLike | None, tpm_tcti: str | None,
-            pcr_values: Mapping[int, bytes] | None) -> UnlockResult:
+            pcr_values: Mapping[int, bytes] | None, vtpm_state: PathLike | None = None,
+            tcg_log: PathLike | bytes | None = None) -> UnlockResult:
     from .pipeline.unlock import unlock as _run
 
     rep = _run(vm_disk, kp, guardian, host, output=output, host_evidence=host_evidence, health_cert=health_cert,
-               guardian_password=guardian_password, tpm_tcti=tpm_tcti, pcr_values=pcr_values, dry_run=dry)
+               guardian_password=guardian_password, tpm_tcti=tpm_tcti, pcr_values=pcr_values, dry_run=dry,
+               vtpm_state=vtpm_state, tcg_log=tcg_log)
     return UnlockResult(report=_frozen(rep.to_json()), ok=rep.ok, summary=rep.summary, output=rep.output,
                         steps=tuple(UnlockStep(s.name, s.status, s.detail, s.seconds, s.exit_code)
                                     for s in rep.steps))
@@ -493,21 +500,27 @@ def _unlock(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike,
 def dry_run(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, *,
             guardian_password: Secret | None = None, host_evidence: PathLike | None = None,
             health_cert: PathLike | None = None, tpm_tcti: str | None = None,
-            pcr_values: Mapping[int, bytes] | None = None) -> UnlockResult:
+            pcr_values: Mapping[int, bytes] | None = None, vtpm_state: PathLike | None = None,
+            tcg_log: PathLike | bytes | None = None) -> UnlockResult:
     """The guardian's dry run: attestation → key release → vTPM unseal → BitLocker unlock →
-    catalog verify, writing nothing. A failed step is reported (``ok=False``), not raised."""
+    catalog verify, writing nothing. A failed step is reported (``ok=False``), not raised.
+    ``vtpm_state`` (default ``VM.vtpm`` beside the disk) and ``tcg_log`` (the VM's boot, played
+    into its vTPM; default the reference boot recorded at shield) apply to swtpm-vTPM VMs."""
     return _unlock(vm_disk, kp, guardian, host, output=None, dry=True, guardian_password=guardian_password,
-                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values)
+                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values,
+                   vtpm_state=vtpm_state, tcg_log=tcg_log)
 
 
 def unlock(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, output: PathLike, *,
            guardian_password: Secret | None = None, host_evidence: PathLike | None = None,
            health_cert: PathLike | None = None, tpm_tcti: str | None = None,
-           pcr_values: Mapping[int, bytes] | None = None) -> UnlockResult:
+           pcr_values: Mapping[int, bytes] | None = None, vtpm_state: PathLike | None = None,
+           tcg_log: PathLike | bytes | None = None) -> UnlockResult:
     """The unlock chain for real: the decrypted disk is written to ``output``; the first failed
     step raises its typed error."""
     return _unlock(vm_disk, kp, guardian, host, output=output, dry=False, guardian_password=guardian_password,
-                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values)
+                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values,
+                   vtpm_state=vtpm_state, tcg_log=tcg_log)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -341,8 +341,7 @@ def test_shielded_vm_unlocks_with_key_released_over_http(tmp_path: Path) -> None
     from templatetool.disk import open_disk, select_volume
     from templatetool.pipeline.demo import run_demo
     from templatetool.pipeline.shield import VmSecret
-    from templatetool.pipeline.unlock import tpm_payloads
-    from templatetool.tpm.protector import parse_protector, unseal_with_software_key
+    from templatetool.pipeline.unlock import read_vtpm_state, tpm_payloads, unseal_in_vm_vtpm
 
     d = tmp_path / "demo"
     run_demo(GOLDEN, d, say=lambda s: None)
@@ -359,8 +358,8 @@ def test_shielded_vm_unlocks_with_key_released_over_http(tmp_path: Path) -> None
     with open_disk(d / "vm.vhdx") as disk:
         view, _ = select_volume(disk, None)
         fve = open_fve(view)
-        values = {k: bytes.fromhex(v) for k, v in sec.pcr_values.items()}
-        entry = unseal_with_software_key(parse_protector(tpm_payloads(fve)[0]), sec.private_key(), values)
+        # the VM's own vTPM (swtpm on VM.vtpm with the released K) unseals the VMK
+        entry, _how = unseal_in_vm_vtpm(read_vtpm_state(d / "vm.vtpm", sec), sec, tpm_payloads(fve))
         plain = fve.unlock(vmk=bytes(entry[-32:]))
         with open_disk(d / "template.vhdx") as tdisk:
             tview, _ = select_volume(tdisk, None)

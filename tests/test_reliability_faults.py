@@ -276,7 +276,8 @@ def validate_shield(job: Job, art: cg.Artifacts, present: list[str], note: str) 
 
     if "vm.vhdx" not in present:
         return  # vm.kp / escrow without the disk: complete files on their own (documented)
-    assert {"vm.kp", "vm.recovery.p7m"} <= set(present), f"shield {note}: disk without KP/escrow ({present})"
+    assert {"vm.kp", "vm.recovery.p7m", "vm.vtpm"} <= set(present), \
+        f"shield {note}: disk without KP/escrow/vTPM state ({present})"
     rep = unlock(job.work / "vm.vhdx", job.work / "vm.kp", art.demo / "fabric", art.demo / "host", dry_run=True)
     assert rep.ok, f"shield {note}: dry run fails: {rep.to_json()}"
 
@@ -295,7 +296,7 @@ def make_jobs(art: cg.Artifacts, base: Path) -> dict[str, Job]:
                                          "ref.tcglog": d / "vm-reference.tcglog"},
              ["shield", "{w}/template.vhdx", "--pdk", "{w}/tenant.pdk", "--owner", "{w}/owner", "--guardian",
               "{w}/fabric", "-o", "{w}/vm.vhdx", "--tcg-log", "{w}/ref.tcglog"],
-             ["vm.vhdx", "vm.kp", "vm.recovery.p7m"], validate_shield)
+             ["vm.vhdx", "vm.kp", "vm.recovery.p7m", "vm.vtpm"], validate_shield)
     return {"encrypt": enc, "protect": prot, "shield": sh}
 
 

@@ -4,7 +4,7 @@ The whole pipeline runs (``run_demo`` in-process, then the CLI steps that take p
 environment variables in forked CLI children) with the root logger at DEBUG writing to a file,
 stdout/stderr captured, every spawned process's argv recorded, and TMPDIR pointing at a private
 folder. Afterwards every secret is recovered through our library (the recovery password from the
-owner's escrow, the VMK and FVEK by unlocking, the vTPM private key from the key protector,
+owner's escrow, the VMK and FVEK by unlocking, the vTPM state key K from the key protector,
 the startup key from the .BEK) and searched for — raw, hex, base64 at every alignment, UTF-16 —
 in all of those and in every file written, except the intended secret outputs (.BEK, recovery
 password files, PFX and private-key files, which must be mode 0600).
@@ -204,8 +204,11 @@ def recover_secrets(work: Path, exc_texts: list[str]) -> dict[str, bytes | str]:
     kp_secret = unwrap((demo / "vm.kp").read_bytes(), fabric)
     s["KP secret (VM secret JSON)"] = kp_secret
     vs = VmSecret.from_bytes(kp_secret)
-    key = vs.private_key()
-    s["vTPM private key DER"] = vs.vtpm_key_der
+    key = vs.private_key()  # a software vTPM key (--vtpm software); the demo's vTPM is a swtpm state
+    if vs.vtpm_key_der is not None:
+        s["vTPM private key DER"] = vs.vtpm_key_der
+    if vs.vtpm_state_key is not None:
+        s["vTPM state key K"] = vs.vtpm_state_key
     if isinstance(key, rsa.RSAPrivateKey):
         n = key.private_numbers()
         s["vTPM RSA p"] = n.p.to_bytes((n.p.bit_length() + 7) // 8, "big")
@@ -234,7 +237,8 @@ def test_secrets_recovered(run: dict) -> None:
     s = run["secrets"]
     assert len(s["demo VMK"]) == 32 and len(s["encrypt FVEK"]) in (16, 32, 64)
     assert s["demo FVEK"] != s["encrypt FVEK"] and s["demo VMK"] != s["encrypt VMK"]
-    assert len(s) >= 15
+    assert len(s["vTPM state key K"]) == 32  # the demo VM's swtpm vTPM
+    assert len(s) >= 14
 
 
 def test_no_secret_in_logs_output_exceptions_argv(run: dict) -> None:

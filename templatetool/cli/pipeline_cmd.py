@@ -65,7 +65,10 @@ def _shield_outputs(p: dict[str, Any]) -> list[Out]:
     role = "resume" if p.get("in_place") and policy.converting(disk) else "file"
     kp = Out("--kp", p["kp_out"], role) if p.get("kp_out") else Out("--kp (default OUTPUT.kp)",
                                                                     policy.beside(disk, ".kp"), role)
-    return [kp, Out("the recovery escrow (OUTPUT.recovery.p7m)", policy.beside(disk, ".recovery.p7m"), role)]
+    outs = [kp, Out("the recovery escrow (OUTPUT.recovery.p7m)", policy.beside(disk, ".recovery.p7m"), role)]
+    if p.get("vtpm", "swtpm") == "swtpm" and not p.get("tpm_parent"):
+        outs.append(Out("the vTPM state (OUTPUT.vtpm)", policy.beside(disk, ".vtpm"), role))
+    return outs
 
 
 def register(cli: click.Group) -> None:
@@ -82,6 +85,9 @@ def register(cli: click.Group) -> None:
     @click.option("--kp", "kp_out", type=OUTPUT_FILE, help="Key protector output (default OUTPUT.kp).")
     @click.option("--tpm-parent", type=click.Path(dir_okay=False, exists=True),
                   help="Seal to an existing vTPM (TPM2B_PUBLIC, PEM or EK/SRK certificate) instead of a new vTPM key.")
+    @click.option("--vtpm", type=click.Choice(["swtpm", "software"]), default="swtpm", show_default=True,
+                  help="swtpm: manufacture the VM's vTPM (state in OUTPUT.vtpm, its key in the KP); "
+                       "software: a software vTPM key in the KP.")
     @click.option("--pcrs", type=PCR_LIST, default="7,11", show_default=True,
                   help="PCRs (0-23) the vTPM protector is sealed to, e.g. 7,11.")
     @click.option("--pcr-values", default=None, help="N=HEX[,N=HEX...] or a file; or use --tcg-log.")
@@ -95,7 +101,8 @@ def register(cli: click.Group) -> None:
     @json_option
     @policy.derived_outputs(_shield_outputs)
     def shield_cmd(template: str, pdk: str, owner: str, owner_password_env: str | None, guardians: tuple[str, ...],
-                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, pcrs: list[int],
+                   output: str | None, in_place: bool, kp_out: str | None, tpm_parent: str | None, vtpm: str,
+                   pcrs: list[int],
                    pcr_values: str | None,
                    tcg_log: str | None, bank: str, method: str, report_out: str | None, subformat: str | None,
                    as_json: bool) -> None:
@@ -110,7 +117,7 @@ def register(cli: click.Group) -> None:
         res = api.shield(template, pdk, output, owner=owner, owner_password=guardian_password(owner, owner_password_env),
                          guardians=guardians, kp=kp_out, tpm_parent=tpm_parent, pcrs=pcrs,
                          pcr_values=_pcr_values(pcr_values), tcg_log=tcg_log, bank=bank, method=method,
-                         in_place=in_place, subformat=subformat)
+                         in_place=in_place, subformat=subformat, vtpm=vtpm)
         rep = res.to_json()
         if report_out:
             write_bytes_atomic(report_out, json.dumps(rep, indent=2).encode())
@@ -118,6 +125,8 @@ def register(cli: click.Group) -> None:
             f"shielded VM disk {r['outputs']['disk']} (policy {r['policy']})",
             f"key protector   {r['outputs']['kp']} (owner {r['owner']}, guardians {', '.join(r['guardians'])})",
             f"recovery escrow {r['outputs']['recovery_escrow']} (encrypted to the owner)",
+            *([f"vTPM state      {r['outputs']['vtpm_state']} (swtpm, key in the KP)"]
+              if "vtpm_state" in r["outputs"] else []),
             "protectors      " + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"].get("protectors", []))]))
 
     @cli.command("unlock")
@@ -133,12 +142,14 @@ def register(cli: click.Group) -> None:
     @click.option("--health-cert", type=click.Path(dir_okay=False, exists=True), help="Use this health certificate.")
     @click.option("--tpm", "tcti", default=None, help="Unseal through a real TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
     @click.option("--pcr-values", default=None, help="PCR values of the VM's boot (default: those sealed to).")
+    @click.option("--tcg-log", type=click.Path(dir_okay=False, exists=True),
+                  help="The VM's boot log, played into its vTPM before the unseal (default: the reference boot).")
     @click.option("-o", "--output", type=OUTPUT_FILE, help="Decrypted disk.")
     @click.option("--dry-run", is_flag=True, help="Check every step; write nothing.")
     @json_option
     def unlock_cmd(vm_disk: str, kp: str, guardian: str, guardian_password_env: str | None, host_dir: str,
                    host_evidence: str | None, health_cert: str | None, tcti: str | None, pcr_values: str | None,
-                   output: str | None, dry_run: bool, as_json: bool) -> None:
+                   tcg_log: str | None, output: str | None, dry_run: bool, as_json: bool) -> None:
         """Guardian dry run / unlock: attestation → key release → vTPM unseal → BitLocker → catalog verify."""
         from .. import api
 
@@ -147,11 +158,13 @@ def register(cli: click.Group) -> None:
         pw, values = guardian_password(guardian, guardian_password_env), _pcr_values(pcr_values)
         if dry_run:
             rep = api.dry_run(vm_disk, kp, guardian, host_dir, guardian_password=pw, host_evidence=host_evidence,
-                              health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
+                              health_cert=health_cert, tpm_tcti=tcti, pcr_values=values,
+                              tcg_log=tcg_log)
         else:
             assert output is not None
             rep = api.unlock(vm_disk, kp, guardian, host_dir, output, guardian_password=pw,
-                             host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tcti, pcr_values=values)
+                             host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tcti, pcr_values=values,
+                             tcg_log=tcg_log)
         emit(rep.to_json(), as_json, _unlock_text, error=None if rep.ok else _unlock_error(rep))
 
     @cli.group("escrow")

@@ -50,8 +50,8 @@ def vtpm_key_of(secret: bytes, where: str) -> tuple[bytes, str]:
     from ..pipeline.shield import VmSecret
 
     sec = VmSecret.from_bytes(secret)
-    key = getattr(sec, "vtpm_state_key", None)
-    if not isinstance(key, bytes):
+    key = sec.vtpm_state_key
+    if key is None:
         raise UnsupportedError("this VM has no swtpm vTPM state (shielded with a software vTPM key)", where,
                                "shield it again with a templatetool that manufactures the vTPM")
     return key, sec.policy

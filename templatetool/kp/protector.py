@@ -40,6 +40,7 @@ from typing import Any
 from construct import ConstructError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from lxml import etree
 
@@ -73,7 +74,7 @@ def _der(cert: x509.Certificate) -> bytes:
 
 
 def _c14n(el: etree._Element) -> bytes:
-    return etree.tostring(el, method="c14n", exclusive=True, with_comments=False)
+    return bytes(etree.tostring(el, method="c14n", exclusive=True, with_comments=False))
 
 
 def _mac_key(secret: bytes) -> bytes:
@@ -85,8 +86,9 @@ def _mac(secret: bytes, wrappings_c14n: bytes) -> bytes:
 
 
 def _payload(secret: bytes) -> bytes:
-    return PayloadV1.build({"DataSize": PAYLOAD_HEADER_SIZE + len(secret), "NumberOfKeys": 1,
-                            "KeyLength": len(secret), "KeyValue": [secret]})
+    out: bytes = PayloadV1.build({"DataSize": PAYLOAD_HEADER_SIZE + len(secret), "NumberOfKeys": 1,
+                                  "KeyLength": len(secret), "KeyValue": [secret]})
+    return out
 
 
 def _parse_payload(data: bytes, where: str) -> bytes:
@@ -144,14 +146,14 @@ class Protector:
         return next(w for w in self.wrappings if w.is_owner)
 
 
-def _only(parent, name: str, where: str):
+def _only(parent: etree._Element, name: str, where: str) -> etree._Element:
     kids = [c for c in parent if isinstance(c.tag, str)]
     if len(kids) != 1 or kids[0].tag != _K + name:
         raise FormatError(f"<{etree.QName(parent).localname}> must contain exactly <{name}>", where)
     return kids[0]
 
 
-def _children(parent, names: list[str], where: str) -> list:
+def _children(parent: etree._Element, names: list[str], where: str) -> list[etree._Element]:
     kids = [c for c in parent if isinstance(c.tag, str)]
     got = [etree.QName(c).localname if c.tag.startswith(_K) else c.tag for c in kids]
     if got != names or any(not c.tag.startswith(_K) for c in kids):
@@ -159,7 +161,7 @@ def _children(parent, names: list[str], where: str) -> list:
     return kids
 
 
-def _no_text(el, where: str) -> None:
+def _no_text(el: etree._Element, where: str) -> None:
     for node in el.iter():
         if not isinstance(node.tag, str):
             raise FormatError("comments or processing instructions are not allowed in a KP", where)
@@ -169,7 +171,7 @@ def _no_text(el, where: str) -> None:
             raise FormatError(f"unexpected text after <{etree.QName(node).localname}>", where)
 
 
-def _attrs(el, allowed: set[str], where: str) -> None:
+def _attrs(el: etree._Element, allowed: set[str], where: str) -> None:
     extra = set(el.attrib) - allowed
     if extra:
         raise FormatError(f"unexpected attributes {sorted(extra)} on <{etree.QName(el).localname}>", where)
@@ -188,17 +190,17 @@ def _unb64(text: str | None, what: str, where: str) -> bytes:
         raise FormatError(f"{what} is not valid base64", where) from None
 
 
-def _cert(el, what: str, where: str) -> x509.Certificate:
+def _cert(el: etree._Element, what: str, where: str) -> x509.Certificate:
     _attrs(el, set(), where)
     try:
         cert = x509.load_der_x509_certificate(_unb64(el.text, what, where))
         cert.public_key()  # parsed lazily: a damaged key must fail here
         return cert
-    except Exception:  # noqa: BLE001 - any failure to parse untrusted certificate bytes is malformed input
+    except Exception:
         raise FormatError(f"{what} is not a valid X.509 certificate", where) from None
 
 
-def _signature(el, where: str) -> tuple[str, bytes]:
+def _signature(el: etree._Element, where: str) -> tuple[str, bytes]:
     """Parse a Signature_T element: Algorithm attribute + SignatureValue."""
     _attrs(el, {"Algorithm"}, where)
     sv = _only(el, "SignatureValue", where)
@@ -268,8 +270,8 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
                 raise IntegrityError(f"wrapping {w.id} does not chain to the owner", where)
             seen.add(cur.parent_id)
             cur = by_id[cur.parent_id]
-        parent = by_id[w.parent_id]
-        sigalg.verify_bytes(parent.signing_certificate.public_key(), *w.signing_signature,
+        parent_w = by_id[w.parent_id]
+        sigalg.verify_bytes(parent_w.signing_certificate.public_key(), *w.signing_signature,
                             _der(w.signing_certificate), f"SigningCertificateSignature of wrapping {w.id}", where)
         sigalg.verify_bytes(w.signing_certificate.public_key(), *w.encryption_signature,
                             _der(w.encryption_certificate), f"EncryptionCertificateSignature of wrapping {w.id}", where)
@@ -297,15 +299,16 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
 # ------------------------------------------------------------------------------------------------
 
 
-def _sig(parent, tag: str, key, data: bytes, **attrs: str) -> None:
+def _sig(parent: etree._Element, tag: str, key: Any, data: bytes, **attrs: str) -> None:
     alg, value = sigalg.sign_bytes(key, data)
     holder = etree.SubElement(parent, _K + tag, **attrs)
     s = etree.SubElement(holder, _K + "Signature", Algorithm=alg)
     etree.SubElement(s, _K + "SignatureValue").text = _b64(value)
 
 
-def _add_wrapping(wr_el, wid: int, parent_id: int, parent_key, g_signing: x509.Certificate,
-                  g_encryption: x509.Certificate, ecs_sig: tuple[str, bytes] | None, g_signing_key, payload: bytes) -> None:
+def _add_wrapping(wr_el: etree._Element, wid: int, parent_id: int, parent_key: Any, g_signing: x509.Certificate,
+                  g_encryption: x509.Certificate, ecs_sig: tuple[str, bytes] | None, g_signing_key: Any,
+                  payload: bytes) -> None:
     w = etree.SubElement(wr_el, _K + "Wrapping")
     etree.SubElement(w, _K + "Id").text = str(wid)
     etree.SubElement(w, _K + "SigningCertificate").text = _b64(_der(g_signing))
@@ -333,7 +336,7 @@ def _guardian_ecs(g: Guardian) -> tuple[str, bytes] | None:
     return None
 
 
-def _finish(wr_el, owner: Guardian, owner_id: int, secret: bytes) -> bytes:
+def _finish(wr_el: etree._Element, owner: Guardian, owner_id: int, secret: bytes) -> bytes:
     root = etree.Element(_K + "Protector", nsmap={None: KPS_NS})
     root.append(wr_el)
     wr_c14n = _c14n(wr_el)
@@ -528,4 +531,7 @@ def inspect_kp(data: bytes, where: str = "key protector") -> dict[str, Any]:
 
 
 def _signature_alg_of(p: Protector) -> str:
-    return sigalg.algorithm_for(p.owner.signing_certificate.public_key())
+    key = p.owner.signing_certificate.public_key()
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise FormatError("the owner's signing certificate has neither an RSA nor an EC key", "key protector")
+    return sigalg.algorithm_for(key)

@@ -154,6 +154,8 @@ class Recipe:
             if self.get("shield", "kp") is None:
                 outs.append(("[shield] kp (OUTPUT.kp)", out.with_suffix(".kp")))
             outs.append(("[shield] recovery escrow (OUTPUT.recovery.p7m)", out.with_suffix(".recovery.p7m")))
+            if self.get("shield", "tpm_parent") is None:
+                outs.append(("[shield] vTPM state (OUTPUT.vtpm)", out.with_suffix(".vtpm")))
         return ins, outs
 
     def get(self, sec: str, key: str, default: Any = None, required: bool = False) -> Any:

@@ -102,7 +102,7 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     write_bytes_atomic(d / "vm-reference.tcglog", log)
     rep = shield(d / "template.vhdx", d / "tenant.pdk", d / "vm.vhdx", owner, tcg_log=log, pcrs=DEMO_PCRS,
                  guardians=[fabric])
-    say("  vm.vhdx + vm.kp + vm.recovery.p7m; protectors: " +
+    say("  vm.vhdx + vm.kp + vm.recovery.p7m + vm.vtpm (the VM's swtpm vTPM); protectors: " +
         ", ".join(p["type"] for p in rep["bitlocker"]["protectors"]))
     done()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -31,10 +32,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .. import __version__
-from ..atomic import atomic_outputs, no_interrupts, write_bytes_atomic
+from ..atomic import atomic_outputs, no_interrupts
 from ..blockdev import CHUNK
 from ..canonical import canonical_json
-from ..errors import FormatError, PolicyError, UsageError
+from ..errors import FormatError, PolicyError, ResourceError, UsageError
 from ..guardian.model import Guardian, guardian_from_certificates
 
 #: The VM secret carried by the KP (docs/formats/vm-secret.md).
@@ -42,42 +43,85 @@ VM_SECRET_FORMAT = "templatetool-vm-secret"
 POLICIES = ("shielded", "encryption-supported")
 
 
+#: The vTPM a shield gives the VM: a swtpm-manufactured vTPM (state in VM.vtpm) or a software key.
+VTPM_MODES = ("swtpm", "software")
+
+
 @dataclass
 class VmSecret:
-    """What the KP releases: the vTPM storage key (None when sealed to an existing vTPM) and the seal parameters."""
+    """What the KP releases (docs/formats/vm-secret.md): the vTPM's keys and the seal parameters.
 
-    vtpm_key_der: bytes | None
+    Version 2 (written by shield): ``vtpm_state_key`` is the 32-byte key K that decrypts the VM's
+    swtpm state ``VM.vtpm`` and ``vtpm_state_sha256`` that file's hash (both None without a
+    manufactured vTPM); ``reference_boot`` the event digests per sealed PCR of the reference TCG
+    log (what a dry run plays into the vTPM). ``vtpm_key_der`` is the software vTPM storage key
+    (``--vtpm software``; None otherwise). Version 1 secrets (no state) still parse.
+    """
+
+    vtpm_key_der: bytes | None = field(repr=False)
     parent_name: str
     bank: str
     pcrs: list[int]
     policy: str
     pcr_values: dict[int, str] = field(default_factory=dict)
+    vtpm_state_key: bytes | None = field(default=None, repr=False)
+    vtpm_state_sha256: str | None = None
+    reference_boot: dict[int, list[str]] = field(default_factory=dict)
+    version: int = 2
 
     def to_bytes(self) -> bytes:
-        return canonical_json({
-            "format": VM_SECRET_FORMAT, "version": 1,
+        """The canonical JSON document (version 2 unless this secret was read as version 1)."""
+        doc: dict[str, Any] = {
+            "format": VM_SECRET_FORMAT, "version": self.version,
             "vtpm_key": base64.b64encode(self.vtpm_key_der).decode() if self.vtpm_key_der else None,
             "parent_name": self.parent_name, "bank": self.bank, "pcrs": self.pcrs, "policy": self.policy,
             "pcr_values": {str(k): v for k, v in sorted(self.pcr_values.items())},
-        })
+        }
+        if self.version >= 2:
+            doc["vtpm_state_key"] = base64.b64encode(self.vtpm_state_key).decode() if self.vtpm_state_key else None
+            doc["vtpm_state_sha256"] = self.vtpm_state_sha256
+            doc["reference_boot"] = {str(k): list(v) for k, v in sorted(self.reference_boot.items())}
+        return canonical_json(doc)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VmSecret:
+        """Parse a version 1 or 2 VM secret (FormatError for anything else)."""
         try:
             d = json.loads(data)
-            if d.get("format") != VM_SECRET_FORMAT or d.get("version") != 1:
+            version = d.get("format") == VM_SECRET_FORMAT and d.get("version")
+            if version not in (1, 2) or isinstance(version, bool):
                 raise ValueError("format")
             key = base64.b64decode(d["vtpm_key"], validate=True) if d.get("vtpm_key") else None
-            return cls(key, str(d["parent_name"]), str(d["bank"]), [int(x) for x in d["pcrs"]], str(d["policy"]),
-                       {int(k): str(v) for k, v in d.get("pcr_values", {}).items()})
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            sec = cls(key, str(d["parent_name"]), str(d["bank"]), [int(x) for x in d["pcrs"]], str(d["policy"]),
+                      {int(k): str(v) for k, v in d.get("pcr_values", {}).items()}, version=int(version))
+            if version == 2:
+                if d.get("vtpm_state_key") is not None:
+                    k = base64.b64decode(d["vtpm_state_key"], validate=True)
+                    digest = d.get("vtpm_state_sha256")
+                    if len(k) != 32 or not isinstance(digest, str) or len(bytes.fromhex(digest)) != 32:
+                        raise ValueError("state key")
+                    sec.vtpm_state_key, sec.vtpm_state_sha256 = k, digest.lower()
+                sec.reference_boot = {int(p): [bytes.fromhex(x).hex() for x in v]
+                                      for p, v in (d.get("reference_boot") or {}).items()}
+            return sec
+        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             raise FormatError("the key protector's secret is not a templatetool VM secret") from None
 
+    @property
+    def has_vtpm_state(self) -> bool:
+        """True when the VM has a manufactured vTPM (``VM.vtpm`` + K)."""
+        return self.vtpm_state_key is not None
+
     def private_key(self) -> Any:
-        """The vTPM storage private key object (or None)."""
+        """The software vTPM storage private key object (or None)."""
         if self.vtpm_key_der is None:
             return None
         return serialization.load_der_private_key(self.vtpm_key_der, None)
+
+
+def vtpm_state_path(vm_disk: str | os.PathLike[str]) -> Path:
+    """Where a VM's encrypted vTPM state lives: ``VM.vtpm`` beside ``VM.vhdx``."""
+    return Path(vm_disk).with_suffix(".vtpm")
 
 
 def pdk_guardians(info: Any, known: Sequence[Guardian] = ()) -> list[Guardian]:
@@ -103,6 +147,13 @@ def pdk_guardians(info: Any, known: Sequence[Guardian] = ()) -> list[Guardian]:
     return out
 
 
+def _owner_key(owner: Guardian) -> Any:
+    """The owner's encryption private key (UsageError when the guardian was loaded without keys)."""
+    if owner.encryption_key is None:
+        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+    return owner.encryption_key
+
+
 def _pin_owner(info: Any, owner: Guardian) -> None:
     der = serialization.Encoding.DER
     if info.owner.signing_certificate.public_bytes(der) != owner.signing_certificate.public_bytes(der):
@@ -116,7 +167,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
            bank: str = "sha256", method: str = "xts-aes-128", vtpm_kind: str = "rsa",
            verify_content: bool = True, trust: list[Any] | None = None,
            guardians: Sequence[Guardian] = (), in_place: bool = False,
-           subformat: str | None = None) -> dict[str, Any]:
+           subformat: str | None = None, vtpm: str = "swtpm") -> dict[str, Any]:
     """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
 
     ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
@@ -128,14 +179,21 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     recovery password from the owner's escrow.
 
     ``subformat``: fixed or dynamic VM disk; default: the template's (a fixed VHDX stays fixed).
+
+    ``vtpm``: ``"swtpm"`` (default) manufactures the VM's vTPM with swtpm, seals the VMK to its
+    SRK and writes its encrypted state as ``VM.vtpm`` beside the disk, the state key K going
+    into the KP's VM secret; ``"software"`` generates a software vTPM storage key carried by the
+    KP instead (no state file). Ignored with ``tpm_parent`` (the VM's existing vTPM).
+    ``vtpm_kind`` (rsa, ec) is the software key's type.
     """
+    check_vtpm_mode(vtpm, tpm_parent)
     if in_place:
         if subformat is not None:
             raise UsageError("--subformat needs a new output disk; --in-place keeps the template's")
         return _shield_in_place(template, pdk_path, owner, kp_path=kp_path, tpm_parent=tpm_parent, pcrs=pcrs,
                                 pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
                                 vtpm_kind=vtpm_kind, verify_content=verify_content, trust=trust,
-                                guardians=guardians)
+                                guardians=guardians, vtpm=vtpm)
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..catalog.vsc import compare_volume
     from ..cms.enveloped import envelope
@@ -150,6 +208,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         raise UsageError("the shielded disk must be a .vhdx file", str(out))
     kp_out = Path(kp_path) if kp_path else out.with_suffix(".kp")
     escrow_out = out.with_suffix(".recovery.p7m")
+    vtpm_out = vtpm_state_path(out)
     if Path(template).resolve() == out.resolve():
         raise UsageError("the output must be a new file, not the template", str(out))
     if not owner.has_private_keys:
@@ -178,8 +237,10 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                                       f"({doc.volume.size})", str(template))
                 fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
             measurer = Measurer(doc.volume.size, doc.block_size, fm)
-        # 3. vTPM key / parent
-        vtpm_key, parent, values, sealer = _vtpm_sealer(tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        # 3. the VM's vTPM (manufactured with swtpm, a software key, or an existing vTPM's parent)
+        t3 = time.monotonic()
+        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        timings["vtpm"] = time.monotonic() - t3
         # 4. encrypt into a partial file beside the output
         partial = out.with_name(f".{out.name}.partial.vhdx")
         try:
@@ -191,7 +252,7 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                 else:
                     taps = {"tap": measurer.feed}
             enc = encrypt_disk(template, partial, None, method=method,
-                               protectors=[ProtectorSpec("tpm", seal=sealer), rec_spec],
+                               protectors=[ProtectorSpec("tpm", seal=vt.sealer), rec_spec],
                                description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
                                tap_zeros=measurer.feed_zeros if measurer else None,
                                free_map=measurer.free_map if measurer else None, subformat=sub, **taps)
@@ -217,14 +278,12 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             # 5. escrow, 6. KP
             escrow = envelope(json.dumps({"recovery_password": recovery, "volume_guid": enc["result"].to_json().get("volume_guid"),
                                           "disk": out.name}).encode(), [owner.encryption_certificate])
-            secret = VmSecret(
-                vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()) if vtpm_key is not None else None,
-                parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
-            kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
-            # the disk, its KP and its escrow appear together or not at all (also on Ctrl-C)
+            kp = create_kp(vt.secret(bank, info.policy).to_bytes(), owner, pdk_guardians(info, guardians))
+            # the disk, its KP, its vTPM state and its escrow appear together or not at all (also on Ctrl-C)
             with atomic_outputs() as outs:
                 outs.write(escrow_out, escrow, mode=0o600)
+                if vt.made is not None:
+                    outs.write(vtpm_out, vt.made.state, mode=0o600)
                 outs.write(kp_out, kp)
                 outs.adopt(partial, out)
         finally:
@@ -237,11 +296,11 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "template": {"path": str(template), **qual["template"]},
             "policy": info.policy,
-            "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
+            "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out),
+                        **({"vtpm_state": str(vtpm_out)} if vt.made is not None else {})},
             "guardians": [g.name for g in info.guardians],
             "owner": info.owner.name,
-            "vtpm": {"parent_name": parent.name.hex(), "generated": vtpm_key is not None, "bank": bank,
-                     "pcrs": sorted(values)},
+            "vtpm": vt.to_json(bank),
             "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
                           "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
             "catalog_verified": measurer is not None,
@@ -251,26 +310,92 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
         rec_spec.discard()
 
 
-def _vtpm_sealer(tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str,
-                 pcr_values: Mapping[int, bytes] | None, tcg_log: Any) -> tuple[Any, Any, dict[int, bytes], Any]:
-    """The VM's vTPM storage key (new, or None with ``tpm_parent``), its parent public, the PCR
-    values to seal to and the sealer. Returns (vtpm_key, parent, values, sealer)."""
-    from ..tpm.keys import (
-        generate_storage_key,
-        load_parent,
-        parse_parent_public,
-        template_public,
-    )
+@dataclass
+class _VtpmPlan:
+    """The VM's vTPM as shield makes it: ``kind`` swtpm (a manufactured vTPM: ``made``), software
+    (a storage key: ``key``) or existing (``--tpm-parent``); the parent the VMK is sealed under,
+    the PCR values, the sealer and the reference boot (event digests per sealed PCR)."""
+
+    kind: str
+    parent: Any
+    values: dict[int, bytes]
+    sealer: Any
+    key: Any = None
+    made: Any = None
+    reference_boot: dict[int, list[str]] = field(default_factory=dict)
+
+    def secret(self, bank: str, policy: str) -> VmSecret:
+        """The KP's VM secret for this vTPM."""
+        der = self.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()) if self.key is not None else None
+        state_key = self.made.key if self.made is not None else None
+        digest = hashlib.sha256(self.made.state).hexdigest() if self.made is not None else None
+        return VmSecret(der, self.parent.name.hex(), bank, sorted(self.values), policy,
+                        {k: v.hex() for k, v in self.values.items()}, vtpm_state_key=state_key,
+                        vtpm_state_sha256=digest, reference_boot=self.reference_boot)
+
+    def to_json(self, bank: str) -> dict[str, Any]:
+        """The report's public description (no key material)."""
+        out: dict[str, Any] = {"kind": self.kind, "parent_name": self.parent.name.hex(),
+                               "generated": self.kind != "existing", "bank": bank, "pcrs": sorted(self.values)}
+        if self.made is not None:
+            out.update(srk_name=self.made.srk.name.hex(), ek_name=self.made.ek.name.hex(),
+                       state_sha256=hashlib.sha256(self.made.state).hexdigest())
+        return out
+
+
+def check_vtpm_mode(vtpm: str, tpm_parent: Any) -> None:
+    """Refuse an unknown ``vtpm`` mode, and the swtpm mode without swtpm installed, before any work."""
+    if vtpm not in VTPM_MODES:
+        raise UsageError(f"unknown vTPM mode {vtpm!r}", hint="swtpm (a manufactured vTPM) or software (a vTPM key)")
+    if tpm_parent is None and vtpm == "swtpm":
+        from ..tpm.vtpm_manufacture import swtpm_missing
+
+        missing = swtpm_missing()
+        if missing is not None:
+            raise ResourceError(f"{missing} is not installed: shield manufactures each VM's vTPM with swtpm",
+                                hint="install the Debian packages swtpm and swtpm-tools, or shield with "
+                                     "--vtpm software (a software vTPM key instead of a vTPM state)")
+
+
+def boot_events(tcg_log: str | os.PathLike[str] | bytes, bank: str) -> dict[int, list[bytes]]:
+    """A TCG log's event digests in ``bank``, per PCR in log order (what a boot extends)."""
+    from ..tpm import structs as ts
+    from ..tpm.algs import bank_id
+    from ..tpm.eventlog import parse_log, read_log
+
+    data = bytes(tcg_log) if isinstance(tcg_log, (bytes, bytearray)) else read_log(tcg_log)
+    alg = bank_id(bank)
+    out: dict[int, list[bytes]] = {}
+    for ev in parse_log(data, str(tcg_log) if not isinstance(tcg_log, (bytes, bytearray)) else "event log").events:
+        if ev.type != ts.EV_NO_ACTION and alg in ev.digests:
+            out.setdefault(ev.pcr, []).append(ev.digests[alg])
+    return out
+
+
+def _plan_vtpm(vtpm: str, tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str,
+               pcr_values: Mapping[int, bytes] | None, tcg_log: Any) -> _VtpmPlan:
+    """Make the VM's vTPM (PCR values resolved first, so bad input fails before swtpm runs)."""
+    from ..tpm import structs as ts
+    from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
     from ..tpm.protector import make_sealer, resolve_pcr_values
 
-    vtpm_key = None
+    values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
+    boot = {pcr: [d.hex() for d in ds] for pcr, ds in boot_events(tcg_log, bank).items()
+            if pcr in values} if tcg_log is not None else {}
     if tpm_parent is not None:
         parent = load_parent(tpm_parent)
-    else:
-        vtpm_key = generate_storage_key(vtpm_kind)
-        parent = parse_parent_public(template_public(vtpm_key.public_key(), "srk"), "new vTPM key")
-    values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
-    return vtpm_key, parent, values, make_sealer(parent, list(values), values, bank=bank)
+        return _VtpmPlan("existing", parent, values, make_sealer(parent, list(values), values, bank=bank))
+    if vtpm == "software":
+        key = generate_storage_key(vtpm_kind)
+        parent = parse_parent_public(template_public(key.public_key(), "srk"), "new vTPM key")
+        return _VtpmPlan("software", parent, values, make_sealer(parent, list(values), values, bank=bank), key=key,
+                         reference_boot=boot)
+    from ..tpm.vtpm_manufacture import manufacture_vtpm
+
+    made = manufacture_vtpm(pcr_banks=bank)
+    sealer = make_sealer(made.srk, list(values), values, bank=bank, parent_handle=ts.SRK_HANDLE)
+    return _VtpmPlan("swtpm", made.srk, values, sealer, made=made, reference_boot=boot)
 
 
 def _template_precheck(template: Any, subformat: str | None) -> str:
@@ -303,7 +428,7 @@ def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
         raise NotFoundError("PDK not found", str(pdk_path)) from None
     info = read_pdk(pdk_der, str(pdk_path), owner_certificate=owner.signing_certificate)
     _pin_owner(info, owner)
-    open_pdk_secret(info, owner.encryption_key, owner.encryption_certificate, str(pdk_path))
+    open_pdk_secret(info, _owner_key(owner), owner.encryption_certificate, str(pdk_path))
     if info.policy not in POLICIES:
         raise FormatError(f"unknown PDK policy {info.policy!r}", str(pdk_path))
     vsc_der = read_vsc_bytes(template)
@@ -316,7 +441,8 @@ def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
 
 def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: Any, tpm_parent: Any,
                      pcrs: Sequence[int], pcr_values: Mapping[int, bytes] | None, tcg_log: Any, bank: str, method: str,
-                     vtpm_kind: str, verify_content: bool, trust: Any, guardians: Sequence[Guardian]) -> dict[str, Any]:
+                     vtpm_kind: str, verify_content: bool, trust: Any, guardians: Sequence[Guardian],
+                     vtpm: str) -> dict[str, Any]:
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..bitlocker.inplace import in_place, probe
     from ..catalog.vsc import compare_volume
@@ -328,6 +454,8 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
     disk = Path(template)
     kp_out = Path(kp_path) if kp_path else disk.with_suffix(".kp")
     escrow_out = disk.with_suffix(".recovery.p7m")
+    vtpm_out = vtpm_state_path(disk)
+    vt: _VtpmPlan | None = None
     info, vsc, _der, _qual = _check_pdk_and_template(template, pdk_path, owner, trust)
     with open_disk(template) as dev:
         view, _part = select_volume(dev, None)
@@ -340,7 +468,7 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
                                   f"changed: {where}; re-protect the golden disk")
     if state == "converting":  # resume a crashed run with the recovery password escrowed to the owner
         try:
-            esc = json.loads(open_envelope(escrow_out.read_bytes(), owner.encryption_key, owner.encryption_certificate,
+            esc = json.loads(open_envelope(escrow_out.read_bytes(), _owner_key(owner), owner.encryption_certificate,
                                            where=str(escrow_out)))
         except FileNotFoundError:
             raise PolicyError("the disk is mid-conversion but its recovery escrow is missing", str(escrow_out),
@@ -351,21 +479,23 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
         raise UsageError(f"the template's OS volume is already {state}", str(template))
     else:
         resumed = False
-        vtpm_key, parent, values, sealer = _vtpm_sealer(tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        plan = vt
         recovery = generate_recovery_password()
-        secret = VmSecret(
-            vtpm_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()) if vtpm_key is not None else None,
-            parent.name.hex(), bank, sorted(values), info.policy, {k: v.hex() for k, v in values.items()})
+        secret = vt.secret(bank, info.policy)
 
         def save_keys(res: Any) -> None:  # before any sector of the template changes
             escrow = envelope(canonical_json({"recovery_password": recovery, "volume_guid": res.volume_guid,
                                               "disk": disk.name}), [owner.encryption_certificate])
-            write_bytes_atomic(escrow_out, escrow, mode=0o600)
-            write_bytes_atomic(kp_out, create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians)))
+            kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
+            with atomic_outputs() as outs:  # escrow, vTPM state and KP together
+                outs.write(escrow_out, escrow, mode=0o600)
+                if plan.made is not None:
+                    outs.write(vtpm_out, plan.made.state, mode=0o600)
+                outs.write(kp_out, kp)
 
         enc = in_place(template, None, method=method, on_keys=save_keys,
-                       protectors=[ProtectorSpec("tpm", seal=sealer), ProtectorSpec("recovery_password", recovery)],
+                       protectors=[ProtectorSpec("tpm", seal=vt.sealer), ProtectorSpec("recovery_password", recovery)],
                        description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
     return {
         "tool": f"templatetool {__version__}",
@@ -373,8 +503,11 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
         "in_place": True, "resumed": resumed,
         "template": {"path": str(template), "name": vsc.name, "version": ".".join(map(str, vsc.version))},
         "policy": info.policy,
-        "outputs": {"disk": str(disk), "kp": str(kp_out), "recovery_escrow": str(escrow_out)},
+        "outputs": {"disk": str(disk), "kp": str(kp_out), "recovery_escrow": str(escrow_out),
+                    **({"vtpm_state": str(vtpm_out)} if (vt is not None and vt.made is not None)
+                       or (vt is None and vtpm_out.exists()) else {})},
         "guardians": [g.name for g in info.guardians], "owner": info.owner.name,
+        **({"vtpm": vt.to_json(bank)} if vt is not None else {}),
         "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
                       "volume_size": enc["volume_size"]},
         "catalog_verified": verify_content and not resumed,

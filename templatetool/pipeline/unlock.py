@@ -1,9 +1,15 @@
 """unlock: play the guardian and the host offline, end to end, for a shielded VM disk.
 
 attestation → health certificate → key release (KP unwrap, re-wrapped to the host) → host opens
-the release → vTPM unseal (software with the released vTPM key, or a real TPM via ``tpm_tcti``)
-→ BitLocker unlock with the unsealed VMK → decrypt to a new disk (skipped with ``dry_run``) →
+the release → vTPM unseal → BitLocker unlock with the unsealed VMK → decrypt to a new disk (skipped with ``dry_run``) →
 verify the decrypted volume against the catalog carried in the VM disk.
+
+The vTPM unseal, by what the VM secret holds: a manufactured vTPM (version 2, ``VM.vtpm`` + K):
+the state's hash is checked against the secret, swtpm starts on it with K, the SRK's Name is
+checked against the protector's parent Name (TPM2_ReadPublic, before any unseal), the boot is
+played into the vTPM (the given TCG log, else the reference boot the secret records) and the
+vTPM unseals the VMK under its PCR policy; a software vTPM key: unsealed in software; or a
+real TPM via ``tpm_tcti``.
 
 Each step is reported (passed / failed with the reason / skipped). Without ``dry_run`` the first
 failure raises its typed error; with ``dry_run`` the report is returned and ``ok`` is False.
@@ -11,6 +17,8 @@ failure raises its typed error; with ``dry_run`` the report is returned and ``ok
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -18,8 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CredentialError, NotFoundError, TemplateToolError
-from ..signers.base import Secret
+from ..errors import (
+    CredentialError,
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    PolicyError,
+    TemplateToolError,
+    UnsupportedError,
+    UsageError,
+)
+from ..secrets import Secret
+from .shield import VmSecret, boot_events, vtpm_state_path
 
 
 @dataclass
@@ -91,26 +109,110 @@ def tpm_payloads(fve: Any) -> list[bytes]:
     return list(fve.tpm_blobs())
 
 
+def release_vm_secret(released: bytes, host_encryption_key: Any, health_cert: Any) -> VmSecret:
+    """Host side, after a key release: open it with the host's encryption key and parse the VM
+    secret (``VmSecret.vtpm_state_key`` is K for ``VM.vtpm``; see read_vtpm_state)."""
+    from ..hgs import open_release
+
+    return VmSecret.from_bytes(open_release(released, host_encryption_key, health_cert))
+
+
+def read_vtpm_state(path: str | os.PathLike[str], secret: VmSecret) -> bytes:
+    """The VM's encrypted vTPM state (``VM.vtpm``), refused unless its SHA-256 is the one the VM
+    secret records: a swapped or altered state never reaches swtpm (IntegrityError)."""
+    from ..tpm.swtpm_state import MAX_STATE
+
+    if secret.vtpm_state_sha256 is None:
+        raise UsageError("the VM secret carries no vTPM state hash (no manufactured vTPM)")
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_STATE:
+            raise FormatError(f"vTPM state too large ({p.stat().st_size} bytes)", str(p))
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError("the VM's vTPM state is missing", str(p),
+                            "shield writes it as VM.vtpm beside the VM disk; give its path") from None
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), secret.vtpm_state_sha256):
+        raise IntegrityError("the vTPM state is not this VM's: its SHA-256 differs from the key protector's", str(p),
+                             "altered, or the state of another VM")
+    return data
+
+
+def unseal_in_vm_vtpm(state: bytes, secret: VmSecret, payloads: list[bytes], *,
+                      boot: Mapping[int, list[bytes]] | None = None, check_hmac: bool = False) -> tuple[bytes, str]:
+    """Start swtpm on the VM's state with K, check that a vTPM protector is sealed to this vTPM's
+    SRK (parent Name = the SRK's Name, by TPM2_ReadPublic: no unseal), play ``boot`` (digests per
+    PCR; default the secret's reference boot) into it and unseal the VMK KEY entry through it.
+    ``check_hmac`` first verifies the state with K in Python (the dry run's independent proof).
+    Returns (KEY entry, what was done)."""
+    from ..tpm.protector import parse_protector, unseal_with_tpm
+    from ..tpm.swtpm_state import decrypt_state
+    from ..tpm.vtpm_manufacture import extend_pcrs, read_srk_name, start_vtpm
+
+    key = secret.vtpm_state_key
+    if key is None:
+        raise UsageError("the VM secret carries no vTPM state key")
+    done = ["VM.vtpm SHA-256 matches the KP"]
+    if check_hmac:
+        decrypt_state(state, key)  # IntegrityError when the HMAC does not verify with K
+        done.append("the state opens with K (HMAC-SHA256 verified)")
+    prots = []
+    for p in payloads:
+        try:
+            prots.append(parse_protector(p))
+        except (FormatError, UnsupportedError):
+            continue
+    if not prots:
+        raise CredentialError("the volume has no templatetool vTPM protector")
+    if boot is None:
+        boot = {pcr: [bytes.fromhex(d) for d in ds] for pcr, ds in secret.reference_boot.items()}
+    with start_vtpm(state, key) as run:
+        name = read_srk_name(run.tcti)
+        mine = [p for p in prots if p.parent_name == name]
+        if not mine:
+            raise IntegrityError("the vTPM protector is sealed to another TPM: its parent Name differs from the "
+                                 "vTPM state's SRK Name", "vTPM state", "the state and the disk are of different VMs")
+        done.append(f"swtpm started on it; SRK Name {name.hex()[:16]}... = the protector's parent")
+        extend_pcrs(run.tcti, secret.bank, boot)
+        entry = unseal_with_tpm(mine[0], run.tcti)
+    played = ",".join(map(str, sorted(boot))) or "none"
+    done.append(f"boot played into the vTPM (PCRs {played}); the vTPM unsealed the VMK "
+                f"({secret.bank} PCRs {','.join(map(str, secret.pcrs))})")
+    return entry, "; ".join(done)
+
+
 def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], guardian_dir: str | os.PathLike[str],
            host_dir: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
            host_evidence: str | os.PathLike[str] | None = None, health_cert: str | os.PathLike[str] | None = None,
            guardian_password_env: str | None = None, guardian_password: Secret | None = None,
            tpm_tcti: str | None = None,
-           pcr_values: Mapping[int, bytes] | None = None, dry_run: bool = False) -> UnlockReport:
-    """Run the unlock chain; see the module docstring."""
+           pcr_values: Mapping[int, bytes] | None = None, dry_run: bool = False,
+           vtpm_state: str | os.PathLike[str] | None = None,
+           tcg_log: str | os.PathLike[str] | bytes | None = None) -> UnlockReport:
+    """Run the unlock chain; see the module docstring.
+
+    ``vtpm_state``: the VM's vTPM state (default ``VM.vtpm`` beside ``vm_disk``). ``tcg_log``:
+    the VM's boot log, played into its vTPM before the unseal (default: the reference boot
+    recorded at shield). ``pcr_values``: the PCR values of the VM's boot; a manufactured vTPM
+    measures its own, so there they are only checked against the sealed policy first.
+    """
     from ..bitlocker import open_fve
     from ..catalog import VSC_METADATA_GUID
     from ..catalog.vsc import compare_volume, open_vsc
     from ..disk import open_disk, select_volume
     from ..guardian.model import load_guardian
-    from ..hgs import (AttestationPolicy, attest, create_evidence, load_attestation, load_health_certificate,
-                       load_host, open_release, release_key)
+    from ..hgs import (
+        AttestationPolicy,
+        attest,
+        create_evidence,
+        load_attestation,
+        load_health_certificate,
+        load_host,
+        release_key,
+    )
     from ..tpm.protector import parse_protector, unseal_first_with_tpm, unseal_with_software_key
-    from .shield import VmSecret
 
     if not dry_run and output is None:
-        from ..errors import UsageError
-
         raise UsageError("give -o OUTPUT, or --dry-run")
     report = UnlockReport(steps=[Step(n) for n in STEPS], output=str(output) if output and not dry_run else None)
     steps = {s.name: s for s in report.steps}
@@ -152,8 +254,7 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         return f"guardian {g.name!r} unwrapped the KP and re-wrapped the key to the host's health certificate"
 
     def do_host() -> str:
-        secret = open_release(state["released"], state["host"].encryption_key, state["hc"])
-        state["secret"] = VmSecret.from_bytes(secret)
+        state["secret"] = release_vm_secret(state["released"], state["host"].encryption_key, state["hc"])
         return "host opened the key release"
 
     def do_unseal() -> str:
@@ -170,6 +271,12 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         if tpm_tcti:
             entry = unseal_first_with_tpm(payloads, tpm_tcti)
             how = f"unsealed by the TPM at {tpm_tcti}"
+        elif sec.has_vtpm_state:
+            data = read_vtpm_state(vtpm_state if vtpm_state is not None else vtpm_state_path(vm_disk), sec)
+            if pcr_values is not None:
+                _check_claimed_pcrs(payloads, pcr_values)
+            boot = boot_events(tcg_log, sec.bank) if tcg_log is not None else None
+            entry, how = unseal_in_vm_vtpm(data, sec, payloads, boot=boot, check_hmac=dry_run)
         else:
             key = sec.private_key()
             if key is None:
@@ -199,6 +306,7 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         from .encrypt import Credentials, decrypt_disk
 
         part = state["part"]
+        assert output is not None  # checked on entry: not a dry run
         r = decrypt_disk(vm_disk, output, part.index if part else None, Credentials(vmk=state["vmk"]))
         fsp = r["free_space"]
         how = "free space skipped" if fsp["used"] else fsp["reason"]
@@ -235,6 +343,23 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
             state["disk"].close()
     _explain_skips(report)
     return report
+
+
+def _check_claimed_pcrs(payloads: list[bytes], pcr_values: Mapping[int, bytes]) -> None:
+    """PCR values claimed for the VM's boot must satisfy a vTPM protector's sealed policy."""
+    from ..tpm.policy import compute_policy
+    from ..tpm.protector import parse_protector
+
+    for p in payloads:
+        try:
+            prot = parse_protector(p)
+        except (FormatError, UnsupportedError):
+            continue
+        if all(i in pcr_values for i in prot.pcrs) and compute_policy(
+                prot.bank, {i: pcr_values[i] for i in prot.pcrs}, commands=prot.commands).digest == prot.auth_policy:
+            return
+    raise PolicyError("PCR values do not satisfy the sealed policy", hint="the given PCR values differ from those the "
+                      "VMK is sealed to")
 
 
 def _explain_skips(report: UnlockReport) -> None:

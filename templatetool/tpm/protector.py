@@ -9,6 +9,7 @@ offline); a guest converts it to a native one on first boot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,12 +85,13 @@ def build_protector(parent: ParentKey, policy: Policy, blob: SealedBlob, *, pin:
     persistent handle: 0x81000001 (SRK) or 0x81010001 (EK-style parents)."""
     if parent_handle is None:
         parent_handle = s.EK_HANDLE if parent.is_ek_style else s.SRK_HANDLE
-    return s.VTPM_PROTECTOR.build({
+    out: bytes = s.VTPM_PROTECTOR.build({
         "version": s.PROTECTOR_VERSION, "flags": FLAG_PIN if pin else 0, "parentHandle": parent_handle,
         "parentName": parent.name, "policy": list(policy.commands),
         "pcrSelection": s.TPML_PCR_SELECTION.parse(policy.selection), "pcrDigest": policy.pcr_digest,
         "duplicate": blob.duplicate, "public": blob.public, "inSymSeed": blob.in_sym_seed,
     })
+    return out
 
 
 def parse_protector(payload: bytes, where: str = "vTPM protector") -> VtpmProtector:
@@ -184,10 +186,8 @@ def make_sealer(parent: ParentKey | str | os.PathLike[str], pcrs: Sequence[int] 
 def _parent_for_key(prot: VtpmProtector, key: PrivateKey, parent: ParentKey | None) -> ParentKey:
     candidates = [parent] if parent is not None else []
     for kind in ("srk", "ek"):
-        try:
+        with contextlib.suppress(Exception):  # unsupported curve etc.: no candidate
             candidates.append(parse_parent_public(template_public(key.public_key(), kind)))
-        except Exception:  # noqa: BLE001 - unsupported curve etc.: no candidate
-            pass
     for c in candidates:
         if c.name == prot.parent_name:
             return c
@@ -232,9 +232,20 @@ def unseal_with_tpm(payload: bytes | VtpmProtector, tcti: str, *, pin: str | Non
                             parent_handle=parent_handle, **kw)
 
 
-__all__ = ["Sealer", "VtpmProtector", "build_protector", "make_sealer", "parse_protector", "pin_auth_value",
-           "resolve_pcr_values", "seal_to_parent", "unseal_first_with_tpm", "unseal_with_software_key",
-           "unseal_with_tpm", "object_name"]
+__all__ = [
+    "Sealer",
+    "VtpmProtector",
+    "build_protector",
+    "make_sealer",
+    "object_name",
+    "parse_protector",
+    "pin_auth_value",
+    "resolve_pcr_values",
+    "seal_to_parent",
+    "unseal_first_with_tpm",
+    "unseal_with_software_key",
+    "unseal_with_tpm",
+]
 
 
 def unseal_first_with_tpm(payloads: Sequence[bytes], tcti: str, *, pin: str | None = None,
@@ -253,7 +264,7 @@ def unseal_first_with_tpm(payloads: Sequence[bytes], tcti: str, *, pin: str | No
             return unseal_with_tpm(prot, tcti, pin=pin, parent_handle=parent_handle, esys=esys)
         except (PolicyError, CredentialError) as e:
             last = e
-        except Exception as e:  # noqa: BLE001 - keep trying the other protectors
+        except Exception as e:
             from ..errors import TemplateToolError
 
             if not isinstance(e, TemplateToolError):

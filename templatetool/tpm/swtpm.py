@@ -17,7 +17,6 @@ from typing import Any
 
 from ..errors import IntegrityError, ResourceError
 
-
 #: swtpm control-channel command CMD_GET_CAPABILITY (u32 big-endian 1).
 _CMD_GET_CAPABILITY = (1).to_bytes(4, "big")
 #: TPM2_GetRandom(8) with no sessions: tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_GetRandom.
@@ -29,7 +28,7 @@ def _free_port_pair() -> int:
     for _ in range(50):
         with socket.socket() as a:
             a.bind(("127.0.0.1", 0))
-            p = a.getsockname()[1]
+            p: int = a.getsockname()[1]
             if p >= 65535:
                 continue
             with socket.socket() as b:

@@ -156,9 +156,10 @@ def decrypt_state(data: bytes, key: bytes | None, where: str = "vTPM state") -> 
 def _blob(flags: int, tlvs: list[tuple[int, bytes]]) -> bytes:
     body = [{"tag": t, "value": v} for t, v in tlvs]
     total = st.HEADER_SIZE + sum(6 + len(v) for _, v in tlvs)
-    return st.STATE_BLOB.build({"header": {"version": st.BLOB_VERSION, "minVersion": st.BLOB_MIN_VERSION,
+    out: bytes = st.STATE_BLOB.build({"header": {"version": st.BLOB_VERSION, "minVersion": st.BLOB_MIN_VERSION,
                                            "hdrSize": st.HEADER_SIZE, "flags": flags, "totalLength": total},
                                 "tlvs": body})
+    return out
 
 
 def encrypt_state(plain: bytes, key: bytes, iv: bytes | None = None) -> bytes:

@@ -16,13 +16,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import IntegrityError, ResourceError, UsageError
 from . import structs as s
+from .algs import bank_id, digest_size
 from .duplicate import MAX_SEALED
 from .keys import ParentKey, parse_parent_public
 from .policy import compute_policy
@@ -48,6 +50,19 @@ class ManufacturedVtpm:
         return {"state_size": len(self.state), "srk_name": self.srk.name.hex(), "ek_name": self.ek.name.hex(),
                 "srk": self.srk.describe(), "ek": self.ek.describe(),
                 "protector_size": len(self.protector) if self.protector is not None else None}
+
+
+def _tss() -> Any:
+    """tpm2_pytss, imported on first use (tpmclient's loader, typed for callers here)."""
+    from . import tpmclient
+
+    load: Callable[[], Any] = tpmclient._tss
+    return load()
+
+
+def swtpm_missing() -> str | None:
+    """The first of swtpm / swtpm_setup not on PATH, or None when both are installed."""
+    return next((n for n in ("swtpm", "swtpm_setup") if shutil.which(n) is None), None)
 
 
 def _tool(name: str) -> str:
@@ -123,22 +138,12 @@ def start_vtpm(state: bytes, key: bytes) -> Iterator[RunningVtpm]:
 
 
 def _read_publics(sw: RunningVtpm) -> tuple[ParentKey, ParentKey]:
-    from .tpmclient import _tss
-
-    t = _tss()
-    esys = t.ESAPI(sw.swtpm.tcti_loader())
     try:
-        out = []
-        for handle, what in ((s.SRK_HANDLE, "vTPM SRK 0x81000001"), (s.EK_HANDLE, "vTPM EK 0x81010001")):
-            try:
-                tr = esys.tr_from_tpmpublic(handle)
-                pub, _, _ = esys.read_public(tr)
-            except t.TSS2_Exception as e:
-                raise ResourceError(f"cannot read the {what} from the new vTPM (TPM rc 0x{int(e.rc):x})") from None
-            out.append(parse_parent_public(pub.marshal()[2:], what))
-        return out[0], out[1]
-    finally:
-        esys.close()
+        return (_read_public(sw.tcti, s.SRK_HANDLE, "vTPM SRK 0x81000001"),
+                _read_public(sw.tcti, s.EK_HANDLE, "vTPM EK 0x81010001"))
+    except IntegrityError as e:  # swtpm_setup just made it: a missing key is the tools' fault
+        raise ResourceError(f"cannot read a public key from the new vTPM: {e.what}",
+                            hint="check the swtpm and swtpm-tools installation") from None
 
 
 def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes] | None = None,
@@ -181,6 +186,53 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
     return ManufacturedVtpm(state, key, srk, ek, protector)
 
 
+def read_srk_name(tcti: str) -> bytes:
+    """The TPM Name of the persistent SRK (0x81000001) of the (v)TPM at ``tcti``, by
+    TPM2_ReadPublic: what a vTPM protector's parent Name must equal (no unseal involved)."""
+    return _read_public(tcti, s.SRK_HANDLE, "vTPM SRK 0x81000001").name
+
+
+def _read_public(tcti: str, handle: int, what: str) -> ParentKey:
+    t = _tss()
+    from .tpmclient import open_tpm
+
+    esys = open_tpm(tcti)
+    try:
+        try:
+            tr = esys.tr_from_tpmpublic(handle)
+            pub, _, _ = esys.read_public(tr)
+        except t.TSS2_Exception as e:
+            raise IntegrityError(f"the {what} is missing from the vTPM (TPM rc 0x{int(e.rc):x})", "vTPM state",
+                                 "the state is not a vTPM made by shield") from None
+        return parse_parent_public(bytes(pub.marshal())[2:], what)
+    finally:
+        esys.close()
+
+
+def extend_pcrs(tcti: str, bank: str, events: Mapping[int, Sequence[bytes]]) -> None:
+    """Extend each PCR of ``bank`` with its digests, in order (TPM2_PCR_Extend): a boot's
+    measurements played into a running (v)TPM, e.g. a reference TCG log's for a dry run."""
+    t = _tss()
+    from .tpmclient import open_tpm
+
+    alg = getattr(t.TPM2_ALG, bank.upper())
+    size = digest_size(bank_id(bank))
+    esys = open_tpm(tcti)
+    try:
+        for pcr in sorted(events):
+            for d in events[pcr]:
+                if len(d) != size:
+                    raise UsageError(f"a {bank} digest for PCR {pcr} must be {size} bytes, got {len(d)}")
+                vals = t.TPML_DIGEST_VALUES([t.TPMT_HA(hashAlg=alg)])
+                setattr(vals[0].digest, bank.lower(), bytes(d))
+                try:
+                    esys.pcr_extend(getattr(t.ESYS_TR, f"PCR{pcr}"), vals)
+                except t.TSS2_Exception as e:
+                    raise ResourceError(f"the vTPM refused to extend PCR {pcr} (TPM rc 0x{int(e.rc):x})") from None
+    finally:
+        esys.close()
+
+
 def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | None = None,
                    prepare: Callable[[str], object] | None = None) -> bytes:
     """Start swtpm on the encrypted state and unseal ``protector`` through it. ``prepare(tcti)``
@@ -193,4 +245,5 @@ def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | Non
         return unseal_with_tpm(protector, sw.tcti, pin=pin)
 
 
-__all__ = ["ManufacturedVtpm", "RunningVtpm", "STATE_FILE", "manufacture_vtpm", "start_vtpm", "unseal_in_vtpm"]
+__all__ = ["STATE_FILE", "ManufacturedVtpm", "RunningVtpm", "extend_pcrs", "manufacture_vtpm", "read_srk_name",
+           "start_vtpm", "swtpm_missing", "unseal_in_vtpm"]
