@@ -175,6 +175,8 @@ CLI_HINTS: dict[str, str] = {
     "protect.preflight": "run 'templatetool protect --check' for the list",
     "output.exists": "choose another name, or pass --overwrite to replace it",
     "disk.no-os-volume": "pass --partition N to choose one",
+    "shield.no-swtpm": "install the Debian packages swtpm and swtpm-tools, or shield with --vtpm software "
+                       "(a software vTPM key instead of a vTPM state)",
     "host.tcg-log-needed": "give --tcg-log",
     "host.kvm-failed": "retry with --accel tcg",
     "host.vtpm-state-missing": "shield writes VM.vtpm beside VM.vhdx; or give --vtpm-state",

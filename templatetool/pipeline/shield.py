@@ -355,7 +355,7 @@ def check_vtpm_mode(vtpm: str, tpm_parent: Any) -> None:
         if missing is not None:
             raise ResourceError(f"{missing} is not installed: shield manufactures each VM's vTPM with swtpm",
                                 hint="install the Debian packages swtpm and swtpm-tools, or shield with "
-                                     "--vtpm software (a software vTPM key instead of a vTPM state)")
+                                     "a software vTPM key instead of a vTPM state", code="shield.no-swtpm")
 
 
 def boot_events(tcg_log: str | os.PathLike[str] | bytes, bank: str) -> dict[int, list[bytes]]:
