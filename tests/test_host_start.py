@@ -158,7 +158,6 @@ def _read_clock_and_pcr0(state: bytes, key: bytes) -> tuple[int, bytes]:
             esys.close()
 
 
-@pytest.mark.slow
 def test_ovmf_boots_with_the_released_vtpm(vtpm, tmp_path: Path) -> None:
     """Key release over a live HGS gives K; swtpm runs on the state with it; OVMF boots under QEMU
     (TCG here), measures into the vTPM (the guest reads PCR 0 != 0 through the CRB) and the state
