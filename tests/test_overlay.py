@@ -67,6 +67,31 @@ def pinned(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     return reset
 
 
+@pytest.fixture
+def reserve_probe(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record (allocated bytes, metadata bytes of the source) of every file handed to ntfscp."""
+    import templatetool.bitlocker.reserve as R
+    import templatetool.pipeline.encrypt as E
+
+    seen: list[tuple[int, int]] = []
+    real = R.reserve_ntfs
+
+    def probe(path: str | os.PathLike[str]) -> object:
+        seen.append((os.stat(path).st_blocks * 512, sum(n for _, n in O.metadata_extents(RawFile(path)))))
+        return real(path)
+
+    monkeypatch.setattr(R, "reserve_ntfs", probe)
+    monkeypatch.setattr(E, "reserve_ntfs", probe)
+    return seen
+
+
+def _assert_metadata_only(seen: list[tuple[int, int]]) -> None:
+    """ntfscp was handed a file holding the volume's metadata only (no staged file data)."""
+    assert seen, "no reservation was made"
+    for allocated, meta in seen:
+        assert allocated <= meta + 64 * 1024, (allocated, meta)
+
+
 def _vol_with_free_space_content(tmp: Path, size_mib: int = 24) -> Path:
     """mkntfs + files, then free space made interesting: one free 1 MiB chunk of random bytes,
     one written as explicit zeros (allocated in the file, all zero), random bytes in a few free
@@ -164,7 +189,8 @@ def test_merged_view_reads_the_reserved_copy(tmp_path: Path, pinned: Callable[[]
     assert file_sha256(vol) == before
 
 
-def test_encrypt_same_bytes_as_reserved_copy(tmp_path: Path, pinned: Callable[[], None]) -> None:
+def test_encrypt_same_bytes_as_reserved_copy(tmp_path: Path, pinned: Callable[[], None],
+                                             reserve_probe: list[tuple[int, int]]) -> None:
     require_tool("ntfscp", "dislocker-file")
     vol = _vol_with_free_space_content(tmp_path)
     spec = [ProtectorSpec("recovery_password", RP)]
@@ -174,7 +200,9 @@ def test_encrypt_same_bytes_as_reserved_copy(tmp_path: Path, pinned: Callable[[]
     a = encrypt_disk(ref, tmp_path / "ref-enc.img", protectors=spec, workers=2)
     assert a["reused_reservation"]
     pinned()
+    reserve_probe.clear()
     b = encrypt_disk(vol, tmp_path / "enc.img", protectors=[ProtectorSpec("recovery_password", RP)], workers=2)
+    _assert_metadata_only(reserve_probe)
     assert not b["reused_reservation"] and b["skipped_bytes"] == a["skipped_bytes"] > 0
     assert file_sha256(tmp_path / "enc.img") == file_sha256(tmp_path / "ref-enc.img")
     assert not list(tmp_path.glob(".tt-overlay-*"))
@@ -212,3 +240,47 @@ def test_overlay_refuses_a_non_ntfs_volume(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedError):
         O.MetadataOverlay(RawFile(raw), tmp_path)
     assert not list(tmp_path.glob(".tt-overlay-*"))
+
+
+def test_protect_same_template_as_reserved_copy(tmp_path: Path, pinned: Callable[[], None],
+                                                reserve_probe: list[tuple[int, int]]) -> None:
+    """protect of the unreserved golden disk == protect of a copy reserved beforehand (disk bytes
+    and catalog root), with no staged copy of the volume; the source is not modified."""
+    require_tool("qemu-img", "ntfscp")
+    from templatetool.disk import find_os_volume, open_disk, read_partition_table
+    from templatetool.pipeline.protect import protect
+    from templatetool.signers.base import KeySigner
+    from templatetool.signers.certs import new_key, self_signed
+
+    from .conftest import GOLDEN
+
+    disk = tmp_path / "golden.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(GOLDEN), str(disk)], check=True)
+    d = open_disk(disk)
+    part = find_os_volume(read_partition_table(d), d)
+    off, size = part.offset, part.size
+    d.close()
+    before = file_sha256(disk)
+    pinned()
+    vol = tmp_path / "vol.img"
+    with open(disk, "rb") as fi, open(vol, "wb") as fo:
+        fi.seek(off)
+        fo.write(fi.read(size))
+    reserve_ntfs(vol)
+    reserve_probe.clear()
+    ref_disk = tmp_path / "ref.raw"
+    shutil.copyfile(disk, ref_disk)
+    with open(ref_disk, "r+b") as f:
+        f.seek(off)
+        f.write(vol.read_bytes())
+    k = new_key("ec-p256")
+    signer = KeySigner(k, self_signed("CN=Overlay Test", k))
+    a = protect(ref_disk, tmp_path / "ref-t.img", "T", "1.0.0.0", signer)
+    b = protect(disk, tmp_path / "t.img", "T", "1.0.0.0", signer)
+    _assert_metadata_only(reserve_probe)
+    assert a.document.root == b.document.root
+    assert a.reserved == b.reserved
+    assert file_sha256(tmp_path / "t.img") == file_sha256(tmp_path / "ref-t.img")
+    assert b.bytes_read < size + off  # the volume was not staged (it was read once, used blocks only)
+    assert file_sha256(disk) == before
+    assert not list(tmp_path.glob(".tt-*"))

@@ -240,8 +240,8 @@ class MetadataOverlay:
     """A sparse temporary file holding a copy of ``view``'s NTFS metadata (see module docstring).
 
     Use as a context manager (the file is removed on exit). ``path`` is the overlay file for
-    ntfscp; :meth:`merged` gives the combined view once it has been modified; ``copied`` is the
-    number of bytes copied into it.
+    ntfscp; :meth:`merged` gives the combined view once it has been modified; ``bytes_read`` is
+    what was read from the source for it and ``copied`` what was written into it.
     """
 
     def __init__(self, view: BlockDevice, folder: str | os.PathLike[str]) -> None:
@@ -249,6 +249,7 @@ class MetadataOverlay:
         fd, name = tempfile.mkstemp(prefix=".tt-overlay-", suffix=".raw", dir=folder)
         self.path = Path(name)
         self.copied = 0
+        self.bytes_read = 0
         try:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, view.size)
@@ -282,6 +283,7 @@ class MetadataOverlay:
         while pos < b:
             k = min(CHUNK, b - pos)
             data = self.view.read(pos, k)
+            self.bytes_read += k
             if not is_zero(data):
                 mv = memoryview(data)
                 done = 0

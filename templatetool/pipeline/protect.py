@@ -1,4 +1,8 @@
-"""Protect a golden disk: preflight, copy, reserve BitLocker's regions, measure, sign, embed.
+"""Protect a golden disk: preflight, reserve BitLocker's regions, copy + measure, sign, embed.
+
+The reservation is made with ntfscp in a sparse overlay holding only the OS volume's NTFS
+metadata (:mod:`templatetool.disk.overlay`); the copy reads that overlay over the source, so the
+file data is read once (measured and written in the same pass) and never staged.
 
 ``protect`` never edits its input: it writes a new disk (VHDX when the output name ends in
 ``.vhdx``; a raw image otherwise, with the signed catalog beside it as ``OUT.vsc``), atomically.
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_outputs, no_interrupts, write_bytes_atomic
-from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
+from ..blockdev import CHUNK, BlockDevice, is_zero
 from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
 from ..catalog.measure import FREE_NTFS, Measurer
@@ -200,45 +204,42 @@ def _mask(data: bytes, offset: int, fm: FreeMap) -> bytes:
 
 
 class _Staged:
-    """The OS volume ready to measure: BitLocker's regions reserved (on a staged raw copy when
-    they had to be created), its free map, and where the bytes come from."""
+    """The OS volume ready to measure: BitLocker's regions reserved (in a sparse metadata overlay
+    over the source when they had to be created: no copy of the file data), its free map, and
+    where the bytes come from."""
 
     def __init__(self, os_view: BlockDevice, workdir: Path, sector_size: int) -> None:
         from ..bitlocker.reserve import find_reserved, reserve_ntfs
+        from ..disk.overlay import MetadataOverlay
 
         self.os_view = os_view
         self.bytes_read = 0
+        self.overlay: MetadataOverlay | None = None
         regions = find_reserved(os_view)
         self.staged = regions is None
+        self.vol: BlockDevice = os_view
         if regions is None:
-            # ntfscp works on a raw volume file: copy the volume out and reserve there.
-            raw_path = workdir / "volume.raw"
-            raw = RawFile.create(raw_path, os_view.size, sector_size=sector_size)
+            # ntfscp works on a raw volume file: give it a sparse copy of the NTFS metadata only,
+            # then read that copy over the source (disk/overlay.py)
+            self.overlay = MetadataOverlay(os_view, workdir)
             try:
-                with progress(os_view.size, "staging volume") as bar:
-                    for o, n in os_view.allocated_ranges():
-                        pos = o
-                        while pos < o + n:
-                            k = min(CHUNK, o + n - pos)
-                            data = os_view.read(pos, k)
-                            self.bytes_read += k
-                            if not is_zero(data):
-                                raw.write(pos, data)
-                            pos += k
-                            bar.update(k)
-                raw.flush()
-            finally:
-                raw.close()
-            regions = reserve_ntfs(raw_path)
-            self.vol: BlockDevice = RawFile(raw_path, sector_size=sector_size)
-        else:
-            self.vol = os_view
+                self.bytes_read += self.overlay.bytes_read
+                regions = reserve_ntfs(self.overlay.path)
+                self.vol = self.overlay.merged(sector_size=sector_size)
+            except BaseException:
+                self.overlay.close()
+                raise
         self.regions = regions
-        self.free_map = ntfs_free_map(self.vol)
+        try:
+            self.free_map = ntfs_free_map(self.vol)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        if self.staged:
+        if self.overlay is not None:
             self.vol.close()
+            self.overlay.close()
 
 
 def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: Any,
