@@ -361,14 +361,15 @@ class MergedVolume(BlockDevice):
         mv = memoryview(buf)
         for o, k in self.source.allocated_ranges():
             for c in range(o // CHUNK, min(n, -(-(o + k) // CHUNK))):
-                if any_used[c] or c in out or self._in_overlay(c * CHUNK, CHUNK):
+                if any_used[c] or c in out or self.in_overlay(c * CHUNK, CHUNK):
                     continue
                 self.source.read_into(c * CHUNK, mv)
                 if is_zero(mv):
                     out.add(c)
         return out
 
-    def _in_overlay(self, offset: int, length: int) -> bool:
+    def in_overlay(self, offset: int, length: int) -> bool:
+        """Whether the span overlaps one of the overlay's data extents."""
         i = bisect.bisect_right(self._starts, offset + length - 1) - 1
         return i >= 0 and self._ends[i] > offset
 

@@ -27,7 +27,7 @@ from ..blockdev import CHUNK, BlockDevice, is_zero
 from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
 from ..catalog.measure import FREE_NTFS, Measurer
-from ..catalog.ntfs import FreeMap, ntfs_free_map
+from ..catalog.ntfs import ntfs_free_map
 from ..catalog.vsc import sign_catalog
 from ..errors import PolicyError, TemplateToolError, UsageError
 from ..progress import progress
@@ -190,19 +190,6 @@ def _copy_outside(src: BlockDevice, dst: BlockDevice, skip: tuple[int, int], bar
     return copied
 
 
-def _mask(data: bytes, offset: int, fm: FreeMap) -> bytes:
-    import numpy as np
-
-    used = fm.used_in(offset, len(data))
-    if used is None or used.all():
-        return data
-    cs = fm.cluster_size
-    arr = np.frombuffer(data, dtype=np.uint8).copy()
-    full = min(len(arr), used.shape[0] * cs) // cs
-    arr[: full * cs].reshape(full, cs)[~used[:full]] = 0
-    return arr.tobytes()
-
-
 class _Staged:
     """The OS volume ready to measure: BitLocker's regions reserved (in a sparse metadata overlay
     over the source when they had to be created: no copy of the file data), its free map, and
@@ -236,6 +223,12 @@ class _Staged:
             self.close()
             raise
 
+    def in_overlay(self, offset: int, length: int) -> bool:
+        """Whether the span touches the overlay (where the reservation may have changed bytes)."""
+        from ..disk.overlay import MergedVolume
+
+        return isinstance(self.vol, MergedVolume) and self.vol.in_overlay(offset, length)
+
     def close(self) -> None:
         if self.overlay is not None:
             self.vol.close()
@@ -244,24 +237,60 @@ class _Staged:
 
 def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: Any,
                        write: Any) -> tuple[bytes, list[bytes]]:
-    """One pass over the volume: measure (free clusters as zeros) and hand each block to
-    ``write(offset, original, masked)``; blocks whose clusters are all free are never read."""
+    """One pass over the volume: measure (free clusters as zeros) and hand each chunk of blocks
+    read to ``write(offset, masked, all_zero)``; chunks whose clusters are all free are never
+    read (nor handed over).
+
+    Forked workers (:func:`templatetool.parallel.ordered_map`) read a chunk, zero its free
+    clusters in place and hash its blocks; this process records the digests in order and is the
+    single writer (as for encrypt: two processes writing one file contend on its inode lock).
+    """
+    import numpy as np
+
+    from ..parallel import chunk_items, ordered_map
+
     fm, vol = st.free_map, st.vol
-    m = Measurer(vol.size, block_size, None, workers)
+    cs = fm.cluster_size
+    step = block_size * max(1, CHUNK // block_size)
+    m = Measurer(vol.size, block_size, None, 1)
+    nsteps = -(-vol.size // step)
+
+    def all_free(off: int, n: int) -> bool:
+        used = fm.used_in(off, n)
+        return used is not None and used.shape[0] * cs >= n and not used.any()
+
+    def chunk_mask(chunk: int) -> Any:
+        full = vol.size // chunk
+        any_used = fm.any_used_per(chunk // cs, full) if chunk % cs == 0 else None
+        if any_used is None:
+            return None
+        out = np.zeros(nsteps, dtype=bool)
+        out[:full] = ~any_used
+        return out
+
+    all_free.chunk_mask = chunk_mask  # type: ignore[attr-defined]
+
+    def work(off: int, n: int, out: memoryview) -> bytes:
+        # in a worker: read, zero the free clusters, hash the blocks; flag an all-zero chunk
+        data = out[:n]
+        vol.read_into(off, data)
+        used = fm.used_in(off, n)
+        if used is not None and not used.all():
+            arr = np.frombuffer(data, dtype=np.uint8)
+            full = min(n, used.shape[0] * cs) // cs
+            arr[:full * cs].reshape(full, cs)[~used[:full]] = 0
+        return m.block_digests(off, data) + (b"\0" if is_zero(data) else b"\1")
+
     try:
-        for i in range(m.block_count):
-            off = i * block_size
-            blen = min(block_size, vol.size - off)
-            used = fm.used_in(off, blen)
-            if used is not None and used.shape[0] * fm.cluster_size >= blen and not used.any():
-                m.feed_zeros(off, blen)
+        for off, n, out, payload in ordered_map(work, chunk_items(vol.size, step, all_free), workers, slot=step):
+            if out is None:
+                m.feed_zeros(off, n)
             else:
-                data = vol.read(off, blen)
-                st.bytes_read += blen
-                masked = _mask(data, off, fm)
-                write(off, data, masked)
-                m.feed(off, masked)
-            bar.update(blen)
+                assert payload is not None
+                m.accept_digests(off, n, payload[:-1])
+                st.bytes_read += n
+                write(off, out[:n], payload[-1:] == b"\0")
+            bar.update(n)
         return m.finish()
     except BaseException:
         m.close()
@@ -351,8 +380,8 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                                      f"{st.free_map.cluster_size}")
                 dst = create_disk(tmp_out, src.size, like=src, fmt=fmt, subformat=sub)
                 try:
-                    def write(off: int, data: bytes, masked: bytes) -> None:
-                        if not is_zero(masked):
+                    def write(off: int, masked: memoryview, zero: bool) -> None:
+                        if not zero:
                             dst.write(part.offset + off, masked)
 
                     with progress(src.size, "writing template") as bar:
@@ -395,10 +424,14 @@ def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block
                     raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
                                      f"{st.free_map.cluster_size}")
 
-                def write(off: int, data: bytes, masked: bytes) -> None:
-                    # Only blocks the reservation changed go back; free clusters stay as they are.
-                    if st.staged and os_view.read(off, len(data)) != data:
-                        os_view.write(off, data)
+                def write(off: int, masked: memoryview, zero: bool) -> None:
+                    # Only what the reservation changed goes back (chunks touching the overlay,
+                    # unmasked, where they differ); free clusters stay as they are.
+                    n = len(masked)
+                    if st.in_overlay(off, n):
+                        data = st.vol.read(off, n)
+                        if os_view.read(off, n) != data:
+                            os_view.write(off, data)
 
                 with progress(os_view.size, "protecting in place") as bar:
                     root, leaves = _measure_and_write(st, block_size, workers, bar, write)
