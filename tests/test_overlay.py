@@ -30,7 +30,7 @@ from templatetool.disk import overlay as O
 from templatetool.pipeline.encrypt import encrypt_disk
 
 from .conftest import IN_CI, require_tool
-from .test_bitlocker_common import dislocker_decrypt, expected_hashes, file_sha256, make_ntfs, ntfs_file_hashes
+from .test_bitlocker_common import FILES, dislocker_decrypt, expected_hashes, file_sha256, make_ntfs, ntfs_file_hashes
 
 FAKETIME_LIBS = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
                  "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1")
@@ -92,11 +92,21 @@ def _assert_metadata_only(seen: list[tuple[int, int]]) -> None:
         assert allocated <= meta + 64 * 1024, (allocated, meta)
 
 
-def _vol_with_free_space_content(tmp: Path, size_mib: int = 24) -> Path:
+def _vol_with_free_space_content(tmp: Path, size_mib: int = 24, cluster: int = 4096) -> Path:
     """mkntfs + files, then free space made interesting: one free 1 MiB chunk of random bytes,
     one written as explicit zeros (allocated in the file, all zero), random bytes in a few free
     clusters of a partly used chunk; the rest of free space stays holes."""
-    vol = make_ntfs(tmp / "vol.img", size_mib)
+    if cluster == 4096:
+        vol = make_ntfs(tmp / "vol.img", size_mib)
+    else:  # the same files on a volume with clusters smaller than the overlay file's blocks
+        vol = tmp / "vol.img"
+        with open(vol, "wb") as f:
+            f.truncate(size_mib << 20)
+        subprocess.run(["mkntfs", "-q", "-F", "-f", "-c", str(cluster), str(vol)], check=True, capture_output=True)
+        files = {**FILES, "tail.bin": random.Random(9).randbytes(3 * cluster)}  # ends inside a 4 KiB block
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+            subprocess.run(["ntfscp", "-q", str(vol), str(tmp / name), name], check=True, capture_output=True)
     fm = ntfs_free_map(RawFile(vol))
     cs = fm.cluster_size
     any_used = fm.any_used_per(CHUNK // cs, fm.cluster_count * cs // CHUNK)
@@ -154,9 +164,10 @@ def test_mapping_pairs_decode() -> None:
     assert O._mapping_pairs(mp, 0, len(mp)) == [(256, 16), (256 - 16, 4)]
 
 
-def test_merged_view_reads_the_reserved_copy(tmp_path: Path, pinned: Callable[[], None]) -> None:
-    require_tool("ntfscp")
-    vol = _vol_with_free_space_content(tmp_path)
+@pytest.mark.parametrize("cluster", [4096, 512])
+def test_merged_view_reads_the_reserved_copy(tmp_path: Path, pinned: Callable[[], None], cluster: int) -> None:
+    require_tool("mkntfs", "ntfscp")
+    vol = _vol_with_free_space_content(tmp_path, cluster=cluster)
     before = file_sha256(vol)
     pinned()
     ref = _oracle_copy(vol, tmp_path / "ref.img")
@@ -164,11 +175,32 @@ def test_merged_view_reads_the_reserved_copy(tmp_path: Path, pinned: Callable[[]
     with O.MetadataOverlay(src, tmp_path) as ov:
         meta = sum(n for _, n in O.metadata_extents(src))
         # only metadata is copied: a tenth of this 24 MiB volume, whose files take ~0.3 MiB
-        # and whose free space holds 1 MiB of random bytes
-        assert ov.copied <= meta and ov.allocated_bytes() <= meta + 64 * 1024
-        assert ov.allocated_bytes() < src.size // 8
+        # and whose free space holds 1 MiB of random bytes (with 512-byte clusters, the blocks
+        # holding free clusters too: that random MiB among them)
+        small = src.size // 8 if cluster == 4096 else src.size // 3
+        if cluster == 4096:
+            assert ov.copied <= meta and ov.allocated_bytes() <= meta + 64 * 1024
+        assert ov.allocated_bytes() < small
         assert reserve_ntfs(ov.path) == find_reserved(RawFile(ref))
-        assert ov.allocated_bytes() < src.size // 8
+        assert ov.allocated_bytes() < small
+        if cluster < 4096:
+            # a write into one free cluster of a block shared with file data (what ntfscp may do
+            # with small clusters) must leave the neighbours' bytes readable through the view
+            fm = ntfs_free_map(src)
+            used = fm.used
+            per = 4096 // cluster
+            meta_spans = O.metadata_extents(src)
+
+            def file_data_block(c: int) -> bool:
+                b = c // per * 4096
+                return (not used[c] and bool(used[c // per * per:c // per * per + per].any())
+                        and not is_zero(src.read(b, 4096)) and not any(o < b + 4096 and b < o + n for o, n in meta_spans))
+
+            k = next(c for c in range(len(used)) if file_data_block(c))
+            for path in (ov.path, ref):
+                with open(path, "r+b") as f:
+                    f.seek(k * cluster)
+                    f.write(b"\xa5" * cluster)
         m = ov.merged(free_map=ntfs_free_map(src))
         r = RawFile(ref)
         for off in range(0, src.size, CHUNK):
@@ -189,10 +221,11 @@ def test_merged_view_reads_the_reserved_copy(tmp_path: Path, pinned: Callable[[]
     assert file_sha256(vol) == before
 
 
+@pytest.mark.parametrize("cluster", [4096, 512])
 def test_encrypt_same_bytes_as_reserved_copy(tmp_path: Path, pinned: Callable[[], None],
-                                             reserve_probe: list[tuple[int, int]]) -> None:
-    require_tool("ntfscp", "dislocker-file")
-    vol = _vol_with_free_space_content(tmp_path)
+                                             reserve_probe: list[tuple[int, int]], cluster: int) -> None:
+    require_tool("mkntfs", "ntfscp", "dislocker-file")
+    vol = _vol_with_free_space_content(tmp_path, cluster=cluster)
     spec = [ProtectorSpec("recovery_password", RP)]
     pinned()
     ref = _oracle_copy(vol, tmp_path / "ref.img")
@@ -202,12 +235,13 @@ def test_encrypt_same_bytes_as_reserved_copy(tmp_path: Path, pinned: Callable[[]
     pinned()
     reserve_probe.clear()
     b = encrypt_disk(vol, tmp_path / "enc.img", protectors=[ProtectorSpec("recovery_password", RP)], workers=2)
-    _assert_metadata_only(reserve_probe)
+    if cluster == 4096:  # (smaller clusters: the blocks holding free clusters are copied too)
+        _assert_metadata_only(reserve_probe)
     assert not b["reused_reservation"] and b["skipped_bytes"] == a["skipped_bytes"] > 0
     assert file_sha256(tmp_path / "enc.img") == file_sha256(tmp_path / "ref-enc.img")
     assert not list(tmp_path.glob(".tt-overlay-*"))
     dec = dislocker_decrypt(tmp_path / "enc.img", tmp_path / "dl.img", recovery_password=RP)
-    assert ntfs_file_hashes(dec) == expected_hashes()
+    assert ntfs_file_hashes(dec, FILES) == expected_hashes()
     assert open_fve(RawFile(tmp_path / "enc.img")).info()["method"] == "xts-aes-128"
 
 

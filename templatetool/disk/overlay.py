@@ -21,8 +21,11 @@ from free space. So instead of a full temporary copy of the volume:
 
 The merged view reads exactly what a full copy of the volume modified by ntfscp would hold:
 every block ntfscp wrote is allocated in the overlay, and a partly written block holds the
-source's bytes around the write (the copy is block-granular, so a block is either a full copy of
-the source or a hole; free clusters are never read by ntfscp). With ``zero_free_chunks`` the
+source's bytes around the write: the copy is block-granular (a block is either a full copy of
+the source or a hole) and ntfscp writes only metadata and clusters it allocates from free
+space. With clusters of the file's block size or larger (4 KiB, the NTFS default) a free
+cluster is whole blocks; with smaller clusters every block holding a free cluster is copied too
+(free space is then read, and non-zero free space copied). With ``zero_free_chunks`` the
 view also treats 1 MiB chunks that are free in NTFS and all zeros in the source as unallocated
 (what a copy that leaves zero chunks as holes reports), so the sparse decision of the pass is the
 same as for such a copy.
@@ -220,6 +223,35 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in out]
 
 
+def _blocks_with_free(view: BlockDevice, blk: int) -> list[tuple[int, int]]:
+    """(start, end) byte spans of the ``blk``-sized blocks that hold at least one free cluster."""
+    import numpy as np
+
+    from ..catalog.ntfs import ntfs_free_map
+
+    fm = ntfs_free_map(view)
+    k = blk // fm.cluster_size
+    spans: list[tuple[int, int]] = []
+    step = k * (1 << 20)  # clusters per slice: bounded memory
+    for c0 in range(0, fm.cluster_count, step):
+        n = min(step, fm.cluster_count - c0)
+        used = fm.used_in(c0 * fm.cluster_size, n * fm.cluster_size)
+        if used is None:
+            break
+        pad = -len(used) % k
+        if pad:
+            used = np.concatenate((used, np.ones(pad, dtype=bool)))
+        has_free = ~used.reshape(-1, k).all(axis=1)
+        idx = np.flatnonzero(has_free)
+        if not idx.size:
+            continue
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, cuts):
+            a = c0 * fm.cluster_size + int(run[0]) * blk
+            spans.append((a, a + (int(run[-1]) + 1) * blk - int(run[0]) * blk))
+    return spans
+
+
 def _file_extents(fd: int, size: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     pos = 0
@@ -259,7 +291,14 @@ class MetadataOverlay:
                 raise UnsupportedError("the temporary folder's filesystem does not report holes (SEEK_DATA)",
                                        str(folder), "write the output to an ext4/xfs/btrfs/tmpfs folder")
             written: list[tuple[int, int]] = []
-            for o, n in metadata_extents(view):
+            extents = metadata_extents(view)
+            cs = _geometry(view.read(0, 512), view.name)[1]
+            if cs < blk:
+                # clusters smaller than the file's blocks: a block ntfscp writes part of must not
+                # be a hole elsewhere (the file system would zero-fill the rest), so every block
+                # holding a free cluster (one ntfscp may allocate) is copied too
+                extents = _merge([(o, o + n) for o, n in extents] + _blocks_with_free(view, blk))
+            for o, n in extents:
                 a = o // blk * blk
                 b = min(view.size, -(-(o + n) // blk) * blk)
                 written.extend(self._copy(fd, a, b))
@@ -281,7 +320,9 @@ class MetadataOverlay:
         out: list[tuple[int, int]] = []
         pos = a
         while pos < b:
-            k = min(CHUNK, b - pos)
+            # pieces end at 1 MiB boundaries: an all-zero chunk of the source stays a hole here,
+            # as in a copy that skips zero chunks (the pass's sparse decision sees holes)
+            k = min(CHUNK - pos % CHUNK, b - pos)
             data = self.view.read(pos, k)
             self.bytes_read += k
             if not is_zero(data):
