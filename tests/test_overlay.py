@@ -318,3 +318,20 @@ def test_protect_same_template_as_reserved_copy(tmp_path: Path, pinned: Callable
     assert b.bytes_read < size + off  # the volume was not staged (it was read once, used blocks only)
     assert file_sha256(disk) == before
     assert not list(tmp_path.glob(".tt-*"))
+
+
+def test_overlay_write_failure_is_a_resource_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while writing the overlay: exit-8 ResourceError, no file left (was OSError: exit 70)."""
+    import errno
+
+    from templatetool.errors import ResourceError
+
+    vol = make_ntfs(tmp_path / "vol.img", 16)
+
+    def full(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(O.os, "pwrite", full)
+    with pytest.raises(ResourceError, match="No space left"):
+        O.MetadataOverlay(RawFile(vol), tmp_path)
+    assert not list(tmp_path.glob(".tt-overlay-*"))

@@ -278,7 +278,11 @@ class MetadataOverlay:
 
     def __init__(self, view: BlockDevice, folder: str | os.PathLike[str]) -> None:
         self.view = view
-        fd, name = tempfile.mkstemp(prefix=".tt-overlay-", suffix=".raw", dir=folder)
+        try:
+            fd, name = tempfile.mkstemp(prefix=".tt-overlay-", suffix=".raw", dir=folder)
+        except OSError as e:
+            raise ResourceError(f"cannot create the metadata overlay: {e.strerror}", str(folder),
+                                "is the output folder writable?") from e
         self.path = Path(name)
         self.copied = 0
         self.bytes_read = 0
@@ -310,6 +314,11 @@ class MetadataOverlay:
                 if i < 0 or ends[i][1] < o + n:
                     raise UnsupportedError("the temporary folder's filesystem reports holes inexactly",
                                            str(folder), "write the output to an ext4/xfs/btrfs/tmpfs folder")
+        except OSError as e:
+            os.close(fd)
+            self._unlink()
+            raise ResourceError(f"cannot write the metadata overlay: {e.strerror}", str(self.path),
+                                "is there free space in the output folder?") from e
         except BaseException:
             os.close(fd)
             self._unlink()
