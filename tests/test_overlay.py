@@ -331,7 +331,7 @@ def test_overlay_write_failure_is_a_resource_error(tmp_path: Path, monkeypatch: 
     def full(fd: int, data: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(O.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(ResourceError, match="No space left"):
         O.MetadataOverlay(RawFile(vol), tmp_path)
     assert not list(tmp_path.glob(".tt-overlay-*"))
