@@ -31,6 +31,7 @@ lint: $(STAMP)
 demo: setup
 	./tools/demo.sh
 
+BENCH_ARGS ?= --only goals --size-mib 1024
 bench: setup
 	$(VPY) bench/run.py $(BENCH_ARGS)
 

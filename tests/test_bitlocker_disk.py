@@ -88,7 +88,7 @@ def test_encrypt_golden_outputs(golden_enc) -> None:
     assert stat.S_IMODE(g["rpf"].stat().st_mode) == 0o600 and stat.S_IMODE(g["bek"].stat().st_mode) == 0o600
     assert len(g["bek"].read_bytes()) == 156
     assert _outside_equal(g["raw"], g["enc"], OS["offset"], OS["size"])  # other partitions, GPT copied as-is
-    assert not list(g["dir"].glob(".tt-volume-*"))  # temp volume removed
+    assert not list(g["dir"].glob(".tt-overlay-*"))  # metadata overlay removed
     cp = run_cli("inspect", str(g["enc"]), "--json")
     assert cp.returncode == 0, cp.stderr
     vols = {v["index"]: v for v in json.loads(cp.stdout)["result"]["volumes"]}

@@ -9,7 +9,7 @@ however loaded the machine (no wall clock, no polling of file sizes). After each
 destination is absent or complete and valid (the encrypted disk unlocks and decrypts to the
 template's volume, the template verifies against its catalog, the shielded VM passes the
 guardian dry run); nothing but the documented temp patterns is left (``.NAME.*.tmp``,
-``.NAME.partial.*``, ``.tt-volume-*.raw``, protect's ``.tt-protect-*`` staging folder) and never at a destination name. Then the same
+``.NAME.partial.*``, ``.tt-overlay-*.raw``, protect's ``.tt-protect-*`` staging folder) and never at a destination name. Then the same
 command, re-run, succeeds. 12 kill points in CI, 54 behind ``slow``.
 
 Part 2 — deterministic kill points between the steps that write several outputs (in a forked
@@ -36,7 +36,7 @@ from . import corpus_gen as cg
 from .conftest import GOLDEN, ROOT
 
 TEMP_PATTERNS = [re.compile(r"^\..+\.tmp$"), re.compile(r"^\..+\.partial(\..*)?$"),
-                 re.compile(r"^\.tt-volume-.*\.raw$"), re.compile(r"^\.tt-protect-\w+$")]  # protect's staging folder
+                 re.compile(r"^\.tt-overlay-.*\.raw$"), re.compile(r"^\.tt-protect-\w+$")]  # metadata overlay; protect scratch
 SEED = 9001
 #: tallies for docs/reliability.md (printed with -s)
 STATS = {"killed": 0, "finished_before_kill": 0, "temp_left": 0, "orphans": 0}

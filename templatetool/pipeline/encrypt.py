@@ -1,9 +1,11 @@
 """Disk-level BitLocker encryption and decryption (raw images or VHDX, GPT/MBR or bare volumes).
 
-``encrypt_disk`` copies the source disk to a new output with one NTFS volume BitLocker-encrypted:
-the volume is first extracted to a sparse temporary raw file beside the output, the four
-BitLocker regions are reserved inside its NTFS (unless already reserved), then it is encrypted
-into the output's volume window. Other partitions are copied as they are (zero runs skipped).
+``encrypt_disk`` copies the source disk to a new output with one NTFS volume BitLocker-encrypted
+in one pass over the source. Unless the volume is already reserved, the four BitLocker regions
+are reserved in a sparse metadata overlay (:mod:`templatetool.disk.overlay`: a temporary file
+beside the output holding only the volume's NTFS metadata, modified by ntfscp); the pass then
+reads the overlay where it has data and the source elsewhere, so file data is read once and
+never staged. Other partitions are copied as they are (zero runs skipped).
 The output appears atomically; the input is opened read-only and never modified.
 ``decrypt_disk`` writes a copy with the BitLocker volume replaced by its plaintext.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from ..bitlocker.volume import (
     encrypt_volume,
     open_fve,
 )
-from ..blockdev import CHUNK, BlockDevice, RawFile, View, is_zero
+from ..blockdev import CHUNK, BlockDevice, View, is_zero
 from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
+from ..disk.overlay import MetadataOverlay
 from ..errors import CredentialError, ResourceError, UnsupportedError, UsageError
 from ..progress import progress
 
@@ -113,16 +115,18 @@ def _copy_outside(src: BlockDevice, dst: BlockDevice, vol_off: int, vol_size: in
         _copy_span(src, dst, vol_off + vol_size, src.size - vol_off - vol_size, bar)
 
 
-@contextlib.contextmanager
-def _temp_volume(folder: Path) -> Any:
-    fd, name = tempfile.mkstemp(prefix=".tt-volume-", suffix=".raw", dir=folder)
-    os.close(fd)
-    os.chmod(name, 0o600)
+def _source_free_map(view: BlockDevice) -> Any:
+    """The source volume's NTFS free map, or None when it cannot drive a skip (as in
+    :func:`free_space`: an I/O problem still raises)."""
+    from ..catalog.ntfs import ntfs_free_map
+    from ..errors import TemplateToolError
+
     try:
-        yield Path(name)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        return ntfs_free_map(view)
+    except TemplateToolError as e:
+        if isinstance(e, ResourceError):
+            raise
+        return None
 
 
 @dataclass
@@ -217,7 +221,7 @@ def _skipper(view: BlockDevice, fsv: BlockDevice, fm: Any) -> Any:
         if any_used is None:
             return None
         mask = ~any_used
-        for o, e in zip(starts, ends):
+        for o, e in zip(starts, ends, strict=True):
             mask[o // chunk:min(nchunks, -(-e // chunk))] = False
         full = np.zeros(-(-view.size // chunk), dtype=bool)
         full[:nchunks] = mask
@@ -236,14 +240,16 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
-    encrypted straight from the source in one pass; otherwise it is first extracted to a sparse
-    temporary file beside the output and reserved there. With ``sparse`` (default), chunks that
-    are unallocated in the source and free in NTFS stay unallocated in the output.
+    encrypted straight from the source; otherwise the reservation is made in a metadata overlay
+    beside the output (:class:`~templatetool.disk.overlay.MetadataOverlay`) and the pass reads
+    the overlay over the source: one read of the source, one write of the output either way.
+    With ``sparse`` (default), chunks that are free in NTFS and unallocated (for a volume that
+    was not reserved: or all zeros) in the source stay unallocated in the output.
     ``tap(offset, plaintext)`` / ``tap_zeros(offset, length)`` see the plaintext volume as it is
     read (skipped chunks as zeros), in order, for measuring in the same pass; ``worker_tap`` /
     ``on_tap`` do the same with the work split (see :func:`encrypt_volume`), which is faster.
-    ``free_map``: the source volume's NTFS free map when the caller already read it (used for the
-    sparse decision when the volume is encrypted straight from a reserved template).
+    ``free_map``: the source volume's NTFS free map when the caller already read it (the sparse
+    decision for a reserved template; which free chunks are zeros for one that is not).
     ``on_result(EncryptResult)`` runs after encryption and before the output is renamed into
     place (e.g. to save key files first); if it raises, no output appears.
     ``subformat``: fixed or dynamic, for a VHDX output.
@@ -271,16 +277,11 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
         already = regions is not None
         with atomic_output(out_path) as tmp_out, contextlib.ExitStack() as stack:
             if regions is None:
-                tmp_vol = stack.enter_context(_temp_volume(out_dir))
-                vol = RawFile.create(tmp_vol, vol_size, sector_size=src.sector_size)
-                try:
-                    with progress(vol_size, "extract volume") as bar:
-                        _copy_span(view, vol, 0, vol_size, bar)
-                    vol.flush()
-                finally:
-                    vol.close()
-                regions = reserve_ntfs(tmp_vol)
-                plain: BlockDevice = stack.enter_context(RawFile(tmp_vol, sector_size=src.sector_size))
+                overlay = stack.enter_context(MetadataOverlay(view, out_dir))
+                regions = reserve_ntfs(overlay.path)
+                src_fm = (free_map if free_map is not None else _source_free_map(view)) if sparse else None
+                plain: BlockDevice = stack.enter_context(overlay.merged(sector_size=src.sector_size,
+                                                                        free_map=src_fm))
             else:
                 plain = view
             skip = sparse_skipper(plain, free_map=free_map if already else None) if sparse else None

@@ -1,4 +1,8 @@
-"""Protect a golden disk: preflight, copy, reserve BitLocker's regions, measure, sign, embed.
+"""Protect a golden disk: preflight, reserve BitLocker's regions, copy + measure, sign, embed.
+
+The reservation is made with ntfscp in a sparse overlay holding only the OS volume's NTFS
+metadata (:mod:`templatetool.disk.overlay`); the copy reads that overlay over the source, so the
+file data is read once (measured and written in the same pass) and never staged.
 
 ``protect`` never edits its input: it writes a new disk (VHDX when the output name ends in
 ``.vhdx``; a raw image otherwise, with the signed catalog beside it as ``OUT.vsc``), atomically.
@@ -19,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_outputs, no_interrupts, write_bytes_atomic
-from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
+from ..blockdev import CHUNK, BlockDevice, is_zero
 from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
 from ..catalog.measure import FREE_NTFS, Measurer
-from ..catalog.ntfs import FreeMap, ntfs_free_map
+from ..catalog.ntfs import ntfs_free_map
 from ..catalog.vsc import sign_catalog
 from ..errors import PolicyError, TemplateToolError, UsageError
 from ..progress import progress
@@ -186,81 +190,107 @@ def _copy_outside(src: BlockDevice, dst: BlockDevice, skip: tuple[int, int], bar
     return copied
 
 
-def _mask(data: bytes, offset: int, fm: FreeMap) -> bytes:
-    import numpy as np
-
-    used = fm.used_in(offset, len(data))
-    if used is None or used.all():
-        return data
-    cs = fm.cluster_size
-    arr = np.frombuffer(data, dtype=np.uint8).copy()
-    full = min(len(arr), used.shape[0] * cs) // cs
-    arr[: full * cs].reshape(full, cs)[~used[:full]] = 0
-    return arr.tobytes()
-
-
 class _Staged:
-    """The OS volume ready to measure: BitLocker's regions reserved (on a staged raw copy when
-    they had to be created), its free map, and where the bytes come from."""
+    """The OS volume ready to measure: BitLocker's regions reserved (in a sparse metadata overlay
+    over the source when they had to be created: no copy of the file data), its free map, and
+    where the bytes come from."""
 
     def __init__(self, os_view: BlockDevice, workdir: Path, sector_size: int) -> None:
         from ..bitlocker.reserve import find_reserved, reserve_ntfs
+        from ..disk.overlay import MetadataOverlay
 
         self.os_view = os_view
         self.bytes_read = 0
+        self.overlay: MetadataOverlay | None = None
         regions = find_reserved(os_view)
         self.staged = regions is None
+        self.vol: BlockDevice = os_view
         if regions is None:
-            # ntfscp works on a raw volume file: copy the volume out and reserve there.
-            raw_path = workdir / "volume.raw"
-            raw = RawFile.create(raw_path, os_view.size, sector_size=sector_size)
+            # ntfscp works on a raw volume file: give it a sparse copy of the NTFS metadata only,
+            # then read that copy over the source (disk/overlay.py)
+            self.overlay = MetadataOverlay(os_view, workdir)
             try:
-                with progress(os_view.size, "staging volume") as bar:
-                    for o, n in os_view.allocated_ranges():
-                        pos = o
-                        while pos < o + n:
-                            k = min(CHUNK, o + n - pos)
-                            data = os_view.read(pos, k)
-                            self.bytes_read += k
-                            if not is_zero(data):
-                                raw.write(pos, data)
-                            pos += k
-                            bar.update(k)
-                raw.flush()
-            finally:
-                raw.close()
-            regions = reserve_ntfs(raw_path)
-            self.vol: BlockDevice = RawFile(raw_path, sector_size=sector_size)
-        else:
-            self.vol = os_view
+                self.bytes_read += self.overlay.bytes_read
+                regions = reserve_ntfs(self.overlay.path)
+                self.vol = self.overlay.merged(sector_size=sector_size)
+            except BaseException:
+                self.overlay.close()
+                raise
         self.regions = regions
-        self.free_map = ntfs_free_map(self.vol)
+        try:
+            self.free_map = ntfs_free_map(self.vol)
+        except BaseException:
+            self.close()
+            raise
+
+    def in_overlay(self, offset: int, length: int) -> bool:
+        """Whether the span touches the overlay (where the reservation may have changed bytes)."""
+        from ..disk.overlay import MergedVolume
+
+        return isinstance(self.vol, MergedVolume) and self.vol.in_overlay(offset, length)
 
     def close(self) -> None:
-        if self.staged:
+        if self.overlay is not None:
             self.vol.close()
+            self.overlay.close()
 
 
 def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: Any,
                        write: Any) -> tuple[bytes, list[bytes]]:
-    """One pass over the volume: measure (free clusters as zeros) and hand each block to
-    ``write(offset, original, masked)``; blocks whose clusters are all free are never read."""
+    """One pass over the volume: measure (free clusters as zeros) and hand each chunk of blocks
+    read to ``write(offset, masked, all_zero)``; chunks whose clusters are all free are never
+    read (nor handed over).
+
+    Forked workers (:func:`templatetool.parallel.ordered_map`) read a chunk, zero its free
+    clusters in place and hash its blocks; this process records the digests in order and is the
+    single writer (as for encrypt: two processes writing one file contend on its inode lock).
+    """
+    import numpy as np
+
+    from ..parallel import chunk_items, ordered_map
+
     fm, vol = st.free_map, st.vol
-    m = Measurer(vol.size, block_size, None, workers)
+    cs = fm.cluster_size
+    step = block_size * max(1, CHUNK // block_size)
+    m = Measurer(vol.size, block_size, None, 1)
+    nsteps = -(-vol.size // step)
+
+    def all_free(off: int, n: int) -> bool:
+        used = fm.used_in(off, n)
+        return used is not None and used.shape[0] * cs >= n and not used.any()
+
+    def chunk_mask(chunk: int) -> Any:
+        full = vol.size // chunk
+        any_used = fm.any_used_per(chunk // cs, full) if chunk % cs == 0 else None
+        if any_used is None:
+            return None
+        out = np.zeros(nsteps, dtype=bool)
+        out[:full] = ~any_used
+        return out
+
+    all_free.chunk_mask = chunk_mask  # type: ignore[attr-defined]
+
+    def work(off: int, n: int, out: memoryview) -> bytes:
+        # in a worker: read, zero the free clusters, hash the blocks; flag an all-zero chunk
+        data = out[:n]
+        vol.read_into(off, data)
+        used = fm.used_in(off, n)
+        if used is not None and not used.all():
+            arr = np.frombuffer(data, dtype=np.uint8)
+            full = min(n, used.shape[0] * cs) // cs
+            arr[:full * cs].reshape(full, cs)[~used[:full]] = 0
+        return m.block_digests(off, data) + (b"\0" if is_zero(data) else b"\1")
+
     try:
-        for i in range(m.block_count):
-            off = i * block_size
-            blen = min(block_size, vol.size - off)
-            used = fm.used_in(off, blen)
-            if used is not None and used.shape[0] * fm.cluster_size >= blen and not used.any():
-                m.feed_zeros(off, blen)
+        for off, n, out, payload in ordered_map(work, chunk_items(vol.size, step, all_free), workers, slot=step):
+            if out is None:
+                m.feed_zeros(off, n)
             else:
-                data = vol.read(off, blen)
-                st.bytes_read += blen
-                masked = _mask(data, off, fm)
-                write(off, data, masked)
-                m.feed(off, masked)
-            bar.update(blen)
+                assert payload is not None
+                m.accept_digests(off, n, payload[:-1])
+                st.bytes_read += n
+                write(off, out[:n], payload[-1:] == b"\0")
+            bar.update(n)
         return m.finish()
     except BaseException:
         m.close()
@@ -351,8 +381,8 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                                      f"{st.free_map.cluster_size}")
                 dst = create_disk(tmp_out, src.size, like=src, fmt=fmt, subformat=sub)
                 try:
-                    def write(off: int, data: bytes, masked: bytes) -> None:
-                        if not is_zero(masked):
+                    def write(off: int, masked: memoryview, zero: bool) -> None:
+                        if not zero:
                             dst.write(part.offset + off, masked)
 
                     with progress(src.size, "writing template") as bar:
@@ -395,10 +425,14 @@ def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block
                     raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
                                      f"{st.free_map.cluster_size}")
 
-                def write(off: int, data: bytes, masked: bytes) -> None:
-                    # Only blocks the reservation changed go back; free clusters stay as they are.
-                    if st.staged and os_view.read(off, len(data)) != data:
-                        os_view.write(off, data)
+                def write(off: int, masked: memoryview, zero: bool) -> None:
+                    # Only what the reservation changed goes back (chunks touching the overlay,
+                    # unmasked, where they differ); free clusters stay as they are.
+                    n = len(masked)
+                    if st.in_overlay(off, n):
+                        data = st.vol.read(off, n)
+                        if os_view.read(off, n) != data:
+                            os_view.write(off, data)
 
                 with progress(os_view.size, "protecting in place") as bar:
                     root, leaves = _measure_and_write(st, block_size, workers, bar, write)
