@@ -28,6 +28,7 @@ import click
 from .. import __version__
 from ..atomic import defer_interrupt
 from ..errors import TemplateToolError
+from ..parallel import Engine, set_default_engine
 from ..progress import set_quiet
 from . import policy
 from .common import json_default
@@ -62,6 +63,7 @@ def cli(quiet: bool) -> None:
     70 internal error, 130 interrupted (Ctrl-C).
     """
     set_quiet(quiet)
+    set_default_engine(Engine.from_env())  # TEMPLATETOOL_WORKERS etc.: read here, nowhere below
 
 
 def _load() -> None:
