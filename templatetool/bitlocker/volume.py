@@ -403,7 +403,7 @@ class ProtectorKind(StrEnum):
     TPM = "tpm"
 
     @classmethod
-    def parse(cls, value: str) -> ProtectorKind:
+    def parse(cls, value: ProtectorKind | str) -> ProtectorKind:
         """``recovery-password`` or ``recovery_password`` (or a member) to the member."""
         if isinstance(value, ProtectorKind):
             return value
@@ -450,7 +450,7 @@ class _Stretch:
     key16: bytes | None = None
 
 
-@dataclass
+@dataclass(init=False)
 class ProtectorSpec:
     """A key protector to add when encrypting.
 
@@ -466,8 +466,11 @@ class ProtectorSpec:
     seal: SealFn | None = None
     _pre: _Stretch | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.kind = ProtectorKind.parse(self.kind)
+    def __init__(self, kind: ProtectorKind | str, value: str | None = None, seal: SealFn | None = None) -> None:
+        self.kind = ProtectorKind.parse(kind)
+        self.value = value
+        self.seal = seal
+        self._pre = None
 
     def __repr__(self) -> str:
         return f"ProtectorSpec(kind={self.kind.value!r})"
