@@ -147,3 +147,47 @@ def test_protector_kind_one_spelling() -> None:
     assert ProtectorKind.RECOVERY_PASSWORD.public == "recovery-password"
     with pytest.raises(UsageError):
         ProtectorSpec("rot13")
+
+
+def test_metadata_bytes_identical_to_the_pre_engine_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Known answer: with keys, GUIDs and the clock fixed, the boot sector, metadata blocks and
+    relocated header of every protector kind, in both layouts, plus a mid-conversion metadata
+    block, hash to what the writer of commit 00a6506 (before the typed builders and construct
+    ``.build()``) produced for the same inputs."""
+    import hashlib
+    import itertools
+    import uuid
+
+    import templatetool.bitlocker.keys as K
+    import templatetool.bitlocker.volume as V
+
+    ctr = itertools.count()
+    monkeypatch.setattr(K, "random_key", lambda n: hashlib.sha512(str(next(ctr)).encode()).digest()[:n])
+    gc = itertools.count()
+    monkeypatch.setattr(V.uuid, "uuid4", lambda: uuid.UUID(int=next(gc) + 12345))
+    orig = K.NonceSource.__init__
+
+    def init(self: K.NonceSource, *a: object, **k: object) -> None:
+        orig(self, *a, **k)  # type: ignore[arg-type]
+        self.time = 132000000000000000
+
+    monkeypatch.setattr(K.NonceSource, "__init__", init)
+    p = tmp_path / "v.img"
+    p.write_bytes(hashlib.sha256(b"x").digest() * ((8 << 20) // 32))
+    src = RawFile(p)
+    regions = V.FveRegions((1 << 20, 2 << 20, 3 << 20), 4 << 20)
+    specs = [ProtectorSpec("recovery_password", "000011-000022-000033-000044-000055-000066-000077-000088"),
+             ProtectorSpec("password", "pw"), ProtectorSpec("startup_key"), ProtectorSpec("clear"),
+             ProtectorSpec("tpm", seal=lambda e: (b"blob" + e, 0x880))]
+    want = {"standard": "841921c54e748c08d078a3f948db7a4f77c4bbdde146f1916ea675f6b43ac03e",
+            "to-go": "9f3f9d12464e19c4852b9337d712731c6791ad351e8776478ca28b4b1b4edf74"}
+    for layout, digest in want.items():
+        plan = V.plan_encryption(src, protectors=specs, regions=regions, description="d", layout=layout,
+                                 engine=Engine(workers=1))
+        h = hashlib.sha256()
+        for o, b in plan.overlays:
+            h.update(o.to_bytes(8, "little") + b)
+        h.update(plan.metadata_block(encrypted_size=12345, state=2))
+        assert h.hexdigest() == digest, layout
+        assert [r.kind for r in plan.result.protectors] == list(ProtectorKind)
+    src.close()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import uuid
 from enum import IntEnum
+from typing import Any
 
 from construct import (
     Array,
     Bytes,
+    Construct,
     GreedyBytes,
     Int8ul,
     Int16ul,
@@ -216,6 +218,13 @@ STATE_NAMES: dict[int, str] = {State.DECRYPTED: "decrypted", State.SWITCHING: "s
 STATE_ENCRYPTED = State.ENCRYPTED
 
 # ==== structures ============================================================================
+
+
+def build(st: Construct, obj: dict[str, Any]) -> bytes:
+    """``st.build(obj)``, typed (construct is untyped)."""
+    out: bytes = st.build(obj)
+    return out
+
 
 #: The FAT32-style BPB both volume-header layouts start with (offsets 0x000..0x05A).
 _BPB = (

@@ -586,7 +586,7 @@ def check_regions(regions: FveRegions, volume_size: int, sector_size: int) -> No
 
 
 def _vmk_entry(guid: uuid.UUID, ft: int, protection: int, nested: list[Entry]) -> Entry:
-    fixed = S.VmkPayload.build({"guid": guid.bytes_le, "modified": ft, "unknown": 0, "protection": protection,
+    fixed = S.build(S.VmkPayload, {"guid": guid.bytes_le, "modified": ft, "unknown": 0, "protection": protection,
                                 "nested": b""})
     return make_entry(S.ROLE_VMK, S.VT_VMK, fixed, nested)
 
@@ -597,7 +597,7 @@ def _ccm_entry(key: bytes, plain: bytes, ns: K.NonceSource, role: int = S.ROLE_P
 
 
 def _stretch_entry(key_type: S.KeyType, salt: bytes, nested: list[Entry] | None = None) -> Entry:
-    fixed = S.StretchKeyPayload.build({"key_type": key_type, "flags": 0, "salt": salt, "nested": b""})
+    fixed = S.build(S.StretchKeyPayload, {"key_type": key_type, "flags": 0, "salt": salt, "nested": b""})
     return make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY, fixed, nested)
 
 
@@ -646,7 +646,7 @@ def _build_password(p: _Protector, k: _Keys) -> _Built:
 
 def _build_startup_key(p: _Protector, k: _Keys) -> _Built:
     ext = K.random_key(32)
-    fixed = S.UseKeyPayload.build({"key_type": S.KeyType.EXTERNAL, "flags": 0, "nested": b""})
+    fixed = S.build(S.UseKeyPayload, {"key_type": S.KeyType.EXTERNAL, "flags": 0, "nested": b""})
     use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, fixed, [_ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), k.ns)])
     nested = [unicode_entry("ExternalKey"), use, k.vmk_under(ext)]
     return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_STARTUP_KEY, bek=K.build_bek(p.guid, ext, k.ft))
@@ -654,14 +654,14 @@ def _build_startup_key(p: _Protector, k: _Keys) -> _Built:
 
 def _build_clear(p: _Protector, k: _Keys) -> _Built:
     ck = K.random_key(32)
-    keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, S.KeyPayload.build({"key_type": S.KeyType.CLEAR, "flags": 0, "key": ck}))
+    keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, S.build(S.KeyPayload, {"key_type": S.KeyType.CLEAR, "flags": 0, "key": ck}))
     return [keyent, k.vmk_under(ck)], ProtectorResult(p.spec.kind, str(p.guid), S.PROT_CLEAR_KEY)
 
 
 def _build_tpm(p: _Protector, k: _Keys) -> _Built:
     assert p.spec.seal is not None
     blob, pcrs = p.spec.seal(K.key_entry(S.KEYTYPE_VMK, k.vmk))
-    payload = S.TpmEncodedPayload.build({"pcr_bitmap": pcrs & 0xFFFFFFFF, "blob": bytes(blob)})
+    payload = S.build(S.TpmEncodedPayload, {"pcr_bitmap": pcrs & 0xFFFFFFFF, "blob": bytes(blob)})
     return [Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, payload)], ProtectorResult(p.spec.kind, str(p.guid), S.PROT_TPM)
 
 
@@ -769,7 +769,7 @@ class EncryptionPlan:
             results.append(res)
         entries.append(_ccm_entry(self._vmk, K.key_entry(self.method, d.fvek), d.ns, S.ROLE_FVEK))
         entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
-                             S.OffsetSizePayload.build({"offset": r.vho_offset, "size": r.vho_size, "extra": b""})))
+                             S.build(S.OffsetSizePayload, {"offset": r.vho_offset, "size": r.vho_size, "extra": b""})))
         self.result.protectors = results
         self._state = _MetaState(d.ns, r.vho_size // ss, d.guid, d.created, entries)
         block = self.metadata_block()

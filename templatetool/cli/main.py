@@ -18,6 +18,11 @@ if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written ye
     signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
                                                  os._exit(130)))
 
+# The CLI owns its process: numpy's bundled OpenBLAS would start one idle thread per core at
+# import; we never call BLAS and the disk passes fork workers, so keep it to one thread. Set here,
+# before numpy is first imported (the library itself changes no environment variable).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
