@@ -1,11 +1,13 @@
-"""templatetool: offline shielded-VM template, BitLocker and VHDX tooling."""
+"""templatetool: offline shielded-VM template, BitLocker and VHDX tooling.
 
-import os as _os
+Importing the package changes nothing in the process (no environment variables, no threads).
+numpy's bundled OpenBLAS may start idle threads at import; it stops them itself before every
+fork (its own ``pthread_atfork`` handler), and we never call BLAS, so the parallel engine's
+workers are forked from a single-threaded process (tests/test_engine.py checks the OS count).
+The CLI, which owns its process, sets ``OPENBLAS_NUM_THREADS=1`` before numpy is imported.
+"""
+
 from typing import TYPE_CHECKING
-
-# numpy's bundled OpenBLAS starts one busy-polling thread per core at import; we never call BLAS
-# and the disk passes already use every core (forked workers), so keep it to one thread.
-_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 

@@ -7,16 +7,28 @@ pure-Python/numpy path giving the same bytes; the tests run both.
 
 from __future__ import annotations
 
+import importlib
 import os
-from types import ModuleType
+from typing import Any, Protocol, cast
+
+
+class Native(Protocol):
+    """What ``_xts`` offers."""
+
+    def xts(self, key: bytes, data: Any, out: Any, first_sector: int, sector_size: int, encrypt: bool, /) -> None:
+        """XTS over whole sectors of ``data`` into ``out`` (sector numbers from ``first_sector``)."""
+
+    def stretch(self, initial_hash: bytes, salt: bytes, rounds: int, /) -> bytes:
+        """BitLocker's key stretch: 32 bytes."""
+
 
 try:
-    from . import _xts as _module
+    _module: Native | None = cast(Native, importlib.import_module(f"{__package__}._xts"))
 except ImportError:  # pragma: no cover - depends on the build
     _module = None
 
 
-def native() -> ModuleType | None:
+def native() -> Native | None:
     """The compiled module, or None (not built, or disabled with ``TEMPLATETOOL_NATIVE=0``)."""
     if _module is None or os.environ.get("TEMPLATETOOL_NATIVE", "1") == "0":
         return None

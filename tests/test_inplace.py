@@ -261,7 +261,9 @@ def test_power_cuts_then_resume(plain16: Path, tmp_path: Path, monkeypatch: pyte
     volume where no journal area is found (the plaintext stays in the metadata slots)."""
     from templatetool.bitlocker import inplace
 
-    monkeypatch.setenv("TEMPLATETOOL_INPLACE_CHUNK", str(chunk))
+    from templatetool.parallel import Engine
+
+    monkeypatch.setattr("templatetool.parallel._default", Engine(step=chunk))  # the CLI: TEMPLATETOOL_INPLACE_CHUNK
     found: list[object] = []
     real_find = inplace.find_area
 
@@ -325,7 +327,9 @@ def test_power_cuts_then_resume(plain16: Path, tmp_path: Path, monkeypatch: pyte
 
 def test_library_4k_sectors_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """4096-byte sectors: tear a write in the middle, resume, pybde reads the original."""
-    monkeypatch.setenv("TEMPLATETOOL_INPLACE_CHUNK", "16384")
+    from templatetool.parallel import Engine
+
+    monkeypatch.setattr("templatetool.parallel._default", Engine(step=16384))  # the CLI: TEMPLATETOOL_INPLACE_CHUNK
     plain = make_reserved(tmp_path / "p4k.img", 16, 8, sector_size=4096, seed=7)
     vol = tmp_path / "v4k.img"
     shutil.copyfile(plain, vol)
@@ -365,25 +369,25 @@ def test_large_steps_on_parallel_workers(plain48: Path, tmp_path: Path, monkeypa
     """Default steps (issue 15): the plaintext journal lives in a run of zeros of the volume, so a
     step is megabytes, not 44 KiB (one fsync each); forked workers read and encrypt them. The
     result is the original plaintext byte for byte and the area's zeros came back."""
-    from templatetool.bitlocker import inplace
 
-    monkeypatch.delenv("TEMPLATETOOL_INPLACE_CHUNK", raising=False)
-    monkeypatch.setenv("TEMPLATETOOL_WORKERS", "2")
+    from templatetool.parallel import Engine
+
     calls: list[int] = []
-    real_map = getattr(inplace, "ordered_map", None)
+    real_map = Engine.map
 
-    def spy(*a, **k):  # type: ignore[no-untyped-def]
+    def spy(self, *a, **k):  # type: ignore[no-untyped-def]
         calls.append(k.get("slot", 0))
-        return real_map(*a, **k)
+        return real_map(self, *a, **k)
 
-    monkeypatch.setattr(inplace, "ordered_map", spy, raising=False)
+    monkeypatch.setattr(Engine, "map", spy)
     vol = tmp_path / "v.img"
     shutil.copyfile(plain48, vol)
     base = RawFile(vol, writable=True)
     dev = _Flushes(base)
     keys: dict[str, bytes] = {}
-    r = start_conversion(dev, protectors=[ProtectorSpec("startup_key")], on_keys=lambda x: keys.update(bek=x.bek))
-    assert calls and calls[0] >= 2 * (1 << 20), calls  # steps of MiBs through ordered_map
+    r = start_conversion(dev, protectors=[ProtectorSpec("startup_key")], on_keys=lambda x: keys.update(bek=x.bek),
+                         engine=Engine(workers=2))
+    assert calls and calls[0] >= 2 * (1 << 20), calls  # steps of MiBs through the engine
     assert r.steps <= 48 and dev.flushes < 80, (r.steps, dev.flushes)  # 44 KiB steps: > 1,000 fsyncs
     orig = RawFile(plain48)
     assert_complete(base, orig, bek=keys["bek"])

@@ -28,7 +28,7 @@ from templatetool.catalog.measure import Measurer
 from templatetool.catalog.ntfs import ntfs_free_map
 from templatetool.disk import create_disk
 from templatetool.errors import FormatError, ResourceError
-from templatetool.parallel import chunk_items, ordered_map
+from templatetool.parallel import Engine, PassTaps, chunk_items, ordered_map
 from templatetool.pipeline.encrypt import sparse_skipper
 
 from .test_bitlocker_common import make_ntfs
@@ -151,8 +151,9 @@ def test_parallel_encrypt_equals_reference(tmp_path: Path, method: str, ss: int,
         skipped.append(n)
         m.feed_zeros(off, n)
 
+    taps = PassTaps(skip=skip, on_skip=on_skip, worker_tap=m.block_digests, on_tap=m.accept_digests)
     res = encrypt_volume(src, dst, method=method, protectors=[ProtectorSpec("recovery_password")], regions=regions,
-                         skip=skip, on_skip=on_skip, worker_tap=m.block_digests, on_tap=m.accept_digests, workers=2)
+                         taps=taps, engine=Engine(workers=2))
     root, _ = m.finish()
     ref = Measurer(src.size, free_map=fm)
     ref.feed(0, plain)
@@ -200,7 +201,7 @@ def test_parallel_encrypt_equals_reference(tmp_path: Path, method: str, ss: int,
         # and the parallel decrypt writes exactly that
         out = RawFile.create(tmp_path / "dec.img", src.size, sector_size=ss)
         try:
-            decrypt_volume(pv, out, workers=2)
+            decrypt_volume(pv, out, engine=Engine(workers=2))
         finally:
             out.close()
         dec = (tmp_path / "dec.img").read_bytes()

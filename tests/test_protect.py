@@ -373,3 +373,31 @@ def test_protect_in_place(tmp_path: Path, golden_raw: tuple[Path, int, int, byte
     assert verify_template(copy, trust=[s.certificate]).ok
     with pytest.raises(UsageError):
         protect(copy, tmp_path / "other.vhdx", "G", "1.0.0.0", s, in_place=True)
+
+
+def test_preflight_classifies_open_failures_by_structure(tmp_path: Path) -> None:
+    """Why a disk does not open comes from the disk (its log, its parent flag), not from the
+    error's wording: a corrupt standalone disk whose *name* says "parent" is an open problem, a
+    child whose parent is gone is a differencing disk, an unreplayed log is a log problem."""
+    import shutil
+
+    from vhdx_corpus import make_dirty_log
+
+    import templatetool.vhdx as vhdx
+
+    parent = tmp_path / "parent.vhdx"
+    vhdx.create_vhdx(parent, 32 * MiB).close()
+    child = tmp_path / "child.vhdx"
+    vhdx.create_vhdx(child, 32 * MiB, parent=parent).close()
+    bad = tmp_path / "parent-copy.vhdx"  # standalone, corrupt: its header region zeroed
+    shutil.copyfile(parent, bad)
+    with open(bad, "r+b") as f:
+        f.seek(64 * 1024)
+        f.write(bytes(128 * 1024))
+    assert [p.code for p in preflight(bad)] == ["open"]
+    parent.unlink()
+    assert [p.code for p in preflight(child)] == ["differencing"]
+    dirty = tmp_path / "dirty.vhdx"
+    vhdx.create_vhdx(dirty, 32 * MiB, block_size=MiB).close()
+    make_dirty_log(dirty)
+    assert [p.code for p in preflight(dirty)] == ["log"]

@@ -145,6 +145,7 @@ class XtsCipher(SectorCipher):
         if not len(data):
             return b""
         if self._native_key is not None:
+            assert self._native is not None
             self._check(data)
             out = bytearray(len(data))
             self._native.xts(self._native_key, data, out, first_sector, self.sector_size, ctx is self._enc1)
@@ -154,6 +155,7 @@ class XtsCipher(SectorCipher):
     def encrypt_to_array(self, data: bytes | bytearray | memoryview, first_sector: int) -> np.ndarray:
         """Like :meth:`encrypt` but return a fresh writable uint8 array (saves a copy)."""
         if self._native_key is not None and len(data):
+            assert self._native is not None
             self._check(data)
             out = np.empty(len(data), dtype=np.uint8)
             self._native.xts(self._native_key, data, out, first_sector, self.sector_size, True)
@@ -166,7 +168,7 @@ class XtsCipher(SectorCipher):
         raw = np.empty(T.size + 2, dtype=_U64)  # update_into wants one spare block of room
         x = raw[:T.size].reshape(T.shape)
         np.bitwise_xor(np.frombuffer(data, dtype=_U64).reshape(T.shape), T, out=x)
-        ctx.update_into(_bytes_view(x), _bytes_view(raw))  # type: ignore[attr-defined]  # ECB in place
+        ctx.update_into(_bytes_view(x), _bytes_view(raw))  # ECB in place
         np.bitwise_xor(x, T, out=x)
         return x
 
@@ -184,13 +186,14 @@ class XtsCipher(SectorCipher):
         if len(out) < n + 16:
             raise ValueError("output buffer needs 16 bytes of room after the data")
         if self._native_key is not None:
+            assert self._native is not None
             self._native.xts(self._native_key, data, out[:n], first_sector, self.sector_size, ctx is self._enc1)
             return
         T = self.tweaks(first_sector, nsec)
         raw = np.frombuffer(out, dtype=np.uint8, count=n + 16)
         x = raw[:n].view(_U64).reshape(T.shape)
         np.bitwise_xor(np.frombuffer(data, dtype=_U64, count=n // 8).reshape(T.shape), T, out=x)
-        ctx.update_into(memoryview(raw[:n]), memoryview(raw))  # type: ignore[attr-defined]  # ECB in place
+        ctx.update_into(raw[:n].data, raw.data)  # ECB in place
         np.bitwise_xor(x, T, out=x)
 
     def encrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
@@ -223,7 +226,7 @@ class CbcCipher(SectorCipher):
     def decrypt_array(self, data: bytes | bytearray | memoryview, first_sector: int) -> np.ndarray:
         nsec = self._check(data)
         c = np.frombuffer(data, dtype=_U64).reshape(nsec, self._nb, 2)
-        d = np.frombuffer(self._dec.update(_bytes_view(c)), dtype=_U64).reshape(c.shape).copy()  # type: ignore[attr-defined]
+        d = np.frombuffer(self._dec.update(_bytes_view(c)), dtype=_U64).reshape(c.shape).copy()
         d[:, 0] ^= self.ivs(first_sector, nsec)
         d[:, 1:] ^= c[:, :-1]
         return d
@@ -239,7 +242,7 @@ class CbcCipher(SectorCipher):
         prev = self.ivs(first_sector, nsec)
         for j in range(self._nb):
             x = np.ascontiguousarray(p[:, j] ^ prev)
-            prev = np.frombuffer(self._enc.update(_bytes_view(x)), dtype=_U64).reshape(nsec, 2)  # type: ignore[attr-defined]
+            prev = np.frombuffer(self._enc.update(_bytes_view(x)), dtype=_U64).reshape(nsec, 2)
             out[:, j] = prev
         return out.tobytes()
 
@@ -297,7 +300,8 @@ class DiffuserCipher(SectorCipher):
             for i in range(n):
                 cols[i] += cols[(i - 2) % n] ^ _rotl(cols[(i - 5) % n], _RA[i % 4])
         out = np.stack(cols, axis=1) ^ self._sector_keys(first_sector, nsec)
-        return out.astype(_U32).tobytes()
+        res: bytes = out.astype(_U32).tobytes()
+        return res
 
     def encrypt(self, data: bytes | bytearray | memoryview, first_sector: int) -> bytes:
         nsec = self._check(data)

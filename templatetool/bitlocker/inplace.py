@@ -19,7 +19,7 @@ the journal area):
   header), so steps are MiBs (one fsync each) instead of 44 KiB. The area is encrypted last,
   with zeros as its known plaintext, after a record flagged "steps done".
 
-Forked workers (:func:`templatetool.parallel.ordered_map`) read, encrypt and hash the steps
+Forked workers (:meth:`templatetool.parallel.Engine.map`) read, encrypt and hash the steps
 ahead; this process alone writes, in order.
 
 Per step ``[X, X+n)``: journal record (plaintext) -> fsync -> ciphertext (made durable by the
@@ -58,7 +58,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
-from ..parallel import ordered_map
+from ..parallel import Engine, default_engine
 from ..progress import progress
 from . import structs as S
 from .metadata import (
@@ -136,9 +136,10 @@ class JournalRecord:
 def _header(guid: bytes, seq: int, offset: int, length: int, flags: int, data_offset: int,
             area: tuple[int, int] | None, digest: bytes) -> bytes:
     ao, an = area or (0, 0)
-    return JournalHeader.build({"volume_guid": guid, "seq": seq, "offset": offset, "length": length,
+    header: bytes = JournalHeader.build({"volume_guid": guid, "seq": seq, "offset": offset, "length": length,
                                 "flags": flags, "data_offset": data_offset, "area_offset": ao, "area_size": an,
                                 "digest": digest})
+    return header
 
 
 def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes | memoryview, flags: int = 0,
@@ -242,7 +243,7 @@ def find_area(view: BlockDevice, sizes: list[int],
         return None
     cs = fm.cluster_size
     for k, size in enumerate(sizes):
-        per = -(-(-(-size // cs)) // 8) * 8  # clusters, a multiple of 8 (whole bytes of the bitmap)
+        per = -(-(-(-size // cs)) // 8) * 8  # noqa: B002 - clusters rounded up to a multiple of 8 (bitmap bytes)
         win = per * cs
         used = fm.any_used_per(per, view.size // win)
         if used is None:
@@ -323,20 +324,17 @@ def probe(view: BlockDevice) -> InPlaceStatus:
 
 
 # ---- the converter ------------------------------------------------------------------------------
-def step_size(sector_size: int) -> int:
-    """The wanted conversion step: $TEMPLATETOOL_INPLACE_CHUNK or :data:`AREA_STEP`.
+def step_size(sector_size: int, engine: Engine | None = None) -> int:
+    """The wanted conversion step: the engine's ``step`` (the CLI: $TEMPLATETOOL_INPLACE_CHUNK)
+    or :data:`AREA_STEP`.
 
     Without a journal area the step is cut to what fits a metadata-region slot (:data:`MAX_STEP`)."""
-    raw = os.environ.get(CHUNK_ENV)
-    if not raw:
+    n = (engine or default_engine()).step
+    if n is None:
         return AREA_STEP
-    try:
-        n = int(raw)
-    except ValueError:
-        raise UsageError(f"{CHUNK_ENV}={raw!r} is not a number of bytes") from None
     if n <= 0 or n % sector_size or n > MAX_AREA_STEP:
-        raise UsageError(f"{CHUNK_ENV}={n}: must be a multiple of the sector size {sector_size} and at most "
-                         f"{MAX_AREA_STEP}")
+        raise UsageError(f"in-place step {n}: must be a multiple of the sector size {sector_size} and at most "
+                         f"{MAX_AREA_STEP}", hint=f"set {CHUNK_ENV} accordingly")
     return n
 
 
@@ -361,7 +359,9 @@ class _Converter:
     metadata regions' slots, steps of at most :data:`MAX_STEP`)."""
 
     def __init__(self, dev: BlockDevice, plan: EncryptionPlan, guid: uuid.UUID, seq: int,
-                 area: tuple[int, int] | None = None, step: int | None = None) -> None:
+                 area: tuple[int, int] | None = None, step: int | None = None,
+                 engine: Engine | None = None) -> None:
+        self.engine = engine or default_engine()
         self.dev = dev
         self.plan = plan
         self.regions = plan.regions
@@ -370,7 +370,7 @@ class _Converter:
         self.guid = guid
         self.seq = seq
         self.area = area
-        want = step if step is not None else step_size(self.ss)
+        want = step if step is not None else step_size(self.ss, self.engine)
         if area is None:
             self.step = _inline_step(want, self.ss)
         else:
@@ -481,12 +481,12 @@ class _Converter:
     def run(self, start: int) -> None:
         """Convert ``[start, volume end)`` then the journal area, then write the final metadata.
 
-        Forked workers (:func:`ordered_map`) read and encrypt the steps ahead; this process alone
+        The engine's forked workers (:meth:`Engine.map`) read and encrypt the steps ahead; this process alone
         writes, in order, each step's journal record (durable) before its ciphertext."""
         last = time.monotonic()
         since = 0
         with progress(self.vsize - start, "encrypt in place") as bar:
-            for off, n, out, payload in ordered_map(self._chunk, self._items(start), slot=2 * self.step):
+            for off, n, out, payload in self.engine.map(self._chunk, self._items(start), slot=2 * self.step):
                 if out is not None:
                     # The journal's fsync also makes the previous step's ciphertext durable, which is
                     # why resume redoes both journal slots (the newest two steps).
@@ -549,7 +549,7 @@ class InPlaceResult:
 
 def _sector_size(view: BlockDevice) -> int:
     head = view.read(0, 512)
-    ss = struct.unpack_from("<H", head, 0x0B)[0]
+    ss: int = struct.unpack_from("<H", head, 0x0B)[0]
     if ss not in (512, 1024, 2048, 4096):
         raise FormatError(f"unsupported sector size {ss} in the volume header", view.name)
     return ss
@@ -557,8 +557,9 @@ def _sector_size(view: BlockDevice) -> int:
 
 def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], method: str | int = "xts-aes-128",
                      description: str | None = None,
-                     on_keys: Callable[[EncryptResult], None] | None = None) -> InPlaceResult:
-    """Convert the reserved NTFS volume ``view`` (writable) to BitLocker in place.
+                     on_keys: Callable[[EncryptResult], None] | None = None,
+                     engine: Engine | None = None) -> InPlaceResult:
+    """Convert the reserved NTFS volume ``view`` (writable) to BitLocker in place (on ``engine``).
 
     ``on_keys(result)`` runs once the keys exist and before the first byte is written: the caller
     must store the recovery password / startup key durably there (a crash later needs them).
@@ -566,7 +567,8 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
     st = probe(view)
     _refuse(st, view, fresh=True)
     assert st.regions is not None
-    plan = plan_encryption(view, method=method, protectors=protectors, regions=st.regions, description=description)
+    plan = plan_encryption(view, method=method, protectors=protectors, regions=st.regions, description=description,
+                           engine=engine)
     if any(plan.metadata_block(state=STATE_SWITCHING)[JOURNAL_START:]):
         raise UnsupportedError("the FVE metadata is too large to leave room for the conversion journal",
                                view.name, "use fewer key protectors")
@@ -574,7 +576,7 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
         on_keys(plan.result)
     r = plan.regions
     ss = plan.sector_size
-    want = step_size(ss)
+    want = step_size(ss, engine)
     sizes = [want]
     while sizes[-1] > MAX_STEP:  # a smaller area when no run of zeros is large enough
         sizes.append(max(ss, sizes[-1] // 2 // ss * ss))
@@ -583,7 +585,7 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
     if found is not None:
         area, k = found
         want = sizes[k]
-    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0, area=area, step=want)
+    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0, area=area, step=want, engine=engine)
     head = view.read(0, r.vho_size)
     # 1. relocated header (reserved region, invisible to NTFS); 2. journal of the first step;
     # 3. metadata (state switching); 4. the FVE volume header over the first sectors.
@@ -613,8 +615,9 @@ def _refuse(st: InPlaceStatus, view: BlockDevice, fresh: bool) -> None:
                          "run `templatetool resume DISK` with its credential")
 
 
-def resume_conversion(view: BlockDevice, credential: dict[str, Any]) -> InPlaceResult:
-    """Finish an interrupted in-place conversion of ``view`` (writable).
+def resume_conversion(view: BlockDevice, credential: dict[str, Any],
+                      engine: Engine | None = None) -> InPlaceResult:
+    """Finish an interrupted in-place conversion of ``view`` (writable), on ``engine``.
 
     ``credential``: one of ``recovery_password``, ``password``, ``bek`` (as for ``unlock``).
     The step recorded in the newest valid journal record is redone from its plaintext, then the
@@ -643,7 +646,7 @@ def resume_conversion(view: BlockDevice, credential: dict[str, Any]) -> InPlaceR
     records = read_journals(view, plan.regions, m.volume_guid)
     journal = records[-1] if records else None
     conv = _Converter(view, plan, m.volume_guid, journal.seq + 1 if journal else 0,
-                      area=journal.area if journal else None)
+                      area=journal.area if journal else None, engine=engine)
     if m.encrypted_size >= view.size:
         conv.write_metadata(view.size, final=True)  # interrupted while writing the final copies
         return InPlaceResult(True, view.size, view.size, 0, conv.checkpoints, plan.result)
@@ -732,7 +735,8 @@ def _locate(dev: BlockDevice, partition: int | None) -> tuple[int, int, int | No
 def in_place(disk_path: str | os.PathLike[str], partition: int | None = None, *,
              protectors: list[ProtectorSpec] | None = None, method: str | int = "xts-aes-128",
              description: str | None = None, credential: dict[str, Any] | None = None,
-             on_keys: Callable[[EncryptResult], None] | None = None, resume_only: bool = False) -> dict[str, Any]:
+             on_keys: Callable[[EncryptResult], None] | None = None, resume_only: bool = False,
+             engine: Engine | None = None) -> dict[str, Any]:
     """Encrypt (or finish encrypting) the OS volume of a raw or VHDX disk in place.
 
     A volume that is not started is converted with fresh keys from ``protectors`` (refused with
@@ -755,12 +759,12 @@ def in_place(disk_path: str | os.PathLike[str], partition: int | None = None, *,
                     raise CredentialError("the volume is in the middle of an in-place conversion; a credential is "
                                           "needed to resume it", view.name,
                                           "give the recovery password file, startup key or password of the first run")
-                r = resume_conversion(view, credential or {})
+                r = resume_conversion(view, credential or {}, engine)
             else:
                 if not protectors:
                     raise UsageError("at least one key protector is needed")
                 r = start_conversion(view, protectors=protectors, method=method, description=description,
-                                     on_keys=on_keys)
+                                     on_keys=on_keys, engine=engine)
             dev.flush()
         finally:
             dev.close()

@@ -163,8 +163,8 @@ def ccm_unwrap(key: bytes, payload: bytes, where: str = "AES-CCM entry") -> byte
 def key_entry(key_type: int, key: bytes, role: int = 0, version: int = 1) -> bytes:
     """A KEY entry (header + u16 key type + u16 flags + key), e.g. the 44-byte VMK container."""
     size = S.ENTRY_HEADER_SIZE + 4 + len(key)
-    return (S.EntryHeader.build(dict(size=size, role=role, vtype=S.VT_KEY, version=version))
-            + S.KeyPayload.build(dict(key_type=key_type, flags=0, key=key)))
+    return (S.build(S.EntryHeader, {"size": size, "role": role, "vtype": S.VT_KEY, "version": version})
+            + S.build(S.KeyPayload, {"key_type": key_type, "flags": 0, "key": key}))
 
 
 def parse_key_entry(data: bytes, where: str, expect_len: int | None = None) -> tuple[int, bytes]:
@@ -203,15 +203,15 @@ def build_bek(guid: uuid.UUID, external_key: bytes, created: int | None = None) 
         raise UsageError("an external key has 32 bytes")
     ft = filetime_now() if created is None else created
     label = "ExternalKey\0".encode("utf-16-le")
-    label_e = S.EntryHeader.build(dict(size=8 + len(label), role=0, vtype=S.VT_UNICODE, version=1)) + label
+    label_e = S.build(S.EntryHeader, {"size": 8 + len(label), "role": 0, "vtype": S.VT_UNICODE, "version": 1}) + label
     key_e = key_entry(S.KEYTYPE_EXTERNAL, external_key)
-    body = S.ExternalKeyPayload.build(dict(guid=guid.bytes_le, modified=ft, nested=label_e + key_e))
-    ext = S.EntryHeader.build(dict(size=8 + len(body), role=S.ROLE_STARTUP_KEY, vtype=S.VT_EXTERNAL_KEY,
-                                   version=1)) + body
+    body = S.build(S.ExternalKeyPayload, {"guid": guid.bytes_le, "modified": ft, "nested": label_e + key_e})
+    ext = S.build(S.EntryHeader, {"size": 8 + len(body), "role": S.ROLE_STARTUP_KEY, "vtype": S.VT_EXTERNAL_KEY,
+                                   "version": 1}) + body
     total = S.DATASET_HEADER_SIZE + len(ext)
-    hdr = S.DatasetHeader.build(dict(size=total, version=1, header_size=S.DATASET_HEADER_SIZE, size_copy=total,
-                                     volume_guid=guid.bytes_le, nonce_counter=1, method=0, method_copy=0,
-                                     created=ft))
+    hdr = S.build(S.DatasetHeader, {"size": total, "version": 1, "header_size": S.DATASET_HEADER_SIZE, "size_copy": total,
+                                     "volume_guid": guid.bytes_le, "nonce_counter": 1, "method": 0, "method_copy": 0,
+                                     "created": ft})
     out = hdr + ext
     assert len(out) == BEK_SIZE
     return out

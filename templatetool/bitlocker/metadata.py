@@ -37,7 +37,7 @@ class Entry:
         size = S.ENTRY_HEADER_SIZE + len(self.payload)
         if size > 0xFFFF:
             raise FormatError("metadata entry too large", self.where)
-        return S.EntryHeader.build(dict(size=size, role=self.role, vtype=self.vtype, version=self.version)) + self.payload
+        return S.build(S.EntryHeader, {"size": size, "role": self.role, "vtype": self.vtype, "version": self.version}) + self.payload
 
     def children(self) -> list[Entry]:
         """Nested entries of VMK / STRETCH_KEY / USE_KEY / EXTERNAL_KEY values ([] otherwise)."""
@@ -124,20 +124,20 @@ def build_boot_sector(sector_size: int, metadata_offsets: tuple[int, int, int], 
     if layout not in S.IDENTIFIER_OFFSET:
         raise FormatError(f"unknown BitLocker volume layout {layout!r}")
     to_go = layout == S.LAYOUT_TO_GO
-    fields = dict(
-        jump=S.BOOT_JUMP, signature=S.TO_GO_SIGNATURE if to_go else S.FVE_SIGNATURE,
-        bytes_per_sector=sector_size,
-        sectors_per_cluster=sectors_per_cluster, reserved_sectors=0, fat_count=0, root_entries=0,
-        total_sectors_16=0, media=0xF8, sectors_per_fat_16=0, sectors_per_track=0x3F, heads=0xFF,
-        hidden_sectors=hidden_sectors & 0xFFFFFFFF, total_sectors_32=total_sectors if total_sectors < 1 << 32 else 0,
-        sectors_per_fat_32=0x1FE0, fat_flags=0, fs_version=0, root_cluster=0, fsinfo_sector=1,
-        backup_boot_sector=6, reserved1=bytes(4), vista_metadata_lcn=0, drive_number=0x80, reserved2=0,
-        ext_boot_signature=0x29, volume_serial=0, volume_label=b"NO NAME    ", fs_type=b"FAT32   ",
-        identifier=S.BITLOCKER_GUID.bytes_le, metadata_offsets=list(metadata_offsets), end_signature=b"\x55\xaa")
+    fields = {
+        "jump": S.BOOT_JUMP, "signature": S.TO_GO_SIGNATURE if to_go else S.FVE_SIGNATURE,
+        "bytes_per_sector": sector_size,
+        "sectors_per_cluster": sectors_per_cluster, "reserved_sectors": 0, "fat_count": 0, "root_entries": 0,
+        "total_sectors_16": 0, "media": 0xF8, "sectors_per_fat_16": 0, "sectors_per_track": 0x3F, "heads": 0xFF,
+        "hidden_sectors": hidden_sectors & 0xFFFFFFFF, "total_sectors_32": total_sectors if total_sectors < 1 << 32 else 0,
+        "sectors_per_fat_32": 0x1FE0, "fat_flags": 0, "fs_version": 0, "root_cluster": 0, "fsinfo_sector": 1,
+        "backup_boot_sector": 6, "reserved1": bytes(4), "vista_metadata_lcn": 0, "drive_number": 0x80, "reserved2": 0,
+        "ext_boot_signature": 0x29, "volume_serial": 0, "volume_label": b"NO NAME    ", "fs_type": b"FAT32   ",
+        "identifier": S.BITLOCKER_GUID.bytes_le, "metadata_offsets": list(metadata_offsets), "end_signature": b"\x55\xaa"}
     if to_go:
-        return S.ToGoBootSector.build(dict(fields, boot_code=_BITLOCKER_MSG.ljust(0x1A8 - 0x5A, b"\0"),
+        return S.build(S.ToGoBootSector, dict(fields, boot_code=_BITLOCKER_MSG.ljust(0x1A8 - 0x5A, b"\0"),
                                            boot_code2=bytes(0x1FE - 0x1D0)))
-    return S.BootSector.build(dict(fields, boot_code=bytes(70), eow_offsets=[0, 0],
+    return S.build(S.BootSector, dict(fields, boot_code=bytes(70), eow_offsets=[0, 0],
                                    boot_code2=_BITLOCKER_MSG.ljust(0x1FE - 0xD8, b"\0")))
 
 
@@ -254,14 +254,14 @@ def build_metadata_block(*, encrypted_size: int, virtualized_sectors: int,
     :func:`finish_metadata_block` appends the validation structure."""
     body = b"".join(e.build() for e in entries)
     ds_size = S.DATASET_HEADER_SIZE + len(body)
-    ds = S.DatasetHeader.build(dict(size=ds_size, version=1, header_size=S.DATASET_HEADER_SIZE, size_copy=ds_size,
-                                    volume_guid=volume_guid.bytes_le, nonce_counter=nonce_counter,
-                                    method=method, method_copy=0, created=created)) + body
+    ds = S.build(S.DatasetHeader, {"size": ds_size, "version": 1, "header_size": S.DATASET_HEADER_SIZE, "size_copy": ds_size,
+                                    "volume_guid": volume_guid.bytes_le, "nonce_counter": nonce_counter,
+                                    "method": method, "method_copy": 0, "created": created}) + body
     header_units = -(-(S.BLOCK_HEADER_SIZE + ds_size) // 16)
-    hdr = S.BlockHeader.build(dict(signature=S.FVE_SIGNATURE, header_size=header_units, version=2,
-                                   current_state=state, next_state=state, encrypted_size=encrypted_size,
-                                   convert_size=0, virtualized_sectors=virtualized_sectors,
-                                   metadata_offsets=list(metadata_offsets), vho_offset=vho_offset))
+    hdr = S.build(S.BlockHeader, {"signature": S.FVE_SIGNATURE, "header_size": header_units, "version": 2,
+                                   "current_state": state, "next_state": state, "encrypted_size": encrypted_size,
+                                   "convert_size": 0, "virtualized_sectors": virtualized_sectors,
+                                   "metadata_offsets": list(metadata_offsets), "vho_offset": vho_offset})
     return (hdr + ds).ljust(header_units * 16, b"\0")
 
 
@@ -269,7 +269,7 @@ def finish_metadata_block(covered: bytes, validation_ccm: bytes | None) -> bytes
     """Append the validation structure (CRC-32 and the VMK-encrypted SHA-256 entry)."""
     crc = binascii.crc32(covered) & 0xFFFFFFFF
     version = 2 if validation_ccm is not None else 1
-    v = S.ValidationHeader.build(dict(size=(0x10000 - len(covered)) & 0xFFFF, version=version, crc32=crc))
+    v = S.build(S.ValidationHeader, {"size": (0x10000 - len(covered)) & 0xFFFF, "version": version, "crc32": crc})
     if validation_ccm is not None:
         v += Entry(S.ROLE_PROPERTY, S.VT_AES_CCM, validation_ccm).build()
     block = covered + v

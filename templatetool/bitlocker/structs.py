@@ -9,10 +9,13 @@ malformed input produces a typed error naming the field instead of a construct e
 from __future__ import annotations
 
 import uuid
+from enum import IntEnum
+from typing import Any
 
 from construct import (
     Array,
     Bytes,
+    Construct,
     GreedyBytes,
     Int8ul,
     Int16ul,
@@ -44,12 +47,23 @@ METADATA_REGION_SIZE = 64 * 1024
 VHO_REGION_SIZE = 8 * 1024
 
 # --- encryption methods (dataset FvekType / KEY key type) ---------------------------------
-METHOD_AES_128_DIFFUSER = 0x8000
-METHOD_AES_256_DIFFUSER = 0x8001
-METHOD_AES_128_CBC = 0x8002
-METHOD_AES_256_CBC = 0x8003
-METHOD_XTS_AES_128 = 0x8004
-METHOD_XTS_AES_256 = 0x8005
+class Method(IntEnum):
+    """Encryption method (dataset ``method``, FVEK KEY key type)."""
+
+    AES_128_DIFFUSER = 0x8000
+    AES_256_DIFFUSER = 0x8001
+    AES_128_CBC = 0x8002
+    AES_256_CBC = 0x8003
+    XTS_AES_128 = 0x8004
+    XTS_AES_256 = 0x8005
+
+
+METHOD_AES_128_DIFFUSER = Method.AES_128_DIFFUSER
+METHOD_AES_256_DIFFUSER = Method.AES_256_DIFFUSER
+METHOD_AES_128_CBC = Method.AES_128_CBC
+METHOD_AES_256_CBC = Method.AES_256_CBC
+METHOD_XTS_AES_128 = Method.XTS_AES_128
+METHOD_XTS_AES_256 = Method.XTS_AES_256
 
 METHOD_NAMES: dict[int, str] = {
     METHOD_AES_128_DIFFUSER: "aes-128-cbc-diffuser",
@@ -70,30 +84,63 @@ FVEK_LENGTH: dict[int, int] = {
 }
 
 # --- entry roles ("entry type") -------------------------------------------------------------
-ROLE_PROPERTY = 0x0000
-ROLE_VMK = 0x0002
-ROLE_FVEK = 0x0003
-ROLE_VALIDATION = 0x0004
-ROLE_STARTUP_KEY = 0x0006
-ROLE_DESCRIPTION = 0x0007
-ROLE_FVEK_BACKUP = 0x000B
-ROLE_VOLUME_HEADER_BLOCK = 0x000F
-ROLE_RECOVERY_KEY_COPY = 0x0012  # nested in the recovery stretch key: VMK-encrypted raw key16
+class Role(IntEnum):
+    """Entry role ("entry type")."""
+
+    PROPERTY = 0x0000
+    VMK = 0x0002
+    FVEK = 0x0003
+    VALIDATION = 0x0004
+    STARTUP_KEY = 0x0006
+    DESCRIPTION = 0x0007
+    FVEK_BACKUP = 0x000B
+    VOLUME_HEADER_BLOCK = 0x000F
+    RECOVERY_KEY_COPY = 0x0012  # nested in the recovery stretch key: VMK-encrypted raw key16
+
+
+ROLE_PROPERTY = Role.PROPERTY
+ROLE_VMK = Role.VMK
+ROLE_FVEK = Role.FVEK
+ROLE_VALIDATION = Role.VALIDATION
+ROLE_STARTUP_KEY = Role.STARTUP_KEY
+ROLE_DESCRIPTION = Role.DESCRIPTION
+ROLE_FVEK_BACKUP = Role.FVEK_BACKUP
+ROLE_VOLUME_HEADER_BLOCK = Role.VOLUME_HEADER_BLOCK
+ROLE_RECOVERY_KEY_COPY = Role.RECOVERY_KEY_COPY
+
 
 # --- value types --------------------------------------------------------------------------
-VT_ERASED = 0x0000
-VT_KEY = 0x0001
-VT_UNICODE = 0x0002
-VT_STRETCH_KEY = 0x0003
-VT_USE_KEY = 0x0004
-VT_AES_CCM = 0x0005
-VT_TPM_ENCODED = 0x0006
-VT_VALIDATION = 0x0007
-VT_VMK = 0x0008
-VT_EXTERNAL_KEY = 0x0009
-VT_UPDATE = 0x000A
-VT_ERROR = 0x000B
-VT_OFFSET_SIZE = 0x000F
+class ValueType(IntEnum):
+    """Entry value type (how the payload is laid out)."""
+
+    ERASED = 0x0000
+    KEY = 0x0001
+    UNICODE = 0x0002
+    STRETCH_KEY = 0x0003
+    USE_KEY = 0x0004
+    AES_CCM = 0x0005
+    TPM_ENCODED = 0x0006
+    VALIDATION = 0x0007
+    VMK = 0x0008
+    EXTERNAL_KEY = 0x0009
+    UPDATE = 0x000A
+    ERROR = 0x000B
+    OFFSET_SIZE = 0x000F
+
+
+VT_ERASED = ValueType.ERASED
+VT_KEY = ValueType.KEY
+VT_UNICODE = ValueType.UNICODE
+VT_STRETCH_KEY = ValueType.STRETCH_KEY
+VT_USE_KEY = ValueType.USE_KEY
+VT_AES_CCM = ValueType.AES_CCM
+VT_TPM_ENCODED = ValueType.TPM_ENCODED
+VT_VALIDATION = ValueType.VALIDATION
+VT_VMK = ValueType.VMK
+VT_EXTERNAL_KEY = ValueType.EXTERNAL_KEY
+VT_UPDATE = ValueType.UPDATE
+VT_ERROR = ValueType.ERROR
+VT_OFFSET_SIZE = ValueType.OFFSET_SIZE
 
 #: Fixed part of each value type (incl. the 8-byte entry header); nested entries follow it.
 VALUE_HEADER_SIZE: dict[int, int] = {
@@ -105,13 +152,25 @@ VALUE_HEADER_SIZE: dict[int, int] = {
 NESTING_TYPES = frozenset({VT_STRETCH_KEY, VT_USE_KEY, VT_VMK, VT_EXTERNAL_KEY})
 
 # --- protection types (VMK payload) ---------------------------------------------------------
-PROT_CLEAR_KEY = 0x0000
-PROT_TPM = 0x0100
-PROT_STARTUP_KEY = 0x0200
-PROT_TPM_PIN = 0x0500
-PROT_RECOVERY_PASSWORD = 0x0800
-PROT_SMART_CARD = 0x1000
-PROT_PASSWORD = 0x2000
+class Protection(IntEnum):
+    """Key protector type (VMK payload ``protection``)."""
+
+    CLEAR_KEY = 0x0000
+    TPM = 0x0100
+    STARTUP_KEY = 0x0200
+    TPM_PIN = 0x0500
+    RECOVERY_PASSWORD = 0x0800
+    SMART_CARD = 0x1000
+    PASSWORD = 0x2000
+
+
+PROT_CLEAR_KEY = Protection.CLEAR_KEY
+PROT_TPM = Protection.TPM
+PROT_STARTUP_KEY = Protection.STARTUP_KEY
+PROT_TPM_PIN = Protection.TPM_PIN
+PROT_RECOVERY_PASSWORD = Protection.RECOVERY_PASSWORD
+PROT_SMART_CARD = Protection.SMART_CARD
+PROT_PASSWORD = Protection.PASSWORD
 
 PROTECTION_NAMES: dict[int, str] = {
     PROT_CLEAR_KEY: "clear-key",
@@ -124,18 +183,48 @@ PROTECTION_NAMES: dict[int, str] = {
 }
 
 # --- key types in KEY / STRETCH_KEY / USE_KEY payloads --------------------------------------
-KEYTYPE_RECOVERY_STRETCH = 0x1000
-KEYTYPE_PASSWORD_STRETCH = 0x1001
-KEYTYPE_CLEAR = 0x2000
-KEYTYPE_EXTERNAL = 0x2002
-KEYTYPE_VMK = 0x2003
-KEYTYPE_VALIDATION_HASH = 0x2005
+class KeyType(IntEnum):
+    """Key type in KEY / STRETCH_KEY / USE_KEY payloads (FVEK keys use :class:`Method`)."""
+
+    RECOVERY_STRETCH = 0x1000
+    PASSWORD_STRETCH = 0x1001
+    CLEAR = 0x2000
+    EXTERNAL = 0x2002
+    VMK = 0x2003
+    VALIDATION_HASH = 0x2005
+
+
+KEYTYPE_RECOVERY_STRETCH = KeyType.RECOVERY_STRETCH
+KEYTYPE_PASSWORD_STRETCH = KeyType.PASSWORD_STRETCH
+KEYTYPE_CLEAR = KeyType.CLEAR
+KEYTYPE_EXTERNAL = KeyType.EXTERNAL
+KEYTYPE_VMK = KeyType.VMK
+KEYTYPE_VALIDATION_HASH = KeyType.VALIDATION_HASH
+
 
 # --- metadata states ------------------------------------------------------------------------
-STATE_NAMES = {1: "decrypted", 2: "switching", 3: "paused", 4: "encrypted", 5: "switching"}
-STATE_ENCRYPTED = 4
+class State(IntEnum):
+    """Conversion state in the metadata block header."""
+
+    DECRYPTED = 1
+    SWITCHING = 2
+    PAUSED = 3
+    ENCRYPTED = 4
+    SWITCHING_5 = 5
+
+
+STATE_NAMES: dict[int, str] = {State.DECRYPTED: "decrypted", State.SWITCHING: "switching", State.PAUSED: "paused",
+               State.ENCRYPTED: "encrypted", State.SWITCHING_5: "switching"}
+STATE_ENCRYPTED = State.ENCRYPTED
 
 # ==== structures ============================================================================
+
+
+def build(st: Construct, obj: dict[str, Any]) -> bytes:
+    """``st.build(obj)``, typed (construct is untyped)."""
+    out: bytes = st.build(obj)
+    return out
+
 
 #: The FAT32-style BPB both volume-header layouts start with (offsets 0x000..0x05A).
 _BPB = (

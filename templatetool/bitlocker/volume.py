@@ -9,12 +9,11 @@ returned raw, and everything else is decrypted in place with its own physical se
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ..blockdev import CHUNK, BlockDevice
@@ -22,11 +21,10 @@ from ..errors import (
     CredentialError,
     FormatError,
     IntegrityError,
-    ResourceError,
     TemplateToolError,
     UsageError,
 )
-from ..parallel import chunk_items, die_with_parent
+from ..parallel import Engine, Job, PassTaps, SkipFn, SpanFn, chunk_items, default_engine
 from ..progress import progress
 from . import keys as K
 from . import structs as S
@@ -394,50 +392,120 @@ class DecryptedVolume(BlockDevice):
 
 # ==== encryption ===============================================================================
 
-ProtectorKind = str  # 'recovery_password' | 'password' | 'startup_key' | 'clear' | 'tpm'
+class ProtectorKind(StrEnum):
+    """The key protectors :func:`encrypt_volume` can write (values: library spelling; CLI
+    spelling with hyphens: :attr:`public`)."""
+
+    RECOVERY_PASSWORD = "recovery_password"
+    PASSWORD = "password"
+    STARTUP_KEY = "startup_key"
+    CLEAR = "clear"
+    TPM = "tpm"
+
+    @classmethod
+    def parse(cls, value: ProtectorKind | str) -> ProtectorKind:
+        """``recovery-password`` or ``recovery_password`` (or a member) to the member."""
+        if isinstance(value, ProtectorKind):
+            return value
+        try:
+            return cls(value.replace("-", "_"))
+        except ValueError:
+            raise UsageError(f"unknown protector kind {value!r}",
+                             hint="one of " + ", ".join(k.public for k in cls)) from None
+
+    @classmethod
+    def of_protection(cls, protection: int) -> ProtectorKind | None:
+        """The kind writing VMK protection type ``protection`` (None: one we do not write)."""
+        return _KIND_OF_PROTECTION.get(protection)
+
+    @property
+    def public(self) -> str:
+        """The spelling in JSON output and on the command line (``recovery-password``)."""
+        return self.value.replace("_", "-")
+
+    @property
+    def protection(self) -> S.Protection:
+        """The VMK protection type this kind writes."""
+        return _PROTECTION_OF_KIND[self]
+
+
+_PROTECTION_OF_KIND = {
+    ProtectorKind.RECOVERY_PASSWORD: S.Protection.RECOVERY_PASSWORD, ProtectorKind.PASSWORD: S.Protection.PASSWORD,
+    ProtectorKind.STARTUP_KEY: S.Protection.STARTUP_KEY, ProtectorKind.CLEAR: S.Protection.CLEAR_KEY,
+    ProtectorKind.TPM: S.Protection.TPM,
+}
+_KIND_OF_PROTECTION: dict[int, ProtectorKind] = {v: k for k, v in _PROTECTION_OF_KIND.items()}
+
+#: ``seal(vmk_key_entry) -> (tpm_blob, pcr_bitmap)`` of a TPM protector.
+SealFn = Callable[[bytes], tuple[bytes, int]]
 
 
 @dataclass
+class _Stretch:
+    """A started key stretch: the salt, the job computing the stretched key and, for a recovery
+    password, its 16-byte key."""
+
+    salt: bytes
+    job: Job
+    key16: bytes | None = None
+
+
+@dataclass(init=False)
 class ProtectorSpec:
     """A key protector to add when encrypting.
 
-    kinds: ``recovery_password`` (``value`` optional: generated), ``password`` (``value``),
-    ``startup_key`` (a 32-byte external key is generated; the result carries the .BEK bytes),
-    ``clear`` (suspended protection, anyone can read) and ``tpm`` (``seal(vmk_key_entry) ->
-    (tpm_blob, pcr_bitmap)`` gets the 44-byte KEY entry holding the VMK).
+    kinds (:class:`ProtectorKind`, or its name with ``_`` or ``-``): ``recovery_password``
+    (``value`` optional: generated), ``password`` (``value``), ``startup_key`` (a 32-byte
+    external key is generated; the result carries the .BEK bytes), ``clear`` (suspended
+    protection, anyone can read) and ``tpm`` (``seal(vmk_key_entry) -> (tpm_blob, pcr_bitmap)``
+    gets the 44-byte KEY entry holding the VMK).
     """
 
     kind: ProtectorKind
     value: str | None = None
-    seal: Callable[[bytes], tuple[bytes, int]] | None = None
-    _pre: Any = field(default=None, repr=False, compare=False)
+    seal: SealFn | None = None
+    _pre: _Stretch | None = field(default=None, repr=False, compare=False)
+
+    def __init__(self, kind: ProtectorKind | str, value: str | None = None, seal: SealFn | None = None) -> None:
+        self.kind = ProtectorKind.parse(kind)
+        self.value = value
+        self.seal = seal
+        self._pre = None
 
     def __repr__(self) -> str:
-        return f"ProtectorSpec(kind={self.kind!r})"
+        return f"ProtectorSpec(kind={self.kind.value!r})"
 
-    def prepare(self) -> ProtectorSpec:
-        """Start this protector's key stretch now, in a forked child (recovery password and
-        password protectors; a no-op for the others), so that it overlaps whatever the caller
-        does before encrypting. Call :meth:`discard` if the spec ends up unused."""
-        kind = self.kind.replace("-", "_")
-        if self._pre is None and hasattr(os, "fork") and (kind == "recovery_password"
-                                                          or (kind == "password" and self.value)):
-            self._pre = self._start_stretch(kind, _StretchJobs(True))
+    def _stretches(self) -> bool:
+        return self.kind is ProtectorKind.RECOVERY_PASSWORD or (self.kind is ProtectorKind.PASSWORD
+                                                                and bool(self.value))
+
+    def prepare(self, engine: Engine | None = None) -> ProtectorSpec:
+        """Start this protector's key stretch now, on ``engine`` (a forked child: recovery
+        password and password protectors; a no-op for the others), so that it overlaps whatever
+        the caller does before encrypting. Call :meth:`discard` if the spec ends up unused."""
+        if self._pre is None and self._stretches():
+            self._pre = self._start_stretch(engine or default_engine(), True)
         return self
 
-    def _start_stretch(self, kind: str, jobs: _StretchJobs) -> tuple[Any, ...]:
-        """Salt and submit the stretch: (key16, salt, job) for a recovery password, (salt, job)
-        for a password (the job's ``result()`` is the stretched key)."""
+    def _start_stretch(self, engine: Engine, defer: bool) -> _Stretch:
+        """Salt and submit the stretch (on ``engine`` when ``defer``, else computed now)."""
         salt = K.random_key(16)
-        if kind == "recovery_password":
+        key16: bytes | None = None
+        if self.kind is ProtectorKind.RECOVERY_PASSWORD:
             key16 = K.parse_recovery_password(self.value or K.generate_recovery_password())
-            return key16, salt, jobs.submit(K.recovery_initial_hash(key16), salt)
-        return salt, jobs.submit(K.password_initial_hash(self.value or ""), salt)
+            initial = K.recovery_initial_hash(key16)
+        else:
+            initial = K.password_initial_hash(self.value or "")
+
+        def run() -> bytes:
+            return K.stretch_key(initial, salt)
+
+        return _Stretch(salt, engine.spawn(run, 32) if defer else Job.done(run()), key16)
 
     def discard(self) -> None:
         """Stop a stretch started by :meth:`prepare` whose result was not used."""
         if self._pre is not None:
-            self._pre[-1].close()
+            self._pre.job.close()
             self._pre = None
 
 
@@ -445,7 +513,8 @@ class ProtectorSpec:
 class ProtectorResult:
     """One protector written: its kind, GUID and the secrets the caller must deliver."""
 
-    kind: str
+    #: the kind (a protector read back from metadata that we do not write: its protection name)
+    kind: ProtectorKind | str
     guid: str
     protection: int
     recovery_password: str | None = field(default=None, repr=False)
@@ -457,7 +526,8 @@ class ProtectorResult:
 
     def to_json(self) -> dict[str, Any]:
         """Public description (never the secrets)."""
-        return {"type": self.kind.replace("_", "-"), "guid": self.guid, "protection": f"{self.protection:#06x}"}
+        kind = self.kind.public if isinstance(self.kind, ProtectorKind) else self.kind
+        return {"type": kind, "guid": self.guid, "protection": f"{self.protection:#06x}"}
 
 
 @dataclass
@@ -488,10 +558,7 @@ class EncryptResult:
 
 
 def _method_code(method: str | int) -> int:
-    if isinstance(method, int):
-        code = method
-    else:
-        code = METHODS_BY_NAME.get(method.lower(), -1)
+    code = method if isinstance(method, int) else METHODS_BY_NAME.get(method.lower(), -1)
     if code not in S.METHOD_NAMES:
         raise UsageError(f"unknown encryption method {method!r}", hint="use xts-aes-128 or xts-aes-256")
     return code
@@ -519,13 +586,128 @@ def check_regions(regions: FveRegions, volume_size: int, sector_size: int) -> No
 
 
 def _vmk_entry(guid: uuid.UUID, ft: int, protection: int, nested: list[Entry]) -> Entry:
-    fixed = guid.bytes_le + struct.pack("<QHH", ft, 0, protection)
+    fixed = S.build(S.VmkPayload, {"guid": guid.bytes_le, "modified": ft, "unknown": 0, "protection": protection,
+                                "nested": b""})
     return make_entry(S.ROLE_VMK, S.VT_VMK, fixed, nested)
 
 
 def _ccm_entry(key: bytes, plain: bytes, ns: K.NonceSource, role: int = S.ROLE_PROPERTY) -> Entry:
     t, c = ns.next()
     return Entry(role, S.VT_AES_CCM, K.ccm_wrap(key, plain, t, c))
+
+
+def _stretch_entry(key_type: S.KeyType, salt: bytes, nested: list[Entry] | None = None) -> Entry:
+    fixed = S.build(S.StretchKeyPayload, {"key_type": key_type, "flags": 0, "salt": salt, "nested": b""})
+    return make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY, fixed, nested)
+
+
+@dataclass
+class _Protector:
+    """One protector decided by :func:`plan_encryption`: its spec, GUID and started stretch."""
+
+    spec: ProtectorSpec
+    guid: uuid.UUID
+    stretch: _Stretch | None
+
+
+@dataclass
+class _Keys:
+    """What every protector builder needs: the VMK, the nonce source and the creation time."""
+
+    vmk: bytes
+    ns: K.NonceSource
+    ft: int
+
+    def vmk_under(self, key: bytes) -> Entry:
+        """The VMK wrapped (AES-CCM) under ``key``."""
+        return _ccm_entry(key, K.key_entry(S.KEYTYPE_VMK, self.vmk), self.ns)
+
+
+_Built = tuple[list[Entry], ProtectorResult]
+
+
+def _build_recovery_password(p: _Protector, k: _Keys) -> _Built:
+    assert p.stretch is not None and p.stretch.key16 is not None
+    key16 = p.stretch.key16
+    skey = p.stretch.job.result()
+    copy = _ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), k.ns, S.ROLE_RECOVERY_KEY_COPY)
+    stretch = _stretch_entry(S.KeyType.RECOVERY_STRETCH, p.stretch.salt, [copy])
+    nested = [unicode_entry("DiskPassword"), stretch, k.vmk_under(skey)]
+    return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_RECOVERY_PASSWORD,
+                                   recovery_password=K.format_recovery_key(key16))
+
+
+def _build_password(p: _Protector, k: _Keys) -> _Built:
+    assert p.stretch is not None
+    skey = p.stretch.job.result()
+    nested = [_stretch_entry(S.KeyType.PASSWORD_STRETCH, p.stretch.salt), k.vmk_under(skey)]
+    return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_PASSWORD)
+
+
+def _build_startup_key(p: _Protector, k: _Keys) -> _Built:
+    ext = K.random_key(32)
+    fixed = S.build(S.UseKeyPayload, {"key_type": S.KeyType.EXTERNAL, "flags": 0, "nested": b""})
+    use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, fixed, [_ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), k.ns)])
+    nested = [unicode_entry("ExternalKey"), use, k.vmk_under(ext)]
+    return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_STARTUP_KEY, bek=K.build_bek(p.guid, ext, k.ft))
+
+
+def _build_clear(p: _Protector, k: _Keys) -> _Built:
+    ck = K.random_key(32)
+    keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, S.build(S.KeyPayload, {"key_type": S.KeyType.CLEAR, "flags": 0, "key": ck}))
+    return [keyent, k.vmk_under(ck)], ProtectorResult(p.spec.kind, str(p.guid), S.PROT_CLEAR_KEY)
+
+
+def _build_tpm(p: _Protector, k: _Keys) -> _Built:
+    assert p.spec.seal is not None
+    blob, pcrs = p.spec.seal(K.key_entry(S.KEYTYPE_VMK, k.vmk))
+    payload = S.build(S.TpmEncodedPayload, {"pcr_bitmap": pcrs & 0xFFFFFFFF, "blob": bytes(blob)})
+    return [Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, payload)], ProtectorResult(p.spec.kind, str(p.guid), S.PROT_TPM)
+
+
+#: One builder per protector kind: the VMK entry's nested entries and the result to report.
+_BUILDERS: dict[ProtectorKind, Callable[[_Protector, _Keys], _Built]] = {
+    ProtectorKind.RECOVERY_PASSWORD: _build_recovery_password,
+    ProtectorKind.PASSWORD: _build_password,
+    ProtectorKind.STARTUP_KEY: _build_startup_key,
+    ProtectorKind.CLEAR: _build_clear,
+    ProtectorKind.TPM: _build_tpm,
+}
+
+
+@dataclass
+class _MetaState:
+    """What a metadata block is built from once the protectors exist (typed, was a dict)."""
+
+    ns: K.NonceSource
+    virtualized_sectors: int
+    volume_guid: uuid.UUID
+    created: int
+    entries: list[Entry]
+
+
+@dataclass
+class _Deferred:
+    """The part of a plan finished by :meth:`EncryptionPlan.finalize`: the protectors (whose key
+    stretches may still run) and what the boot sector and relocated header are built from."""
+
+    src: BlockDevice
+    protectors: list[_Protector]
+    fvek: bytes
+    guid: uuid.UUID
+    ns: K.NonceSource
+    created: int
+    description: str | None
+    hidden_sectors: int
+    sectors_per_cluster: int
+    total_sectors: int
+    layout: str
+
+    def close(self) -> None:
+        """Stop stretches whose result was not collected."""
+        for p in self.protectors:
+            if p.stretch is not None:
+                p.stretch.job.close()
 
 
 @dataclass
@@ -537,12 +719,13 @@ class EncryptionPlan:
     sector_size: int
     volume_size: int
     regions: FveRegions
-    cipher: Any = field(repr=False)
+    cipher: SectorCipher = field(repr=False)
     result: EncryptResult
     #: (offset, bytes) written over the ciphertext: FVE boot sector, 3 metadata blocks, relocated header.
     overlays: list[tuple[int, bytes]] = field(repr=False)
     _vmk: bytes = field(repr=False, default=b"")
-    _meta: dict[str, Any] = field(repr=False, default_factory=dict)
+    _state: _MetaState | None = field(repr=False, default=None)
+    _deferred: _Deferred | None = field(repr=False, default=None)
 
     def encrypt_chunk(self, offset: int, plaintext: bytes | bytearray | memoryview) -> bytearray:
         """Ciphertext of the volume span at ``offset`` as it goes to disk (overlays applied)."""
@@ -565,47 +748,85 @@ class EncryptionPlan:
 
     def finalize(self) -> EncryptionPlan:
         """Finish the deferred part (protector key stretches, metadata, overlays); idempotent."""
-        fin = self._meta.pop("finish", None)
-        if fin is not None:
-            fin()
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return self
+        try:
+            self._finish(d)
+        finally:
+            d.close()
         return self
+
+    def _finish(self, d: _Deferred) -> None:
+        ss, r = self.sector_size, self.regions
+        keys = _Keys(self._vmk, d.ns, d.created)
+        entries: list[Entry] = [unicode_entry(d.description or f"templatetool {K.filetime_to_iso(d.created)}",
+                                              S.ROLE_DESCRIPTION)]
+        results: list[ProtectorResult] = []
+        for p in d.protectors:
+            nested, res = _BUILDERS[p.spec.kind](p, keys)
+            entries.append(_vmk_entry(p.guid, d.created, p.spec.kind.protection, nested))
+            results.append(res)
+        entries.append(_ccm_entry(self._vmk, K.key_entry(self.method, d.fvek), d.ns, S.ROLE_FVEK))
+        entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
+                             S.build(S.OffsetSizePayload, {"offset": r.vho_offset, "size": r.vho_size, "extra": b""})))
+        self.result.protectors = results
+        self._state = _MetaState(d.ns, r.vho_size // ss, d.guid, d.created, entries)
+        block = self.metadata_block()
+        boot = build_boot_sector(ss, r.metadata_offsets, hidden_sectors=d.hidden_sectors,
+                                 sectors_per_cluster=d.sectors_per_cluster, total_sectors=d.total_sectors,
+                                 layout=d.layout).ljust(r.vho_size, b"\0")
+        vho_ct = self.cipher.encrypt(d.src.read(0, r.vho_size), r.vho_offset // ss)
+        self.overlays = [(0, boot)] + [(o, block) for o in r.metadata_offsets] + [(r.vho_offset, vho_ct)]
 
     def abandon(self) -> None:
         """Stop background work of a plan that will not be finalized (an error happened)."""
-        self._meta.pop("finish", None)
-        st = self._meta.pop("stretches", None)
-        if st is not None:
-            st.close()
+        d, self._deferred = self._deferred, None
+        if d is not None:
+            d.close()
 
     def metadata_block(self, encrypted_size: int | None = None, state: int | None = None) -> bytes:
         """A 64 KiB metadata block for another conversion state / encrypted size (in-place conversion)."""
-        m = self._meta
-        ns = m["ns"]
-        vt, vc = ns.next()
+        if self._state is None:
+            raise UsageError("the plan is not finalized yet")
+        m = self._state
+        vt, vc = m.ns.next()
         covered = build_metadata_block(encrypted_size=self.volume_size if encrypted_size is None else encrypted_size,
-                                       virtualized_sectors=m["nsect"], metadata_offsets=self.regions.metadata_offsets,
-                                       vho_offset=self.regions.vho_offset, volume_guid=m["guid"], nonce_counter=ns.counter,
-                                       method=self.method, created=m["ft"], entries=m["entries"],
-                                       state=S.STATE_ENCRYPTED if state is None else state)
+                                       virtualized_sectors=m.virtualized_sectors,
+                                       metadata_offsets=self.regions.metadata_offsets,
+                                       vho_offset=self.regions.vho_offset, volume_guid=m.volume_guid,
+                                       nonce_counter=m.ns.counter, method=self.method, created=m.created,
+                                       entries=m.entries, state=S.STATE_ENCRYPTED if state is None else state)
         vccm = K.ccm_wrap(self._vmk, K.key_entry(S.KEYTYPE_VALIDATION_HASH, hashlib.sha256(covered).digest()), vt, vc)
         return finish_metadata_block(covered, vccm).ljust(S.METADATA_REGION_SIZE, b"\0")
+
+
+def _check_protectors(protectors: list[ProtectorSpec]) -> None:
+    if not protectors:
+        raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
+    if sum(p.kind is ProtectorKind.RECOVERY_PASSWORD for p in protectors) > 1:
+        raise UsageError("only one recovery password protector is read by libbde and dislocker")
+    for spec in protectors:
+        if spec.kind is ProtectorKind.PASSWORD and not spec.value:
+            raise UsageError("a password protector needs a password")
+        if spec.kind is ProtectorKind.TPM and spec.seal is None:
+            raise UsageError("a TPM protector needs a seal function")
 
 
 def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", protectors: list[ProtectorSpec],
                     regions: FveRegions, sector_size: int | None = None,
                     description: str | None = None, defer: bool = False,
-                    layout: str = S.LAYOUT_STANDARD) -> EncryptionPlan:
+                    layout: str = S.LAYOUT_STANDARD, engine: Engine | None = None) -> EncryptionPlan:
     """Decide keys, protectors and metadata for encrypting the plaintext volume ``src``.
 
     Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written. With ``defer``
-    the password/recovery-password key stretches (0x100000 SHA-256 rounds each) run in a
-    background process and the metadata is built by :meth:`EncryptionPlan.finalize`, so the
-    stretch overlaps the pass over the disk; ``cipher`` is usable at once.
+    the password/recovery-password key stretches (0x100000 SHA-256 rounds each) run on
+    ``engine`` (forked children) and the metadata is built by :meth:`EncryptionPlan.finalize`,
+    so the stretch overlaps the pass over the disk; ``cipher`` is usable at once.
     ``layout``: ``standard`` (the fixed-disk ``-FVE-FS-`` volume header) or ``to-go`` (the
     BitLocker To Go header Windows writes on removable media: ``MSWIN4.1``, GUID at 0x1A8).
     """
-    if not protectors:
-        raise UsageError("at least one key protector is needed", hint="e.g. a recovery password")
+    _check_protectors(protectors)
     code = _method_code(method)
     head = src.read(0, 512) if src.size >= 512 else b""
     if layout not in S.IDENTIFIER_OFFSET:
@@ -623,211 +844,55 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
     if vsize % ss:
         raise UsageError(f"volume size {vsize} is not a multiple of the sector size {ss}", src.name)
     check_regions(regions, vsize, ss)
-    nsect = regions.vho_size // ss
-    hidden = struct.unpack_from("<I", head, 0x1C)[0] if is_ntfs else 0
-    spc = head[0x0D] if is_ntfs and head[0x0D] else 8
 
     fvek = K.random_key(S.FVEK_LENGTH[code])
     vmk = K.random_key(32)
     vol_guid = uuid.uuid4()
     ns = K.NonceSource(0)
-    ft = ns.time
-    stretches = _StretchJobs(defer)
-    prepared: list[tuple[ProtectorSpec, str, uuid.UUID, Any]] = []
-    rec_seen = False
+    eng = engine or default_engine()
+    chosen: list[_Protector] = []
     for spec in protectors:
-        kind = spec.kind.replace("-", "_")
-        pre: Any = None
-        if kind == "recovery_password":
-            if rec_seen:
-                raise UsageError("only one recovery password protector is read by libbde and dislocker")
-            rec_seen = True
-            pre = spec._pre or spec._start_stretch(kind, stretches)
-        elif kind == "password":
-            if not spec.value:
-                raise UsageError("a password protector needs a password")
-            pre = spec._pre or spec._start_stretch(kind, stretches)
-        elif kind == "tpm" and spec.seal is None:
-            raise UsageError("a TPM protector needs a seal function")
-        elif kind not in ("startup_key", "clear", "tpm"):
-            raise UsageError(f"unknown protector kind {spec.kind!r}")
-        prepared.append((spec, kind, uuid.uuid4(), pre))
-    cipher = make_cipher(code, fvek, ss)
-    plan = EncryptionPlan(code, ss, vsize, regions, cipher, EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss,
-                                                                          vsize, regions, []), [], vmk, {})
-
-    def finish() -> None:
-        entries: list[Entry] = [unicode_entry(description or f"templatetool {K.filetime_to_iso(ft)}",
-                                              S.ROLE_DESCRIPTION)]
-        results: list[ProtectorResult] = []
-        for spec, kind, guid, pre in prepared:
-            if kind == "recovery_password":
-                key16, salt, job = pre
-                rp = K.format_recovery_key(key16)
-                skey = job.result()
-                copy = _ccm_entry(vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), ns, S.ROLE_RECOVERY_KEY_COPY)
-                stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
-                                     struct.pack("<HH", S.KEYTYPE_RECOVERY_STRETCH, 0) + salt, [copy])
-                nested = [unicode_entry("DiskPassword"), stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-                entries.append(_vmk_entry(guid, ft, S.PROT_RECOVERY_PASSWORD, nested))
-                results.append(ProtectorResult(kind, str(guid), S.PROT_RECOVERY_PASSWORD, recovery_password=rp))
-            elif kind == "password":
-                salt, job = pre
-                skey = job.result()
-                stretch = make_entry(S.ROLE_PROPERTY, S.VT_STRETCH_KEY,
-                                     struct.pack("<HH", S.KEYTYPE_PASSWORD_STRETCH, 0) + salt)
-                nested = [stretch, _ccm_entry(skey, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-                entries.append(_vmk_entry(guid, ft, S.PROT_PASSWORD, nested))
-                results.append(ProtectorResult(kind, str(guid), S.PROT_PASSWORD))
-            elif kind == "startup_key":
-                ext = K.random_key(32)
-                use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, struct.pack("<HH", S.KEYTYPE_EXTERNAL, 0),
-                                 [_ccm_entry(vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), ns)])
-                nested = [unicode_entry("ExternalKey"), use, _ccm_entry(ext, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-                entries.append(_vmk_entry(guid, ft, S.PROT_STARTUP_KEY, nested))
-                results.append(ProtectorResult(kind, str(guid), S.PROT_STARTUP_KEY, bek=K.build_bek(guid, ext, ft)))
-            elif kind == "clear":
-                ck = K.random_key(32)
-                keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, struct.pack("<HH", S.KEYTYPE_CLEAR, 0) + ck)
-                nested = [keyent, _ccm_entry(ck, K.key_entry(S.KEYTYPE_VMK, vmk), ns)]
-                entries.append(_vmk_entry(guid, ft, S.PROT_CLEAR_KEY, nested))
-                results.append(ProtectorResult(kind, str(guid), S.PROT_CLEAR_KEY))
-            elif kind == "tpm":
-                assert spec.seal is not None
-                blob, pcrs = spec.seal(K.key_entry(S.KEYTYPE_VMK, vmk))
-                tpm = Entry(S.ROLE_PROPERTY, S.VT_TPM_ENCODED, struct.pack("<I", pcrs & 0xFFFFFFFF) + bytes(blob))
-                entries.append(_vmk_entry(guid, ft, S.PROT_TPM, [tpm]))
-                results.append(ProtectorResult(kind, str(guid), S.PROT_TPM))
-        fvek_ccm = _ccm_entry(vmk, K.key_entry(code, fvek), ns, S.ROLE_FVEK)
-        entries.append(fvek_ccm)
-        entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
-                             struct.pack("<QQ", regions.vho_offset, regions.vho_size)))
-        plan.result.protectors = results
-        plan._meta.update({"ns": ns, "nsect": nsect, "guid": vol_guid, "ft": ft, "entries": entries})
-        block = plan.metadata_block()
-        boot = build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
-                                 total_sectors=0 if is_ntfs and layout == S.LAYOUT_STANDARD else vsize // ss,
-                                 layout=layout).ljust(regions.vho_size, b"\0")
-        vho_ct = cipher.encrypt(src.read(0, regions.vho_size), regions.vho_offset // ss)
-        plan.overlays = [(0, boot)] + [(o, block) for o in regions.metadata_offsets] + [(regions.vho_offset, vho_ct)]
-        stretches.close()
-
-    plan._meta["finish"] = finish
-    plan._meta["stretches"] = stretches
+        stretch = (spec._pre or spec._start_stretch(eng, defer)) if spec._stretches() else None
+        chosen.append(_Protector(spec, uuid.uuid4(), stretch))
+    deferred = _Deferred(
+        src, chosen, fvek, vol_guid, ns, ns.time, description,
+        hidden_sectors=struct.unpack_from("<I", head, 0x1C)[0] if is_ntfs else 0,
+        sectors_per_cluster=head[0x0D] if is_ntfs and head[0x0D] else 8,
+        total_sectors=0 if is_ntfs and layout == S.LAYOUT_STANDARD else vsize // ss, layout=layout)
+    result = EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, [])
+    plan = EncryptionPlan(code, ss, vsize, regions, make_cipher(code, fvek, ss), result, [], vmk,
+                          _deferred=deferred)
     return plan if defer else plan.finalize()
-
-
-class _StretchJobs:
-    """BitLocker key stretches, computed now or (``defer``) each in a forked child process.
-
-    The child gets the stretch inputs by fork (no copy anywhere else), sends the 32-byte result
-    back over a pipe and exits; on Linux it is also killed with its parent (PR_SET_PDEATHSIG), so
-    a crashed run never leaves it behind holding secrets or file descriptors.
-    """
-
-    def __init__(self, defer: bool) -> None:
-        self.defer = defer and hasattr(os, "fork")
-        self._jobs: list[_StretchChild] = []
-
-    def submit(self, initial: bytes, salt: bytes) -> Any:
-        if not self.defer:
-            from concurrent.futures import Future
-
-            f: Future[bytes] = Future()
-            f.set_result(K.stretch_key(initial, salt))
-            return f
-        job = _StretchChild(initial, salt)
-        self._jobs.append(job)
-        return job
-
-    def close(self) -> None:
-        """Kill and reap children whose result was not collected."""
-        for j in self._jobs:
-            j.close()
-        self._jobs = []
-
-
-class _StretchChild:
-    """One forked stretch computation; ``result()`` waits for it."""
-
-    def __init__(self, initial: bytes, salt: bytes) -> None:
-        r, w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # child: compute, send, exit without running any parent cleanup
-            code = 1
-            try:
-                os.close(r)
-                die_with_parent(parent)
-                out = K.stretch_key(initial, salt)
-                os.write(w, out)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        self._pid, self._r, self._value = pid, r, None
-
-    def result(self) -> bytes:
-        if self._value is None:
-            data = b""
-            while len(data) < 32:
-                chunk = os.read(self._r, 32 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            if len(data) == 32:
-                self._value = data
-            self.close()
-            if self._value is None:
-                raise ResourceError("the key-stretch helper process failed")
-        return self._value
-
-    def close(self) -> None:
-        if self._r >= 0:
-            os.close(self._r)
-            self._r = -1
-        if self._pid:
-            try:
-                if self._value is None:
-                    os.kill(self._pid, signal.SIGKILL)
-                os.waitpid(self._pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self._pid = 0
 
 
 def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
                    protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
-                   description: str | None = None, skip: Callable[[int, int], bool] | None = None,
-                   on_skip: Callable[[int, int], None] | None = None,
-                   tap: Callable[[int, bytes | memoryview], None] | None = None,
-                   worker_tap: Callable[[int, memoryview], bytes] | None = None,
-                   on_tap: Callable[[int, int, bytes], None] | None = None,
-                   workers: int | None = None, layout: str = S.LAYOUT_STANDARD) -> EncryptResult:
+                   description: str | None = None, taps: PassTaps | None = None, engine: Engine | None = None,
+                   layout: str = S.LAYOUT_STANDARD) -> EncryptResult:
     """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
 
     ``regions`` must already be reserved (zero, unused by the filesystem): see
     :mod:`templatetool.bitlocker.reserve`. One streaming pass in 1 MiB chunks, bounded memory
-    (a few chunks in flight). Chunks are read and encrypted by ``workers`` forked processes
-    (:func:`templatetool.parallel.ordered_map`; default: one per CPU) and written in order by this
-    process (a single writer: two processes writing one file contend on its inode lock, which on
-    this class of VM doubled the time). The protectors' key stretches run in a background process
-    meanwhile, and the few chunks holding BitLocker's own structures are written last, once the
-    metadata is built.
+    (a few chunks in flight). Chunks are read and encrypted by the ``engine``'s forked workers
+    (:meth:`templatetool.parallel.Engine.map`) and written in order by this process (a single
+    writer: two processes writing one file contend on its inode lock, which on this class of VM
+    doubled the time). The protectors' key stretches run on the engine meanwhile, and the few
+    chunks holding BitLocker's own structures are written last, once the metadata is built.
 
-    ``skip(offset, length)`` may declare a chunk not worth writing (free in the filesystem and
-    unallocated in the source: ``dst`` then keeps it unallocated; readers return garbage there,
-    which is harmless for free clusters); chunks holding BitLocker's own structures are always
-    written. ``on_skip(offset, length)`` is then called in volume order.
-    ``worker_tap(offset, plaintext) -> bytes`` runs in the worker on every chunk read (e.g. to
-    hash it) and its result reaches ``on_tap(offset, length, result)`` here, in volume order.
-    ``tap(offset, plaintext)`` sees every plaintext chunk in this process, in order (costs a copy).
-    Skipped chunks are not read and not tapped. ``layout``: see :func:`plan_encryption`.
+    ``taps`` (:class:`~templatetool.parallel.PassTaps`): ``skip(offset, length)`` may declare a
+    chunk not worth writing (free in the filesystem and unallocated in the source: ``dst`` then
+    keeps it unallocated; readers return garbage there, which is harmless for free clusters);
+    chunks holding BitLocker's own structures are always written. ``on_skip(offset, length)`` is
+    then called in volume order. ``worker_tap(offset, plaintext) -> bytes`` runs in the worker on
+    every chunk read (e.g. to hash it) and its result reaches ``on_tap(offset, length, result)``
+    here, in volume order. ``tap(offset, plaintext)`` sees every plaintext chunk in this process,
+    in order (costs a copy). Skipped chunks are not read and not tapped. ``layout``: see
+    :func:`plan_encryption`.
     """
-    from ..parallel import ordered_map
-
+    eng = engine or default_engine()
+    t = taps or PassTaps()
     plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
-                           description=description, defer=True, layout=layout)
+                           description=description, defer=True, layout=layout, engine=eng)
     try:
         vsize = plan.volume_size
         ss = plan.sector_size
@@ -837,6 +902,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
         special = {off // CHUNK for o, n in plan.overlay_spans() for off in range(o // CHUNK * CHUNK, o + n, CHUNK)}
         cipher = plan.cipher
         rbuf: list[memoryview] = []
+        tap, worker_tap, on_tap, on_skip = t.tap, t.worker_tap, t.on_tap, t.on_skip
 
         def chunk_fn(off: int, n: int, out: memoryview) -> bytes:
             # runs in a worker process: read, tap, encrypt into the shared slot
@@ -851,9 +917,9 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
             return payload
 
         slot = 2 * CHUNK + 16 if tap is not None else CHUNK
-        items = chunk_items(vsize, CHUNK, skip, special)
+        items = chunk_items(vsize, CHUNK, t.skip, special)
         with progress(vsize, "encrypt") as bar:
-            for off, n, out, payload in ordered_map(chunk_fn, items, workers, slot=slot):
+            for off, n, out, payload in eng.map(chunk_fn, items, slot=slot):
                 if out is None:
                     if on_skip is not None:
                         on_skip(off, n)
@@ -883,18 +949,18 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     return plan.result
 
 
-def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int, int], bool] | None = None,
-                   workers: int | None = None, on_skip: Callable[[int, int], None] | None = None) -> int:
+def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: SkipFn | None = None,
+                   engine: Engine | None = None, on_skip: SpanFn | None = None) -> int:
     """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
 
-    Chunks are read and decrypted by ``workers`` forked processes and written here, in order.
+    Chunks are read and decrypted by the ``engine``'s forked workers and written here, in order.
     Chunks ``skip(offset, length)`` declares skippable are not read and, like all-zero chunks,
     not written (a new ``dst`` keeps them unallocated); ``on_skip(offset, length)`` is called for
     each skipped span, in order. Returns the number of bytes written.
     """
     from ..blockdev import is_zero
-    from ..parallel import ordered_map
 
+    eng = engine or default_engine()
     fast = getattr(plain, "read_chunk_into", None)
 
     def chunk_fn(off: int, n: int, out: memoryview) -> bytes:
@@ -908,7 +974,7 @@ def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: Callable[[int,
     written = 0
     with progress(plain.size, "decrypt") as bar:
         items = chunk_items(plain.size, CHUNK, skip)
-        for off, n, data, flag in ordered_map(chunk_fn, items, workers):
+        for off, n, data, flag in eng.map(chunk_fn, items):
             if data is None:
                 if on_skip is not None:
                     on_skip(off, n)
@@ -945,9 +1011,11 @@ def plan_from_metadata(meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: 
     prots = []
     for e in meta.entries_of(S.ROLE_VMK, S.VT_VMK):
         p = S.VmkPayload.parse(e.payload)
-        prots.append(ProtectorResult(S.PROTECTION_NAMES.get(p.protection, "unknown").replace("-", "_"),
-                                     str(uuid.UUID(bytes_le=p.guid)), p.protection))
+        kind: ProtectorKind | str = (ProtectorKind.of_protection(p.protection)
+                                     or S.PROTECTION_NAMES.get(p.protection, "unknown"))
+        prots.append(ProtectorResult(kind, str(uuid.UUID(bytes_le=p.guid)), p.protection))
     result = EncryptResult(str(meta.volume_guid), S.METHOD_NAMES[code], sector_size, volume_size, regions, prots)
+    state = _MetaState(K.NonceSource(meta.nonce_counter + 1), meta.virtualized_sectors, meta.volume_guid,
+                       meta.created, entries)
     return EncryptionPlan(code, sector_size, volume_size, regions, make_cipher(code, fvek, sector_size), result, [],
-                          vmk, {"ns": K.NonceSource(meta.nonce_counter + 1), "nsect": meta.virtualized_sectors,
-                                "guid": meta.volume_guid, "ft": meta.created, "entries": entries})
+                          vmk, _state=state)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..blockdev import BlockDevice
 from ..errors import FormatError, ResourceError, UsageError
+from ..parallel import PassTaps, SkipFn
 from ..progress import progress
 from . import DEFAULT_BLOCK_SIZE
 from .merkle import leaf_hash, root_from
@@ -234,6 +235,12 @@ class Measurer:
         for i in range(count):
             self._leaves[first + i] = digests[32 * i:32 * i + 32]
         self._pos += length
+
+    def worker_taps(self, skip: SkipFn | None = None) -> PassTaps:
+        """This measurer as the observer of an engine pass (e.g. an encryption): each span is
+        hashed in the workers (:meth:`block_digests`), the digests recorded here in order, and
+        spans the pass ``skip``s measured as zeros. Needs chunks that are whole blocks."""
+        return PassTaps(skip=skip, on_skip=self.feed_zeros, worker_tap=self.block_digests, on_tap=self.accept_digests)
 
     def feed_zeros(self, offset: int, length: int) -> None:
         """Add ``length`` zero bytes without materialising whole zero blocks."""

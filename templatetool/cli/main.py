@@ -18,6 +18,11 @@ if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written ye
     signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
                                                  os._exit(130)))
 
+# The CLI owns its process: numpy's bundled OpenBLAS would start one idle thread per core at
+# import; we never call BLAS and the disk passes fork workers, so keep it to one thread. Set here,
+# before numpy is first imported (the library itself changes no environment variable).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import contextlib
 import importlib
 import json
@@ -28,6 +33,7 @@ import click
 from .. import __version__
 from ..atomic import defer_interrupt
 from ..errors import TemplateToolError
+from ..parallel import Engine, set_default_engine
 from ..progress import set_quiet
 from . import policy
 from .common import cli_hint, json_default
@@ -63,6 +69,7 @@ def cli(quiet: bool) -> None:
     70 internal error, 130 interrupted (Ctrl-C).
     """
     set_quiet(quiet)
+    set_default_engine(Engine.from_env())  # TEMPLATETOOL_WORKERS etc.: read here, nowhere below
 
 
 def _load() -> None:

@@ -33,6 +33,7 @@ from ..blockdev import CHUNK, BlockDevice, View, is_zero
 from ..disk import create_disk, locate_volume, open_disk, sniff_filesystem
 from ..disk.overlay import MetadataOverlay
 from ..errors import CredentialError, ResourceError, UnsupportedError, UsageError
+from ..parallel import PassTaps, engine_for
 from ..progress import progress
 
 
@@ -297,8 +298,9 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(
                     plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
-                    protectors=protectors, regions=regions, description=description, skip=skip, on_skip=on_skip,
-                    tap=tap, worker_tap=worker_tap, on_tap=on_tap, workers=workers)
+                    protectors=protectors, regions=regions, description=description,
+                    taps=PassTaps(skip=skip, on_skip=on_skip, tap=tap, worker_tap=worker_tap, on_tap=on_tap),
+                    engine=engine_for(workers))
                 out.flush()
                 if on_result is not None:
                     on_result(result)
@@ -342,7 +344,7 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 dst = View(out, vol_off, vol_size)
-                decrypt_volume(plain, dst, skip=fsp.skip, workers=workers, on_skip=on_skip)
+                decrypt_volume(plain, dst, skip=fsp.skip, engine=engine_for(workers), on_skip=on_skip)
                 out.flush()
             finally:
                 out.close()

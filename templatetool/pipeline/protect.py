@@ -93,6 +93,31 @@ def _os_candidates(table: Any, dev: BlockDevice) -> Any:
     return max(pool, key=lambda p: p.size) if pool else None
 
 
+def _open_failure(path: str) -> str | None:
+    """Why a disk failed to open, from its structure (never from an error's wording): ``log``
+    (a VHDX whose log holds unreplayed entries), ``differencing`` (a VHDX with a parent, which
+    failed to open alongside it) or None (anything else)."""
+    from ..disk import disk_format
+    from ..vhdx.layout import Reporter, Stop, parse_layout
+
+    try:
+        if disk_format(path) != "vhdx":
+            return None
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, TemplateToolError):
+        return None
+    rep = Reporter(path, collect=True)
+    try:
+        has_parent = parse_layout(fd, rep).has_parent
+    except (Stop, OSError, TemplateToolError):
+        has_parent = False
+    finally:
+        os.close(fd)
+    if any(f.severity == "error" and f.where == "log" for f in rep.findings):
+        return "log"
+    return "differencing" if has_parent else None
+
+
 def preflight(disk_path: str | os.PathLike[str]) -> list[Problem]:
     """Check everything ``protect`` needs; return ALL problems found (empty list: ready)."""
     from ..bitlocker.reserve import find_reserved
@@ -103,13 +128,13 @@ def preflight(disk_path: str | os.PathLike[str]) -> list[Problem]:
     try:
         dev = open_disk(path)
     except TemplateToolError as e:
-        msg = str(e)
-        if "parent" in msg:
-            return [Problem("differencing", f"the disk is a differencing disk and cannot be opened alone: {e}",
-                            "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)")]
-        if "log" in msg and "replay" in msg:
+        why = _open_failure(path)
+        if why == "log":
             return [Problem("log", f"the VHDX has a pending log: {e}",
                             "replay it (qemu-img check -r all FILE, or attach it once in Hyper-V)")]
+        if why == "differencing":
+            return [Problem("differencing", f"the disk is a differencing disk and cannot be opened alone: {e}",
+                            "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)")]
         return [Problem("open", f"cannot open the disk: {e}", "give a readable VHDX or raw disk image")]
     try:
         parent = getattr(dev, "parent", None)

@@ -7,6 +7,9 @@ structures are big-endian (TPM 2.0 Part 2); TCG PC Client event-log structures a
 
 from __future__ import annotations
 
+from enum import IntEnum
+from typing import Any
+
 from construct import (
     Bytes,
     Const,
@@ -25,30 +28,96 @@ from construct import (
     this,
 )
 
-# --- algorithm identifiers (TPM 2.0 Part 2, TPM_ALG_ID) ---------------------------------------
-ALG_RSA = 0x0001
-ALG_SHA1 = 0x0004
-ALG_HMAC = 0x0005
-ALG_AES = 0x0006
-ALG_KEYEDHASH = 0x0008
-ALG_XOR = 0x000A
-ALG_SHA256 = 0x000B
-ALG_SHA384 = 0x000C
-ALG_SHA512 = 0x000D
-ALG_NULL = 0x0010
-ALG_SM3_256 = 0x0012
-ALG_ECDAA = 0x001A
-ALG_ECC = 0x0023
-ALG_SYMCIPHER = 0x0025
-ALG_CFB = 0x0043
 
-ECC_NIST_P256 = 0x0003
-ECC_NIST_P384 = 0x0004
+# --- algorithm identifiers (TPM 2.0 Part 2, TPM_ALG_ID) ---------------------------------------
+class AlgId(IntEnum):
+    """TPM_ALG_ID (TPM 2.0 Part 2, 6.3): the algorithms we read or write."""
+
+    RSA = 0x0001
+    SHA1 = 0x0004
+    HMAC = 0x0005
+    AES = 0x0006
+    KEYEDHASH = 0x0008
+    XOR = 0x000A
+    SHA256 = 0x000B
+    SHA384 = 0x000C
+    SHA512 = 0x000D
+    NULL = 0x0010
+    SM3_256 = 0x0012
+    ECDAA = 0x001A
+    ECC = 0x0023
+    SYMCIPHER = 0x0025
+    CFB = 0x0043
+
+
+ALG_RSA = AlgId.RSA
+ALG_SHA1 = AlgId.SHA1
+ALG_HMAC = AlgId.HMAC
+ALG_AES = AlgId.AES
+ALG_KEYEDHASH = AlgId.KEYEDHASH
+ALG_XOR = AlgId.XOR
+ALG_SHA256 = AlgId.SHA256
+ALG_SHA384 = AlgId.SHA384
+ALG_SHA512 = AlgId.SHA512
+ALG_NULL = AlgId.NULL
+ALG_SM3_256 = AlgId.SM3_256
+ALG_ECDAA = AlgId.ECDAA
+ALG_ECC = AlgId.ECC
+ALG_SYMCIPHER = AlgId.SYMCIPHER
+ALG_CFB = AlgId.CFB
+
+
+class EccCurve(IntEnum):
+    """TPM_ECC_CURVE."""
+
+    NIST_P256 = 0x0003
+    NIST_P384 = 0x0004
+
+
+ECC_NIST_P256 = EccCurve.NIST_P256
+ECC_NIST_P384 = EccCurve.NIST_P384
+
 
 # --- command codes used in policy digests ----------------------------------------------------
-CC_POLICY_AUTH_VALUE = 0x0000016B
-CC_POLICY_PCR = 0x0000017F
-CC_POLICY_SECRET = 0x00000151
+class CommandCode(IntEnum):
+    """TPM_CC (TPM 2.0 Part 2, 6.5.2): the commands whose codes enter policy digests."""
+
+    POLICY_SECRET = 0x00000151
+    POLICY_AUTH_VALUE = 0x0000016B
+    POLICY_PCR = 0x0000017F
+
+
+CC_POLICY_AUTH_VALUE = CommandCode.POLICY_AUTH_VALUE
+CC_POLICY_PCR = CommandCode.POLICY_PCR
+CC_POLICY_SECRET = CommandCode.POLICY_SECRET
+
+
+class ResponseCode(IntEnum):
+    """TPM_RC base codes (TPM 2.0 Part 2, 6.6; format-one codes without their parameter bits)."""
+
+    SUCCESS = 0x000
+    HANDLE = 0x08B
+    AUTH_FAIL = 0x08E
+    POLICY_FAIL = 0x09D
+    INTEGRITY = 0x09F
+    BAD_AUTH = 0x0A2
+    LOCKOUT = 0x921
+
+
+class Handle(IntEnum):
+    """TPM_HANDLE values we name: hierarchies and the well-known persistent keys."""
+
+    RH_OWNER = 0x40000001
+    RH_NULL = 0x40000007
+    RS_PW = 0x40000009
+    RH_LOCKOUT = 0x4000000A
+    RH_ENDORSEMENT = 0x4000000B
+    RH_PLATFORM = 0x4000000C
+    #: Persistent handle where Windows (and the TCG provisioning guidance) keeps the SRK.
+    SRK = 0x81000001
+    #: Persistent handle of the RSA EK (TCG EK Credential Profile / provisioning guidance).
+    EK = 0x81010001
+
 
 # --- TPMA_OBJECT bits -----------------------------------------------------------------------
 ATTR_FIXED_TPM = 1 << 1
@@ -64,12 +133,12 @@ ATTR_DECRYPT = 1 << 17
 ATTR_SIGN = 1 << 18
 
 #: Persistent handle where Windows (and the TCG provisioning guidance) keeps the SRK.
-SRK_HANDLE = 0x81000001
+SRK_HANDLE = Handle.SRK
 #: Persistent handle of the RSA EK (TCG EK Credential Profile / provisioning guidance).
-EK_HANDLE = 0x81010001
+EK_HANDLE = Handle.EK
 
 
-def TPM2B(sub=GreedyBytes):  # noqa: N802 - TPM naming
+def TPM2B(sub: Any = GreedyBytes) -> Any:
     """A TPM2B: u16 big-endian size, then ``sub`` (raw bytes by default)."""
     return Prefixed(Int16ub, sub)
 

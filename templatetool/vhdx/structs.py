@@ -8,6 +8,7 @@ report a clear error instead of a construct exception.
 from __future__ import annotations
 
 import uuid
+from enum import IntEnum, IntFlag
 
 from construct import Adapter, Bytes, Int16ul, Int32ul, Int64ul, Struct
 
@@ -65,30 +66,66 @@ SYSTEM_ITEM_LENGTHS = {
 }
 
 # Metadata entry flags
-MD_IS_USER = 1
-MD_IS_VIRTUAL_DISK = 2
-MD_IS_REQUIRED = 4
+class MetadataFlag(IntFlag):
+    """Metadata table entry flags ([MS-VHDX] 2.6.1.2)."""
+
+    IS_USER = 1
+    IS_VIRTUAL_DISK = 2
+    IS_REQUIRED = 4
+
+
+MD_IS_USER = MetadataFlag.IS_USER
+MD_IS_VIRTUAL_DISK = MetadataFlag.IS_VIRTUAL_DISK
+MD_IS_REQUIRED = MetadataFlag.IS_REQUIRED
+
 
 # File Parameters flags
-FP_LEAVE_BLOCK_ALLOCATED = 1
-FP_HAS_PARENT = 2
+class FileParameterFlag(IntFlag):
+    """File Parameters metadata flags ([MS-VHDX] 2.6.2.1)."""
+
+    LEAVE_BLOCK_ALLOCATED = 1
+    HAS_PARENT = 2
+
+
+FP_LEAVE_BLOCK_ALLOCATED = FileParameterFlag.LEAVE_BLOCK_ALLOCATED
+FP_HAS_PARENT = FileParameterFlag.HAS_PARENT
+
 
 # BAT states
-PAYLOAD_BLOCK_NOT_PRESENT = 0
-PAYLOAD_BLOCK_UNDEFINED = 1
-PAYLOAD_BLOCK_ZERO = 2
-PAYLOAD_BLOCK_UNMAPPED = 3
-PAYLOAD_BLOCK_UNMAPPED_V095 = 5
-PAYLOAD_BLOCK_FULLY_PRESENT = 6
-PAYLOAD_BLOCK_PARTIALLY_PRESENT = 7
-SB_BLOCK_NOT_PRESENT = 0
-SB_BLOCK_PRESENT = 6
+class PayloadBlockState(IntEnum):
+    """Payload BAT entry state ([MS-VHDX] 2.5.1.1); 5 is the v0.95 spelling of UNMAPPED."""
+
+    NOT_PRESENT = 0
+    UNDEFINED = 1
+    ZERO = 2
+    UNMAPPED = 3
+    UNMAPPED_V095 = 5
+    FULLY_PRESENT = 6
+    PARTIALLY_PRESENT = 7
+
+
+class SectorBitmapState(IntEnum):
+    """Sector-bitmap BAT entry state ([MS-VHDX] 2.5.1.2)."""
+
+    NOT_PRESENT = 0
+    PRESENT = 6
+
+
+PAYLOAD_BLOCK_NOT_PRESENT = PayloadBlockState.NOT_PRESENT
+PAYLOAD_BLOCK_UNDEFINED = PayloadBlockState.UNDEFINED
+PAYLOAD_BLOCK_ZERO = PayloadBlockState.ZERO
+PAYLOAD_BLOCK_UNMAPPED = PayloadBlockState.UNMAPPED
+PAYLOAD_BLOCK_UNMAPPED_V095 = PayloadBlockState.UNMAPPED_V095
+PAYLOAD_BLOCK_FULLY_PRESENT = PayloadBlockState.FULLY_PRESENT
+PAYLOAD_BLOCK_PARTIALLY_PRESENT = PayloadBlockState.PARTIALLY_PRESENT
+SB_BLOCK_NOT_PRESENT = SectorBitmapState.NOT_PRESENT
+SB_BLOCK_PRESENT = SectorBitmapState.PRESENT
 BAT_STATE_MASK = 7
 BAT_OFFSET_MASK = ~((1 << 20) - 1) & 0xFFFFFFFFFFFFFFFF
 BAT_RESERVED_MASK = ((1 << 20) - 1) & ~7
 
 
-class GuidAdapter(Adapter):
+class GuidAdapter(Adapter):  # type: ignore[misc]
     """16 bytes in Microsoft mixed-endian order <-> ``uuid.UUID``."""
 
     def _decode(self, obj: bytes, context: object, path: object) -> uuid.UUID:
