@@ -59,14 +59,14 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
     bps, cluster = _ntfs_geometry(view)
     try:
         fs = NTFS(DeviceIO(view))
-    except Exception as e:  # noqa: BLE001 - dissect raises many kinds on corrupt NTFS
+    except Exception as e:
         raise FormatError(f"cannot read the NTFS volume: {e}", view.name) from None
     found: dict[str, tuple[int, int]] = {}
     for folder in (SVI, ""):
         try:
             d = fs.mft.get("/" + folder if folder else "/")
             listing = d.listdir()
-        except Exception:  # noqa: BLE001 - folder absent
+        except Exception:
             continue
         for name, entry in listing.items():
             if not _NAME_RE.match(name):
@@ -79,7 +79,7 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
             try:
                 runs = rec.dataruns()
                 size = rec.size()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise FormatError(f"cannot read the cluster runs: {e}", where) from None
             want = S.METADATA_REGION_SIZE if suffix else S.VHO_REGION_SIZE
             if rec.resident or size != want:
@@ -122,7 +122,7 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
 
             NTFS(DeviceIO(dev)).mft.get("/" + SVI)
             folder = "/" + SVI + "/"
-        except Exception:  # noqa: BLE001 - no System Volume Information folder
+        except Exception:
             folder = "/"
     finally:
         dev.close()

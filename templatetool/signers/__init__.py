@@ -32,6 +32,20 @@ def load_signer(spec: str, *, password: Secret | None = None, pin: Secret | None
     return PfxSigner(spec, password=password)
 
 
-__all__ = ["Signer", "KeyAlgorithm", "KeySigner", "Secret", "SecretSource", "load_signer", "resolve_secret",
-           "load_certificates", "new_key", "self_signed", "thumbprint", "write_pfx",
-           "PfxSigner", "PemSigner", "Pkcs11Signer"]
+__all__ = [
+    "KeyAlgorithm",
+    "KeySigner",
+    "PemSigner",
+    "PfxSigner",
+    "Pkcs11Signer",
+    "Secret",
+    "SecretSource",
+    "Signer",
+    "load_certificates",
+    "load_signer",
+    "new_key",
+    "resolve_secret",
+    "self_signed",
+    "thumbprint",
+    "write_pfx",
+]

@@ -69,7 +69,7 @@ class Policy:
         }
 
 
-COMMAND_NAMES = {s.CC_POLICY_PCR: "PolicyPCR", s.CC_POLICY_AUTH_VALUE: "PolicyAuthValue"}
+COMMAND_NAMES: dict[int, str] = {s.CC_POLICY_PCR: "PolicyPCR", s.CC_POLICY_AUTH_VALUE: "PolicyAuthValue"}
 
 
 def compute_policy(bank: int | str, pcr_values: Mapping[int, bytes], *, auth_value: bool = False,
