@@ -105,26 +105,42 @@ def open_signer(spec: str, *, password: Secret | None = None, pin: Secret | None
     return load_signer(spec, password=password, pin=pin)
 
 
-def open_guardian(path: PathLike, *, private: bool = False, password: Secret | None = None,
-                  allow_untrusted_root: bool = False,
-                  trust: Sequence[x509.Certificate] = ()) -> Guardian:
+def open_guardian(
+    path: PathLike,
+    *,
+    private: bool = False,
+    password: Secret | None = None,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+) -> Guardian:
     """Load a guardian folder (or HGS metadata XML); ``private=True`` opens its keys with
     ``password`` (needed when they are password-protected)."""
     from .guardian import load_guardian
 
-    return load_guardian(path, private=private, password=password, allow_untrusted_root=allow_untrusted_root,
-                         trust=list(trust))
+    return load_guardian(
+        path, private=private, password=password, allow_untrusted_root=allow_untrusted_root, trust=list(trust)
+    )
 
 
-def _guardian(g: GuardianLike, *, private: bool, password: Secret | None = None,
-              allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> Guardian:
+def _guardian(
+    g: GuardianLike,
+    *,
+    private: bool,
+    password: Secret | None = None,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+) -> Guardian:
     if isinstance(g, (str, os.PathLike)):
-        return open_guardian(g, private=private, password=password, allow_untrusted_root=allow_untrusted_root,
-                             trust=trust)
+        return open_guardian(
+            g, private=private, password=password, allow_untrusted_root=allow_untrusted_root, trust=trust
+        )
     if private and (g.signing_key is None or g.encryption_key is None):
-        raise CredentialError(f"guardian {g.name!r} has no private keys loaded", g.path,
-                              "load it with its keys (open_guardian(path, private=True, password=...))",
-                              code="guardian.no-private-keys")
+        raise CredentialError(
+            f"guardian {g.name!r} has no private keys loaded",
+            g.path,
+            "load it with its keys (open_guardian(path, private=True, password=...))",
+            code="guardian.no-private-keys",
+        )
     return g
 
 
@@ -138,8 +154,15 @@ class GuardianCreated(_Result):
     encrypted: bool = True
 
 
-def new_guardian(name: str, output: PathLike, *, password: Secret | None, key: str = "rsa3072",
-                 days: int = 3650, overwrite: bool = False) -> GuardianCreated:
+def new_guardian(
+    name: str,
+    output: PathLike,
+    *,
+    password: Secret | None,
+    key: str = "rsa3072",
+    days: int = 3650,
+    overwrite: bool = False,
+) -> GuardianCreated:
     """Generate a guardian (self-signed signing + encryption certificates, like
     New-HgsGuardian -GenerateCertificates) and save it in the folder ``output``.
 
@@ -150,13 +173,15 @@ def new_guardian(name: str, output: PathLike, *, password: Secret | None, key: s
 
     out = os.fspath(output)
     if (Path(out) / "guardian.json").exists() and not overwrite:
-        raise UsageError("a guardian already exists in this folder", out, "choose another folder",
-                         code="guardian.exists")
+        raise UsageError(
+            "a guardian already exists in this folder", out, "choose another folder", code="guardian.exists"
+        )
     pw = resolve_secret(password)
     g = generate_guardian(name, key, days)
     save_guardian(g, out, None if pw is None else pw.decode("utf-8"), overwrite=overwrite)
-    return GuardianCreated(report=_frozen({**g.to_json(), "output": out}), guardian=g, name=g.name, output=out,
-                           encrypted=pw is not None)
+    return GuardianCreated(
+        report=_frozen({**g.to_json(), "output": out}), guardian=g, name=g.name, output=out, encrypted=pw is not None
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,9 +213,12 @@ def preflight(golden: PathLike) -> PreflightReport:
 
     probs = _preflight(golden)
     disk = os.fspath(golden)
-    return PreflightReport(report=_frozen({"disk": disk, "ok": not probs, "problems": [p.to_json() for p in probs]}),
-                           disk=disk, ok=not probs,
-                           problems=tuple(PreflightProblem(p.code, p.what, p.hint) for p in probs))
+    return PreflightReport(
+        report=_frozen({"disk": disk, "ok": not probs, "problems": [p.to_json() for p in probs]}),
+        disk=disk,
+        ok=not probs,
+        problems=tuple(PreflightProblem(p.code, p.what, p.hint) for p in probs),
+    )
 
 
 @dataclass(frozen=True)
@@ -206,9 +234,19 @@ class Protected(_Result):
     catalog: bytes = field(default=b"", repr=False)
 
 
-def protect(golden: PathLike, output: PathLike | None, *, name: str, version: str, signer: Signer,
-            block_size: int | None = None, pss: bool = False, overwrite: bool = False, in_place: bool = False,
-            subformat: str | None = None) -> Protected:
+def protect(
+    golden: PathLike,
+    output: PathLike | None,
+    *,
+    name: str,
+    version: str,
+    signer: Signer,
+    block_size: int | None = None,
+    pss: bool = False,
+    overwrite: bool = False,
+    in_place: bool = False,
+    subformat: str | None = None,
+) -> Protected:
     """Make a signed template disk from ``golden`` (never modified unless ``in_place``).
 
     ``output`` ending in .vhdx gets the catalog in its metadata; a raw output also gets
@@ -217,10 +255,28 @@ def protect(golden: PathLike, output: PathLike | None, *, name: str, version: st
     from .catalog import DEFAULT_BLOCK_SIZE
     from .pipeline.protect import protect as _protect
 
-    r = _protect(golden, output, name, version, signer, block_size=block_size or DEFAULT_BLOCK_SIZE, pss=pss,
-                 overwrite=overwrite, in_place=in_place, subformat=subformat)
-    return Protected(report=_frozen(r.to_json()), output=r.output, vsc_path=r.vsc_path, name=r.document.name,
-                     version=r.document.version_str, signer=r.signer, root=r.document.root.hex(), catalog=r.der)
+    r = _protect(
+        golden,
+        output,
+        name,
+        version,
+        signer,
+        block_size=block_size or DEFAULT_BLOCK_SIZE,
+        pss=pss,
+        overwrite=overwrite,
+        in_place=in_place,
+        subformat=subformat,
+    )
+    return Protected(
+        report=_frozen(r.to_json()),
+        output=r.output,
+        vsc_path=r.vsc_path,
+        name=r.document.name,
+        version=r.document.version_str,
+        signer=r.signer,
+        root=r.document.root.hex(),
+        catalog=r.der,
+    )
 
 
 @dataclass(frozen=True)
@@ -244,9 +300,21 @@ def export_vsc(template: PathLike, output: PathLike | None = None) -> CatalogExp
     out = os.fspath(output) if output is not None else None
     if out is not None:
         write_bytes_atomic(out, der)
-    return CatalogExport(report=_frozen({"input": os.fspath(template), "output": out, "size": len(der),
-                                         "name": info.name, "version": info.document.version_str}),
-                         der=der, name=info.name, version=info.document.version_str, output=out)
+    return CatalogExport(
+        report=_frozen(
+            {
+                "input": os.fspath(template),
+                "output": out,
+                "size": len(der),
+                "name": info.name,
+                "version": info.document.version_str,
+            }
+        ),
+        der=der,
+        name=info.name,
+        version=info.document.version_str,
+        output=out,
+    )
 
 
 @dataclass(frozen=True)
@@ -263,8 +331,9 @@ class CatalogVerification(_Result):
     files: tuple[str, ...] = ()  # paths of the files those bytes belong to
 
 
-def verify_vsc(template: PathLike, *, vsc: bytes | PathLike | None = None,
-               trust: Sequence[x509.Certificate] | None = None) -> CatalogVerification:
+def verify_vsc(
+    template: PathLike, *, vsc: bytes | PathLike | None = None, trust: Sequence[x509.Certificate] | None = None
+) -> CatalogVerification:
     """Verify ``template``: catalog signature and certificate (raise on failure), then the disk
     content (``ok=False`` with the changed ranges on a mismatch). ``vsc``: a detached catalog
     (DER bytes or a .vsc path) instead of the embedded one; ``trust``: anchors for the signer."""
@@ -272,10 +341,17 @@ def verify_vsc(template: PathLike, *, vsc: bytes | PathLike | None = None,
 
     der = read_vsc_bytes(vsc) if isinstance(vsc, (str, os.PathLike)) else vsc
     rep = verify_template(template, vsc=der, trust=list(trust) if trust else None)
-    return CatalogVerification(report=_frozen(rep.to_json()), ok=rep.ok, name=rep.name, version=rep.version,
-                               signer=rep.signer, expected_root=rep.expected_root, actual_root=rep.actual_root,
-                               changed=tuple((int(c["offset"]), int(c["length"])) for c in rep.changed),
-                               files=tuple(str(f.get("path", "")) for f in rep.files))
+    return CatalogVerification(
+        report=_frozen(rep.to_json()),
+        ok=rep.ok,
+        name=rep.name,
+        version=rep.version,
+        signer=rep.signer,
+        expected_root=rep.expected_root,
+        actual_root=rep.actual_root,
+        changed=tuple((int(c["offset"]), int(c["length"])) for c in rep.changed),
+        files=tuple(str(f.get("path", "")) for f in rep.files),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,13 +390,23 @@ def _bytes_or_file(v: bytes | PathLike, what: str, limit: int) -> tuple[str, byt
         raise ResourceError(f"cannot read {what}: {e.strerror}", str(p)) from None
 
 
-def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_password: Secret | None = None,
-            guardians: Sequence[GuardianLike] = (), templates: Sequence[bytes | PathLike] = (),
-            version_rule: str | Sequence[str] = "eq", answer_file: bytes | PathLike | None = None,
-            answer_file_name: str = "unattend.xml",
-            other_files: Mapping[str, bytes] | Sequence[NamedFile] | None = None,
-            spec_values: Mapping[str, str] | None = None, allow_expired: bool = False,
-            allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> PdkCreated:
+def new_pdk(
+    output: PathLike,
+    *,
+    owner: GuardianLike,
+    policy: str,
+    owner_password: Secret | None = None,
+    guardians: Sequence[GuardianLike] = (),
+    templates: Sequence[bytes | PathLike] = (),
+    version_rule: str | Sequence[str] = "eq",
+    answer_file: bytes | PathLike | None = None,
+    answer_file_name: str = "unattend.xml",
+    other_files: Mapping[str, bytes] | Sequence[NamedFile] | None = None,
+    spec_values: Mapping[str, str] | None = None,
+    allow_expired: bool = False,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+) -> PdkCreated:
     """Create a shielding data file (like New-ShieldingDataFile), written atomically to ``output``.
 
     ``owner``: the owner guardian with its keys (an object, or a folder opened with
@@ -348,8 +434,11 @@ def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_passwor
         if name.lower().endswith(".xml"):
             parse_xml(data, name)
         answer = NamedFile(name, data)
-    others = [NamedFile(n, d) for n, d in other_files.items()] if isinstance(other_files, Mapping) \
+    others = (
+        [NamedFile(n, d) for n, d in other_files.items()]
+        if isinstance(other_files, Mapping)
         else list(other_files or ())
+    )
     secret = SecretPart(answer, others, dict(spec_values or {}))
     secret.validate()
     quals = []
@@ -359,14 +448,36 @@ def new_pdk(output: PathLike, *, owner: GuardianLike, policy: str, owner_passwor
         quals.append(VolumeIdQualifier.from_vsc(info, rules[i] if len(rules) > 1 else rules[0]))
     gs = [_guardian(g, private=False, allow_untrusted_root=allow_untrusted_root, trust=trust_l) for g in guardians]
     og = _guardian(owner, private=True, password=owner_password)
-    der, warnings = create_pdk(og, gs, quals, secret, policy, allow_expired=allow_expired,
-                               allow_untrusted_root=allow_untrusted_root, trust=trust_l)
+    der, warnings = create_pdk(
+        og,
+        gs,
+        quals,
+        secret,
+        policy,
+        allow_expired=allow_expired,
+        allow_untrusted_root=allow_untrusted_root,
+        trust=trust_l,
+    )
     out = os.fspath(output)
     write_bytes_atomic(out, der)
-    doc = {"output": out, "size": len(der), "owner": og.name, "guardians": [g.name for g in gs],
-           "qualifiers": [q.to_json() for q in quals], "policy": policy, "warnings": warnings}
-    return PdkCreated(report=_frozen(doc), output=out, der=der, owner=og.name, guardians=tuple(g.name for g in gs),
-                      policy=policy, warnings=tuple(warnings))
+    doc = {
+        "output": out,
+        "size": len(der),
+        "owner": og.name,
+        "guardians": [g.name for g in gs],
+        "qualifiers": [q.to_json() for q in quals],
+        "policy": policy,
+        "warnings": warnings,
+    }
+    return PdkCreated(
+        report=_frozen(doc),
+        output=out,
+        der=der,
+        owner=og.name,
+        guardians=tuple(g.name for g in gs),
+        policy=policy,
+        warnings=tuple(warnings),
+    )
 
 
 @dataclass(frozen=True)
@@ -384,12 +495,26 @@ class Shielded(_Result):
     protectors: tuple[str, ...] = ()  # protector types, in the volume's order
 
 
-def shield(template: PathLike, pdk: PathLike, output: PathLike | None, *, owner: GuardianLike,
-           owner_password: Secret | None = None, guardians: Sequence[GuardianLike] = (),
-           kp: PathLike | None = None, tpm_parent: PathLike | None = None, pcrs: Sequence[int] = (7, 11),
-           pcr_values: Mapping[int, bytes] | None = None, tcg_log: PathLike | bytes | None = None,
-           bank: str = "sha256", method: str = "xts-aes-128", in_place: bool = False,
-           subformat: str | None = None, vtpm: str = "swtpm", **options: object) -> Shielded:
+def shield(
+    template: PathLike,
+    pdk: PathLike,
+    output: PathLike | None,
+    *,
+    owner: GuardianLike,
+    owner_password: Secret | None = None,
+    guardians: Sequence[GuardianLike] = (),
+    kp: PathLike | None = None,
+    tpm_parent: PathLike | None = None,
+    pcrs: Sequence[int] = (7, 11),
+    pcr_values: Mapping[int, bytes] | None = None,
+    tcg_log: PathLike | bytes | None = None,
+    bank: str = "sha256",
+    method: str = "xts-aes-128",
+    in_place: bool = False,
+    subformat: str | None = None,
+    vtpm: str = "swtpm",
+    **options: object,
+) -> Shielded:
     """Turn ``template`` + the PDK into a shielded VM disk at ``output`` (``None`` with
     ``in_place``), its key protector (default ``OUTPUT.kp``) and the recovery escrow
     (``OUTPUT.recovery.p7m``, encrypted to the owner).
@@ -410,16 +535,38 @@ def shield(template: PathLike, pdk: PathLike, output: PathLike | None, *, owner:
         raise UsageError("give an output disk, or convert the template in place", code="shield.output")
     og = _guardian(owner, private=True, password=owner_password)
     known = [_guardian(g, private=False, allow_untrusted_root=True) for g in guardians]
-    rep = _shield(template, pdk, output if output is not None else template, og, kp_path=kp, tpm_parent=tpm_parent,
-                  pcrs=list(pcrs), pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
-                  guardians=known, in_place=in_place, subformat=subformat, vtpm=vtpm, **options)  # type: ignore[arg-type]
+    rep = _shield(
+        template,
+        pdk,
+        output if output is not None else template,
+        og,
+        kp_path=kp,
+        tpm_parent=tpm_parent,
+        pcrs=list(pcrs),
+        pcr_values=pcr_values,
+        tcg_log=tcg_log,
+        bank=bank,
+        method=method,
+        guardians=known,
+        in_place=in_place,
+        subformat=subformat,
+        vtpm=vtpm,
+        **options,  # type: ignore[arg-type]
+    )
     outs = rep["outputs"]
     bl = rep.get("bitlocker", {})
-    return Shielded(report=_frozen(rep), disk=str(outs["disk"]), kp=str(outs["kp"]),
-                    recovery_escrow=str(outs["recovery_escrow"]),
-                    vtpm_state=str(outs["vtpm_state"]) if outs.get("vtpm_state") else None, policy=str(rep["policy"]), owner=str(rep["owner"]),
-                    guardians=tuple(rep["guardians"]), volume_guid=str(bl.get("volume_guid", "")),
-                    protectors=tuple(str(p["type"]) for p in bl.get("protectors", [])))
+    return Shielded(
+        report=_frozen(rep),
+        disk=str(outs["disk"]),
+        kp=str(outs["kp"]),
+        recovery_escrow=str(outs["recovery_escrow"]),
+        vtpm_state=str(outs["vtpm_state"]) if outs.get("vtpm_state") else None,
+        policy=str(rep["policy"]),
+        owner=str(rep["owner"]),
+        guardians=tuple(rep["guardians"]),
+        volume_guid=str(bl.get("volume_guid", "")),
+        protectors=tuple(str(p["type"]) for p in bl.get("protectors", [])),
+    )
 
 
 @dataclass(frozen=True)
@@ -431,23 +578,28 @@ class EscrowContents:
     volume_guid: str | None = None
 
 
-def open_escrow(escrow: bytes | PathLike, *, owner: GuardianLike,
-                owner_password: Secret | None = None) -> EscrowContents:
+def open_escrow(
+    escrow: bytes | PathLike, *, owner: GuardianLike, owner_password: Secret | None = None
+) -> EscrowContents:
     """Open a shielded VM's recovery escrow (``OUTPUT.recovery.p7m``) with the owner's key."""
     import json
 
     from .cms.enveloped import open_envelope
     from .errors import FormatError
 
-    where, data = ("escrow", escrow) if isinstance(escrow, bytes) else \
-        (os.fspath(escrow), _bytes_or_file(escrow, "recovery escrow", 1 << 20)[1])
+    where, data = (
+        ("escrow", escrow)
+        if isinstance(escrow, bytes)
+        else (os.fspath(escrow), _bytes_or_file(escrow, "recovery escrow", 1 << 20)[1])
+    )
     g = _guardian(owner, private=True, password=owner_password)
     assert g.encryption_key is not None  # _guardian(private=True) checked it
     plain = open_envelope(data, g.encryption_key, g.encryption_certificate, where=where)
     try:
         doc = json.loads(plain)
-        return EscrowContents(recovery_password=str(doc["recovery_password"]), disk=doc.get("disk"),
-                              volume_guid=doc.get("volume_guid"))
+        return EscrowContents(
+            recovery_password=str(doc["recovery_password"]), disk=doc.get("disk"), volume_guid=doc.get("volume_guid")
+        )
     except (ValueError, KeyError, TypeError):
         raise FormatError("the recovery escrow does not hold a recovery password", where) from None
 
@@ -482,45 +634,115 @@ class UnlockResult(_Result):
         return next((s for s in self.steps if s.status == "failed"), None)
 
 
-def _unlock(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, *, output: PathLike | None,
-            dry: bool, guardian_password: Secret | None, host_evidence: PathLike | None,
-            health_cert: PathLike | None, tpm_tcti: str | None,
-            pcr_values: Mapping[int, bytes] | None, vtpm_state: PathLike | None = None,
-            tcg_log: PathLike | bytes | None = None) -> UnlockResult:
+def _unlock(
+    vm_disk: PathLike,
+    kp: PathLike,
+    guardian: PathLike,
+    host: PathLike,
+    *,
+    output: PathLike | None,
+    dry: bool,
+    guardian_password: Secret | None,
+    host_evidence: PathLike | None,
+    health_cert: PathLike | None,
+    tpm_tcti: str | None,
+    pcr_values: Mapping[int, bytes] | None,
+    vtpm_state: PathLike | None = None,
+    tcg_log: PathLike | bytes | None = None,
+) -> UnlockResult:
     from .pipeline.unlock import unlock as _run
 
-    rep = _run(vm_disk, kp, guardian, host, output=output, host_evidence=host_evidence, health_cert=health_cert,
-               guardian_password=guardian_password, tpm_tcti=tpm_tcti, pcr_values=pcr_values, dry_run=dry,
-               vtpm_state=vtpm_state, tcg_log=tcg_log)
-    return UnlockResult(report=_frozen(rep.to_json()), ok=rep.ok, summary=rep.summary, output=rep.output,
-                        steps=tuple(UnlockStep(s.name, s.status, s.detail, s.seconds, s.exit_code)
-                                    for s in rep.steps))
+    rep = _run(
+        vm_disk,
+        kp,
+        guardian,
+        host,
+        output=output,
+        host_evidence=host_evidence,
+        health_cert=health_cert,
+        guardian_password=guardian_password,
+        tpm_tcti=tpm_tcti,
+        pcr_values=pcr_values,
+        dry_run=dry,
+        vtpm_state=vtpm_state,
+        tcg_log=tcg_log,
+    )
+    return UnlockResult(
+        report=_frozen(rep.to_json()),
+        ok=rep.ok,
+        summary=rep.summary,
+        output=rep.output,
+        steps=tuple(UnlockStep(s.name, s.status, s.detail, s.seconds, s.exit_code) for s in rep.steps),
+    )
 
 
-def dry_run(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, *,
-            guardian_password: Secret | None = None, host_evidence: PathLike | None = None,
-            health_cert: PathLike | None = None, tpm_tcti: str | None = None,
-            pcr_values: Mapping[int, bytes] | None = None, vtpm_state: PathLike | None = None,
-            tcg_log: PathLike | bytes | None = None) -> UnlockResult:
+def dry_run(
+    vm_disk: PathLike,
+    kp: PathLike,
+    guardian: PathLike,
+    host: PathLike,
+    *,
+    guardian_password: Secret | None = None,
+    host_evidence: PathLike | None = None,
+    health_cert: PathLike | None = None,
+    tpm_tcti: str | None = None,
+    pcr_values: Mapping[int, bytes] | None = None,
+    vtpm_state: PathLike | None = None,
+    tcg_log: PathLike | bytes | None = None,
+) -> UnlockResult:
     """The guardian's dry run: attestation → key release → vTPM unseal → BitLocker unlock →
     catalog verify, writing nothing. A failed step is reported (``ok=False``), not raised.
     ``vtpm_state`` (default ``VM.vtpm`` beside the disk) and ``tcg_log`` (the VM's boot, played
     into its vTPM; default the reference boot recorded at shield) apply to swtpm-vTPM VMs."""
-    return _unlock(vm_disk, kp, guardian, host, output=None, dry=True, guardian_password=guardian_password,
-                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values,
-                   vtpm_state=vtpm_state, tcg_log=tcg_log)
+    return _unlock(
+        vm_disk,
+        kp,
+        guardian,
+        host,
+        output=None,
+        dry=True,
+        guardian_password=guardian_password,
+        host_evidence=host_evidence,
+        health_cert=health_cert,
+        tpm_tcti=tpm_tcti,
+        pcr_values=pcr_values,
+        vtpm_state=vtpm_state,
+        tcg_log=tcg_log,
+    )
 
 
-def unlock(vm_disk: PathLike, kp: PathLike, guardian: PathLike, host: PathLike, output: PathLike, *,
-           guardian_password: Secret | None = None, host_evidence: PathLike | None = None,
-           health_cert: PathLike | None = None, tpm_tcti: str | None = None,
-           pcr_values: Mapping[int, bytes] | None = None, vtpm_state: PathLike | None = None,
-           tcg_log: PathLike | bytes | None = None) -> UnlockResult:
+def unlock(
+    vm_disk: PathLike,
+    kp: PathLike,
+    guardian: PathLike,
+    host: PathLike,
+    output: PathLike,
+    *,
+    guardian_password: Secret | None = None,
+    host_evidence: PathLike | None = None,
+    health_cert: PathLike | None = None,
+    tpm_tcti: str | None = None,
+    pcr_values: Mapping[int, bytes] | None = None,
+    vtpm_state: PathLike | None = None,
+    tcg_log: PathLike | bytes | None = None,
+) -> UnlockResult:
     """The unlock chain for real: the decrypted disk is written to ``output``; the first failed
     step raises its typed error."""
-    return _unlock(vm_disk, kp, guardian, host, output=output, dry=False, guardian_password=guardian_password,
-                   host_evidence=host_evidence, health_cert=health_cert, tpm_tcti=tpm_tcti, pcr_values=pcr_values,
-                   vtpm_state=vtpm_state, tcg_log=tcg_log)
+    return _unlock(
+        vm_disk,
+        kp,
+        guardian,
+        host,
+        output=output,
+        dry=False,
+        guardian_password=guardian_password,
+        host_evidence=host_evidence,
+        health_cert=health_cert,
+        tpm_tcti=tpm_tcti,
+        pcr_values=pcr_values,
+        vtpm_state=vtpm_state,
+        tcg_log=tcg_log,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,10 +770,19 @@ class Encrypted(_Result):
     keys: EncryptKeys = field(default_factory=EncryptKeys, repr=False)
 
 
-def encrypt(disk: PathLike, output: PathLike, *, recovery_password: bool = False, startup_key: bool = False,
-            password: Secret | None = None, tpm_seal: Callable[[bytes], tuple[bytes, int]] | None = None,
-            partition: int | None = None, method: str = "xts-aes-128", description: str | None = None,
-            on_keys: Callable[[EncryptKeys], None] | None = None) -> Encrypted:
+def encrypt(
+    disk: PathLike,
+    output: PathLike,
+    *,
+    recovery_password: bool = False,
+    startup_key: bool = False,
+    password: Secret | None = None,
+    tpm_seal: Callable[[bytes], tuple[bytes, int]] | None = None,
+    partition: int | None = None,
+    method: str = "xts-aes-128",
+    description: str | None = None,
+    on_keys: Callable[[EncryptKeys], None] | None = None,
+) -> Encrypted:
     """Encrypt the OS volume (or ``partition``) of ``disk`` with BitLocker into the new disk ``output``.
 
     Protectors: a generated ``recovery_password``, a generated ``startup_key`` (.BEK), a
@@ -573,26 +804,37 @@ def encrypt(disk: PathLike, output: PathLike, *, recovery_password: bool = False
         specs.append(ProtectorSpec("password", pw.decode("utf-8")))
     if tpm_seal is not None:
         if not specs:
-            raise UsageError("a vTPM protector alone would lock the volume for good once a PCR changes",
-                             hint="add a recovery password, startup key or password protector",
-                             code="encrypt.tpm-alone")
+            raise UsageError(
+                "a vTPM protector alone would lock the volume for good once a PCR changes",
+                hint="add a recovery password, startup key or password protector",
+                code="encrypt.tpm-alone",
+            )
         specs.insert(0, ProtectorSpec("tpm", seal=tpm_seal))
     if not specs:
-        raise UsageError("no key protector requested: the volume could never be unlocked",
-                         hint="ask for a recovery password, a startup key or a password", code="encrypt.no-protector")
+        raise UsageError(
+            "no key protector requested: the volume could never be unlocked",
+            hint="ask for a recovery password, a startup key or a password",
+            code="encrypt.no-protector",
+        )
 
     def saved(res: object) -> None:
         if on_keys is not None:
             on_keys(EncryptKeys(getattr(res, "recovery_password", None), getattr(res, "bek", None)))
 
-    r = encrypt_disk(disk, output, partition=partition, method=method, protectors=specs, description=description,
-                     on_result=saved)
+    r = encrypt_disk(
+        disk, output, partition=partition, method=method, protectors=specs, description=description, on_result=saved
+    )
     res = r["result"]
     doc = {k: v for k, v in r.items() if k != "result"}
     doc.update(res.to_json())
-    return Encrypted(report=_frozen(doc), output=os.fspath(output), volume_guid=res.volume_guid, method=res.method,
-                     protectors=tuple(str(p["type"]) for p in doc["protectors"]),
-                     keys=EncryptKeys(res.recovery_password, res.bek))
+    return Encrypted(
+        report=_frozen(doc),
+        output=os.fspath(output),
+        volume_guid=res.volume_guid,
+        method=res.method,
+        protectors=tuple(str(p["type"]) for p in doc["protectors"]),
+        keys=EncryptKeys(res.recovery_password, res.bek),
+    )
 
 
 @dataclass(frozen=True)
@@ -604,9 +846,18 @@ class Decrypted(_Result):
     free_space_skipped: bool = False
 
 
-def decrypt(disk: PathLike, output: PathLike, *, recovery_password: Secret | None = None,
-            password: Secret | None = None, startup_key: bytes | None = None, clear_key: bool = False,
-            tpm: str | None = None, tpm_pin: Secret | None = None, partition: int | None = None) -> Decrypted:
+def decrypt(
+    disk: PathLike,
+    output: PathLike,
+    *,
+    recovery_password: Secret | None = None,
+    password: Secret | None = None,
+    startup_key: bytes | None = None,
+    clear_key: bool = False,
+    tpm: str | None = None,
+    tpm_pin: Secret | None = None,
+    partition: int | None = None,
+) -> Decrypted:
     """Write a copy of ``disk`` with its BitLocker volume decrypted, unlocked by exactly one of
     ``recovery_password``, ``password``, ``startup_key`` (.BEK bytes), ``clear_key`` or ``tpm``
     (a TCTI that unseals the vTPM protector; ``tpm_pin`` for TPM+PIN)."""
@@ -615,9 +866,11 @@ def decrypt(disk: PathLike, output: PathLike, *, recovery_password: Secret | Non
 
     given = [x is not None and x is not False for x in (recovery_password, password, startup_key, clear_key, tpm)]
     if sum(given) != 1:
-        raise UsageError("give exactly one credential",
-                         hint="a recovery password, a password, a startup key, the clear key or a TPM",
-                         code="decrypt.credential")
+        raise UsageError(
+            "give exactly one credential",
+            hint="a recovery password, a password, a startup key, the clear key or a TPM",
+            code="decrypt.credential",
+        )
     if tpm_pin is not None and tpm is None:
         raise UsageError("a TPM PIN needs a TPM to unseal with", code="decrypt.pin-without-tpm")
 
@@ -625,12 +878,22 @@ def decrypt(disk: PathLike, output: PathLike, *, recovery_password: Secret | Non
         v = resolve_secret(s)
         return None if v is None else v.decode("utf-8", "replace")
 
-    cred = Credentials(recovery_password=text(recovery_password), password=text(password), bek=startup_key,
-                       clear=clear_key, tpm=tpm, tpm_pin=text(tpm_pin))
+    cred = Credentials(
+        recovery_password=text(recovery_password),
+        password=text(password),
+        bek=startup_key,
+        clear=clear_key,
+        tpm=tpm,
+        tpm_pin=text(tpm_pin),
+    )
     refuse_if_converting(os.fspath(disk), partition)
     r = decrypt_disk(disk, output, partition, cred)
-    return Decrypted(report=_frozen(r), output=os.fspath(output), method=str(r["method"]),
-                     free_space_skipped=bool(r["free_space"]["used"]))
+    return Decrypted(
+        report=_frozen(r),
+        output=os.fspath(output),
+        method=str(r["method"]),
+        free_space_skipped=bool(r["free_space"]["used"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -662,9 +925,21 @@ def inspect(disk: PathLike) -> DiskDescription:
 
     r = describe_disk(disk)
     c = r["container"]
-    return DiskDescription(report=_frozen(r), path=str(c["path"]), format=str(c["format"]),
-                           virtual_size=int(c["virtual_size"]), scheme=r["partition_table"]["scheme"],
-                           volumes=tuple(DiskVolume(int(v["index"]), int(v["offset"]), int(v["size"]), str(v["kind"]),
-                                                    v["filesystem"], v["bitlocker"] is not None)
-                                         for v in r["volumes"]))
-
+    return DiskDescription(
+        report=_frozen(r),
+        path=str(c["path"]),
+        format=str(c["format"]),
+        virtual_size=int(c["virtual_size"]),
+        scheme=r["partition_table"]["scheme"],
+        volumes=tuple(
+            DiskVolume(
+                int(v["index"]),
+                int(v["offset"]),
+                int(v["size"]),
+                str(v["kind"]),
+                v["filesystem"],
+                v["bitlocker"] is not None,
+            )
+            for v in r["volumes"]
+        ),
+    )

@@ -47,8 +47,11 @@ def no_interrupts() -> Iterator[None]:
     """No SIGINT/SIGTERM inside the block (main thread: signal mask, and a handler using
     :func:`defer_interrupt`); a pending interrupt is raised when the outermost block ends."""
     main = threading.current_thread() is threading.main_thread()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
-        if main and hasattr(signal, "pthread_sigmask") else None
+    old = (
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if main and hasattr(signal, "pthread_sigmask")
+        else None
+    )
     if main:
         _critical.depth += 1
     try:
@@ -82,8 +85,9 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644, overwrite: bo
     """
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise UsageError("output exists", str(dest), "choose another name, or allow overwriting it",
-                         code="output.exists")
+        raise UsageError(
+            "output exists", str(dest), "choose another name, or allow overwriting it", code="output.exists"
+        )
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ResourceError("output folder does not exist", str(folder), "create it first")
@@ -143,8 +147,9 @@ class OutputSet:
         if any(d == dest for d, _ in self._items):
             raise UsageError("the same output is given twice", str(dest), "give each output its own name")
         if dest.exists() and not self.overwrite:
-            raise UsageError("output exists", str(dest), "choose another name, or allow overwriting it",
-                             code="output.exists")
+            raise UsageError(
+                "output exists", str(dest), "choose another name, or allow overwriting it", code="output.exists"
+            )
         folder = dest.parent if str(dest.parent) else Path(".")
         if not folder.is_dir():
             raise ResourceError("output folder does not exist", str(folder), "create it first")
@@ -212,8 +217,9 @@ class OutputSet:
                             os.replace(backup, dest)
                         else:
                             dest.unlink()
-                raise ResourceError(f"cannot complete the outputs: {e.strerror}", str(e.filename or ""),
-                                    "nothing was changed") from None
+                raise ResourceError(
+                    f"cannot complete the outputs: {e.strerror}", str(e.filename or ""), "nothing was changed"
+                ) from None
             for b in backups:
                 with contextlib.suppress(OSError):
                     b.unlink()

@@ -33,8 +33,11 @@ def require_disk_bytes(size: int, name: str) -> None:
     """
     if size < MIN_DISK_BYTES:
         what = "empty file" if size == 0 else f"{size}-byte file"
-        raise FormatError(f"{what} is not a disk image (shorter than one {MIN_DISK_BYTES}-byte sector)",
-                          name, "give a VHDX or raw disk image")
+        raise FormatError(
+            f"{what} is not a disk image (shorter than one {MIN_DISK_BYTES}-byte sector)",
+            name,
+            "give a VHDX or raw disk image",
+        )
 
 
 class BlockDevice(ABC):
@@ -74,9 +77,7 @@ class BlockDevice(ABC):
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise FormatError(
-                f"access {offset}+{length} outside the device of {self.size} bytes", self.name
-            )
+            raise FormatError(f"access {offset}+{length} outside the device of {self.size} bytes", self.name)
 
     def __enter__(self) -> BlockDevice:
         return self
@@ -84,7 +85,9 @@ class BlockDevice(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def iter_chunks(self, chunk: int = CHUNK, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, bytes]]:
+    def iter_chunks(
+        self, chunk: int = CHUNK, offset: int = 0, length: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
         """Yield (offset, data) for every chunk of the span, allocated or not."""
         end = self.size if length is None else offset + length
         pos = offset
@@ -97,8 +100,9 @@ class BlockDevice(ABC):
 class RawFile(BlockDevice):
     """A raw image file (or a block device node) accessed with pread/pwrite."""
 
-    def __init__(self, path: str | os.PathLike[str], writable: bool = False, sector_size: int = 512,
-                 size: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], writable: bool = False, sector_size: int = 512, size: int | None = None
+    ) -> None:
         self.name = str(path)
         self.writable = writable
         self.sector_size = sector_size
@@ -234,7 +238,7 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     pos = 0
     while pos < n:
         k = min(CHUNK, n - pos)
-        if mv[pos:pos + k] != memoryview(_ZERO)[:k]:
+        if mv[pos : pos + k] != memoryview(_ZERO)[:k]:
             return False
         pos += k
     return True

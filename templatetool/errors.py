@@ -28,8 +28,9 @@ class TemplateToolError(Exception):
         if "code" not in cls.__dict__:
             cls.code = cls.kind
 
-    def __init__(self, what: str, where: str | None = None, hint: str | None = None, *,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, what: str, where: str | None = None, hint: str | None = None, *, code: str | None = None
+    ) -> None:
         # one line, always: messages from parsers (lxml, asn1crypto ...) may carry newlines
         if code is not None:
             self.code = code

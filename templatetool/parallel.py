@@ -141,8 +141,10 @@ class Engine:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.depth < 1 or self.chunk <= 0 or self.chunk % 4096:
-            raise UsageError(f"bad engine settings: workers={self.workers}, depth={self.depth}, chunk={self.chunk}",
-                             hint="workers and depth at least 1, chunk a positive multiple of 4096")
+            raise UsageError(
+                f"bad engine settings: workers={self.workers}, depth={self.depth}, chunk={self.chunk}",
+                hint="workers and depth at least 1, chunk a positive multiple of 4096",
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Engine:
@@ -168,13 +170,15 @@ class Engine:
         """True when a fork is safe now: fork exists and no other Python thread is alive."""
         return hasattr(os, "fork") and threading.active_count() == 1
 
-    def items(self, size: int, skip: SkipFn | None = None,
-              keep: Collection[int] = ()) -> Iterator[tuple[int, int, bool]]:
+    def items(
+        self, size: int, skip: SkipFn | None = None, keep: Collection[int] = ()
+    ) -> Iterator[tuple[int, int, bool]]:
         """:func:`chunk_items` in this engine's chunk size."""
         return chunk_items(size, self.chunk, skip, keep)
 
-    def map(self, fn: ChunkFn, items: Iterable[tuple[int, int, bool]], slot: int | None = None,
-            depth: int | None = None) -> Iterator[MapItem]:
+    def map(
+        self, fn: ChunkFn, items: Iterable[tuple[int, int, bool]], slot: int | None = None, depth: int | None = None
+    ) -> Iterator[MapItem]:
         """Run ``fn`` over ``items`` and yield ``(offset, length, out, payload)`` in item order.
 
         ``items`` are ``(offset, length, work)`` with ``length <= slot`` (default: the chunk);
@@ -295,7 +299,7 @@ def tune_allocator() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
     mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
 
 
@@ -318,7 +322,7 @@ def _read_exact(fd: int, n: int) -> bytes:
 def _write_all(fd: int, data: bytes) -> None:
     mv = memoryview(data)
     while mv:
-        mv = mv[os.write(fd, mv):]
+        mv = mv[os.write(fd, mv) :]
 
 
 def die_with_parent(parent: int) -> None:
@@ -340,7 +344,7 @@ def _worker(fn: ChunkFn, shm: mmap.mmap, stride: int, task_fd: int, result_fd: i
         if n < 0:
             return
         try:
-            payload = fn(off, n, buf[slot * stride: (slot + 1) * stride])
+            payload = fn(off, n, buf[slot * stride : (slot + 1) * stride])
             msg = _RESULT.pack(0, len(payload)) + payload
         except BaseException as e:
             try:
@@ -391,22 +395,24 @@ class _Pool:
             raise
 
     def slot(self, i: int) -> memoryview:
-        return self.view[i * self.stride: (i + 1) * self.stride]
+        return self.view[i * self.stride : (i + 1) * self.stride]
 
     def send(self, w: int, off: int, n: int, slot: int) -> None:
         try:
             _write_all(self.task_w[w], _TASK.pack(off, n, slot))
         except OSError:  # EPIPE: the worker is gone
-            raise ResourceError("a worker process died (killed or out of memory)",
-                                hint="re-run; if it persists, use one worker") from None
+            raise ResourceError(
+                "a worker process died (killed or out of memory)", hint="re-run; if it persists, use one worker"
+            ) from None
 
     def receive(self, w: int) -> bytes:
         try:
             status, ln = _RESULT.unpack(_read_exact(self.result_r[w], _RESULT.size))
             payload = _read_exact(self.result_r[w], ln)
         except EOFError:
-            raise ResourceError("a worker process died (killed or out of memory)",
-                                hint="re-run; if it persists, use one worker") from None
+            raise ResourceError(
+                "a worker process died (killed or out of memory)", hint="re-run; if it persists, use one worker"
+            ) from None
         if status:
             try:
                 err = pickle.loads(payload)
@@ -436,8 +442,9 @@ class _Pool:
             pass
 
 
-def chunk_items(size: int, chunk: int, skip: SkipFn | None = None,
-                keep: Collection[int] = ()) -> Iterator[tuple[int, int, bool]]:
+def chunk_items(
+    size: int, chunk: int, skip: SkipFn | None = None, keep: Collection[int] = ()
+) -> Iterator[tuple[int, int, bool]]:
     """Items for :func:`ordered_map` covering ``[0, size)`` in ``chunk`` steps.
 
     Chunks ``skip(offset, length)`` declares skippable become pass-through items (``work``
@@ -476,14 +483,16 @@ def chunk_items(size: int, chunk: int, skip: SkipFn | None = None,
         i += 1
 
 
-def ordered_map(fn: ChunkFn, items: Iterable[tuple[int, int, bool]], workers: int | None = None,
-                slot: int = CHUNK, depth: int = 3) -> Iterator[MapItem]:
+def ordered_map(
+    fn: ChunkFn, items: Iterable[tuple[int, int, bool]], workers: int | None = None, slot: int = CHUNK, depth: int = 3
+) -> Iterator[MapItem]:
     """:meth:`Engine.map` on the default engine with ``workers`` (kept for existing callers)."""
     return engine_for(workers).map(fn, items, slot=slot, depth=depth)
 
 
-def _map(fn: ChunkFn, items: Iterable[tuple[int, int, bool]], engine: Engine, slot: int,
-         depth: int) -> Iterator[MapItem]:
+def _map(
+    fn: ChunkFn, items: Iterable[tuple[int, int, bool]], engine: Engine, slot: int, depth: int
+) -> Iterator[MapItem]:
     n_workers = engine.workers if engine.can_fork() else 1  # decided when the pass starts
     if n_workers <= 1:
         buf = memoryview(bytearray(slot + _ROOM))

@@ -92,8 +92,9 @@ def _signed_by(child: x509.Certificate, parent: x509.Certificate, where: str = "
         if isinstance(e, ValueError) and "signature algorithm" not in str(e).lower():
             return False
         alg = getattr(child.signature_algorithm_oid, "_name", child.signature_algorithm_oid.dotted_string)
-        raise PolicyError(f"{_subj(child)} is signed with {alg}, which is not accepted", where,
-                          "reissue it with SHA-256 or stronger") from None
+        raise PolicyError(
+            f"{_subj(child)} is signed with {alg}, which is not accepted", where, "reissue it with SHA-256 or stronger"
+        ) from None
     except (InvalidSignature, TypeError):
         return False
 
@@ -110,8 +111,9 @@ def _self_issued(c: x509.Certificate, where: str) -> bool:
         return c.issuer == c.subject
     except ValueError as e:  # names are parsed lazily: a damaged subject/issuer fails here
         msg = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise FormatError(f"malformed certificate name: {msg}", where,
-                          "the certificate is damaged; give the original file") from None
+        raise FormatError(
+            f"malformed certificate name: {msg}", where, "the certificate is damaged; give the original file"
+        ) from None
 
 
 def _as_utc(t: _dt.datetime | None) -> _dt.datetime:
@@ -120,8 +122,9 @@ def _as_utc(t: _dt.datetime | None) -> _dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
-def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set[bytes],
-          where: str, max_depth: int) -> tuple[list[x509.Certificate], str]:
+def _walk(
+    leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set[bytes], where: str, max_depth: int
+) -> tuple[list[x509.Certificate], str]:
     """The candidate path by names and signatures; status ``anchor|self-signed|no-issuer|too-long``.
 
     Used to pick the anchor for ``allow_untrusted_root``, the time for ``allow_expired`` and to
@@ -135,8 +138,11 @@ def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set
             return path, "anchor"
         if _self_issued(cur, where):
             if not _signed_by(cur, cur, where):
-                raise IntegrityError("the self-signed certificate's signature does not verify", f"{where}: {_subj(cur)}",
-                                     "the certificate was altered")
+                raise IntegrityError(
+                    "the self-signed certificate's signature does not verify",
+                    f"{where}: {_subj(cur)}",
+                    "the certificate was altered",
+                )
             return path, "self-signed"
         if len(path) >= max_depth:
             return path, "too-long"
@@ -146,8 +152,11 @@ def _walk(leaf: x509.Certificate, pool: Sequence[x509.Certificate], anchors: set
             return path, "no-issuer"
         good = [c for c in named if _signed_by(cur, c, where)]
         if not good:
-            raise IntegrityError(f"the signature of {_subj(cur)} does not verify with the key of its issuer "
-                                 f"{_subj(named[0])}", where, "the certificate was altered or another CA of that name issued it")
+            raise IntegrityError(
+                f"the signature of {_subj(cur)} does not verify with the key of its issuer {_subj(named[0])}",
+                where,
+                "the certificate was altered or another CA of that name issued it",
+            )
         good.sort(key=lambda c: _der(c) not in anchors)  # prefer a trust anchor
         cur = good[0]
         path.append(cur)
@@ -159,9 +168,11 @@ def _ca_keycertsign(_policy: object, cert: x509.Certificate, ku: x509.KeyUsage |
 
 
 def _ca_policy() -> _v.ExtensionPolicy:
-    return (_v.ExtensionPolicy.permit_all()
-            .require_present(x509.BasicConstraints, _v.Criticality.AGNOSTIC, None)
-            .require_present(x509.KeyUsage, _v.Criticality.AGNOSTIC, _ca_keycertsign))
+    return (
+        _v.ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, _v.Criticality.AGNOSTIC, None)
+        .require_present(x509.KeyUsage, _v.Criticality.AGNOSTIC, _ca_keycertsign)
+    )
 
 
 def _eku_name(oid: x509.ObjectIdentifier) -> str:
@@ -185,8 +196,9 @@ def _validity_window(path: Sequence[x509.Certificate]) -> tuple[_dt.datetime, _d
     return max(c.not_valid_before_utc for c in path), min(c.not_valid_after_utc for c in path)
 
 
-def _explain(path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, eku: x509.ObjectIdentifier | None,
-             what: str) -> str | None:
+def _explain(
+    path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, eku: x509.ObjectIdentifier | None, what: str
+) -> str | None:
     """Name the first rule the candidate path breaks (the verifier's refusal, in one line)."""
     leaf = path[0]
     if at > leaf.not_valid_after_utc:
@@ -216,8 +228,10 @@ def _explain(path: list[x509.Certificate], anchor_idx: int, at: _dt.datetime, ek
             return f"{role} {_subj(c)} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
         below = sum(1 for i in path[1:k] if not _names_match(i, i))
         if bc.path_length is not None and below > bc.path_length:
-            return (f"path length exceeded: {_subj(c)} allows {bc.path_length} intermediate CA(s) "
-                    f"below it, the chain has {below}")
+            return (
+                f"path length exceeded: {_subj(c)} allows {bc.path_length} intermediate CA(s) "
+                f"below it, the chain has {below}"
+            )
     return None
 
 
@@ -229,11 +243,19 @@ def _clean(e: Exception) -> str:
     return msg.replace("Python extension validator failed: ValueError: ", "")[:200]
 
 
-def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate] = (),
-                 trust_roots: Sequence[x509.Certificate] = (), *, at: _dt.datetime | None = None,
-                 eku: x509.ObjectIdentifier | None = None, allow_untrusted_root: bool = False,
-                 allow_expired: bool = False, where: str = "certificate", what: str = "certificate",
-                 max_depth: int = MAX_DEPTH) -> VerifiedPath:
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate] = (),
+    trust_roots: Sequence[x509.Certificate] = (),
+    *,
+    at: _dt.datetime | None = None,
+    eku: x509.ObjectIdentifier | None = None,
+    allow_untrusted_root: bool = False,
+    allow_expired: bool = False,
+    where: str = "certificate",
+    what: str = "certificate",
+    max_depth: int = MAX_DEPTH,
+) -> VerifiedPath:
     """Validate ``leaf`` up to one of ``trust_roots``; return the path (leaf first, anchor last).
 
     ``intermediates`` are untrusted certificates that may complete the path. A trust root may be
@@ -259,12 +281,19 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
             raise PolicyError(f"certificate chain too long (more than {max_depth} certificates)", where)
         if not allow_untrusted_root:
             if status == "self-signed":
-                raise PolicyError(f"the {what} chains to an untrusted root: {_subj(path[-1])} is not trusted", where,
-                                  "add the root to the trust anchors, or allow an untrusted root (self-signed guardians)",
-                                  code="pki.untrusted-root")
-            raise PolicyError(f"cannot find the issuer {path[-1].issuer.rfc4514_string()} of {_subj(path[-1])}, "
-                              f"so the {what} does not chain to a trusted root", where,
-                              "add the issuing CA to the trust anchors, or allow an untrusted root", code="pki.untrusted-ca")
+                raise PolicyError(
+                    f"the {what} chains to an untrusted root: {_subj(path[-1])} is not trusted",
+                    where,
+                    "add the root to the trust anchors, or allow an untrusted root (self-signed guardians)",
+                    code="pki.untrusted-root",
+                )
+            raise PolicyError(
+                f"cannot find the issuer {path[-1].issuer.rfc4514_string()} of {_subj(path[-1])}, "
+                f"so the {what} does not chain to a trusted root",
+                where,
+                "add the issuing CA to the trust anchors, or allow an untrusted root",
+                code="pki.untrusted-ca",
+            )
         store.append(path[-1])
     check_at = now
     if allow_expired:
@@ -273,8 +302,13 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
             raise PolicyError("the validity periods of the certificates in the chain do not overlap", where)
         check_at = min(max(now, lo), hi)
     try:
-        builder = (_v.PolicyBuilder().store(_v.Store(store)).time(check_at).max_chain_depth(max_depth)
-                   .extension_policies(ca_policy=_ca_policy(), ee_policy=_ee_policy(eku)))
+        builder = (
+            _v.PolicyBuilder()
+            .store(_v.Store(store))
+            .time(check_at)
+            .max_chain_depth(max_depth)
+            .extension_policies(ca_policy=_ca_policy(), ee_policy=_ee_policy(eku))
+        )
         chain = builder.build_client_verifier().verify(leaf, list(intermediates)).chain
     except (_v.VerificationError, ValueError, TypeError) as e:
         try:
@@ -287,8 +321,9 @@ def verify_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Certificat
         else:
             hint = "the certificate chain does not satisfy X.509 path validation (RFC 5280)"
             code = "pki.invalid-chain"
-        raise PolicyError(reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint,
-                          code=code) from None
+        raise PolicyError(
+            reason, f"{where}: {_subj(leaf)}" if _subj(leaf) not in reason else where, hint, code=code
+        ) from None
     return VerifiedPath(list(chain), _der(chain[-1]) in anchors, check_at)
 
 

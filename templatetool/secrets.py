@@ -36,10 +36,15 @@ def read_secret(env_var: str | None, prompt: str, confirm: bool = False) -> str:
     if env_var:
         val = os.environ.get(env_var)
         if not val:
-            raise CredentialError(f"environment variable {env_var} is not set or empty", hint="export it or omit the option to be prompted")
+            raise CredentialError(
+                f"environment variable {env_var} is not set or empty",
+                hint="export it or omit the option to be prompted",
+            )
         return val
     if not sys.stdin.isatty():
-        raise UsageError("a secret is needed but no terminal is available", hint="pass it through an environment variable option")
+        raise UsageError(
+            "a secret is needed but no terminal is available", hint="pass it through an environment variable option"
+        )
     val = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != val:
         raise CredentialError("the two entries differ")

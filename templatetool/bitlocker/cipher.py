@@ -73,11 +73,11 @@ class SectorCipher(ABC):
         """Encrypt into ``out[:len(data)]``; ``out`` must be writable with 16 bytes of room after
         that (scratch). ``data`` may be ``out[:len(data)]`` itself (in place), nothing else that
         overlaps ``out``."""
-        out[:len(data)] = self.encrypt(data, first_sector)
+        out[: len(data)] = self.encrypt(data, first_sector)
 
     def decrypt_into(self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview) -> None:
         """Decrypt into ``out[:len(data)]`` (same rules as :meth:`encrypt_into`)."""
-        out[:len(data)] = self.decrypt(data, first_sector)
+        out[: len(data)] = self.decrypt(data, first_sector)
 
 
 def _ecb(key: bytes) -> tuple[Any, Any]:
@@ -126,15 +126,15 @@ class XtsCipher(SectorCipher):
             lo, hi = L[:m], H[:m]
             if k < 64:  # shift by k; the k bits shifted out times 0x87 fit in the low word
                 o = hi >> np.uint64(64 - k)
-                H[k:k + m] = (hi << np.uint64(k)) | (lo >> np.uint64(64 - k))
-                L[k:k + m] = (lo << np.uint64(k)) ^ o ^ (o << _ONE) ^ (o << _2) ^ (o << _7)
+                H[k : k + m] = (hi << np.uint64(k)) | (lo >> np.uint64(64 - k))
+                L[k : k + m] = (lo << np.uint64(k)) ^ o ^ (o << _ONE) ^ (o << _2) ^ (o << _7)
             else:  # alpha^64 applied k/64 times: (hi, lo) -> (lo ^ clmul_hi(hi), clmul_lo(hi))
                 for _ in range(k // 64):
                     red_lo = hi ^ (hi << _ONE) ^ (hi << _2) ^ (hi << _7)
                     red_hi = (hi >> _63) ^ (hi >> _62) ^ (hi >> _57)
                     lo, hi = red_lo, lo ^ red_hi
-                L[k:k + m] = lo
-                H[k:k + m] = hi
+                L[k : k + m] = lo
+                H[k : k + m] = hi
             k *= 2
         T = np.empty((nsec, nb, 2), dtype=_U64)
         T[..., 0] = L.T
@@ -166,7 +166,7 @@ class XtsCipher(SectorCipher):
         nsec = self._check(data)
         T = self.tweaks(first_sector, nsec)
         raw = np.empty(T.size + 2, dtype=_U64)  # update_into wants one spare block of room
-        x = raw[:T.size].reshape(T.shape)
+        x = raw[: T.size].reshape(T.shape)
         np.bitwise_xor(np.frombuffer(data, dtype=_U64).reshape(T.shape), T, out=x)
         ctx.update_into(_bytes_view(x), _bytes_view(raw))  # ECB in place
         np.bitwise_xor(x, T, out=x)
@@ -273,7 +273,7 @@ class DiffuserCipher(SectorCipher):
         self.method = method
         self.sector_size = sector_size
         self._cbc = CbcCipher(fvek[:klen], sector_size, method)
-        self._tweak_enc, _ = _ecb(fvek[32:32 + klen])
+        self._tweak_enc, _ = _ecb(fvek[32 : 32 + klen])
         self._n = sector_size // 4
 
     def _sector_keys(self, first_sector: int, nsec: int) -> np.ndarray:

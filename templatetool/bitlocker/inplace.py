@@ -133,18 +133,44 @@ class JournalRecord:
     flags: int = 0
 
 
-def _header(guid: bytes, seq: int, offset: int, length: int, flags: int, data_offset: int,
-            area: tuple[int, int] | None, digest: bytes) -> bytes:
+def _header(
+    guid: bytes,
+    seq: int,
+    offset: int,
+    length: int,
+    flags: int,
+    data_offset: int,
+    area: tuple[int, int] | None,
+    digest: bytes,
+) -> bytes:
     ao, an = area or (0, 0)
-    header: bytes = JournalHeader.build({"volume_guid": guid, "seq": seq, "offset": offset, "length": length,
-                                "flags": flags, "data_offset": data_offset, "area_offset": ao, "area_size": an,
-                                "digest": digest})
+    header: bytes = JournalHeader.build(
+        {
+            "volume_guid": guid,
+            "seq": seq,
+            "offset": offset,
+            "length": length,
+            "flags": flags,
+            "data_offset": data_offset,
+            "area_offset": ao,
+            "area_size": an,
+            "digest": digest,
+        }
+    )
     return header
 
 
-def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes | memoryview, flags: int = 0,
-                    data_offset: int = 0, area: tuple[int, int] | None = None,
-                    data_hash: bytes | None = None, length: int | None = None) -> bytes:
+def _journal_digest(
+    guid: bytes,
+    seq: int,
+    offset: int,
+    data: bytes | memoryview,
+    flags: int = 0,
+    data_offset: int = 0,
+    area: tuple[int, int] | None = None,
+    data_hash: bytes | None = None,
+    length: int | None = None,
+) -> bytes:
     """SHA-256 over the header (digest zero) and the SHA-256 of the data (none for a zero step);
     ``data_hash`` when the data's SHA-256 is already known (the workers compute it)."""
     n = len(data) if length is None else length
@@ -155,9 +181,18 @@ def _journal_digest(guid: bytes, seq: int, offset: int, data: bytes | memoryview
     return hashlib.sha256(_header(guid, seq, offset, n, flags, data_offset, area, bytes(32)) + data_hash).digest()
 
 
-def build_journal(guid: uuid.UUID, seq: int, offset: int, data: bytes | memoryview, *, flags: int = 0,
-                  data_offset: int = 0, area: tuple[int, int] | None = None, data_hash: bytes | None = None,
-                  length: int | None = None) -> bytes:
+def build_journal(
+    guid: uuid.UUID,
+    seq: int,
+    offset: int,
+    data: bytes | memoryview,
+    *,
+    flags: int = 0,
+    data_offset: int = 0,
+    area: tuple[int, int] | None = None,
+    data_hash: bytes | None = None,
+    length: int | None = None,
+) -> bytes:
     """Header (padded to 4 KiB) + data of one journal record.
 
     With ``data_offset`` the data is stored there (in the journal area) and only the header is
@@ -167,8 +202,16 @@ def build_journal(guid: uuid.UUID, seq: int, offset: int, data: bytes | memoryvi
     if not data_offset and not flags & FLAG_ZERO and n > MAX_STEP:
         raise UsageError(f"journal step of {n} bytes exceeds {MAX_STEP}")
     g = guid.bytes_le
-    head = _header(g, seq, offset, n, flags, data_offset, area,
-                   _journal_digest(g, seq, offset, data, flags, data_offset, area, data_hash, n))
+    head = _header(
+        g,
+        seq,
+        offset,
+        n,
+        flags,
+        data_offset,
+        area,
+        _journal_digest(g, seq, offset, data, flags, data_offset, area, data_hash, n),
+    )
     inline = b"" if data_offset or flags & FLAG_ZERO else bytes(data)
     return head.ljust(JOURNAL_HEADER, b"\0") + inline
 
@@ -225,8 +268,7 @@ def _is_zero(b: bytes) -> bool:
     return not b or (b[0] == 0 and b == bytes(len(b)))
 
 
-def find_area(view: BlockDevice, sizes: list[int],
-              avoid: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
+def find_area(view: BlockDevice, sizes: list[int], avoid: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
     """A journal area: ``(offset, size)`` of at least ``sizes[k]`` bytes of the volume that read
     as zeros, away from ``avoid`` (the head and BitLocker's regions), and ``k`` (the first size
     of ``sizes`` found). Candidates are runs of free clusters in the NTFS $Bitmap, from the end
@@ -333,8 +375,10 @@ def step_size(sector_size: int, engine: Engine | None = None) -> int:
     if n is None:
         return AREA_STEP
     if n <= 0 or n % sector_size or n > MAX_AREA_STEP:
-        raise UsageError(f"in-place step {n}: must be a multiple of the sector size {sector_size} and at most "
-                         f"{MAX_AREA_STEP}", hint=f"set {CHUNK_ENV} accordingly")
+        raise UsageError(
+            f"in-place step {n}: must be a multiple of the sector size {sector_size} and at most {MAX_AREA_STEP}",
+            hint=f"set {CHUNK_ENV} accordingly",
+        )
     return n
 
 
@@ -347,8 +391,13 @@ def _boot_sector(plain_head: bytes, ss: int, regions: FveRegions, vsize: int) ->
     is_ntfs = plain_head[3:11] == b"NTFS    "
     hidden = struct.unpack_from("<I", plain_head, 0x1C)[0] if is_ntfs else 0
     spc = plain_head[0x0D] if is_ntfs and plain_head[0x0D] else 8
-    return build_boot_sector(ss, regions.metadata_offsets, hidden_sectors=hidden, sectors_per_cluster=spc,
-                             total_sectors=0 if is_ntfs else vsize // ss).ljust(regions.vho_size, b"\0")
+    return build_boot_sector(
+        ss,
+        regions.metadata_offsets,
+        hidden_sectors=hidden,
+        sectors_per_cluster=spc,
+        total_sectors=0 if is_ntfs else vsize // ss,
+    ).ljust(regions.vho_size, b"\0")
 
 
 class _Converter:
@@ -358,9 +407,16 @@ class _Converter:
     plaintext of the steps; all zeros before the run) or None (the plaintext stays in the
     metadata regions' slots, steps of at most :data:`MAX_STEP`)."""
 
-    def __init__(self, dev: BlockDevice, plan: EncryptionPlan, guid: uuid.UUID, seq: int,
-                 area: tuple[int, int] | None = None, step: int | None = None,
-                 engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        dev: BlockDevice,
+        plan: EncryptionPlan,
+        guid: uuid.UUID,
+        seq: int,
+        area: tuple[int, int] | None = None,
+        step: int | None = None,
+        engine: Engine | None = None,
+    ) -> None:
         self.engine = engine or default_engine()
         self.dev = dev
         self.plan = plan
@@ -375,8 +431,10 @@ class _Converter:
             self.step = _inline_step(want, self.ss)
         else:
             self.step = min(want, area[1] // 2 // self.ss * self.ss)
-        self.reserved = sorted([(o, S.METADATA_REGION_SIZE) for o in self.regions.metadata_offsets]
-                               + [(self.regions.vho_offset, self.regions.vho_size)])
+        self.reserved = sorted(
+            [(o, S.METADATA_REGION_SIZE) for o in self.regions.metadata_offsets]
+            + [(self.regions.vho_offset, self.regions.vho_size)]
+        )
         # what the ciphertext writes of the steps leave alone (the area is encrypted last)
         self.skip = sorted(self.reserved + ([area] if area else []))
         self.checkpoints = 0
@@ -386,8 +444,9 @@ class _Converter:
         self.dev.flush()
 
     # -- writes ------------------------------------------------------------------
-    def write_journal(self, offset: int, data: bytes | memoryview, flags: int = 0,
-                      data_hash: bytes | None = None) -> None:
+    def write_journal(
+        self, offset: int, data: bytes | memoryview, flags: int = 0, data_hash: bytes | None = None
+    ) -> None:
         """Make the record of a step durable (data in the area's slot, or inline), then count it.
 
         ``data_hash``: the data's SHA-256 when known; ``flags`` & FLAG_ZERO: ``data`` is all zeros
@@ -400,8 +459,17 @@ class _Converter:
             # BitLocker's regions may change)
             data_offset = self.area[0] + slot * (self.area[1] // 2)
             self.dev.write(data_offset, data)
-        rec = build_journal(self.guid, self.seq, offset, data, flags=flags, data_offset=data_offset, area=self.area,
-                            data_hash=data_hash, length=len(data))
+        rec = build_journal(
+            self.guid,
+            self.seq,
+            offset,
+            data,
+            flags=flags,
+            data_offset=data_offset,
+            area=self.area,
+            data_hash=data_hash,
+            length=len(data),
+        )
         self.dev.write(head_at, rec)
         self.sync()
         self.seq += 1
@@ -411,8 +479,11 @@ class _Converter:
         state = S.STATE_ENCRYPTED if final else STATE_SWITCHING
         block = self.plan.metadata_block(encrypted_size=encrypted_size, state=state)
         if any(block[JOURNAL_START:]):
-            raise UnsupportedError("the FVE metadata is too large to leave room for the conversion journal",
-                                   self.dev.name, "use fewer key protectors")
+            raise UnsupportedError(
+                "the FVE metadata is too large to leave room for the conversion journal",
+                self.dev.name,
+                "use fewer key protectors",
+            )
         data = block if final else block[:JOURNAL_START]
         for off in self.regions.metadata_offsets:
             self.dev.write(off, data)
@@ -428,10 +499,10 @@ class _Converter:
             if ro + rn <= pos or ro >= end:
                 continue
             if ro > pos:
-                self.dev.write(pos, mv[pos - offset:ro - offset])
+                self.dev.write(pos, mv[pos - offset : ro - offset])
             pos = max(pos, ro + rn)
         if pos < end:
-            self.dev.write(pos, mv[pos - offset:])
+            self.dev.write(pos, mv[pos - offset :])
 
     def write_ciphertext(self, offset: int, plain: bytes, sync: bool = True) -> None:
         """Encrypt ``plain`` (the step at ``offset``) and write it, skipping BitLocker's regions
@@ -471,8 +542,8 @@ class _Converter:
         self.dev.read_into(off, plain)
         for ro, rn in self.skip:  # never written by this step, and this process changes them meanwhile
             lo, hi = max(off, ro), min(off + n, ro + rn)  # (journal, checkpoints): zeros, so that
-            if lo < hi:                                   # every run journals the same bytes
-                plain[lo - off:hi - off] = _zeros(hi - lo)
+            if lo < hi:  # every run journals the same bytes
+                plain[lo - off : hi - off] = _zeros(hi - lo)
         self.plan.cipher.encrypt_into(plain, off // self.ss, out[n:])
         if plain == _zeros(n):
             return b""  # a zero step: its record stores no data
@@ -494,7 +565,7 @@ class _Converter:
                         self.write_journal(off, out[:n], data_hash=payload)
                     else:
                         self.write_journal(off, out[:n], flags=FLAG_ZERO)
-                    self._write_skipping(off, out[n:2 * n])
+                    self._write_skipping(off, out[n : 2 * n])
                     self.steps += 1
                     since += 1
                 bar.update(n)
@@ -542,8 +613,14 @@ class InPlaceResult:
 
     def to_json(self) -> dict[str, Any]:
         d = self.result.to_json()
-        d.update({"resumed": self.resumed, "started_at": self.started_at, "steps": self.steps,
-                  "checkpoints": self.checkpoints})
+        d.update(
+            {
+                "resumed": self.resumed,
+                "started_at": self.started_at,
+                "steps": self.steps,
+                "checkpoints": self.checkpoints,
+            }
+        )
         return d
 
 
@@ -555,10 +632,15 @@ def _sector_size(view: BlockDevice) -> int:
     return ss
 
 
-def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], method: str | int = "xts-aes-128",
-                     description: str | None = None,
-                     on_keys: Callable[[EncryptResult], None] | None = None,
-                     engine: Engine | None = None) -> InPlaceResult:
+def start_conversion(
+    view: BlockDevice,
+    *,
+    protectors: list[ProtectorSpec],
+    method: str | int = "xts-aes-128",
+    description: str | None = None,
+    on_keys: Callable[[EncryptResult], None] | None = None,
+    engine: Engine | None = None,
+) -> InPlaceResult:
     """Convert the reserved NTFS volume ``view`` (writable) to BitLocker in place (on ``engine``).
 
     ``on_keys(result)`` runs once the keys exist and before the first byte is written: the caller
@@ -567,11 +649,15 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
     st = probe(view)
     _refuse(st, view, fresh=True)
     assert st.regions is not None
-    plan = plan_encryption(view, method=method, protectors=protectors, regions=st.regions, description=description,
-                           engine=engine)
+    plan = plan_encryption(
+        view, method=method, protectors=protectors, regions=st.regions, description=description, engine=engine
+    )
     if any(plan.metadata_block(state=STATE_SWITCHING)[JOURNAL_START:]):
-        raise UnsupportedError("the FVE metadata is too large to leave room for the conversion journal",
-                               view.name, "use fewer key protectors")
+        raise UnsupportedError(
+            "the FVE metadata is too large to leave room for the conversion journal",
+            view.name,
+            "use fewer key protectors",
+        )
     if on_keys is not None:
         on_keys(plan.result)
     r = plan.regions
@@ -600,23 +686,31 @@ def start_conversion(view: BlockDevice, *, protectors: list[ProtectorSpec], meth
 
 def _refuse(st: InPlaceStatus, view: BlockDevice, fresh: bool) -> None:
     if not fresh and st.state in ("plain", "unreserved", "other"):
-        raise UsageError("the volume is not being converted", view.name, "start an in-place encryption first",
-                         code="bitlocker.not-converting")
+        raise UsageError(
+            "the volume is not being converted",
+            view.name,
+            "start an in-place encryption first",
+            code="bitlocker.not-converting",
+        )
     if st.state == "encrypted":
         raise UsageError("the volume is already fully BitLocker-encrypted", view.name, "nothing to do")
     if st.state == "unreserved":
-        raise PolicyError("the NTFS volume has no BitLocker reservation (FVE2 files), so it cannot be converted "
-                          "in place", view.name,
-                          "run `templatetool protect` (or `templatetool encrypt -o NEW` to copy) first")
+        raise PolicyError(
+            "the NTFS volume has no BitLocker reservation (FVE2 files), so it cannot be converted in place",
+            view.name,
+            "run `templatetool protect` (or `templatetool encrypt -o NEW` to copy) first",
+        )
     if st.state == "other":
         raise UnsupportedError(f"the volume is {st.detail}", view.name, "in-place encryption converts NTFS volumes")
     if fresh and st.state == "converting":
-        raise UsageError("the volume is in the middle of an in-place conversion", view.name,
-                         "run `templatetool resume DISK` with its credential")
+        raise UsageError(
+            "the volume is in the middle of an in-place conversion",
+            view.name,
+            "run `templatetool resume DISK` with its credential",
+        )
 
 
-def resume_conversion(view: BlockDevice, credential: dict[str, Any],
-                      engine: Engine | None = None) -> InPlaceResult:
+def resume_conversion(view: BlockDevice, credential: dict[str, Any], engine: Engine | None = None) -> InPlaceResult:
     """Finish an interrupted in-place conversion of ``view`` (writable), on ``engine``.
 
     ``credential``: one of ``recovery_password``, ``password``, ``bek`` (as for ``unlock``).
@@ -645,14 +739,23 @@ def resume_conversion(view: BlockDevice, credential: dict[str, Any],
     plan = plan_from_metadata(m, vmk, fvek, volume_size=view.size, sector_size=ss, vho_size=vho_size)
     records = read_journals(view, plan.regions, m.volume_guid)
     journal = records[-1] if records else None
-    conv = _Converter(view, plan, m.volume_guid, journal.seq + 1 if journal else 0,
-                      area=journal.area if journal else None, engine=engine)
+    conv = _Converter(
+        view,
+        plan,
+        m.volume_guid,
+        journal.seq + 1 if journal else 0,
+        area=journal.area if journal else None,
+        engine=engine,
+    )
     if m.encrypted_size >= view.size:
         conv.write_metadata(view.size, final=True)  # interrupted while writing the final copies
         return InPlaceResult(True, view.size, view.size, 0, conv.checkpoints, plan.result)
     if journal is None:
-        raise UnsupportedError("the volume is mid-conversion but holds no templatetool conversion journal",
-                               view.name, "finish the conversion with the tool that started it")
+        raise UnsupportedError(
+            "the volume is mid-conversion but holds no templatetool conversion journal",
+            view.name,
+            "finish the conversion with the tool that started it",
+        )
     for rec in records:  # redo the newest two steps from their plaintext (idempotent)
         if rec.flags & FLAG_AREA_DONE:
             conv.encrypt_area()
@@ -697,8 +800,11 @@ def refuse_if_converting(disk_path: str | os.PathLike[str], partition: int | Non
             return  # the caller reports a missing/odd volume itself
         view = View(dev, off, size, name=f"{disk_path} volume@{off}")
         if conversion_pending(view):
-            raise UsageError("the volume is in the middle of an in-place conversion", view.name,
-                             "finish it with `templatetool resume DISK` first")
+            raise UsageError(
+                "the volume is in the middle of an in-place conversion",
+                view.name,
+                "finish it with `templatetool resume DISK` first",
+            )
     finally:
         dev.close()
 
@@ -718,8 +824,11 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
-            raise ResourceError("another process is converting this disk", str(path),
-                                "wait for it to finish (or for it to die), then resume") from None
+            raise ResourceError(
+                "another process is converting this disk",
+                str(path),
+                "wait for it to finish (or for it to die), then resume",
+            ) from None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -732,11 +841,18 @@ def _locate(dev: BlockDevice, partition: int | None) -> tuple[int, int, int | No
     return locate_volume(dev, partition, ("ntfs", "bitlocker"))
 
 
-def in_place(disk_path: str | os.PathLike[str], partition: int | None = None, *,
-             protectors: list[ProtectorSpec] | None = None, method: str | int = "xts-aes-128",
-             description: str | None = None, credential: dict[str, Any] | None = None,
-             on_keys: Callable[[EncryptResult], None] | None = None, resume_only: bool = False,
-             engine: Engine | None = None) -> dict[str, Any]:
+def in_place(
+    disk_path: str | os.PathLike[str],
+    partition: int | None = None,
+    *,
+    protectors: list[ProtectorSpec] | None = None,
+    method: str | int = "xts-aes-128",
+    description: str | None = None,
+    credential: dict[str, Any] | None = None,
+    on_keys: Callable[[EncryptResult], None] | None = None,
+    resume_only: bool = False,
+    engine: Engine | None = None,
+) -> dict[str, Any]:
     """Encrypt (or finish encrypting) the OS volume of a raw or VHDX disk in place.
 
     A volume that is not started is converted with fresh keys from ``protectors`` (refused with
@@ -756,15 +872,18 @@ def in_place(disk_path: str | os.PathLike[str], partition: int | None = None, *,
             st = probe(view)
             if st.state == "converting" or resume_only:
                 if st.state == "converting" and not credential:
-                    raise CredentialError("the volume is in the middle of an in-place conversion; a credential is "
-                                          "needed to resume it", view.name,
-                                          "give the recovery password file, startup key or password of the first run")
+                    raise CredentialError(
+                        "the volume is in the middle of an in-place conversion; a credential is needed to resume it",
+                        view.name,
+                        "give the recovery password file, startup key or password of the first run",
+                    )
                 r = resume_conversion(view, credential or {}, engine)
             else:
                 if not protectors:
                     raise UsageError("at least one key protector is needed")
-                r = start_conversion(view, protectors=protectors, method=method, description=description,
-                                     on_keys=on_keys, engine=engine)
+                r = start_conversion(
+                    view, protectors=protectors, method=method, description=description, on_keys=on_keys, engine=engine
+                )
             dev.flush()
         finally:
             dev.close()

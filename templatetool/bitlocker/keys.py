@@ -34,6 +34,7 @@ _FILETIME_EPOCH_OFFSET = 116444736000000000  # 100-ns ticks between 1601-01-01 a
 
 # ---- time ------------------------------------------------------------------------------------
 
+
 def filetime_now() -> int:
     """Current time as a Windows FILETIME (100-ns ticks since 1601-01-01 UTC)."""
     return time.time_ns() // 100 + _FILETIME_EPOCH_OFFSET
@@ -69,13 +70,15 @@ def parse_recovery_password(s: str) -> bytes:
     if not re.fullmatch(r"[0-9]{48}", digits):  # ASCII digits only (str.isdigit also accepts '²')
         raise CredentialError(
             "a recovery password has 48 digits in 8 groups of 6",
-            hint=f"got {len(digits)} characters after removing dashes")
+            hint=f"got {len(digits)} characters after removing dashes",
+        )
     out = bytearray()
     for i in range(8):
-        g = int(digits[6 * i:6 * i + 6])
+        g = int(digits[6 * i : 6 * i + 6])
         if g % 11 != 0 or g >= _GROUP_LIMIT:
-            raise CredentialError(f"recovery password group {i + 1} is not valid",
-                                  hint="check that group for a typing error")
+            raise CredentialError(
+                f"recovery password group {i + 1} is not valid", hint="check that group for a typing error"
+            )
         out += struct.pack("<H", g // 11)
     return bytes(out)
 
@@ -120,6 +123,7 @@ def stretch_key(initial_hash: bytes, salt: bytes, rounds: int = STRETCH_ROUNDS) 
 
 # ---- AES-CCM ---------------------------------------------------------------------------------
 
+
 class NonceSource:
     """Unique AES-CCM nonces: a FILETIME (unique per process and strictly increasing) + counter."""
 
@@ -163,8 +167,9 @@ def ccm_unwrap(key: bytes, payload: bytes, where: str = "AES-CCM entry") -> byte
 def key_entry(key_type: int, key: bytes, role: int = 0, version: int = 1) -> bytes:
     """A KEY entry (header + u16 key type + u16 flags + key), e.g. the 44-byte VMK container."""
     size = S.ENTRY_HEADER_SIZE + 4 + len(key)
-    return (S.build(S.EntryHeader, {"size": size, "role": role, "vtype": S.VT_KEY, "version": version})
-            + S.build(S.KeyPayload, {"key_type": key_type, "flags": 0, "key": key}))
+    return S.build(S.EntryHeader, {"size": size, "role": role, "vtype": S.VT_KEY, "version": version}) + S.build(
+        S.KeyPayload, {"key_type": key_type, "flags": 0, "key": key}
+    )
 
 
 def parse_key_entry(data: bytes, where: str, expect_len: int | None = None) -> tuple[int, bytes]:
@@ -174,7 +179,7 @@ def parse_key_entry(data: bytes, where: str, expect_len: int | None = None) -> t
     h = S.EntryHeader.parse(data)
     if h.vtype != S.VT_KEY or h.size != len(data) or h.size < 12:
         raise FormatError(f"decrypted key container malformed (size {h.size}, type {h.vtype:#x})", where)
-    p = S.KeyPayload.parse(data[8:h.size])
+    p = S.KeyPayload.parse(data[8 : h.size])
     if expect_len is not None and len(p.key) != expect_len:
         raise FormatError(f"key has {len(p.key)} bytes, expected {expect_len}", where)
     return p.key_type, p.key
@@ -206,12 +211,27 @@ def build_bek(guid: uuid.UUID, external_key: bytes, created: int | None = None) 
     label_e = S.build(S.EntryHeader, {"size": 8 + len(label), "role": 0, "vtype": S.VT_UNICODE, "version": 1}) + label
     key_e = key_entry(S.KEYTYPE_EXTERNAL, external_key)
     body = S.build(S.ExternalKeyPayload, {"guid": guid.bytes_le, "modified": ft, "nested": label_e + key_e})
-    ext = S.build(S.EntryHeader, {"size": 8 + len(body), "role": S.ROLE_STARTUP_KEY, "vtype": S.VT_EXTERNAL_KEY,
-                                   "version": 1}) + body
+    ext = (
+        S.build(
+            S.EntryHeader, {"size": 8 + len(body), "role": S.ROLE_STARTUP_KEY, "vtype": S.VT_EXTERNAL_KEY, "version": 1}
+        )
+        + body
+    )
     total = S.DATASET_HEADER_SIZE + len(ext)
-    hdr = S.build(S.DatasetHeader, {"size": total, "version": 1, "header_size": S.DATASET_HEADER_SIZE, "size_copy": total,
-                                     "volume_guid": guid.bytes_le, "nonce_counter": 1, "method": 0, "method_copy": 0,
-                                     "created": ft})
+    hdr = S.build(
+        S.DatasetHeader,
+        {
+            "size": total,
+            "version": 1,
+            "header_size": S.DATASET_HEADER_SIZE,
+            "size_copy": total,
+            "volume_guid": guid.bytes_le,
+            "nonce_counter": 1,
+            "method": 0,
+            "method_copy": 0,
+            "created": ft,
+        },
+    )
     out = hdr + ext
     assert len(out) == BEK_SIZE
     return out
@@ -226,7 +246,7 @@ def parse_bek(data: bytes, where: str = ".BEK file") -> StartupKey:
     h = S.DatasetHeader.parse(data)
     if h.header_size != S.DATASET_HEADER_SIZE or not (S.DATASET_HEADER_SIZE < h.size <= len(data)):
         raise CredentialError("not a BitLocker startup key file (bad header)", where)
-    for e in iter_entries(data[:h.size], S.DATASET_HEADER_SIZE, h.size, where):
+    for e in iter_entries(data[: h.size], S.DATASET_HEADER_SIZE, h.size, where):
         if e.vtype != S.VT_EXTERNAL_KEY:
             continue
         p = S.ExternalKeyPayload.parse(e.payload)

@@ -23,6 +23,7 @@ from . import structs as S
 
 # ---- entries -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Entry:
     """One metadata entry ("datum"): role, value type, version and the payload after the header."""
@@ -37,7 +38,10 @@ class Entry:
         size = S.ENTRY_HEADER_SIZE + len(self.payload)
         if size > 0xFFFF:
             raise FormatError("metadata entry too large", self.where)
-        return S.build(S.EntryHeader, {"size": size, "role": self.role, "vtype": self.vtype, "version": self.version}) + self.payload
+        return (
+            S.build(S.EntryHeader, {"size": size, "role": self.role, "vtype": self.vtype, "version": self.version})
+            + self.payload
+        )
 
     def children(self) -> list[Entry]:
         """Nested entries of VMK / STRETCH_KEY / USE_KEY / EXTERNAL_KEY values ([] otherwise)."""
@@ -73,17 +77,19 @@ def iter_entries(buf: bytes, start: int, end: int, where: str) -> Iterator[Entry
     while pos < end:
         if end - pos < S.ENTRY_HEADER_SIZE:
             raise FormatError(f"truncated metadata entry header at +{pos:#x}", where)
-        h = S.EntryHeader.parse(buf[pos:pos + 8])
+        h = S.EntryHeader.parse(buf[pos : pos + 8])
         if h.size == 0 and h.role == 0 and h.vtype == 0:
             return
         if h.size < S.ENTRY_HEADER_SIZE or pos + h.size > end:
-            raise FormatError(f"metadata entry at +{pos:#x} has size {h.size} beyond its container "
-                              f"(ends at +{end:#x})", where)
+            raise FormatError(
+                f"metadata entry at +{pos:#x} has size {h.size} beyond its container (ends at +{end:#x})", where
+            )
         fixed = S.VALUE_HEADER_SIZE.get(h.vtype)
         if fixed is not None and h.size < fixed:
-            raise FormatError(f"metadata entry at +{pos:#x} of type {h.vtype:#06x} is truncated "
-                              f"({h.size} < {fixed} bytes)", where)
-        yield Entry(h.role, h.vtype, bytes(buf[pos + 8:pos + h.size]), h.version, f"{where}+{pos:#x}")
+            raise FormatError(
+                f"metadata entry at +{pos:#x} of type {h.vtype:#06x} is truncated ({h.size} < {fixed} bytes)", where
+            )
+        yield Entry(h.role, h.vtype, bytes(buf[pos + 8 : pos + h.size]), h.version, f"{where}+{pos:#x}")
         pos += h.size
 
 
@@ -93,6 +99,7 @@ def unicode_text(e: Entry) -> str:
 
 
 # ---- boot sector -------------------------------------------------------------------------------
+
 
 @dataclass
 class BootInfo:
@@ -110,9 +117,15 @@ class BootInfo:
 _BITLOCKER_MSG = b"\r\nThis volume is protected by BitLocker Drive Encryption; unlock it to read.\r\n"
 
 
-def build_boot_sector(sector_size: int, metadata_offsets: tuple[int, int, int], *,
-                      total_sectors: int = 0, hidden_sectors: int = 0,
-                      sectors_per_cluster: int = 8, layout: str = S.LAYOUT_STANDARD) -> bytes:
+def build_boot_sector(
+    sector_size: int,
+    metadata_offsets: tuple[int, int, int],
+    *,
+    total_sectors: int = 0,
+    hidden_sectors: int = 0,
+    sectors_per_cluster: int = 8,
+    layout: str = S.LAYOUT_STANDARD,
+) -> bytes:
     """The 512-byte volume header Windows 7+ writes.
 
     ``standard``: ``EB 58 90 -FVE-FS-``, BitLocker GUID at 0xA0, metadata offsets at 0xB0.
@@ -125,20 +138,47 @@ def build_boot_sector(sector_size: int, metadata_offsets: tuple[int, int, int], 
         raise FormatError(f"unknown BitLocker volume layout {layout!r}")
     to_go = layout == S.LAYOUT_TO_GO
     fields = {
-        "jump": S.BOOT_JUMP, "signature": S.TO_GO_SIGNATURE if to_go else S.FVE_SIGNATURE,
+        "jump": S.BOOT_JUMP,
+        "signature": S.TO_GO_SIGNATURE if to_go else S.FVE_SIGNATURE,
         "bytes_per_sector": sector_size,
-        "sectors_per_cluster": sectors_per_cluster, "reserved_sectors": 0, "fat_count": 0, "root_entries": 0,
-        "total_sectors_16": 0, "media": 0xF8, "sectors_per_fat_16": 0, "sectors_per_track": 0x3F, "heads": 0xFF,
-        "hidden_sectors": hidden_sectors & 0xFFFFFFFF, "total_sectors_32": total_sectors if total_sectors < 1 << 32 else 0,
-        "sectors_per_fat_32": 0x1FE0, "fat_flags": 0, "fs_version": 0, "root_cluster": 0, "fsinfo_sector": 1,
-        "backup_boot_sector": 6, "reserved1": bytes(4), "vista_metadata_lcn": 0, "drive_number": 0x80, "reserved2": 0,
-        "ext_boot_signature": 0x29, "volume_serial": 0, "volume_label": b"NO NAME    ", "fs_type": b"FAT32   ",
-        "identifier": S.BITLOCKER_GUID.bytes_le, "metadata_offsets": list(metadata_offsets), "end_signature": b"\x55\xaa"}
+        "sectors_per_cluster": sectors_per_cluster,
+        "reserved_sectors": 0,
+        "fat_count": 0,
+        "root_entries": 0,
+        "total_sectors_16": 0,
+        "media": 0xF8,
+        "sectors_per_fat_16": 0,
+        "sectors_per_track": 0x3F,
+        "heads": 0xFF,
+        "hidden_sectors": hidden_sectors & 0xFFFFFFFF,
+        "total_sectors_32": total_sectors if total_sectors < 1 << 32 else 0,
+        "sectors_per_fat_32": 0x1FE0,
+        "fat_flags": 0,
+        "fs_version": 0,
+        "root_cluster": 0,
+        "fsinfo_sector": 1,
+        "backup_boot_sector": 6,
+        "reserved1": bytes(4),
+        "vista_metadata_lcn": 0,
+        "drive_number": 0x80,
+        "reserved2": 0,
+        "ext_boot_signature": 0x29,
+        "volume_serial": 0,
+        "volume_label": b"NO NAME    ",
+        "fs_type": b"FAT32   ",
+        "identifier": S.BITLOCKER_GUID.bytes_le,
+        "metadata_offsets": list(metadata_offsets),
+        "end_signature": b"\x55\xaa",
+    }
     if to_go:
-        return S.build(S.ToGoBootSector, dict(fields, boot_code=_BITLOCKER_MSG.ljust(0x1A8 - 0x5A, b"\0"),
-                                           boot_code2=bytes(0x1FE - 0x1D0)))
-    return S.build(S.BootSector, dict(fields, boot_code=bytes(70), eow_offsets=[0, 0],
-                                   boot_code2=_BITLOCKER_MSG.ljust(0x1FE - 0xD8, b"\0")))
+        return S.build(
+            S.ToGoBootSector,
+            dict(fields, boot_code=_BITLOCKER_MSG.ljust(0x1A8 - 0x5A, b"\0"), boot_code2=bytes(0x1FE - 0x1D0)),
+        )
+    return S.build(
+        S.BootSector,
+        dict(fields, boot_code=bytes(70), eow_offsets=[0, 0], boot_code2=_BITLOCKER_MSG.ljust(0x1FE - 0xD8, b"\0")),
+    )
 
 
 def volume_layout(sector: bytes) -> str | None:
@@ -150,8 +190,10 @@ def volume_layout(sector: bytes) -> str | None:
         return None
     if sector[3:11] == S.FVE_SIGNATURE:
         return S.LAYOUT_STANDARD
-    if sector[3:11] == S.TO_GO_SIGNATURE and sector[0x1A8:0x1B8] in (S.BITLOCKER_GUID.bytes_le,
-                                                                  S.BITLOCKER_EOW_GUID.bytes_le):
+    if sector[3:11] == S.TO_GO_SIGNATURE and sector[0x1A8:0x1B8] in (
+        S.BITLOCKER_GUID.bytes_le,
+        S.BITLOCKER_EOW_GUID.bytes_le,
+    ):
         return S.LAYOUT_TO_GO
     return None
 
@@ -186,14 +228,18 @@ def _parse_to_go(sector: bytes, volume_size: int, where: str) -> BootInfo:
     if ident != S.BITLOCKER_GUID:
         at = sector.find(S.BITLOCKER_GUID.bytes_le)
         if at >= 0:  # a BitLocker identifier, but not where Windows 7+ To Go puts it
-            raise UnsupportedError(f"BitLocker To Go header variant with the identifier at offset {at:#x} "
-                                   "(Windows 7+ puts it at 0x1A8)", where)
+            raise UnsupportedError(
+                f"BitLocker To Go header variant with the identifier at offset {at:#x} (Windows 7+ puts it at 0x1A8)",
+                where,
+            )
         raise FormatError("not a BitLocker volume (a FAT boot sector without the BitLocker identifier)", where)
     if b.jump != S.BOOT_JUMP:
         raise FormatError(f"bad boot-sector jump bytes {b.jump.hex()} (expected eb5890)", where)
     if b.vista_metadata_lcn != 0:
-        raise FormatError("BitLocker To Go header has a non-zero value at 0x038 (dislocker would read it as "
-                          "Vista)", f"{where} offset 0x38")
+        raise FormatError(
+            "BitLocker To Go header has a non-zero value at 0x038 (dislocker would read it as Vista)",
+            f"{where} offset 0x38",
+        )
     return _boot_info(b, volume_size, where, S.LAYOUT_TO_GO, 0x1B8)
 
 
@@ -205,14 +251,23 @@ def _boot_info(b: Any, volume_size: int, where: str, layout: str, offsets_at: in
     offs = tuple(int(o) for o in b.metadata_offsets)
     for i, o in enumerate(offs):
         if o == 0 or o % b.bytes_per_sector or o + S.BLOCK_HEADER_SIZE > volume_size:
-            raise FormatError(f"metadata offset {i + 1} = {o:#x} is outside the volume or misaligned",
-                              f"{where} offset {offsets_at + 8 * i:#x}")
+            raise FormatError(
+                f"metadata offset {i + 1} = {o:#x} is outside the volume or misaligned",
+                f"{where} offset {offsets_at + 8 * i:#x}",
+            )
     total = b.total_sectors_16 or b.total_sectors_32
-    return BootInfo(b.bytes_per_sector, offs, total, uuid.UUID(bytes_le=b.identifier),  # type: ignore[arg-type]
-                    b.hidden_sectors, layout)
+    return BootInfo(
+        b.bytes_per_sector,
+        offs,  # type: ignore[arg-type]
+        total,
+        uuid.UUID(bytes_le=b.identifier),
+        b.hidden_sectors,
+        layout,
+    )
 
 
 # ---- metadata block ----------------------------------------------------------------------------
+
 
 @dataclass
 class Metadata:
@@ -245,23 +300,57 @@ class Metadata:
         return hashlib.sha256(self.covered).digest()
 
 
-def build_metadata_block(*, encrypted_size: int, virtualized_sectors: int,
-                         metadata_offsets: tuple[int, int, int], vho_offset: int, volume_guid: uuid.UUID,
-                         nonce_counter: int, method: int, created: int, entries: list[Entry],
-                         state: int = S.STATE_ENCRYPTED) -> bytes:
+def build_metadata_block(
+    *,
+    encrypted_size: int,
+    virtualized_sectors: int,
+    metadata_offsets: tuple[int, int, int],
+    vho_offset: int,
+    volume_guid: uuid.UUID,
+    nonce_counter: int,
+    method: int,
+    created: int,
+    entries: list[Entry],
+    state: int = S.STATE_ENCRYPTED,
+) -> bytes:
     """Return the block header + dataset + zero pad (the bytes the CRC and hash cover).
 
     :func:`finish_metadata_block` appends the validation structure."""
     body = b"".join(e.build() for e in entries)
     ds_size = S.DATASET_HEADER_SIZE + len(body)
-    ds = S.build(S.DatasetHeader, {"size": ds_size, "version": 1, "header_size": S.DATASET_HEADER_SIZE, "size_copy": ds_size,
-                                    "volume_guid": volume_guid.bytes_le, "nonce_counter": nonce_counter,
-                                    "method": method, "method_copy": 0, "created": created}) + body
+    ds = (
+        S.build(
+            S.DatasetHeader,
+            {
+                "size": ds_size,
+                "version": 1,
+                "header_size": S.DATASET_HEADER_SIZE,
+                "size_copy": ds_size,
+                "volume_guid": volume_guid.bytes_le,
+                "nonce_counter": nonce_counter,
+                "method": method,
+                "method_copy": 0,
+                "created": created,
+            },
+        )
+        + body
+    )
     header_units = -(-(S.BLOCK_HEADER_SIZE + ds_size) // 16)
-    hdr = S.build(S.BlockHeader, {"signature": S.FVE_SIGNATURE, "header_size": header_units, "version": 2,
-                                   "current_state": state, "next_state": state, "encrypted_size": encrypted_size,
-                                   "convert_size": 0, "virtualized_sectors": virtualized_sectors,
-                                   "metadata_offsets": list(metadata_offsets), "vho_offset": vho_offset})
+    hdr = S.build(
+        S.BlockHeader,
+        {
+            "signature": S.FVE_SIGNATURE,
+            "header_size": header_units,
+            "version": 2,
+            "current_state": state,
+            "next_state": state,
+            "encrypted_size": encrypted_size,
+            "convert_size": 0,
+            "virtualized_sectors": virtualized_sectors,
+            "metadata_offsets": list(metadata_offsets),
+            "vho_offset": vho_offset,
+        },
+    )
     return (hdr + ds).ljust(header_units * 16, b"\0")
 
 
@@ -295,7 +384,7 @@ def parse_metadata_block(data: bytes, offset: int, volume_size: int, copy: int) 
     if covered_len < 64 + 48 or covered_len + S.VALIDATION_HEADER_SIZE > len(data):
         raise FormatError(f"metadata header size {h.header_size} (x16 bytes) out of range", where)
     covered = bytes(data[:covered_len])
-    v = S.ValidationHeader.parse(data[covered_len:covered_len + 8])
+    v = S.ValidationHeader.parse(data[covered_len : covered_len + 8])
     crc = binascii.crc32(covered) & 0xFFFFFFFF
     if crc != v.crc32:
         raise IntegrityError(f"metadata CRC-32 mismatch (stored {v.crc32:#010x}, computed {crc:#010x})", where)
@@ -316,28 +405,42 @@ def parse_metadata_block(data: bytes, offset: int, volume_size: int, copy: int) 
         raise FormatError(f"dataset size {ds.size:#x} exceeds the metadata header size", where)
     if ds.method not in S.METHOD_NAMES:
         raise UnsupportedError(f"unknown encryption method {ds.method:#06x}", where)
-    dsbuf = covered[64:64 + ds.size]
+    dsbuf = covered[64 : 64 + ds.size]
     entries = list(iter_entries(dsbuf, S.DATASET_HEADER_SIZE, ds.size, where))
     vccm: bytes | None = None
     if v.version >= 2:
-        rest = data[covered_len + 8:]
+        rest = data[covered_len + 8 :]
         ents = list(iter_entries(rest, 0, min(len(rest), 0x100), where + " validation")) if len(rest) >= 8 else []
         ents = [e for e in ents if e.vtype == S.VT_AES_CCM]
         if not ents:
             raise FormatError("validation version 2 without its AES-CCM entry", where)
         vccm = ents[0].payload
-    m = Metadata(offset=offset, version=h.version, current_state=h.current_state, next_state=h.next_state,
-                 encrypted_size=h.encrypted_size, virtualized_sectors=h.virtualized_sectors,
-                 metadata_offsets=offs, vho_offset=h.vho_offset,  # type: ignore[arg-type]
-                 volume_guid=uuid.UUID(bytes_le=ds.volume_guid), nonce_counter=ds.nonce_counter,
-                 method=ds.method, created=ds.created, entries=entries, covered=covered,
-                 validation_version=v.version, validation_ccm=vccm)
+    m = Metadata(
+        offset=offset,
+        version=h.version,
+        current_state=h.current_state,
+        next_state=h.next_state,
+        encrypted_size=h.encrypted_size,
+        virtualized_sectors=h.virtualized_sectors,
+        metadata_offsets=offs,  # type: ignore[arg-type]
+        vho_offset=h.vho_offset,
+        volume_guid=uuid.UUID(bytes_le=ds.volume_guid),
+        nonce_counter=ds.nonce_counter,
+        method=ds.method,
+        created=ds.created,
+        entries=entries,
+        covered=covered,
+        validation_version=v.version,
+        validation_ccm=vccm,
+    )
     vhb = m.entries_of(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE)
     if vhb:
         os_ = S.OffsetSizePayload.parse(vhb[0].payload)
         if os_.offset != h.vho_offset:
-            raise FormatError(f"volume header block entry offset {os_.offset:#x} differs from the block "
-                              f"header's {h.vho_offset:#x}", where)
+            raise FormatError(
+                f"volume header block entry offset {os_.offset:#x} differs from the block header's {h.vho_offset:#x}",
+                where,
+            )
         m.vho_size = os_.size
     if h.vho_offset % 512 or h.vho_offset + max(m.vho_size, 512) > max(volume_size, h.encrypted_size):
         raise FormatError(f"relocated header offset {h.vho_offset:#x} outside the volume", where)

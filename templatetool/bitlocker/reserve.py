@@ -37,8 +37,9 @@ _NAME_RE = re.compile(r"^FVE2\.\{[0-9a-fA-F-]{36}\}(\.[123])?$")
 def _ntfs_geometry(dev: BlockDevice) -> tuple[int, int]:
     head = dev.read(0, 512)
     if head[3:11] != b"NTFS    ":
-        raise UnsupportedError("the volume is not NTFS", dev.name,
-                               "BitLocker regions can only be reserved inside NTFS volumes")
+        raise UnsupportedError(
+            "the volume is not NTFS", dev.name, "BitLocker regions can only be reserved inside NTFS volumes"
+        )
     bps = int.from_bytes(head[0x0B:0x0D], "little")
     spc = head[0x0D]
     if spc > 0x80:  # encoded as a negative power of two
@@ -85,15 +86,19 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
             if rec.resident or size != want:
                 raise FormatError(f"reserved file has {size} bytes (want {want}) or is resident", where)
             if len(runs) != 1 or runs[0][0] is None or runs[0][1] * cluster < want:
-                raise FormatError("reserved file is not one contiguous, allocated run", where,
-                                  "defragment or recreate it")
+                raise FormatError(
+                    "reserved file is not one contiguous, allocated run", where, "defragment or recreate it"
+                )
             found[suffix] = (runs[0][0] * cluster, want)
     if not found:
         return None
     missing = [s or "(header)" for s in (".1", ".2", ".3", "") if s not in found]
     if missing:
-        raise FormatError(f"incomplete BitLocker reservation: missing {', '.join(missing)}", view.name,
-                          "remove the FVE2 files or reserve again")
+        raise FormatError(
+            f"incomplete BitLocker reservation: missing {', '.join(missing)}",
+            view.name,
+            "remove the FVE2 files or reserve again",
+        )
     regions = FveRegions((found[".1"][0], found[".2"][0], found[".3"][0]), found[""][0], S.VHO_REGION_SIZE)
     for o, _ in regions.spans():
         if o % bps:
@@ -128,8 +133,11 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
         dev.close()
     ntfscp = shutil.which("ntfscp")
     if ntfscp is None:
-        raise ResourceError("ntfs-3g's ntfscp is needed to reserve the BitLocker regions", str(path),
-                            "install the Debian package ntfs-3g")
+        raise ResourceError(
+            "ntfs-3g's ntfscp is needed to reserve the BitLocker regions",
+            str(path),
+            "install the Debian package ntfs-3g",
+        )
     names = [(f"FVE2.{METADATA_FILE_GUID}.{i}", S.METADATA_REGION_SIZE) for i in (1, 2, 3)]
     names.append((f"FVE2.{VHO_FILE_GUID}", S.VHO_REGION_SIZE))
     with tempfile.TemporaryDirectory(prefix="tt-reserve-") as td:
@@ -137,16 +145,22 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
             zf = Path(td) / f"zero{size}"
             if not zf.exists():
                 zf.write_bytes(bytes(size))
-            cp = subprocess.run([ntfscp, "-q", "-m", str(path), str(zf), folder + name], capture_output=True, text=True, check=False)
+            cp = subprocess.run(
+                [ntfscp, "-q", "-m", str(path), str(zf), folder + name], capture_output=True, text=True, check=False
+            )
             if cp.returncode != 0 and "No space" in (cp.stderr + cp.stdout):
                 # -m preallocates outside the MFT zone; on a nearly full volume let ntfs-3g place it
                 # anywhere (find_reserved below still insists on one contiguous run)
-                cp = subprocess.run([ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True,
-                                    check=False)
+                cp = subprocess.run(
+                    [ntfscp, "-q", str(path), str(zf), folder + name], capture_output=True, text=True, check=False
+                )
             if cp.returncode != 0:
                 msg = (cp.stderr or cp.stdout).strip().splitlines()
-                raise ResourceError(f"ntfscp could not create {name}: {msg[-1] if msg else cp.returncode}", str(path),
-                                    "is the NTFS volume clean and has 256 KiB free?")
+                raise ResourceError(
+                    f"ntfscp could not create {name}: {msg[-1] if msg else cp.returncode}",
+                    str(path),
+                    "is the NTFS volume clean and has 256 KiB free?",
+                )
     dev = RawFile(path)
     try:
         regions = find_reserved(dev)

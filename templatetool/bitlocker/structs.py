@@ -46,6 +46,7 @@ METADATA_REGION_SIZE = 64 * 1024
 #: Size of the relocated volume header (VHO) region: 16 x 512 or 2 x 4096.
 VHO_REGION_SIZE = 8 * 1024
 
+
 # --- encryption methods (dataset FvekType / KEY key type) ---------------------------------
 class Method(IntEnum):
     """Encryption method (dataset ``method``, FVEK KEY key type)."""
@@ -82,6 +83,7 @@ FVEK_LENGTH: dict[int, int] = {
     METHOD_XTS_AES_128: 32,
     METHOD_XTS_AES_256: 64,
 }
+
 
 # --- entry roles ("entry type") -------------------------------------------------------------
 class Role(IntEnum):
@@ -144,12 +146,23 @@ VT_OFFSET_SIZE = ValueType.OFFSET_SIZE
 
 #: Fixed part of each value type (incl. the 8-byte entry header); nested entries follow it.
 VALUE_HEADER_SIZE: dict[int, int] = {
-    VT_ERASED: 8, VT_KEY: 0x0C, VT_UNICODE: 8, VT_STRETCH_KEY: 0x1C, VT_USE_KEY: 0x0C,
-    VT_AES_CCM: 0x24, VT_TPM_ENCODED: 0x0C, VT_VALIDATION: 8, VT_VMK: 0x24,
-    VT_EXTERNAL_KEY: 0x20, VT_UPDATE: 0x2C, VT_ERROR: 0x34, VT_OFFSET_SIZE: 0x18,
+    VT_ERASED: 8,
+    VT_KEY: 0x0C,
+    VT_UNICODE: 8,
+    VT_STRETCH_KEY: 0x1C,
+    VT_USE_KEY: 0x0C,
+    VT_AES_CCM: 0x24,
+    VT_TPM_ENCODED: 0x0C,
+    VT_VALIDATION: 8,
+    VT_VMK: 0x24,
+    VT_EXTERNAL_KEY: 0x20,
+    VT_UPDATE: 0x2C,
+    VT_ERROR: 0x34,
+    VT_OFFSET_SIZE: 0x18,
 }
 #: Value types whose payload continues with nested entries after the fixed part.
 NESTING_TYPES = frozenset({VT_STRETCH_KEY, VT_USE_KEY, VT_VMK, VT_EXTERNAL_KEY})
+
 
 # --- protection types (VMK payload) ---------------------------------------------------------
 class Protection(IntEnum):
@@ -182,6 +195,7 @@ PROTECTION_NAMES: dict[int, str] = {
     PROT_PASSWORD: "password",
 }
 
+
 # --- key types in KEY / STRETCH_KEY / USE_KEY payloads --------------------------------------
 class KeyType(IntEnum):
     """Key type in KEY / STRETCH_KEY / USE_KEY payloads (FVEK keys use :class:`Method`)."""
@@ -213,8 +227,13 @@ class State(IntEnum):
     SWITCHING_5 = 5
 
 
-STATE_NAMES: dict[int, str] = {State.DECRYPTED: "decrypted", State.SWITCHING: "switching", State.PAUSED: "paused",
-               State.ENCRYPTED: "encrypted", State.SWITCHING_5: "switching"}
+STATE_NAMES: dict[int, str] = {
+    State.DECRYPTED: "decrypted",
+    State.SWITCHING: "switching",
+    State.PAUSED: "paused",
+    State.ENCRYPTED: "encrypted",
+    State.SWITCHING_5: "switching",
+}
 STATE_ENCRYPTED = State.ENCRYPTED
 
 # ==== structures ============================================================================
@@ -334,10 +353,10 @@ VALIDATION_HEADER_SIZE = 8
 KeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "key" / GreedyBytes)
 StretchKeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "salt" / Bytes(16), "nested" / GreedyBytes)
 UseKeyPayload = Struct("key_type" / Int16ul, "flags" / Int16ul, "nested" / GreedyBytes)
-AesCcmPayload = Struct("nonce_time" / Int64ul, "nonce_counter" / Int32ul, "tag" / Bytes(16),
-                       "ciphertext" / GreedyBytes)
+AesCcmPayload = Struct("nonce_time" / Int64ul, "nonce_counter" / Int32ul, "tag" / Bytes(16), "ciphertext" / GreedyBytes)
 TpmEncodedPayload = Struct("pcr_bitmap" / Int32ul, "blob" / GreedyBytes)
-VmkPayload = Struct("guid" / Bytes(16), "modified" / Int64ul, "unknown" / Int16ul,
-                    "protection" / Int16ul, "nested" / GreedyBytes)
+VmkPayload = Struct(
+    "guid" / Bytes(16), "modified" / Int64ul, "unknown" / Int16ul, "protection" / Int16ul, "nested" / GreedyBytes
+)
 ExternalKeyPayload = Struct("guid" / Bytes(16), "modified" / Int64ul, "nested" / GreedyBytes)
 OffsetSizePayload = Struct("offset" / Int64ul, "size" / Int64ul, "extra" / GreedyBytes)

@@ -82,8 +82,7 @@ class ProtectorInfo:
     created: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "protection": f"{self.protection:#06x}", "guid": self.guid,
-                "created": self.created}
+        return {"type": self.type, "protection": f"{self.protection:#06x}", "guid": self.guid, "created": self.created}
 
 
 class FveVolume:
@@ -108,8 +107,10 @@ class FveVolume:
             try:
                 m = parse_metadata_block(dev.read(off, n), off, dev.size, i + 1)
                 if m.metadata_offsets != self.boot.metadata_offsets:
-                    raise FormatError("metadata offsets in the block differ from the volume header",
-                                      f"FVE metadata copy {i + 1} at {off:#x}")
+                    raise FormatError(
+                        "metadata offsets in the block differ from the volume header",
+                        f"FVE metadata copy {i + 1} at {off:#x}",
+                    )
                 self.copies.append({"copy": i + 1, "offset": off, "valid": True, "error": None})
                 self.valid_metas.append(m)
                 if self.meta is None:
@@ -120,14 +121,20 @@ class FveVolume:
                     first_error = e
         if self.meta is None:
             assert first_error is not None
-            raise type(first_error)(f"no valid FVE metadata copy (first: {first_error.what})",
-                                    f"{dev.name}: {first_error.where}", "the volume metadata is corrupt")
+            raise type(first_error)(
+                f"no valid FVE metadata copy (first: {first_error.what})",
+                f"{dev.name}: {first_error.where}",
+                "the volume metadata is corrupt",
+            )
         m = self.meta
         self.method = m.method
         self.vho_size = m.vho_size or m.virtualized_sectors * self.sector_size
         if self.vho_size % self.sector_size or self.vho_size // self.sector_size != m.virtualized_sectors:
-            raise FormatError(f"relocated header size {self.vho_size:#x} does not match "
-                              f"{m.virtualized_sectors} sectors of {self.sector_size}", dev.name)
+            raise FormatError(
+                f"relocated header size {self.vho_size:#x} does not match "
+                f"{m.virtualized_sectors} sectors of {self.sector_size}",
+                dev.name,
+            )
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -139,8 +146,14 @@ class FveVolume:
         out = []
         for e in self.metadata.entries_of(S.ROLE_VMK, S.VT_VMK):
             p = S.VmkPayload.parse(e.payload)
-            out.append(ProtectorInfo(S.PROTECTION_NAMES.get(p.protection, f"unknown-{p.protection:#06x}"),
-                                     p.protection, str(uuid.UUID(bytes_le=p.guid)), K.filetime_to_iso(p.modified)))
+            out.append(
+                ProtectorInfo(
+                    S.PROTECTION_NAMES.get(p.protection, f"unknown-{p.protection:#06x}"),
+                    p.protection,
+                    str(uuid.UUID(bytes_le=p.guid)),
+                    K.filetime_to_iso(p.modified),
+                )
+            )
         return out
 
     def description(self) -> str | None:
@@ -166,8 +179,10 @@ class FveVolume:
             "created": K.filetime_to_iso(m.created),
             "description": self.description(),
             "protectors": [p.to_json() for p in self.protectors()],
-            "copies": [{"copy": c["copy"], "offset": c["offset"], "valid": c["valid"], "error": c["error"]}
-                       for c in self.copies],
+            "copies": [
+                {"copy": c["copy"], "offset": c["offset"], "valid": c["valid"], "error": c["error"]}
+                for c in self.copies
+            ],
             "relocated_header": {"offset": m.vho_offset, "size": self.vho_size, "sectors": m.virtualized_sectors},
         }
 
@@ -212,8 +227,14 @@ class FveVolume:
                 continue
         raise CredentialError(f"the {what} does not unlock this volume", self.name, "check the credential")
 
-    def recover_vmk(self, recovery_password: str | None = None, password: str | None = None,
-                    bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> bytes:
+    def recover_vmk(
+        self,
+        recovery_password: str | None = None,
+        password: str | None = None,
+        bek: bytes | None = None,
+        vmk: bytes | None = None,
+        clear: bool = False,
+    ) -> bytes:
         """Return the 32-byte VMK from exactly one credential (CredentialError when wrong)."""
         given = [x is not None for x in (recovery_password, password, bek, vmk)] + [bool(clear)]
         if sum(given) != 1:
@@ -238,8 +259,11 @@ class FveVolume:
                     return self._open_vmk(e, sk.key)
                 except CredentialError:
                     continue
-            raise CredentialError(f"the startup key {{{sk.guid}}} does not unlock this volume", self.name,
-                                  "use the .BEK file made for this volume")
+            raise CredentialError(
+                f"the startup key {{{sk.guid}}} does not unlock this volume",
+                self.name,
+                "use the .BEK file made for this volume",
+            )
         cands = self._vmks(S.PROT_CLEAR_KEY)
         if not cands:
             raise CredentialError("the volume has no clear key (protection is not suspended)", self.name)
@@ -277,24 +301,35 @@ class FveVolume:
         try:
             plain = K.ccm_unwrap(vmk, e.payload, e.where + " (FVEK)")
         except CredentialError:
-            raise IntegrityError("the FVEK entry does not verify under the VMK", f"{self.name}: {e.where}",
-                                 "the metadata was altered or the VMK is wrong") from None
+            raise IntegrityError(
+                "the FVEK entry does not verify under the VMK",
+                f"{self.name}: {e.where}",
+                "the metadata was altered or the VMK is wrong",
+            ) from None
         _, fvek = K.parse_key_entry(plain, e.where + " (decrypted FVEK)", expect_len=S.FVEK_LENGTH[m.method])
         if m.validation_ccm is not None:
             where = f"{self.name}: FVE metadata validation at {m.offset:#x}"
             try:
                 vplain = K.ccm_unwrap(vmk, m.validation_ccm, where)
             except CredentialError:
-                raise IntegrityError("metadata validation entry does not verify under the VMK", where,
-                                     "the metadata was altered") from None
+                raise IntegrityError(
+                    "metadata validation entry does not verify under the VMK", where, "the metadata was altered"
+                ) from None
             _, digest = K.parse_key_entry(vplain, where, expect_len=32)
             if digest != m.sha256():
-                raise IntegrityError("metadata SHA-256 does not match its validation entry", where,
-                                     "the metadata was altered")
+                raise IntegrityError(
+                    "metadata SHA-256 does not match its validation entry", where, "the metadata was altered"
+                )
         return fvek
 
-    def unlock(self, recovery_password: str | None = None, password: str | None = None,
-               bek: bytes | None = None, vmk: bytes | None = None, clear: bool = False) -> DecryptedVolume:
+    def unlock(
+        self,
+        recovery_password: str | None = None,
+        password: str | None = None,
+        bek: bytes | None = None,
+        vmk: bytes | None = None,
+        clear: bool = False,
+    ) -> DecryptedVolume:
         """Unlock with one credential; return the read-only decrypted view."""
         key = self.recover_vmk(recovery_password, password, bek, vmk, clear)
         try:
@@ -351,11 +386,11 @@ class DecryptedVolume(BlockDevice):
             lo, hi = max(a, zo), min(b, zo + zl)
             if lo < hi:
                 buf = buf if buf is not None else bytearray(data)
-                buf[lo - a:hi - a] = bytes(hi - lo)
+                buf[lo - a : hi - a] = bytes(hi - lo)
         if a < self.header_len:
             hi = min(b, self.header_len)
             buf = buf if buf is not None else bytearray(data)
-            buf[0:hi - a] = self._phys(self.vho_offset + a, self.vho_offset + hi)
+            buf[0 : hi - a] = self._phys(self.vho_offset + a, self.vho_offset + hi)
         return data if buf is None else bytes(buf)
 
     def read_chunk_into(self, offset: int, length: int, out: memoryview) -> None:
@@ -364,9 +399,14 @@ class DecryptedVolume(BlockDevice):
         own structures are read and decrypted in place (no allocation); others use :meth:`read`."""
         ss = self.sector_size
         end = offset + length
-        plain_span = (offset % ss == 0 and length % ss == 0 and offset >= self.header_len
-                      and end <= self.encrypted_size and end <= self.base.size
-                      and not any(zo < end and offset < zo + zl for zo, zl in self._zero))
+        plain_span = (
+            offset % ss == 0
+            and length % ss == 0
+            and offset >= self.header_len
+            and end <= self.encrypted_size
+            and end <= self.base.size
+            and not any(zo < end and offset < zo + zl for zo, zl in self._zero)
+        )
         if not plain_span or len(out) < length + 16:
             out[:length] = self.read(offset, length)
             return
@@ -392,6 +432,7 @@ class DecryptedVolume(BlockDevice):
 
 # ==== encryption ===============================================================================
 
+
 class ProtectorKind(StrEnum):
     """The key protectors :func:`encrypt_volume` can write (values: library spelling; CLI
     spelling with hyphens: :attr:`public`)."""
@@ -410,8 +451,9 @@ class ProtectorKind(StrEnum):
         try:
             return cls(value.replace("-", "_"))
         except ValueError:
-            raise UsageError(f"unknown protector kind {value!r}",
-                             hint="one of " + ", ".join(k.public for k in cls)) from None
+            raise UsageError(
+                f"unknown protector kind {value!r}", hint="one of " + ", ".join(k.public for k in cls)
+            ) from None
 
     @classmethod
     def of_protection(cls, protection: int) -> ProtectorKind | None:
@@ -430,8 +472,10 @@ class ProtectorKind(StrEnum):
 
 
 _PROTECTION_OF_KIND = {
-    ProtectorKind.RECOVERY_PASSWORD: S.Protection.RECOVERY_PASSWORD, ProtectorKind.PASSWORD: S.Protection.PASSWORD,
-    ProtectorKind.STARTUP_KEY: S.Protection.STARTUP_KEY, ProtectorKind.CLEAR: S.Protection.CLEAR_KEY,
+    ProtectorKind.RECOVERY_PASSWORD: S.Protection.RECOVERY_PASSWORD,
+    ProtectorKind.PASSWORD: S.Protection.PASSWORD,
+    ProtectorKind.STARTUP_KEY: S.Protection.STARTUP_KEY,
+    ProtectorKind.CLEAR: S.Protection.CLEAR_KEY,
     ProtectorKind.TPM: S.Protection.TPM,
 }
 _KIND_OF_PROTECTION: dict[int, ProtectorKind] = {v: k for k, v in _PROTECTION_OF_KIND.items()}
@@ -476,8 +520,9 @@ class ProtectorSpec:
         return f"ProtectorSpec(kind={self.kind.value!r})"
 
     def _stretches(self) -> bool:
-        return self.kind is ProtectorKind.RECOVERY_PASSWORD or (self.kind is ProtectorKind.PASSWORD
-                                                                and bool(self.value))
+        return self.kind is ProtectorKind.RECOVERY_PASSWORD or (
+            self.kind is ProtectorKind.PASSWORD and bool(self.value)
+        )
 
     def prepare(self, engine: Engine | None = None) -> ProtectorSpec:
         """Start this protector's key stretch now, on ``engine`` (a forked child: recovery
@@ -550,11 +595,18 @@ class EncryptResult:
         return next((p.bek for p in self.protectors if p.bek is not None), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {"volume_guid": self.volume_guid, "method": self.method, "sector_size": self.sector_size,
-                "volume_size": self.volume_size,
-                "regions": {"metadata_offsets": list(self.regions.metadata_offsets),
-                            "vho_offset": self.regions.vho_offset, "vho_size": self.regions.vho_size},
-                "protectors": [p.to_json() for p in self.protectors]}
+        return {
+            "volume_guid": self.volume_guid,
+            "method": self.method,
+            "sector_size": self.sector_size,
+            "volume_size": self.volume_size,
+            "regions": {
+                "metadata_offsets": list(self.regions.metadata_offsets),
+                "vho_offset": self.regions.vho_offset,
+                "vho_size": self.regions.vho_size,
+            },
+            "protectors": [p.to_json() for p in self.protectors],
+        }
 
 
 def _method_code(method: str | int) -> int:
@@ -586,8 +638,9 @@ def check_regions(regions: FveRegions, volume_size: int, sector_size: int) -> No
 
 
 def _vmk_entry(guid: uuid.UUID, ft: int, protection: int, nested: list[Entry]) -> Entry:
-    fixed = S.build(S.VmkPayload, {"guid": guid.bytes_le, "modified": ft, "unknown": 0, "protection": protection,
-                                "nested": b""})
+    fixed = S.build(
+        S.VmkPayload, {"guid": guid.bytes_le, "modified": ft, "unknown": 0, "protection": protection, "nested": b""}
+    )
     return make_entry(S.ROLE_VMK, S.VT_VMK, fixed, nested)
 
 
@@ -633,8 +686,9 @@ def _build_recovery_password(p: _Protector, k: _Keys) -> _Built:
     copy = _ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_RECOVERY_STRETCH, key16), k.ns, S.ROLE_RECOVERY_KEY_COPY)
     stretch = _stretch_entry(S.KeyType.RECOVERY_STRETCH, p.stretch.salt, [copy])
     nested = [unicode_entry("DiskPassword"), stretch, k.vmk_under(skey)]
-    return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_RECOVERY_PASSWORD,
-                                   recovery_password=K.format_recovery_key(key16))
+    return nested, ProtectorResult(
+        p.spec.kind, str(p.guid), S.PROT_RECOVERY_PASSWORD, recovery_password=K.format_recovery_key(key16)
+    )
 
 
 def _build_password(p: _Protector, k: _Keys) -> _Built:
@@ -647,14 +701,18 @@ def _build_password(p: _Protector, k: _Keys) -> _Built:
 def _build_startup_key(p: _Protector, k: _Keys) -> _Built:
     ext = K.random_key(32)
     fixed = S.build(S.UseKeyPayload, {"key_type": S.KeyType.EXTERNAL, "flags": 0, "nested": b""})
-    use = make_entry(S.ROLE_PROPERTY, S.VT_USE_KEY, fixed, [_ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), k.ns)])
+    use = make_entry(
+        S.ROLE_PROPERTY, S.VT_USE_KEY, fixed, [_ccm_entry(k.vmk, K.key_entry(S.KEYTYPE_EXTERNAL, ext), k.ns)]
+    )
     nested = [unicode_entry("ExternalKey"), use, k.vmk_under(ext)]
     return nested, ProtectorResult(p.spec.kind, str(p.guid), S.PROT_STARTUP_KEY, bek=K.build_bek(p.guid, ext, k.ft))
 
 
 def _build_clear(p: _Protector, k: _Keys) -> _Built:
     ck = K.random_key(32)
-    keyent = Entry(S.ROLE_PROPERTY, S.VT_KEY, S.build(S.KeyPayload, {"key_type": S.KeyType.CLEAR, "flags": 0, "key": ck}))
+    keyent = Entry(
+        S.ROLE_PROPERTY, S.VT_KEY, S.build(S.KeyPayload, {"key_type": S.KeyType.CLEAR, "flags": 0, "key": ck})
+    )
     return [keyent, k.vmk_under(ck)], ProtectorResult(p.spec.kind, str(p.guid), S.PROT_CLEAR_KEY)
 
 
@@ -734,13 +792,15 @@ class EncryptionPlan:
         for ro, data in self.overlays:
             lo, hi = max(offset, ro), min(offset + n, ro + len(data))
             if lo < hi:
-                out[lo - offset:hi - offset] = data[lo - ro:hi - ro]
+                out[lo - offset : hi - offset] = data[lo - ro : hi - ro]
         return out
 
     def overlay_spans(self) -> list[tuple[int, int]]:
         """(offset, length) of the boot sector area, the metadata blocks and the relocated header."""
         r = self.regions
-        return [(0, r.vho_size)] + [(o, S.METADATA_REGION_SIZE) for o in r.metadata_offsets] + [(r.vho_offset, r.vho_size)]
+        return (
+            [(0, r.vho_size)] + [(o, S.METADATA_REGION_SIZE) for o in r.metadata_offsets] + [(r.vho_offset, r.vho_size)]
+        )
 
     def overlaps_overlay(self, offset: int, length: int) -> bool:
         """True when the span touches the boot sector, a metadata block or the relocated header."""
@@ -760,22 +820,33 @@ class EncryptionPlan:
     def _finish(self, d: _Deferred) -> None:
         ss, r = self.sector_size, self.regions
         keys = _Keys(self._vmk, d.ns, d.created)
-        entries: list[Entry] = [unicode_entry(d.description or f"templatetool {K.filetime_to_iso(d.created)}",
-                                              S.ROLE_DESCRIPTION)]
+        entries: list[Entry] = [
+            unicode_entry(d.description or f"templatetool {K.filetime_to_iso(d.created)}", S.ROLE_DESCRIPTION)
+        ]
         results: list[ProtectorResult] = []
         for p in d.protectors:
             nested, res = _BUILDERS[p.spec.kind](p, keys)
             entries.append(_vmk_entry(p.guid, d.created, p.spec.kind.protection, nested))
             results.append(res)
         entries.append(_ccm_entry(self._vmk, K.key_entry(self.method, d.fvek), d.ns, S.ROLE_FVEK))
-        entries.append(Entry(S.ROLE_VOLUME_HEADER_BLOCK, S.VT_OFFSET_SIZE,
-                             S.build(S.OffsetSizePayload, {"offset": r.vho_offset, "size": r.vho_size, "extra": b""})))
+        entries.append(
+            Entry(
+                S.ROLE_VOLUME_HEADER_BLOCK,
+                S.VT_OFFSET_SIZE,
+                S.build(S.OffsetSizePayload, {"offset": r.vho_offset, "size": r.vho_size, "extra": b""}),
+            )
+        )
         self.result.protectors = results
         self._state = _MetaState(d.ns, r.vho_size // ss, d.guid, d.created, entries)
         block = self.metadata_block()
-        boot = build_boot_sector(ss, r.metadata_offsets, hidden_sectors=d.hidden_sectors,
-                                 sectors_per_cluster=d.sectors_per_cluster, total_sectors=d.total_sectors,
-                                 layout=d.layout).ljust(r.vho_size, b"\0")
+        boot = build_boot_sector(
+            ss,
+            r.metadata_offsets,
+            hidden_sectors=d.hidden_sectors,
+            sectors_per_cluster=d.sectors_per_cluster,
+            total_sectors=d.total_sectors,
+            layout=d.layout,
+        ).ljust(r.vho_size, b"\0")
         vho_ct = self.cipher.encrypt(d.src.read(0, r.vho_size), r.vho_offset // ss)
         self.overlays = [(0, boot)] + [(o, block) for o in r.metadata_offsets] + [(r.vho_offset, vho_ct)]
 
@@ -791,12 +862,18 @@ class EncryptionPlan:
             raise UsageError("the plan is not finalized yet")
         m = self._state
         vt, vc = m.ns.next()
-        covered = build_metadata_block(encrypted_size=self.volume_size if encrypted_size is None else encrypted_size,
-                                       virtualized_sectors=m.virtualized_sectors,
-                                       metadata_offsets=self.regions.metadata_offsets,
-                                       vho_offset=self.regions.vho_offset, volume_guid=m.volume_guid,
-                                       nonce_counter=m.ns.counter, method=self.method, created=m.created,
-                                       entries=m.entries, state=S.STATE_ENCRYPTED if state is None else state)
+        covered = build_metadata_block(
+            encrypted_size=self.volume_size if encrypted_size is None else encrypted_size,
+            virtualized_sectors=m.virtualized_sectors,
+            metadata_offsets=self.regions.metadata_offsets,
+            vho_offset=self.regions.vho_offset,
+            volume_guid=m.volume_guid,
+            nonce_counter=m.ns.counter,
+            method=self.method,
+            created=m.created,
+            entries=m.entries,
+            state=S.STATE_ENCRYPTED if state is None else state,
+        )
         vccm = K.ccm_wrap(self._vmk, K.key_entry(S.KEYTYPE_VALIDATION_HASH, hashlib.sha256(covered).digest()), vt, vc)
         return finish_metadata_block(covered, vccm).ljust(S.METADATA_REGION_SIZE, b"\0")
 
@@ -813,10 +890,18 @@ def _check_protectors(protectors: list[ProtectorSpec]) -> None:
             raise UsageError("a TPM protector needs a seal function")
 
 
-def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", protectors: list[ProtectorSpec],
-                    regions: FveRegions, sector_size: int | None = None,
-                    description: str | None = None, defer: bool = False,
-                    layout: str = S.LAYOUT_STANDARD, engine: Engine | None = None) -> EncryptionPlan:
+def plan_encryption(
+    src: BlockDevice,
+    *,
+    method: str | int = "xts-aes-128",
+    protectors: list[ProtectorSpec],
+    regions: FveRegions,
+    sector_size: int | None = None,
+    description: str | None = None,
+    defer: bool = False,
+    layout: str = S.LAYOUT_STANDARD,
+    engine: Engine | None = None,
+) -> EncryptionPlan:
     """Decide keys, protectors and metadata for encrypting the plaintext volume ``src``.
 
     Fresh FVEK, VMK, salts, GUIDs and nonces on every call. Nothing is written. With ``defer``
@@ -855,20 +940,36 @@ def plan_encryption(src: BlockDevice, *, method: str | int = "xts-aes-128", prot
         stretch = (spec._pre or spec._start_stretch(eng, defer)) if spec._stretches() else None
         chosen.append(_Protector(spec, uuid.uuid4(), stretch))
     deferred = _Deferred(
-        src, chosen, fvek, vol_guid, ns, ns.time, description,
+        src,
+        chosen,
+        fvek,
+        vol_guid,
+        ns,
+        ns.time,
+        description,
         hidden_sectors=struct.unpack_from("<I", head, 0x1C)[0] if is_ntfs else 0,
         sectors_per_cluster=head[0x0D] if is_ntfs and head[0x0D] else 8,
-        total_sectors=0 if is_ntfs and layout == S.LAYOUT_STANDARD else vsize // ss, layout=layout)
+        total_sectors=0 if is_ntfs and layout == S.LAYOUT_STANDARD else vsize // ss,
+        layout=layout,
+    )
     result = EncryptResult(str(vol_guid), S.METHOD_NAMES[code], ss, vsize, regions, [])
-    plan = EncryptionPlan(code, ss, vsize, regions, make_cipher(code, fvek, ss), result, [], vmk,
-                          _deferred=deferred)
+    plan = EncryptionPlan(code, ss, vsize, regions, make_cipher(code, fvek, ss), result, [], vmk, _deferred=deferred)
     return plan if defer else plan.finalize()
 
 
-def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "xts-aes-128",
-                   protectors: list[ProtectorSpec], regions: FveRegions, sector_size: int | None = None,
-                   description: str | None = None, taps: PassTaps | None = None, engine: Engine | None = None,
-                   layout: str = S.LAYOUT_STANDARD) -> EncryptResult:
+def encrypt_volume(
+    src: BlockDevice,
+    dst: BlockDevice,
+    *,
+    method: str | int = "xts-aes-128",
+    protectors: list[ProtectorSpec],
+    regions: FveRegions,
+    sector_size: int | None = None,
+    description: str | None = None,
+    taps: PassTaps | None = None,
+    engine: Engine | None = None,
+    layout: str = S.LAYOUT_STANDARD,
+) -> EncryptResult:
     """Encrypt the plaintext volume ``src`` into ``dst`` (same size or larger) in BitLocker format.
 
     ``regions`` must already be reserved (zero, unused by the filesystem): see
@@ -891,8 +992,17 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     """
     eng = engine or default_engine()
     t = taps or PassTaps()
-    plan = plan_encryption(src, method=method, protectors=protectors, regions=regions, sector_size=sector_size,
-                           description=description, defer=True, layout=layout, engine=eng)
+    plan = plan_encryption(
+        src,
+        method=method,
+        protectors=protectors,
+        regions=regions,
+        sector_size=sector_size,
+        description=description,
+        defer=True,
+        layout=layout,
+        engine=eng,
+    )
     try:
         vsize = plan.volume_size
         ss = plan.sector_size
@@ -913,7 +1023,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
             payload = worker_tap(off, data) if worker_tap is not None else b""
             cipher.encrypt_into(data, off // ss, out)
             if tap is not None:  # the plaintext travels back after the ciphertext (+ room)
-                out[n + 16:2 * n + 16] = data
+                out[n + 16 : 2 * n + 16] = data
             return payload
 
         slot = 2 * CHUNK + 16 if tap is not None else CHUNK
@@ -927,7 +1037,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
                     continue
                 assert payload is not None
                 if tap is not None:
-                    tap(off, out[n + 16:2 * n + 16])
+                    tap(off, out[n + 16 : 2 * n + 16])
                 if on_tap is not None:
                     on_tap(off, n, payload)
                 if off // CHUNK in special:
@@ -940,7 +1050,7 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
             for ro, d in plan.overlays:
                 lo, hi = max(off, ro), min(off + len(ct), ro + len(d))
                 if lo < hi:
-                    ct[lo - off:hi - off] = d[lo - ro:hi - ro]
+                    ct[lo - off : hi - off] = d[lo - ro : hi - ro]
             dst.write(off, ct)
         dst.flush()
     except BaseException:
@@ -949,8 +1059,14 @@ def encrypt_volume(src: BlockDevice, dst: BlockDevice, *, method: str | int = "x
     return plan.result
 
 
-def decrypt_volume(plain: BlockDevice, dst: BlockDevice, *, skip: SkipFn | None = None,
-                   engine: Engine | None = None, on_skip: SpanFn | None = None) -> int:
+def decrypt_volume(
+    plain: BlockDevice,
+    dst: BlockDevice,
+    *,
+    skip: SkipFn | None = None,
+    engine: Engine | None = None,
+    on_skip: SpanFn | None = None,
+) -> int:
     """Stream the plaintext view ``plain`` (see :meth:`FveVolume.unlock`) into ``dst``.
 
     Chunks are read and decrypted by the ``engine``'s forked workers and written here, in order.
@@ -996,8 +1112,9 @@ def summary(view: BlockDevice) -> dict[str, Any] | None:
         return {"status": "unreadable", "error": str(e)}
 
 
-def plan_from_metadata(meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: int, sector_size: int,
-                       vho_size: int) -> EncryptionPlan:
+def plan_from_metadata(
+    meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: int, sector_size: int, vho_size: int
+) -> EncryptionPlan:
     """Rebuild an :class:`EncryptionPlan` from an existing volume's metadata and its VMK/FVEK.
 
     Used to resume an in-place conversion: the keys, protectors, volume GUID and creation time
@@ -1011,11 +1128,14 @@ def plan_from_metadata(meta: Metadata, vmk: bytes, fvek: bytes, *, volume_size: 
     prots = []
     for e in meta.entries_of(S.ROLE_VMK, S.VT_VMK):
         p = S.VmkPayload.parse(e.payload)
-        kind: ProtectorKind | str = (ProtectorKind.of_protection(p.protection)
-                                     or S.PROTECTION_NAMES.get(p.protection, "unknown"))
+        kind: ProtectorKind | str = ProtectorKind.of_protection(p.protection) or S.PROTECTION_NAMES.get(
+            p.protection, "unknown"
+        )
         prots.append(ProtectorResult(kind, str(uuid.UUID(bytes_le=p.guid)), p.protection))
     result = EncryptResult(str(meta.volume_guid), S.METHOD_NAMES[code], sector_size, volume_size, regions, prots)
-    state = _MetaState(K.NonceSource(meta.nonce_counter + 1), meta.virtualized_sectors, meta.volume_guid,
-                       meta.created, entries)
-    return EncryptionPlan(code, sector_size, volume_size, regions, make_cipher(code, fvek, sector_size), result, [],
-                          vmk, _state=state)
+    state = _MetaState(
+        K.NonceSource(meta.nonce_counter + 1), meta.virtualized_sectors, meta.volume_guid, meta.created, entries
+    )
+    return EncryptionPlan(
+        code, sector_size, volume_size, regions, make_cipher(code, fvek, sector_size), result, [], vmk, _state=state
+    )

@@ -52,11 +52,22 @@ __all__ = [
 ]
 
 _LAZY = {
-    "CatalogDocument": "document", "VolumeInfo": "document", "parse_version": "document",
-    "Measurer": "measure", "measure_volume": "measure", "Measurement": "measure",
-    "FreeMap": "ntfs", "ntfs_free_map": "ntfs", "files_in_ranges": "ntfs",
-    "VscInfo": "vsc", "open_vsc": "vsc", "read_vsc_bytes": "vsc", "sign_catalog": "vsc",
-    "verify_template": "vsc", "compare_volume": "vsc", "VerifyReport": "vsc",
+    "CatalogDocument": "document",
+    "VolumeInfo": "document",
+    "parse_version": "document",
+    "Measurer": "measure",
+    "measure_volume": "measure",
+    "Measurement": "measure",
+    "FreeMap": "ntfs",
+    "ntfs_free_map": "ntfs",
+    "files_in_ranges": "ntfs",
+    "VscInfo": "vsc",
+    "open_vsc": "vsc",
+    "read_vsc_bytes": "vsc",
+    "sign_catalog": "vsc",
+    "verify_template": "vsc",
+    "compare_volume": "vsc",
+    "VerifyReport": "vsc",
     "VolumeIdQualifier": "qualifier",
 }
 

@@ -75,10 +75,21 @@ class VolumeInfo:
     def to_json(self) -> dict[str, Any]:
         part = None
         if self.partition_index is not None:
-            part = {"index": self.partition_index, "offset": self.partition_offset,
-                    "guid": self.partition_guid, "type_guid": self.partition_type, "name": self.partition_name}
-        return {"size": self.size, "sector_size": self.sector_size, "filesystem": self.filesystem,
-                "cluster_size": self.cluster_size, "partition": part, "disk_guid": self.disk_guid}
+            part = {
+                "index": self.partition_index,
+                "offset": self.partition_offset,
+                "guid": self.partition_guid,
+                "type_guid": self.partition_type,
+                "name": self.partition_name,
+            }
+        return {
+            "size": self.size,
+            "sector_size": self.sector_size,
+            "filesystem": self.filesystem,
+            "cluster_size": self.cluster_size,
+            "partition": part,
+            "disk_guid": self.disk_guid,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VolumeInfo:
@@ -86,11 +97,18 @@ class VolumeInfo:
         _expect(d, {"size": int, "sector_size": int}, "volume")
         if p is not None:
             _expect(p, {"index": int, "offset": int}, "volume.partition")
-        return cls(size=d["size"], sector_size=d["sector_size"], filesystem=d.get("filesystem"),
-                   cluster_size=d.get("cluster_size"),
-                   partition_index=p["index"] if p else None, partition_offset=p["offset"] if p else None,
-                   partition_guid=p.get("guid") if p else None, partition_type=p.get("type_guid") if p else None,
-                   partition_name=p.get("name", "") if p else "", disk_guid=d.get("disk_guid"))
+        return cls(
+            size=d["size"],
+            sector_size=d["sector_size"],
+            filesystem=d.get("filesystem"),
+            cluster_size=d.get("cluster_size"),
+            partition_index=p["index"] if p else None,
+            partition_offset=p["offset"] if p else None,
+            partition_guid=p.get("guid") if p else None,
+            partition_type=p.get("type_guid") if p else None,
+            partition_name=p.get("name", "") if p else "",
+            disk_guid=d.get("disk_guid"),
+        )
 
 
 def _expect(d: object, fields: dict[str, type], where: str) -> None:
@@ -123,10 +141,19 @@ class CatalogDocument:
     format_version: int = VSC_FORMAT_VERSION
 
     @classmethod
-    def build(cls, name: str, version: str | tuple[int, int, int, int], volume: VolumeInfo,
-              block_size: int, leaves: list[bytes], root: bytes, free_space: str,
-              reserved: list[dict[str, Any]] | None = None, created: _dt.datetime | None = None,
-              max_detail_nodes: int = MAX_DETAIL_NODES) -> CatalogDocument:
+    def build(
+        cls,
+        name: str,
+        version: str | tuple[int, int, int, int],
+        volume: VolumeInfo,
+        block_size: int,
+        leaves: list[bytes],
+        root: bytes,
+        free_space: str,
+        reserved: list[dict[str, Any]] | None = None,
+        created: _dt.datetime | None = None,
+        max_detail_nodes: int = MAX_DETAIL_NODES,
+    ) -> CatalogDocument:
         """Make a document from a measurement (stores the finest level that fits)."""
         from .merkle import detail_level_for
 
@@ -135,10 +162,19 @@ class CatalogDocument:
         ver = as_version(version)
         k = detail_level_for(len(leaves), max_detail_nodes)
         when = (created or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
-        return cls(name=name, version=ver, volume=volume, block_size=block_size,
-                   block_count=len(leaves), free_space=free_space, root=root, detail_level=k,
-                   detail=level(leaves, k), created=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                   reserved=list(reserved or []))
+        return cls(
+            name=name,
+            version=ver,
+            volume=volume,
+            block_size=block_size,
+            block_count=len(leaves),
+            free_space=free_space,
+            root=root,
+            detail_level=k,
+            detail=level(leaves, k),
+            created=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            reserved=list(reserved or []),
+        )
 
     @property
     def version_str(self) -> str:
@@ -186,19 +222,45 @@ class CatalogDocument:
             raise FormatError("not a templatetool volume signature catalog document")
         fv = obj.get("format_version")
         if fv != VSC_FORMAT_VERSION:
-            raise UnsupportedError(f"catalog format version {fv} is not supported",
-                                   hint=f"this templatetool reads version {VSC_FORMAT_VERSION}")
+            raise UnsupportedError(
+                f"catalog format version {fv} is not supported",
+                hint=f"this templatetool reads version {VSC_FORMAT_VERSION}",
+            )
         if canonical_json(obj) != data:
             raise FormatError("the catalog document is not in canonical form")
-        _expect(obj, {"name": str, "version": str, "created": str, "volume": dict, "measurement": dict,
-                      "tool": dict, "reserved": list}, "catalog")
+        _expect(
+            obj,
+            {
+                "name": str,
+                "version": str,
+                "created": str,
+                "volume": dict,
+                "measurement": dict,
+                "tool": dict,
+                "reserved": list,
+            },
+            "catalog",
+        )
         m = obj["measurement"]
-        _expect(m, {"hash": str, "tree": str, "block_size": int, "block_count": int, "free_space": str,
-                    "root": str, "detail_level": int, "detail": str}, "measurement")
+        _expect(
+            m,
+            {
+                "hash": str,
+                "tree": str,
+                "block_size": int,
+                "block_count": int,
+                "free_space": str,
+                "root": str,
+                "detail_level": int,
+                "detail": str,
+            },
+            "measurement",
+        )
         unknown = set(m) - {"hash", "tree", "block_size", "block_count", "free_space", "root", "detail_level", "detail"}
         if unknown:
-            raise UnsupportedError(f"unknown measurement fields {sorted(unknown)}",
-                                   hint="a newer templatetool wrote this catalog")
+            raise UnsupportedError(
+                f"unknown measurement fields {sorted(unknown)}", hint="a newer templatetool wrote this catalog"
+            )
         if m["hash"] != "sha256" or m["tree"] != TREE_ID:
             raise UnsupportedError(f"measurement {m['hash']}/{m['tree']} is not supported")
         try:
@@ -219,13 +281,26 @@ class CatalogDocument:
             want = (want + 1) // 2
         if len(root) != HASH_SIZE or len(raw) != want * HASH_SIZE:
             raise FormatError("the catalog's detail hashes do not match its block count")
-        detail = [raw[i:i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
+        detail = [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
         if root_from(detail) != root:
             raise FormatError("the catalog's detail hashes do not add up to its root")
-        return cls(name=obj["name"], version=version, volume=vol, block_size=bs, block_count=bc,
-                   free_space=m["free_space"], root=root, detail_level=k, detail=detail,
-                   created=obj["created"], tool_version=str(obj["tool"].get("version", "")),
-                   reserved=obj["reserved"], hash_name=m["hash"], tree=m["tree"], format_version=fv)
+        return cls(
+            name=obj["name"],
+            version=version,
+            volume=vol,
+            block_size=bs,
+            block_count=bc,
+            free_space=m["free_space"],
+            root=root,
+            detail_level=k,
+            detail=detail,
+            created=obj["created"],
+            tool_version=str(obj["tool"].get("version", "")),
+            reserved=obj["reserved"],
+            hash_name=m["hash"],
+            tree=m["tree"],
+            format_version=fv,
+        )
 
 
 def uuid_str(u: uuid.UUID | None) -> str | None:

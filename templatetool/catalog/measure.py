@@ -62,9 +62,13 @@ class Measurement:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "volume_size": self.volume_size, "block_size": self.block_size,
-            "block_count": self.block_count, "root": self.root.hex(), "free_space": self.free_space,
-            "cluster_size": self.cluster_size, "bytes_read": self.bytes_read,
+            "volume_size": self.volume_size,
+            "block_size": self.block_size,
+            "block_count": self.block_count,
+            "root": self.root.hex(),
+            "free_space": self.free_space,
+            "cluster_size": self.cluster_size,
+            "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 3),
         }
 
@@ -77,8 +81,13 @@ class Measurer:
     ``finish()`` returns ``(root, leaves)`` once exactly ``volume_size`` bytes were fed.
     """
 
-    def __init__(self, volume_size: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 free_map: FreeMap | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        volume_size: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        free_map: FreeMap | None = None,
+        workers: int | None = None,
+    ) -> None:
         if block_size <= 0 or block_size % 512:
             raise UsageError(f"block size {block_size} must be a positive multiple of 512")
         if volume_size <= 0:
@@ -125,7 +134,7 @@ class Measurer:
         view = arr[: full * cs].reshape(full, cs)
         view[~used[:full]] = 0
         if covered % cs and not used[full]:
-            arr[full * cs: covered] = 0
+            arr[full * cs : covered] = 0
         return arr.data
 
     def _hash_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
@@ -169,7 +178,7 @@ class Measurer:
             take = min(need, n)
             self._buf += mv[:take]
             pos = take
-            idx = (self._pos // bs)
+            idx = self._pos // bs
             if len(self._buf) == self._block_len(idx):
                 self._submit(idx, bytes(self._buf))
                 self._buf = bytearray()
@@ -180,7 +189,7 @@ class Measurer:
             if n - pos >= blen:
                 # Immutable bytes can be shared with the hashing thread; anything else is copied
                 # because the caller may reuse its buffer.
-                self._submit(idx, mv[pos:pos + blen] if isinstance(data, bytes) else bytes(mv[pos:pos + blen]))
+                self._submit(idx, mv[pos : pos + blen] if isinstance(data, bytes) else bytes(mv[pos : pos + blen]))
                 pos += blen
                 cur += blen
             else:
@@ -201,7 +210,7 @@ class Measurer:
         futs = []
         for pos in range(0, n, bs):
             idx = (offset + pos) // bs
-            futs.append(self._pool.submit(self._hash_block, idx, data[pos:pos + self._block_len(idx)]))
+            futs.append(self._pool.submit(self._hash_block, idx, data[pos : pos + self._block_len(idx)]))
         self._pos += n
         return futs
 
@@ -220,7 +229,7 @@ class Measurer:
             blen = self._block_len(idx)
             if len(mv) - pos < blen:
                 raise UsageError("block_digests needs whole blocks (or the volume's last block)")
-            out.append(leaf_hash(self._mask(idx, mv[pos:pos + blen])))
+            out.append(leaf_hash(self._mask(idx, mv[pos : pos + blen])))
         return b"".join(out)
 
     def accept_digests(self, offset: int, length: int, digests: bytes) -> None:
@@ -233,7 +242,7 @@ class Measurer:
             raise UsageError("digest count does not match the span")
         first = offset // bs
         for i in range(count):
-            self._leaves[first + i] = digests[32 * i:32 * i + 32]
+            self._leaves[first + i] = digests[32 * i : 32 * i + 32]
         self._pos += length
 
     def worker_taps(self, skip: SkipFn | None = None) -> PassTaps:
@@ -256,7 +265,7 @@ class Measurer:
             if first + count == self.block_count and self._block_len(first + count - 1) != bs:
                 count -= 1  # the short last block goes through the general path
             z = self._zero(bs)
-            self._leaves[first:first + count] = [z] * count
+            self._leaves[first : first + count] = [z] * count
             self._pos += count * bs
         while self._pos < end:
             idx = self._pos // bs
@@ -339,10 +348,16 @@ def free_map_for(view: BlockDevice, filesystem: str | None = None) -> tuple[Free
     return None, FREE_NONE
 
 
-def measure_volume(view: BlockDevice, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                   free_space: str | None = None, free_map: FreeMap | None = None,
-                   workers: int | None = None, read_size: int = 8 << 20,
-                   desc: str = "measuring") -> Measurement:
+def measure_volume(
+    view: BlockDevice,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    free_space: str | None = None,
+    free_map: FreeMap | None = None,
+    workers: int | None = None,
+    read_size: int = 8 << 20,
+    desc: str = "measuring",
+) -> Measurement:
     """Measure ``view`` in one pass (only blocks with used clusters are read).
 
     ``free_space``: None = by filesystem (NTFS → $Bitmap), ``'none'`` = every byte,
@@ -404,5 +419,13 @@ def measure_volume(view: BlockDevice, block_size: int = DEFAULT_BLOCK_SIZE, *,
     except BaseException:
         m.close()
         raise
-    return Measurement(view.size, block_size, root, leaves, mode,
-                       free_map.cluster_size if free_map else None, read, time.perf_counter() - t0)
+    return Measurement(
+        view.size,
+        block_size,
+        root,
+        leaves,
+        mode,
+        free_map.cluster_size if free_map else None,
+        read,
+        time.perf_counter() - t0,
+    )

@@ -59,8 +59,8 @@ class FreeMap:
             return None
         last = min(self.cluster_count, (offset + length + cs - 1) // cs)
         b0 = first // 8
-        bits = np.unpackbits(self.packed[b0:(last + 7) // 8], bitorder="little")
-        return bits[first - 8 * b0:last - 8 * b0].astype(bool)
+        bits = np.unpackbits(self.packed[b0 : (last + 7) // 8], bitorder="little")
+        return bits[first - 8 * b0 : last - 8 * b0].astype(bool)
 
     def any_used_per(self, clusters: int, n: int) -> np.ndarray | None:
         """For each of the first ``n`` runs of ``clusters`` clusters (a multiple of 8): whether
@@ -70,7 +70,7 @@ class FreeMap:
         per = clusters // 8
         inside = min(n, self.cluster_count // clusters)
         out = np.ones(n, dtype=bool)
-        out[:inside] = self.packed[:inside * per].reshape(inside, per).any(axis=1)
+        out[:inside] = self.packed[: inside * per].reshape(inside, per).any(axis=1)
         return out
 
 
@@ -81,8 +81,11 @@ def _open_ntfs(view: BlockDevice) -> Any:  # a dissect.ntfs NTFS (dissect.ntfs i
 
     fs = sniff_filesystem(view)
     if fs == FS_BITLOCKER:
-        raise FormatError("the volume is BitLocker-encrypted, not plain NTFS (a shielded VM disk?)", view.name,
-                          "use the protected template (or decrypt the disk first)")
+        raise FormatError(
+            "the volume is BitLocker-encrypted, not plain NTFS (a shielded VM disk?)",
+            view.name,
+            "use the protected template (or decrypt the disk first)",
+        )
     try:
         return NTFS(DeviceIO(view))
     except Exception as e:
@@ -102,8 +105,9 @@ def ntfs_free_map(view: BlockDevice) -> FreeMap:
     except Exception as e:
         raise FormatError(f"cannot read the NTFS $Bitmap: {e}", view.name) from None
     if len(raw) * 8 < clusters:
-        raise FormatError("the NTFS $Bitmap is shorter than the volume", view.name,
-                          "run chkdsk (or ntfsfix) on the volume")
+        raise FormatError(
+            "the NTFS $Bitmap is shorter than the volume", view.name, "run chkdsk (or ntfsfix) on the volume"
+        )
     if clusters * cs > view.size:
         raise FormatError("the NTFS volume is larger than its partition", view.name)
     fm = FreeMap.from_packed(cs, raw, clusters)
@@ -113,8 +117,11 @@ def ntfs_free_map(view: BlockDevice) -> FreeMap:
     for what, lcn in (("boot sector", 0), ("$MFT", mft)):
         flags = fm.used_in(lcn * cs, cs)
         if flags is None or not flags.any():
-            raise FormatError(f"the NTFS $Bitmap marks the {what} (cluster {lcn}) free", view.name,
-                              "run chkdsk (or ntfsfix) on the volume")
+            raise FormatError(
+                f"the NTFS $Bitmap marks the {what} (cluster {lcn}) free",
+                view.name,
+                "run chkdsk (or ntfsfix) on the volume",
+            )
     return fm
 
 
@@ -143,7 +150,10 @@ def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit:
         try:
             if not (rec.header.Flags & 0x0001):  # FILE_RECORD_SEGMENT_IN_USE
                 continue
-            if rec.header.BaseFileRecordSegment.SegmentNumberLowPart or rec.header.BaseFileRecordSegment.SegmentNumberHighPart:
+            if (
+                rec.header.BaseFileRecordSegment.SegmentNumberLowPart
+                or rec.header.BaseFileRecordSegment.SegmentNumberHighPart
+            ):
                 continue  # extension record: its attributes are listed under the base record
             attrs = rec.attributes
         except Exception:
@@ -170,9 +180,16 @@ def files_in_ranges(view: BlockDevice, ranges: Iterable[tuple[int, int]], limit:
                     if key in seen:
                         break
                     seen.add(key)
-                    out.append({"path": path.replace("\\", "/"), "record": rec.segment,
-                                "attribute": attr.header.type.name, "name": attr.name or "",
-                                "offset": h[0], "length": h[1] - h[0]})
+                    out.append(
+                        {
+                            "path": path.replace("\\", "/"),
+                            "record": rec.segment,
+                            "attribute": attr.header.type.name,
+                            "name": attr.name or "",
+                            "offset": h[0],
+                            "length": h[1] - h[0],
+                        }
+                    )
                     if len(out) >= limit:
                         return out
                     break

@@ -25,6 +25,7 @@ class CatalogIdentity(Protocol):
     @property
     def version(self) -> str | Sequence[int]: ...
 
+
 RULES = {"eq": "Equals", "ge": "GreaterThanOrEquals", "gt": "GreaterThan"}
 _ALIASES = {"equals": "eq", "greaterthanorequals": "ge", "greaterthan": "gt", "==": "eq", ">=": "ge", ">": "gt"}
 
@@ -79,13 +80,18 @@ class VolumeIdQualifier:
         return True, f"{name} {format_version(ver)} signed by {thumb} ({rel} {format_version(self.version)})"
 
     def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "signer_thumbprint": self.signer_thumbprint,
-                "version": format_version(self.version), "rule": self.rule}
+        return {
+            "name": self.name,
+            "signer_thumbprint": self.signer_thumbprint,
+            "version": format_version(self.version),
+            "rule": self.rule,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VolumeIdQualifier:
         try:
-            return cls(str(d["name"]), str(d["signer_thumbprint"]), parse_version(str(d["version"])),
-                       str(d.get("rule", "eq")))
+            return cls(
+                str(d["name"]), str(d["signer_thumbprint"]), parse_version(str(d["version"])), str(d.get("rule", "eq"))
+            )
         except (KeyError, TypeError, UsageError) as e:
             raise FormatError(f"bad volume ID qualifier: {e}") from None

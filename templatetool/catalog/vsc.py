@@ -54,8 +54,7 @@ def sign_catalog(doc: CatalogDocument, signer: Signer, *, pss: bool = False) -> 
     return sign_data(doc.to_bytes(), signer, pss=pss)
 
 
-def open_vsc(der: bytes, *, trust: list[x509.Certificate] | None = None,
-             at: _dt.datetime | None = None) -> VscInfo:
+def open_vsc(der: bytes, *, trust: list[x509.Certificate] | None = None, at: _dt.datetime | None = None) -> VscInfo:
     """Verify a signed catalog's signature (and trust) and parse its document."""
     info = verify_signed_data(der, trust=trust, at=at)
     return VscInfo(CatalogDocument.from_bytes(info.content), info, bytes(der))
@@ -92,8 +91,11 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
             if size >= 1 << 20 and _looks_like_disk(p):
                 e = _not_protected(p, f"no volume signature catalog: {os.path.basename(sidecar)} is absent")
                 raise FormatError(e.what, e.where, e.hint)  # exit 3, as before: not a catalog
-            raise FormatError("not a .vsc file (DER CMS) nor a template disk with a catalog", p,
-                              "give a .vsc file or a protected template disk")
+            raise FormatError(
+                "not a .vsc file (DER CMS) nor a template disk with a catalog",
+                p,
+                "give a .vsc file or a protected template disk",
+            )
         with open(p, "rb") as f:
             return f.read()
     except OSError as e:
@@ -101,8 +103,11 @@ def read_vsc_bytes(path: str | os.PathLike[str]) -> bytes:
 
 
 def _not_protected(path: str, why: str) -> NotFoundError:
-    return NotFoundError(f"{os.path.basename(path)} is not a protected template ({why})", path,
-                         "run `templatetool protect` on it first, or give the protected template disk")
+    return NotFoundError(
+        f"{os.path.basename(path)} is not a protected template ({why})",
+        path,
+        "run `templatetool protect` on it first, or give the protected template disk",
+    )
 
 
 def _looks_like_disk(path: str) -> bool:
@@ -145,8 +150,9 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def compare_volume(view: BlockDevice, doc: CatalogDocument, *, name_files: bool = True,
-                   workers: int | None = None) -> tuple[str, list[dict[str, int]], list[dict[str, object]]]:
+def compare_volume(
+    view: BlockDevice, doc: CatalogDocument, *, name_files: bool = True, workers: int | None = None
+) -> tuple[str, list[dict[str, int]], list[dict[str, object]]]:
     """Measure ``view`` like the catalog says; return (actual root hex, changed ranges, files).
 
     Changed ranges are volume byte ranges at the catalog's detail granularity
@@ -186,17 +192,26 @@ def locate_volume(dev: BlockDevice, doc: CatalogDocument) -> BlockDevice:
         if v.partition_guid and p.guid and str(p.guid) == v.partition_guid:
             break
     else:
-        raise IntegrityError("the catalog's partition is not on this disk", dev.name,
-                             f"expected partition GUID {v.partition_guid}")
+        raise IntegrityError(
+            "the catalog's partition is not on this disk", dev.name, f"expected partition GUID {v.partition_guid}"
+        )
     if p.offset != v.partition_offset or p.size != v.size:
-        raise IntegrityError(f"partition {p.index} geometry differs from the catalog "
-                             f"({p.offset}+{p.size} vs {v.partition_offset}+{v.size})", dev.name)
+        raise IntegrityError(
+            f"partition {p.index} geometry differs from the catalog "
+            f"({p.offset}+{p.size} vs {v.partition_offset}+{v.size})",
+            dev.name,
+        )
     return p.view(dev)
 
 
-def verify_template(path: str | os.PathLike[str], *, vsc: bytes | None = None,
-                    trust: list[x509.Certificate] | None = None, at: _dt.datetime | None = None,
-                    name_files: bool = True) -> VerifyReport:
+def verify_template(
+    path: str | os.PathLike[str],
+    *,
+    vsc: bytes | None = None,
+    trust: list[x509.Certificate] | None = None,
+    at: _dt.datetime | None = None,
+    name_files: bool = True,
+) -> VerifyReport:
     """Verify a template disk: catalog signature and certificate, then catalog ↔ disk content.
 
     Signature/certificate failures raise (IntegrityError / PolicyError); a content mismatch
@@ -210,16 +225,24 @@ def verify_template(path: str | os.PathLike[str], *, vsc: bytes | None = None,
     der = vsc if vsc is not None else read_vsc_bytes(path)
     info = open_vsc(der, trust=trust, at=at)
     doc = info.document
-    rep = VerifyReport(ok=False, name=doc.name, version=doc.version_str,
-                       signer=info.signer_cert.subject.rfc4514_string(),
-                       signer_thumbprint=info.signer_thumbprint, expected_root=doc.root.hex())
+    rep = VerifyReport(
+        ok=False,
+        name=doc.name,
+        version=doc.version_str,
+        signer=info.signer_cert.subject.rfc4514_string(),
+        signer_thumbprint=info.signer_thumbprint,
+        expected_root=doc.root.hex(),
+    )
     dev = open_disk(path)
     try:
         view = locate_volume(dev, doc)
         fs = sniff_filesystem(view)
         if fs == "bitlocker":
-            raise UnsupportedError("the volume is BitLocker-encrypted", str(path),
-                                   "verify the decrypted volume (templatetool unlock) instead")
+            raise UnsupportedError(
+                "the volume is BitLocker-encrypted",
+                str(path),
+                "verify the decrypted volume (templatetool unlock) instead",
+            )
         actual, changed, files = compare_volume(view, doc, name_files=name_files)
     finally:
         dev.close()

@@ -46,21 +46,31 @@ def _read_file(path: str, what: str) -> bytes:
 
 
 def _credential_options(f: Any) -> Any:
-    f = click.option("--startup-key", type=click.Path(dir_okay=False),
-                     help="Resume with this startup key file (.BEK).")(f)
+    f = click.option(
+        "--startup-key", type=click.Path(dir_okay=False), help="Resume with this startup key file (.BEK)."
+    )(f)
     f = click.option("--recovery-password-env", metavar="VAR", help="Resume with the recovery password in $VAR.")(f)
-    f = click.option("--recovery-password-file", type=click.Path(dir_okay=False),
-                     help="Resume with the recovery password in this file.")(f)
+    f = click.option(
+        "--recovery-password-file",
+        type=click.Path(dir_okay=False),
+        help="Resume with the recovery password in this file.",
+    )(f)
     return f
 
 
-def _credential(recovery_password_file: str | None, recovery_password_env: str | None, startup_key: str | None,
-                password_env: str | None) -> dict[str, Any]:
+def _credential(
+    recovery_password_file: str | None,
+    recovery_password_env: str | None,
+    startup_key: str | None,
+    password_env: str | None,
+) -> dict[str, Any]:
     """The one credential given (as keyword arguments for unlocking); {} when none."""
     given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env)]
     if sum(given) > 1:
-        raise UsageError("give only one credential", hint="--recovery-password-file, --recovery-password-env, "
-                         "--startup-key or --password-env")
+        raise UsageError(
+            "give only one credential",
+            hint="--recovery-password-file, --recovery-password-env, --startup-key or --password-env",
+        )
     if recovery_password_file:
         text_ = _read_file(recovery_password_file, "recovery password file").decode("utf-8", "replace").strip()
         if not text_:
@@ -77,8 +87,11 @@ def _credential(recovery_password_file: str | None, recovery_password_env: str |
 
 def _in_place_text(d: dict[str, Any]) -> str:
     verb = "resumed and finished" if d["resumed"] else "encrypted"
-    lines = [f"{verb} {d['method']} volume in place ({human_size(d['volume_size'])}"
-             + (f", partition {d['partition']}" if d.get("partition") else "") + f") in {d['disk']}"]
+    lines = [
+        f"{verb} {d['method']} volume in place ({human_size(d['volume_size'])}"
+        + (f", partition {d['partition']}" if d.get("partition") else "")
+        + f") in {d['disk']}"
+    ]
     if d["resumed"]:
         lines.append(f"  resumed at {human_size(d['started_at'])}")
     for p in d["protectors"]:
@@ -98,15 +111,28 @@ def _in_place_doc(r: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _encrypt_in_place(disk: str, partition: int | None, method: str, specs: list[Any], description: str | None,
-                      recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
-                      password_env: str | None, recovery_password_file: str | None,
-                      recovery_password_env: str | None, startup_key: str | None, as_json: bool) -> None:
+def _encrypt_in_place(
+    disk: str,
+    partition: int | None,
+    method: str,
+    specs: list[Any],
+    description: str | None,
+    recovery_password_out: str | None,
+    show_recovery_password: bool,
+    startup_key_out: str | None,
+    password_env: str | None,
+    recovery_password_file: str | None,
+    recovery_password_env: str | None,
+    startup_key: str | None,
+    as_json: bool,
+) -> None:
     from ..bitlocker import in_place
 
     if not (recovery_password_out or startup_key_out or password_env):
-        raise UsageError("--in-place needs a durable key protector: a crash before the end must not lose the key",
-                         hint="give --recovery-password-out FILE, --startup-key-out FILE.bek or --password-env VAR")
+        raise UsageError(
+            "--in-place needs a durable key protector: a crash before the end must not lose the key",
+            hint="give --recovery-password-out FILE, --startup-key-out FILE.bek or --password-env VAR",
+        )
     cred = _credential(recovery_password_file, recovery_password_env, startup_key, None)
     if not cred:  # re-running the same command: the first run's key files are the credential
         if recovery_password_out and Path(recovery_password_out).is_file():
@@ -128,8 +154,9 @@ def _encrypt_in_place(disk: str, partition: int | None, method: str, specs: list
         if show_recovery_password:
             shown["recovery_password"] = res.recovery_password
 
-    r = in_place(disk, partition, protectors=specs, method=method, description=description, credential=cred,
-                 on_keys=on_keys)
+    r = in_place(
+        disk, partition, protectors=specs, method=method, description=description, credential=cred, on_keys=on_keys
+    )
     doc = _in_place_doc(r)
     doc.update(shown)
     emit(doc, as_json, _in_place_text)
@@ -139,8 +166,11 @@ def _encrypt_outputs(p: dict[str, Any]) -> list[Out]:
     """Re-running `encrypt --in-place` on a disk mid-conversion re-reads the first run's key files."""
     if not (p.get("in_place") and policy.converting(p.get("disk"))):
         return []
-    return [Out(o, p[n], "resume") for o, n in (("--recovery-password-out", "recovery_password_out"),
-                                                ("--startup-key-out", "startup_key_out")) if p.get(n)]
+    return [
+        Out(o, p[n], "resume")
+        for o, n in (("--recovery-password-out", "recovery_password_out"), ("--startup-key-out", "startup_key_out"))
+        if p.get(n)
+    ]
 
 
 def register(cli: click.Group) -> None:
@@ -150,43 +180,70 @@ def register(cli: click.Group) -> None:
     @_credential_options
     @click.option("--password-env", metavar="VAR", help="Resume with the password in $VAR.")
     @json_option
-    def resume(disk: str, partition: int | None, recovery_password_file: str | None,
-               recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
-               as_json: bool) -> None:
+    def resume(
+        disk: str,
+        partition: int | None,
+        recovery_password_file: str | None,
+        recovery_password_env: str | None,
+        startup_key: str | None,
+        password_env: str | None,
+        as_json: bool,
+    ) -> None:
         """Finish an interrupted `encrypt --in-place` of DISK (needs one credential of the volume)."""
         from ..bitlocker import in_place
 
         cred = _credential(recovery_password_file, recovery_password_env, startup_key, password_env)
         if not cred:
-            raise UsageError("resume needs the volume's credential",
-                             hint="--recovery-password-file, --recovery-password-env, --startup-key or --password-env")
+            raise UsageError(
+                "resume needs the volume's credential",
+                hint="--recovery-password-file, --recovery-password-env, --startup-key or --password-env",
+            )
         r = in_place(disk, partition, credential=cred, resume_only=True)
         emit(_in_place_doc(r), as_json, _in_place_text)
-
 
     @cli.command("encrypt")
     @click.argument("disk", type=click.Path(dir_okay=False))
     @click.option("-o", "--output", "out", type=OUTPUT_FILE, help="New disk to write.")
-    @click.option("--in-place", "in_place", is_flag=True,
-                  help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).")
+    @click.option(
+        "--in-place",
+        "in_place",
+        is_flag=True,
+        help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).",
+    )
     @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
     @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True, help="BitLocker cipher.")
-    @click.option("--recovery-password-out", type=OUTPUT_FILE,
-                  help="Add a recovery password and write it to this file (mode 0600).")
+    @click.option(
+        "--recovery-password-out",
+        type=OUTPUT_FILE,
+        help="Add a recovery password and write it to this file (mode 0600).",
+    )
     @click.option("--show-recovery-password", is_flag=True, help="Add a recovery password and print it.")
-    @click.option("--startup-key-out", type=OUTPUT_FILE,
-                  help="Add a startup key and write the .BEK file here (mode 0600).")
+    @click.option(
+        "--startup-key-out", type=OUTPUT_FILE, help="Add a startup key and write the .BEK file here (mode 0600)."
+    )
     @click.option("--password-env", metavar="VAR", help="Add a password protector; password from $VAR.")
     @click.option("--description", help="Volume description stored in the metadata.")
     @_credential_options
     @tpm_seal_options
     @json_option
     @policy.derived_outputs(_encrypt_outputs)
-    def encrypt(disk: str, out: str | None, in_place: bool, partition: int | None, method: str,
-                recovery_password_out: str | None, show_recovery_password: bool, startup_key_out: str | None,
-                password_env: str | None, description: str | None, recovery_password_file: str | None,
-                recovery_password_env: str | None, startup_key: str | None, as_json: bool,
-                **tpm_opts: Any) -> None:
+    def encrypt(
+        disk: str,
+        out: str | None,
+        in_place: bool,
+        partition: int | None,
+        method: str,
+        recovery_password_out: str | None,
+        show_recovery_password: bool,
+        startup_key_out: str | None,
+        password_env: str | None,
+        description: str | None,
+        recovery_password_file: str | None,
+        recovery_password_env: str | None,
+        startup_key: str | None,
+        as_json: bool,
+        **tpm_opts: Any,
+    ) -> None:
         """Encrypt the OS volume of DISK (raw or VHDX) with BitLocker into a new disk OUT, or in place.
 
         --tpm-parent adds a vTPM protector sealed offline to that (v)TPM key under the PCR policy
@@ -204,8 +261,10 @@ def register(cli: click.Group) -> None:
         if not in_place and not out:
             raise UsageError("no output given", hint="pass -o NEW_DISK, or --in-place to convert DISK itself")
         if not in_place and (recovery_password_file or recovery_password_env or startup_key):
-            raise UsageError("--recovery-password-file/--recovery-password-env/--startup-key resume an in-place "
-                             "conversion; they need --in-place")
+            raise UsageError(
+                "--recovery-password-file/--recovery-password-env/--startup-key resume an in-place "
+                "conversion; they need --in-place"
+            )
 
         specs: list[ProtectorSpec] = []
         password = read_secret(password_env, "BitLocker password: ") if password_env else None
@@ -218,21 +277,37 @@ def register(cli: click.Group) -> None:
         vtpm = vtpm_from_options(**tpm_opts)
         if vtpm is not None:
             if not specs:
-                raise UsageError("a vTPM protector alone would lock the volume for good once a PCR changes",
-                                 hint="add --recovery-password-out FILE or --show-recovery-password "
-                                      "(or --startup-key-out / --password-env)")
+                raise UsageError(
+                    "a vTPM protector alone would lock the volume for good once a PCR changes",
+                    hint="add --recovery-password-out FILE or --show-recovery-password "
+                    "(or --startup-key-out / --password-env)",
+                )
             specs.insert(0, ProtectorSpec("tpm", seal=vtpm[0]))
         if not specs:
-            raise UsageError("no key protector requested: the volume could never be unlocked",
-                             hint="give --recovery-password-out FILE, --show-recovery-password, "
-                                  "--startup-key-out FILE.bek or --password-env VAR")
+            raise UsageError(
+                "no key protector requested: the volume could never be unlocked",
+                hint="give --recovery-password-out FILE, --show-recovery-password, "
+                "--startup-key-out FILE.bek or --password-env VAR",
+            )
         for p in (recovery_password_out, startup_key_out):
             if p and not Path(p).resolve().parent.is_dir():
                 raise ResourceError("output folder does not exist", str(Path(p).parent))
         if in_place:
-            _encrypt_in_place(disk, partition, method, specs, description, recovery_password_out,
-                              show_recovery_password, startup_key_out, password_env, recovery_password_file,
-                              recovery_password_env, startup_key, as_json)
+            _encrypt_in_place(
+                disk,
+                partition,
+                method,
+                specs,
+                description,
+                recovery_password_out,
+                show_recovery_password,
+                startup_key_out,
+                password_env,
+                recovery_password_file,
+                recovery_password_env,
+                startup_key,
+                as_json,
+            )
             return
         assert out is not None
         from .. import api
@@ -245,13 +320,23 @@ def register(cli: click.Group) -> None:
                 if startup_key_out and keys.startup_key is not None:
                     write_secret_file(startup_key_out, keys.startup_key)
             except OSError as e:
-                raise ResourceError(f"cannot write the key file: {e.strerror}", hint="the encrypted disk was not "
-                                    "written; free space and run again") from None
+                raise ResourceError(
+                    f"cannot write the key file: {e.strerror}",
+                    hint="the encrypted disk was not written; free space and run again",
+                ) from None
 
-        res = api.encrypt(disk, out, recovery_password=bool(recovery_password_out or show_recovery_password),
-                          startup_key=bool(startup_key_out), password=password,
-                          tpm_seal=vtpm[0] if vtpm is not None else None, partition=partition, method=method,
-                          description=description, on_keys=save_keys)
+        res = api.encrypt(
+            disk,
+            out,
+            recovery_password=bool(recovery_password_out or show_recovery_password),
+            startup_key=bool(startup_key_out),
+            password=password,
+            tpm_seal=vtpm[0] if vtpm is not None else None,
+            partition=partition,
+            method=method,
+            description=description,
+            on_keys=save_keys,
+        )
         doc = res.to_json()
         if show_recovery_password:
             doc["recovery_password"] = res.keys.recovery_password
@@ -263,8 +348,11 @@ def register(cli: click.Group) -> None:
             doc["vtpm"] = vtpm[1]
 
         def text(d: dict[str, Any]) -> str:
-            lines = [f"encrypted {d['method']} volume ({human_size(d['volume_size'])}"
-                     + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}"]
+            lines = [
+                f"encrypted {d['method']} volume ({human_size(d['volume_size'])}"
+                + (f", partition {d['partition']}" if d.get("partition") else "")
+                + f") -> {d['output']}"
+            ]
             for p in d["protectors"]:
                 lines.append(f"  protector {p['type']:<18} {{{p['guid']}}}")
             if d.get("recovery_password_file"):
@@ -275,8 +363,10 @@ def register(cli: click.Group) -> None:
                 lines.append(f"  recovery password: {d['recovery_password']}")
             if d.get("vtpm"):
                 v = d["vtpm"]
-                lines.append(f"  vTPM sealed to parent {v['parent_name'][:20]}... ({v['bank']} PCRs "
-                             f"{','.join(map(str, v['pcrs']))}{', PIN' if v['pin'] else ''})")
+                lines.append(
+                    f"  vTPM sealed to parent {v['parent_name'][:20]}... ({v['bank']} PCRs "
+                    f"{','.join(map(str, v['pcrs']))}{', PIN' if v['pin'] else ''})"
+                )
             return "\n".join(lines)
 
         emit(doc, as_json, text)
@@ -285,19 +375,36 @@ def register(cli: click.Group) -> None:
     @click.argument("disk", type=click.Path(dir_okay=False))
     @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="New disk to write.")
     @click.option("--partition", type=int, default=None, help="Partition number (default: the BitLocker volume).")
-    @click.option("--recovery-password-file", type=click.Path(dir_okay=False), help="File holding the recovery password.")
+    @click.option(
+        "--recovery-password-file", type=click.Path(dir_okay=False), help="File holding the recovery password."
+    )
     @click.option("--recovery-password-env", metavar="VAR", help="Recovery password from $VAR.")
     @click.option("--startup-key", type=click.Path(dir_okay=False), help="Startup key file (.BEK).")
     @click.option("--password-env", metavar="VAR", help="Password from $VAR.")
     @click.option("--clear-key", is_flag=True, help="Use the clear key (suspended protection).")
-    @click.option("--tpm", "tcti", metavar="TCTI",
-                  help="Unseal the vTPM protector through this (v)TPM, e.g. swtpm:host=127.0.0.1,port=2321.")
+    @click.option(
+        "--tpm",
+        "tcti",
+        metavar="TCTI",
+        help="Unseal the vTPM protector through this (v)TPM, e.g. swtpm:host=127.0.0.1,port=2321.",
+    )
     @click.option("--pin-env", metavar="VAR", help="With --tpm: the TPM PIN is in $VAR.")
     @click.option("-v", "--verbose", is_flag=True, help="Also say whether free space was skipped, and why not.")
     @json_option
-    def decrypt(disk: str, out: str, partition: int | None, recovery_password_file: str | None,
-                recovery_password_env: str | None, startup_key: str | None, password_env: str | None,
-                clear_key: bool, tcti: str | None, pin_env: str | None, verbose: bool, as_json: bool) -> None:
+    def decrypt(
+        disk: str,
+        out: str,
+        partition: int | None,
+        recovery_password_file: str | None,
+        recovery_password_env: str | None,
+        startup_key: str | None,
+        password_env: str | None,
+        clear_key: bool,
+        tcti: str | None,
+        pin_env: str | None,
+        verbose: bool,
+        as_json: bool,
+    ) -> None:
         """Write a copy of DISK with its BitLocker volume decrypted.
 
         Works whatever the volume holds: free NTFS space left unallocated by a sparse encryption
@@ -306,11 +413,15 @@ def register(cli: click.Group) -> None:
         """
         from .. import api
 
-        given = [bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key,
-                                   tcti)]
+        given = [
+            bool(x) for x in (recovery_password_file, recovery_password_env, startup_key, password_env, clear_key, tcti)
+        ]
         if sum(given) != 1:
-            raise UsageError("give exactly one credential", hint="--recovery-password-file, --recovery-password-env, "
-                             "--startup-key, --password-env, --clear-key or --tpm TCTI")
+            raise UsageError(
+                "give exactly one credential",
+                hint="--recovery-password-file, --recovery-password-env, "
+                "--startup-key, --password-env, --clear-key or --tpm TCTI",
+            )
         if pin_env and not tcti:
             raise UsageError("--pin-env is the PIN of a vTPM protector: it needs --tpm TCTI")
         cred: dict[str, Any] = {}
@@ -333,8 +444,11 @@ def register(cli: click.Group) -> None:
         r = api.decrypt(disk, out, partition=partition, **cred).to_json()
 
         def text(d: dict[str, Any]) -> str:
-            line = (f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
-                    + (f", partition {d['partition']}" if d.get("partition") else "") + f") -> {d['output']}")
+            line = (
+                f"decrypted {d['method']} volume ({human_size(d['volume_size'])}"
+                + (f", partition {d['partition']}" if d.get("partition") else "")
+                + f") -> {d['output']}"
+            )
             if verbose:
                 fsp = d["free_space"]
                 if fsp["used"]:

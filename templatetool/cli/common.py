@@ -18,9 +18,18 @@ from ..signers import SecretSource
 
 #: The typed error class of each documented exit code (docs/exit-codes.md).
 ERRORS_BY_CODE: dict[int, type[TemplateToolError]] = {
-    c.exit_code: c for c in (_errors.UsageError, _errors.FormatError, _errors.IntegrityError,
-                             _errors.CredentialError, _errors.PolicyError, _errors.UnsupportedError,
-                             _errors.ResourceError, _errors.NotFoundError)}
+    c.exit_code: c
+    for c in (
+        _errors.UsageError,
+        _errors.FormatError,
+        _errors.IntegrityError,
+        _errors.CredentialError,
+        _errors.PolicyError,
+        _errors.UnsupportedError,
+        _errors.ResourceError,
+        _errors.NotFoundError,
+    )
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,8 +49,9 @@ def envelope(result: Any) -> dict[str, Any]:
     return {"ok": True, "command": command_name(), "result": result}
 
 
-def emit(result: Any, as_json: bool, text: Callable[[Any], str] | str | None = None,
-         error: TemplateToolError | None = None) -> None:
+def emit(
+    result: Any, as_json: bool, text: Callable[[Any], str] | str | None = None, error: TemplateToolError | None = None
+) -> None:
     """Print ``result`` as the JSON envelope, or as text (``text(result)`` or the string given).
 
     With ``error`` (a report whose outcome is a failure: a mismatch, a failed check) the text is
@@ -160,7 +170,7 @@ CLI_HINTS: dict[str, str] = {
     "hgs.ek-unregistered": "register it with `hgs register-host --ek`",
     "vhdx.child-subformat": "drop --subformat",
     "vhdx.parent-missing": "the parent was moved or deleted: put it back or pass its location "
-                           "(parent_search / --parent-dir)",
+    "(parent_search / --parent-dir)",
     "vhdx.sector-size-raw-only": "--logical-sector-size reinterprets raw images only",
     "tpm.pcr-values-needed": "--pcr-values or --tcg-log",
     "tpm.pcr-source": "--pcr-values or --tcg-log",
@@ -176,7 +186,7 @@ CLI_HINTS: dict[str, str] = {
     "output.exists": "choose another name, or pass --overwrite to replace it",
     "disk.no-os-volume": "pass --partition N to choose one",
     "shield.no-swtpm": "install the Debian packages swtpm and swtpm-tools, or shield with --vtpm software "
-                       "(a software vTPM key instead of a vTPM state)",
+    "(a software vTPM key instead of a vTPM state)",
     "host.tcg-log-needed": "give --tcg-log",
     "host.kvm-failed": "retry with --accel tcg",
     "host.vtpm-state-missing": "shield writes VM.vtpm beside VM.vhdx; or give --vtpm-state",
@@ -185,11 +195,11 @@ CLI_HINTS: dict[str, str] = {
     "linux.root-partition": "pass --root-partition N",
     "bitlocker.not-converting": "start with `templatetool encrypt --in-place`",
     "encrypt.tpm-alone": "add --recovery-password-out FILE or --show-recovery-password "
-                         "(or --startup-key-out / --password-env)",
+    "(or --startup-key-out / --password-env)",
     "encrypt.no-protector": "give --recovery-password-out FILE, --show-recovery-password, "
-                            "--startup-key-out FILE.bek or --password-env VAR",
+    "--startup-key-out FILE.bek or --password-env VAR",
     "decrypt.credential": "--recovery-password-file, --recovery-password-env, --startup-key, --password-env, "
-                          "--clear-key or --tpm TCTI",
+    "--clear-key or --tpm TCTI",
 }
 
 

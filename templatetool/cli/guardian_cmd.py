@@ -15,12 +15,19 @@ from .common import emit, guardian_password, json_option, read_small_file, stder
 from .policy import KEY_FOLDER, OUTPUT_FILE, current_plan
 
 password_env_option = click.option(
-    "--password-env", metavar="VAR", help="Environment variable holding the guardian's PFX password.")
-trust_option = click.option("--trust", "trust", multiple=True, type=click.Path(dir_okay=False),
-                            help="Trusted root/CA certificate (PEM or DER); repeatable.")
+    "--password-env", metavar="VAR", help="Environment variable holding the guardian's PFX password."
+)
+trust_option = click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Trusted root/CA certificate (PEM or DER); repeatable.",
+)
 allow_expired_option = click.option("--allow-expired", is_flag=True, help="Accept expired certificates.")
-allow_untrusted_option = click.option("--allow-untrusted-root", is_flag=True,
-                                      help="Accept certificates chaining to an untrusted (e.g. self-signed) root.")
+allow_untrusted_option = click.option(
+    "--allow-untrusted-root", is_flag=True, help="Accept certificates chaining to an untrusted (e.g. self-signed) root."
+)
 
 
 def read_input(path: str, what: str, limit: int = 64 << 20) -> bytes:
@@ -42,8 +49,10 @@ def _guardian_text(d: dict[str, Any]) -> str:
     lines = [f"guardian {d['name']} ({d['source']}, {'with' if d['has_private_keys'] else 'no'} private keys)"]
     for role in ("signing", "encryption"):
         c = d[f"{role}_certificate"]
-        lines.append(f"  {role:10} {c['subject']}  {c['key']}  valid {c['not_before'][:10]}..{c['not_after'][:10]}"
-                     f"  sha1 {c['sha1']}")
+        lines.append(
+            f"  {role:10} {c['subject']}  {c['key']}  valid {c['not_before'][:10]}..{c['not_after'][:10]}"
+            f"  sha1 {c['sha1']}"
+        )
     return "\n".join(lines)
 
 
@@ -55,14 +64,21 @@ def guardian_group() -> None:
 @guardian_group.command("new")
 @click.argument("name")
 @click.option("-o", "--output", "out", required=True, type=KEY_FOLDER, help="Guardian folder to create.")
-@click.option("--key", "key", default="rsa3072", show_default=True,
-              type=click.Choice(["rsa3072", "rsa2048", "rsa4096", "ec-p256", "ec-p384"]), help="Key kind for both certificates.")
+@click.option(
+    "--key",
+    "key",
+    default="rsa3072",
+    show_default=True,
+    type=click.Choice(["rsa3072", "rsa2048", "rsa4096", "ec-p256", "ec-p384"]),
+    help="Key kind for both certificates.",
+)
 @click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500), help="Validity in days.")
 @password_env_option
 @click.option("--no-password", is_flag=True, help="Store the private keys unencrypted (not recommended).")
 @json_option
-def guardian_new(name: str, out: str, key: str, days: int, password_env: str | None, no_password: bool,
-                 as_json: bool) -> None:
+def guardian_new(
+    name: str, out: str, key: str, days: int, password_env: str | None, no_password: bool, as_json: bool
+) -> None:
     """Generate a guardian with self-signed signing and encryption certificates (like
     New-HgsGuardian -GenerateCertificates). Keys go to PFX files (0600) protected by the password
     from --password-env (or a prompt)."""
@@ -90,8 +106,15 @@ def guardian_new(name: str, out: str, key: str, days: int, password_env: str | N
 @allow_expired_option
 @trust_option
 @json_option
-def guardian_import(metadata: str, out: str, name: str | None, allow_untrusted_root: bool, allow_expired: bool,
-                    trust: tuple[str, ...], as_json: bool) -> None:
+def guardian_import(
+    metadata: str,
+    out: str,
+    name: str | None,
+    allow_untrusted_root: bool,
+    allow_expired: bool,
+    trust: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Import HGS guardian metadata XML ([MS-KPS] §6.4) after verifying its XML signature and
     certificate signatures (like Import-HgsGuardian)."""
     from ..errors import UsageError
@@ -102,8 +125,14 @@ def guardian_import(metadata: str, out: str, name: str | None, allow_untrusted_r
     if (Path(out) / "guardian.json").exists() and not force:
         raise UsageError("a guardian already exists in this folder", out, "choose another folder")
     data = read_input(metadata, "guardian metadata", 4 << 20)
-    g = import_metadata(data, name or Path(metadata).stem, metadata, allow_untrusted_root=allow_untrusted_root,
-                        allow_expired=allow_expired, trust=load_trust(trust))
+    g = import_metadata(
+        data,
+        name or Path(metadata).stem,
+        metadata,
+        allow_untrusted_root=allow_untrusted_root,
+        allow_expired=allow_expired,
+        trust=load_trust(trust),
+    )
     save_guardian(g, out, None, overwrite=force)
     emit({**g.to_json(), "output": out}, as_json, lambda d: _guardian_text(d) + f"\n  imported into {out}")
 
@@ -111,14 +140,23 @@ def guardian_import(metadata: str, out: str, name: str | None, allow_untrusted_r
 @guardian_group.command("export")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Metadata XML to write.")
-@click.option("--signer", help="Signer of the XML signature: FILE.pfx | pem:KEY,CERT | pkcs11:URI "
-              "(default: the guardian's own signing key).")
+@click.option(
+    "--signer",
+    help="Signer of the XML signature: FILE.pfx | pem:KEY,CERT | pkcs11:URI (default: the guardian's own signing key).",
+)
 @click.option("--signer-password-env", metavar="VAR", help="Environment variable with the signer's password.")
 @click.option("--pin-env", metavar="VAR", help="Environment variable with the PKCS#11 PIN.")
 @password_env_option
 @json_option
-def guardian_export(folder: str, out: str, signer: str | None, signer_password_env: str | None,
-                    pin_env: str | None, password_env: str | None, as_json: bool) -> None:
+def guardian_export(
+    folder: str,
+    out: str,
+    signer: str | None,
+    signer_password_env: str | None,
+    pin_env: str | None,
+    password_env: str | None,
+    as_json: bool,
+) -> None:
     """Export a guardian we hold the keys of as signed HGS metadata XML."""
     from ..guardian import export_metadata, load_guardian
 
@@ -134,8 +172,11 @@ def guardian_export(folder: str, out: str, signer: str | None, signer_password_e
         assert g.signing_key is not None  # load_guardian(private=True) loaded it
         xml = export_metadata(g, g.signing_key, cert)
     write_bytes_atomic(out, xml)
-    emit({"guardian": g.name, "output": out, "signer": cert.subject.rfc4514_string(), "size": len(xml)}, as_json,
-         f"wrote {out} (signed by {cert.subject.rfc4514_string()})")
+    emit(
+        {"guardian": g.name, "output": out, "signer": cert.subject.rfc4514_string(), "size": len(xml)},
+        as_json,
+        f"wrote {out} (signed by {cert.subject.rfc4514_string()})",
+    )
 
 
 @guardian_group.command("show")

@@ -23,9 +23,13 @@ def _read(path: str, limit: int = MAX_INPUT) -> bytes:
 
 
 def _policy_text(p: AttestationPolicy) -> str:
-    lines = [f"host keys: {', '.join(p.host_keys) or '(none)'}", f"TPM hosts: {', '.join(p.tpm_hosts) or '(none)'}",
-             f"PCR baseline ({p.pcr_bank}): " + (", ".join(f"{k}" for k in sorted(p.pcr_baseline)) or "(none)"),
-             f"CI policies: {len(p.ci_policies)}", f"health certificate lifetime: {p.health_hours} h"]
+    lines = [
+        f"host keys: {', '.join(p.host_keys) or '(none)'}",
+        f"TPM hosts: {', '.join(p.tpm_hosts) or '(none)'}",
+        f"PCR baseline ({p.pcr_bank}): " + (", ".join(f"{k}" for k in sorted(p.pcr_baseline)) or "(none)"),
+        f"CI policies: {len(p.ci_policies)}",
+        f"health certificate lifetime: {p.health_hours} h",
+    ]
     return "\n".join(lines)
 
 
@@ -47,8 +51,13 @@ def _sync_store(guardian_dir: str, db_url: str | None, pol: AttestationPolicy) -
         store.close()
 
 
-DB_OPTION = click.option("--db", "db_url", metavar="URL", help="Also update this `hgs serve` state database "
-                         "(default: GUARDIAN_DIR/hgs-state.sqlite when it exists); running nodes use it at once.")
+DB_OPTION = click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="Also update this `hgs serve` state database "
+    "(default: GUARDIAN_DIR/hgs-state.sqlite when it exists); running nodes use it at once.",
+)
 
 
 def register(cli: click.Group) -> None:
@@ -58,7 +67,9 @@ def register(cli: click.Group) -> None:
 
     @hgs.command("init")
     @click.argument("guardian_dir", type=click.Path(file_okay=False))
-    @click.option("--health-hours", type=click.IntRange(1, 24 * 30), default=None, help="Health certificate lifetime (8).")
+    @click.option(
+        "--health-hours", type=click.IntRange(1, 24 * 30), default=None, help="Health certificate lifetime (8)."
+    )
     @json_option
     def init(guardian_dir: str, health_hours: int | None, as_json: bool) -> None:
         """Create the guardian's attestation signer and an empty policy (idempotent)."""
@@ -67,19 +78,33 @@ def register(cli: click.Group) -> None:
         if health_hours:
             pol.health_hours = health_hours
         pol.save(guardian_dir)
-        emit({"attestation_signer": cert.subject.rfc4514_string(), "policy": pol.to_json()}, as_json,
-             lambda r: f"attestation signer {r['attestation_signer']}\n" + _policy_text(pol))
+        emit(
+            {"attestation_signer": cert.subject.rfc4514_string(), "policy": pol.to_json()},
+            as_json,
+            lambda r: f"attestation signer {r['attestation_signer']}\n" + _policy_text(pol),
+        )
 
     @hgs.command("register-host")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--host", "host_dir", type=click.Path(file_okay=False, exists=True), help="A host folder (host new).")
     @click.option("--host-key", type=click.Path(dir_okay=False, exists=True), help="A PEM public host key.")
-    @click.option("--ek", type=click.Path(dir_okay=False, exists=True), help="Register for TPM attestation by EK public key (PEM).")
+    @click.option(
+        "--ek",
+        type=click.Path(dir_okay=False, exists=True),
+        help="Register for TPM attestation by EK public key (PEM).",
+    )
     @click.option("--name", required=True, help="Name to register the host under.")
     @DB_OPTION
     @json_option
-    def register_host(guardian_dir: str, host_dir: str | None, host_key: str | None, ek: str | None, name: str,
-                      db_url: str | None, as_json: bool) -> None:
+    def register_host(
+        guardian_dir: str,
+        host_dir: str | None,
+        host_key: str | None,
+        ek: str | None,
+        name: str,
+        db_url: str | None,
+        as_json: bool,
+    ) -> None:
         """Register a host by host key (--host/--host-key) or by TPM EK (--ek)."""
         pol = AttestationPolicy.load(guardian_dir)
         if ek:
@@ -92,20 +117,31 @@ def register(cli: click.Group) -> None:
             raise click.UsageError("give --host, --host-key or --ek")
         pol.save(guardian_dir)
         synced = _sync_store(guardian_dir, db_url, pol)
-        emit({**pol.to_json(), "store": synced}, as_json,
-             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
+        emit(
+            {**pol.to_json(), "store": synced},
+            as_json,
+            lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""),
+        )
 
     @hgs.command("baseline")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--tcg-log", required=True, type=click.Path(dir_okay=False), help="Reference TCG event log.")
-    @click.option("--pcrs", type=PCR_LIST, default="0,1,2,3,4,5,7,11", show_default=True,
-                  help="PCRs (0-23) of the baseline.")
+    @click.option(
+        "--pcrs", type=PCR_LIST, default="0,1,2,3,4,5,7,11", show_default=True, help="PCRs (0-23) of the baseline."
+    )
     @click.option("--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank.")
     @click.option("--allow-ci", "ci", multiple=True, help="Allowed code-integrity policy hash (hex); repeatable.")
     @DB_OPTION
     @json_option
-    def baseline(guardian_dir: str, tcg_log: str, pcrs: list[int], bank: str, ci: tuple[str, ...],
-                 db_url: str | None, as_json: bool) -> None:
+    def baseline(
+        guardian_dir: str,
+        tcg_log: str,
+        pcrs: list[int],
+        bank: str,
+        ci: tuple[str, ...],
+        db_url: str | None,
+        as_json: bool,
+    ) -> None:
         """Set the TPM PCR baseline from a reference host's TCG log (and allowed CI policies)."""
         pol = AttestationPolicy.load(guardian_dir)
         pol.set_baseline_from_log(_read(tcg_log), tuple(pcrs), bank)
@@ -113,8 +149,11 @@ def register(cli: click.Group) -> None:
             pol.allow_ci_policy(c)
         pol.save(guardian_dir)
         synced = _sync_store(guardian_dir, db_url, pol)
-        emit({**pol.to_json(), "store": synced}, as_json,
-             lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""))
+        emit(
+            {**pol.to_json(), "store": synced},
+            as_json,
+            lambda _: _policy_text(pol) + (f"\nstate store updated: {synced}" if synced else ""),
+        )
 
     @hgs.command("attest")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
@@ -126,12 +165,24 @@ def register(cli: click.Group) -> None:
         key, cert = load_attestation(guardian_dir)
         from ..hgs.host import MAX_EVIDENCE
 
-        hc, checks = attest(AttestationPolicy.load(guardian_dir), _read(evidence, MAX_EVIDENCE), key, cert, where=evidence)
+        hc, checks = attest(
+            AttestationPolicy.load(guardian_dir), _read(evidence, MAX_EVIDENCE), key, cert, where=evidence
+        )
         write_bytes_atomic(output, hc.public_bytes(serialization.Encoding.PEM))
-        res: dict[str, Any] = {"output": output, "health_certificate": output, "expires": hc.not_valid_after_utc.isoformat(),
-                               "checks": [c.to_json() for c in checks]}
-        emit(res, as_json, lambda r: "\n".join([f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]] +
-                                               [f"health certificate {output} (expires {r['expires']})"]))
+        res: dict[str, Any] = {
+            "output": output,
+            "health_certificate": output,
+            "expires": hc.not_valid_after_utc.isoformat(),
+            "checks": [c.to_json() for c in checks],
+        }
+        emit(
+            res,
+            as_json,
+            lambda r: "\n".join(
+                [f"  ok  {c['check']}: {c['detail']}" for c in r["checks"]]
+                + [f"health certificate {output} (expires {r['expires']})"]
+            ),
+        )
 
     from . import host_cmd
 

@@ -40,8 +40,11 @@ def _check_tls(cert: str, key: str) -> None:
     except (ssl.SSLError, ValueError) as e:
         from ..errors import FormatError
 
-        raise FormatError(f"unusable TLS certificate or key: {e.__class__.__name__}", cert,
-                          "give a PEM certificate and its unencrypted PEM private key") from None
+        raise FormatError(
+            f"unusable TLS certificate or key: {e.__class__.__name__}",
+            cert,
+            "give a PEM certificate and its unencrypted PEM private key",
+        ) from None
 
 
 def register(cli: click.Group) -> None:
@@ -51,20 +54,45 @@ def register(cli: click.Group) -> None:
 
     @hgs.command("serve")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
-    @click.option("--db", "db_url", metavar="URL", help="State database (SQLAlchemy URL; default: sqlite file "
-                  "hgs-state.sqlite in GUARDIAN_DIR; postgresql+psycopg://... for several nodes).")
+    @click.option(
+        "--db",
+        "db_url",
+        metavar="URL",
+        help="State database (SQLAlchemy URL; default: sqlite file "
+        "hgs-state.sqlite in GUARDIAN_DIR; postgresql+psycopg://... for several nodes).",
+    )
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-    @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-                  help="TCP port (0 = any free port, printed on start).")
+    @click.option(
+        "--port",
+        default=8080,
+        show_default=True,
+        type=click.IntRange(0, 65535),
+        help="TCP port (0 = any free port, printed on start).",
+    )
     @click.option("--node", default=None, help="Node name in the audit log (default HOST:PORT).")
     @click.option("--password-env", metavar="VAR", help="Environment variable with the guardian's PFX password.")
     @click.option("--access-log", is_flag=True, help="Log every request (paths and status only).")
-    @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True),
-                  help="Serve HTTPS with this PEM certificate (chain) ...")
-    @click.option("--tls-key-file", type=click.Path(dir_okay=False, exists=True),
-                  help="... and this PEM private key file (unencrypted, 0600).")
-    def serve(guardian_dir: str, db_url: str | None, host: str, port: int, node: str | None,
-              password_env: str | None, access_log: bool, tls_cert: str | None, tls_key_file: str | None) -> None:
+    @click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False, exists=True),
+        help="Serve HTTPS with this PEM certificate (chain) ...",
+    )
+    @click.option(
+        "--tls-key-file",
+        type=click.Path(dir_okay=False, exists=True),
+        help="... and this PEM private key file (unencrypted, 0600).",
+    )
+    def serve(
+        guardian_dir: str,
+        db_url: str | None,
+        host: str,
+        port: int,
+        node: str | None,
+        password_env: str | None,
+        access_log: bool,
+        tls_cert: str | None,
+        tls_key_file: str | None,
+    ) -> None:
         """Serve attestation ([MS-HGSA]) and key protection ([MS-KPS]) for GUARDIAN_DIR over HTTP.
 
         GUARDIAN_DIR needs `hgs init` and the guardian's private keys. Runs until interrupted.
@@ -84,11 +112,20 @@ def register(cli: click.Group) -> None:
         actual = sock.getsockname()[1]
         state = load_service_state(guardian_dir, db_url, password_env=password_env, node=node or f"{host}:{actual}")
         app = create_app(state)
-        config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="off",
-                                ssl_certfile=tls_cert if tls else None, ssl_keyfile=tls_key_file if tls else None)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=access_log,
+            lifespan="off",
+            ssl_certfile=tls_cert if tls else None,
+            ssl_keyfile=tls_key_file if tls else None,
+        )
         server = uvicorn.Server(config)
-        click.echo(f"templatetool hgs: serving {guardian_dir} on {'https' if tls else 'http'}://{host}:{actual} "
-                   f"(state {state.store.engine.url.render_as_string(hide_password=True)})", err=True)
+        click.echo(
+            f"templatetool hgs: serving {guardian_dir} on {'https' if tls else 'http'}://{host}:{actual} "
+            f"(state {state.store.engine.url.render_as_string(hide_password=True)})",
+            err=True,
+        )
         sys.stderr.flush()
         try:
             server.run(sockets=[sock])
@@ -99,8 +136,9 @@ def register(cli: click.Group) -> None:
     @hgs.command("audit")
     @click.argument("guardian_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("--db", "db_url", metavar="URL", help="State database (default: GUARDIAN_DIR/hgs-state.sqlite).")
-    @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000),
-                  help="Latest N records.")
+    @click.option(
+        "--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000), help="Latest N records."
+    )
     @json_option
     def audit(guardian_dir: str, db_url: str | None, limit: int, as_json: bool) -> None:
         """Show the service's audit log: every attestation and key release, granted or refused."""
@@ -110,14 +148,23 @@ def register(cli: click.Group) -> None:
         from ..hgs.store import DB_FILE, Store, default_url
 
         if db_url is None and not (Path(guardian_dir) / DB_FILE).exists():
-            raise NotFoundError("no service state in this guardian folder", guardian_dir,
-                                "run `hgs serve` first or give --db")
+            raise NotFoundError(
+                "no service state in this guardian folder", guardian_dir, "run `hgs serve` first or give --db"
+            )
         store = Store(db_url or default_url(guardian_dir))
         try:
             store.migrate()
             rows = store.audit_log(limit)
         finally:
             store.close()
-        emit({"records": rows}, as_json, lambda r: "\n".join(
-            f"{x['at']} {x['node']:<16} {x['event']:<7} {x['outcome']:<7} {x['host'] or '-':<20} {x['detail'][:80]}"
-            for x in r["records"]) or "(no records)")
+        emit(
+            {"records": rows},
+            as_json,
+            lambda r: (
+                "\n".join(
+                    f"{x['at']} {x['node']:<16} {x['event']:<7} {x['outcome']:<7} {x['host'] or '-':<20} {x['detail'][:80]}"
+                    for x in r["records"]
+                )
+                or "(no records)"
+            ),
+        )

@@ -14,8 +14,10 @@ def _text(r: dict[str, Any]) -> str:
     c = r["container"]
     lines = [f"{c['path']}: {c['format']}" + (f" ({c.get('subformat')})" if c.get("subformat") else "")]
     lines.append(f"  virtual size  {human_size(c['virtual_size'])} ({c['virtual_size']} bytes)")
-    lines.append(f"  sectors       logical {c['logical_sector_size']}" +
-                 (f", physical {c['physical_sector_size']}" if c.get("physical_sector_size") else ""))
+    lines.append(
+        f"  sectors       logical {c['logical_sector_size']}"
+        + (f", physical {c['physical_sector_size']}" if c.get("physical_sector_size") else "")
+    )
     if c.get("block_size"):
         lines.append(f"  block size    {human_size(c['block_size'])}")
     if c.get("allocated_bytes") is not None:
@@ -27,13 +29,17 @@ def _text(r: dict[str, Any]) -> str:
     for it in c.get("user_metadata") or []:
         lines.append(f"  user metadata {it['guid']} ({it['size']} bytes)")
     pt = r["partition_table"]
-    lines.append(f"partition table: {pt['scheme'] or 'none (bare volume)'}" +
-                 (f" disk {pt['disk_guid']}" if pt.get("disk_guid") else ""))
+    lines.append(
+        f"partition table: {pt['scheme'] or 'none (bare volume)'}"
+        + (f" disk {pt['disk_guid']}" if pt.get("disk_guid") else "")
+    )
     for w in pt["warnings"]:
         lines.append(f"  warning: {w}")
     for v in r["volumes"]:
-        lines.append(f"  #{v['index']} {v['kind']:<16} offset {v['offset']:>12} size {human_size(v['size']):>10}  "
-                     f"fs {v['filesystem'] or '-'}" + (f"  \"{v['name']}\"" if v.get("name") else ""))
+        lines.append(
+            f"  #{v['index']} {v['kind']:<16} offset {v['offset']:>12} size {human_size(v['size']):>10}  "
+            f"fs {v['filesystem'] or '-'}" + (f'  "{v["name"]}"' if v.get("name") else "")
+        )
         bl = v.get("bitlocker")
         if bl:
             lines.append(f"      bitlocker: {bl.get('method', bl.get('status', ''))}")

@@ -15,8 +15,10 @@ import signal
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while still starting up: nothing written yet, no traceback either
-    signal.signal(signal.SIGINT, lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(),
-                                                 os._exit(130)))
+    signal.signal(
+        signal.SIGINT,
+        lambda _s, _f: (sys.stderr.write("templatetool: interrupted\n"), sys.stderr.flush(), os._exit(130)),
+    )
 
 # The CLI owns its process: numpy's bundled OpenBLAS would start one idle thread per core at
 # import; we never call BLAS and the disk passes fork workers, so keep it to one thread. Set here,
@@ -163,13 +165,22 @@ class _Interrupts:
             sys.unraisablehook = self.unraisable
 
 
-def _fail(args: list[str], kind: str, code: int, what: str, where: str | None = None, hint: str | None = None,
-          result: Any = None) -> NoReturn:
+def _fail(
+    args: list[str],
+    kind: str,
+    code: int,
+    what: str,
+    where: str | None = None,
+    hint: str | None = None,
+    result: Any = None,
+) -> NoReturn:
     """Print one error line on stderr (and the --json error document on stdout) and exit ``code``."""
     if _wants_json(args):
-        doc: dict[str, Any] = {"ok": False, "command": _command_name(args),
-                               "error": {"kind": kind, "exit_code": code, "message": what, "where": where,
-                                         "hint": hint}}
+        doc: dict[str, Any] = {
+            "ok": False,
+            "command": _command_name(args),
+            "error": {"kind": kind, "exit_code": code, "message": what, "where": where, "hint": hint},
+        }
         if result is not None:
             doc["result"] = result
         with contextlib.suppress(Exception):
@@ -206,8 +217,11 @@ def main(argv: list[str] | None = None) -> None:
         ints.finishing = True
     except BaseException as e:
         ints.finishing = True
-        if ints.seen or isinstance(e, (KeyboardInterrupt, Interrupted)) or (
-                isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt)):
+        if (
+            ints.seen
+            or isinstance(e, (KeyboardInterrupt, Interrupted))
+            or (isinstance(e, click.exceptions.Abort) and isinstance(e.__context__, KeyboardInterrupt))
+        ):
             _interrupted()
         if isinstance(e, TemplateToolError):
             _fail(args, e.kind, e.exit_code, e.what, e.where, cli_hint(e), getattr(e, "result", None))
@@ -225,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if os.environ.get("TEMPLATETOOL_DEBUG"):
                 raise
-            _fail(args, "internal", INTERNAL_ERROR, f"{type(e).__name__}: {e}",
-                  hint="please report it (TEMPLATETOOL_DEBUG=1 shows the traceback)")
+            _fail(
+                args,
+                "internal",
+                INTERNAL_ERROR,
+                f"{type(e).__name__}: {e}",
+                hint="please report it (TEMPLATETOOL_DEBUG=1 shows the traceback)",
+            )
     if ints.seen:
         _interrupted()
     _exit(code)

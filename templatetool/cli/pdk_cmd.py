@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from ..guardian import Guardian
 
 
-def _load_guardians(paths: tuple[str, ...], allow_untrusted_root: bool, trust: list[x509.Certificate]) -> list[Guardian]:
+def _load_guardians(
+    paths: tuple[str, ...], allow_untrusted_root: bool, trust: list[x509.Certificate]
+) -> list[Guardian]:
     from ..guardian import load_guardian
 
     return [load_guardian(p, allow_untrusted_root=allow_untrusted_root, trust=trust) for p in paths]
@@ -63,8 +65,10 @@ def pdk_group() -> None:
 
 
 def _pdk_text(d: dict[str, Any]) -> str:
-    lines = [f"PDK v{d['version']}  policy {d['policy']}  created {d['created']}",
-             f"  owner     {d['owner']['name']}: {d['owner']['signing_certificate']['subject']}"]
+    lines = [
+        f"PDK v{d['version']}  policy {d['policy']}  created {d['created']}",
+        f"  owner     {d['owner']['name']}: {d['owner']['signing_certificate']['subject']}",
+    ]
     for g in d["guardians"]:
         lines.append(f"  guardian  {g['name']}: {g['encryption_certificate']['subject']}")
     for q in d["volume_id_qualifiers"]:
@@ -86,28 +90,65 @@ def _pdk_text(d: dict[str, Any]) -> str:
 @pdk_group.command("new")
 @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="PDK file to write.")
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
-@click.option("--guardian", "guardians", multiple=True, type=click.Path(),
-              help="Guardian folder or HGS metadata XML; repeatable.")
-@click.option("--vsc", "vscs", multiple=True, type=click.Path(dir_okay=False),
-              help="Signed catalog (.vsc) or template disk to trust; repeatable.")
-@click.option("--version-rule", "rules", multiple=True, type=click.Choice(["eq", "ge", "gt"]),
-              help="Version rule for the --vsc (once for all, or once per --vsc).")
+@click.option(
+    "--guardian", "guardians", multiple=True, type=click.Path(), help="Guardian folder or HGS metadata XML; repeatable."
+)
+@click.option(
+    "--vsc",
+    "vscs",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Signed catalog (.vsc) or template disk to trust; repeatable.",
+)
+@click.option(
+    "--version-rule",
+    "rules",
+    multiple=True,
+    type=click.Choice(["eq", "ge", "gt"]),
+    help="Version rule for the --vsc (once for all, or once per --vsc).",
+)
 @click.option("--answer-file", type=click.Path(dir_okay=False), help="Answer file (unattend.xml).")
-@click.option("--other-file", "other_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Other file to carry (total at most 384 KB); repeatable.")
-@click.option("--spec-value", "spec_values", multiple=True, metavar="@KEY@=VALUE",
-              help="Specialization value, e.g. @ComputerName@=WEB01; repeatable.")
-@click.option("--policy", required=True, type=click.Choice(["shielded", "encryption-supported"]),
-              help="Shielded (no console, no debugging) or encryption-supported.")
+@click.option(
+    "--other-file",
+    "other_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Other file to carry (total at most 384 KB); repeatable.",
+)
+@click.option(
+    "--spec-value",
+    "spec_values",
+    multiple=True,
+    metavar="@KEY@=VALUE",
+    help="Specialization value, e.g. @ComputerName@=WEB01; repeatable.",
+)
+@click.option(
+    "--policy",
+    required=True,
+    type=click.Choice(["shielded", "encryption-supported"]),
+    help="Shielded (no console, no debugging) or encryption-supported.",
+)
 @password_env_option
 @allow_expired_option
 @allow_untrusted_option
 @trust_option
 @json_option
-def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, ...], rules: tuple[str, ...],
-            answer_file: str | None, other_files: tuple[str, ...], spec_values: tuple[str, ...], policy: str,
-            password_env: str | None, allow_expired: bool, allow_untrusted_root: bool, trust: tuple[str, ...],
-            as_json: bool) -> None:
+def pdk_new(
+    out: str,
+    owner: str,
+    guardians: tuple[str, ...],
+    vscs: tuple[str, ...],
+    rules: tuple[str, ...],
+    answer_file: str | None,
+    other_files: tuple[str, ...],
+    spec_values: tuple[str, ...],
+    policy: str,
+    password_env: str | None,
+    allow_expired: bool,
+    allow_untrusted_root: bool,
+    trust: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Create a shielding data file signed by the owner (like New-ShieldingDataFile)."""
     from .. import api
     from ..pdk import OTHER_FILES_LIMIT, NamedFile, SecretPart
@@ -125,7 +166,9 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
         except OSError:
             raise NotFoundError("other file not found", f) from None
     if sum(sizes) > OTHER_FILES_LIMIT:
-        SecretPart(other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes, strict=True)]).validate()
+        SecretPart(
+            other_files=[NamedFile(Path(f).name, b"\0" * s) for f, s in zip(other_files, sizes, strict=True)]
+        ).validate()
     values: dict[str, str] = {}
     for sv in spec_values:
         k, sep, v = sv.partition("=")
@@ -134,28 +177,46 @@ def pdk_new(out: str, owner: str, guardians: tuple[str, ...], vscs: tuple[str, .
         values[k.strip()] = v
     answer = read_input(answer_file, "answer file", 1 << 20) if answer_file else None
     others = [NamedFile(Path(f).name, read_input(f, "other file", OTHER_FILES_LIMIT)) for f in other_files]
-    res = api.new_pdk(out, owner=owner, policy=policy, owner_password=guardian_password(owner, password_env),
-                      guardians=guardians, templates=vscs, version_rule=rules or "eq", answer_file=answer,
-                      answer_file_name=Path(answer_file).name if answer_file else "unattend.xml",
-                      other_files=others, spec_values=values, allow_expired=allow_expired,
-                      allow_untrusted_root=allow_untrusted_root, trust=trust_certs)
+    res = api.new_pdk(
+        out,
+        owner=owner,
+        policy=policy,
+        owner_password=guardian_password(owner, password_env),
+        guardians=guardians,
+        templates=vscs,
+        version_rule=rules or "eq",
+        answer_file=answer,
+        answer_file_name=Path(answer_file).name if answer_file else "unattend.xml",
+        other_files=others,
+        spec_values=values,
+        allow_expired=allow_expired,
+        allow_untrusted_root=allow_untrusted_root,
+        trust=trust_certs,
+    )
     for w in res.warnings:
         stderr(f"templatetool: warning: {w}")
-    emit(res.to_json(), as_json,
-         f"wrote {out} ({len(res.der)} bytes): owner {res.owner}, {len(res.guardians)} guardian(s), "
-         f"{len(res.report['qualifiers'])} qualifier(s)")  # type: ignore[arg-type]
+    emit(
+        res.to_json(),
+        as_json,
+        f"wrote {out} ({len(res.der)} bytes): owner {res.owner}, {len(res.guardians)} guardian(s), "
+        f"{len(res.report['qualifiers'])} qualifier(s)",  # type: ignore[arg-type]
+    )
 
 
 @pdk_group.command("show")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--key", "key_spec", help="Recipient key to open the secret part: a guardian folder, FILE.pfx, "
-              "pem:KEY,CERT or pkcs11:URI.")
+@click.option(
+    "--key",
+    "key_spec",
+    help="Recipient key to open the secret part: a guardian folder, FILE.pfx, pem:KEY,CERT or pkcs11:URI.",
+)
 @password_env_option
 @click.option("--extract", type=OUTPUT_DIR, help="Write the secret files into this folder (0600).")
 @allow_expired_option
 @json_option
-def pdk_show(file: str, key_spec: str | None, password_env: str | None, extract: str | None, allow_expired: bool,
-             as_json: bool) -> None:
+def pdk_show(
+    file: str, key_spec: str | None, password_env: str | None, extract: str | None, allow_expired: bool, as_json: bool
+) -> None:
     """Show a PDK's clear part (always verified) and, given a recipient key, its secret part."""
     from ..pdk import open_pdk_secret, read_pdk
 
@@ -188,13 +249,23 @@ def pdk_show(file: str, key_spec: str | None, password_env: str | None, extract:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--template", type=click.Path(dir_okay=False), help="Template disk whose catalog must qualify.")
 @click.option("--vsc", type=click.Path(dir_okay=False), help="Signed catalog (.vsc) that must qualify.")
-@click.option("--owner", type=click.Path(), help="Expected owner: guardian folder or its signing certificate "
-              "(PEM/DER); pins the signer.")
+@click.option(
+    "--owner",
+    type=click.Path(),
+    help="Expected owner: guardian folder or its signing certificate (PEM/DER); pins the signer.",
+)
 @allow_expired_option
 @trust_option
 @json_option
-def pdk_verify(file: str, template: str | None, vsc: str | None, owner: str | None, allow_expired: bool,
-               trust: tuple[str, ...], as_json: bool) -> None:
+def pdk_verify(
+    file: str,
+    template: str | None,
+    vsc: str | None,
+    owner: str | None,
+    allow_expired: bool,
+    trust: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Verify the owner signature and every certificate; with --template/--vsc, check that the
     template satisfies a volume ID qualifier (exit 6 with the reason when it does not)."""
     from ..catalog import read_vsc_bytes
@@ -212,18 +283,34 @@ def pdk_verify(file: str, template: str | None, vsc: str | None, owner: str | No
             owner_cert = load_certificates(owner)[0]
         else:
             owner_cert = load_guardian(owner).signing_certificate
-    info = read_pdk(read_input(file, "PDK"), file, allow_expired=allow_expired, trust=trust_certs or None,
-                    owner_certificate=owner_cert)
-    d = {"pdk": file, "signature": "verified", "owner_trust": info.owner_trust,
-         "certificates": 2 * (1 + len(info.guardians)), "policy": info.policy}
+    info = read_pdk(
+        read_input(file, "PDK"),
+        file,
+        allow_expired=allow_expired,
+        trust=trust_certs or None,
+        owner_certificate=owner_cert,
+    )
+    d = {
+        "pdk": file,
+        "signature": "verified",
+        "owner_trust": info.owner_trust,
+        "certificates": 2 * (1 + len(info.guardians)),
+        "policy": info.policy,
+    }
     target = template or vsc
     if target:
         rep = check_template(info, read_vsc_bytes(target), target, trust=trust_certs or None)
         d["template"] = rep
         if not rep["qualified"]:
             raise PolicyError("the template does not satisfy any volume ID qualifier of the PDK", target, rep["reason"])
-    emit(d, as_json, lambda r: f"{file}: owner signature and {r['certificates']} certificates verified; "
-         f"owner {r['owner_trust']}" + (f"\n  template qualifies: {r['template']['reason']}" if target else ""))
+    emit(
+        d,
+        as_json,
+        lambda r: (
+            f"{file}: owner signature and {r['certificates']} certificates verified; "
+            f"owner {r['owner_trust']}" + (f"\n  template qualifies: {r['template']['reason']}" if target else "")
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,8 +327,10 @@ def _kp_text(d: dict[str, Any]) -> str:
     o = d["owner"]
     lines = [f"key protector: owner wrapping {o['id']}: {o['signing_certificate']['subject']}"]
     for g in d["guardians"]:
-        lines.append(f"  guardian wrapping {g['id']}: {g['signing_certificate']['subject']}  "
-                     f"sha1 {g['signing_certificate']['sha1']}")
+        lines.append(
+            f"  guardian wrapping {g['id']}: {g['signing_certificate']['subject']}  "
+            f"sha1 {g['signing_certificate']['sha1']}"
+        )
     lines.append("  certificate chain and owner signature verified; MAC needs a key (kp unwrap)")
     return "\n".join(lines)
 
@@ -250,13 +339,23 @@ def _kp_text(d: dict[str, Any]) -> str:
 @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Key protector file to write.")
 @click.option("--owner", required=True, type=click.Path(), help="Owner guardian folder (with its keys).")
 @click.option("--guardian", "guardians", multiple=True, type=click.Path(), help="Guardian folder or metadata XML.")
-@click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="The secret to protect (16 B..64 KiB).")
+@click.option(
+    "--secret-file", required=True, type=click.Path(dir_okay=False), help="The secret to protect (16 B..64 KiB)."
+)
 @password_env_option
 @allow_untrusted_option
 @trust_option
 @json_option
-def kp_new(out: str, owner: str, guardians: tuple[str, ...], secret_file: str, password_env: str | None,
-           allow_untrusted_root: bool, trust: tuple[str, ...], as_json: bool) -> None:
+def kp_new(
+    out: str,
+    owner: str,
+    guardians: tuple[str, ...],
+    secret_file: str,
+    password_env: str | None,
+    allow_untrusted_root: bool,
+    trust: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Create a key protector for a secret (owner + guardians)."""
     from ..guardian import load_guardian
     from ..kp import create_kp
@@ -266,8 +365,11 @@ def kp_new(out: str, owner: str, guardians: tuple[str, ...], secret_file: str, p
     og = load_guardian(owner, private=True, password=guardian_password(owner, password_env))
     xml = create_kp(secret, og, gs)
     write_bytes_atomic(out, xml)
-    emit({"output": out, "owner": og.name, "guardians": [g.name for g in gs]}, as_json,
-         f"wrote {out}: owner {og.name}, {len(gs)} guardian(s)")
+    emit(
+        {"output": out, "owner": og.name, "guardians": [g.name for g in gs]},
+        as_json,
+        f"wrote {out}: owner {og.name}, {len(gs)} guardian(s)",
+    )
 
 
 @kp_group.command("show")
@@ -289,8 +391,16 @@ def kp_show(file: str, as_json: bool) -> None:
 @allow_untrusted_option
 @trust_option
 @json_option
-def kp_grant(file: str, owner: str, guardian: str, out: str, password_env: str | None, allow_untrusted_root: bool,
-             trust: tuple[str, ...], as_json: bool) -> None:
+def kp_grant(
+    file: str,
+    owner: str,
+    guardian: str,
+    out: str,
+    password_env: str | None,
+    allow_untrusted_root: bool,
+    trust: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Give a guardian access (needs the owner's keys), like Grant-HgsKeyProtectorAccess."""
     from ..guardian import load_guardian
     from ..kp import grant
@@ -324,7 +434,9 @@ def kp_revoke(file: str, owner: str, guardian: str, out: str, password_env: str 
 
 @kp_group.command("unwrap")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--guardian", required=True, type=click.Path(file_okay=False), help="Guardian (or owner) folder with keys.")
+@click.option(
+    "--guardian", required=True, type=click.Path(file_okay=False), help="Guardian (or owner) folder with keys."
+)
 @click.option("-o", "--output", "out", required=True, type=OUTPUT_FILE, help="Secret output (0600).")
 @password_env_option
 @json_option
@@ -337,8 +449,11 @@ def kp_unwrap(file: str, guardian: str, out: str, password_env: str | None, as_j
     g = load_guardian(guardian, private=True, password=guardian_password(guardian, password_env))
     secret = unwrap(data, g, file)
     write_secret_file(out, secret)
-    emit({"output": out, "size": len(secret), "guardian": g.name}, as_json,
-         f"wrote the {len(secret)}-byte secret to {out} (unwrapped by {g.name})")
+    emit(
+        {"output": out, "size": len(secret), "guardian": g.name},
+        as_json,
+        f"wrote the {len(secret)}-byte secret to {out} (unwrapped by {g.name})",
+    )
 
 
 def register(cli: click.Group) -> None:

@@ -193,11 +193,15 @@ def _inside(path: str, folder: str) -> bool:
 def _against_inputs(o: Out, inputs: list[tuple[str, str]]) -> None:
     for ilabel, ipath in inputs:
         if _same(o.path, ipath):
-            raise UsageError(f"{o.label} {o.path} is also the input {ilabel} {ipath}",
-                             hint="an output never replaces an input; choose another name")
+            raise UsageError(
+                f"{o.label} {o.path} is also the input {ilabel} {ipath}",
+                hint="an output never replaces an input; choose another name",
+            )
         if os.path.isdir(ipath) and not os.path.isdir(o.path) and os.path.lexists(o.path) and _inside(o.path, ipath):
-            raise UsageError(f"{o.label} {o.path} would replace a file inside the input {ilabel} {ipath}",
-                             hint="write outputs outside input folders")
+            raise UsageError(
+                f"{o.label} {o.path} would replace a file inside the input {ilabel} {ipath}",
+                hint="write outputs outside input folders",
+            )
 
 
 def _non_empty_dir(path: str) -> bool:
@@ -244,8 +248,9 @@ def check(plan: Plan) -> None:
         _against_inputs(o, plan.inputs)
         for o2 in plan.outputs[:i]:
             if _same(o.path, o2.path):
-                raise UsageError(f"{o.label} {o.path} is also {o2.label} {o2.path}",
-                                 hint="give each output its own name")
+                raise UsageError(
+                    f"{o.label} {o.path} is also {o2.label} {o2.path}", hint="give each output its own name"
+                )
     for o in plan.outputs:
         if not os.path.lexists(o.path):
             continue
@@ -253,26 +258,33 @@ def check(plan: Plan) -> None:
             if not os.path.isdir(o.path):
                 raise UsageError(f"{o.label} exists and is not a folder", o.path, "choose a new folder")
             if _non_empty_dir(o.path) and not plan.force_replace_keys:
-                raise UsageError(f"{o.label} {o.path} exists and holds files; key folders are never overwritten",
-                                 o.path, "choose a new folder (--force-replace-keys replaces its keys: the old "
-                                 "keys are lost; --overwrite does not)")
+                raise UsageError(
+                    f"{o.label} {o.path} exists and holds files; key folders are never overwritten",
+                    o.path,
+                    "choose a new folder (--force-replace-keys replaces its keys: the old "
+                    "keys are lost; --overwrite does not)",
+                )
         elif o.role == "key":
             if not plan.force_replace_keys:
-                raise UsageError(f"{o.label} exists; key files are never overwritten", o.path,
-                                 "choose another name (--force-replace-keys replaces it: the old key is lost; "
-                                 "--overwrite does not)")
+                raise UsageError(
+                    f"{o.label} exists; key files are never overwritten",
+                    o.path,
+                    "choose another name (--force-replace-keys replaces it: the old key is lost; --overwrite does not)",
+                )
         elif o.role == "dir":
             if not os.path.isdir(o.path):
                 raise UsageError(f"{o.label} exists and is not a folder", o.path, "choose a new folder")
             if _non_empty_dir(o.path) and not plan.overwrite:
-                raise UsageError(f"{o.label} exists and is not empty", o.path,
-                                 "choose a new folder, or pass --overwrite to replace its files")
+                raise UsageError(
+                    f"{o.label} exists and is not empty",
+                    o.path,
+                    "choose a new folder, or pass --overwrite to replace its files",
+                )
         elif o.role == "file":
             if os.path.isdir(o.path):
                 raise UsageError(f"{o.label} is a folder, a file name was expected", o.path)
             if not plan.overwrite:
-                raise UsageError(f"{o.label} exists", o.path, "choose another name, or pass --overwrite to "
-                                 "replace it")
+                raise UsageError(f"{o.label} exists", o.path, "choose another name, or pass --overwrite to replace it")
 
 
 _OVERWRITE_HELP = "Replace existing output files (atomically); never an input, never key files."

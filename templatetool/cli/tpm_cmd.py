@@ -44,8 +44,9 @@ class PcrBankType(click.ParamType):  # type: ignore[type-arg]
 
         name = str(value).strip().lower().replace("-", "")
         if name not in ALG_BY_NAME:
-            raise UsageError(f"unknown PCR bank {str(value)[:20]!r}", _opt_name(param),
-                             "use " + ", ".join(sorted(ALG_BY_NAME)))
+            raise UsageError(
+                f"unknown PCR bank {str(value)[:20]!r}", _opt_name(param), "use " + ", ".join(sorted(ALG_BY_NAME))
+            )
         return name
 
 
@@ -67,8 +68,9 @@ def parse_pcr_list(text: str) -> tuple[int, ...]:
     return tuple(PCR_LIST.convert(text, None, None))
 
 
-def _pcr_values(pcrs: str | Sequence[int] | None, pcr_values: str | None, tcg_log: str | None,
-                bank: str) -> dict[int, bytes]:
+def _pcr_values(
+    pcrs: str | Sequence[int] | None, pcr_values: str | None, tcg_log: str | None, bank: str
+) -> dict[int, bytes]:
     from ..tpm.policy import parse_pcr_values
     from ..tpm.protector import resolve_pcr_values
 
@@ -93,11 +95,16 @@ def _pin(pin_env: str | None, ask: bool) -> str | None:
     return None
 
 
-bank_option = click.option("--bank", type=PCR_BANK, default="sha256", show_default=True,
-                           help="PCR bank: sha1, sha256, sha384, sha512.")
+bank_option = click.option(
+    "--bank", type=PCR_BANK, default="sha256", show_default=True, help="PCR bank: sha1, sha256, sha384, sha512."
+)
 pcrs_option = click.option("--pcrs", type=PCR_LIST, help="PCR indices 0..23, e.g. 7,11.")
-values_option = click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
-log_option = click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
+values_option = click.option(
+    "--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines)."
+)
+log_option = click.option(
+    "--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values."
+)
 
 
 @click.group("tpm")
@@ -140,8 +147,9 @@ def pcrs_cmd(log: str, all_pcrs: bool, bank: str | None, as_json: bool) -> None:
 @bank_option
 @click.option("--pin", "with_pin", is_flag=True, help="Add PolicyAuthValue (a PIN).")
 @json_option
-def policy_cmd(pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str, with_pin: bool,
-               as_json: bool) -> None:
+def policy_cmd(
+    pcrs: str | None, pcr_values: str | None, tcg_log: str | None, bank: str, with_pin: bool, as_json: bool
+) -> None:
     """Print the policy digest (PolicyPCR [+ PolicyAuthValue]) for the given PCR values."""
     from ..tpm.policy import compute_policy
 
@@ -162,8 +170,12 @@ def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
 
 
 @tpm_group.command("seal")
-@click.option("--parent", required=True, type=click.Path(dir_okay=False),
-              help="Parent public: TPM2B_PUBLIC, PEM public key, or EK/SRK certificate.")
+@click.option(
+    "--parent",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Parent public: TPM2B_PUBLIC, PEM public key, or EK/SRK certificate.",
+)
 @click.option("--parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/certificate.")
 @pcrs_option
 @values_option
@@ -172,14 +184,30 @@ def parent_cmd(parent: str, template: str | None, as_json: bool) -> None:
 @click.option("--pin-env", metavar="VAR", help="Environment variable holding a PIN (adds PolicyAuthValue).")
 @click.option("--secret-file", required=True, type=click.Path(dir_okay=False), help="Secret to seal (1..128 bytes).")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Protector payload to write.")
-@click.option("--tpm2-tools", "tools_prefix", type=OUTPUT_PREFIX,
-              help="Also write PREFIX.pub/.priv/.seed for tpm2_import.")
+@click.option(
+    "--tpm2-tools", "tools_prefix", type=OUTPUT_PREFIX, help="Also write PREFIX.pub/.priv/.seed for tpm2_import."
+)
 @json_option
-@policy.derived_outputs(lambda p: [Out(f"--tpm2-tools (PREFIX{e})", p["tools_prefix"] + e)
-                                   for e in (".pub", ".priv", ".seed")] if p.get("tools_prefix") else [])
-def seal_cmd(parent: str, parent_template: str | None, pcrs: str | None, pcr_values: str | None,
-             tcg_log: str | None, bank: str, pin_env: str | None, secret_file: str, output: str,
-             tools_prefix: str | None, as_json: bool) -> None:
+@policy.derived_outputs(
+    lambda p: (
+        [Out(f"--tpm2-tools (PREFIX{e})", p["tools_prefix"] + e) for e in (".pub", ".priv", ".seed")]
+        if p.get("tools_prefix")
+        else []
+    )
+)
+def seal_cmd(
+    parent: str,
+    parent_template: str | None,
+    pcrs: str | None,
+    pcr_values: str | None,
+    tcg_log: str | None,
+    bank: str,
+    pin_env: str | None,
+    secret_file: str,
+    output: str,
+    tools_prefix: str | None,
+    as_json: bool,
+) -> None:
     """Seal a secret offline to a (v)TPM parent key under a PCR policy."""
     from ..tpm.keys import load_parent
     from ..tpm.protector import parse_protector, seal_to_parent
@@ -214,15 +242,28 @@ def show_cmd(blob: str, as_json: bool) -> None:
 @click.argument("blob", type=click.Path(dir_okay=False))
 @click.option("--tpm", "tcti", help="TCTI of the TPM, e.g. swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0.")
 @click.option("--parent-handle", help="Persistent handle of the parent (default: the recorded one, 0x81000001).")
-@click.option("--key", "key_file", type=click.Path(dir_okay=False),
-              help="Software unseal with the vTPM private key (needs --pcr-values or --tcg-log).")
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False),
+    help="Software unseal with the vTPM private key (needs --pcr-values or --tcg-log).",
+)
 @values_option
 @log_option
 @click.option("--pin-env", metavar="VAR", help="Environment variable holding the PIN.")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Write the secret here (0600).")
 @json_option
-def unseal_cmd(blob: str, tcti: str | None, parent_handle: str | None, key_file: str | None, pcr_values: str | None,
-               tcg_log: str | None, pin_env: str | None, output: str, as_json: bool) -> None:
+def unseal_cmd(
+    blob: str,
+    tcti: str | None,
+    parent_handle: str | None,
+    key_file: str | None,
+    pcr_values: str | None,
+    tcg_log: str | None,
+    pin_env: str | None,
+    output: str,
+    as_json: bool,
+) -> None:
     """Unseal a vTPM protector through a TPM (--tpm) or with the vTPM private key (--key)."""
     from ..tpm.algs import bank_name
     from ..tpm.protector import parse_protector, unseal_with_software_key, unseal_with_tpm
@@ -266,12 +307,25 @@ def vtpm_group() -> None:
 
 @vtpm_group.command("new")
 @click.argument("out", required=False, type=OUTPUT_PREFIX)
-@click.option("-o", "--output", "name", type=OUTPUT_PREFIX, help="Output name prefix: writes NAME.key (0600), NAME.pub, NAME.pem.")
-@click.option("--type", "kind", type=click.Choice(["rsa", "ecc"]), default="rsa", show_default=True,
-              help="RSA-2048 or ECC NIST P-256.")
+@click.option(
+    "-o", "--output", "name", type=OUTPUT_PREFIX, help="Output name prefix: writes NAME.key (0600), NAME.pub, NAME.pem."
+)
+@click.option(
+    "--type",
+    "kind",
+    type=click.Choice(["rsa", "ecc"]),
+    default="rsa",
+    show_default=True,
+    help="RSA-2048 or ECC NIST P-256.",
+)
 @json_option
-@policy.derived_outputs(lambda p: [Out(f"vtpm key file (*{e})", (_vtpm_base(p) or "") + e, "key")
-                                   for e in (".key", ".pub", ".pem")] if _vtpm_base(p) else [])
+@policy.derived_outputs(
+    lambda p: (
+        [Out(f"vtpm key file (*{e})", (_vtpm_base(p) or "") + e, "key") for e in (".key", ".pub", ".pem")]
+        if _vtpm_base(p)
+        else []
+    )
+)
 def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) -> None:
     """Create a vTPM storage key pair (OUT may be a directory: writes OUT/vtpm.*)."""
     from ..tpm.keys import create_vtpm_key
@@ -281,27 +335,45 @@ def vtpm_new_cmd(out: str | None, name: str | None, kind: str, as_json: bool) ->
     base = _vtpm_base({"out": out, "name": name})
     assert base is not None  # existing key files were refused by the output policy (cli/policy.py)
     res = create_vtpm_key(base, kind)
-    emit(res.to_json(), as_json, lambda d: f"wrote {d['key']} (private, 0600), {d['pub']}, {d['pem']}; Name {d['name']}")
+    emit(
+        res.to_json(), as_json, lambda d: f"wrote {d['key']} (private, 0600), {d['pub']}, {d['pem']}; Name {d['name']}"
+    )
 
 
 # --- options for other commands (encrypt / decrypt) -------------------------------------------
+
 
 def tpm_seal_options(f: Any) -> Any:
     """click options adding a vTPM protector to an encrypt-like command: ``--tpm-parent``,
     ``--tpm-parent-template``, ``--pcrs``, ``--pcr-values``, ``--tcg-log``, ``--bank`` and
     ``--pin-env`` (keyword names ``tpm_*``). Pass the values to :func:`vtpm_from_options`."""
     opts = [
-        click.option("--tpm-parent", type=click.Path(dir_okay=False),
-                     help="Add a vTPM protector sealed to this parent (TPM2B_PUBLIC, PEM public key, EK/SRK cert)."),
+        click.option(
+            "--tpm-parent",
+            type=click.Path(dir_okay=False),
+            help="Add a vTPM protector sealed to this parent (TPM2B_PUBLIC, PEM public key, EK/SRK cert).",
+        ),
         click.option("--tpm-parent-template", type=click.Choice(["srk", "ek"]), help="Template for a bare key/cert."),
-        click.option("--pcrs", "tpm_pcrs", type=PCR_LIST, default=None,
-                     help="PCRs 0..23 of the vTPM policy [default: those in --pcr-values; 7,11 with --tcg-log]."),
+        click.option(
+            "--pcrs",
+            "tpm_pcrs",
+            type=PCR_LIST,
+            default=None,
+            help="PCRs 0..23 of the vTPM policy [default: those in --pcr-values; 7,11 with --tcg-log].",
+        ),
         click.option("--pcr-values", "tpm_pcr_values", help="7=HEX,11=HEX or a file."),
         click.option("--tcg-log", "tpm_tcg_log", type=click.Path(dir_okay=False), help="Reference TCG event log."),
-        click.option("--bank", "tpm_bank", type=PCR_BANK, default="sha256", show_default=True,
-                     help="PCR bank of the vTPM policy."),
-        click.option("--pin-env", "tpm_pin_env", metavar="VAR",
-                     help="TPM+PIN: the PIN is in $VAR (adds PolicyAuthValue)."),
+        click.option(
+            "--bank",
+            "tpm_bank",
+            type=PCR_BANK,
+            default="sha256",
+            show_default=True,
+            help="PCR bank of the vTPM policy.",
+        ),
+        click.option(
+            "--pin-env", "tpm_pin_env", metavar="VAR", help="TPM+PIN: the PIN is in $VAR (adds PolicyAuthValue)."
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -312,10 +384,15 @@ def tpm_seal_options(f: Any) -> Any:
 DEFAULT_LOG_PCRS = (7, 11)
 
 
-def vtpm_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None,
-                      tpm_pcrs: str | Sequence[int] | None = None, tpm_pcr_values: str | None = None,
-                      tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
-                      tpm_pin_env: str | None = None) -> tuple[Any, dict[str, Any]] | None:
+def vtpm_from_options(
+    tpm_parent: str | None,
+    tpm_parent_template: str | None = None,
+    tpm_pcrs: str | Sequence[int] | None = None,
+    tpm_pcr_values: str | None = None,
+    tpm_tcg_log: str | None = None,
+    tpm_bank: str = "sha256",
+    tpm_pin_env: str | None = None,
+) -> tuple[Any, dict[str, Any]] | None:
     """(sealer, description) for :func:`tpm_seal_options` values, or None without --tpm-parent.
 
     Everything (parent, PCR values or log replay, PIN) is read and checked now, before any disk
@@ -327,8 +404,10 @@ def vtpm_from_options(tpm_parent: str | None, tpm_parent_template: str | None = 
         ctx = click.get_current_context(silent=True)
         bank_given = ctx is not None and ctx.get_parameter_source("tpm_bank") == click.core.ParameterSource.COMMANDLINE
         if tpm_pcrs or tpm_pcr_values or tpm_tcg_log or tpm_pin_env or tpm_parent_template or bank_given:
-            raise UsageError("--pcrs, --pcr-values, --tcg-log, --bank, --pin-env and --tpm-parent-template describe "
-                             "a vTPM protector: they need --tpm-parent")
+            raise UsageError(
+                "--pcrs, --pcr-values, --tcg-log, --bank, --pin-env and --tpm-parent-template describe "
+                "a vTPM protector: they need --tpm-parent"
+            )
         return None
     bank = PCR_BANK.convert(tpm_bank, None, None)
     pcrs: Sequence[int] | None = PCR_LIST.convert(tpm_pcrs, None, None) if tpm_pcrs else None
@@ -341,13 +420,17 @@ def vtpm_from_options(tpm_parent: str | None, tpm_parent_template: str | None = 
     return seal, {"parent_name": parent.name.hex(), "bank": bank, "pcrs": sorted(vals), "pin": pin is not None}
 
 
-def sealer_from_options(tpm_parent: str | None, tpm_parent_template: str | None = None,
-                        tpm_pcrs: str | Sequence[int] | None = None, tpm_pcr_values: str | None = None,
-                        tpm_tcg_log: str | None = None, tpm_bank: str = "sha256",
-                        tpm_pin_env: str | None = None) -> Any:
+def sealer_from_options(
+    tpm_parent: str | None,
+    tpm_parent_template: str | None = None,
+    tpm_pcrs: str | Sequence[int] | None = None,
+    tpm_pcr_values: str | None = None,
+    tpm_tcg_log: str | None = None,
+    tpm_bank: str = "sha256",
+    tpm_pin_env: str | None = None,
+) -> Any:
     """The BitLocker sealer for :func:`tpm_seal_options` values, or None without --tpm-parent."""
-    r = vtpm_from_options(tpm_parent, tpm_parent_template, tpm_pcrs, tpm_pcr_values, tpm_tcg_log, tpm_bank,
-                          tpm_pin_env)
+    r = vtpm_from_options(tpm_parent, tpm_parent_template, tpm_pcrs, tpm_pcr_values, tpm_tcg_log, tpm_bank, tpm_pin_env)
     return r[0] if r else None
 
 

@@ -35,12 +35,17 @@ def _fresh(*paths: str | None) -> None:
 
 
 @click.command("manufacture")
-@click.option("-o", "--output", required=True, type=OUTPUT_FILE,
-              help="Write the encrypted vTPM state (swtpm tpm2-00.permall) here.")
-@click.option("--key-out", required=True, type=KEY_FILE,
-              help="Write the fresh 32-byte transport key K here (0600).")
-@click.option("--secret-file", type=click.Path(dir_okay=False),
-              help="Seal this secret (1..128 bytes) to the vTPM's own SRK.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=OUTPUT_FILE,
+    help="Write the encrypted vTPM state (swtpm tpm2-00.permall) here.",
+)
+@click.option("--key-out", required=True, type=KEY_FILE, help="Write the fresh 32-byte transport key K here (0600).")
+@click.option(
+    "--secret-file", type=click.Path(dir_okay=False), help="Seal this secret (1..128 bytes) to the vTPM's own SRK."
+)
 @click.option("--pcrs", type=PCR_LIST, help="PCR indices 0..23 of the policy [default with --tcg-log: 7,11].")
 @click.option("--pcr-values", help="7=HEX,11=HEX, or a file (JSON from 'tpm pcrs --json', or 7=HEX lines).")
 @click.option("--tcg-log", type=click.Path(dir_okay=False), help="Replay this TCG event log for the PCR values.")
@@ -50,9 +55,20 @@ def _fresh(*paths: str | None) -> None:
 @click.option("--srk-out", type=OUTPUT_FILE, help="Write the SRK public (TPM2B_PUBLIC) here.")
 @click.option("--ek-out", type=OUTPUT_FILE, help="Write the RSA EK public (TPM2B_PUBLIC) here.")
 @json_option
-def manufacture_cmd(output: str, key_out: str, secret_file: str | None, pcrs: list[int] | None, pcr_values: str | None,
-                    tcg_log: str | None, bank: str, pin_env: str | None, protector_out: str | None,
-                    srk_out: str | None, ek_out: str | None, as_json: bool) -> None:
+def manufacture_cmd(
+    output: str,
+    key_out: str,
+    secret_file: str | None,
+    pcrs: list[int] | None,
+    pcr_values: str | None,
+    tcg_log: str | None,
+    bank: str,
+    pin_env: str | None,
+    protector_out: str | None,
+    srk_out: str | None,
+    ek_out: str | None,
+    as_json: bool,
+) -> None:
     """Manufacture a VM's vTPM with swtpm (EK + SRK), encrypted under a fresh transport key."""
     from ..tpm.policy import parse_pcr_values
     from ..tpm.protector import resolve_pcr_values
@@ -61,8 +77,9 @@ def manufacture_cmd(output: str, key_out: str, secret_file: str | None, pcrs: li
     if bool(secret_file) != bool(protector_out):
         raise UsageError("--secret-file and --protector-out go together")
     if not secret_file and (pcrs or pcr_values or tcg_log or pin_env):
-        raise UsageError("--pcrs, --pcr-values, --tcg-log and --pin-env describe the sealed secret: "
-                         "they need --secret-file")
+        raise UsageError(
+            "--pcrs, --pcr-values, --tcg-log and --pin-env describe the sealed secret: they need --secret-file"
+        )
     _fresh(output, key_out, protector_out, srk_out, ek_out)
     secret = vals = pin = None
     if secret_file:
@@ -85,16 +102,25 @@ def manufacture_cmd(output: str, key_out: str, secret_file: str | None, pcrs: li
     if ek_out:
         write_bytes_atomic(ek_out, m.ek.tpm2b_public)
     doc = {"output": output, "key_out": key_out, "protector_out": protector_out, **m.to_json()}
-    emit(doc, as_json, lambda d: f"vTPM state {output} ({d['state_size']} bytes, aes-256-cbc), key {key_out} (0600); "
-         f"SRK {d['srk_name']}" + (f"; sealed to it: {protector_out}" if protector_out else ""))
+    emit(
+        doc,
+        as_json,
+        lambda d: (
+            f"vTPM state {output} ({d['state_size']} bytes, aes-256-cbc), key {key_out} (0600); "
+            f"SRK {d['srk_name']}" + (f"; sealed to it: {protector_out}" if protector_out else "")
+        ),
+    )
 
 
 @click.command("rekey")
 @click.argument("state", type=click.Path(dir_okay=False))
-@click.option("--key", "key_file", type=click.Path(dir_okay=False),
-              help="The state's current 32-byte key (omit for an unencrypted state).")
-@click.option("--new-key-out", required=True, type=KEY_FILE,
-              help="Write the fresh 32-byte key here (0600).")
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False),
+    help="The state's current 32-byte key (omit for an unencrypted state).",
+)
+@click.option("--new-key-out", required=True, type=KEY_FILE, help="Write the fresh 32-byte key here (0600).")
 @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Write the re-keyed state here.")
 @json_option
 def rekey_cmd(state: str, key_file: str | None, new_key_out: str, output: str, as_json: bool) -> None:
@@ -108,8 +134,11 @@ def rekey_cmd(state: str, key_file: str | None, new_key_out: str, output: str, a
     out = rekey_state(data, old, new, state)
     write_secret_file(new_key_out, new)
     write_bytes_atomic(output, out, mode=0o600)
-    emit({"output": output, "new_key_out": new_key_out, "size": len(out)}, as_json,
-         f"re-keyed {state} -> {output} ({len(out)} bytes); new key {new_key_out} (0600)")
+    emit(
+        {"output": output, "new_key_out": new_key_out, "size": len(out)},
+        as_json,
+        f"re-keyed {state} -> {output} ({len(out)} bytes); new key {new_key_out} (0600)",
+    )
 
 
 @click.command("state")
@@ -141,6 +170,7 @@ def register(cli: click.Group) -> None:
     """Add ``manufacture``, ``rekey`` and ``state`` to the ``vtpm`` group (made here if absent)."""
     group = cli.commands.get("vtpm")
     if not isinstance(group, click.Group):
+
         @click.group("vtpm")
         def vtpm_group() -> None:
             """vTPM keys and states."""

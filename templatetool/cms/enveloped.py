@@ -49,8 +49,15 @@ from ..errors import (
 #: A recipient private key (``cryptography`` object; HSM-backed keys must implement decrypt/exchange).
 RecipientKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
-__all__ = ["OID_AUTH_ENVELOPED_DATA", "RecipientDescription", "RecipientKey", "envelope", "list_recipients",
-           "open_envelope", "recipient_ids"]
+__all__ = [
+    "OID_AUTH_ENVELOPED_DATA",
+    "RecipientDescription",
+    "RecipientKey",
+    "envelope",
+    "list_recipients",
+    "open_envelope",
+    "recipient_ids",
+]
 
 OID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
 OID_DATA = "1.2.840.113549.1.7.1"
@@ -72,8 +79,11 @@ _WRAP_ALGS = {"2.16.840.1.101.3.4.1.5": 16, "2.16.840.1.101.3.4.1.25": 24, "2.16
 OID_AES256_WRAP = "2.16.840.1.101.3.4.1.45"
 
 _OAEP_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384, "sha512": hashes.SHA512,
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
 }
 
 GCM_NONCE_LEN = 12
@@ -210,19 +220,25 @@ def _ktri(cert: x509.Certificate, cek: bytes) -> _RecipientInfo:
     assert isinstance(pub, rsa.RSAPublicKey)
     _check_encryption_usage(cert, "keyEncipherment")
     enc = pub.encrypt(cek, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
-    alg = cms.KeyEncryptionAlgorithm({
-        "algorithm": "rsaes_oaep",
-        "parameters": algos.RSAESOAEPParams({
-            "hash_algorithm": {"algorithm": "sha256"},
-            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
-        }),
-    })
-    ktri = cms.KeyTransRecipientInfo({
-        "version": "v0",
-        "rid": cms.RecipientIdentifier({"issuer_and_serial_number": _issuer_serial(cert)}),
-        "key_encryption_algorithm": alg,
-        "encrypted_key": enc,
-    })
+    alg = cms.KeyEncryptionAlgorithm(
+        {
+            "algorithm": "rsaes_oaep",
+            "parameters": algos.RSAESOAEPParams(
+                {
+                    "hash_algorithm": {"algorithm": "sha256"},
+                    "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+                }
+            ),
+        }
+    )
+    ktri = cms.KeyTransRecipientInfo(
+        {
+            "version": "v0",
+            "rid": cms.RecipientIdentifier({"issuer_and_serial_number": _issuer_serial(cert)}),
+            "key_encryption_algorithm": alg,
+            "encrypted_key": enc,
+        }
+    )
     return _RecipientInfo(name="ktri", value=ktri)
 
 
@@ -237,22 +253,32 @@ def _kari(cert: x509.Certificate, cek: bytes) -> _RecipientInfo:
     eph_point = eph.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     # OriginatorPublicKey: id-ecPublicKey with parameters absent (RFC 5753 §7.1.3 allows absent or
     # NULL; openssl emits absent), publicKey = the uncompressed point.
-    orig_key = keys.PublicKeyInfo({
-        "algorithm": keys.PublicKeyAlgorithm({"algorithm": "ec"}),
-        "public_key": eph_point,
-    })
-    kari = _KeyAgreeRecipientInfo({
-        "version": "v3",
-        "originator": cms.OriginatorIdentifierOrKey(name="originator_key", value=orig_key),
-        "key_encryption_algorithm": _AlgId({
-            "algorithm": OID_ECDH_SHA256KDF,
-            "parameters": _AlgId({"algorithm": OID_AES256_WRAP}),
-        }),
-        "recipient_encrypted_keys": [
-            {"rid": cms.KeyAgreementRecipientIdentifier(name="issuer_and_serial_number", value=_issuer_serial(cert)),
-             "encrypted_key": wrapped},
-        ],
-    })
+    orig_key = keys.PublicKeyInfo(
+        {
+            "algorithm": keys.PublicKeyAlgorithm({"algorithm": "ec"}),
+            "public_key": eph_point,
+        }
+    )
+    kari = _KeyAgreeRecipientInfo(
+        {
+            "version": "v3",
+            "originator": cms.OriginatorIdentifierOrKey(name="originator_key", value=orig_key),
+            "key_encryption_algorithm": _AlgId(
+                {
+                    "algorithm": OID_ECDH_SHA256KDF,
+                    "parameters": _AlgId({"algorithm": OID_AES256_WRAP}),
+                }
+            ),
+            "recipient_encrypted_keys": [
+                {
+                    "rid": cms.KeyAgreementRecipientIdentifier(
+                        name="issuer_and_serial_number", value=_issuer_serial(cert)
+                    ),
+                    "encrypted_key": wrapped,
+                },
+            ],
+        }
+    )
     return _RecipientInfo(name="kari", value=kari)
 
 
@@ -275,24 +301,31 @@ def envelope(content: bytes, recipients: list[x509.Certificate]) -> bytes:
         elif isinstance(pub, ec.EllipticCurvePublicKey):
             infos.append(_kari(cert, cek))
         else:
-            raise UsageError(f"unsupported recipient key type {type(pub).__name__}", cert.subject.rfc4514_string(),
-                             "use an RSA or EC (P-256/P-384) encryption certificate")
+            raise UsageError(
+                f"unsupported recipient key type {type(pub).__name__}",
+                cert.subject.rfc4514_string(),
+                "use an RSA or EC (P-256/P-384) encryption certificate",
+            )
     nonce = os.urandom(GCM_NONCE_LEN)
     sealed = AESGCM(cek).encrypt(nonce, content, None)
     ciphertext, tag = sealed[:-GCM_TAG_LEN], sealed[-GCM_TAG_LEN:]
-    aed = _AuthEnvelopedData({
-        "version": 0,
-        "recipient_infos": infos,
-        "auth_encrypted_content_info": {
-            "content_type": OID_DATA,
-            "content_encryption_algorithm": _AlgId({
-                "algorithm": OID_AES256_GCM,
-                "parameters": _GCMParameters({"aes_nonce": nonce, "aes_icv_len": GCM_TAG_LEN}),
-            }),
-            "encrypted_content": ciphertext,
-        },
-        "mac": tag,
-    })
+    aed = _AuthEnvelopedData(
+        {
+            "version": 0,
+            "recipient_infos": infos,
+            "auth_encrypted_content_info": {
+                "content_type": OID_DATA,
+                "content_encryption_algorithm": _AlgId(
+                    {
+                        "algorithm": OID_AES256_GCM,
+                        "parameters": _GCMParameters({"aes_nonce": nonce, "aes_icv_len": GCM_TAG_LEN}),
+                    }
+                ),
+                "encrypted_content": ciphertext,
+            },
+            "mac": tag,
+        }
+    )
     der: bytes = _AuthEnvelopedContentInfo({"content_type": OID_AUTH_ENVELOPED_DATA, "content": aed}).dump()
     return der
 
@@ -312,15 +345,23 @@ class RecipientDescription:
     algorithm: str
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "issuer": self.issuer, "serial": format(self.serial, "x"), "algorithm": self.algorithm}
+        return {
+            "kind": self.kind,
+            "issuer": self.issuer,
+            "serial": format(self.serial, "x"),
+            "algorithm": self.algorithm,
+        }
 
 
 def _parse(der: bytes, where: str) -> _AuthEnvelopedData:
     try:
         ci = _ContentInfo.load(der, strict=True)
         if ci["content_type"].dotted != OID_AUTH_ENVELOPED_DATA:
-            raise FormatError(f"CMS content type {ci['content_type'].dotted} is not AuthEnvelopedData", where,
-                              "expected an envelope written by templatetool or openssl cms -encrypt -aes-256-gcm")
+            raise FormatError(
+                f"CMS content type {ci['content_type'].dotted} is not AuthEnvelopedData",
+                where,
+                "expected an envelope written by templatetool or openssl cms -encrypt -aes-256-gcm",
+            )
         aed: _AuthEnvelopedData = _AuthEnvelopedContentInfo.load(der, strict=True)["content"]
         _ = aed.native  # force a full parse so malformed inner fields fail here
         for ri in aed["recipient_infos"]:
@@ -362,8 +403,11 @@ def list_recipients(der: bytes, where: str = "envelope") -> list[RecipientDescri
             continue
         for rid in rids:
             if rid.name == "issuer_and_serial_number":
-                out.append(RecipientDescription(ri.name, rid.chosen["issuer"].human_friendly,
-                                                rid.chosen["serial_number"].native, alg))
+                out.append(
+                    RecipientDescription(
+                        ri.name, rid.chosen["issuer"].human_friendly, rid.chosen["serial_number"].native, alg
+                    )
+                )
             else:
                 out.append(RecipientDescription(ri.name, "(key identifier)", 0, alg))
     return out
@@ -398,8 +442,11 @@ def _key_matches_cert(key: RecipientKey, cert: x509.Certificate) -> bool:
 def _open_ktri(ktri: Any, key: rsa.RSAPrivateKey, where: str) -> bytes:  # ktri: asn1crypto KeyTransRecipientInfo
     alg = ktri["key_encryption_algorithm"]
     if alg["algorithm"].native != "rsaes_oaep":
-        raise UnsupportedError(f"RSA key transport {alg['algorithm'].native} is not supported", where,
-                               "only RSAES-OAEP recipients are read")
+        raise UnsupportedError(
+            f"RSA key transport {alg['algorithm'].native} is not supported",
+            where,
+            "only RSAES-OAEP recipients are read",
+        )
     params = alg["parameters"]
     h = params["hash_algorithm"]["algorithm"].native
     mgf_h = params["mask_gen_algorithm"]["parameters"]["algorithm"].native
@@ -407,8 +454,10 @@ def _open_ktri(ktri: Any, key: rsa.RSAPrivateKey, where: str) -> bytes:  # ktri:
         raise UnsupportedError(f"OAEP hash {h}/{mgf_h} is not supported", where)
     label = params["p_source_algorithm"]["parameters"].native or None
     try:
-        return key.decrypt(ktri["encrypted_key"].native,
-                           padding.OAEP(mgf=padding.MGF1(_OAEP_HASHES[mgf_h]()), algorithm=_OAEP_HASHES[h](), label=label))
+        return key.decrypt(
+            ktri["encrypted_key"].native,
+            padding.OAEP(mgf=padding.MGF1(_OAEP_HASHES[mgf_h]()), algorithm=_OAEP_HASHES[h](), label=label),
+        )
     except ValueError:
         raise IntegrityError("the wrapped content key does not decrypt", where, "the envelope was altered") from None
 
@@ -417,8 +466,11 @@ def _open_kari(kari: _KeyAgreeRecipientInfo, rek_der: bytes, key: ec.EllipticCur
     alg = kari["key_encryption_algorithm"]
     scheme = alg["algorithm"].dotted
     if scheme not in _ECDH_SCHEMES:
-        raise UnsupportedError(f"key agreement scheme {scheme} is not supported", where,
-                               "only dhSinglePass-stdDH-sha*kdf-scheme recipients are read")
+        raise UnsupportedError(
+            f"key agreement scheme {scheme} is not supported",
+            where,
+            "only dhSinglePass-stdDH-sha*kdf-scheme recipients are read",
+        )
     try:
         wrap = _AlgId.load(alg["parameters"].dump())
     except (ValueError, TypeError):
@@ -433,8 +485,9 @@ def _open_kari(kari: _KeyAgreeRecipientInfo, rek_der: bytes, key: ec.EllipticCur
     try:
         eph = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, point)
     except ValueError:
-        raise IntegrityError("the originator's ephemeral key is not a point on the recipient's curve", where,
-                             "the envelope was altered") from None
+        raise IntegrityError(
+            "the originator's ephemeral key is not a point on the recipient's curve", where, "the envelope was altered"
+        ) from None
     ukm = kari["ukm"].native if kari["ukm"].native is not None else None
     kek_len = _WRAP_ALGS[wrap_oid]
     shared = key.exchange(ec.ECDH(), eph)
@@ -464,8 +517,11 @@ def open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where: 
 def _open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where: str) -> bytes:
     aed = _parse(der, where)
     if not _key_matches_cert(key, cert):
-        raise CredentialError("the private key does not belong to the given certificate", where,
-                              "pass the key and certificate of the same recipient")
+        raise CredentialError(
+            "the private key does not belong to the given certificate",
+            where,
+            "pass the key and certificate of the same recipient",
+        )
     cek: bytes | None = None
     for ri in aed["recipient_infos"]:
         if ri.name == "ktri" and _rid_matches(ri.chosen["rid"], cert):
@@ -483,13 +539,17 @@ def _open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where:
             if cek is not None:
                 break
     if cek is None:
-        raise CredentialError("this certificate is not a recipient of the envelope",
-                              f"{where}: {cert.subject.rfc4514_string()}",
-                              "use the key of the owner or of one of the guardians it was made for")
+        raise CredentialError(
+            "this certificate is not a recipient of the envelope",
+            f"{where}: {cert.subject.rfc4514_string()}",
+            "use the key of the owner or of one of the guardians it was made for",
+        )
     eci = aed["auth_encrypted_content_info"]
     calg = eci["content_encryption_algorithm"]
     if calg["algorithm"].dotted not in ("2.16.840.1.101.3.4.1.6", "2.16.840.1.101.3.4.1.26", OID_AES256_GCM):
-        raise UnsupportedError(f"content cipher {calg['algorithm'].dotted} is not supported", where, "only AES-GCM is read")
+        raise UnsupportedError(
+            f"content cipher {calg['algorithm'].dotted} is not supported", where, "only AES-GCM is read"
+        )
     try:
         gp = _GCMParameters.load(calg["parameters"].dump())
         nonce = gp["aes_nonce"].native
@@ -499,7 +559,10 @@ def _open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where:
     tag = aed["mac"].native
     if len(tag) != icv_len or icv_len < 12 or not (8 <= len(nonce) <= 64):
         raise IntegrityError("the GCM tag or nonce has the wrong length", where, "the envelope was altered")
-    if len(cek) * 8 not in (128, 192, 256) or len(cek) != {"2.16.840.1.101.3.4.1.6": 16, "2.16.840.1.101.3.4.1.26": 24}.get(calg["algorithm"].dotted, 32):
+    if len(cek) * 8 not in (128, 192, 256) or len(cek) != {
+        "2.16.840.1.101.3.4.1.6": 16,
+        "2.16.840.1.101.3.4.1.26": 24,
+    }.get(calg["algorithm"].dotted, 32):
         raise IntegrityError("the content key has the wrong length", where, "the envelope was altered")
     aad = None
     if aed["auth_attrs"].native is not None:
@@ -516,6 +579,6 @@ def _open_envelope(der: bytes, key: RecipientKey, cert: x509.Certificate, where:
             dec.authenticate_additional_data(aad)
         return dec.update(ciphertext) + dec.finalize()
     except InvalidTag:
-        raise IntegrityError("the envelope's authentication tag does not verify", where,
-                             "the encrypted content was altered or truncated") from None
-
+        raise IntegrityError(
+            "the envelope's authentication tag does not verify", where, "the encrypted content was altered or truncated"
+        ) from None

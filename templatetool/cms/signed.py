@@ -28,7 +28,9 @@ from ..errors import FormatError, IntegrityError, PolicyError, TemplateToolError
 from ..signers.base import KeyAlgorithm, Signer
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
 }
 
 
@@ -89,9 +91,16 @@ def _attrs_der_sorted(attrs: list[cms.CMSAttribute]) -> cms.CMSAttributes:
     return cms.CMSAttributes(ordered)
 
 
-def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bool = False,
-              digest: str = "sha256", content_type: str = "data",
-              signing_time: _dt.datetime | None = None) -> bytes:
+def sign_data(
+    content: bytes,
+    signer: Signer,
+    *,
+    detached: bool = False,
+    pss: bool = False,
+    digest: str = "sha256",
+    content_type: str = "data",
+    signing_time: _dt.datetime | None = None,
+) -> bytes:
     """Return DER CMS SignedData over ``content`` signed by ``signer``.
 
     ``content_type`` is ``'data'`` or a dotted OID for the encapsulated content type.
@@ -100,8 +109,10 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     if not isinstance(content, (bytes, bytearray)):
         raise UsageError("content must be bytes")
     if not isinstance(signer, Signer):
-        raise UsageError(f"{type(signer).__name__} is not a Signer",
-                         hint="give an object with certificate, chain, key_algorithm and sign_raw()")
+        raise UsageError(
+            f"{type(signer).__name__} is not a Signer",
+            hint="give an object with certificate, chain, key_algorithm and sign_raw()",
+        )
     cert = signer.certificate
     hash_alg = _hash(digest)
     md = _digest(bytes(content), digest)
@@ -111,30 +122,37 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
     else:
         st = cms.Time({"generalized_time": core.GeneralizedTime(when)})
     ctype = cms.ContentType(content_type)
-    signed_attrs = _attrs_der_sorted([
-        cms.CMSAttribute({"type": "content_type", "values": [ctype]}),
-        cms.CMSAttribute({"type": "message_digest", "values": [md]}),
-        cms.CMSAttribute({"type": "signing_time", "values": [st]}),
-    ])
+    signed_attrs = _attrs_der_sorted(
+        [
+            cms.CMSAttribute({"type": "content_type", "values": [ctype]}),
+            cms.CMSAttribute({"type": "message_digest", "values": [md]}),
+            cms.CMSAttribute({"type": "signing_time", "values": [st]}),
+        ]
+    )
     to_sign = signed_attrs.dump()  # universal SET tag: what the signature covers (RFC 5652 §5.4)
 
     pub = cert.public_key()
     key_alg = signer.key_algorithm
-    if isinstance(pub, rsa.RSAPublicKey) != key_alg.is_rsa or \
-            isinstance(pub, ec.EllipticCurvePublicKey) != (key_alg == KeyAlgorithm.ECDSA):
+    if isinstance(pub, rsa.RSAPublicKey) != key_alg.is_rsa or isinstance(pub, ec.EllipticCurvePublicKey) != (
+        key_alg == KeyAlgorithm.ECDSA
+    ):
         raise UsageError("the signer's key type does not match its certificate", signer.describe())
     if isinstance(pub, rsa.RSAPublicKey):
         if pss:
             use = KeyAlgorithm.RSA_PSS
-            sig_alg = algos.SignedDigestAlgorithm({
-                "algorithm": "rsassa_pss",
-                "parameters": algos.RSASSAPSSParams({
-                    "hash_algorithm": {"algorithm": digest},
-                    "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": digest}},
-                    "salt_length": hash_alg.digest_size,
-                    "trailer_field": "trailer_field_bc",
-                }),
-            })
+            sig_alg = algos.SignedDigestAlgorithm(
+                {
+                    "algorithm": "rsassa_pss",
+                    "parameters": algos.RSASSAPSSParams(
+                        {
+                            "hash_algorithm": {"algorithm": digest},
+                            "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": digest}},
+                            "salt_length": hash_alg.digest_size,
+                            "trailer_field": "trailer_field_bc",
+                        }
+                    ),
+                }
+            )
         else:
             use = KeyAlgorithm.RSA_PKCS1
             sig_alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
@@ -146,25 +164,34 @@ def sign_data(content: bytes, signer: Signer, *, detached: bool = False, pss: bo
         raise UnsupportedError(f"unsupported signer key {type(pub).__name__}", hint="use RSA or EC")
 
     a_cert = _a_cert(cert)
-    signer_info = cms.SignerInfo({
-        "version": "v1",
-        "sid": cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
-            "issuer": a_cert.issuer, "serial_number": a_cert.serial_number})}),
-        "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest}),
-        "signed_attrs": signed_attrs,
-        "signature_algorithm": sig_alg,
-        "signature": signature,
-    })
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                {
+                    "issuer_and_serial_number": cms.IssuerAndSerialNumber(
+                        {"issuer": a_cert.issuer, "serial_number": a_cert.serial_number}
+                    )
+                }
+            ),
+            "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest}),
+            "signed_attrs": signed_attrs,
+            "signature_algorithm": sig_alg,
+            "signature": signature,
+        }
+    )
     encap: dict[str, object] = {"content_type": ctype}
     if not detached:
         encap["content"] = bytes(content)
-    sd = cms.SignedData({
-        "version": "v1" if content_type == "data" else "v3",
-        "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest})],
-        "encap_content_info": encap,
-        "certificates": [a_cert] + [_a_cert(c) for c in signer.chain],
-        "signer_infos": [signer_info],
-    })
+    sd = cms.SignedData(
+        {
+            "version": "v1" if content_type == "data" else "v3",
+            "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest})],
+            "encap_content_info": encap,
+            "certificates": [a_cert] + [_a_cert(c) for c in signer.chain],
+            "signer_infos": [signer_info],
+        }
+    )
     der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump(force=True)
     return der
 
@@ -175,11 +202,17 @@ def _as_utc(t: _dt.datetime) -> _dt.datetime:
 
 def _check_validity(c: x509.Certificate, at: _dt.datetime, role: str) -> None:
     if at < c.not_valid_before_utc:
-        raise PolicyError(f"{role} certificate is not yet valid (from {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)",
-                          c.subject.rfc4514_string(), "check the clock or the certificate")
+        raise PolicyError(
+            f"{role} certificate is not yet valid (from {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)",
+            c.subject.rfc4514_string(),
+            "check the clock or the certificate",
+        )
     if at > c.not_valid_after_utc:
-        raise PolicyError(f"{role} certificate expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
-                          c.subject.rfc4514_string(), "re-sign with a valid certificate")
+        raise PolicyError(
+            f"{role} certificate expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            c.subject.rfc4514_string(),
+            "re-sign with a valid certificate",
+        )
 
 
 def _check_signing_ku(c: x509.Certificate) -> None:
@@ -188,8 +221,11 @@ def _check_signing_ku(c: x509.Certificate) -> None:
     except x509.ExtensionNotFound:
         return
     if not (ku.digital_signature or ku.content_commitment):
-        raise PolicyError("signer certificate key usage does not allow signing (no digitalSignature)",
-                          c.subject.rfc4514_string(), "use a certificate made for signing")
+        raise PolicyError(
+            "signer certificate key usage does not allow signing (no digitalSignature)",
+            c.subject.rfc4514_string(),
+            "use a certificate made for signing",
+        )
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -202,8 +238,13 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
         return False
 
 
-def build_chain(leaf: x509.Certificate, pool: list[x509.Certificate], trust: list[x509.Certificate],
-                at: _dt.datetime, max_depth: int = 8) -> x509.Certificate:
+def build_chain(
+    leaf: x509.Certificate,
+    pool: list[x509.Certificate],
+    trust: list[x509.Certificate],
+    at: _dt.datetime,
+    max_depth: int = 8,
+) -> x509.Certificate:
     """Validate the path leaf → … → anchor (:func:`templatetool.pki.verify_chain`); return the anchor.
 
     The signer certificate may itself be a trust anchor (pinned). Raises PolicyError when no
@@ -211,8 +252,9 @@ def build_chain(leaf: x509.Certificate, pool: list[x509.Certificate], trust: lis
     """
     from ..pki import verify_chain
 
-    return verify_chain(leaf, pool, trust, at=at, where="CMS signer", what="signer certificate",
-                        max_depth=max_depth).anchor
+    return verify_chain(
+        leaf, pool, trust, at=at, where="CMS signer", what="signer certificate", max_depth=max_depth
+    ).anchor
 
 
 def _check_embedded_certificates(certs: list[x509.Certificate], where: str) -> None:
@@ -237,12 +279,20 @@ def _check_embedded_certificates(certs: list[x509.Certificate], where: str) -> N
                 continue  # issued by a CA outside the message
             issuers = [c]
         if not any(_issued_by(c, i) for i in issuers):
-            raise IntegrityError("an embedded certificate's signature does not verify", where + ": " + c.subject.rfc4514_string(),
-                                 "the certificate was altered")
+            raise IntegrityError(
+                "an embedded certificate's signature does not verify",
+                where + ": " + c.subject.rfc4514_string(),
+                "the certificate was altered",
+            )
 
 
-def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certificate] | None = None,
-            at: _dt.datetime | None = None) -> SignedDataInfo:
+def _verify(
+    der: bytes,
+    *,
+    content: bytes | None = None,
+    trust: list[x509.Certificate] | None = None,
+    at: _dt.datetime | None = None,
+) -> SignedDataInfo:
     """The body of :func:`verify_signed_data` (which maps stray parser exceptions to FormatError)."""
     where = "CMS SignedData"
     try:
@@ -291,8 +341,11 @@ def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certif
         if sid.name == "issuer_and_serial_number":
             iss = sid.chosen["issuer"].dump()
             serial = sid.chosen["serial_number"].native
-            cands = [c for c in certs if c.serial_number == serial
-                     and a_x509.Name.load(c.issuer.public_bytes()).dump() == iss]
+            cands = [
+                c
+                for c in certs
+                if c.serial_number == serial and a_x509.Name.load(c.issuer.public_bytes()).dump() == iss
+            ]
         else:
             skid = sid.chosen.native
             cands = []
@@ -350,22 +403,34 @@ def _verify(der: bytes, *, content: bytes | None = None, trust: list[x509.Certif
         else:
             raise UnsupportedError(f"signer key type {type(pub).__name__} not supported", where)
     except InvalidSignature:
-        raise IntegrityError("the CMS signature does not verify", where,
-                             "the catalog or its signature was altered") from None
+        raise IntegrityError(
+            "the CMS signature does not verify", where, "the catalog or its signature was altered"
+        ) from None
     when = _as_utc(at) if at else _dt.datetime.now(_dt.UTC)
     _check_validity(signer_cert, when, "signer")
     _check_signing_ku(signer_cert)
     anchor = None
     if trust:
         anchor = build_chain(signer_cert, [c for c in certs if c is not signer_cert], list(trust), when)
-    return SignedDataInfo(content=data, signer_cert=signer_cert, certificates=certs,
-                          signing_time=signing_time, digest_algorithm=dig_name,
-                          signature_algorithm=sig_name, content_type=ctype, trust_anchor=anchor)
+    return SignedDataInfo(
+        content=data,
+        signer_cert=signer_cert,
+        certificates=certs,
+        signing_time=signing_time,
+        digest_algorithm=dig_name,
+        signature_algorithm=sig_name,
+        content_type=ctype,
+        trust_anchor=anchor,
+    )
 
 
-def verify_signed_data(der: bytes, *, content: bytes | None = None,
-                       trust: list[x509.Certificate] | None = None,
-                       at: _dt.datetime | None = None) -> SignedDataInfo:
+def verify_signed_data(
+    der: bytes,
+    *,
+    content: bytes | None = None,
+    trust: list[x509.Certificate] | None = None,
+    at: _dt.datetime | None = None,
+) -> SignedDataInfo:
     """Verify a DER CMS SignedData; return what it holds and who signed it.
 
     ``content`` is required for detached signatures (and, when given for an attached one, must

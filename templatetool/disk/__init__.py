@@ -89,8 +89,14 @@ def open_raw(path: str | os.PathLike[str], writable: bool = False, sector_size: 
     return dev
 
 
-def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | None = None,
-                fmt: str | None = None, subformat: str = "dynamic", block_size: int | None = None) -> BlockDevice:
+def create_disk(
+    path: str | os.PathLike[str],
+    size: int,
+    like: BlockDevice | None = None,
+    fmt: str | None = None,
+    subformat: str = "dynamic",
+    block_size: int | None = None,
+) -> BlockDevice:
     """Create a new empty writable disk: VHDX when ``fmt='vhdx'`` or the name ends in .vhdx/.avhdx.
 
     ``like`` copies the sector geometry (and VHDX block size) of an existing disk.
@@ -103,8 +109,9 @@ def create_disk(path: str | os.PathLike[str], size: int, like: BlockDevice | Non
 
         bs: int | None = block_size or getattr(like, "block_size", None) or None
         pss: int = getattr(like, "physical_sector_size", None) or 4096  # create_vhdx's default
-        return create_vhdx(path, size, subformat=subformat, block_size=bs, logical_sector_size=lss,
-                           physical_sector_size=pss)
+        return create_vhdx(
+            path, size, subformat=subformat, block_size=bs, logical_sector_size=lss, physical_sector_size=pss
+        )
     return RawFile.create(path, size, sector_size=lss)
 
 
@@ -124,8 +131,9 @@ def output_subformat(src: BlockDevice, requested: str | None, out_format: str) -
     return own if own in SUBFORMATS else "dynamic"
 
 
-def locate_volume(dev: BlockDevice, partition: int | None = None,
-                  want: tuple[str, ...] = ("ntfs", "bitlocker")) -> tuple[int, int, int | None]:
+def locate_volume(
+    dev: BlockDevice, partition: int | None = None, want: tuple[str, ...] = ("ntfs", "bitlocker")
+) -> tuple[int, int, int | None]:
     """(offset, size, 1-based index or None) of the volume to work on.
 
     Partition ``partition`` when given; else the largest basic-data partition whose filesystem
@@ -150,9 +158,12 @@ def locate_volume(dev: BlockDevice, partition: int | None = None,
         if sniff_filesystem(p.view(dev)) in want and (best is None or p.size > best.size):
             best = p
     if best is None:
-        raise NotFoundError(f"no {' or '.join(want)} basic-data partition (OS volume) found", dev.name,
-                            "choose the partition by number",
-                            code="disk.no-os-volume")
+        raise NotFoundError(
+            f"no {' or '.join(want)} basic-data partition (OS volume) found",
+            dev.name,
+            "choose the partition by number",
+            code="disk.no-os-volume",
+        )
     return best.offset, best.size, best.index
 
 

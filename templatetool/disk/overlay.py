@@ -105,10 +105,10 @@ def _mapping_pairs(buf: bytes | bytearray | memoryview, pos: int, end: int) -> l
         pos += 1
         if nlen == 0 or pos + nlen + olen > end:
             raise FormatError("malformed NTFS mapping pairs")
-        count = int.from_bytes(buf[pos:pos + nlen], "little", signed=True)
+        count = int.from_bytes(buf[pos : pos + nlen], "little", signed=True)
         pos += nlen
         if olen:
-            lcn += int.from_bytes(buf[pos:pos + olen], "little", signed=True)
+            lcn += int.from_bytes(buf[pos : pos + olen], "little", signed=True)
             pos += olen
             if count <= 0 or lcn < 0:
                 raise FormatError("malformed NTFS mapping pairs (negative cluster)")
@@ -122,12 +122,12 @@ def _apply_fixups(rec: bytearray, where: str) -> None:
         return
     if usa_off + 2 * usa_count > len(rec) or (usa_count - 1) * _FIXUP_STRIDE > len(rec):
         raise FormatError("MFT record has a bad update sequence array", where, "run chkdsk /f on the volume")
-    usn = rec[usa_off:usa_off + 2]
+    usn = rec[usa_off : usa_off + 2]
     for i in range(1, usa_count):
         p = i * _FIXUP_STRIDE - 2
-        if rec[p:p + 2] != usn:
+        if rec[p : p + 2] != usn:
             raise FormatError("MFT record is torn (update sequence mismatch)", where, "run chkdsk /f on the volume")
-        rec[p:p + 2] = rec[usa_off + 2 * i:usa_off + 2 * i + 2]
+        rec[p : p + 2] = rec[usa_off + 2 * i : usa_off + 2 * i + 2]
 
 
 def _record_runs(rec: bytearray, number: int, where: str) -> list[tuple[int, int]]:
@@ -199,8 +199,8 @@ def metadata_extents(view: BlockDevice) -> list[tuple[int, int]]:
         if not block:
             break
         for p in range(0, len(block) - rsize + 1, rsize):
-            if block[p:p + 4] == b"FILE" and block[p + 22] & _IN_USE:
-                runs.extend(_record_runs(bytearray(block[p:p + rsize]), number, where))
+            if block[p : p + 4] == b"FILE" and block[p + 22] & _IN_USE:
+                runs.extend(_record_runs(bytearray(block[p : p + rsize]), number, where))
             number += 1
         done += len(block)
     spans = sorted((lcn * cs, min(lcn + n, clusters) * cs) for lcn, n in runs if lcn < clusters)
@@ -281,8 +281,9 @@ class MetadataOverlay:
         try:
             fd, name = tempfile.mkstemp(prefix=".tt-overlay-", suffix=".raw", dir=folder)
         except OSError as e:
-            raise ResourceError(f"cannot create the metadata overlay: {e.strerror}", str(folder),
-                                "is the output folder writable?") from e
+            raise ResourceError(
+                f"cannot create the metadata overlay: {e.strerror}", str(folder), "is the output folder writable?"
+            ) from e
         self.path = Path(name)
         self.copied = 0
         self.bytes_read = 0
@@ -292,8 +293,11 @@ class MetadataOverlay:
             blk = max(4096, os.fstat(fd).st_blksize)
             self.block = blk
             if _file_extents(fd, view.size):
-                raise UnsupportedError("the temporary folder's filesystem does not report holes (SEEK_DATA)",
-                                       str(folder), "write the output to an ext4/xfs/btrfs/tmpfs folder")
+                raise UnsupportedError(
+                    "the temporary folder's filesystem does not report holes (SEEK_DATA)",
+                    str(folder),
+                    "write the output to an ext4/xfs/btrfs/tmpfs folder",
+                )
             written: list[tuple[int, int]] = []
             extents = metadata_extents(view)
             cs = _geometry(view.read(0, 512), view.name)[1]
@@ -312,13 +316,19 @@ class MetadataOverlay:
             for o, n in _file_extents(fd, view.size):
                 i = bisect.bisect_right(ends, (o, float("inf"))) - 1
                 if i < 0 or ends[i][1] < o + n:
-                    raise UnsupportedError("the temporary folder's filesystem reports holes inexactly",
-                                           str(folder), "write the output to an ext4/xfs/btrfs/tmpfs folder")
+                    raise UnsupportedError(
+                        "the temporary folder's filesystem reports holes inexactly",
+                        str(folder),
+                        "write the output to an ext4/xfs/btrfs/tmpfs folder",
+                    )
         except OSError as e:
             os.close(fd)
             self._unlink()
-            raise ResourceError(f"cannot write the metadata overlay: {e.strerror}", str(self.path),
-                                "is there free space in the output folder?") from e
+            raise ResourceError(
+                f"cannot write the metadata overlay: {e.strerror}",
+                str(self.path),
+                "is there free space in the output folder?",
+            ) from e
         except BaseException:
             os.close(fd)
             self._unlink()
@@ -374,8 +384,9 @@ class MetadataOverlay:
 class MergedVolume(BlockDevice):
     """Read-only view: the overlay file's data extents over the source volume."""
 
-    def __init__(self, source: BlockDevice, overlay: str | os.PathLike[str], *, sector_size: int = 512,
-                 free_map: Any = None) -> None:
+    def __init__(
+        self, source: BlockDevice, overlay: str | os.PathLike[str], *, sector_size: int = 512, free_map: Any = None
+    ) -> None:
         self.source = source
         self.size = source.size
         self.sector_size = sector_size
@@ -438,10 +449,10 @@ class MergedVolume(BlockDevice):
                 i += 1
             if i < len(self._starts) and self._starts[i] <= pos:
                 stop = min(end, self._ends[i])
-                self._ov.read_into(pos, dst[pos - offset:stop - offset])
+                self._ov.read_into(pos, dst[pos - offset : stop - offset])
             else:
                 stop = min(end, self._starts[i]) if i < len(self._starts) else end
-                self.source.read_into(pos, dst[pos - offset:stop - offset])
+                self.source.read_into(pos, dst[pos - offset : stop - offset])
             pos = stop
 
     def allocated_ranges(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:

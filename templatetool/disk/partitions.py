@@ -32,9 +32,20 @@ GPT_KINDS = {
     LDM_DATA: "ldm-data",
     LINUX_FS: "linux",
 }
-MBR_KINDS = {0x07: "basic-data", 0x0C: "fat32", 0x0B: "fat32", 0x0E: "fat16", 0x06: "fat16",
-             0xEF: "efi-system", 0x27: "windows-recovery", 0x42: "ldm-data", 0x83: "linux",
-             0xEE: "gpt-protective", 0x05: "extended", 0x0F: "extended"}
+MBR_KINDS = {
+    0x07: "basic-data",
+    0x0C: "fat32",
+    0x0B: "fat32",
+    0x0E: "fat16",
+    0x06: "fat16",
+    0xEF: "efi-system",
+    0x27: "windows-recovery",
+    0x42: "ldm-data",
+    0x83: "linux",
+    0xEE: "gpt-protective",
+    0x05: "extended",
+    0x0F: "extended",
+}
 
 
 @dataclass
@@ -84,7 +95,9 @@ class PartitionTable:
         for p in self.partitions:
             if p.index == index:
                 return p
-        raise NotFoundError(f"no partition {index}", hint=f"the disk has partitions {[p.index for p in self.partitions]}")
+        raise NotFoundError(
+            f"no partition {index}", hint=f"the disk has partitions {[p.index for p in self.partitions]}"
+        )
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -119,22 +132,24 @@ def _parse_gpt_at(dev: BlockDevice, lba: int, ss: int, where: str) -> tuple[Any,
         raise IntegrityError("GPT partition entry array CRC mismatch", where, "the partition table is corrupt")
     parts: list[Partition] = []
     for i in range(hdr.num_entries):
-        e = GPT_ENTRY.parse(entries[i * hdr.entry_size:(i * hdr.entry_size) + 128])
+        e = GPT_ENTRY.parse(entries[i * hdr.entry_size : (i * hdr.entry_size) + 128])
         if e.type_guid == bytes(16):
             continue
         if e.last_lba < e.first_lba or (e.last_lba + 1) * ss > dev.size:
             raise FormatError(f"GPT partition {i + 1} extends past the end of the disk or is inverted", where)
         tg = uuid.UUID(bytes_le=e.type_guid)
-        parts.append(Partition(
-            index=i + 1,
-            offset=e.first_lba * ss,
-            size=(e.last_lba - e.first_lba + 1) * ss,
-            kind=GPT_KINDS.get(tg, "other"),
-            type_guid=tg,
-            guid=uuid.UUID(bytes_le=e.unique_guid),
-            name=e.name.decode("utf-16-le", "replace").rstrip("\0"),
-            attributes=e.attributes,
-        ))
+        parts.append(
+            Partition(
+                index=i + 1,
+                offset=e.first_lba * ss,
+                size=(e.last_lba - e.first_lba + 1) * ss,
+                kind=GPT_KINDS.get(tg, "other"),
+                type_guid=tg,
+                guid=uuid.UUID(bytes_le=e.unique_guid),
+                name=e.name.decode("utf-16-le", "replace").rstrip("\0"),
+                attributes=e.attributes,
+            )
+        )
     return hdr, parts
 
 
@@ -202,6 +217,7 @@ def read_partition_table(dev: BlockDevice) -> PartitionTable:
         off, size = ent.lba_first * ss, ent.sectors * ss
         if off + size > dev.size:
             raise FormatError(f"MBR partition {i + 1} extends past the end of the disk", dev.name)
-        table.partitions.append(Partition(index=i + 1, offset=off, size=size,
-                                          kind=MBR_KINDS.get(ent.type, "other"), mbr_type=ent.type))
+        table.partitions.append(
+            Partition(index=i + 1, offset=off, size=size, kind=MBR_KINDS.get(ent.type, "other"), mbr_type=ent.type)
+        )
     return table

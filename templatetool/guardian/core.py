@@ -89,8 +89,11 @@ def describe_certificate(cert: x509.Certificate) -> dict[str, Any]:
         key = type(pub).__name__
     try:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        usages = [n for n in ("digital_signature", "key_encipherment", "data_encipherment", "key_agreement",
-                              "key_cert_sign") if getattr(ku, n)]
+        usages = [
+            n
+            for n in ("digital_signature", "key_encipherment", "data_encipherment", "key_agreement", "key_cert_sign")
+            if getattr(ku, n)
+        ]
     except x509.ExtensionNotFound:
         usages = ["(any)"]
     return {
@@ -124,50 +127,72 @@ def check_usage(cert: x509.Certificate, role: str, where: str) -> None:
     subj = cert.subject.rfc4514_string()
     if isinstance(pub, rsa.RSAPublicKey):
         if pub.key_size < 2048:
-            raise PolicyError(f"{role} certificate has a {pub.key_size}-bit RSA key", f"{where}: {subj}",
-                              "use RSA 2048 bits or more")
+            raise PolicyError(
+                f"{role} certificate has a {pub.key_size}-bit RSA key", f"{where}: {subj}", "use RSA 2048 bits or more"
+            )
     elif isinstance(pub, ec.EllipticCurvePublicKey):
         if pub.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-            raise PolicyError(f"{role} certificate uses curve {pub.curve.name}", f"{where}: {subj}", "use P-256 or P-384")
+            raise PolicyError(
+                f"{role} certificate uses curve {pub.curve.name}", f"{where}: {subj}", "use P-256 or P-384"
+            )
     else:
         raise PolicyError(f"{role} certificate has an unsupported key type", f"{where}: {subj}", "use RSA or EC")
     ku = _key_usage(cert)
     if ku is None:
         return
     if role == "signing" and not ku.digital_signature:
-        raise PolicyError("wrong certificate usage: the signing certificate lacks digitalSignature",
-                          f"{where}: {subj}", "give the guardian's signing certificate")
+        raise PolicyError(
+            "wrong certificate usage: the signing certificate lacks digitalSignature",
+            f"{where}: {subj}",
+            "give the guardian's signing certificate",
+        )
     if role == "encryption":
         need_ka = isinstance(pub, ec.EllipticCurvePublicKey)
         if need_ka and not ku.key_agreement:
-            raise PolicyError("wrong certificate usage: the EC encryption certificate lacks keyAgreement",
-                              f"{where}: {subj}", "give the guardian's encryption certificate")
+            raise PolicyError(
+                "wrong certificate usage: the EC encryption certificate lacks keyAgreement",
+                f"{where}: {subj}",
+                "give the guardian's encryption certificate",
+            )
         if not need_ka and not ku.key_encipherment:
-            raise PolicyError("wrong certificate usage: the RSA encryption certificate lacks keyEncipherment",
-                              f"{where}: {subj}", "give the guardian's encryption certificate")
+            raise PolicyError(
+                "wrong certificate usage: the RSA encryption certificate lacks keyEncipherment",
+                f"{where}: {subj}",
+                "give the guardian's encryption certificate",
+            )
 
 
-def check_validity(cert: x509.Certificate, where: str, at: _dt.datetime | None = None,
-                   allow_expired: bool = False) -> None:
+def check_validity(
+    cert: x509.Certificate, where: str, at: _dt.datetime | None = None, allow_expired: bool = False
+) -> None:
     """Refuse an expired or not-yet-valid certificate unless ``allow_expired``."""
     now = at or _dt.datetime.now(_dt.UTC)
     if allow_expired:
         return
     subj = cert.subject.rfc4514_string()
     if now > cert.not_valid_after_utc:
-        raise PolicyError(f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}", f"{where}: {subj}",
-                          "renew it, or allow expired certificates to accept it anyway", code="cert.expired")
+        raise PolicyError(
+            f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}",
+            f"{where}: {subj}",
+            "renew it, or allow expired certificates to accept it anyway",
+            code="cert.expired",
+        )
     if now < cert.not_valid_before_utc:
-        raise PolicyError(f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d}", f"{where}: {subj}",
-                          "check the clock, or allow expired certificates", code="cert.not-yet-valid")
+        raise PolicyError(
+            f"certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d}",
+            f"{where}: {subj}",
+            "check the clock, or allow expired certificates",
+            code="cert.not-yet-valid",
+        )
 
 
 def _is_self_issued(cert: x509.Certificate, where: str = "certificate") -> bool:
     try:
         return cert.issuer == cert.subject
     except ValueError as e:  # names are parsed lazily: a malformed subject/issuer fails here
-        raise FormatError(f"malformed certificate name: {_first_line(e)}", where,
-                          "the certificate is damaged; give the original file") from None
+        raise FormatError(
+            f"malformed certificate name: {_first_line(e)}", where, "the certificate is damaged; give the original file"
+        ) from None
 
 
 def _first_line(e: Exception) -> str:
@@ -181,13 +206,23 @@ def check_certificate_parses(cert: x509.Certificate, what: str, where: str) -> N
         cert.issuer.rfc4514_string()
         cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise FormatError(f"{what} is not a valid X.509 certificate: {_first_line(e)}", where,
-                          "the certificate is damaged; give the original file") from None
+        raise FormatError(
+            f"{what} is not a valid X.509 certificate: {_first_line(e)}",
+            where,
+            "the certificate is damaged; give the original file",
+        ) from None
 
 
-def check_chain(cert: x509.Certificate, where: str, extra: Sequence[x509.Certificate] = (),
-                trust: Sequence[x509.Certificate] = (), allow_untrusted_root: bool = False, *,
-                at: _dt.datetime | None = None, allow_expired: bool = False) -> list[x509.Certificate]:
+def check_chain(
+    cert: x509.Certificate,
+    where: str,
+    extra: Sequence[x509.Certificate] = (),
+    trust: Sequence[x509.Certificate] = (),
+    allow_untrusted_root: bool = False,
+    *,
+    at: _dt.datetime | None = None,
+    allow_expired: bool = False,
+) -> list[x509.Certificate]:
     """Validate ``cert``'s chain up to a root in ``trust`` (:func:`templatetool.pki.verify_chain`).
 
     Every issuer must be a CA (basicConstraints, keyCertSign) valid at ``at`` (now) unless
@@ -197,13 +232,26 @@ def check_chain(cert: x509.Certificate, where: str, extra: Sequence[x509.Certifi
     """
     from ..pki import verify_chain
 
-    return verify_chain(cert, list(extra), list(trust), at=at, allow_untrusted_root=allow_untrusted_root,
-                        allow_expired=allow_expired, where=where).chain
+    return verify_chain(
+        cert,
+        list(extra),
+        list(trust),
+        at=at,
+        allow_untrusted_root=allow_untrusted_root,
+        allow_expired=allow_expired,
+        where=where,
+    ).chain
 
 
-def check_guardian(g: Guardian, where: str | None = None, *, at: _dt.datetime | None = None,
-                   allow_expired: bool = False, allow_untrusted_root: bool = False,
-                   trust: Sequence[x509.Certificate] = ()) -> None:
+def check_guardian(
+    g: Guardian,
+    where: str | None = None,
+    *,
+    at: _dt.datetime | None = None,
+    allow_expired: bool = False,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+) -> None:
     """Usage, validity and chain checks on both certificates of a guardian.
 
     Root trust is only enforced for guardians given as bare certificates or metadata
@@ -216,14 +264,30 @@ def check_guardian(g: Guardian, where: str | None = None, *, at: _dt.datetime | 
     for c in (g.signing_certificate, g.encryption_certificate):
         check_validity(c, w, at, allow_expired)
     enforce_root = g.source not in ("generated", "imported")
-    check_chain(g.signing_certificate, w, g.other_signing_certificates, trust,
-                allow_untrusted_root or not enforce_root, at=at, allow_expired=allow_expired)
-    check_chain(g.encryption_certificate, w, [g.signing_certificate, *g.other_signing_certificates], trust,
-                allow_untrusted_root or not enforce_root, at=at, allow_expired=allow_expired)
+    check_chain(
+        g.signing_certificate,
+        w,
+        g.other_signing_certificates,
+        trust,
+        allow_untrusted_root or not enforce_root,
+        at=at,
+        allow_expired=allow_expired,
+    )
+    check_chain(
+        g.encryption_certificate,
+        w,
+        [g.signing_certificate, *g.other_signing_certificates],
+        trust,
+        allow_untrusted_root or not enforce_root,
+        at=at,
+        allow_expired=allow_expired,
+    )
 
 
 def validate_name(name: str) -> str:
     """Check a guardian name (1-64 printable characters)."""
     if not _NAME_RE.match(name or "") or name.strip() != name:
-        raise UsageError(f"bad guardian name {name!r}", hint="use 1-64 printable characters, no leading/trailing spaces")
+        raise UsageError(
+            f"bad guardian name {name!r}", hint="use 1-64 printable characters, no leading/trailing spaces"
+        )
     return name

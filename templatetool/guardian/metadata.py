@@ -125,8 +125,12 @@ def sign_enveloped(root: etree._Element, signer: Signer) -> None:
         etree.SubElement(x509_data, _DS + "X509Certificate").text = _b64(_der(c))
 
 
-def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert: x509.Certificate | None = None,
-                    signer_chain: Sequence[x509.Certificate] = ()) -> bytes:
+def export_metadata(
+    g: Guardian,
+    signer: Signer | sigalg.SigningKey,
+    signer_cert: x509.Certificate | None = None,
+    signer_chain: Sequence[x509.Certificate] = (),
+) -> bytes:
     """Build and sign the guardian metadata XML for ``g`` (needs ``g.signing_key``).
 
     ``signer`` makes the enveloped XML-DSig signature: any :class:`~templatetool.signers.Signer`
@@ -134,8 +138,11 @@ def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert
     ``signer_cert`` (and ``signer_chain``), e.g. the guardian's own signing key.
     """
     if g.signing_key is None:
-        raise UsageError(f"guardian {g.name!r} has no private signing key here", g.path,
-                         "export from the folder where the guardian was generated")
+        raise UsageError(
+            f"guardian {g.name!r} has no private signing key here",
+            g.path,
+            "export from the folder where the guardian was generated",
+        )
     if isinstance(signer, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         if signer_cert is None:
             raise UsageError("a signing key needs its certificate", g.path)
@@ -158,8 +165,9 @@ def export_metadata(g: Guardian, signer: Signer | sigalg.SigningKey, signer_cert
 
 def safe_parser() -> etree.XMLParser:
     """An lxml parser with entity expansion, DTD loading and network access disabled."""
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                           remove_comments=False)
+    return etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=False
+    )
 
 
 def parse_xml(data: bytes, where: str) -> etree._Element:
@@ -206,9 +214,16 @@ def _check_sig(el: etree._Element, cert: x509.Certificate, data: bytes, what: st
     sigalg.verify_bytes(cert.public_key(), alg, value, data, what, where)
 
 
-def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_untrusted_root: bool = False,
-                    allow_expired: bool = False, trust: Sequence[x509.Certificate] = (),
-                    at: _dt.datetime | None = None) -> Guardian:
+def import_metadata(
+    data: bytes,
+    name: str,
+    where: str = "metadata",
+    *,
+    allow_untrusted_root: bool = False,
+    allow_expired: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+    at: _dt.datetime | None = None,
+) -> Guardian:
     """Verify guardian metadata XML and return the guardian it describes (no private keys).
 
     Checks, in order: well-formed XML in the KPS namespace; the enveloped XML-DSig signature
@@ -220,12 +235,14 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     validate_name(name)
     root = parse_xml(data, where)
     if root.tag != _K + "Metadata":
-        raise FormatError(f"not guardian metadata (root element {root.tag})", where,
-                          "expected <Metadata> in the [MS-KPS] namespace")
+        raise FormatError(
+            f"not guardian metadata (root element {root.tag})", where, "expected <Metadata> in the [MS-KPS] namespace"
+        )
     sigs = root.findall(f"{{{DS_NS}}}Signature")
     if len(sigs) != 1:
-        raise IntegrityError("guardian metadata must carry exactly one XML signature", where,
-                             "the file is unsigned or was altered")
+        raise IntegrityError(
+            "guardian metadata must carry exactly one XML signature", where, "the file is unsigned or was altered"
+        )
     cert_els = sigs[0].findall(f".//{{{DS_NS}}}X509Certificate")
     if not cert_els:
         raise IntegrityError("the XML signature has no signer certificate", where)
@@ -239,35 +256,44 @@ def import_metadata(data: bytes, name: str, where: str = "metadata", *, allow_un
     except InvalidInput as e:
         raise FormatError(f"malformed XML signature: {e}", where) from None
     except InvalidSignature as e:
-        raise IntegrityError(f"the metadata XML signature does not verify ({e})", where,
-                             "the file was altered after signing") from None
+        raise IntegrityError(
+            f"the metadata XML signature does not verify ({e})", where, "the file was altered after signing"
+        ) from None
     except etree.XMLSyntaxError as e:
         raise FormatError(f"malformed XML: {e}", where) from None
     except etree.DocumentInvalid as e:  # signxml validates the ds:Signature against the XML-DSig schema
-        raise FormatError(f"malformed XML signature (not valid XML-DSig): {e}", where,
-                          "the ds:Signature element was altered or is not standard XML-DSig") from None
+        raise FormatError(
+            f"malformed XML signature (not valid XML-DSig): {e}",
+            where,
+            "the ds:Signature element was altered or is not standard XML-DSig",
+        ) from None
     if isinstance(result, list):  # only with expect_references > 1, which we never ask for
         raise IntegrityError("the XML signature has more than one reference", where)
     signed = result.signed_xml
     if signed is None or signed.tag != _K + "Metadata":
         raise IntegrityError("the XML signature does not cover the Metadata document", where)
     check_validity(signer_cert, f"{where}: metadata signer", at, allow_expired)
-    check_chain(signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root,
-                at=at, allow_expired=allow_expired)
+    check_chain(
+        signer_cert, f"{where}: metadata signer", chain, trust, allow_untrusted_root, at=at, allow_expired=allow_expired
+    )
     gi = _child(signed, "GuardianInformation", where)
     ver = _child(gi, "Version", where).text
     if (ver or "").strip() != METADATA_VERSION or signed.get("Version") != METADATA_VERSION:
         raise FormatError(f"unsupported guardian metadata version {ver!r}", where)
     enc = _cert(_child(gi, "EncryptionCertificate", where), "EncryptionCertificate", where)
     sig = _cert(_child(gi, "SigningCertificate", where), "SigningCertificate", where)
-    _check_sig(_child(gi, "SigningCertificateSelfSignature", where), sig, _der(sig),
-               "SigningCertificateSelfSignature", where)
+    _check_sig(
+        _child(gi, "SigningCertificateSelfSignature", where), sig, _der(sig), "SigningCertificateSelfSignature", where
+    )
     ecs_el = _child(gi, "EncryptionCertificateSignature", where)
     _check_sig(ecs_el, sig, _der(enc), "EncryptionCertificateSignature", where)
     ecs = (ecs_el.get("Algorithm") or "", _unb64(_child(ecs_el, "SignatureValue", where).text, "signature", where))
     others_el = _opt_child(gi, "OtherSigningCertificates", where)
-    others = [] if others_el is None else [_cert(c, "OtherSigningCertificates", where)
-                                           for c in others_el.findall(_K + "Certificate")]
+    others = (
+        []
+        if others_el is None
+        else [_cert(c, "OtherSigningCertificates", where) for c in others_el.findall(_K + "Certificate")]
+    )
     check_usage(sig, "signing", where)
     check_usage(enc, "encryption", where)
     for c in (sig, enc):

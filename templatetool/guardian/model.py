@@ -57,8 +57,6 @@ FORMAT_VERSION = 1
 GUARDIAN_KEY_KINDS = ("rsa3072", "rsa2048", "rsa4096", "ec-p256", "ec-p384")
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # Generation, saving, loading
 # ------------------------------------------------------------------------------------------------
@@ -74,10 +72,9 @@ def _escape_rdn(value: str) -> str:
     return "".join(out)
 
 
-
-
-def generate_guardian(name: str, key: str = "rsa3072", days: int = 3650,
-                      not_before: _dt.datetime | None = None) -> Guardian:
+def generate_guardian(
+    name: str, key: str = "rsa3072", days: int = 3650, not_before: _dt.datetime | None = None
+) -> Guardian:
     """Generate a guardian with fresh self-signed signing and encryption certificates.
 
     ``key`` is ``rsa3072`` (default), ``rsa2048``, ``rsa4096``, ``ec-p256`` or ``ec-p384``; the two
@@ -101,8 +98,7 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def save_guardian(g: Guardian, folder: str | os.PathLike[str], password: str | None,
-                  overwrite: bool = False) -> Path:
+def save_guardian(g: Guardian, folder: str | os.PathLike[str], password: str | None, overwrite: bool = False) -> Path:
     """Write a guardian folder; private keys go to PFX files (0600), encrypted when ``password``."""
     d = Path(folder)
     if d.exists() and not d.is_dir():
@@ -127,9 +123,12 @@ def save_guardian(g: Guardian, folder: str | os.PathLike[str], password: str | N
         "pfx_encrypted": None,
         "signing_thumbprint": g.thumbprint,
         "encryption_thumbprint": _certs.thumbprint(g.encryption_certificate, "sha1"),
-        "encryption_certificate_signature": None if g.encryption_signature is None else {
+        "encryption_certificate_signature": None
+        if g.encryption_signature is None
+        else {
             "algorithm": g.encryption_signature[0],
-            "value": base64.b64encode(g.encryption_signature[1]).decode("ascii")},
+            "value": base64.b64encode(g.encryption_signature[1]).decode("ascii"),
+        },
     }
     write_bytes_atomic(d / "signing.pem", _pem(g.signing_certificate))
     write_bytes_atomic(d / "encryption.pem", _pem(g.encryption_certificate))
@@ -149,14 +148,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise NotFoundError("guardian.json not found", str(path), "give a folder made by 'guardian new' or 'guardian import'") from None
+        raise NotFoundError(
+            "guardian.json not found", str(path), "give a folder made by 'guardian new' or 'guardian import'"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"unreadable guardian.json: {e}", str(path)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FormatError("not a templatetool guardian description", str(path))
     if meta.get("version") != FORMAT_VERSION:
-        raise FormatError(f"unsupported guardian format version {meta.get('version')!r}", str(path),
-                          "upgrade templatetool")
+        raise FormatError(
+            f"unsupported guardian format version {meta.get('version')!r}", str(path), "upgrade templatetool"
+        )
     return meta
 
 
@@ -183,34 +185,50 @@ def _verify_folder_certificates(g: Guardian, meta: dict[str, Any], where: str) -
     signing key's signature over the encryption certificate must verify. IntegrityError otherwise.
     """
     hint = "the guardian folder was altered; restore it from a backup or re-import the guardian"
-    for key, cert, label in (("signing_thumbprint", g.signing_certificate, "signing certificate"),
-                             ("encryption_thumbprint", g.encryption_certificate, "encryption certificate")):
+    for key, cert, label in (
+        ("signing_thumbprint", g.signing_certificate, "signing certificate"),
+        ("encryption_thumbprint", g.encryption_certificate, "encryption certificate"),
+    ):
         if meta.get(key) is None:
             if key == "signing_thumbprint":
                 raise FormatError("guardian.json lacks signing_thumbprint", where)
             continue
         if _norm_thumbprint(meta[key], key, where) != _certs.thumbprint(cert, "sha1"):
             raise IntegrityError(f"the {label} does not match the thumbprint recorded in guardian.json", where, hint)
-    for cert, label in ((g.signing_certificate, "signing certificate"),
-                        (g.encryption_certificate, "encryption certificate")):
+    for cert, label in (
+        (g.signing_certificate, "signing certificate"),
+        (g.encryption_certificate, "encryption certificate"),
+    ):
         if _is_self_issued(cert, where):
             try:
                 cert.verify_directly_issued_by(cert)
             except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as e:
-                raise IntegrityError(f"the {label}'s self-signature does not verify ({type(e).__name__})",
-                                     where, hint) from None
+                raise IntegrityError(
+                    f"the {label}'s self-signature does not verify ({type(e).__name__})", where, hint
+                ) from None
     if g.encryption_signature is not None:
         from .sigalg import verify_bytes
 
         alg, value = g.encryption_signature
-        verify_bytes(g.signing_certificate.public_key(), alg, value,
-                     g.encryption_certificate.public_bytes(serialization.Encoding.DER),
-                     "the signing key's signature over the encryption certificate", where)
+        verify_bytes(
+            g.signing_certificate.public_key(),
+            alg,
+            value,
+            g.encryption_certificate.public_bytes(serialization.Encoding.DER),
+            "the signing key's signature over the encryption certificate",
+            where,
+        )
 
 
-def load_guardian(path: str | os.PathLike[str], *, private: bool = False, password: Secret | None = None,
-                  password_env: str | None = None,
-                  allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = ()) -> Guardian:
+def load_guardian(
+    path: str | os.PathLike[str],
+    *,
+    private: bool = False,
+    password: Secret | None = None,
+    password_env: str | None = None,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+) -> Guardian:
     """Load a guardian from a folder (or its guardian.json), or from HGS metadata XML.
 
     With ``private=True`` the PFX files are opened; ``password`` (a value or a SecretSource,
@@ -221,10 +239,10 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
     """
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".xml":
-
         if private:
-            raise CredentialError("guardian metadata holds no private keys", str(p),
-                                  "give the guardian folder that has the keys")
+            raise CredentialError(
+                "guardian metadata holds no private keys", str(p), "give the guardian folder that has the keys"
+            )
         try:
             data = p.read_bytes()
         except OSError as e:
@@ -241,7 +259,11 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
         name = validate_name(str(meta["name"]))
         sc = _load_cert(p / meta["signing_certificate"])
         ecert = _load_cert(p / meta["encryption_certificate"])
-        others = _certs.load_certificates(p / meta["other_signing_certificates"]) if meta.get("other_signing_certificates") else []
+        others = (
+            _certs.load_certificates(p / meta["other_signing_certificates"])
+            if meta.get("other_signing_certificates")
+            else []
+        )
         source = str(meta.get("source", "imported"))
     except (KeyError, TypeError) as e:
         raise FormatError(f"incomplete guardian.json ({e})", str(p)) from None
@@ -257,28 +279,41 @@ def load_guardian(path: str | os.PathLike[str], *, private: bool = False, passwo
     _verify_folder_certificates(g, meta, str(p))
     if private:
         if not meta.get("signing_pfx") or not meta.get("encryption_pfx"):
-            raise CredentialError(f"guardian {name!r} has no private keys here", str(p),
-                                  "use the folder where the guardian was generated")
+            raise CredentialError(
+                f"guardian {name!r} has no private keys here", str(p), "use the folder where the guardian was generated"
+            )
         pw: bytes | None = None
         if meta.get("pfx_encrypted"):
             if password is None and password_env is None:
-                raise CredentialError(f"guardian {name!r} has password-protected private keys and no password "
-                                      "was given", str(p), "give the guardian's password", code="guardian.password-needed")
-            pw = resolve_secret(password if password is not None else env_or_prompt(password_env,
-                                                                                     f"password for guardian {name}: "))
+                raise CredentialError(
+                    f"guardian {name!r} has password-protected private keys and no password was given",
+                    str(p),
+                    "give the guardian's password",
+                    code="guardian.password-needed",
+                )
+            pw = resolve_secret(
+                password if password is not None else env_or_prompt(password_env, f"password for guardian {name}: ")
+            )
         sk, scert, _ = _certs.load_pfx(p / meta["signing_pfx"], pw)
         ek, ecert2, _ = _certs.load_pfx(p / meta["encryption_pfx"], pw)
         der = serialization.Encoding.DER
         if scert.public_bytes(der) != sc.public_bytes(der) or ecert2.public_bytes(der) != ecert.public_bytes(der):
-            raise IntegrityError("the PFX certificates differ from the guardian's certificates", str(p),
-                                 "the guardian folder was altered")
+            raise IntegrityError(
+                "the PFX certificates differ from the guardian's certificates",
+                str(p),
+                "the guardian folder was altered",
+            )
         g.signing_key, g.encryption_key = sk, ek
     return g
 
 
-def guardian_from_certificates(name: str, signing_cert: x509.Certificate, encryption_cert: x509.Certificate,
-                               signing_key: _certs.PrivateKey | None = None,
-                               encryption_key: _certs.PrivateKey | None = None) -> Guardian:
+def guardian_from_certificates(
+    name: str,
+    signing_cert: x509.Certificate,
+    encryption_cert: x509.Certificate,
+    signing_key: _certs.PrivateKey | None = None,
+    encryption_key: _certs.PrivateKey | None = None,
+) -> Guardian:
     """A guardian from certificates (and optionally keys) already in memory."""
     validate_name(name)
     return Guardian(name, signing_cert, encryption_cert, signing_key, encryption_key, source="certificates")

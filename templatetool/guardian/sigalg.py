@@ -58,8 +58,9 @@ def sign_bytes(key: SigningKey, data: bytes) -> tuple[str, bytes]:
 def verify_bytes(public_key: object, algorithm: str, signature: bytes, data: bytes, what: str, where: str) -> None:
     """Verify a signature made by :func:`sign_bytes`; IntegrityError when it does not verify."""
     if algorithm not in SIGNATURE_ALGORITHMS:
-        raise UnsupportedError(f"signature algorithm {algorithm!r} is not supported", where,
-                               "expected rsa-sha256 or ecdsa-sha256/384")
+        raise UnsupportedError(
+            f"signature algorithm {algorithm!r} is not supported", where, "expected rsa-sha256 or ecdsa-sha256/384"
+        )
     try:
         if algorithm == RSA_SHA256:
             if not isinstance(public_key, rsa.RSAPublicKey):
@@ -75,4 +76,6 @@ def verify_bytes(public_key: object, algorithm: str, signature: bytes, data: byt
             h = hashes.SHA384() if algorithm == ECDSA_SHA384 else hashes.SHA256()
             public_key.verify(der, data, ec.ECDSA(h))
     except InvalidSignature:
-        raise IntegrityError(f"{what} does not verify", where, "the file was altered or signed by another key") from None
+        raise IntegrityError(
+            f"{what} does not verify", where, "the file was altered or signed by another key"
+        ) from None

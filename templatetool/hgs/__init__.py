@@ -10,29 +10,29 @@ host's key (CMS AuthEnvelopedData to the health certificate). See docs/formats/a
 """
 
 from .attest import (
-                     AttestationPolicy,
-                     HealthCheck,
-                     attest,
-                     init_attestation,
-                     load_attestation,
-                     load_health_certificate,
-                     verify_health_certificate,
+    AttestationPolicy,
+    HealthCheck,
+    attest,
+    init_attestation,
+    load_attestation,
+    load_health_certificate,
+    verify_health_certificate,
 )
 from .host import Host, create_evidence, load_host, new_host
 from .release import open_release, release_key
 
 __all__ = [
-                     "AttestationPolicy",
-                     "HealthCheck",
-                     "Host",
-                     "attest",
-                     "create_evidence",
-                     "init_attestation",
-                     "load_attestation",
-                     "load_health_certificate",
-                     "load_host",
-                     "new_host",
-                     "open_release",
-                     "release_key",
-                     "verify_health_certificate",
+    "AttestationPolicy",
+    "HealthCheck",
+    "Host",
+    "attest",
+    "create_evidence",
+    "init_attestation",
+    "load_attestation",
+    "load_health_certificate",
+    "load_host",
+    "new_host",
+    "open_release",
+    "release_key",
+    "verify_health_certificate",
 ]

@@ -67,11 +67,14 @@ class AttestationPolicy:
             d = json.loads(p.read_text())
             if d.get("format") != POLICY_FORMAT:
                 raise ValueError("format")
-            pol = cls(host_keys=dict(d.get("host_keys", {})), tpm_hosts=dict(d.get("tpm_hosts", {})),
-                      pcr_bank=str(d.get("pcr_bank", "sha256")),
-                      pcr_baseline={int(k): str(v) for k, v in d.get("pcr_baseline", {}).items()},
-                      ci_policies=[str(x) for x in d.get("ci_policies", [])],
-                      health_hours=int(d.get("health_hours", DEFAULT_HOURS)))
+            pol = cls(
+                host_keys=dict(d.get("host_keys", {})),
+                tpm_hosts=dict(d.get("tpm_hosts", {})),
+                pcr_bank=str(d.get("pcr_bank", "sha256")),
+                pcr_baseline={int(k): str(v) for k, v in d.get("pcr_baseline", {}).items()},
+                ci_policies=[str(x) for x in d.get("ci_policies", [])],
+                health_hours=int(d.get("health_hours", DEFAULT_HOURS)),
+            )
             if not 1 <= pol.health_hours <= MAX_HOURS:
                 raise ValueError("health_hours")
             if any(not 0 <= k < 24 for k in pol.pcr_baseline):
@@ -87,9 +90,16 @@ class AttestationPolicy:
         return p
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": POLICY_FORMAT, "version": 1, "host_keys": self.host_keys, "tpm_hosts": self.tpm_hosts,
-                "pcr_bank": self.pcr_bank, "pcr_baseline": {str(k): v for k, v in sorted(self.pcr_baseline.items())},
-                "ci_policies": self.ci_policies, "health_hours": self.health_hours}
+        return {
+            "format": POLICY_FORMAT,
+            "version": 1,
+            "host_keys": self.host_keys,
+            "tpm_hosts": self.tpm_hosts,
+            "pcr_bank": self.pcr_bank,
+            "pcr_baseline": {str(k): v for k, v in sorted(self.pcr_baseline.items())},
+            "ci_policies": self.ci_policies,
+            "health_hours": self.health_hours,
+        }
 
     # -- management ------------------------------------------------------------------------
     def add_host_key(self, name: str, pem: str) -> None:
@@ -154,7 +164,9 @@ def _pub_equal(a: Any, b: Any) -> bool:
     return bool(a.public_bytes(serialization.Encoding.DER, f) == b.public_bytes(serialization.Encoding.DER, f))
 
 
-def check_evidence(policy: AttestationPolicy, evidence: bytes, where: str = "host evidence") -> tuple[list[HealthCheck], dict[str, Any]]:
+def check_evidence(
+    policy: AttestationPolicy, evidence: bytes, where: str = "host evidence"
+) -> tuple[list[HealthCheck], dict[str, Any]]:
     """Run every attestation check; returns the checks (each passed or not) and the evidence body."""
     body, alg, sig = _parse_evidence(evidence, where)
     checks: list[HealthCheck] = []
@@ -168,16 +180,27 @@ def check_evidence(policy: AttestationPolicy, evidence: bytes, where: str = "hos
     tpm = body.get("tpm")
     if tpm is None:
         registered = [n for n, pem in policy.host_keys.items() if _pub_equal(load_public(pem, "host key", n), host_key)]
-        checks.append(HealthCheck("host key registered", bool(registered),
-                                  f"registered as {registered[0]!r}" if registered else
-                                  f"host {body['host']!r} presents a key this guardian has not registered"))
+        checks.append(
+            HealthCheck(
+                "host key registered",
+                bool(registered),
+                f"registered as {registered[0]!r}"
+                if registered
+                else f"host {body['host']!r} presents a key this guardian has not registered",
+            )
+        )
         return checks, body
     # TPM mode
     try:
         ek = load_public(str(tpm.get("ek_public") or ""), "EK public key", where)
         names = [n for n, pem in policy.tpm_hosts.items() if _pub_equal(load_public(pem, "EK", n), ek)]
-        checks.append(HealthCheck("TPM endorsement key registered", bool(names),
-                                  f"registered as {names[0]!r}" if names else "EK not registered with this guardian"))
+        checks.append(
+            HealthCheck(
+                "TPM endorsement key registered",
+                bool(names),
+                f"registered as {names[0]!r}" if names else "EK not registered with this guardian",
+            )
+        )
     except FormatError as e:
         checks.append(HealthCheck("TPM endorsement key registered", False, e.what))
     from ..tpm.eventlog import replay_log
@@ -191,21 +214,40 @@ def check_evidence(policy: AttestationPolicy, evidence: bytes, where: str = "hos
             checks.append(HealthCheck("PCR baseline", False, f"log has no {policy.pcr_bank} bank"))
         else:
             diff = [i for i, v in sorted(policy.pcr_baseline.items()) if values[i].hex() != v.lower()]
-            checks.append(HealthCheck("PCR baseline", not diff,
-                                      "replayed PCRs match the baseline" if not diff else
-                                      f"replayed {policy.pcr_bank} PCR(s) {', '.join(map(str, diff))} differ from the baseline"))
+            checks.append(
+                HealthCheck(
+                    "PCR baseline",
+                    not diff,
+                    "replayed PCRs match the baseline"
+                    if not diff
+                    else f"replayed {policy.pcr_bank} PCR(s) {', '.join(map(str, diff))} differ from the baseline",
+                )
+            )
     except (FormatError, binascii.Error, ValueError) as e:
         checks.append(HealthCheck("PCR baseline", False, f"TCG log unusable: {e}"))
     ci = str(tpm.get("ci_policy_hash") or "").lower()
     ci_ok = not policy.ci_policies or ci in policy.ci_policies
-    checks.append(HealthCheck("code integrity policy", ci_ok,
-                              ("allowed" if policy.ci_policies else "no CI policy required") if ci_ok else
-                              f"CI policy {ci or '(none)'} is not allowed"))
+    checks.append(
+        HealthCheck(
+            "code integrity policy",
+            ci_ok,
+            ("allowed" if policy.ci_policies else "no CI policy required")
+            if ci_ok
+            else f"CI policy {ci or '(none)'} is not allowed",
+        )
+    )
     return checks, body
 
 
-def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_cert: x509.Certificate, *,
-           where: str = "host evidence", at: _dt.datetime | None = None) -> tuple[x509.Certificate, list[HealthCheck]]:
+def attest(
+    policy: AttestationPolicy,
+    evidence: bytes,
+    issuer_key: Any,
+    issuer_cert: x509.Certificate,
+    *,
+    where: str = "host evidence",
+    at: _dt.datetime | None = None,
+) -> tuple[x509.Certificate, list[HealthCheck]]:
     """Check evidence and, when every check passes, issue a health certificate for the host's encryption key.
 
     ``issuer_key``/``issuer_cert`` are the guardian's attestation signer (a CA certificate, see
@@ -216,8 +258,11 @@ def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_c
     checks, body = check_evidence(policy, evidence, where)
     failed = [c for c in checks if not c.passed]
     if failed:
-        raise PolicyError(f"attestation failed: {failed[0].name}: {failed[0].detail}", where,
-                          "; ".join(f"{c.name}: {'ok' if c.passed else 'FAILED'}" for c in checks))
+        raise PolicyError(
+            f"attestation failed: {failed[0].name}: {failed[0].detail}",
+            where,
+            "; ".join(f"{c.name}: {'ok' if c.passed else 'FAILED'}" for c in checks),
+        )
     now = at or _dt.datetime.now(_dt.UTC)
     host_enc = load_public(body["encryption_key"], "host encryption key", where)
     ku_enc = isinstance(host_enc, rsa.RSAPublicKey)
@@ -229,24 +274,46 @@ def attest(policy: AttestationPolicy, evidence: bytes, issuer_key: Any, issuer_c
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(now + _dt.timedelta(hours=policy.health_hours))
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=ku_enc,
-                                     data_encipherment=False, key_agreement=not ku_enc, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=ku_enc,
+                data_encipherment=False,
+                key_agreement=not ku_enc,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([HEALTH_EKU]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(_issuer_public(issuer_cert)), critical=False)
-        .sign(issuer_key, hashes.SHA384() if isinstance(issuer_key, ec.EllipticCurvePrivateKey)
-              and issuer_key.curve.key_size >= 384 else hashes.SHA256())
+        .sign(
+            issuer_key,
+            hashes.SHA384()
+            if isinstance(issuer_key, ec.EllipticCurvePrivateKey) and issuer_key.curve.key_size >= 384
+            else hashes.SHA256(),
+        )
     )
     return cert, checks
 
 
-def verify_health_certificate(cert: x509.Certificate, issuer_cert: x509.Certificate, *,
-                              at: _dt.datetime | None = None, where: str = "health certificate") -> None:
+def verify_health_certificate(
+    cert: x509.Certificate,
+    issuer_cert: x509.Certificate,
+    *,
+    at: _dt.datetime | None = None,
+    where: str = "health certificate",
+) -> None:
     """Check a health certificate: issued by this guardian's attestation CA (any signature algorithm
     the PKI module accepts), our EKU, and fresh at ``at`` (now). PolicyError / IntegrityError."""
     if cert.issuer != issuer_cert.subject:
-        raise PolicyError("health certificate was not issued by this guardian", where, "attest again with this guardian")
+        raise PolicyError(
+            "health certificate was not issued by this guardian", where, "attest again with this guardian"
+        )
     from ..pki import verify_chain
 
     verify_chain(cert, [], [issuer_cert], at=at, eku=HEALTH_EKU, where=where, what="health certificate")
@@ -266,8 +333,11 @@ def init_attestation(guardian_dir: str | os.PathLike[str], key_kind: str = "ec-p
     d.mkdir(parents=True, exist_ok=True)
     key = new_key(key_kind)
     cert = ca_certificate(f"CN=Attestation signer {d.name}"[:64], key)
-    write_bytes_atomic(d / ATTESTATION_KEY, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                               serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(
+        d / ATTESTATION_KEY,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600,
+    )
     write_bytes_atomic(d / ATTESTATION_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return cert
 
@@ -279,7 +349,9 @@ def load_attestation(guardian_dir: str | os.PathLike[str]) -> tuple[Any, x509.Ce
         cert = x509.load_pem_x509_certificate((d / ATTESTATION_CERT).read_bytes())
         key = serialization.load_pem_private_key((d / ATTESTATION_KEY).read_bytes(), None)
     except FileNotFoundError:
-        raise NotFoundError("guardian has no attestation signer", str(d), "run `hgs init` on the guardian folder") from None
+        raise NotFoundError(
+            "guardian has no attestation signer", str(d), "run `hgs init` on the guardian folder"
+        ) from None
     except ValueError:
         raise FormatError("attestation signer files are corrupt", str(d)) from None
     return key, cert

@@ -48,8 +48,9 @@ class HgsClient:
         try:
             return self._c.request(method, path, **kw)
         except self._httpx.HTTPError as e:
-            raise ResourceError(f"HGS unreachable: {type(e).__name__}", f"{self.base_url}{path}",
-                                "is `hgs serve` running at this URL?") from None
+            raise ResourceError(
+                f"HGS unreachable: {type(e).__name__}", f"{self.base_url}{path}", "is `hgs serve` running at this URL?"
+            ) from None
 
     def _wcf(self, method: str, path: str, expected: str, **kw: Any) -> dict[str, Any]:
         r = self._request(method, path, **kw)
@@ -75,8 +76,13 @@ class HgsClient:
     def attest_evidence(self, evidence: bytes) -> x509.Certificate:
         """POST evidence (already bound to a server nonce); returns the health certificate."""
         body = wire.dump_wcf("AttestationRequest", {"Evidence": wire.b64(evidence)})
-        m = self._wcf("POST", "/Attestation/v2.0/hostkeyattest", "HealthCertificateReply", content=body,
-                      headers={"content-type": "application/json"})
+        m = self._wcf(
+            "POST",
+            "/Attestation/v2.0/hostkeyattest",
+            "HealthCertificateReply",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
         try:
             return x509.load_der_x509_certificate(base64.b64decode(m["HealthCertificate"], validate=True))
         except (KeyError, TypeError, ValueError, binascii.Error):
@@ -89,8 +95,9 @@ class HgsClient:
             raise FormatError("GetInfoReply carries no Nonce", self.base_url)
         return self.attest_evidence(create_evidence(host, nonce=nonce, **evidence_kw))
 
-    def attest_tpm(self, host: Host, tpm: Any, tcg_log: bytes, *, ci_policy_hash: str | None = None,
-                   pcrs: list[int] | None = None) -> x509.Certificate:
+    def attest_tpm(
+        self, host: Host, tpm: Any, tcg_log: bytes, *, ci_policy_hash: str | None = None, pcrs: list[int] | None = None
+    ) -> x509.Certificate:
         """TPM mode: evidence with the TCG log, the credential challenge answered by ``tpm``
         (:class:`~templatetool.hgs.tpmhost.TpmHost`: ActivateCredential), then a TPM quote over the
         service's baseline PCRs (or ``pcrs``) with this round's qualifying data."""
@@ -100,11 +107,14 @@ class HgsClient:
         nonce = self.get_info().get("Nonce")
         if not isinstance(nonce, str):
             raise FormatError("GetInfoReply carries no Nonce", self.base_url)
-        ev = create_evidence(host, tcg_log=tcg_log, ek_public_pem=tpm.ek_pem(), ci_policy_hash=ci_policy_hash,
-                             nonce=nonce)
+        ev = create_evidence(
+            host, tcg_log=tcg_log, ek_public_pem=tpm.ek_pem(), ci_policy_hash=ci_policy_hash, nonce=nonce
+        )
         base = {"Evidence": wire.b64(ev), "EkPublic": wire.b64(tpm.ek_public), "AkPublic": wire.b64(tpm.ak_public)}
         path, hdr = "/Attestation/v2.0/hostkeyattest", {"content-type": "application/json"}
-        ch = self._wcf("POST", path, "TpmChallengeReply", content=wire.dump_wcf("AttestationRequest", base), headers=hdr)
+        ch = self._wcf(
+            "POST", path, "TpmChallengeReply", content=wire.dump_wcf("AttestationRequest", base), headers=hdr
+        )
         try:
             blob = base64.b64decode(ch["CredentialBlob"], validate=True)
             secret = base64.b64decode(ch["EncryptedSecret"], validate=True)
@@ -114,8 +124,10 @@ class HgsClient:
             raise FormatError("malformed TpmChallengeReply", self.base_url) from None
         credential = tpm.activate(blob, secret)
         quote, sig = tpm.quote(quote_qualifying(nonce, credential), sel, bank)
-        body = wire.dump_wcf("AttestationRequest", {**base, "Credential": wire.b64(credential), "Quote": wire.b64(quote),
-                                                    "QuoteSignature": wire.b64(sig)})
+        body = wire.dump_wcf(
+            "AttestationRequest",
+            {**base, "Credential": wire.b64(credential), "Quote": wire.b64(quote), "QuoteSignature": wire.b64(sig)},
+        )
         m = self._wcf("POST", path, "HealthCertificateReply", content=body, headers=hdr)
         try:
             return x509.load_der_x509_certificate(base64.b64decode(m["HealthCertificate"], validate=True))

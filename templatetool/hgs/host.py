@@ -34,8 +34,11 @@ class Host:
     path: str | None = None
 
     def public_json(self) -> dict[str, str]:
-        return {"name": self.name, "host_key": pem_public(self.host_key.public_key()),
-                "encryption_key": pem_public(self.encryption_key.public_key())}
+        return {
+            "name": self.name,
+            "host_key": pem_public(self.host_key.public_key()),
+            "encryption_key": pem_public(self.encryption_key.public_key()),
+        }
 
 
 def pem_public(pub: Any) -> str:
@@ -63,8 +66,13 @@ def new_host(name: str, folder: str | os.PathLike[str], key: str = "rsa3072") ->
     d.mkdir(parents=True, exist_ok=True)
     host = Host(name, new_key(key), new_key(key), str(d))
     for fname, k in (("host_key.pem", host.host_key), ("encryption_key.pem", host.encryption_key)):
-        write_bytes_atomic(d / fname, k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()), mode=0o600)
+        write_bytes_atomic(
+            d / fname,
+            k.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            mode=0o600,
+        )
     write_bytes_atomic(d / "host.json", json.dumps(host.public_json(), indent=2).encode())
     return host
 
@@ -74,8 +82,10 @@ def load_host(folder: str | os.PathLike[str]) -> Host:
     d = Path(folder)
     try:
         meta = json.loads((d / "host.json").read_text())
-        keys = [serialization.load_pem_private_key((d / f).read_bytes(), None)
-                for f in ("host_key.pem", "encryption_key.pem")]
+        keys = [
+            serialization.load_pem_private_key((d / f).read_bytes(), None)
+            for f in ("host_key.pem", "encryption_key.pem")
+        ]
     except FileNotFoundError as e:
         raise NotFoundError("not a host folder (missing file)", str(e.filename), "create one with `host new`") from None
     except (ValueError, TypeError, json.JSONDecodeError):
@@ -87,9 +97,15 @@ def _canonical(obj: dict[str, Any]) -> bytes:
     return canonical_json(obj)
 
 
-def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: str | None = None,
-                    ci_policy_hash: str | None = None, nonce: str | None = None,
-                    at: _dt.datetime | None = None) -> bytes:
+def create_evidence(
+    host: Host,
+    *,
+    tcg_log: bytes | None = None,
+    ek_public_pem: str | None = None,
+    ci_policy_hash: str | None = None,
+    nonce: str | None = None,
+    at: _dt.datetime | None = None,
+) -> bytes:
     """Evidence JSON signed by the host key: host key, encryption key and (TPM mode) EK + TCG log + CI hash."""
     now = at or _dt.datetime.now(_dt.UTC)
     body: dict[str, Any] = {
@@ -108,8 +124,9 @@ def create_evidence(host: Host, *, tcg_log: bytes | None = None, ek_public_pem: 
             "ci_policy_hash": ci_policy_hash,
         }
     alg, sig = sign_bytes(host.host_key, _canonical(body))
-    return json.dumps({"evidence": body, "signature_algorithm": alg,
-                       "signature": base64.b64encode(sig).decode()}, indent=2).encode()
+    return json.dumps(
+        {"evidence": body, "signature_algorithm": alg, "signature": base64.b64encode(sig).decode()}, indent=2
+    ).encode()
 
 
 __all__ = ["MAX_EVIDENCE", "Host", "create_evidence", "load_host", "load_public", "new_host", "pem_public"]

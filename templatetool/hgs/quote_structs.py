@@ -13,6 +13,7 @@ from ..tpm.structs import ALG_ECC, TPML_PCR_SELECTION
 
 #: TPM_GENERATED_VALUE: every TPMS_ATTEST the TPM signs starts with it.
 
+
 def _tpm2b() -> Any:
     """A TPM2B of raw bytes (tpm.structs.TPM2B, typed here)."""
     return Prefixed(Int16ub, GreedyBytes)
@@ -42,8 +43,12 @@ TPMS_SIGNATURE_RSA = Struct("hash" / Int16ub, "sig" / _tpm2b())
 TPMS_SIGNATURE_ECC = Struct("hash" / Int16ub, "r" / _tpm2b(), "s" / _tpm2b())
 TPMT_SIGNATURE = Struct(
     "sigAlg" / Int16ub,
-    "signature" / Switch(this.sigAlg, {ALG_RSASSA: TPMS_SIGNATURE_RSA, ALG_RSAPSS: TPMS_SIGNATURE_RSA,
-                                       ALG_ECDSA: TPMS_SIGNATURE_ECC}, default=Prefixed(Int16ub, GreedyBytes)),
+    "signature"
+    / Switch(
+        this.sigAlg,
+        {ALG_RSASSA: TPMS_SIGNATURE_RSA, ALG_RSAPSS: TPMS_SIGNATURE_RSA, ALG_ECDSA: TPMS_SIGNATURE_ECC},
+        default=Prefixed(Int16ub, GreedyBytes),
+    ),
     Terminated,
 )
 

@@ -11,8 +11,15 @@ from ..cms.enveloped import envelope, open_envelope
 from .attest import verify_health_certificate
 
 
-def release_key(kp_xml: bytes, health_cert: x509.Certificate, guardian: Any, attestation_cert: x509.Certificate, *,
-                at: _dt.datetime | None = None, where: str = "key protector") -> bytes:
+def release_key(
+    kp_xml: bytes,
+    health_cert: x509.Certificate,
+    guardian: Any,
+    attestation_cert: x509.Certificate,
+    *,
+    at: _dt.datetime | None = None,
+    where: str = "key protector",
+) -> bytes:
     """Guardian side: check the health certificate (issuer, EKU, freshness), unwrap the KP with the
     guardian's private keys (which verifies the KP's signatures and MAC) and return the secret
     enveloped (CMS AuthEnvelopedData, AES-256-GCM) to the health certificate's key only.

@@ -49,7 +49,9 @@ def _starlette() -> Any:
     try:
         import starlette  # noqa: F401
     except ImportError:
-        raise ResourceError("the HGS service needs Starlette and uvicorn", hint="pip install 'templatetool[hgs]'") from None
+        raise ResourceError(
+            "the HGS service needs Starlette and uvicorn", hint="pip install 'templatetool[hgs]'"
+        ) from None
 
 
 @dataclass
@@ -63,8 +65,13 @@ class ServiceState:
     store: Store
 
 
-def load_service_state(guardian_dir: str | os.PathLike[str], db_url: str | None = None, *,
-                       password_env: str | None = None, node: str = "hgs") -> ServiceState:
+def load_service_state(
+    guardian_dir: str | os.PathLike[str],
+    db_url: str | None = None,
+    *,
+    password_env: str | None = None,
+    node: str = "hgs",
+) -> ServiceState:
     """Open a guardian folder (``hgs init`` done, private keys present) and the state store.
 
     The store's schema is created or checked, and the folder's ``attestation.json`` merged into it.
@@ -79,8 +86,11 @@ def load_service_state(guardian_dir: str | os.PathLike[str], db_url: str | None 
     if (Path(guardian_dir) / "attestation.json").exists():
         store.import_policy(AttestationPolicy.load(guardian_dir))
     if g.signing_key is None:
-        raise FormatError("the guardian folder has no signing private key", str(guardian_dir),
-                          "`hgs serve` needs the guardian's private keys")
+        raise FormatError(
+            "the guardian folder has no signing private key",
+            str(guardian_dir),
+            "`hgs serve` needs the guardian's private keys",
+        )
     xml = export_metadata(g, g.signing_key, g.signing_certificate)
     return ServiceState(key, cert, g, xml, store)
 
@@ -110,7 +120,7 @@ def _host_of(cert: x509.Certificate) -> str:
 
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     v = str(cn[0].value) if cn else ""
-    return v[len("Health "):] if v.startswith("Health ") else v
+    return v[len("Health ") :] if v.startswith("Health ") else v
 
 
 class Service:
@@ -123,10 +133,16 @@ class Service:
     def getinfo(self) -> bytes:
         nonce, exp = self.s.store.new_nonce()
         pol = self.s.store.policy()
-        return wire.dump_wcf("GetInfoReply", {
-            "ProtocolVersions": [wire.PROTOCOL_VERSION], "AttestationModes": ["HostKey", "TpmTrusted"],
-            "Nonce": nonce, "NonceExpires": exp.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "HealthCertificateHours": pol.health_hours})
+        return wire.dump_wcf(
+            "GetInfoReply",
+            {
+                "ProtocolVersions": [wire.PROTOCOL_VERSION],
+                "AttestationModes": ["HostKey", "TpmTrusted"],
+                "Nonce": nonce,
+                "NonceExpires": exp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "HealthCertificateHours": pol.health_hours,
+            },
+        )
 
     def signing_certificates(self) -> bytes:
         der = self.s.signer_cert.public_bytes(serialization.Encoding.DER)
@@ -151,21 +167,35 @@ class Service:
                 extra = self._check_quote(m, evidence, doc, nonce)
             else:
                 self.s.store.consume_nonce(nonce)
-            hc, checks = attest(self.s.store.policy(), evidence, self.s.signer_key, self.s.signer_cert,
-                                where="AttestationRequest.Evidence")
+            hc, checks = attest(
+                self.s.store.policy(),
+                evidence,
+                self.s.signer_key,
+                self.s.signer_cert,
+                where="AttestationRequest.Evidence",
+            )
         except TemplateToolError as e:
             if not isinstance(e, ResourceError):
                 self.s.store.audit("attest", "refused", str(e), host=host)
             raise
         checks = extra + checks
         fp = health_fingerprint(hc)
-        self.s.store.record_attestation(fp, _host_of(hc), hc.not_valid_before_utc, hc.not_valid_after_utc,
-                                        "; ".join(f"{c.name}: ok" for c in checks))
-        return wire.dump_wcf("HealthCertificateReply", {
-            "HealthCertificate": wire.b64(hc.public_bytes(serialization.Encoding.DER)),
-            "ValidFrom": hc.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "ValidTo": hc.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "Checks": [{"Name": c.name, "Passed": c.passed, "Detail": c.detail} for c in checks]})
+        self.s.store.record_attestation(
+            fp,
+            _host_of(hc),
+            hc.not_valid_before_utc,
+            hc.not_valid_after_utc,
+            "; ".join(f"{c.name}: ok" for c in checks),
+        )
+        return wire.dump_wcf(
+            "HealthCertificateReply",
+            {
+                "HealthCertificate": wire.b64(hc.public_bytes(serialization.Encoding.DER)),
+                "ValidFrom": hc.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "ValidTo": hc.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "Checks": [{"Name": c.name, "Passed": c.passed, "Detail": c.detail} for c in checks],
+            },
+        )
 
     def _tpm_challenge(self, m: dict[str, Any], evidence: bytes, doc: dict[str, Any], nonce: str) -> bytes:
         """Round 1 of TPM mode: MakeCredential for the (registered) EK and the AK's Name."""
@@ -185,18 +215,32 @@ class Service:
             raise IntegrityError("EkPublic is not the EK the evidence names", f"{where}.EkPublic")
         pol = self.s.store.policy()
         if not any(_same_key(load_public(pem, "EK", n), ek.public_key) for n, pem in pol.tpm_hosts.items()):
-            raise PolicyError("attestation failed: TPM endorsement key registered: EK not registered with this guardian",
-                              f"{where}.EkPublic", "register the host's EK with this guardian", code="hgs.ek-unregistered")
+            raise PolicyError(
+                "attestation failed: TPM endorsement key registered: EK not registered with this guardian",
+                f"{where}.EkPublic",
+                "register the host's EK with this guardian",
+                code="hgs.ek-unregistered",
+            )
         if not pol.pcr_baseline:
             raise PolicyError("attestation failed: PCR baseline: this guardian has no PCR baseline configured", where)
         credential = os.urandom(32)
         blob, secret = make_credential(ek, ak_name, credential)
-        self.s.store.put_challenge(nonce, ak_name, hashlib.sha256(credential).hexdigest(),
-                                   hashlib.sha256(evidence).hexdigest(),
-                                   _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=NONCE_SECONDS))
-        return wire.dump_wcf("TpmChallengeReply", {
-            "CredentialBlob": wire.b64(blob), "EncryptedSecret": wire.b64(secret),
-            "PcrBank": pol.pcr_bank, "Pcrs": sorted(pol.pcr_baseline)})
+        self.s.store.put_challenge(
+            nonce,
+            ak_name,
+            hashlib.sha256(credential).hexdigest(),
+            hashlib.sha256(evidence).hexdigest(),
+            _dt.datetime.now(_dt.UTC) + _dt.timedelta(seconds=NONCE_SECONDS),
+        )
+        return wire.dump_wcf(
+            "TpmChallengeReply",
+            {
+                "CredentialBlob": wire.b64(blob),
+                "EncryptedSecret": wire.b64(secret),
+                "PcrBank": pol.pcr_bank,
+                "Pcrs": sorted(pol.pcr_baseline),
+            },
+        )
 
     def _check_quote(self, m: dict[str, Any], evidence: bytes, doc: dict[str, Any], nonce: str) -> list[HealthCheck]:
         """Round 2 of TPM mode: the activated credential, then the quote against the replayed log."""
@@ -207,8 +251,11 @@ class Service:
         where = "AttestationRequest"
         ch = self.s.store.take_challenge(nonce)
         if ch is None:
-            raise PolicyError("no credential challenge is open for this nonce", where,
-                              "send round 1 (EkPublic, AkPublic) first, with a fresh nonce")
+            raise PolicyError(
+                "no credential challenge is open for this nonce",
+                where,
+                "send round 1 (EkPublic, AkPublic) first, with a fresh nonce",
+            )
         ak_key, ak_name = parse_ak_public(wire.b64_member(m, "AkPublic", where, 4096), f"{where}.AkPublic")
         if ak_name != ch[0]:
             raise IntegrityError("the AK is not the one the credential challenge was made for", f"{where}.AkPublic")
@@ -216,24 +263,37 @@ class Service:
             raise IntegrityError("round 2 evidence differs from round 1", f"{where}.Evidence")
         credential = wire.b64_member(m, "Credential", where, 64)
         if not hmac.compare_digest(hashlib.sha256(credential).hexdigest(), ch[1]):
-            raise IntegrityError("the credential does not answer the challenge (ActivateCredential by another "
-                                 "EK or AK?)", f"{where}.Credential")
+            raise IntegrityError(
+                "the credential does not answer the challenge (ActivateCredential by another EK or AK?)",
+                f"{where}.Credential",
+            )
         try:
             rep = replay_log(base64.b64decode(str(doc["tpm"].get("tcg_log", "")), validate=True))
         except (ValueError, TypeError, AttributeError):
             raise FormatError("the evidence TCG log is not base64", f"{where}.Evidence") from None
         values = {bank_id(b): v for b, v in rep.values_by_bank.items()}
-        sel = verify_quote(ak_key, wire.b64_member(m, "Quote", where, 4096),
-                           wire.b64_member(m, "QuoteSignature", where, 4096),
-                           quote_qualifying(nonce, credential), values, f"{where}.Quote")
+        sel = verify_quote(
+            ak_key,
+            wire.b64_member(m, "Quote", where, 4096),
+            wire.b64_member(m, "QuoteSignature", where, 4096),
+            quote_qualifying(nonce, credential),
+            values,
+            f"{where}.Quote",
+        )
         pol = self.s.store.policy()
         missing = sorted(set(pol.pcr_baseline) - set(sel.get(bank_id(pol.pcr_bank), [])))
         if missing:
-            raise PolicyError(f"attestation failed: TPM quote: the quote does not cover baseline "
-                              f"{pol.pcr_bank} PCR(s) {', '.join(map(str, missing))}", f"{where}.Quote")
-        return [HealthCheck("AK certified by the EK", True, "ActivateCredential answered the challenge"),
-                HealthCheck("TPM quote", True, "signed by the AK over this round's nonce; quoted PCRs equal the "
-                            "replayed TCG log")]
+            raise PolicyError(
+                f"attestation failed: TPM quote: the quote does not cover baseline "
+                f"{pol.pcr_bank} PCR(s) {', '.join(map(str, missing))}",
+                f"{where}.Quote",
+            )
+        return [
+            HealthCheck("AK certified by the EK", True, "ActivateCredential answered the challenge"),
+            HealthCheck(
+                "TPM quote", True, "signed by the AK over this round's nonce; quoted PCRs equal the replayed TCG log"
+            ),
+        ]
 
     # -- key protection -----------------------------------------------------------------------
     def rolltransportkey(self, body: bytes, at: _dt.datetime | None = None) -> bytes:
@@ -251,16 +311,33 @@ class Service:
                 raise FormatError("the health certificate is not DER X.509", f"{where}.HealthCertificate") from None
             host = self.s.store.health_certificate_host(hc_fp)
             if host is None:
-                raise PolicyError("health certificate was not issued by this service", f"{where}.HealthCertificate",
-                                  "attest with POST /Attestation/v2.0/hostkeyattest first")
-            released = release_key(kp, hc, self.s.guardian, self.s.signer_cert, at=at, where=f"{where}.IngressProtector")
+                raise PolicyError(
+                    "health certificate was not issued by this service",
+                    f"{where}.HealthCertificate",
+                    "attest with POST /Attestation/v2.0/hostkeyattest first",
+                )
+            released = release_key(
+                kp, hc, self.s.guardian, self.s.signer_cert, at=at, where=f"{where}.IngressProtector"
+            )
         except TemplateToolError as e:
             if not isinstance(e, ResourceError):
-                self.s.store.audit("release", "refused", str(e), host=host or _safe_host(hc_der),
-                                   health_certificate=hc_fp, key_protector=kp_fp)
+                self.s.store.audit(
+                    "release",
+                    "refused",
+                    str(e),
+                    host=host or _safe_host(hc_der),
+                    health_certificate=hc_fp,
+                    key_protector=kp_fp,
+                )
             raise
-        self.s.store.audit("release", "granted", f"KP unwrapped by guardian {self.s.guardian.name!r}; key enveloped "
-                           "to the health certificate", host=host, health_certificate=hc_fp, key_protector=kp_fp)
+        self.s.store.audit(
+            "release",
+            "granted",
+            f"KP unwrapped by guardian {self.s.guardian.name!r}; key enveloped to the health certificate",
+            host=host,
+            health_certificate=hc_fp,
+            key_protector=kp_fp,
+        )
         # Egress protector: our KP format needs the owner's GuardianSignature, which the service cannot
         # make, so the egress protector is the ingress protector (no roll; docs/formats/hgs-service.md).
         return wire.dump_roll_response(kp, released, URN_CMS_AEAD)
@@ -340,11 +417,17 @@ def create_app(state: ServiceState) -> Any:
         status = getattr(exc, "status_code", 404)
         if request.url.path.startswith("/KeyProtection"):
             code = "InvalidRequestException"
-            return Response(wire.dump_fault(code, f"HTTP {status}: {request.method} {request.url.path}"[:200]),
-                            status, media_type=XML)
+            return Response(
+                wire.dump_fault(code, f"HTTP {status}: {request.method} {request.url.path}"[:200]),
+                status,
+                media_type=XML,
+            )
         name = "NotFoundErrorReply" if status == 404 else "InvalidRequestErrorReply"
-        return Response(wire.dump_error(name, f"Http{status}", f"{request.method} {request.url.path}"[:200]),
-                        status, media_type=JSON)
+        return Response(
+            wire.dump_error(name, f"Http{status}", f"{request.method} {request.url.path}"[:200]),
+            status,
+            media_type=JSON,
+        )
 
     async def internal(request: Request, exc: Exception) -> Response:
         log.error("internal error handling %s: %s", request.url.path, type(exc).__name__)

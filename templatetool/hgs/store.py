@@ -48,39 +48,60 @@ def _metadata(sa: Any) -> Any:
     S, Int, T = sa.String, sa.Integer, sa.Text
     sa.Table("schema_version", md, sa.Column("version", Int, nullable=False))
     sa.Table("settings", md, sa.Column("name", S(64), primary_key=True), sa.Column("value", T, nullable=False))
-    sa.Table("hosts", md,
-             sa.Column("name", S(64), primary_key=True),
-             sa.Column("mode", S(16), nullable=False),            # host-key | tpm
-             sa.Column("public_key_pem", T, nullable=False),      # host key, or the TPM EK public key
-             sa.Column("registered", S(20), nullable=False))
-    sa.Table("pcr_baselines", md,
-             sa.Column("bank", S(16), primary_key=True), sa.Column("pcr", Int, primary_key=True),
-             sa.Column("digest_hex", S(128), nullable=False))
+    sa.Table(
+        "hosts",
+        md,
+        sa.Column("name", S(64), primary_key=True),
+        sa.Column("mode", S(16), nullable=False),  # host-key | tpm
+        sa.Column("public_key_pem", T, nullable=False),  # host key, or the TPM EK public key
+        sa.Column("registered", S(20), nullable=False),
+    )
+    sa.Table(
+        "pcr_baselines",
+        md,
+        sa.Column("bank", S(16), primary_key=True),
+        sa.Column("pcr", Int, primary_key=True),
+        sa.Column("digest_hex", S(128), nullable=False),
+    )
     sa.Table("ci_policies", md, sa.Column("digest_hex", S(128), primary_key=True))
-    sa.Table("nonces", md,
-             sa.Column("nonce", S(64), primary_key=True),
-             sa.Column("issued", S(20), nullable=False), sa.Column("expires", S(20), nullable=False),
-             sa.Column("used", S(20), nullable=True))
-    sa.Table("tpm_challenges", md,
-             sa.Column("nonce", S(64), primary_key=True),
-             sa.Column("ak_name", S(140), nullable=False),           # hex TPM Name of the AK
-             sa.Column("credential_sha256", S(64), nullable=False),  # never the credential itself
-             sa.Column("evidence_sha256", S(64), nullable=False),    # round 2 must send the same evidence
-             sa.Column("expires", S(20), nullable=False))
-    sa.Table("health_certificates", md,
-             sa.Column("fingerprint", S(64), primary_key=True),
-             sa.Column("host", S(64), nullable=False),
-             sa.Column("issued", S(20), nullable=False), sa.Column("expires", S(20), nullable=False))
-    sa.Table("audit", md,
-             sa.Column("id", Int, primary_key=True, autoincrement=True),
-             sa.Column("at", S(20), nullable=False),
-             sa.Column("node", S(64), nullable=False),
-             sa.Column("event", S(16), nullable=False),           # attest | release
-             sa.Column("outcome", S(16), nullable=False),         # granted | refused
-             sa.Column("host", S(64), nullable=True),
-             sa.Column("health_certificate", S(64), nullable=True),
-             sa.Column("key_protector", S(64), nullable=True),    # SHA-256 of the ingress KP
-             sa.Column("detail", T, nullable=False))
+    sa.Table(
+        "nonces",
+        md,
+        sa.Column("nonce", S(64), primary_key=True),
+        sa.Column("issued", S(20), nullable=False),
+        sa.Column("expires", S(20), nullable=False),
+        sa.Column("used", S(20), nullable=True),
+    )
+    sa.Table(
+        "tpm_challenges",
+        md,
+        sa.Column("nonce", S(64), primary_key=True),
+        sa.Column("ak_name", S(140), nullable=False),  # hex TPM Name of the AK
+        sa.Column("credential_sha256", S(64), nullable=False),  # never the credential itself
+        sa.Column("evidence_sha256", S(64), nullable=False),  # round 2 must send the same evidence
+        sa.Column("expires", S(20), nullable=False),
+    )
+    sa.Table(
+        "health_certificates",
+        md,
+        sa.Column("fingerprint", S(64), primary_key=True),
+        sa.Column("host", S(64), nullable=False),
+        sa.Column("issued", S(20), nullable=False),
+        sa.Column("expires", S(20), nullable=False),
+    )
+    sa.Table(
+        "audit",
+        md,
+        sa.Column("id", Int, primary_key=True, autoincrement=True),
+        sa.Column("at", S(20), nullable=False),
+        sa.Column("node", S(64), nullable=False),
+        sa.Column("event", S(16), nullable=False),  # attest | release
+        sa.Column("outcome", S(16), nullable=False),  # granted | refused
+        sa.Column("host", S(64), nullable=True),
+        sa.Column("health_certificate", S(64), nullable=True),
+        sa.Column("key_protector", S(64), nullable=True),  # SHA-256 of the ingress KP
+        sa.Column("detail", T, nullable=False),
+    )
     return md
 
 
@@ -111,8 +132,10 @@ class Store:
             else:
                 self.engine = sa.create_engine(url, pool_pre_ping=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as e:
-            raise UsageError(f"unusable database URL: {type(e).__name__}", hint="e.g. sqlite:///path or "
-                             "postgresql+psycopg://user@host/db") from None
+            raise UsageError(
+                f"unusable database URL: {type(e).__name__}",
+                hint="e.g. sqlite:///path or postgresql+psycopg://user@host/db",
+            ) from None
         self.md = _metadata(sa)
         self.t = self.md.tables
 
@@ -129,8 +152,11 @@ class Store:
                     c.execute(self.t["schema_version"].insert().values(version=SCHEMA_VERSION))
                     return SCHEMA_VERSION
                 if len(rows) != 1 or rows[0] != SCHEMA_VERSION:
-                    raise FormatError(f"HGS database schema version {rows} is not {SCHEMA_VERSION}", self._where(),
-                                      "use a database made by this templatetool version")
+                    raise FormatError(
+                        f"HGS database schema version {rows} is not {SCHEMA_VERSION}",
+                        self._where(),
+                        "use a database made by this templatetool version",
+                    )
                 return int(rows[0])
         except sa.exc.SQLAlchemyError as e:
             raise ResourceError(f"cannot open the HGS database: {type(e).__name__}", self._where()) from None
@@ -174,8 +200,14 @@ class Store:
                 for name, pem in hosts.items():
                     o = old.get(name)
                     kept = o is not None and o["mode"] == mode and o["public_key_pem"] == pem
-                    c.execute(h.insert().values(name=name, mode=mode, public_key_pem=pem,
-                                                registered=o["registered"] if kept and o is not None else now))
+                    c.execute(
+                        h.insert().values(
+                            name=name,
+                            mode=mode,
+                            public_key_pem=pem,
+                            registered=o["registered"] if kept and o is not None else now,
+                        )
+                    )
             c.execute(t["pcr_baselines"].delete())
             for pcr, v in sorted(pol.pcr_baseline.items()):
                 c.execute(t["pcr_baselines"].insert().values(bank=pol.pcr_bank, pcr=pcr, digest_hex=v.lower()))
@@ -225,36 +257,58 @@ class Store:
         now = _iso(_now())
 
         def fn(c: Any) -> int:
-            r = c.execute(t.update().where(sa.and_(t.c.nonce == nonce, t.c.used.is_(None), t.c.expires > now))
-                          .values(used=now))
+            r = c.execute(
+                t.update().where(sa.and_(t.c.nonce == nonce, t.c.used.is_(None), t.c.expires > now)).values(used=now)
+            )
             # purge nonces long expired (bounded table)
             c.execute(t.delete().where(t.c.expires < _iso(_now() - _dt.timedelta(days=1))))
             return int(r.rowcount)
 
         if not isinstance(nonce, str) or len(nonce) > 64 or self._run(fn) != 1:
-            raise PolicyError("server nonce is unknown, expired or already used", "evidence nonce",
-                              "get a fresh nonce from GET /Attestation/Getinfo and attest once with it")
+            raise PolicyError(
+                "server nonce is unknown, expired or already used",
+                "evidence nonce",
+                "get a fresh nonce from GET /Attestation/Getinfo and attest once with it",
+            )
 
     # -- TPM challenges (MakeCredential rounds) -----------------------------------------------------
     def open_nonce(self, nonce: str) -> None:
         """PolicyError unless ``nonce`` was issued, is unexpired and unused (it stays unused)."""
         t, sa = self.t["nonces"], self._sa
         now = _iso(_now())
-        ok = isinstance(nonce, str) and len(nonce) <= 64 and self._run(lambda c: c.execute(
-            sa.select(t.c.nonce).where(sa.and_(t.c.nonce == nonce, t.c.used.is_(None), t.c.expires > now))).first())
+        ok = (
+            isinstance(nonce, str)
+            and len(nonce) <= 64
+            and self._run(
+                lambda c: c.execute(
+                    sa.select(t.c.nonce).where(sa.and_(t.c.nonce == nonce, t.c.used.is_(None), t.c.expires > now))
+                ).first()
+            )
+        )
         if not ok:
-            raise PolicyError("server nonce is unknown, expired or already used", "evidence nonce",
-                              "get a fresh nonce from GET /Attestation/Getinfo and attest once with it")
+            raise PolicyError(
+                "server nonce is unknown, expired or already used",
+                "evidence nonce",
+                "get a fresh nonce from GET /Attestation/Getinfo and attest once with it",
+            )
 
-    def put_challenge(self, nonce: str, ak_name: bytes, credential_sha256: str, evidence_sha256: str,
-                      expires: _dt.datetime) -> None:
+    def put_challenge(
+        self, nonce: str, ak_name: bytes, credential_sha256: str, evidence_sha256: str, expires: _dt.datetime
+    ) -> None:
         """Remember the credential challenge of an attestation round (one per nonce)."""
         t = self.t["tpm_challenges"]
 
         def fn(c: Any) -> None:
             c.execute(t.delete().where(t.c.nonce == nonce))
-            c.execute(t.insert().values(nonce=nonce, ak_name=ak_name.hex(), credential_sha256=credential_sha256,
-                                        evidence_sha256=evidence_sha256, expires=_iso(expires)))
+            c.execute(
+                t.insert().values(
+                    nonce=nonce,
+                    ak_name=ak_name.hex(),
+                    credential_sha256=credential_sha256,
+                    evidence_sha256=evidence_sha256,
+                    expires=_iso(expires),
+                )
+            )
             c.execute(t.delete().where(t.c.expires < _iso(_now() - _dt.timedelta(days=1))))
 
         self._run(fn)
@@ -272,21 +326,44 @@ class Store:
         return self._run(fn)
 
     # -- records --------------------------------------------------------------------------------
-    def record_health_certificate(self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime) -> None:
+    def record_health_certificate(
+        self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime
+    ) -> None:
         """Remember an issued health certificate."""
-        self._run(lambda c: c.execute(self.t["health_certificates"].insert().values(
-            fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires))))
+        self._run(
+            lambda c: c.execute(
+                self.t["health_certificates"]
+                .insert()
+                .values(fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires))
+            )
+        )
 
-    def record_attestation(self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime,
-                           detail: str) -> None:
+    def record_attestation(
+        self, fingerprint: str, host: str, issued: _dt.datetime, expires: _dt.datetime, detail: str
+    ) -> None:
         """Record an issued health certificate and its granted-attestation audit row in one transaction
         (a certificate the KPS honours always has its audit record)."""
+
         def fn(c: Any) -> None:
-            c.execute(self.t["health_certificates"].insert().values(
-                fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires)))
-            c.execute(self.t["audit"].insert().values(
-                at=_iso(_now()), node=self.node[:64], event="attest", outcome="granted", host=host[:64] or None,
-                health_certificate=fingerprint, key_protector=None, detail=detail[:2000]))
+            c.execute(
+                self.t["health_certificates"]
+                .insert()
+                .values(fingerprint=fingerprint, host=host[:64], issued=_iso(issued), expires=_iso(expires))
+            )
+            c.execute(
+                self.t["audit"]
+                .insert()
+                .values(
+                    at=_iso(_now()),
+                    node=self.node[:64],
+                    event="attest",
+                    outcome="granted",
+                    host=host[:64] or None,
+                    health_certificate=fingerprint,
+                    key_protector=None,
+                    detail=detail[:2000],
+                )
+            )
 
         self._run(fn)
 
@@ -296,18 +373,40 @@ class Store:
         host = self._run(lambda c: c.execute(sa.select(t.c.host).where(t.c.fingerprint == fingerprint)).scalar())
         return None if host is None else str(host)
 
-    def audit(self, event: str, outcome: str, detail: str, *, host: str | None = None,
-              health_certificate: str | None = None, key_protector: str | None = None) -> None:
+    def audit(
+        self,
+        event: str,
+        outcome: str,
+        detail: str,
+        *,
+        host: str | None = None,
+        health_certificate: str | None = None,
+        key_protector: str | None = None,
+    ) -> None:
         """Append an audit record (never any key material)."""
-        self._run(lambda c: c.execute(self.t["audit"].insert().values(
-            at=_iso(_now()), node=self.node[:64], event=event, outcome=outcome, host=(host or None) and host[:64],
-            health_certificate=health_certificate, key_protector=key_protector, detail=detail[:2000])))
+        self._run(
+            lambda c: c.execute(
+                self.t["audit"]
+                .insert()
+                .values(
+                    at=_iso(_now()),
+                    node=self.node[:64],
+                    event=event,
+                    outcome=outcome,
+                    host=(host or None) and host[:64],
+                    health_certificate=health_certificate,
+                    key_protector=key_protector,
+                    detail=detail[:2000],
+                )
+            )
+        )
 
     def audit_log(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The latest audit records, oldest first."""
         t, sa = self.t["audit"], self._sa
-        rows = self._run(lambda c: [dict(r) for r in c.execute(sa.select(t).order_by(t.c.id.desc()).limit(limit))
-                                    .mappings()])
+        rows = self._run(
+            lambda c: [dict(r) for r in c.execute(sa.select(t).order_by(t.c.id.desc()).limit(limit)).mappings()]
+        )
         return rows[::-1]
 
     def close(self) -> None:

@@ -53,13 +53,23 @@ class TpmHost:
     def activate(self, credential_blob: bytes, secret: bytes) -> bytes:
         """TPM2_ActivateCredential: the credential, if the challenge was made for this EK and AK."""
         t = self.t
-        ps = self.esys.start_auth_session(t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.POLICY,
-                                          t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL), t.TPM2_ALG.SHA256)
+        ps = self.esys.start_auth_session(
+            t.ESYS_TR.NONE,
+            t.ESYS_TR.NONE,
+            t.TPM2_SE.POLICY,
+            t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
+            t.TPM2_ALG.SHA256,
+        )
         try:
             self.esys.policy_secret(t.ESYS_TR.ENDORSEMENT, ps)
-            got = self.esys.activate_credential(self.ak, self.ek, t.TPM2B_ID_OBJECT(credential_blob),
-                                                t.TPM2B_ENCRYPTED_SECRET(secret), session1=t.ESYS_TR.PASSWORD,
-                                                session2=ps)
+            got = self.esys.activate_credential(
+                self.ak,
+                self.ek,
+                t.TPM2B_ID_OBJECT(credential_blob),
+                t.TPM2B_ENCRYPTED_SECRET(secret),
+                session1=t.ESYS_TR.PASSWORD,
+                session2=ps,
+            )
         except t.TSS2_Exception as e:
             raise CredentialError(f"the TPM refused the credential challenge: {str(e)[:120]}", self.tcti) from None
         finally:

@@ -83,10 +83,15 @@ def parse_ak_public(public_area: bytes, where: str = "AK public") -> tuple[Any, 
         raise PolicyError(f"the AK is not a restricted signing key fixed to its TPM (attributes 0x{attrs:08x})", where)
     try:
         if p.type == s.ALG_RSA:
-            key: Any = rsa.RSAPublicNumbers(p.parameters.exponent or 65537, int.from_bytes(bytes(p.unique), "big")).public_key()
+            key: Any = rsa.RSAPublicNumbers(
+                p.parameters.exponent or 65537, int.from_bytes(bytes(p.unique), "big")
+            ).public_key()
         elif p.type == s.ALG_ECC and p.parameters.curveID in _CURVES:
-            key = ec.EllipticCurvePublicNumbers(int.from_bytes(bytes(p.unique.x), "big"), int.from_bytes(bytes(p.unique.y), "big"),
-                                                _CURVES[p.parameters.curveID][1]()).public_key()
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(bytes(p.unique.x), "big"),
+                int.from_bytes(bytes(p.unique.y), "big"),
+                _CURVES[p.parameters.curveID][1](),
+            ).public_key()
         else:
             raise UnsupportedError("the AK is not an RSA or NIST P-256/P-384 key", where)
     except ValueError:
@@ -103,8 +108,14 @@ def pcr_digest(hash_id: int, selection: dict[int, list[int]], values: dict[int, 
     return hash_bytes(hash_id, *parts)
 
 
-def verify_quote(ak_key: Any, attest: bytes, signature: bytes, qualifying: bytes,
-                 values: dict[int, dict[int, bytes]], where: str = "TPM quote") -> dict[int, list[int]]:
+def verify_quote(
+    ak_key: Any,
+    attest: bytes,
+    signature: bytes,
+    qualifying: bytes,
+    values: dict[int, dict[int, bytes]],
+    where: str = "TPM quote",
+) -> dict[int, list[int]]:
     """Check a TPM2_Quote; returns its PCR selection {bank alg: [pcrs]}.
 
     ``values`` are the PCR values the verifier expects (replayed from the TCG log) per bank.
@@ -121,26 +132,36 @@ def verify_quote(ak_key: Any, attest: bytes, signature: bytes, qualifying: bytes
         if sig.sigAlg == q.ALG_RSASSA and isinstance(ak_key, rsa.RSAPublicKey):
             ak_key.verify(bytes(sig.signature.sig), attest, padding.PKCS1v15(), hash_alg(sig.signature.hash))
         elif sig.sigAlg == q.ALG_RSAPSS and isinstance(ak_key, rsa.RSAPublicKey):
-            ak_key.verify(bytes(sig.signature.sig), attest, padding.PSS(padding.MGF1(hash_alg(sig.signature.hash)),
-                          padding.PSS.AUTO), hash_alg(sig.signature.hash))
+            ak_key.verify(
+                bytes(sig.signature.sig),
+                attest,
+                padding.PSS(padding.MGF1(hash_alg(sig.signature.hash)), padding.PSS.AUTO),
+                hash_alg(sig.signature.hash),
+            )
         elif sig.sigAlg == q.ALG_ECDSA and isinstance(ak_key, ec.EllipticCurvePublicKey):
-            der = encode_dss_signature(int.from_bytes(bytes(sig.signature.r), "big"), int.from_bytes(bytes(sig.signature.s), "big"))
+            der = encode_dss_signature(
+                int.from_bytes(bytes(sig.signature.r), "big"), int.from_bytes(bytes(sig.signature.s), "big")
+            )
             ak_key.verify(der, attest, ec.ECDSA(hash_alg(sig.signature.hash)))
         else:
             raise UnsupportedError(f"quote signature scheme 0x{sig.sigAlg:04x} does not fit the AK", where)
     except InvalidSignature:
         raise IntegrityError("the quote signature does not verify with the AK", where) from None
     if not hmac.compare_digest(bytes(a.extraData), qualifying):
-        raise IntegrityError("the quote does not carry this server's challenge (qualifying data)", where,
-                             "quote with the nonce from this attestation round")
+        raise IntegrityError(
+            "the quote does not carry this server's challenge (qualifying data)",
+            where,
+            "quote with the nonce from this attestation round",
+        )
     selection = {int(sel.hash): pcrs_from_bitmap(bytes(sel.pcrSelect)) for sel in a.attested.pcrSelect}
     for bank, pcrs in selection.items():
         if bank not in values or any(i not in values[bank] for i in pcrs):
             raise PolicyError(f"the quote covers PCRs the TCG log does not give (bank 0x{bank:04x})", where)
     want = pcr_digest(sig.signature.hash, selection, values)
     if not hmac.compare_digest(want, bytes(a.attested.pcrDigest)):
-        raise IntegrityError("the quoted PCRs differ from the PCRs the TCG log replays to", where,
-                             "the log does not describe this boot")
+        raise IntegrityError(
+            "the quoted PCRs differ from the PCRs the TCG log replays to", where, "the log does not describe this boot"
+        )
     return selection
 
 

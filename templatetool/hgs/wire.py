@@ -35,18 +35,18 @@ PROTOCOL_VERSION = "2.0"
 
 #: ErrorReply subtypes ([MS-HGSA] style) and the HTTP status each is sent with.
 ERROR_STATUS = {
-    "InvalidRequestErrorReply": 400,   # malformed JSON, wrong __type, bad base64, bad evidence
-    "NonceErrorReply": 403,            # unknown, expired or already used server nonce
-    "AttestationErrorReply": 403,      # a failed check (unknown host, PCR baseline, quote, credential ...)
-    "NotFoundErrorReply": 404,         # unknown route
-    "ServiceErrorReply": 503,          # state store unavailable
+    "InvalidRequestErrorReply": 400,  # malformed JSON, wrong __type, bad base64, bad evidence
+    "NonceErrorReply": 403,  # unknown, expired or already used server nonce
+    "AttestationErrorReply": 403,  # a failed check (unknown host, PCR baseline, quote, credential ...)
+    "NotFoundErrorReply": 404,  # unknown route
+    "ServiceErrorReply": 503,  # state store unavailable
 }
 #: [MS-KPS] fault codes of RollTransportKey and the HTTP status of each.
 KPS_FAULT_STATUS = {
-    "InvalidRequestException": 400,      # malformed request XML
-    "InvalidProtectorException": 400,    # KP malformed or tampered (signatures, MAC, canonical form)
-    "InvalidWrappingException": 403,     # this guardian has no wrapping in the KP
-    "HealthCertificateException": 403,   # health certificate not ours, expired, not a health cert
+    "InvalidRequestException": 400,  # malformed request XML
+    "InvalidProtectorException": 400,  # KP malformed or tampered (signatures, MAC, canonical form)
+    "InvalidWrappingException": 403,  # this guardian has no wrapping in the KP
+    "HealthCertificateException": 403,  # health certificate not ours, expired, not a health cert
     "ServiceException": 503,
 }
 
@@ -56,6 +56,7 @@ _K = f"{{{KPS_NS}}}"
 # -------------------------------------------------------------------------------------------
 # WCF JSON
 # -------------------------------------------------------------------------------------------
+
 
 def wcf_type(name: str) -> str:
     """The ``__type`` value of a message name."""
@@ -137,6 +138,7 @@ def dump_error(name: str, code: str, message: str) -> bytes:
 # [MS-KPS] RollTransportKey XML
 # -------------------------------------------------------------------------------------------
 
+
 def _c14n(el: etree._Element) -> bytes:
     out: bytes = etree.tostring(el, method="c14n", exclusive=True)
     return out
@@ -171,8 +173,10 @@ def parse_roll_request(body: bytes, where: str = "RollTransportKeyRequest") -> t
     root = parse_xml(body, where)
     if root.tag != _K + "RollTransportKeyRequest":
         raise FormatError(f"expected <RollTransportKeyRequest> in {KPS_NS}, got {str(root.tag)[:80]}", where)
-    return (_unb64(_text_child(root, "IngressProtector", where), "IngressProtector", where),
-            _unb64(_text_child(root, "HealthCertificate", where), "HealthCertificate", where))
+    return (
+        _unb64(_text_child(root, "IngressProtector", where), "IngressProtector", where),
+        _unb64(_text_child(root, "HealthCertificate", where), "HealthCertificate", where),
+    )
 
 
 def dump_roll_response(egress_kp: bytes, encrypted_keys: bytes, algorithm: str) -> bytes:
@@ -190,8 +194,10 @@ def parse_roll_response(body: bytes, where: str = "RollTransportKeyResponse") ->
         raise_fault(root, where)
     if root.tag != _K + "RollTransportKeyResponse":
         raise FormatError(f"unexpected response element {str(root.tag)[:80]}", where)
-    return (_unb64(_text_child(root, "EgressProtector", where), "EgressProtector", where),
-            _unb64(_text_child(root, "EncryptedTransportKeys", where), "EncryptedTransportKeys", where))
+    return (
+        _unb64(_text_child(root, "EgressProtector", where), "EgressProtector", where),
+        _unb64(_text_child(root, "EncryptedTransportKeys", where), "EncryptedTransportKeys", where),
+    )
 
 
 def fault_code(e: TemplateToolError) -> str:
@@ -219,8 +225,10 @@ def dump_fault(code: str, message: str) -> bytes:
 
 
 _FAULT_ERRORS: dict[str, type[TemplateToolError]] = {
-    "InvalidRequestException": FormatError, "InvalidProtectorException": IntegrityError,
-    "InvalidWrappingException": CredentialError, "HealthCertificateException": PolicyError,
+    "InvalidRequestException": FormatError,
+    "InvalidProtectorException": IntegrityError,
+    "InvalidWrappingException": CredentialError,
+    "HealthCertificateException": PolicyError,
 }
 
 
@@ -234,7 +242,9 @@ def raise_fault(root: etree._Element, where: str) -> None:
 
 
 _REPLY_ERRORS: dict[str, type[TemplateToolError]] = {
-    "InvalidRequestErrorReply": FormatError, "NonceErrorReply": PolicyError, "AttestationErrorReply": PolicyError,
+    "InvalidRequestErrorReply": FormatError,
+    "NonceErrorReply": PolicyError,
+    "AttestationErrorReply": PolicyError,
     "NotFoundErrorReply": NotFoundError,
 }
 

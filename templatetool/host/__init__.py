@@ -13,5 +13,15 @@ from __future__ import annotations
 from .health import HealthStatus, attest_host, cached_health, release_secret
 from .launch import VmConfig, VmRun, build_qemu_argv, find_ovmf, kvm_usable, run_vm
 
-__all__ = ["HealthStatus", "VmConfig", "VmRun", "attest_host", "build_qemu_argv", "cached_health", "find_ovmf",
-           "kvm_usable", "release_secret", "run_vm"]
+__all__ = [
+    "HealthStatus",
+    "VmConfig",
+    "VmRun",
+    "attest_host",
+    "build_qemu_argv",
+    "cached_health",
+    "find_ovmf",
+    "kvm_usable",
+    "release_secret",
+    "run_vm",
+]

@@ -46,10 +46,15 @@ class HealthStatus:
 
     def to_json(self) -> dict[str, Any]:
         der = self.certificate.public_bytes(serialization.Encoding.DER)
-        return {"hgs": self.hgs, "mode": self.mode, "cached": self.cached, "cache": str(self.path),
-                "fingerprint": hashlib.sha256(der).hexdigest(),
-                "valid_from": self.certificate.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "valid_to": self.valid_to.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        return {
+            "hgs": self.hgs,
+            "mode": self.mode,
+            "cached": self.cached,
+            "cache": str(self.path),
+            "fingerprint": hashlib.sha256(der).hexdigest(),
+            "valid_from": self.certificate.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "valid_to": self.valid_to.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
 
 
 def parse_duration(text: str) -> _dt.timedelta:
@@ -84,9 +89,15 @@ def _same_key(cert: x509.Certificate, host: Host) -> bool:
     return pem_public(cert.public_key()) == pem_public(host.encryption_key.public_key())
 
 
-def cached_health(host_dir: str | os.PathLike[str], hgs_url: str, *, mode: str | None = None,
-                  margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN, at: _dt.datetime | None = None,
-                  host: Host | None = None) -> HealthStatus | None:
+def cached_health(
+    host_dir: str | os.PathLike[str],
+    hgs_url: str,
+    *,
+    mode: str | None = None,
+    margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN,
+    at: _dt.datetime | None = None,
+    host: Host | None = None,
+) -> HealthStatus | None:
     """The cached health certificate if it is still good for ``margin`` (and matches the host's
     encryption key, the URL and ``mode`` when given); None when it must be refreshed. A corrupt
     cache file is treated as absent (it is rewritten by the next attestation)."""
@@ -113,15 +124,28 @@ def cached_health(host_dir: str | os.PathLike[str], hgs_url: str, *, mode: str |
 
 def _store(p: Path, url: str, mode: str, cert: x509.Certificate) -> None:
     p.parent.mkdir(mode=0o700, exist_ok=True)
-    doc = {"format": CACHE_FORMAT, "version": 1, "hgs": url, "mode": mode,
-           "health_certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
+    doc = {
+        "format": CACHE_FORMAT,
+        "version": 1,
+        "hgs": url,
+        "mode": mode,
+        "health_certificate": cert.public_bytes(serialization.Encoding.PEM).decode(),
+    }
     write_bytes_atomic(p, json.dumps(doc, indent=2).encode(), mode=0o600)
 
 
-def attest_host(hgs_url: str, host_dir: str | os.PathLike[str], *, tpm: str | None = None,
-                tcg_log: bytes | None = None, ci_policy_hash: str | None = None,
-                refresh_margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN, force: bool = False,
-                verify: Any = True, at: _dt.datetime | None = None) -> HealthStatus:
+def attest_host(
+    hgs_url: str,
+    host_dir: str | os.PathLike[str],
+    *,
+    tpm: str | None = None,
+    tcg_log: bytes | None = None,
+    ci_policy_hash: str | None = None,
+    refresh_margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN,
+    force: bool = False,
+    verify: Any = True,
+    at: _dt.datetime | None = None,
+) -> HealthStatus:
     """The host's health certificate for ``hgs_url``: from the cache while valid for
     ``refresh_margin`` more, else by attesting (host-key mode; TPM mode when ``tpm`` names a TCTI,
     with the host's TCG log ``tcg_log``). Refusals are the service's typed errors (PolicyError for
@@ -130,7 +154,9 @@ def attest_host(hgs_url: str, host_dir: str | os.PathLike[str], *, tpm: str | No
 
     url = _normal_url(hgs_url)
     if tpm is not None and tcg_log is None:
-        raise UsageError("TPM attestation needs the host's TCG log", hint="give the host's TCG log", code="host.tcg-log-needed")
+        raise UsageError(
+            "TPM attestation needs the host's TCG log", hint="give the host's TCG log", code="host.tcg-log-needed"
+        )
     if tpm is None and (tcg_log is not None or ci_policy_hash is not None):
         raise UsageError("--tcg-log and --ci-policy-hash need --tpm")
     host = load_host(host_dir)
@@ -155,8 +181,9 @@ def attest_host(hgs_url: str, host_dir: str | os.PathLike[str], *, tpm: str | No
     return HealthStatus(cert, url, mode, False, p)
 
 
-def release_secret(hgs_url: str, host_dir: str | os.PathLike[str], kp: bytes, health: HealthStatus, *,
-                   verify: Any = True) -> bytes:
+def release_secret(
+    hgs_url: str, host_dir: str | os.PathLike[str], kp: bytes, health: HealthStatus, *, verify: Any = True
+) -> bytes:
     """Key release over the service ([MS-KPS] RollTransportKey): the KP's secret, opened with the
     host's encryption key. Refused (typed error, no key) unless the fabric is a guardian of the KP
     and the health certificate is one it issued and still valid."""
@@ -167,5 +194,12 @@ def release_secret(hgs_url: str, host_dir: str | os.PathLike[str], kp: bytes, he
         return c.release(kp, host, health.certificate)
 
 
-__all__ = ["DEFAULT_REFRESH_MARGIN", "HealthStatus", "attest_host", "cache_path", "cached_health", "parse_duration",
-           "release_secret"]
+__all__ = [
+    "DEFAULT_REFRESH_MARGIN",
+    "HealthStatus",
+    "attest_host",
+    "cache_path",
+    "cached_health",
+    "parse_duration",
+    "release_secret",
+]

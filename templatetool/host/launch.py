@@ -75,13 +75,17 @@ class VmConfig:
     def check(self) -> None:
         """Refuse a console the policy does not allow, and impossible settings (before anything runs)."""
         if self.policy not in POLICIES:
-            raise PolicyError(f"unknown VM policy {self.policy!r}", "VM secret", "the KP names shielded or "
-                              "encryption-supported")
+            raise PolicyError(
+                f"unknown VM policy {self.policy!r}", "VM secret", "the KP names shielded or encryption-supported"
+            )
         if self.console not in CONSOLES:
             raise UsageError(f"--console must be one of {', '.join(CONSOLES)}")
         if self.policy == "shielded" and self.console != "none":
-            raise PolicyError(f"the VM's policy is shielded: no console ({self.console!r} refused)", str(self.disk),
-                              "only encryption-supported VMs allow a console")
+            raise PolicyError(
+                f"the VM's policy is shielded: no console ({self.console!r} refused)",
+                str(self.disk),
+                "only encryption-supported VMs allow a console",
+            )
         if self.accel not in ACCELS:
             raise UsageError(f"--accel must be one of {', '.join(ACCELS)}")
         if not 128 <= self.memory_mib <= 1 << 20 or not 1 <= self.cpus <= 256:
@@ -90,7 +94,9 @@ class VmConfig:
             raise NotFoundError("VM disk not found", str(self.disk))
 
 
-def find_ovmf(secure_boot: bool = False, code: Path | None = None, vars_template: Path | None = None) -> tuple[Path, Path]:
+def find_ovmf(
+    secure_boot: bool = False, code: Path | None = None, vars_template: Path | None = None
+) -> tuple[Path, Path]:
     """The OVMF code and variable-store template to boot with (NotFoundError if none installed)."""
     if code is not None or vars_template is not None:
         if code is None or vars_template is None:
@@ -102,8 +108,11 @@ def find_ovmf(secure_boot: bool = False, code: Path | None = None, vars_template
     for c, v in OVMF_SECBOOT_PAIRS if secure_boot else OVMF_PAIRS:
         if os.path.isfile(c) and os.path.isfile(v):
             return Path(c), Path(v)
-    raise NotFoundError("no OVMF firmware found" + (" (Secure Boot build)" if secure_boot else ""),
-                        "/usr/share/OVMF", "apt install ovmf")
+    raise NotFoundError(
+        "no OVMF firmware found" + (" (Secure Boot build)" if secure_boot else ""),
+        "/usr/share/OVMF",
+        "apt install ovmf",
+    )
 
 
 def kvm_usable(dev: str = "/dev/kvm") -> bool:
@@ -120,7 +129,7 @@ def kvm_usable(dev: str = "/dev/kvm") -> bool:
         vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
         fds.append(vm)
         mem = mmap.mmap(-1, 0x10000, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        mem[0xFFF0:0xFFF6] = bytes.fromhex("b83412" "01c0" "f4")  # mov ax,0x1234; add ax,ax; hlt
+        mem[0xFFF0:0xFFF6] = bytes.fromhex("b8341201c0f4")  # mov ax,0x1234; add ax,ax; hlt
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
         # KVM_SET_USER_MEMORY_REGION: slot 0 at 0xFFFF0000 (the reset vector is 0xFFFFFFF0)
         fcntl.ioctl(vm, 0x4020AE46, struct.pack("=IIQQQ", 0, 0, 0xFFFF0000, 0x10000, addr))
@@ -143,17 +152,42 @@ def kvm_usable(dev: str = "/dev/kvm") -> bool:
 def build_qemu_argv(cfg: VmConfig, *, code: Path, vars_copy: Path, tpm_socket: Path, accel: str) -> list[str]:
     """The QEMU command line for ``cfg`` (no secret is ever on it)."""
     machine = "q35,smm=on" if cfg.secure_boot else "q35"
-    argv = [cfg.qemu, "-name", cfg.disk.stem[:64], "-machine", machine, "-accel", accel,
-            "-m", str(cfg.memory_mib), "-smp", str(cfg.cpus), "-nodefaults", "-no-user-config"]
+    argv = [
+        cfg.qemu,
+        "-name",
+        cfg.disk.stem[:64],
+        "-machine",
+        machine,
+        "-accel",
+        accel,
+        "-m",
+        str(cfg.memory_mib),
+        "-smp",
+        str(cfg.cpus),
+        "-nodefaults",
+        "-no-user-config",
+    ]
     if cfg.secure_boot:
         argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
-    argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
-             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-             "-chardev", f"socket,id=chrtpm,path={tpm_socket}",
-             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0"]
+    argv += [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        "-chardev",
+        f"socket,id=chrtpm,path={tpm_socket}",
+        "-tpmdev",
+        "emulator,id=tpm0,chardev=chrtpm",
+        "-device",
+        "tpm-crb,tpmdev=tpm0",
+    ]
     fmt = "vhdx" if cfg.disk.suffix.lower() == ".vhdx" else "raw"
-    argv += ["-drive", f"file={cfg.disk},format={fmt},if=none,id=disk0,cache=writeback",
-             "-device", "ide-hd,drive=disk0,bus=ide.0,bootindex=1"]
+    argv += [
+        "-drive",
+        f"file={cfg.disk},format={fmt},if=none,id=disk0,cache=writeback",
+        "-device",
+        "ide-hd,drive=disk0,bus=ide.0,bootindex=1",
+    ]
     if cfg.console == "serial":
         argv += ["-serial", "stdio"]
     elif cfg.serial_log is not None:
@@ -183,8 +217,13 @@ class VmRun:
     kvm_fallback: bool = False
 
     def to_json(self) -> dict[str, object]:
-        return {"exit_code": self.exit_code, "seconds": round(self.seconds, 2), "accel": self.accel,
-                "kvm_fallback": self.kvm_fallback, "vtpm_state_size": len(self.final_state)}
+        return {
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 2),
+            "accel": self.accel,
+            "kvm_fallback": self.kvm_fallback,
+            "vtpm_state_size": len(self.final_state),
+        }
 
 
 def _tool(name: str, hint: str) -> str:
@@ -209,14 +248,22 @@ class _VmTpm:
             os.write(w, key)
         finally:
             os.close(w)
-        args = [_tool("swtpm", "apt install swtpm"), "socket", "--tpm2",
-                "--tpmstate", f"dir={rundir},mode=0600",
-                "--ctrl", f"type=unixio,path={self.socket},mode=0600",
-                "--key", f"fd={r},format=binary,mode=aes-256-cbc"]
+        args = [
+            _tool("swtpm", "apt install swtpm"),
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={rundir},mode=0600",
+            "--ctrl",
+            f"type=unixio,path={self.socket},mode=0600",
+            "--key",
+            f"fd={r},format=binary,mode=aes-256-cbc",
+        ]
         try:
             with open(self.log, "wb") as log:
                 self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(r,))
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(r,)
+                )
         finally:
             os.close(r)
         deadline = time.monotonic() + 10
@@ -278,8 +325,7 @@ def _run_qemu(argv: list[str], cfg: VmConfig, stderr_path: Path, *, watch_kvm: b
     return rc, watch_kvm and rc != 0
 
 
-def run_vm(cfg: VmConfig, state: bytes, key: bytes, *,
-           on_start: Callable[[list[str]], None] | None = None) -> VmRun:
+def run_vm(cfg: VmConfig, state: bytes, key: bytes, *, on_start: Callable[[list[str]], None] | None = None) -> VmRun:
     """Boot ``cfg.disk`` with its vTPM ``state`` (encrypted under ``key``) and wait for QEMU to exit.
 
     A state that does not verify with ``key`` is an IntegrityError before swtpm or QEMU run. A
@@ -307,8 +353,9 @@ def run_vm(cfg: VmConfig, state: bytes, key: bytes, *,
                 if on_start is not None:
                     on_start(argv)
                 t0 = time.monotonic()
-                rc, kvm_failed = _run_qemu(argv, cfg, rundir / "qemu.stderr",
-                                           watch_kvm=accel == "kvm" and i + 1 < len(accels))
+                rc, kvm_failed = _run_qemu(
+                    argv, cfg, rundir / "qemu.stderr", watch_kvm=accel == "kvm" and i + 1 < len(accels)
+                )
                 seconds = time.monotonic() - t0
             finally:
                 tpm.stop()
@@ -323,8 +370,20 @@ def run_vm(cfg: VmConfig, state: bytes, key: bytes, *,
             return VmRun(rc, seconds, accel, argv, tpm.state(), fallback)
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
-    raise ResourceError("KVM could not run the VM", str(cfg.disk), "retry with the TCG accelerator", code="host.kvm-failed")  # pragma: no cover
+    raise ResourceError(
+        "KVM could not run the VM", str(cfg.disk), "retry with the TCG accelerator", code="host.kvm-failed"
+    )  # pragma: no cover
 
 
-__all__ = ["ACCELS", "CONSOLES", "OVMF_PAIRS", "POLICIES", "VmConfig", "VmRun", "build_qemu_argv", "find_ovmf",
-           "kvm_usable", "run_vm"]
+__all__ = [
+    "ACCELS",
+    "CONSOLES",
+    "OVMF_PAIRS",
+    "POLICIES",
+    "VmConfig",
+    "VmRun",
+    "build_qemu_argv",
+    "find_ovmf",
+    "kvm_usable",
+    "run_vm",
+]

@@ -41,8 +41,13 @@ class StartResult:
     state_saved: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"health": self.health.to_json(), "policy": self.policy, "vm": self.run.to_json(),
-                "vtpm_state": str(self.state_path), "vtpm_state_saved": self.state_saved}
+        return {
+            "health": self.health.to_json(),
+            "policy": self.policy,
+            "vm": self.run.to_json(),
+            "vtpm_state": str(self.state_path),
+            "vtpm_state_saved": self.state_saved,
+        }
 
 
 def vtpm_key_of(secret: bytes, where: str) -> tuple[bytes, str]:
@@ -52,8 +57,11 @@ def vtpm_key_of(secret: bytes, where: str) -> tuple[bytes, str]:
     sec = VmSecret.from_bytes(secret)
     key = sec.vtpm_state_key
     if key is None:
-        raise UnsupportedError("this VM has no swtpm vTPM state (shielded with a software vTPM key)", where,
-                               "shield it again with a templatetool that manufactures the vTPM")
+        raise UnsupportedError(
+            "this VM has no swtpm vTPM state (shielded with a software vTPM key)",
+            where,
+            "shield it again with a templatetool that manufactures the vTPM",
+        )
     return key, sec.policy
 
 
@@ -65,23 +73,44 @@ def read_state(path: Path) -> bytes:
             raise FormatError(f"vTPM state larger than {MAX_STATE} bytes", str(path))
         return path.read_bytes()
     except FileNotFoundError:
-        raise NotFoundError("vTPM state not found", str(path), "shield writes VM.vtpm beside VM.vhdx; or "
-                            "give the state file's path", code="host.vtpm-state-missing") from None
+        raise NotFoundError(
+            "vTPM state not found",
+            str(path),
+            "shield writes VM.vtpm beside VM.vhdx; or give the state file's path",
+            code="host.vtpm-state-missing",
+        ) from None
 
 
-def start_vm(disk: str | os.PathLike[str], kp: bytes, hgs_url: str, host_dir: str | os.PathLike[str], *,
-             vtpm_state: str | os.PathLike[str] | None = None, save_state: bool = True,
-             tpm: str | None = None, tcg_log: bytes | None = None, ci_policy_hash: str | None = None,
-             refresh_margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN, verify: Any = True,
-             **vm: Any) -> StartResult:
+def start_vm(
+    disk: str | os.PathLike[str],
+    kp: bytes,
+    hgs_url: str,
+    host_dir: str | os.PathLike[str],
+    *,
+    vtpm_state: str | os.PathLike[str] | None = None,
+    save_state: bool = True,
+    tpm: str | None = None,
+    tcg_log: bytes | None = None,
+    ci_policy_hash: str | None = None,
+    refresh_margin: _dt.timedelta = DEFAULT_REFRESH_MARGIN,
+    verify: Any = True,
+    **vm: Any,
+) -> StartResult:
     """Attest (or reuse the cached health certificate), release the VM's key, boot it; ``vm``
     are :class:`~templatetool.host.launch.VmConfig` fields (console, serial_log, accel, ...)."""
     d = Path(disk)
     sp = Path(vtpm_state) if vtpm_state is not None else state_path_for(d)
     state = read_state(sp)
     VmConfig(d, policy="encryption-supported", **vm).check()  # bad settings fail before any network call
-    health = attest_host(hgs_url, host_dir, tpm=tpm, tcg_log=tcg_log, ci_policy_hash=ci_policy_hash,
-                         refresh_margin=refresh_margin, verify=verify)
+    health = attest_host(
+        hgs_url,
+        host_dir,
+        tpm=tpm,
+        tcg_log=tcg_log,
+        ci_policy_hash=ci_policy_hash,
+        refresh_margin=refresh_margin,
+        verify=verify,
+    )
     key, policy = vtpm_key_of(release_secret(hgs_url, host_dir, kp, health, verify=verify), "key protector")
     run = run_vm(VmConfig(d, policy=policy, **vm), state, key)
     saved = False

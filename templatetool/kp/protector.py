@@ -86,8 +86,14 @@ def _mac(secret: bytes, wrappings_c14n: bytes) -> bytes:
 
 
 def _payload(secret: bytes) -> bytes:
-    out: bytes = PayloadV1.build({"DataSize": PAYLOAD_HEADER_SIZE + len(secret), "NumberOfKeys": 1,
-                                  "KeyLength": len(secret), "KeyValue": [secret]})
+    out: bytes = PayloadV1.build(
+        {
+            "DataSize": PAYLOAD_HEADER_SIZE + len(secret),
+            "NumberOfKeys": 1,
+            "KeyLength": len(secret),
+            "KeyValue": [secret],
+        }
+    )
     return out
 
 
@@ -217,11 +223,13 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
     """
     root = parse_xml(data, where)
     if root.tag != _K + "Protector":
-        raise FormatError(f"not a key protector (root element {root.tag})", where,
-                          "expected <Protector> in the [MS-KPS] namespace")
+        raise FormatError(
+            f"not a key protector (root element {root.tag})", where, "expected <Protector> in the [MS-KPS] namespace"
+        )
     if _c14n(root) != data:
-        raise IntegrityError("the key protector is not in canonical form", where,
-                             "it was altered or re-formatted after it was written")
+        raise IntegrityError(
+            "the key protector is not in canonical form", where, "it was altered or re-formatted after it was written"
+        )
     _attrs(root, set(), where)
     _no_text(root, where)
     wr_el, tks_el, gs_el = _children(root, ["Wrappings", "TransportKeySignature", "GuardianSignature"], where)
@@ -232,8 +240,17 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
             raise FormatError("<Wrappings> may only contain <Wrapping>", where)
         _attrs(w, set(), where)
         id_el, sc_el, scs_el, ec_el, ecs_el, tk_el = _children(
-            w, ["Id", "SigningCertificate", "SigningCertificateSignature", "EncryptionCertificate",
-                "EncryptionCertificateSignature", "TransportKey"], where)
+            w,
+            [
+                "Id",
+                "SigningCertificate",
+                "SigningCertificateSignature",
+                "EncryptionCertificate",
+                "EncryptionCertificateSignature",
+                "TransportKey",
+            ],
+            where,
+        )
         _attrs(id_el, set(), where)
         wid = _uint(id_el.text, "Wrapping Id", where)
         _attrs(scs_el, {"ParentWrappingId"}, where)
@@ -243,16 +260,24 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
         ed = _only(tk_el, "EncryptedData", where)
         _attrs(ed, {"Algorithm"}, where)
         if ed.get("Algorithm") != URN_CMS_AEAD:
-            raise FormatError(f"unsupported TransportKey algorithm {ed.get('Algorithm')!r}", where,
-                              f"this reader supports {URN_CMS_AEAD}")
+            raise FormatError(
+                f"unsupported TransportKey algorithm {ed.get('Algorithm')!r}",
+                where,
+                f"this reader supports {URN_CMS_AEAD}",
+            )
         cv = _only(ed, "CipherValue", where)
         _attrs(cv, set(), where)
-        wrappings.append(Wrapping(
-            wid, _cert(sc_el, "SigningCertificate", where), parent,
-            _signature(_only(scs_el, "Signature", where), where),
-            _cert(ec_el, "EncryptionCertificate", where),
-            _signature(_only(ecs_el, "Signature", where), where),
-            _unb64(cv.text, "CipherValue", where)))
+        wrappings.append(
+            Wrapping(
+                wid,
+                _cert(sc_el, "SigningCertificate", where),
+                parent,
+                _signature(_only(scs_el, "Signature", where), where),
+                _cert(ec_el, "EncryptionCertificate", where),
+                _signature(_only(ecs_el, "Signature", where), where),
+                _unb64(cv.text, "CipherValue", where),
+            )
+        )
     if not wrappings:
         raise FormatError("the key protector has no wrappings", where)
     by_id = {w.id: w for w in wrappings}
@@ -271,10 +296,20 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
             seen.add(cur.parent_id)
             cur = by_id[cur.parent_id]
         parent_w = by_id[w.parent_id]
-        sigalg.verify_bytes(parent_w.signing_certificate.public_key(), *w.signing_signature,
-                            _der(w.signing_certificate), f"SigningCertificateSignature of wrapping {w.id}", where)
-        sigalg.verify_bytes(w.signing_certificate.public_key(), *w.encryption_signature,
-                            _der(w.encryption_certificate), f"EncryptionCertificateSignature of wrapping {w.id}", where)
+        sigalg.verify_bytes(
+            parent_w.signing_certificate.public_key(),
+            *w.signing_signature,
+            _der(w.signing_certificate),
+            f"SigningCertificateSignature of wrapping {w.id}",
+            where,
+        )
+        sigalg.verify_bytes(
+            w.signing_certificate.public_key(),
+            *w.encryption_signature,
+            _der(w.encryption_certificate),
+            f"EncryptionCertificateSignature of wrapping {w.id}",
+            where,
+        )
     _attrs(tks_el, set(), where)
     kdm, tsig = _children(tks_el, ["KeyDerivationMethod", "Signature"], where)
     _attrs(kdm, {"Algorithm"}, where)
@@ -289,8 +324,9 @@ def parse_kp(data: bytes, where: str = "key protector") -> Protector:
         raise IntegrityError("the GuardianSignature is not the owner's", where)
     wrappings_c14n = _c14n(wr_el)
     gs_alg, gs_val = _signature(_only(gs_el, "Signature", where), where)
-    sigalg.verify_bytes(owner.signing_certificate.public_key(), gs_alg, gs_val, wrappings_c14n,
-                        "the owner's GuardianSignature", where)
+    sigalg.verify_bytes(
+        owner.signing_certificate.public_key(), gs_alg, gs_val, wrappings_c14n, "the owner's GuardianSignature", where
+    )
     return Protector(wrappings, wrappings_c14n, mac, gs_id)
 
 
@@ -306,9 +342,17 @@ def _sig(parent: etree._Element, tag: str, key: Any, data: bytes, **attrs: str) 
     etree.SubElement(s, _K + "SignatureValue").text = _b64(value)
 
 
-def _add_wrapping(wr_el: etree._Element, wid: int, parent_id: int, parent_key: Any, g_signing: x509.Certificate,
-                  g_encryption: x509.Certificate, ecs_sig: tuple[str, bytes] | None, g_signing_key: Any,
-                  payload: bytes) -> None:
+def _add_wrapping(
+    wr_el: etree._Element,
+    wid: int,
+    parent_id: int,
+    parent_key: Any,
+    g_signing: x509.Certificate,
+    g_encryption: x509.Certificate,
+    ecs_sig: tuple[str, bytes] | None,
+    g_signing_key: Any,
+    payload: bytes,
+) -> None:
     w = etree.SubElement(wr_el, _K + "Wrapping")
     etree.SubElement(w, _K + "Id").text = str(wid)
     etree.SubElement(w, _K + "SigningCertificate").text = _b64(_der(g_signing))
@@ -330,8 +374,13 @@ def _guardian_ecs(g: Guardian) -> tuple[str, bytes] | None:
     if g.signing_key is not None:
         return sigalg.sign_bytes(g.signing_key, _der(g.encryption_certificate))
     if g.encryption_signature is not None:
-        sigalg.verify_bytes(g.signing_certificate.public_key(), *g.encryption_signature, _der(g.encryption_certificate),
-                            f"EncryptionCertificateSignature of guardian {g.name!r}", g.path or g.name)
+        sigalg.verify_bytes(
+            g.signing_certificate.public_key(),
+            *g.encryption_signature,
+            _der(g.encryption_certificate),
+            f"EncryptionCertificateSignature of guardian {g.name!r}",
+            g.path or g.name,
+        )
         return g.encryption_signature
     return None
 
@@ -350,8 +399,11 @@ def _finish(wr_el: etree._Element, owner: Guardian, owner_id: int, secret: bytes
 
 def _need_owner_keys(owner: Guardian, what: str) -> None:
     if owner.signing_key is None:
-        raise CredentialError(f"{what} needs the owner's private signing key", owner.path,
-                              "give the owner guardian folder that holds its keys")
+        raise CredentialError(
+            f"{what} needs the owner's private signing key",
+            owner.path,
+            "give the owner guardian folder that holds its keys",
+        )
 
 
 def _check_new_guardian(g: Guardian) -> None:
@@ -364,13 +416,19 @@ def _ecs_for(g: Guardian, existing: dict[bytes, tuple[str, bytes]]) -> tuple[str
     if sig is None:
         sig = existing.get(_der(g.encryption_certificate))
     if sig is None:
-        raise UsageError(f"no EncryptionCertificateSignature for guardian {g.name!r}",
-                         hint="import the guardian from its signed HGS metadata (guardian import)")
+        raise UsageError(
+            f"no EncryptionCertificateSignature for guardian {g.name!r}",
+            hint="import the guardian from its signed HGS metadata (guardian import)",
+        )
     return sig
 
 
-def create_kp(secret: bytes, owner: Guardian, guardians: list[Guardian],
-              ecs_signatures: dict[bytes, tuple[str, bytes]] | None = None) -> bytes:
+def create_kp(
+    secret: bytes,
+    owner: Guardian,
+    guardians: list[Guardian],
+    ecs_signatures: dict[bytes, tuple[str, bytes]] | None = None,
+) -> bytes:
     """Create a KP carrying ``secret`` for ``owner`` (needs its signing key) and ``guardians``.
 
     Each wrapping's EncryptionCertificateSignature is the guardian's own signing key over its
@@ -386,16 +444,34 @@ def create_kp(secret: bytes, owner: Guardian, guardians: list[Guardian],
     payload = _payload(bytes(secret))
     wr = etree.Element(_K + "Wrappings")
     owner_id = 1
-    _add_wrapping(wr, owner_id, owner_id, owner.signing_key, owner.signing_certificate, owner.encryption_certificate,
-                  None, owner.signing_key, payload)
+    _add_wrapping(
+        wr,
+        owner_id,
+        owner_id,
+        owner.signing_key,
+        owner.signing_certificate,
+        owner.encryption_certificate,
+        None,
+        owner.signing_key,
+        payload,
+    )
     seen = {_der(owner.encryption_certificate)}
     for i, g in enumerate(guardians, start=2):
         _check_new_guardian(g)
         if _der(g.encryption_certificate) in seen:
             raise UsageError(f"guardian {g.name!r} is given twice", hint="list each guardian once")
         seen.add(_der(g.encryption_certificate))
-        _add_wrapping(wr, i, owner_id, owner.signing_key, g.signing_certificate, g.encryption_certificate,
-                      _ecs_for(g, existing), None, payload)
+        _add_wrapping(
+            wr,
+            i,
+            owner_id,
+            owner.signing_key,
+            g.signing_certificate,
+            g.encryption_certificate,
+            _ecs_for(g, existing),
+            None,
+            payload,
+        )
     return _finish(wr, owner, owner_id, bytes(secret))
 
 
@@ -405,13 +481,19 @@ def _wrapping_matches(w: Wrapping, g: Guardian) -> bool:
 
 def _open(p: Protector, w: Wrapping, g: Guardian, where: str) -> bytes:
     if g.encryption_key is None:
-        raise CredentialError(f"guardian {g.name!r} has no private encryption key here", g.path,
-                              "give the guardian folder that holds its keys")
-    secret = _parse_payload(open_envelope(w.transport_key, g.encryption_key, g.encryption_certificate,
-                                          where=f"{where}: wrapping {w.id}"), where)
+        raise CredentialError(
+            f"guardian {g.name!r} has no private encryption key here",
+            g.path,
+            "give the guardian folder that holds its keys",
+        )
+    secret = _parse_payload(
+        open_envelope(w.transport_key, g.encryption_key, g.encryption_certificate, where=f"{where}: wrapping {w.id}"),
+        where,
+    )
     if not hmac.compare_digest(_mac(secret, p.wrappings_c14n), p.mac):
-        raise IntegrityError("the TransportKeySignature (MAC over Wrappings) does not verify", where,
-                             "the key protector was altered")
+        raise IntegrityError(
+            "the TransportKeySignature (MAC over Wrappings) does not verify", where, "the key protector was altered"
+        )
     return secret
 
 
@@ -425,8 +507,11 @@ def unwrap(data: bytes, guardian: Guardian, where: str = "key protector") -> byt
     for w in p.wrappings:
         if _wrapping_matches(w, guardian):
             return _open(p, w, guardian, where)
-    raise CredentialError(f"guardian {guardian.name!r} has no wrapping in this key protector", where,
-                          "it was never granted access or was revoked")
+    raise CredentialError(
+        f"guardian {guardian.name!r} has no wrapping in this key protector",
+        where,
+        "it was never granted access or was revoked",
+    )
 
 
 def _rebuild(p: Protector, owner: Guardian, secret: bytes, keep: list[Wrapping], add: Guardian | None) -> bytes:
@@ -449,8 +534,17 @@ def _rebuild(p: Protector, owner: Guardian, secret: bytes, keep: list[Wrapping],
         etree.SubElement(ed, _K + "CipherValue").text = _b64(w.transport_key)
     if add is not None:
         new_id = max(w.id for w in keep) + 1
-        _add_wrapping(wr, new_id, owner_w.id, owner.signing_key, add.signing_certificate, add.encryption_certificate,
-                      _ecs_for(add, {}), None, _payload(secret))
+        _add_wrapping(
+            wr,
+            new_id,
+            owner_w.id,
+            owner.signing_key,
+            add.signing_certificate,
+            add.encryption_certificate,
+            _ecs_for(add, {}),
+            None,
+            _payload(secret),
+        )
     return _finish(wr, owner, owner_w.id, secret)
 
 
@@ -458,8 +552,11 @@ def _owner_secret(p: Protector, owner: Guardian, where: str) -> bytes:
     _need_owner_keys(owner, "changing a key protector")
     ow = p.owner
     if _der(ow.signing_certificate) != _der(owner.signing_certificate) or not _wrapping_matches(ow, owner):
-        raise CredentialError(f"guardian {owner.name!r} is not the owner of this key protector", where,
-                              "only the owner can grant or revoke (give the owner's folder)")
+        raise CredentialError(
+            f"guardian {owner.name!r} is not the owner of this key protector",
+            where,
+            "only the owner can grant or revoke (give the owner's folder)",
+        )
     return _open(p, ow, owner, where)
 
 
@@ -494,8 +591,11 @@ def revoke(data: bytes, owner: Guardian, guardian: str | Guardian, where: str = 
     p = parse_kp(data, where)
     secret = _owner_secret(p, owner, where)
     if isinstance(guardian, Guardian):
-        drop = [w for w in p.wrappings if _wrapping_matches(w, guardian)
-                or _der(w.signing_certificate) == _der(guardian.signing_certificate)]
+        drop = [
+            w
+            for w in p.wrappings
+            if _wrapping_matches(w, guardian) or _der(w.signing_certificate) == _der(guardian.signing_certificate)
+        ]
         label = guardian.name
     else:
         drop = [w for w in p.wrappings if _wrapping_selected(w, guardian)]
@@ -525,8 +625,12 @@ def inspect_kp(data: bytes, where: str = "key protector") -> dict[str, Any]:
             "transport_key_signature": HMAC_SHA256,
             "guardian_signature": _signature_alg_of(p),
         },
-        "verified": {"structure": True, "certificate_signatures": True, "owner_signature": True,
-                     "mac": "needs a guardian's or the owner's key (kp unwrap)"},
+        "verified": {
+            "structure": True,
+            "certificate_signatures": True,
+            "owner_signature": True,
+            "mac": "needs a guardian's or the owner's key (kp unwrap)",
+        },
     }
 
 

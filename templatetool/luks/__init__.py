@@ -5,5 +5,13 @@ from .kdf import KdfParams
 from .metadata import LuksHeader, read_header
 from .volume import KeyslotSpec, decrypt_image, describe, encrypt_image, unlock
 
-__all__ = ["KdfParams", "KeyslotSpec", "LuksHeader", "decrypt_image", "describe", "encrypt_image", "read_header",
-           "unlock"]
+__all__ = [
+    "KdfParams",
+    "KeyslotSpec",
+    "LuksHeader",
+    "decrypt_image",
+    "describe",
+    "encrypt_image",
+    "read_header",
+    "unlock",
+]

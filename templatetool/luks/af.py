@@ -32,8 +32,8 @@ def diffuse(block: bytes, hash_name: str) -> bytes:
     ds = hashlib.new(hash_name).digest_size
     out = bytearray()
     for j in range((len(block) + ds - 1) // ds):
-        piece = block[j * ds:(j + 1) * ds]
-        out += hashlib.new(hash_name, j.to_bytes(4, "big") + piece).digest()[:len(piece)]
+        piece = block[j * ds : (j + 1) * ds]
+        out += hashlib.new(hash_name, j.to_bytes(4, "big") + piece).digest()[: len(piece)]
     return bytes(out)
 
 
@@ -56,7 +56,7 @@ def af_split(key: bytes, stripes: int, hash_name: str, rand: bytes | None = None
         raise ValueError("rand has the wrong length")
     d = bytes(n)
     for i in range(stripes - 1):
-        d = diffuse(_xor(d, rand[i * n:(i + 1) * n]), hash_name)
+        d = diffuse(_xor(d, rand[i * n : (i + 1) * n]), hash_name)
     return rand + _xor(d, key)
 
 
@@ -64,8 +64,8 @@ def af_merge(material: bytes | bytearray | memoryview, key_size: int, stripes: i
     """Recover the ``key_size``-byte key from the first ``stripes * key_size`` bytes of ``material``."""
     if stripes < 1 or key_size < 1 or len(material) < stripes * key_size:
         raise FormatError(f"AF material of {len(material)} bytes is shorter than {stripes} x {key_size}")
-    m = bytes(material[:stripes * key_size])
+    m = bytes(material[: stripes * key_size])
     d = bytes(key_size)
     for i in range(stripes - 1):
-        d = diffuse(_xor(d, m[i * key_size:(i + 1) * key_size]), hash_name)
-    return _xor(d, m[(stripes - 1) * key_size:stripes * key_size])
+        d = diffuse(_xor(d, m[i * key_size : (i + 1) * key_size]), hash_name)
+    return _xor(d, m[(stripes - 1) * key_size : stripes * key_size])

@@ -49,8 +49,10 @@ class LuksHeader:
         """The one data segment (``segments["0"]``)."""
         segs = self.metadata.get("segments") or {}
         if len(segs) != 1 or "0" not in segs:
-            raise UnsupportedError(f"{len(segs)} data segments (a reencryption in progress?)",
-                                   hint="only a single crypt segment is supported")
+            raise UnsupportedError(
+                f"{len(segs)} data segments (a reencryption in progress?)",
+                hint="only a single crypt segment is supported",
+            )
         seg: dict[str, Any] = segs["0"]
         return seg
 
@@ -70,12 +72,13 @@ def _checksum(alg: str, area: bytes) -> bytes:
     if alg not in ("sha1", "sha256", "sha512"):
         raise UnsupportedError(f"LUKS2 header checksum {alg!r} is not supported")
     buf = bytearray(area)
-    buf[S.CSUM_OFFSET:S.CSUM_OFFSET + S.CSUM_LEN] = bytes(S.CSUM_LEN)
+    buf[S.CSUM_OFFSET : S.CSUM_OFFSET + S.CSUM_LEN] = bytes(S.CSUM_LEN)
     return hashlib.new(alg, buf).digest()
 
 
-def build_header_copies(metadata: dict[str, Any], *, seqid: int = 1, uuid: str | None = None, label: str = "",
-                        hdr_size: int = HDR_SIZE) -> bytes:
+def build_header_copies(
+    metadata: dict[str, Any], *, seqid: int = 1, uuid: str | None = None, label: str = "", hdr_size: int = HDR_SIZE
+) -> bytes:
     """Both header copies (``2 * hdr_size`` bytes) for ``metadata``; ``config.json_size`` is set."""
     if hdr_size not in S.HDR_SIZES:
         raise FormatError(f"LUKS2 header size {hdr_size} is not allowed")
@@ -91,10 +94,19 @@ def build_header_copies(metadata: dict[str, Any], *, seqid: int = 1, uuid: str |
     uid = uuid or str(uuidlib.uuid4())
     out = bytearray()
     for magic, offset in ((S.MAGIC_PRIMARY, 0), (S.MAGIC_SECONDARY, hdr_size)):
-        hdr = S.build_header(magic=magic, hdr_size=hdr_size, seqid=seqid, label=label, checksum_alg="sha256",
-                             salt=os.urandom(64), uuid=uid, subsystem="", hdr_offset=offset)
+        hdr = S.build_header(
+            magic=magic,
+            hdr_size=hdr_size,
+            seqid=seqid,
+            label=label,
+            checksum_alg="sha256",
+            salt=os.urandom(64),
+            uuid=uid,
+            subsystem="",
+            hdr_offset=offset,
+        )
         area = bytearray(hdr + jarea)
-        area[S.CSUM_OFFSET:S.CSUM_OFFSET + 32] = _checksum("sha256", bytes(area))
+        area[S.CSUM_OFFSET : S.CSUM_OFFSET + 32] = _checksum("sha256", bytes(area))
         out += area
     return bytes(out)
 
@@ -120,9 +132,9 @@ def _parse_copy(f: BinaryIO, offset: int, magic: bytes) -> LuksHeader | None:
         want = _checksum(alg, area)
     except UnsupportedError:
         return None
-    if h.csum[:len(want)] != want:
+    if h.csum[: len(want)] != want:
         return None
-    text = area[S.BIN_HDR_SIZE:].split(b"\0", 1)[0]
+    text = area[S.BIN_HDR_SIZE :].split(b"\0", 1)[0]
     try:
         meta = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except (ValueError, FormatError):
@@ -140,8 +152,9 @@ def read_header(f: BinaryIO, where: str = "") -> LuksHeader:
     if head[:6] != S.MAGIC_PRIMARY and head[:6] != S.MAGIC_SECONDARY:
         raise FormatError("not a LUKS volume (no LUKS magic at offset 0)", where)
     if head[6:8] != S.VERSION.to_bytes(2, "big"):
-        raise UnsupportedError(f"LUKS version {int.from_bytes(head[6:8], 'big')} is not supported", where,
-                               "only LUKS2 is read")
+        raise UnsupportedError(
+            f"LUKS version {int.from_bytes(head[6:8], 'big')} is not supported", where, "only LUKS2 is read"
+        )
     primary = _parse_copy(f, 0, S.MAGIC_PRIMARY)
     offsets = [primary.hdr_size] if primary else list(S.HDR_SIZES)
     secondary = None
@@ -151,8 +164,9 @@ def read_header(f: BinaryIO, where: str = "") -> LuksHeader:
             break
     best = max((c for c in (primary, secondary) if c), key=lambda c: c.seqid, default=None)
     if best is None:
-        raise IntegrityError("neither LUKS2 header copy verifies (checksum, magic or size)", where,
-                             "the header is damaged")
+        raise IntegrityError(
+            "neither LUKS2 header copy verifies (checksum, magic or size)", where, "the header is damaged"
+        )
     best.copies = {"primary": primary is not None, "secondary": secondary is not None}
     _validate(best, where)
     return best

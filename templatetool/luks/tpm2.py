@@ -57,17 +57,28 @@ def _primary_template(t: Any, alg: str) -> Any:
 def _salted_session(t: Any, esys: Any, sess: _Session, primary: Any) -> Any:
     """An HMAC session salted to the primary with AES-128-CFB parameter encryption both ways, so
     the secret never crosses the TPM interface in clear."""
-    h = sess.track(esys.start_auth_session(primary, t.ESYS_TR.NONE, t.TPM2_SE.HMAC,
-                                           t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.AES,
-                                                          keyBits=t.TPMU_SYM_KEY_BITS(aes=128),
-                                                          mode=t.TPMU_SYM_MODE(aes=t.TPM2_ALG.CFB)),
-                                           t.TPM2_ALG.SHA256))
+    h = sess.track(
+        esys.start_auth_session(
+            primary,
+            t.ESYS_TR.NONE,
+            t.TPM2_SE.HMAC,
+            t.TPMT_SYM_DEF(
+                algorithm=t.TPM2_ALG.AES, keyBits=t.TPMU_SYM_KEY_BITS(aes=128), mode=t.TPMU_SYM_MODE(aes=t.TPM2_ALG.CFB)
+            ),
+            t.TPM2_ALG.SHA256,
+        )
+    )
     esys.trsess_set_attributes(h, t.TPMA_SESSION.DECRYPT | t.TPMA_SESSION.ENCRYPT | t.TPMA_SESSION.CONTINUESESSION)
     return h
 
 
-def seal_token(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", primary_alg: str = "ecc",
-               pcr_values: dict[int, bytes] | None = None) -> tuple[bytes, dict[str, Any]]:
+def seal_token(
+    tcti: str,
+    pcrs: Sequence[int] = (7,),
+    bank: str = "sha256",
+    primary_alg: str = "ecc",
+    pcr_values: dict[int, bytes] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """Seal a fresh secret in the TPM at ``tcti``; returns (secret, token object without
     ``keyslots``). PCR values are the TPM's current ones unless ``pcr_values`` are given."""
     t = _tss()
@@ -78,8 +89,9 @@ def seal_token(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", prim
     sess = _Session(esys)
     stage = "primary"
     try:
-        primary = sess.track(esys.create_primary(t.TPM2B_SENSITIVE_CREATE(), _primary_template(t, primary_alg),
-                                                 t.ESYS_TR.OWNER)[0])
+        primary = sess.track(
+            esys.create_primary(t.TPM2B_SENSITIVE_CREATE(), _primary_template(t, primary_alg), t.ESYS_TR.OWNER)[0]
+        )
         if pcr_values is None:
             stage = "read PCRs"
             sel = t.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcr_list))}")
@@ -92,8 +104,14 @@ def seal_token(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", prim
         secret = os.urandom(SECRET_LEN)
         stage = "create"
         enc = _salted_session(t, esys, sess, primary)
-        tmpl = t.TPM2B_PUBLIC(t.TPMT_PUBLIC(type=t.TPM2_ALG.KEYEDHASH, nameAlg=t.TPM2_ALG.SHA256,
-                                            objectAttributes=SEALED_ATTRIBUTES, authPolicy=policy.digest))
+        tmpl = t.TPM2B_PUBLIC(
+            t.TPMT_PUBLIC(
+                type=t.TPM2_ALG.KEYEDHASH,
+                nameAlg=t.TPM2_ALG.SHA256,
+                objectAttributes=SEALED_ATTRIBUTES,
+                authPolicy=policy.digest,
+            )
+        )
         tmpl.publicArea.parameters.keyedHashDetail.scheme.scheme = t.TPM2_ALG.NULL
         sens = t.TPM2B_SENSITIVE_CREATE(t.TPMS_SENSITIVE_CREATE(data=t.TPM2B_SENSITIVE_DATA(secret)))
         priv, pub, *_ = esys.create(primary, sens, tmpl, session1=enc)
@@ -102,9 +120,16 @@ def seal_token(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", prim
         raise _translate(e, stage) from None
     finally:
         sess.close()
-    token = {"type": TOKEN_TYPE, "keyslots": [], "tpm2-blob": base64.b64encode(blob).decode(),
-             "tpm2-pcrs": list(pcr_list), "tpm2-pcr-bank": bank_name(bank_id(bank)),
-             "tpm2-primary-alg": primary_alg, "tpm2-policy-hash": policy.digest.hex(), "tpm2-pin": False}
+    token = {
+        "type": TOKEN_TYPE,
+        "keyslots": [],
+        "tpm2-blob": base64.b64encode(blob).decode(),
+        "tpm2-pcrs": list(pcr_list),
+        "tpm2-pcr-bank": bank_name(bank_id(bank)),
+        "tpm2-primary-alg": primary_alg,
+        "tpm2-policy-hash": policy.digest.hex(),
+        "tpm2-pin": False,
+    }
     return secret, token
 
 
@@ -113,13 +138,21 @@ def token_passphrase(secret: bytes) -> bytes:
     return base64.b64encode(secret)
 
 
-def token_keyslot(tcti: str, pcrs: Sequence[int] = (7,), bank: str = "sha256", primary_alg: str = "ecc",
-                  pcr_values: dict[int, bytes] | None = None) -> KeyslotSpec:
+def token_keyslot(
+    tcti: str,
+    pcrs: Sequence[int] = (7,),
+    bank: str = "sha256",
+    primary_alg: str = "ecc",
+    pcr_values: dict[int, bytes] | None = None,
+) -> KeyslotSpec:
     """A keyslot spec (passphrase + bound token) sealed in the TPM at ``tcti``; ``pcr_values``
     (e.g. replayed from the VM's TCG log) instead of the TPM's current PCRs."""
     if pcr_values is not None and sorted(pcr_values) != sorted(set(pcrs)):
-        raise UsageError(f"PCR values are given for {sorted(pcr_values)}, the token is sealed to {sorted(set(pcrs))}",
-                         hint="give a value for every PCR the token is sealed to", code="luks.pcr-values")
+        raise UsageError(
+            f"PCR values are given for {sorted(pcr_values)}, the token is sealed to {sorted(set(pcrs))}",
+            hint="give a value for every PCR the token is sealed to",
+            code="luks.pcr-values",
+        )
     secret, token = seal_token(tcti, pcrs, bank, primary_alg, pcr_values)
     return KeyslotSpec(token_passphrase(secret), TOKEN_KDF, token=token, af_hash="sha512")
 
@@ -153,23 +186,36 @@ def unseal_token(tcti: str, token: dict[str, Any]) -> bytes:
     sess = _Session(esys)
     stage = "primary"
     try:
-        primary = sess.track(esys.create_primary(t.TPM2B_SENSITIVE_CREATE(),
-                                                 _primary_template(t, str(token.get("tpm2-primary-alg", "ecc"))),
-                                                 t.ESYS_TR.OWNER)[0])
+        primary = sess.track(
+            esys.create_primary(
+                t.TPM2B_SENSITIVE_CREATE(),
+                _primary_template(t, str(token.get("tpm2-primary-alg", "ecc"))),
+                t.ESYS_TR.OWNER,
+            )[0]
+        )
         stage = "load"
-        obj = sess.track(esys.load(primary, t.TPM2B_PRIVATE.unmarshal(priv_b)[0],
-                                   t.TPM2B_PUBLIC.unmarshal(pub_b)[0]))
+        obj = sess.track(esys.load(primary, t.TPM2B_PRIVATE.unmarshal(priv_b)[0], t.TPM2B_PUBLIC.unmarshal(pub_b)[0]))
         stage = "policy"
-        ps = sess.track(esys.start_auth_session(primary, t.ESYS_TR.NONE, t.TPM2_SE.POLICY,
-                                                t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.AES,
-                                                               keyBits=t.TPMU_SYM_KEY_BITS(aes=128),
-                                                               mode=t.TPMU_SYM_MODE(aes=t.TPM2_ALG.CFB)),
-                                                t.TPM2_ALG.SHA256))
+        ps = sess.track(
+            esys.start_auth_session(
+                primary,
+                t.ESYS_TR.NONE,
+                t.TPM2_SE.POLICY,
+                t.TPMT_SYM_DEF(
+                    algorithm=t.TPM2_ALG.AES,
+                    keyBits=t.TPMU_SYM_KEY_BITS(aes=128),
+                    mode=t.TPMU_SYM_MODE(aes=t.TPM2_ALG.CFB),
+                ),
+                t.TPM2_ALG.SHA256,
+            )
+        )
         esys.trsess_set_attributes(ps, t.TPMA_SESSION.ENCRYPT | t.TPMA_SESSION.CONTINUESESSION)
         esys.policy_pcr(ps, t.TPM2B_DIGEST(), t.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}"))
         if bytes(esys.policy_get_digest(ps)).hex() != str(token.get("tpm2-policy-hash", "")).lower():
-            raise IntegrityError("the PCRs no longer match the systemd-tpm2 token's policy",
-                                 hint="the boot chain changed since the key was sealed")
+            raise IntegrityError(
+                "the PCRs no longer match the systemd-tpm2 token's policy",
+                hint="the boot chain changed since the key was sealed",
+            )
         stage = "unseal"
         return token_passphrase(bytes(esys.unseal(obj, session1=ps)))
     except t.TSS2_Exception as e:
@@ -181,9 +227,20 @@ def unseal_token(tcti: str, token: dict[str, Any]) -> bytes:
 def tokens_of(metadata: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The ``systemd-tpm2`` tokens of a LUKS2 header's metadata, in token order."""
     toks = metadata.get("tokens") or {}
-    return [(k, v) for k, v in sorted(toks.items(), key=lambda kv: int(kv[0]))
-            if isinstance(v, dict) and v.get("type") == TOKEN_TYPE]
+    return [
+        (k, v)
+        for k, v in sorted(toks.items(), key=lambda kv: int(kv[0]))
+        if isinstance(v, dict) and v.get("type") == TOKEN_TYPE
+    ]
 
 
-__all__ = ["SEALED_ATTRIBUTES", "SYSTEMD_PRIMARY_ATTRIBUTES", "TOKEN_TYPE", "seal_token", "token_keyslot",
-           "token_passphrase", "tokens_of", "unseal_token"]
+__all__ = [
+    "SEALED_ATTRIBUTES",
+    "SYSTEMD_PRIMARY_ATTRIBUTES",
+    "TOKEN_TYPE",
+    "seal_token",
+    "token_keyslot",
+    "token_passphrase",
+    "tokens_of",
+    "unseal_token",
+]

@@ -70,7 +70,7 @@ def crypt_units(cipher: XtsCipher, buf: memoryview, n: int, byte_offset: int, en
         run(buf[:n], byte_offset // 512, buf)
         return
     for u in range(0, n, ss):
-        run(buf[u:u + ss], (byte_offset + u) // 512, buf[u:])
+        run(buf[u : u + ss], (byte_offset + u) // 512, buf[u:])
 
 
 def _area_cipher(key: bytes) -> XtsCipher:
@@ -87,25 +87,46 @@ def make_keyslot(volume_key: bytes, spec: KeyslotSpec, area_offset: int) -> tupl
     size = _align(len(material))
     plain = material + bytes(_align(len(material), AREA_SECTOR) - len(material))
     enc = _area_cipher(area_key).encrypt(plain, 0)
-    obj = {"type": "luks2", "key_size": len(volume_key),
-           "af": {"type": "luks1", "stripes": STRIPES, "hash": spec.af_hash},
-           "area": {"type": "raw", "offset": str(area_offset), "size": str(size), "encryption": CIPHER,
-                    "key_size": KEY_SIZE},
-           "kdf": kdf_json}
+    obj = {
+        "type": "luks2",
+        "key_size": len(volume_key),
+        "af": {"type": "luks1", "stripes": STRIPES, "hash": spec.af_hash},
+        "area": {
+            "type": "raw",
+            "offset": str(area_offset),
+            "size": str(size),
+            "encryption": CIPHER,
+            "key_size": KEY_SIZE,
+        },
+        "kdf": kdf_json,
+    }
     return obj, enc + bytes(size - len(enc))
 
 
 def make_digest(volume_key: bytes, keyslots: Sequence[str], iterations: int = DIGEST_ITERATIONS) -> dict[str, Any]:
     """The PBKDF2-SHA256 digest object of ``volume_key`` for ``keyslots`` and segment 0."""
     salt = os.urandom(kdf.SALT_LEN)
-    return {"type": "pbkdf2", "keyslots": list(keyslots), "segments": ["0"], "hash": "sha256",
-            "iterations": iterations, "salt": kdf.b64(salt),
-            "digest": kdf.b64(kdf.pbkdf2("sha256", volume_key, salt, iterations, 32))}
+    return {
+        "type": "pbkdf2",
+        "keyslots": list(keyslots),
+        "segments": ["0"],
+        "hash": "sha256",
+        "iterations": iterations,
+        "salt": kdf.b64(salt),
+        "digest": kdf.b64(kdf.pbkdf2("sha256", volume_key, salt, iterations, 32)),
+    }
 
 
-def build_metadata_region(volume_key: bytes, keyslots: Sequence[KeyslotSpec], *, sector_size: int,
-                          data_offset: int = DATA_OFFSET, label: str = "",
-                          uuid: str | None = None, detached: bool = False) -> bytes:
+def build_metadata_region(
+    volume_key: bytes,
+    keyslots: Sequence[KeyslotSpec],
+    *,
+    sector_size: int,
+    data_offset: int = DATA_OFFSET,
+    label: str = "",
+    uuid: str | None = None,
+    detached: bool = False,
+) -> bytes:
     """The first ``data_offset`` bytes of a new LUKS2 image: both headers and the keyslot areas.
     ``detached``: a header file for a separate data device (the segment then starts at 0)."""
     if len(volume_key) != KEY_SIZE:
@@ -122,7 +143,7 @@ def build_metadata_region(volume_key: bytes, keyslots: Sequence[KeyslotSpec], *,
         obj, area = make_keyslot(volume_key, spec, offset)
         if offset + len(area) > data_offset:
             raise UsageError("the keyslots do not fit before the data offset")
-        region[offset:offset + len(area)] = area
+        region[offset : offset + len(area)] = area
         offset += len(area)
         slots[str(i)] = obj
         if spec.token is not None:
@@ -130,17 +151,30 @@ def build_metadata_region(volume_key: bytes, keyslots: Sequence[KeyslotSpec], *,
     meta: dict[str, Any] = {
         "keyslots": slots,
         "tokens": tokens,
-        "segments": {"0": {"type": "crypt", "offset": "0" if detached else str(data_offset), "size": "dynamic", "iv_tweak": "0",
-                           "encryption": CIPHER, "sector_size": sector_size}},
+        "segments": {
+            "0": {
+                "type": "crypt",
+                "offset": "0" if detached else str(data_offset),
+                "size": "dynamic",
+                "iv_tweak": "0",
+                "encryption": CIPHER,
+                "sector_size": sector_size,
+            }
+        },
         "digests": {"0": make_digest(volume_key, list(slots))},
         "config": {"json_size": str(HDR_SIZE - 4096), "keyslots_size": str(data_offset - KEYSLOTS_OFFSET)},
     }
-    region[:2 * HDR_SIZE] = build_header_copies(meta, uuid=uuid, label=label)
+    region[: 2 * HDR_SIZE] = build_header_copies(meta, uuid=uuid, label=label)
     return bytes(region)
 
 
-def encrypt_data(cipher: XtsCipher, size: int, read: Callable[[int, int], bytes],
-                 write: Callable[[int, memoryview], None], desc: str = "luks encrypt") -> None:
+def encrypt_data(
+    cipher: XtsCipher,
+    size: int,
+    read: Callable[[int, int], bytes],
+    write: Callable[[int, memoryview], None],
+    desc: str = "luks encrypt",
+) -> None:
     """Stream ``size`` plaintext bytes (``read(offset, n)``, offsets from the segment start)
     through the segment cipher into ``write(offset, ciphertext)``, 1 MiB at a time."""
     if size % cipher.sector_size:
@@ -173,9 +207,16 @@ def default_sector_size(size: int) -> int:
     return 4096 if size % 4096 == 0 else 512
 
 
-def encrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], keyslots: Sequence[KeyslotSpec], *,
-                  sector_size: int | None = None, volume_key: bytes | None = None, label: str = "",
-                  overwrite: bool = True) -> dict[str, Any]:
+def encrypt_image(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    keyslots: Sequence[KeyslotSpec],
+    *,
+    sector_size: int | None = None,
+    volume_key: bytes | None = None,
+    label: str = "",
+    overwrite: bool = True,
+) -> dict[str, Any]:
     """Encrypt the raw image ``src`` (a root partition: ext4, ...) into a new LUKS2 image ``dst``:
     header and keyslots in the first 16 MiB, then the data encrypted sector by sector. ``src`` is
     only read; ``dst`` appears complete or not at all. Returns a summary (no key material)."""
@@ -195,8 +236,12 @@ def encrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], keys
         size = _input_size(fin, src_s)
         ss = sector_size or default_sector_size(size)
         if size % ss:
-            raise UsageError(f"the image size {size} is not a multiple of the {ss}-byte sector size", src_s,
-                             "use 512-byte sectors", code="luks.sector-size")
+            raise UsageError(
+                f"the image size {size} is not a multiple of the {ss}-byte sector size",
+                src_s,
+                "use 512-byte sectors",
+                code="luks.sector-size",
+            )
         region = build_metadata_region(key, keyslots, sector_size=ss, label=label)
         cipher = XtsCipher(key, ss)
         with atomic_output(dst, 0o600, overwrite=overwrite) as tmp, open(tmp, "r+b") as out:
@@ -206,12 +251,12 @@ def encrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], keys
             with progress(size, "luks encrypt") as bar:
                 pos = 0
                 while pos < size:
-                    n = fin.readinto(view[:min(CHUNK, size - pos)])
+                    n = fin.readinto(view[: min(CHUNK, size - pos)])
                     if not n:
                         raise FormatError("the input image shrank while it was read", src_s)
                     if n % ss:  # a short read mid-file: top the chunk up to whole sectors
                         while n % ss:
-                            m = fin.readinto(view[n:n + (ss - n % ss)])
+                            m = fin.readinto(view[n : n + (ss - n % ss)])
                             if not m:
                                 raise FormatError("the input image shrank while it was read", src_s)
                             n += m
@@ -220,8 +265,15 @@ def encrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], keys
                     pos += n
                     bar.update(n)
             os.fchmod(out.fileno(), 0o644)
-    return {"output": str(dst), "data_offset": DATA_OFFSET, "data_size": size, "sector_size": ss,
-            "cipher": CIPHER, "key_bits": KEY_SIZE * 8, "keyslots": len(keyslots)}
+    return {
+        "output": str(dst),
+        "data_offset": DATA_OFFSET,
+        "data_size": size,
+        "sector_size": ss,
+        "cipher": CIPHER,
+        "key_bits": KEY_SIZE * 8,
+        "keyslots": len(keyslots),
+    }
 
 
 def _segment_cipher(h: LuksHeader) -> tuple[int, int]:
@@ -292,8 +344,13 @@ def unlock(h: LuksHeader, f: BinaryIO, passphrase: bytes, where: str = "") -> tu
     raise CredentialError("no LUKS2 keyslot accepts this passphrase", where)
 
 
-def add_keyslot(src: str | os.PathLike[str], dst: str | os.PathLike[str], passphrase: bytes, spec: KeyslotSpec,
-                overwrite: bool = True) -> dict[str, Any]:
+def add_keyslot(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    passphrase: bytes,
+    spec: KeyslotSpec,
+    overwrite: bool = True,
+) -> dict[str, Any]:
     """A copy of the LUKS2 image ``src`` at ``dst`` with one more keyslot (and its token, e.g. a
     systemd-tpm2 one) for the same volume key, unlocked with ``passphrase``. The header is
     rewritten in both copies with ``seqid + 1``; data and other keyslots are unchanged."""
@@ -309,8 +366,13 @@ def add_keyslot(src: str | os.PathLike[str], dst: str | os.PathLike[str], passph
         slot, key = unlock(h, fin, passphrase, src_s)
     meta = copy.deepcopy(h.metadata)
     ks_end = 2 * h.hdr_size + _u64(meta["config"].get("keyslots_size"), "config.keyslots_size")
-    used_end = max([2 * h.hdr_size] + [_u64(k["area"]["offset"], "area offset") + _u64(k["area"]["size"], "area size")
-                                       for k in meta["keyslots"].values()])
+    used_end = max(
+        [2 * h.hdr_size]
+        + [
+            _u64(k["area"]["offset"], "area offset") + _u64(k["area"]["size"], "area size")
+            for k in meta["keyslots"].values()
+        ]
+    )
     offset = _align(used_end)
     new_id = str(max([-1] + [int(k) for k in meta["keyslots"]]) + 1)
     obj, area = make_keyslot(key, spec, offset)
@@ -334,12 +396,18 @@ def add_keyslot(src: str | os.PathLike[str], dst: str | os.PathLike[str], passph
                 os.fchmod(out.fileno(), 0o644)
         except OSError as e:
             raise ResourceError(f"cannot write the output: {e.strerror}", str(dst)) from None
-    return {"output": str(dst), "keyslot": int(new_id), "unlocked_with": int(slot), "seqid": h.seqid + 1,
-            "token": spec.token is not None}
+    return {
+        "output": str(dst),
+        "keyslot": int(new_id),
+        "unlocked_with": int(slot),
+        "seqid": h.seqid + 1,
+        "token": spec.token is not None,
+    }
 
 
-def decrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], passphrase: bytes,
-                  overwrite: bool = True) -> dict[str, Any]:
+def decrypt_image(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], passphrase: bytes, overwrite: bool = True
+) -> dict[str, Any]:
     """Write the plaintext of the LUKS2 image ``src``'s data segment to the new file ``dst``."""
     src_s = str(src)
     try:
@@ -364,7 +432,7 @@ def decrypt_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], pass
             pos = 0
             with progress(size, "luks decrypt") as bar:
                 while pos < size:
-                    n = fin.readinto(view[:min(CHUNK, size - pos)])
+                    n = fin.readinto(view[: min(CHUNK, size - pos)])
                     if not n or n % ss:
                         raise FormatError("short read in the data segment", src_s)
                     crypt_units(cipher, view, n, pos, False)
@@ -386,17 +454,39 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     slots = {}
     for k, ks in m["keyslots"].items():
         kd = {x: y for x, y in (ks.get("kdf") or {}).items() if x != "salt"}
-        slots[k] = {"type": ks.get("type"), "key_bits": 8 * int(ks.get("key_size", 0)), "kdf": kd,
-                    "af": ks.get("af"), "area": ks.get("area")}
+        slots[k] = {
+            "type": ks.get("type"),
+            "key_bits": 8 * int(ks.get("key_size", 0)),
+            "kdf": kd,
+            "af": ks.get("af"),
+            "area": ks.get("area"),
+        }
     tokens = {}
     for k, t in m["tokens"].items():
         tokens[k] = {x: y for x, y in t.items() if x != "tpm2-blob"}
-    return {"path": str(path), "version": 2, "uuid": h.uuid, "label": h.label, "seqid": h.seqid,
-            "hdr_size": h.hdr_size, "checksum": h.checksum_alg, "copies": h.copies,
-            "segments": m["segments"], "keyslots": slots, "tokens": tokens,
-            "digests": {k: {"type": d.get("type"), "hash": d.get("hash"), "keyslots": d.get("keyslots"),
-                            "segments": d.get("segments")} for k, d in m["digests"].items()},
-            "config": m["config"]}
+    return {
+        "path": str(path),
+        "version": 2,
+        "uuid": h.uuid,
+        "label": h.label,
+        "seqid": h.seqid,
+        "hdr_size": h.hdr_size,
+        "checksum": h.checksum_alg,
+        "copies": h.copies,
+        "segments": m["segments"],
+        "keyslots": slots,
+        "tokens": tokens,
+        "digests": {
+            k: {
+                "type": d.get("type"),
+                "hash": d.get("hash"),
+                "keyslots": d.get("keyslots"),
+                "segments": d.get("segments"),
+            }
+            for k, d in m["digests"].items()
+        },
+        "config": m["config"],
+    }
 
 
 __all__ = ["add_keyslot", "decrypt_image", "describe", "encrypt_image", "open_keyslot", "unlock"]

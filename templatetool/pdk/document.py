@@ -31,8 +31,10 @@ ANSWER_FILE_LIMIT = 1024 * 1024
 OTHER_FILES_MAX_COUNT = 1000
 SPEC_KEY_RE = re.compile(r"^@[A-Za-z0-9][A-Za-z0-9_-]{0,62}@$")
 #: Substitution strings Microsoft documents for shielded unattend files (N, M are numbers).
-KNOWN_SPEC_KEYS = re.compile(r"^@(ComputerName|TimeZone|ProductKey|IP4Addr-\d+|IP6Addr-\d+|MACAddr-\d+|"
-                             r"Prefix-\d+-\d+|NextHop-\d+-\d+)@$")
+KNOWN_SPEC_KEYS = re.compile(
+    r"^@(ComputerName|TimeZone|ProductKey|IP4Addr-\d+|IP6Addr-\d+|MACAddr-\d+|"
+    r"Prefix-\d+-\d+|NextHop-\d+-\d+)@$"
+)
 _FILE_NAME_RE = re.compile(r"^[^\x00-\x1f/\\:*?\"<>|]{1,255}$")
 
 
@@ -95,13 +97,17 @@ class SecretPart:
     def validate(self) -> None:
         """Microsoft's limits and our own sanity checks (UsageError)."""
         if len(self.other_files) > OTHER_FILES_MAX_COUNT:
-            raise UsageError(f"too many other files ({len(self.other_files)}, at most {OTHER_FILES_MAX_COUNT})",
-                             hint="bundle them into one archive file")
+            raise UsageError(
+                f"too many other files ({len(self.other_files)}, at most {OTHER_FILES_MAX_COUNT})",
+                hint="bundle them into one archive file",
+            )
         total = sum(len(f.data) for f in self.other_files)
         if total > OTHER_FILES_LIMIT:
-            raise UsageError("The total size of the files specified by OtherFile exceeds the limit of 384 KB.",
-                             f"{total} bytes in {len(self.other_files)} file(s)",
-                             "ship large files another way (e.g. inside the template)")
+            raise UsageError(
+                "The total size of the files specified by OtherFile exceeds the limit of 384 KB.",
+                f"{total} bytes in {len(self.other_files)} file(s)",
+                "ship large files another way (e.g. inside the template)",
+            )
         if self.answer_file is not None:
             check_file_name(self.answer_file.name)
             if len(self.answer_file.data) > ANSWER_FILE_LIMIT:
@@ -127,14 +133,17 @@ class SecretPart:
         return sorted(k for k in used if k not in self.specialization_values)
 
     def to_bytes(self) -> bytes:
-        return canonical_json({
-            "format": PDK_SECRET_FORMAT,
-            "version": PDK_VERSION,
-            "answer_file": None if self.answer_file is None else {"name": self.answer_file.name,
-                                                                  "data": b64(self.answer_file.data)},
-            "other_files": [{"name": f.name, "data": b64(f.data)} for f in self.other_files],
-            "specialization_values": dict(self.specialization_values),
-        })
+        return canonical_json(
+            {
+                "format": PDK_SECRET_FORMAT,
+                "version": PDK_VERSION,
+                "answer_file": None
+                if self.answer_file is None
+                else {"name": self.answer_file.name, "data": b64(self.answer_file.data)},
+                "other_files": [{"name": f.name, "data": b64(f.data)} for f in self.other_files],
+                "specialization_values": dict(self.specialization_values),
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SecretPart:
@@ -142,8 +151,11 @@ class SecretPart:
         # Cheap bound before building the JSON objects: in canonical JSON every file object has one
         # "name": key (escaped quotes inside strings cannot produce this byte sequence).
         if data.count(b'"name":') > OTHER_FILES_MAX_COUNT + 1:
-            raise FormatError(f"PDK secret part holds more than {OTHER_FILES_MAX_COUNT} other files",
-                              "PDK secret part", "the PDK was not made by a conforming writer")
+            raise FormatError(
+                f"PDK secret part holds more than {OTHER_FILES_MAX_COUNT} other files",
+                "PDK secret part",
+                "the PDK was not made by a conforming writer",
+            )
         d = load_canonical(data, "PDK secret part")
         try:
             if d["format"] != PDK_SECRET_FORMAT or d["version"] != PDK_VERSION:

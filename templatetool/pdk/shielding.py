@@ -65,8 +65,11 @@ class GuardianSigner(KeySigner):
 
     def __init__(self, g: Guardian) -> None:
         if g.signing_key is None:
-            raise CredentialError(f"guardian {g.name!r} has no private signing key here", g.path,
-                                  "give the owner guardian folder that holds its keys")
+            raise CredentialError(
+                f"guardian {g.name!r} has no private signing key here",
+                g.path,
+                "give the owner guardian folder that holds its keys",
+            )
         self._g = g
         super().__init__(g.signing_key, g.signing_certificate, list(g.other_signing_certificates))
 
@@ -94,28 +97,45 @@ class PdkEntry:
         return cls(g.name, g.signing_certificate, g.encryption_certificate, sig)
 
     def to_doc(self) -> dict[str, Any]:
-        sig = None if self.encryption_signature is None else {
-            "algorithm": self.encryption_signature[0], "value": b64(self.encryption_signature[1])}
-        return {"name": self.name, "signing_certificate": cert_b64(self.signing_certificate),
-                "encryption_certificate": cert_b64(self.encryption_certificate),
-                "encryption_certificate_signature": sig}
+        sig = (
+            None
+            if self.encryption_signature is None
+            else {"algorithm": self.encryption_signature[0], "value": b64(self.encryption_signature[1])}
+        )
+        return {
+            "name": self.name,
+            "signing_certificate": cert_b64(self.signing_certificate),
+            "encryption_certificate": cert_b64(self.encryption_certificate),
+            "encryption_certificate_signature": sig,
+        }
 
     @classmethod
     def from_doc(cls, d: Any, what: str) -> PdkEntry:
-        if not isinstance(d, dict) or set(d) != {"name", "signing_certificate", "encryption_certificate",
-                                                 "encryption_certificate_signature"}:
+        if not isinstance(d, dict) or set(d) != {
+            "name",
+            "signing_certificate",
+            "encryption_certificate",
+            "encryption_certificate_signature",
+        }:
             raise FormatError(f"bad {what} entry in the PDK")
         sig = d["encryption_certificate_signature"]
         if sig is not None:
             if not isinstance(sig, dict) or set(sig) != {"algorithm", "value"} or not isinstance(sig["algorithm"], str):
                 raise FormatError(f"bad {what} encryption certificate signature in the PDK")
             sig = (sig["algorithm"], unb64(sig["value"], f"{what} encryption certificate signature"))
-        return cls(str(d["name"]), cert_from_b64(d["signing_certificate"], f"{what} signing certificate"),
-                   cert_from_b64(d["encryption_certificate"], f"{what} encryption certificate"), sig)
+        return cls(
+            str(d["name"]),
+            cert_from_b64(d["signing_certificate"], f"{what} signing certificate"),
+            cert_from_b64(d["encryption_certificate"], f"{what} encryption certificate"),
+            sig,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "signing_certificate": describe_certificate(self.signing_certificate),
-                "encryption_certificate": describe_certificate(self.encryption_certificate)}
+        return {
+            "name": self.name,
+            "signing_certificate": describe_certificate(self.signing_certificate),
+            "encryption_certificate": describe_certificate(self.encryption_certificate),
+        }
 
 
 @dataclass
@@ -141,11 +161,17 @@ class PdkInfo:
             "owner": self.owner.to_json(),
             "guardians": [g.to_json() for g in self.guardians],
             "volume_id_qualifiers": [q.to_json() for q in self.qualifiers],
-            "secret_part": {"cms": "AuthEnvelopedData (AES-256-GCM)", "size": len(self.secret_envelope),
-                            "recipients": [r.to_json() for r in list_recipients(self.secret_envelope)]},
-            "signature": {"signer": self.owner.signing_certificate.subject.rfc4514_string(),
-                          "signing_time": self.signing_time.isoformat() if self.signing_time else None,
-                          "verified": True, "owner_trust": self.owner_trust},
+            "secret_part": {
+                "cms": "AuthEnvelopedData (AES-256-GCM)",
+                "size": len(self.secret_envelope),
+                "recipients": [r.to_json() for r in list_recipients(self.secret_envelope)],
+            },
+            "signature": {
+                "signer": self.owner.signing_certificate.subject.rfc4514_string(),
+                "signing_time": self.signing_time.isoformat() if self.signing_time else None,
+                "verified": True,
+                "owner_trust": self.owner_trust,
+            },
             "warnings": self.warnings,
         }
 
@@ -154,10 +180,18 @@ def _der(c: x509.Certificate) -> bytes:
     return c.public_bytes(serialization.Encoding.DER)
 
 
-def create_pdk(owner: Guardian, guardians: list[Guardian], qualifiers: list[VolumeIdQualifier],
-               secret: SecretPart, policy: str = "shielded", *, allow_expired: bool = False,
-               allow_untrusted_root: bool = False, trust: Sequence[x509.Certificate] = (),
-               created: _dt.datetime | None = None) -> tuple[bytes, list[str]]:
+def create_pdk(
+    owner: Guardian,
+    guardians: list[Guardian],
+    qualifiers: list[VolumeIdQualifier],
+    secret: SecretPart,
+    policy: str = "shielded",
+    *,
+    allow_expired: bool = False,
+    allow_untrusted_root: bool = False,
+    trust: Sequence[x509.Certificate] = (),
+    created: _dt.datetime | None = None,
+) -> tuple[bytes, list[str]]:
     """Build and sign a PDK; returns (DER bytes, warnings).
 
     The owner needs its private signing key. Every guardian certificate is checked (usage,
@@ -184,8 +218,11 @@ def create_pdk(owner: Guardian, guardians: list[Guardian], qualifiers: list[Volu
         warnings.append("policy 'shielded' without an answer file: the VM cannot be specialized")
     missing = secret.placeholders_without_values()
     if missing:
-        warnings.append("the answer file uses substitution strings without values: " + ", ".join(missing)
-                        + " (specialization would fail)")
+        warnings.append(
+            "the answer file uses substitution strings without values: "
+            + ", ".join(missing)
+            + " (specialization would fail)"
+        )
     env = envelope(secret.to_bytes(), [owner.encryption_certificate] + [g.encryption_certificate for g in guardians])
     when = (created or _dt.datetime.now(_dt.UTC)).astimezone(_dt.UTC)
     doc = {
@@ -217,8 +254,11 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
         if ci.dump(force=True) != der:
             raise IntegrityError("the PDK is not in DER form", where, "it was altered after signing")
         sis = list(sd["signer_infos"])
-        certs = [x509.load_der_x509_certificate(c.chosen.dump()) for c in sd["certificates"]] \
-            if sd["certificates"].native is not None else []
+        certs = (
+            [x509.load_der_x509_certificate(c.chosen.dump()) for c in sd["certificates"]]
+            if sd["certificates"].native is not None
+            else []
+        )
         for c in certs:
             c.public_key()  # parsed lazily: a damaged key must fail here
         problems = []
@@ -244,9 +284,19 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
                 problems.append("unsigned attributes")
             # DER sorts the SET OF certificates: find the signer by issuer and serial, not position
             sid = si["sid"].chosen if si["sid"].name == "issuer_and_serial_number" else None
-            signer = None if sid is None else next(
-                (c for c in certs if c.serial_number == sid["serial_number"].native
-                 and c.issuer.public_bytes() == sid["issuer"].dump()), None)
+            signer = (
+                None
+                if sid is None
+                else next(
+                    (
+                        c
+                        for c in certs
+                        if c.serial_number == sid["serial_number"].native
+                        and c.issuer.public_bytes() == sid["issuer"].dump()
+                    ),
+                    None,
+                )
+            )
             if signer is None:
                 problems.append("no signer certificate")
             else:
@@ -260,8 +310,11 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
                 if si["signature_algorithm"].dump() != expect:
                     problems.append("signature algorithm")
         if problems or signer is None:  # (no signer always adds a problem)
-            raise IntegrityError(f"unexpected CMS fields in the PDK ({', '.join(problems)})", where,
-                                 "it was altered after signing or not written by templatetool")
+            raise IntegrityError(
+                f"unexpected CMS fields in the PDK ({', '.join(problems)})",
+                where,
+                "it was altered after signing or not written by templatetool",
+            )
         return signer, [c for c in certs if c is not signer]
     except TemplateToolError:
         raise
@@ -269,9 +322,15 @@ def _strict_shape(der: bytes, where: str) -> tuple[x509.Certificate, list[x509.C
         raise FormatError(f"malformed CMS in the PDK: {type(e).__name__}: {e}", where) from None
 
 
-def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
-             trust: list[x509.Certificate] | None = None, owner_certificate: x509.Certificate | None = None,
-             at: _dt.datetime | None = None) -> PdkInfo:
+def read_pdk(
+    der: bytes,
+    where: str = "PDK",
+    *,
+    allow_expired: bool = False,
+    trust: list[x509.Certificate] | None = None,
+    owner_certificate: x509.Certificate | None = None,
+    at: _dt.datetime | None = None,
+) -> PdkInfo:
     """Verify a PDK and return its clear part.
 
     Checks: strict DER/CMS shape; the owner's CMS signature (``cms.signed``); that the signer is
@@ -297,8 +356,16 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
             raise FormatError(f"not a PDK document ({doc['format']!r})", where)
         if doc["version"] != PDK_VERSION:
             raise FormatError(f"unsupported PDK version {doc['version']!r}", where, "upgrade templatetool")
-        if set(doc) != {"format", "version", "created", "policy", "owner", "guardians", "volume_id_qualifiers",
-                        "secret_part"}:
+        if set(doc) != {
+            "format",
+            "version",
+            "created",
+            "policy",
+            "owner",
+            "guardians",
+            "volume_id_qualifiers",
+            "secret_part",
+        }:
             raise FormatError("unexpected fields in the PDK document", where)
         policy = doc["policy"]
         if policy not in POLICIES:
@@ -312,7 +379,9 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         raise FormatError(e.what, where, e.hint) from None
     except (KeyError, TypeError) as e:
         raise FormatError(f"incomplete PDK document ({e})", where) from None
-    if _der(info.signer_cert) != _der(owner.signing_certificate) or _der(signer_cert) != _der(owner.signing_certificate):
+    if _der(info.signer_cert) != _der(owner.signing_certificate) or _der(signer_cert) != _der(
+        owner.signing_certificate
+    ):
         raise IntegrityError("the PDK is not signed by the owner it names", where)
     for ent in [owner, *guardians]:
         w = f"{where}: {'owner' if ent is owner else 'guardian'} {ent.name!r}"
@@ -321,23 +390,46 @@ def read_pdk(der: bytes, where: str = "PDK", *, allow_expired: bool = False,
         for c in (ent.signing_certificate, ent.encryption_certificate):
             check_validity(c, w, now, allow_expired)
         # signature of each certificate where its issuer is known (self-signed: always)
-        check_chain(ent.signing_certificate, w, chain, (), allow_untrusted_root=True, at=now, allow_expired=allow_expired)
-        check_chain(ent.encryption_certificate, w, [ent.signing_certificate, *chain], (), allow_untrusted_root=True,
-                    at=now, allow_expired=allow_expired)
+        check_chain(
+            ent.signing_certificate, w, chain, (), allow_untrusted_root=True, at=now, allow_expired=allow_expired
+        )
+        check_chain(
+            ent.encryption_certificate,
+            w,
+            [ent.signing_certificate, *chain],
+            (),
+            allow_untrusted_root=True,
+            at=now,
+            allow_expired=allow_expired,
+        )
         if ent.encryption_signature is not None:
-            sigalg.verify_bytes(ent.signing_certificate.public_key(), *ent.encryption_signature,
-                                _der(ent.encryption_certificate), "encryption certificate signature", w)
+            sigalg.verify_bytes(
+                ent.signing_certificate.public_key(),
+                *ent.encryption_signature,
+                _der(ent.encryption_certificate),
+                "encryption certificate signature",
+                w,
+            )
     owner_trust = "not pinned (pin the owner with `pdk verify --owner` or `pdk verify --trust`)"
     if owner_certificate is not None:
         if _der(owner_certificate) != _der(owner.signing_certificate):
             raise IntegrityError("the PDK is signed by another owner", where, "check which owner made it")
         owner_trust = "pinned (owner certificate matches)"
     elif trust:
-        check_chain(owner.signing_certificate, f"{where}: owner", chain, list(trust), allow_untrusted_root=False,
-                    at=now, allow_expired=allow_expired)
+        check_chain(
+            owner.signing_certificate,
+            f"{where}: owner",
+            chain,
+            list(trust),
+            allow_untrusted_root=False,
+            at=now,
+            allow_expired=allow_expired,
+        )
         owner_trust = "trusted (chains to --trust)"
-    expected = sorted((c.issuer.public_bytes(), c.serial_number)
-                      for c in [owner.encryption_certificate] + [g.encryption_certificate for g in guardians])
+    expected = sorted(
+        (c.issuer.public_bytes(), c.serial_number)
+        for c in [owner.encryption_certificate] + [g.encryption_certificate for g in guardians]
+    )
     got = recipient_ids(env, f"{where}: secret part")
     if sorted(got) != expected:
         raise IntegrityError("the secret part's recipients differ from the owner and guardians", where)
@@ -353,8 +445,9 @@ def open_pdk_secret(info: PdkInfo, key: RecipientKey, cert: x509.Certificate, wh
         raise FormatError(e.what, f"{where}: secret part") from None
 
 
-def check_template(info: PdkInfo, vsc_der: bytes, where: str = "template", *,
-                   trust: list[x509.Certificate] | None = None) -> dict[str, Any]:
+def check_template(
+    info: PdkInfo, vsc_der: bytes, where: str = "template", *, trust: list[x509.Certificate] | None = None
+) -> dict[str, Any]:
     """Does a signed catalog satisfy one of the PDK's volume ID qualifiers? Returns a report.
 
     The catalog signature is verified (``catalog.vsc.open_vsc``); matching follows Microsoft's
@@ -370,11 +463,16 @@ def check_template(info: PdkInfo, vsc_der: bytes, where: str = "template", *,
         results.append({"qualifier": q.to_json(), "matches": m, "reason": reason})
         ok = ok or m
     return {
-        "template": {"name": vi.name, "version": ".".join(str(x) for x in vi.version),
-                     "signer": vi.signer_cert.subject.rfc4514_string(), "signer_thumbprint": vi.signer_thumbprint},
+        "template": {
+            "name": vi.name,
+            "version": ".".join(str(x) for x in vi.version),
+            "signer": vi.signer_cert.subject.rfc4514_string(),
+            "signer_thumbprint": vi.signer_thumbprint,
+        },
         "qualified": ok,
-        "reason": next((r["reason"] for r in results if r["matches"]), None) if ok else (
-            "; ".join(r["reason"] for r in results) if results else "the PDK has no volume ID qualifier"),
+        "reason": next((r["reason"] for r in results if r["matches"]), None)
+        if ok
+        else ("; ".join(r["reason"] for r in results) if results else "the PDK has no volume ID qualifier"),
         "qualifiers": results,
     }
 

@@ -6,12 +6,33 @@ below are the building blocks it wraps (loaded on first use).
 
 from __future__ import annotations
 
-_LAZY = {"preflight": "protect", "protect": "protect", "encrypt_disk": "encrypt", "decrypt_disk": "encrypt",
-         "Credentials": "encrypt", "shield": "shield", "unlock": "unlock", "describe_disk": "inspect",
-         "run_build": "build", "Recipe": "build", "run_demo": "demo"}
+_LAZY = {
+    "preflight": "protect",
+    "protect": "protect",
+    "encrypt_disk": "encrypt",
+    "decrypt_disk": "encrypt",
+    "Credentials": "encrypt",
+    "shield": "shield",
+    "unlock": "unlock",
+    "describe_disk": "inspect",
+    "run_build": "build",
+    "Recipe": "build",
+    "run_demo": "demo",
+}
 
-__all__ = ["Credentials", "Recipe", "decrypt_disk", "describe_disk", "encrypt_disk", "preflight",
-           "protect", "run_build", "run_demo", "shield", "unlock"]
+__all__ = [
+    "Credentials",
+    "Recipe",
+    "decrypt_disk",
+    "describe_disk",
+    "encrypt_disk",
+    "preflight",
+    "protect",
+    "run_build",
+    "run_demo",
+    "shield",
+    "unlock",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -23,11 +23,46 @@ from ..errors import FormatError, NotFoundError, UsageError
 SECTIONS = {"template", "pdk", "shield", "report"}
 MAX_RECIPE = 1 << 20
 KEYS = {
-    "template": {"golden", "output", "name", "version", "signer", "signer_password_env", "signer_pin_env", "vsc", "pss"},
-    "pdk": {"output", "owner", "owner_password_env", "guardians", "version_rule", "policy", "answer_file",
-            "other_files", "spec_values", "vsc", "allow_untrusted_root"},
-    "shield": {"template", "pdk", "output", "kp", "owner", "owner_password_env", "guardians", "pcrs", "pcr_values",
-               "tcg_log", "bank", "method", "tpm_parent", "verify_content"},
+    "template": {
+        "golden",
+        "output",
+        "name",
+        "version",
+        "signer",
+        "signer_password_env",
+        "signer_pin_env",
+        "vsc",
+        "pss",
+    },
+    "pdk": {
+        "output",
+        "owner",
+        "owner_password_env",
+        "guardians",
+        "version_rule",
+        "policy",
+        "answer_file",
+        "other_files",
+        "spec_values",
+        "vsc",
+        "allow_untrusted_root",
+    },
+    "shield": {
+        "template",
+        "pdk",
+        "output",
+        "kp",
+        "owner",
+        "owner_password_env",
+        "guardians",
+        "pcrs",
+        "pcr_values",
+        "tcg_log",
+        "bank",
+        "method",
+        "tpm_parent",
+        "verify_content",
+    },
     "report": {"output"},
 }
 
@@ -47,8 +82,9 @@ class Recipe:
         self.path = Path(path)
         try:
             if self.path.stat().st_size > MAX_RECIPE:
-                raise FormatError(f"recipe too large ({self.path.stat().st_size} bytes, limit {MAX_RECIPE})",
-                                  str(self.path))
+                raise FormatError(
+                    f"recipe too large ({self.path.stat().st_size} bytes, limit {MAX_RECIPE})", str(self.path)
+                )
             self.data = tomllib.loads(self.path.read_text())
         except FileNotFoundError:
             raise NotFoundError("recipe not found", str(self.path)) from None
@@ -59,15 +95,21 @@ class Recipe:
         self.base = self.path.parent
         unknown = set(self.data) - SECTIONS
         if unknown:
-            raise FormatError(f"unknown recipe section(s): {', '.join(sorted(unknown))}", str(self.path),
-                              f"sections: {', '.join(sorted(SECTIONS))}")
+            raise FormatError(
+                f"unknown recipe section(s): {', '.join(sorted(unknown))}",
+                str(self.path),
+                f"sections: {', '.join(sorted(SECTIONS))}",
+            )
         for sec, body in self.data.items():
             if not isinstance(body, dict):
                 raise FormatError(f"[{sec}] must be a table", str(self.path))
             bad = set(body) - KEYS[sec]
             if bad:
-                raise FormatError(f"unknown key(s) in [{sec}]: {', '.join(sorted(bad))}", str(self.path),
-                                  f"allowed: {', '.join(sorted(KEYS[sec]))}")
+                raise FormatError(
+                    f"unknown key(s) in [{sec}]: {', '.join(sorted(bad))}",
+                    str(self.path),
+                    f"allowed: {', '.join(sorted(KEYS[sec]))}",
+                )
         if not (set(self.data) & {"template", "pdk", "shield"}):
             raise FormatError("the recipe has nothing to do", str(self.path), "add [template], [pdk] and/or [shield]")
         self._validate()
@@ -80,12 +122,32 @@ class Recipe:
         from ..catalog.qualifier import normalize_rule
         from ..pdk.document import POLICIES
 
-        str_keys = {"template": ("golden", "output", "name", "version", "signer", "signer_password_env",
-                                 "signer_pin_env", "vsc"),
-                    "pdk": ("output", "owner", "owner_password_env", "version_rule", "policy", "answer_file", "vsc"),
-                    "shield": ("template", "pdk", "output", "kp", "owner", "owner_password_env", "tcg_log", "bank",
-                               "method", "tpm_parent"),
-                    "report": ("output",)}
+        str_keys = {
+            "template": (
+                "golden",
+                "output",
+                "name",
+                "version",
+                "signer",
+                "signer_password_env",
+                "signer_pin_env",
+                "vsc",
+            ),
+            "pdk": ("output", "owner", "owner_password_env", "version_rule", "policy", "answer_file", "vsc"),
+            "shield": (
+                "template",
+                "pdk",
+                "output",
+                "kp",
+                "owner",
+                "owner_password_env",
+                "tcg_log",
+                "bank",
+                "method",
+                "tpm_parent",
+            ),
+            "report": ("output",),
+        }
         for sec, keys in str_keys.items():
             for k in keys:
                 v = self.data.get(sec, {}).get(k)
@@ -112,23 +174,31 @@ class Recipe:
             pv = self.get("shield", "pcr_values")
             if pv is not None:
                 try:
-                    ok = isinstance(pv, dict) and all(0 <= int(k) < 24 and len(bytes.fromhex(v)) in (20, 32, 48)
-                                                      for k, v in pv.items())
+                    ok = isinstance(pv, dict) and all(
+                        0 <= int(k) < 24 and len(bytes.fromhex(v)) in (20, 32, 48) for k, v in pv.items()
+                    )
                 except (ValueError, TypeError):
                     ok = False
                 if not ok:
-                    raise self._bad("shield", "pcr_values", 'a table of PCR number → hex digest, e.g. { "7" = "00..." }')
+                    raise self._bad(
+                        "shield", "pcr_values", 'a table of PCR number → hex digest, e.g. { "7" = "00..." }'
+                    )
             if (pv is None) == (self.get("shield", "tcg_log") is None):
                 raise FormatError("[shield] needs exactly one of 'tcg_log' and 'pcr_values'", str(self.path))
             if self.get("shield", "method", "xts-aes-128") not in ("xts-aes-128", "xts-aes-256"):
                 raise self._bad("shield", "method", "xts-aes-128 or xts-aes-256")
-        for sec, k in (("template", "golden"), ("shield", "tcg_log"), ("shield", "tpm_parent"),
-                       ("pdk", "answer_file")):
+        for sec, k in (("template", "golden"), ("shield", "tcg_log"), ("shield", "tpm_parent"), ("pdk", "answer_file")):
             p = self.p(sec, k) if sec in self.data else None
             if p is not None and not p.is_file():
                 raise NotFoundError(f"[{sec}] {k} not found", str(p))
-        for sec, k in (("template", "output"), ("template", "vsc"), ("pdk", "output"), ("shield", "output"),
-                       ("shield", "kp"), ("report", "output")):
+        for sec, k in (
+            ("template", "output"),
+            ("template", "vsc"),
+            ("pdk", "output"),
+            ("shield", "output"),
+            ("shield", "kp"),
+            ("report", "output"),
+        ):
             p = self.p(sec, k) if sec in self.data else None
             if p is not None and not p.parent.is_dir():
                 raise NotFoundError(f"[{sec}] {k}: the output folder does not exist", str(p.parent), "create it first")
@@ -138,14 +208,28 @@ class Recipe:
         (shield's KP and escrow derived as the step derives them), for the CLI's output policy."""
         ins: list[tuple[str, Path]] = [("the recipe", self.path)]
         outs: list[tuple[str, Path]] = []
-        for sec, k in (("template", "golden"), ("template", "signer"), ("pdk", "owner"), ("pdk", "answer_file"),
-                       ("shield", "template"), ("shield", "pdk"), ("shield", "owner"), ("shield", "tcg_log"),
-                       ("shield", "tpm_parent")):
+        for sec, k in (
+            ("template", "golden"),
+            ("template", "signer"),
+            ("pdk", "owner"),
+            ("pdk", "answer_file"),
+            ("shield", "template"),
+            ("shield", "pdk"),
+            ("shield", "owner"),
+            ("shield", "tcg_log"),
+            ("shield", "tpm_parent"),
+        ):
             v = self.get(sec, k) if sec in self.data else None
             if isinstance(v, str) and not v.startswith(("pkcs11:", "pem:")):
                 ins.append((f"[{sec}] {k}", self.req(sec, k)))
-        for sec, k in (("template", "output"), ("template", "vsc"), ("pdk", "output"), ("shield", "output"),
-                       ("shield", "kp"), ("report", "output")):
+        for sec, k in (
+            ("template", "output"),
+            ("template", "vsc"),
+            ("pdk", "output"),
+            ("shield", "output"),
+            ("shield", "kp"),
+            ("report", "output"),
+        ):
             q = self.p(sec, k) if sec in self.data else None
             if q is not None:
                 outs.append((f"[{sec}] {k}", q))
@@ -210,9 +294,13 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     from .shield import shield
 
     t0 = time.monotonic()
-    report: dict[str, Any] = {"tool": f"templatetool {__version__}", "recipe": str(r.path),
-                              "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                              "steps": {}, "artifacts": {}}
+    report: dict[str, Any] = {
+        "tool": f"templatetool {__version__}",
+        "recipe": str(r.path),
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "steps": {},
+        "artifacts": {},
+    }
     template_out: Path | None = None
     vsc_out: Path | None = None
     pdk_out: Path | None = None
@@ -221,13 +309,22 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         golden = r.req("template", "golden")
         template_out = r.req("template", "output")
         signer_spec = str(r.get("template", "signer", required=True))
-        signer = load_signer(signer_spec,
-                             password=env_or_prompt(r.get("template", "signer_password_env"),
-                                                    f"password for {os.path.basename(signer_spec)}: "),
-                             pin=env_or_prompt(r.get("template", "signer_pin_env") or DEFAULT_PIN_ENV, "token PIN: "))
-        pr = protect(golden, template_out, str(r.get("template", "name", required=True)),
-                     str(r.get("template", "version", required=True)), signer, pss=bool(r.get("template", "pss", False)),
-                     overwrite=True)
+        signer = load_signer(
+            signer_spec,
+            password=env_or_prompt(
+                r.get("template", "signer_password_env"), f"password for {os.path.basename(signer_spec)}: "
+            ),
+            pin=env_or_prompt(r.get("template", "signer_pin_env") or DEFAULT_PIN_ENV, "token PIN: "),
+        )
+        pr = protect(
+            golden,
+            template_out,
+            str(r.get("template", "name", required=True)),
+            str(r.get("template", "version", required=True)),
+            signer,
+            pss=bool(r.get("template", "pss", False)),
+            overwrite=True,
+        )
         written.append(template_out)
         vsc_out = r.p("template", "vsc") or template_out.with_suffix(".vsc")
         write_bytes_atomic(vsc_out, read_vsc_bytes(template_out))
@@ -243,11 +340,14 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         vsc_path = r.p("pdk", "vsc") or vsc_out
         if vsc_path is None:
             raise FormatError("[pdk] needs 'vsc' (or a [template] section)", str(r.path))
-        owner = load_guardian(r.req("pdk", "owner"), private=True,
-                              password_env=r.get("pdk", "owner_password_env"))
-        guardians = [load_guardian(r.base / g if not Path(g).is_absolute() else g,
-                                   allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
-                     for g in r.get("pdk", "guardians", [])]
+        owner = load_guardian(r.req("pdk", "owner"), private=True, password_env=r.get("pdk", "owner_password_env"))
+        guardians = [
+            load_guardian(
+                r.base / g if not Path(g).is_absolute() else g,
+                allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)),
+            )
+            for g in r.get("pdk", "guardians", [])
+        ]
         if not guardians:
             raise FormatError("[pdk] needs at least one guardian", str(r.path))
         vi = open_vsc(read_vsc_bytes(vsc_path))
@@ -256,16 +356,29 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         try:
             secret = SecretPart(
                 answer_file=NamedFile(af.name, af.read_bytes()) if af else None,
-                other_files=[NamedFile(Path(f).name, (r.base / f).read_bytes()) for f in r.get("pdk", "other_files", [])],
-                specialization_values={str(k): str(v) for k, v in r.get("pdk", "spec_values", {}).items()})
+                other_files=[
+                    NamedFile(Path(f).name, (r.base / f).read_bytes()) for f in r.get("pdk", "other_files", [])
+                ],
+                specialization_values={str(k): str(v) for k, v in r.get("pdk", "spec_values", {}).items()},
+            )
         except FileNotFoundError as e:
             raise NotFoundError("file named in [pdk] not found", str(e.filename)) from None
-        der, warnings = create_pdk(owner, guardians, [q], secret, str(r.get("pdk", "policy", "shielded")),
-                                   allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)))
+        der, warnings = create_pdk(
+            owner,
+            guardians,
+            [q],
+            secret,
+            str(r.get("pdk", "policy", "shielded")),
+            allow_untrusted_root=bool(r.get("pdk", "allow_untrusted_root", False)),
+        )
         write_bytes_atomic(pdk_out, der)
         written.append(pdk_out)
-        report["steps"]["pdk"] = {"output": str(pdk_out), "qualifier": q.to_json(), "warnings": warnings,
-                                  "seconds": round(time.monotonic() - t, 3)}
+        report["steps"]["pdk"] = {
+            "output": str(pdk_out),
+            "qualifier": q.to_json(),
+            "warnings": warnings,
+            "seconds": round(time.monotonic() - t, 3),
+        }
         report["artifacts"]["pdk"] = str(pdk_out)
     if "shield" in r.data:
         t = time.monotonic()
@@ -276,10 +389,15 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
         owner_dir = r.p("shield", "owner") or r.p("pdk", "owner")
         if owner_dir is None:
             raise FormatError("[shield] needs 'owner'", str(r.path))
-        owner = load_guardian(owner_dir, private=True,
-                              password_env=r.get("shield", "owner_password_env", r.get("pdk", "owner_password_env")))
+        owner = load_guardian(
+            owner_dir,
+            private=True,
+            password_env=r.get("shield", "owner_password_env", r.get("pdk", "owner_password_env")),
+        )
         gpaths = r.get("shield", "guardians", r.get("pdk", "guardians", []))
-        known = [load_guardian(r.base / g if not Path(g).is_absolute() else g, allow_untrusted_root=True) for g in gpaths]
+        known = [
+            load_guardian(r.base / g if not Path(g).is_absolute() else g, allow_untrusted_root=True) for g in gpaths
+        ]
         pv = r.get("shield", "pcr_values")
         pcr_values = {int(k): bytes.fromhex(v) for k, v in pv.items()} if isinstance(pv, dict) else None
         tcg = r.p("shield", "tcg_log")
@@ -287,16 +405,31 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
             raise FormatError("[shield] needs 'tcg_log' or 'pcr_values'", str(r.path))
         out = r.req("shield", "output")
         kp_out = r.p("shield", "kp") or out.with_suffix(".kp")
-        rep = shield(tmpl, pdk, out, owner, kp_path=kp_out, tpm_parent=r.p("shield", "tpm_parent"),
-                     pcrs=[int(x) for x in r.get("shield", "pcrs", [7, 11])], pcr_values=pcr_values,
-                     tcg_log=str(tcg) if tcg else None, bank=str(r.get("shield", "bank", "sha256")),
-                     method=str(r.get("shield", "method", "xts-aes-128")),
-                     verify_content=bool(r.get("shield", "verify_content", True)), guardians=known)
+        rep = shield(
+            tmpl,
+            pdk,
+            out,
+            owner,
+            kp_path=kp_out,
+            tpm_parent=r.p("shield", "tpm_parent"),
+            pcrs=[int(x) for x in r.get("shield", "pcrs", [7, 11])],
+            pcr_values=pcr_values,
+            tcg_log=str(tcg) if tcg else None,
+            bank=str(r.get("shield", "bank", "sha256")),
+            method=str(r.get("shield", "method", "xts-aes-128")),
+            verify_content=bool(r.get("shield", "verify_content", True)),
+            guardians=known,
+        )
         written.extend([out, kp_out, out.with_suffix(".recovery.p7m")])
         report["steps"]["shield"] = {**rep, "seconds": round(time.monotonic() - t, 3)}
         report["protector_ids"] = [p["guid"] for p in rep["bitlocker"]["protectors"]]
-        report["artifacts"].update({"vm_disk": rep["outputs"]["disk"], "kp": rep["outputs"]["kp"],
-                                    "recovery_escrow": rep["outputs"]["recovery_escrow"]})
+        report["artifacts"].update(
+            {
+                "vm_disk": rep["outputs"]["disk"],
+                "kp": rep["outputs"]["kp"],
+                "recovery_escrow": rep["outputs"]["recovery_escrow"],
+            }
+        )
     report["hashes"] = {k: _sha256(Path(v)) for k, v in report["artifacts"].items()}
     report["seconds"] = round(time.monotonic() - t0, 3)
     report_out = r.p("report", "output")

@@ -27,14 +27,19 @@ def demo_tcg_log() -> bytes:
     from ..tpm.eventlog import write_agile_log
 
     ev = []
-    for pcr, typ, data in ((0, 0x80000008, b"Hyper-V UEFI Release v4.1"), (7, 0x800000E0, b"SecureBoot=1 PK KEK db dbx"),
-                           (4, 0x80000003, b"\\EFI\\Microsoft\\Boot\\bootmgfw.efi"), (11, 0x0000000D, b"BitLocker")):
+    for pcr, typ, data in (
+        (0, 0x80000008, b"Hyper-V UEFI Release v4.1"),
+        (7, 0x800000E0, b"SecureBoot=1 PK KEK db dbx"),
+        (4, 0x80000003, b"\\EFI\\Microsoft\\Boot\\bootmgfw.efi"),
+        (11, 0x0000000D, b"BitLocker"),
+    ):
         ev.append((pcr, typ, {0x0004: hashlib.sha1(data).digest(), 0x000B: hashlib.sha256(data).digest()}, data))
     return write_agile_log(ev)
 
 
-def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    golden: str | os.PathLike[str], out_dir: str | os.PathLike[str], say: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the pipeline in ``out_dir``; returns a report with artifacts and timings."""
     from ..catalog.qualifier import VolumeIdQualifier
     from ..catalog.vsc import open_vsc, read_vsc_bytes
@@ -59,13 +64,17 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
         def done() -> None:
             timings[name] = round(time.monotonic() - t, 3)
+
         return done
 
     done = step("identities: template signer, owner guardian, fabric guardian (HGS), guarded host")
     key = new_key("rsa3072")
     cert = self_signed("CN=Contoso Template Signing", key, "signing")
-    write_bytes_atomic(d / "signer.key.pem", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                               serialization.NoEncryption()), mode=0o600)
+    write_bytes_atomic(
+        d / "signer.key.pem",
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600,
+    )
     write_bytes_atomic(d / "signer.pem", cert.public_bytes(serialization.Encoding.PEM))
     signer = PemSigner(str(d / "signer.key.pem"), str(d / "signer.pem"))
     save_guardian(generate_guardian("Owner", "ec-p256"), d / "owner", None, overwrite=True)
@@ -82,7 +91,9 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     pr = protect(golden, d / "template.vhdx", "WindowsServer2025-Datacenter", "10.0.26100.1", signer, overwrite=True)
     vsc_der = read_vsc_bytes(d / "template.vhdx")
     write_bytes_atomic(d / "template.vsc", vsc_der)
-    say(f"  template.vhdx: catalog root {pr.document.root.hex()[:32]}..., {pr.document.block_count} blocks; template.vsc exported")
+    say(
+        f"  template.vhdx: catalog root {pr.document.root.hex()[:32]}..., {pr.document.block_count} blocks; template.vsc exported"
+    )
     done()
 
     done = step("tenant: shielding data (PDK) for that template, owner + fabric guardian")
@@ -90,8 +101,13 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     fabric = load_guardian(d / "fabric")
     vi = open_vsc(vsc_der)
     q = VolumeIdQualifier.from_vsc(vi, "ge")
-    secret = SecretPart(answer_file=NamedFile("unattend.xml", b"<?xml version=\"1.0\"?><unattend xmlns=\"urn:schemas-microsoft-com:unattend\"><!-- @ComputerName@ --></unattend>"),
-                        specialization_values={"@ComputerName@": "vm01"})
+    secret = SecretPart(
+        answer_file=NamedFile(
+            "unattend.xml",
+            b'<?xml version="1.0"?><unattend xmlns="urn:schemas-microsoft-com:unattend"><!-- @ComputerName@ --></unattend>',
+        ),
+        specialization_values={"@ComputerName@": "vm01"},
+    )
     pdk, _warn = create_pdk(owner, [fabric], [q], secret, "shielded", allow_untrusted_root=True)
     write_bytes_atomic(d / "tenant.pdk", pdk)
     say(f"  tenant.pdk: qualifier {q.name} >= {'.'.join(map(str, q.version))}, guardians: {fabric.name}")
@@ -100,10 +116,13 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     done = step("tenant: shield the template (BitLocker XTS-AES-128, vTPM protector on PCR 7,11, recovery escrow)")
     log = demo_tcg_log()
     write_bytes_atomic(d / "vm-reference.tcglog", log)
-    rep = shield(d / "template.vhdx", d / "tenant.pdk", d / "vm.vhdx", owner, tcg_log=log, pcrs=DEMO_PCRS,
-                 guardians=[fabric])
-    say("  vm.vhdx + vm.kp + vm.recovery.p7m + vm.vtpm (the VM's swtpm vTPM); protectors: " +
-        ", ".join(p["type"] for p in rep["bitlocker"]["protectors"]))
+    rep = shield(
+        d / "template.vhdx", d / "tenant.pdk", d / "vm.vhdx", owner, tcg_log=log, pcrs=DEMO_PCRS, guardians=[fabric]
+    )
+    say(
+        "  vm.vhdx + vm.kp + vm.recovery.p7m + vm.vtpm (the VM's swtpm vTPM); protectors: "
+        + ", ".join(p["type"] for p in rep["bitlocker"]["protectors"])
+    )
     done()
 
     done = step("guardian dry run: will the fabric unlock this VM?")
@@ -117,8 +136,14 @@ def run_demo(golden: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     say(f"  {'ok' if real.ok else 'FAILED'}: {real.steps[-1].detail}")
     done()
     say("\ntimings (s): " + ", ".join(f"{k.split(':')[0]} {v}" for k, v in timings.items()))
-    return {"ok": dry.ok and real.ok, "out_dir": str(d), "timings_s": timings, "shield": rep,
-            "dry_run": dry.to_json(), "unlock": real.to_json()}
+    return {
+        "ok": dry.ok and real.ok,
+        "out_dir": str(d),
+        "timings_s": timings,
+        "shield": rep,
+        "dry_run": dry.to_json(),
+        "unlock": real.to_json(),
+    }
 
 
 __all__ = ["DEMO_PCRS", "demo_tcg_log", "run_demo"]

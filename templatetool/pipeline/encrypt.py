@@ -56,8 +56,13 @@ class Credentials:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`FveVolume.unlock` (a TPM credential is resolved first by
         :func:`unlock_with`)."""
-        return {"recovery_password": self.recovery_password, "password": self.password, "bek": self.bek,
-                "vmk": self.vmk, "clear": self.clear}
+        return {
+            "recovery_password": self.recovery_password,
+            "password": self.password,
+            "bek": self.bek,
+            "vmk": self.vmk,
+            "clear": self.clear,
+        }
 
 
 def tpm_vmk(fve: Any, tcti: str, *, pin: str | None = None, parent_handle: int | None = None) -> bytes:
@@ -91,8 +96,10 @@ def _pick(dev: BlockDevice, partition: int | None, want: tuple[str, ...]) -> tup
     """(offset, size, index) of the volume: see :func:`templatetool.disk.locate_volume`."""
     return locate_volume(dev, partition, want)
 
-def _copy_span(src: BlockDevice, dst: BlockDevice, offset: int, length: int, bar: Any,
-               dst_offset: int | None = None) -> None:
+
+def _copy_span(
+    src: BlockDevice, dst: BlockDevice, offset: int, length: int, bar: Any, dst_offset: int | None = None
+) -> None:
     """Copy src[offset:offset+length] to dst (same offset unless given), skipping zero chunks."""
     delta = (offset if dst_offset is None else dst_offset) - offset
     done = offset
@@ -147,8 +154,12 @@ class FreeSpace:
     skipped_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"used": self.used, "reason": self.reason, "filesystem": self.filesystem,
-                "skipped_bytes": self.skipped_bytes}
+        return {
+            "used": self.used,
+            "reason": self.reason,
+            "filesystem": self.filesystem,
+            "skipped_bytes": self.skipped_bytes,
+        }
 
 
 def free_space(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: Any = None) -> FreeSpace:
@@ -166,16 +177,16 @@ def free_space(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: 
     fsv = fs_view if fs_view is not None else view
     fs = sniff_filesystem(fsv)
     if fs != "ntfs":
-        return FreeSpace(None, False, f"the volume holds {fs or 'no recognised filesystem'}, not NTFS: "
-                         "whole volume processed", fs)
+        return FreeSpace(
+            None, False, f"the volume holds {fs or 'no recognised filesystem'}, not NTFS: whole volume processed", fs
+        )
     try:
         fm = free_map if free_map is not None else ntfs_free_map(fsv)
     except TemplateToolError as e:
         if isinstance(e, ResourceError):
             raise  # an I/O problem is not a filesystem verdict
         return FreeSpace(None, False, f"NTFS free-cluster map unusable ({e.what}): whole volume processed", fs)
-    return FreeSpace(_skipper(view, fsv, fm), True, "NTFS $Bitmap: free clusters that are unallocated are skipped",
-                     fs)
+    return FreeSpace(_skipper(view, fsv, fm), True, "NTFS $Bitmap: free clusters that are unallocated are skipped", fs)
 
 
 def sparse_skipper(view: BlockDevice, fs_view: BlockDevice | None = None, free_map: Any = None) -> Any:
@@ -223,7 +234,7 @@ def _skipper(view: BlockDevice, fsv: BlockDevice, fm: Any) -> Any:
             return None
         mask = ~any_used
         for o, e in zip(starts, ends, strict=True):
-            mask[o // chunk:min(nchunks, -(-e // chunk))] = False
+            mask[o // chunk : min(nchunks, -(-e // chunk))] = False
         full = np.zeros(-(-view.size // chunk), dtype=bool)
         full[:nchunks] = mask
         return full
@@ -232,12 +243,24 @@ def _skipper(view: BlockDevice, fsv: BlockDevice, fm: Any) -> Any:
     return skip
 
 
-def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None = None,
-                 method: str = "xts-aes-128", protectors: list[ProtectorSpec] | None = None,
-                 description: str | None = None, *, sparse: bool = True,
-                 tap: Any = None, tap_zeros: Any = None, worker_tap: Any = None, on_tap: Any = None,
-                 on_result: Any = None, workers: int | None = None, free_map: Any = None,
-                 subformat: str = "dynamic") -> dict[str, Any]:
+def encrypt_disk(
+    src_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    partition: int | None = None,
+    method: str = "xts-aes-128",
+    protectors: list[ProtectorSpec] | None = None,
+    description: str | None = None,
+    *,
+    sparse: bool = True,
+    tap: Any = None,
+    tap_zeros: Any = None,
+    worker_tap: Any = None,
+    on_tap: Any = None,
+    on_result: Any = None,
+    workers: int | None = None,
+    free_map: Any = None,
+    subformat: str = "dynamic",
+) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with its OS volume (or ``partition``) encrypted.
 
     When the volume already carries BitLocker's reservation (a protected template), it is
@@ -271,8 +294,11 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
         if fs == "bitlocker":
             raise UsageError("the volume is already BitLocker-encrypted", view.name)
         if fs != "ntfs":
-            raise UnsupportedError(f"the volume holds {fs or 'no known filesystem'}, not NTFS", view.name,
-                                   "BitLocker regions are reserved inside NTFS only")
+            raise UnsupportedError(
+                f"the volume holds {fs or 'no known filesystem'}, not NTFS",
+                view.name,
+                "BitLocker regions are reserved inside NTFS only",
+            )
         out_dir = Path(out_path).parent if str(Path(out_path).parent) else Path(".")
         regions = find_reserved(view)
         already = regions is not None
@@ -281,8 +307,7 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 overlay = stack.enter_context(MetadataOverlay(view, out_dir))
                 regions = reserve_ntfs(overlay.path)
                 src_fm = (free_map if free_map is not None else _source_free_map(view)) if sparse else None
-                plain: BlockDevice = stack.enter_context(overlay.merged(sector_size=src.sector_size,
-                                                                        free_map=src_fm))
+                plain: BlockDevice = stack.enter_context(overlay.merged(sector_size=src.sector_size, free_map=src_fm))
             else:
                 plain = view
             skip = sparse_skipper(plain, free_map=free_map if already else None) if sparse else None
@@ -297,10 +322,15 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(
-                    plain, View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"), method=method,
-                    protectors=protectors, regions=regions, description=description,
+                    plain,
+                    View(out, vol_off, vol_size, name=f"{out_path} volume@{vol_off}"),
+                    method=method,
+                    protectors=protectors,
+                    regions=regions,
+                    description=description,
                     taps=PassTaps(skip=skip, on_skip=on_skip, tap=tap, worker_tap=worker_tap, on_tap=on_tap),
-                    engine=engine_for(workers))
+                    engine=engine_for(workers),
+                )
                 out.flush()
                 if on_result is not None:
                     on_result(result)
@@ -308,12 +338,27 @@ def encrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 out.close()
     finally:
         src.close()
-    return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
-            "volume_size": vol_size, "reused_reservation": already, "skipped_bytes": skipped, "result": result}
+    return {
+        "input": str(src_path),
+        "output": str(out_path),
+        "partition": index,
+        "volume_offset": vol_off,
+        "volume_size": vol_size,
+        "reused_reservation": already,
+        "skipped_bytes": skipped,
+        "result": result,
+    }
 
 
-def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[str], partition: int | None,
-                 credentials: Credentials, *, sparse: bool = True, workers: int | None = None) -> dict[str, Any]:
+def decrypt_disk(
+    src_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    partition: int | None,
+    credentials: Credentials,
+    *,
+    sparse: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Write ``out_path``: a copy of ``src_path`` with the BitLocker volume decrypted.
 
     Decryption never depends on the filesystem inside the volume. With ``sparse`` (default) and
@@ -350,6 +395,13 @@ def decrypt_disk(src_path: str | os.PathLike[str], out_path: str | os.PathLike[s
                 out.close()
     finally:
         src.close()
-    return {"input": str(src_path), "output": str(out_path), "partition": index, "volume_offset": vol_off,
-            "volume_size": vol_size, "method": fve.info()["method"], "layout": fve.layout,
-            "free_space": fsp.to_json()}
+    return {
+        "input": str(src_path),
+        "output": str(out_path),
+        "partition": index,
+        "volume_offset": vol_off,
+        "volume_size": vol_size,
+        "method": fve.info()["method"],
+        "layout": fve.layout,
+        "free_space": fsp.to_json(),
+    }

@@ -63,7 +63,9 @@ def describe_disk(path: str | os.PathLike[str]) -> dict[str, Any]:
         targets = [(p, p.view(dev)) for p in table.partitions] if table.scheme else [(None, dev)]
         for part, view in targets:
             fs = sniff_filesystem(view)
-            vol: dict[str, Any] = part.to_json() if part else {"index": 0, "offset": 0, "size": dev.size, "kind": "volume"}
+            vol: dict[str, Any] = (
+                part.to_json() if part else {"index": 0, "offset": 0, "size": dev.size, "kind": "volume"}
+            )
             vol["filesystem"] = fs
             vol["bitlocker"] = _bitlocker(view) if fs in ("bitlocker", "bitlocker-to-go") else None
             volumes.append(vol)

@@ -69,10 +69,19 @@ class ProtectResult:
     def to_json(self) -> dict[str, Any]:
         d = self.document
         return {
-            "output": self.output, "vsc": self.vsc_path, "name": d.name, "version": d.version_str,
-            "signer": self.signer, "root": d.root.hex(), "block_size": d.block_size,
-            "block_count": d.block_count, "volume": d.volume.to_json(), "reserved": self.reserved,
-            "catalog_bytes": len(self.der), "bytes_read": self.bytes_read, "seconds": round(self.seconds, 3),
+            "output": self.output,
+            "vsc": self.vsc_path,
+            "name": d.name,
+            "version": d.version_str,
+            "signer": self.signer,
+            "root": d.root.hex(),
+            "block_size": d.block_size,
+            "block_count": d.block_count,
+            "volume": d.volume.to_json(),
+            "reserved": self.reserved,
+            "catalog_bytes": len(self.der),
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -130,54 +139,106 @@ def preflight(disk_path: str | os.PathLike[str]) -> list[Problem]:
     except TemplateToolError as e:
         why = _open_failure(path)
         if why == "log":
-            return [Problem("log", f"the VHDX has a pending log: {e}",
-                            "replay it (qemu-img check -r all FILE, or attach it once in Hyper-V)")]
+            return [
+                Problem(
+                    "log",
+                    f"the VHDX has a pending log: {e}",
+                    "replay it (qemu-img check -r all FILE, or attach it once in Hyper-V)",
+                )
+            ]
         if why == "differencing":
-            return [Problem("differencing", f"the disk is a differencing disk and cannot be opened alone: {e}",
-                            "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)")]
+            return [
+                Problem(
+                    "differencing",
+                    f"the disk is a differencing disk and cannot be opened alone: {e}",
+                    "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)",
+                )
+            ]
         return [Problem("open", f"cannot open the disk: {e}", "give a readable VHDX or raw disk image")]
     try:
         parent = getattr(dev, "parent", None)
         subformat = getattr(dev, "subformat", None)
         if parent is not None or subformat == "differencing" or path.lower().endswith(".avhdx"):
-            probs.append(Problem("differencing", "the disk is a differencing disk (it has a parent)",
-                                 "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)"))
+            probs.append(
+                Problem(
+                    "differencing",
+                    "the disk is a differencing disk (it has a parent)",
+                    "merge it into a standalone disk first (e.g. qemu-img convert or Merge-VHD)",
+                )
+            )
         try:
             table = read_partition_table(dev)
         except TemplateToolError as e:
-            probs.append(Problem("partition-table", f"cannot read the partition table: {e}",
-                                 "the disk needs a valid GPT partition table"))
+            probs.append(
+                Problem(
+                    "partition-table",
+                    f"cannot read the partition table: {e}",
+                    "the disk needs a valid GPT partition table",
+                )
+            )
             return probs
         if table.scheme != "gpt":
             what = "the disk has an MBR partition table" if table.scheme == "mbr" else "the disk has no partition table"
-            probs.append(Problem("not-gpt", what, "use a GPT disk (generation 2 VM; convert with MBR2GPT or sgdisk -g)"))
+            probs.append(
+                Problem("not-gpt", what, "use a GPT disk (generation 2 VM; convert with MBR2GPT or sgdisk -g)")
+            )
         if any(p.kind in ("ldm-metadata", "ldm-data") for p in table.partitions):
-            probs.append(Problem("dynamic-disk", "the disk is a Windows dynamic disk (LDM)",
-                                 "convert it to a basic disk; BitLocker does not support dynamic disks"))
+            probs.append(
+                Problem(
+                    "dynamic-disk",
+                    "the disk is a Windows dynamic disk (LDM)",
+                    "convert it to a basic disk; BitLocker does not support dynamic disks",
+                )
+            )
         if table.scheme is not None and not any(p.kind == "efi-system" for p in table.partitions):
-            probs.append(Problem("no-boot-partition", "the disk has no EFI system (boot) partition",
-                                 "the OS volume is encrypted: the boot loader needs its own unencrypted partition"))
+            probs.append(
+                Problem(
+                    "no-boot-partition",
+                    "the disk has no EFI system (boot) partition",
+                    "the OS volume is encrypted: the boot loader needs its own unencrypted partition",
+                )
+            )
         osp = _os_candidates(table, dev) if table.scheme is not None else None
         if osp is None:
             if table.scheme is not None:
-                probs.append(Problem("no-os-volume", "no basic-data partition to serve as OS volume",
-                                     "the disk needs an NTFS OS partition"))
+                probs.append(
+                    Problem(
+                        "no-os-volume",
+                        "no basic-data partition to serve as OS volume",
+                        "the disk needs an NTFS OS partition",
+                    )
+                )
             return probs
         view = osp.view(dev)
         fs = sniff_filesystem(view)
         if fs in ("bitlocker", "bitlocker-to-go"):
-            probs.append(Problem("bitlocker", f"the OS volume (partition {osp.index}) is already BitLocker-encrypted",
-                                 "protect the unencrypted golden disk (decrypt it first)"))
+            probs.append(
+                Problem(
+                    "bitlocker",
+                    f"the OS volume (partition {osp.index}) is already BitLocker-encrypted",
+                    "protect the unencrypted golden disk (decrypt it first)",
+                )
+            )
             return probs
         if fs != "ntfs":
-            probs.append(Problem("not-ntfs", f"the OS volume (partition {osp.index}) is {fs or 'not a known filesystem'}, not NTFS",
-                                 "format the OS volume with NTFS; BitLocker needs NTFS"))
+            probs.append(
+                Problem(
+                    "not-ntfs",
+                    f"the OS volume (partition {osp.index}) is {fs or 'not a known filesystem'}, not NTFS",
+                    "format the OS volume with NTFS; BitLocker needs NTFS",
+                )
+            )
             return probs
         try:
             reserved = find_reserved(view)
         except TemplateToolError as e:
-            probs.append(Problem("bad-reservation", f"unusable BitLocker reservation: {e}",
-                                 "remove the FVE2.* files from the OS volume and try again"))
+            probs.append(
+                Problem(
+                    "bad-reservation",
+                    f"unusable BitLocker reservation: {e}",
+                    "remove the FVE2.* files from the OS volume and try again",
+                )
+            )
             reserved = None
         if reserved is None:
             try:
@@ -187,10 +248,14 @@ def preflight(disk_path: str | os.PathLike[str]) -> list[Problem]:
                 return probs
             need = _needed_clusters(fm.cluster_size)
             if fm.free_clusters < need:
-                probs.append(Problem("no-room",
-                                     f"the OS volume has {fm.free_clusters * fm.cluster_size} bytes free, BitLocker needs "
-                                     f"{need * fm.cluster_size} (3 x 64 KiB + 8 KiB in whole clusters)",
-                                     "free some space on the OS volume or extend the partition"))
+                probs.append(
+                    Problem(
+                        "no-room",
+                        f"the OS volume has {fm.free_clusters * fm.cluster_size} bytes free, BitLocker needs "
+                        f"{need * fm.cluster_size} (3 x 64 KiB + 8 KiB in whole clusters)",
+                        "free some space on the OS volume or extend the partition",
+                    )
+                )
     finally:
         dev.close()
     return probs
@@ -260,8 +325,9 @@ class _Staged:
             self.overlay.close()
 
 
-def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: Any,
-                       write: Any) -> tuple[bytes, list[bytes]]:
+def _measure_and_write(
+    st: _Staged, block_size: int, workers: int | None, bar: Any, write: Any
+) -> tuple[bytes, list[bytes]]:
     """One pass over the volume: measure (free clusters as zeros) and hand each chunk of blocks
     read to ``write(offset, masked, all_zero)``; chunks whose clusters are all free are never
     read (nor handed over).
@@ -303,7 +369,7 @@ def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: A
         if used is not None and not used.all():
             arr = np.frombuffer(data, dtype=np.uint8)
             full = min(n, used.shape[0] * cs) // cs
-            arr[:full * cs].reshape(full, cs)[~used[:full]] = 0
+            arr[: full * cs].reshape(full, cs)[~used[:full]] = 0
         return m.block_digests(off, data) + (b"\0" if is_zero(data) else b"\1")
 
     try:
@@ -322,18 +388,39 @@ def _measure_and_write(st: _Staged, block_size: int, workers: int | None, bar: A
         raise
 
 
-def _document(st: _Staged, part: Any, table: Any, sector_size: int, name: str, version: str,
-              block_size: int, root: bytes, leaves: list[bytes]) -> CatalogDocument:
+def _document(
+    st: _Staged,
+    part: Any,
+    table: Any,
+    sector_size: int,
+    name: str,
+    version: str,
+    block_size: int,
+    root: bytes,
+    leaves: list[bytes],
+) -> CatalogDocument:
     fm = st.free_map
     return CatalogDocument.build(
-        name, version,
-        VolumeInfo(size=st.vol.size, sector_size=sector_size, filesystem="ntfs",
-                   cluster_size=fm.cluster_size, partition_index=part.index,
-                   partition_offset=part.offset, partition_guid=uuid_str(part.guid),
-                   partition_type=uuid_str(part.type_guid), partition_name=part.name,
-                   disk_guid=uuid_str(table.disk_guid)),
-        block_size, leaves, root, FREE_NTFS,
-        reserved=[{"offset": o, "length": n} for o, n in st.regions.spans()])
+        name,
+        version,
+        VolumeInfo(
+            size=st.vol.size,
+            sector_size=sector_size,
+            filesystem="ntfs",
+            cluster_size=fm.cluster_size,
+            partition_index=part.index,
+            partition_offset=part.offset,
+            partition_guid=uuid_str(part.guid),
+            partition_type=uuid_str(part.type_guid),
+            partition_name=part.name,
+            disk_guid=uuid_str(table.disk_guid),
+        ),
+        block_size,
+        leaves,
+        root,
+        FREE_NTFS,
+        reserved=[{"offset": o, "length": n} for o, n in st.regions.spans()],
+    )
 
 
 @contextlib.contextmanager
@@ -350,10 +437,20 @@ def _scratch_dir(parent: Path) -> Iterator[str]:
                 shutil.rmtree(td, ignore_errors=True)
 
 
-def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None, name: str,
-            version: str, signer: Signer, *, block_size: int = DEFAULT_BLOCK_SIZE, pss: bool = False,
-            overwrite: bool = False, workers: int | None = None, in_place: bool = False,
-            subformat: str | None = None) -> ProtectResult:
+def protect(
+    golden_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None,
+    name: str,
+    version: str,
+    signer: Signer,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    pss: bool = False,
+    overwrite: bool = False,
+    workers: int | None = None,
+    in_place: bool = False,
+    subformat: str | None = None,
+) -> ProtectResult:
     """Make a signed template disk from ``golden_path`` at ``out_path``.
 
     By default the input is never modified: a new disk is written atomically (VHDX when
@@ -375,18 +472,29 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
         out_p = src_p
     else:
         if out_path is None:
-            raise UsageError("no output given", hint="give an output path (or protect in place)", code="protect.no-output")
+            raise UsageError(
+                "no output given", hint="give an output path (or protect in place)", code="protect.no-output"
+            )
         out_p = Path(out_path)
         if out_p.exists() and src_p.exists() and os.path.samefile(src_p, out_p):
-            raise UsageError("the output is the input", str(out_p), "protect writes a new disk; choose another name "
-                             "(or protect in place deliberately)", code="protect.output-is-input")
+            raise UsageError(
+                "the output is the input",
+                str(out_p),
+                "protect writes a new disk; choose another name (or protect in place deliberately)",
+                code="protect.output-is-input",
+            )
         if out_p.exists() and not overwrite:
-            raise UsageError("output exists", str(out_p), "choose another name, or allow overwriting it",
-                             code="output.exists")
+            raise UsageError(
+                "output exists", str(out_p), "choose another name, or allow overwriting it", code="output.exists"
+            )
     problems = preflight(src_p)
     if problems:
-        raise PolicyError(f"{len(problems)} preflight problem(s): " + " | ".join(str(p) for p in problems),
-                          str(src_p), "run the preflight check for the list", code="protect.preflight")
+        raise PolicyError(
+            f"{len(problems)} preflight problem(s): " + " | ".join(str(p) for p in problems),
+            str(src_p),
+            "run the preflight check for the list",
+            code="protect.preflight",
+        )
     if in_place:
         return _protect_in_place(src_p, name, version, signer, block_size, pss, workers, t0)
     fmt = "vhdx" if out_p.name.lower().endswith(".vhdx") else "raw"
@@ -402,10 +510,12 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
             st = _Staged(part.view(src), Path(td), src.sector_size)
             try:
                 if block_size % st.free_map.cluster_size:
-                    raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
-                                     f"{st.free_map.cluster_size}")
+                    raise UsageError(
+                        f"block size {block_size} is not a multiple of the cluster size {st.free_map.cluster_size}"
+                    )
                 dst = create_disk(tmp_out, src.size, like=src, fmt=fmt, subformat=sub)
                 try:
+
                     def write(off: int, masked: memoryview, zero: bool) -> None:
                         if not zero:
                             dst.write(part.offset + off, masked)
@@ -427,13 +537,21 @@ def protect(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str
                 outs.write(vsc_path, der)
     finally:
         src.close()
-    return ProtectResult(str(out_p), vsc_path, doc, der, signer.describe(),
-                         [{"offset": o, "length": n} for o, n in st.regions.spans()], st.bytes_read,
-                         time.perf_counter() - t0)
+    return ProtectResult(
+        str(out_p),
+        vsc_path,
+        doc,
+        der,
+        signer.describe(),
+        [{"offset": o, "length": n} for o, n in st.regions.spans()],
+        st.bytes_read,
+        time.perf_counter() - t0,
+    )
 
 
-def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block_size: int, pss: bool,
-                      workers: int | None, t0: float) -> ProtectResult:
+def _protect_in_place(
+    path: Path, name: str, version: str, signer: Signer, block_size: int, pss: bool, workers: int | None, t0: float
+) -> ProtectResult:
     from ..disk import disk_format, find_os_volume, open_disk, read_partition_table
 
     fmt = disk_format(path)
@@ -447,8 +565,9 @@ def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block
             st = _Staged(os_view, Path(td), dev.sector_size)
             try:
                 if block_size % st.free_map.cluster_size:
-                    raise UsageError(f"block size {block_size} is not a multiple of the cluster size "
-                                     f"{st.free_map.cluster_size}")
+                    raise UsageError(
+                        f"block size {block_size} is not a multiple of the cluster size {st.free_map.cluster_size}"
+                    )
 
                 def write(off: int, masked: memoryview, zero: bool) -> None:
                     # Only what the reservation changed goes back (chunks touching the overlay,
@@ -473,6 +592,13 @@ def _protect_in_place(path: Path, name: str, version: str, signer: Signer, block
     if fmt != "vhdx":
         vsc_path = str(path) + ".vsc"
         write_bytes_atomic(vsc_path, der)
-    return ProtectResult(str(path), vsc_path, doc, der, signer.describe(),
-                         [{"offset": o, "length": n} for o, n in st.regions.spans()], st.bytes_read,
-                         time.perf_counter() - t0)
+    return ProtectResult(
+        str(path),
+        vsc_path,
+        doc,
+        der,
+        signer.describe(),
+        [{"offset": o, "length": n} for o, n in st.regions.spans()],
+        st.bytes_read,
+        time.perf_counter() - t0,
+    )

@@ -64,11 +64,18 @@ def _find(table: PartitionTable, dev: BlockDevice, root_index: int | None) -> tu
     if root_index is not None:
         root = table.get(root_index)
     else:
-        cands = [p for p in table.partitions if p.type_guid in (LINUX_ROOT_X86_64, LINUX_FILESYSTEM)
-                 and ext_size(p.view(dev)) is not None]
+        cands = [
+            p
+            for p in table.partitions
+            if p.type_guid in (LINUX_ROOT_X86_64, LINUX_FILESYSTEM) and ext_size(p.view(dev)) is not None
+        ]
         if len(cands) != 1:
-            raise UsageError(f"{len(cands)} Linux ext partitions: cannot tell which is the root", dev.name,
-                             "name the root partition", code="linux.root-partition")
+            raise UsageError(
+                f"{len(cands)} Linux ext partitions: cannot tell which is the root",
+                dev.name,
+                "name the root partition",
+                code="linux.root-partition",
+            )
         root = cands[0]
     if root.index == esps[0].index:
         raise UsageError("the root partition is the ESP", dev.name)
@@ -90,10 +97,20 @@ def _copy_outside(src: BlockDevice, dst: BlockDevice, skip: tuple[int, int], bar
                 bar.update(k)
 
 
-def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLike[str], name: str, version: str,
-                  signer: Signer, keyslots: Sequence[KeyslotSpec], *, block_size: int = DEFAULT_BLOCK_SIZE,
-                  pss: bool = False, overwrite: bool = False, root_partition: int | None = None,
-                  subformat: str | None = None) -> dict[str, Any]:
+def protect_linux(
+    golden_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    name: str,
+    version: str,
+    signer: Signer,
+    keyslots: Sequence[KeyslotSpec],
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    pss: bool = False,
+    overwrite: bool = False,
+    root_partition: int | None = None,
+    subformat: str | None = None,
+) -> dict[str, Any]:
     """Make a signed Linux template from ``golden_path`` at ``out_path`` (see the module doc)."""
     from ..disk import create_disk, open_disk, output_subformat, read_partition_table
 
@@ -120,12 +137,18 @@ def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLi
         data_size = root.size - DATA_OFFSET
         ss = 4096 if data_size % 4096 == 0 else 512
         if data_size <= 0 or data_size % ss:
-            raise PolicyError(f"root partition {root.index} ({root.size} bytes) cannot hold a LUKS2 header",
-                              str(src_p), "make it a multiple of 512 bytes and larger than 16 MiB")
+            raise PolicyError(
+                f"root partition {root.index} ({root.size} bytes) cannot hold a LUKS2 header",
+                str(src_p),
+                "make it a multiple of 512 bytes and larger than 16 MiB",
+            )
         if fs > data_size:
-            raise PolicyError(f"the root filesystem ends {fs - data_size} bytes too late: LUKS2 needs the first "
-                              f"16 MiB of partition {root.index}", str(src_p),
-                              f"shrink it first: resize2fs ROOT {data_size // 1024}K (or build it 16 MiB smaller)")
+            raise PolicyError(
+                f"the root filesystem ends {fs - data_size} bytes too late: LUKS2 needs the first "
+                f"16 MiB of partition {root.index}",
+                str(src_p),
+                f"shrink it first: resize2fs ROOT {data_size // 1024}K (or build it 16 MiB smaller)",
+            )
         key = os.urandom(KEY_SIZE)
         region = build_metadata_region(key, keyslots, sector_size=ss)
         from ..bitlocker.cipher import XtsCipher
@@ -140,17 +163,30 @@ def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLi
                     _copy_outside(src, dst, (root.offset, root.size), bar)
                     dst.write(root.offset, region)
                     base = root.offset + DATA_OFFSET
-                    encrypt_data(cipher, data_size, root_view.read, lambda o, d: dst.write(base + o, bytes(d)),
-                                 "encrypting root")
+                    encrypt_data(
+                        cipher, data_size, root_view.read, lambda o, d: dst.write(base + o, bytes(d)), "encrypting root"
+                    )
                     bar.update(root.size)
                 m = measure_volume(esp_view, block_size, free_space=FREE_NONE, desc="measuring ESP")
                 doc = CatalogDocument.build(
-                    name, version,
-                    VolumeInfo(size=esp.size, sector_size=src.sector_size, filesystem="esp",
-                               partition_index=esp.index, partition_offset=esp.offset,
-                               partition_guid=uuid_str(esp.guid), partition_type=uuid_str(esp.type_guid),
-                               partition_name=esp.name, disk_guid=uuid_str(table.disk_guid)),
-                    block_size, m.leaves, m.root, FREE_NONE)
+                    name,
+                    version,
+                    VolumeInfo(
+                        size=esp.size,
+                        sector_size=src.sector_size,
+                        filesystem="esp",
+                        partition_index=esp.index,
+                        partition_offset=esp.offset,
+                        partition_guid=uuid_str(esp.guid),
+                        partition_type=uuid_str(esp.type_guid),
+                        partition_name=esp.name,
+                        disk_guid=uuid_str(table.disk_guid),
+                    ),
+                    block_size,
+                    m.leaves,
+                    m.root,
+                    FREE_NONE,
+                )
                 der = sign_catalog(doc, signer, pss=pss)
                 if fmt == "vhdx":
                     dst.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
@@ -162,13 +198,28 @@ def protect_linux(golden_path: str | os.PathLike[str], out_path: str | os.PathLi
                 outs.write(vsc_path, der)
     finally:
         src.close()
-    return {"output": str(out_p), "vsc": vsc_path, "name": doc.name, "version": doc.version_str,
-            "signer": signer.describe(), "root": doc.root.hex(), "block_size": doc.block_size,
-            "block_count": doc.block_count, "esp": {"index": esp.index, "offset": esp.offset, "size": esp.size},
-            "luks": {"partition": root.index, "offset": root.offset, "data_offset": DATA_OFFSET,
-                     "data_size": data_size, "filesystem_size": fs, "sector_size": ss,
-                     "keyslots": len(keyslots), "tokens": sum(1 for k in keyslots if k.token)},
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "output": str(out_p),
+        "vsc": vsc_path,
+        "name": doc.name,
+        "version": doc.version_str,
+        "signer": signer.describe(),
+        "root": doc.root.hex(),
+        "block_size": doc.block_size,
+        "block_count": doc.block_count,
+        "esp": {"index": esp.index, "offset": esp.offset, "size": esp.size},
+        "luks": {
+            "partition": root.index,
+            "offset": root.offset,
+            "data_offset": DATA_OFFSET,
+            "data_size": data_size,
+            "filesystem_size": fs,
+            "sector_size": ss,
+            "keyslots": len(keyslots),
+            "tokens": sum(1 for k in keyslots if k.token),
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 __all__ = ["ext_size", "protect_linux"]

@@ -72,9 +72,13 @@ class VmSecret:
     def to_bytes(self) -> bytes:
         """The canonical JSON document (version 2 unless this secret was read as version 1)."""
         doc: dict[str, Any] = {
-            "format": VM_SECRET_FORMAT, "version": self.version,
+            "format": VM_SECRET_FORMAT,
+            "version": self.version,
             "vtpm_key": base64.b64encode(self.vtpm_key_der).decode() if self.vtpm_key_der else None,
-            "parent_name": self.parent_name, "bank": self.bank, "pcrs": self.pcrs, "policy": self.policy,
+            "parent_name": self.parent_name,
+            "bank": self.bank,
+            "pcrs": self.pcrs,
+            "policy": self.policy,
             "pcr_values": {str(k): v for k, v in sorted(self.pcr_values.items())},
         }
         if self.version >= 2:
@@ -92,8 +96,15 @@ class VmSecret:
             if version not in (1, 2) or isinstance(version, bool):
                 raise ValueError("format")
             key = base64.b64decode(d["vtpm_key"], validate=True) if d.get("vtpm_key") else None
-            sec = cls(key, str(d["parent_name"]), str(d["bank"]), [int(x) for x in d["pcrs"]], str(d["policy"]),
-                      {int(k): str(v) for k, v in d.get("pcr_values", {}).items()}, version=int(version))
+            sec = cls(
+                key,
+                str(d["parent_name"]),
+                str(d["bank"]),
+                [int(x) for x in d["pcrs"]],
+                str(d["policy"]),
+                {int(k): str(v) for k, v in d.get("pcr_values", {}).items()},
+                version=int(version),
+            )
             if version == 2:
                 if d.get("vtpm_state_key") is not None:
                     k = base64.b64decode(d["vtpm_state_key"], validate=True)
@@ -101,8 +112,9 @@ class VmSecret:
                     if len(k) != 32 or not isinstance(digest, str) or len(bytes.fromhex(digest)) != 32:
                         raise ValueError("state key")
                     sec.vtpm_state_key, sec.vtpm_state_sha256 = k, digest.lower()
-                sec.reference_boot = {int(p): [bytes.fromhex(x).hex() for x in v]
-                                      for p, v in (d.get("reference_boot") or {}).items()}
+                sec.reference_boot = {
+                    int(p): [bytes.fromhex(x).hex() for x in v] for p, v in (d.get("reference_boot") or {}).items()
+                }
             return sec
         except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
             raise FormatError("the key protector's secret is not a templatetool VM secret") from None
@@ -134,8 +146,11 @@ def pdk_guardians(info: Any, known: Sequence[Guardian] = ()) -> list[Guardian]:
     out = []
     for e in info.guardians:
         ids = (e.signing_certificate.public_bytes(der), e.encryption_certificate.public_bytes(der))
-        match = [k for k in known if (k.signing_certificate.public_bytes(der),
-                                      k.encryption_certificate.public_bytes(der)) == ids]
+        match = [
+            k
+            for k in known
+            if (k.signing_certificate.public_bytes(der), k.encryption_certificate.public_bytes(der)) == ids
+        ]
         if match:
             out.append(match[0])
             continue
@@ -150,7 +165,9 @@ def pdk_guardians(info: Any, known: Sequence[Guardian] = ()) -> list[Guardian]:
 def _owner_key(owner: Guardian) -> Any:
     """The owner's encryption private key (UsageError when the guardian was loaded without keys)."""
     if owner.encryption_key is None:
-        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+        raise UsageError(
+            "the owner guardian's private keys are needed", hint="give the owner folder with its PFX files"
+        )
     return owner.encryption_key
 
 
@@ -160,14 +177,27 @@ def _pin_owner(info: Any, owner: Guardian) -> None:
         raise PolicyError("the PDK belongs to another owner", hint="give the owner guardian that created the PDK")
 
 
-def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-           owner: Guardian, *, kp_path: str | os.PathLike[str] | None = None,
-           tpm_parent: str | os.PathLike[str] | None = None, pcrs: Sequence[int] = (7, 11),
-           pcr_values: Mapping[int, bytes] | None = None, tcg_log: str | os.PathLike[str] | bytes | None = None,
-           bank: str = "sha256", method: str = "xts-aes-128", vtpm_kind: str = "rsa",
-           verify_content: bool = True, trust: list[Any] | None = None,
-           guardians: Sequence[Guardian] = (), in_place: bool = False,
-           subformat: str | None = None, vtpm: str = "swtpm") -> dict[str, Any]:
+def shield(
+    template: str | os.PathLike[str],
+    pdk_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    owner: Guardian,
+    *,
+    kp_path: str | os.PathLike[str] | None = None,
+    tpm_parent: str | os.PathLike[str] | None = None,
+    pcrs: Sequence[int] = (7, 11),
+    pcr_values: Mapping[int, bytes] | None = None,
+    tcg_log: str | os.PathLike[str] | bytes | None = None,
+    bank: str = "sha256",
+    method: str = "xts-aes-128",
+    vtpm_kind: str = "rsa",
+    verify_content: bool = True,
+    trust: list[Any] | None = None,
+    guardians: Sequence[Guardian] = (),
+    in_place: bool = False,
+    subformat: str | None = None,
+    vtpm: str = "swtpm",
+) -> dict[str, Any]:
     """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
 
     ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
@@ -190,10 +220,23 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     if in_place:
         if subformat is not None:
             raise UsageError("--subformat needs a new output disk; --in-place keeps the template's")
-        return _shield_in_place(template, pdk_path, owner, kp_path=kp_path, tpm_parent=tpm_parent, pcrs=pcrs,
-                                pcr_values=pcr_values, tcg_log=tcg_log, bank=bank, method=method,
-                                vtpm_kind=vtpm_kind, verify_content=verify_content, trust=trust,
-                                guardians=guardians, vtpm=vtpm)
+        return _shield_in_place(
+            template,
+            pdk_path,
+            owner,
+            kp_path=kp_path,
+            tpm_parent=tpm_parent,
+            pcrs=pcrs,
+            pcr_values=pcr_values,
+            tcg_log=tcg_log,
+            bank=bank,
+            method=method,
+            vtpm_kind=vtpm_kind,
+            verify_content=verify_content,
+            trust=trust,
+            guardians=guardians,
+            vtpm=vtpm,
+        )
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..catalog.vsc import compare_volume
     from ..cms.enveloped import envelope
@@ -212,7 +255,9 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
     if Path(template).resolve() == out.resolve():
         raise UsageError("the output must be a new file, not the template", str(out))
     if not owner.has_private_keys:
-        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+        raise UsageError(
+            "the owner guardian's private keys are needed", hint="give the owner folder with its PFX files"
+        )
     sub = _template_precheck(template, subformat)
 
     # The recovery password's 2^20-round key stretch starts now, in a forked child, so that it
@@ -233,8 +278,10 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             with open_disk(template) as dev:
                 view, _part = select_volume(dev, None)
                 if view.size != doc.volume.size:
-                    raise PolicyError(f"the template volume ({view.size} bytes) differs from its catalog's "
-                                      f"({doc.volume.size})", str(template))
+                    raise PolicyError(
+                        f"the template volume ({view.size} bytes) differs from its catalog's ({doc.volume.size})",
+                        str(template),
+                    )
                 fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
             measurer = Measurer(doc.volume.size, doc.block_size, fm)
         # 3. the VM's vTPM (manufactured with swtpm, a software key, or an existing vTPM's parent)
@@ -251,11 +298,18 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                     taps = {"worker_tap": measurer.block_digests, "on_tap": measurer.accept_digests}
                 else:
                     taps = {"tap": measurer.feed}
-            enc = encrypt_disk(template, partial, None, method=method,
-                               protectors=[ProtectorSpec("tpm", seal=vt.sealer), rec_spec],
-                               description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
-                               tap_zeros=measurer.feed_zeros if measurer else None,
-                               free_map=measurer.free_map if measurer else None, subformat=sub, **taps)
+            enc = encrypt_disk(
+                template,
+                partial,
+                None,
+                method=method,
+                protectors=[ProtectorSpec("tpm", seal=vt.sealer), rec_spec],
+                description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
+                tap_zeros=measurer.feed_zeros if measurer else None,
+                free_map=measurer.free_map if measurer else None,
+                subformat=sub,
+                **taps,
+            )
             if measurer is not None:
                 root, _leaves = measurer.finish()
                 if root != vsc.document.root:
@@ -263,8 +317,11 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
                         view, _part = select_volume(dev, None)
                         _root, changed, files = compare_volume(view, vsc.document, name_files=True)
                     where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
-                    raise PolicyError("the template volume no longer matches its signed catalog", str(template),
-                                      f"changed: {where}; re-protect the golden disk")
+                    raise PolicyError(
+                        "the template volume no longer matches its signed catalog",
+                        str(template),
+                        f"changed: {where}; re-protect the golden disk",
+                    )
             timings["encrypt"] = time.monotonic() - t1
             from ..vhdx import open_vhdx
 
@@ -276,8 +333,16 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             finally:
                 disk.close()
             # 5. escrow, 6. KP
-            escrow = envelope(json.dumps({"recovery_password": recovery, "volume_guid": enc["result"].to_json().get("volume_guid"),
-                                          "disk": out.name}).encode(), [owner.encryption_certificate])
+            escrow = envelope(
+                json.dumps(
+                    {
+                        "recovery_password": recovery,
+                        "volume_guid": enc["result"].to_json().get("volume_guid"),
+                        "disk": out.name,
+                    }
+                ).encode(),
+                [owner.encryption_certificate],
+            )
             kp = create_kp(vt.secret(bank, info.policy).to_bytes(), owner, pdk_guardians(info, guardians))
             # the disk, its KP, its vTPM state and its escrow appear together or not at all (also on Ctrl-C)
             with atomic_outputs() as outs:
@@ -296,13 +361,22 @@ def shield(template: str | os.PathLike[str], pdk_path: str | os.PathLike[str], o
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "template": {"path": str(template), **qual["template"]},
             "policy": info.policy,
-            "outputs": {"disk": str(out), "kp": str(kp_out), "recovery_escrow": str(escrow_out),
-                        **({"vtpm_state": str(vtpm_out)} if vt.made is not None else {})},
+            "outputs": {
+                "disk": str(out),
+                "kp": str(kp_out),
+                "recovery_escrow": str(escrow_out),
+                **({"vtpm_state": str(vtpm_out)} if vt.made is not None else {}),
+            },
             "guardians": [g.name for g in info.guardians],
             "owner": info.owner.name,
             "vtpm": vt.to_json(bank),
-            "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
-                          "volume_size": enc["volume_size"], "sparse_skipped_bytes": enc["skipped_bytes"], **res},
+            "bitlocker": {
+                "partition": enc["partition"],
+                "volume_offset": enc["volume_offset"],
+                "volume_size": enc["volume_size"],
+                "sparse_skipped_bytes": enc["skipped_bytes"],
+                **res,
+            },
             "catalog_verified": measurer is not None,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
@@ -326,21 +400,42 @@ class _VtpmPlan:
 
     def secret(self, bank: str, policy: str) -> VmSecret:
         """The KP's VM secret for this vTPM."""
-        der = self.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()) if self.key is not None else None
+        der = (
+            self.key.private_bytes(
+                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            if self.key is not None
+            else None
+        )
         state_key = self.made.key if self.made is not None else None
         digest = hashlib.sha256(self.made.state).hexdigest() if self.made is not None else None
-        return VmSecret(der, self.parent.name.hex(), bank, sorted(self.values), policy,
-                        {k: v.hex() for k, v in self.values.items()}, vtpm_state_key=state_key,
-                        vtpm_state_sha256=digest, reference_boot=self.reference_boot)
+        return VmSecret(
+            der,
+            self.parent.name.hex(),
+            bank,
+            sorted(self.values),
+            policy,
+            {k: v.hex() for k, v in self.values.items()},
+            vtpm_state_key=state_key,
+            vtpm_state_sha256=digest,
+            reference_boot=self.reference_boot,
+        )
 
     def to_json(self, bank: str) -> dict[str, Any]:
         """The report's public description (no key material)."""
-        out: dict[str, Any] = {"kind": self.kind, "parent_name": self.parent.name.hex(),
-                               "generated": self.kind != "existing", "bank": bank, "pcrs": sorted(self.values)}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "parent_name": self.parent.name.hex(),
+            "generated": self.kind != "existing",
+            "bank": bank,
+            "pcrs": sorted(self.values),
+        }
         if self.made is not None:
-            out.update(srk_name=self.made.srk.name.hex(), ek_name=self.made.ek.name.hex(),
-                       state_sha256=hashlib.sha256(self.made.state).hexdigest())
+            out.update(
+                srk_name=self.made.srk.name.hex(),
+                ek_name=self.made.ek.name.hex(),
+                state_sha256=hashlib.sha256(self.made.state).hexdigest(),
+            )
         return out
 
 
@@ -353,9 +448,12 @@ def check_vtpm_mode(vtpm: str, tpm_parent: Any) -> None:
 
         missing = swtpm_missing()
         if missing is not None:
-            raise ResourceError(f"{missing} is not installed: shield manufactures each VM's vTPM with swtpm",
-                                hint="install the Debian packages swtpm and swtpm-tools, or shield with "
-                                     "a software vTPM key instead of a vTPM state", code="shield.no-swtpm")
+            raise ResourceError(
+                f"{missing} is not installed: shield manufactures each VM's vTPM with swtpm",
+                hint="install the Debian packages swtpm and swtpm-tools, or shield with "
+                "a software vTPM key instead of a vTPM state",
+                code="shield.no-swtpm",
+            )
 
 
 def boot_events(tcg_log: str | os.PathLike[str] | bytes, bank: str) -> dict[int, list[bytes]]:
@@ -373,24 +471,40 @@ def boot_events(tcg_log: str | os.PathLike[str] | bytes, bank: str) -> dict[int,
     return out
 
 
-def _plan_vtpm(vtpm: str, tpm_parent: Any, vtpm_kind: str, pcrs: Sequence[int], bank: str,
-               pcr_values: Mapping[int, bytes] | None, tcg_log: Any) -> _VtpmPlan:
+def _plan_vtpm(
+    vtpm: str,
+    tpm_parent: Any,
+    vtpm_kind: str,
+    pcrs: Sequence[int],
+    bank: str,
+    pcr_values: Mapping[int, bytes] | None,
+    tcg_log: Any,
+) -> _VtpmPlan:
     """Make the VM's vTPM (PCR values resolved first, so bad input fails before swtpm runs)."""
     from ..tpm import structs as ts
     from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
     from ..tpm.protector import make_sealer, resolve_pcr_values
 
     values = resolve_pcr_values(pcrs, bank, pcr_values=pcr_values, tcg_log=tcg_log)
-    boot = {pcr: [d.hex() for d in ds] for pcr, ds in boot_events(tcg_log, bank).items()
-            if pcr in values} if tcg_log is not None else {}
+    boot = (
+        {pcr: [d.hex() for d in ds] for pcr, ds in boot_events(tcg_log, bank).items() if pcr in values}
+        if tcg_log is not None
+        else {}
+    )
     if tpm_parent is not None:
         parent = load_parent(tpm_parent)
         return _VtpmPlan("existing", parent, values, make_sealer(parent, list(values), values, bank=bank))
     if vtpm == "software":
         key = generate_storage_key(vtpm_kind)
         parent = parse_parent_public(template_public(key.public_key(), "srk"), "new vTPM key")
-        return _VtpmPlan("software", parent, values, make_sealer(parent, list(values), values, bank=bank), key=key,
-                         reference_boot=boot)
+        return _VtpmPlan(
+            "software",
+            parent,
+            values,
+            make_sealer(parent, list(values), values, bank=bank),
+            key=key,
+            reference_boot=boot,
+        )
     from ..tpm.vtpm_manufacture import manufacture_vtpm
 
     made = manufacture_vtpm(pcr_banks=bank)
@@ -406,13 +520,17 @@ def _template_precheck(template: Any, subformat: str | None) -> str:
     with open_disk(template) as dev:
         view, _part = select_volume(dev, None)
         if sniff_filesystem(view) == "bitlocker":
-            raise UsageError(f"{Path(template).name} is already BitLocker-encrypted (a shielded VM disk?)",
-                             str(template), "shield the protected template disk the VM was made from")
+            raise UsageError(
+                f"{Path(template).name} is already BitLocker-encrypted (a shielded VM disk?)",
+                str(template),
+                "shield the protected template disk the VM was made from",
+            )
         return output_subformat(dev, subformat, "vhdx")
 
 
-def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
-                            trust: Any) -> tuple[Any, Any, bytes, dict[str, Any]]:
+def _check_pdk_and_template(
+    template: Any, pdk_path: Any, owner: Guardian, trust: Any
+) -> tuple[Any, Any, bytes, dict[str, Any]]:
     """PDK verified and opened by the owner; template catalog qualifies.
 
     Returns (pdk info, vsc, vsc DER, qualifier result)."""
@@ -421,7 +539,9 @@ def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
     from ..pdk.shielding import check_template, open_pdk_secret, read_pdk
 
     if not owner.has_private_keys:
-        raise UsageError("the owner guardian's private keys are needed", hint="give the owner folder with its PFX files")
+        raise UsageError(
+            "the owner guardian's private keys are needed", hint="give the owner folder with its PFX files"
+        )
     try:
         pdk_der = Path(pdk_path).read_bytes()
     except FileNotFoundError:
@@ -434,15 +554,32 @@ def _check_pdk_and_template(template: Any, pdk_path: Any, owner: Guardian,
     vsc_der = read_vsc_bytes(template)
     qual = check_template(info, vsc_der, str(template), trust=trust)
     if not qual["qualified"]:
-        raise PolicyError(f"the template does not satisfy the PDK: {qual['reason']}", str(template),
-                          "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template")
+        raise PolicyError(
+            f"the template does not satisfy the PDK: {qual['reason']}",
+            str(template),
+            "use a template the PDK's volume ID qualifiers accept, or a PDK made for this template",
+        )
     return info, open_vsc(vsc_der, trust=trust), vsc_der, qual
 
 
-def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: Any, tpm_parent: Any,
-                     pcrs: Sequence[int], pcr_values: Mapping[int, bytes] | None, tcg_log: Any, bank: str, method: str,
-                     vtpm_kind: str, verify_content: bool, trust: Any, guardians: Sequence[Guardian],
-                     vtpm: str) -> dict[str, Any]:
+def _shield_in_place(
+    template: Any,
+    pdk_path: Any,
+    owner: Guardian,
+    *,
+    kp_path: Any,
+    tpm_parent: Any,
+    pcrs: Sequence[int],
+    pcr_values: Mapping[int, bytes] | None,
+    tcg_log: Any,
+    bank: str,
+    method: str,
+    vtpm_kind: str,
+    verify_content: bool,
+    trust: Any,
+    guardians: Sequence[Guardian],
+    vtpm: str,
+) -> dict[str, Any]:
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..bitlocker.inplace import in_place, probe
     from ..catalog.vsc import compare_volume
@@ -464,15 +601,24 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
             _root, changed, files = compare_volume(view, vsc.document, name_files=True)
             if changed:
                 where = ", ".join(str(f.get("path", f)) for f in files[:5]) or f"{len(changed)} range(s)"
-                raise PolicyError("the template volume no longer matches its signed catalog", str(template),
-                                  f"changed: {where}; re-protect the golden disk")
+                raise PolicyError(
+                    "the template volume no longer matches its signed catalog",
+                    str(template),
+                    f"changed: {where}; re-protect the golden disk",
+                )
     if state == "converting":  # resume a crashed run with the recovery password escrowed to the owner
         try:
-            esc = json.loads(open_envelope(escrow_out.read_bytes(), _owner_key(owner), owner.encryption_certificate,
-                                           where=str(escrow_out)))
+            esc = json.loads(
+                open_envelope(
+                    escrow_out.read_bytes(), _owner_key(owner), owner.encryption_certificate, where=str(escrow_out)
+                )
+            )
         except FileNotFoundError:
-            raise PolicyError("the disk is mid-conversion but its recovery escrow is missing", str(escrow_out),
-                              "resume with `templatetool resume` and the recovery password") from None
+            raise PolicyError(
+                "the disk is mid-conversion but its recovery escrow is missing",
+                str(escrow_out),
+                "resume with `templatetool resume` and the recovery password",
+            ) from None
         enc = in_place(template, None, credential={"recovery_password": esc["recovery_password"]})
         resumed = True
     elif state != "plain":
@@ -485,8 +631,10 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
         secret = vt.secret(bank, info.policy)
 
         def save_keys(res: Any) -> None:  # before any sector of the template changes
-            escrow = envelope(canonical_json({"recovery_password": recovery, "volume_guid": res.volume_guid,
-                                              "disk": disk.name}), [owner.encryption_certificate])
+            escrow = envelope(
+                canonical_json({"recovery_password": recovery, "volume_guid": res.volume_guid, "disk": disk.name}),
+                [owner.encryption_certificate],
+            )
             kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
             with atomic_outputs() as outs:  # escrow, vTPM state and KP together
                 outs.write(escrow_out, escrow, mode=0o600)
@@ -494,22 +642,39 @@ def _shield_in_place(template: Any, pdk_path: Any, owner: Guardian, *, kp_path: 
                     outs.write(vtpm_out, plan.made.state, mode=0o600)
                 outs.write(kp_out, kp)
 
-        enc = in_place(template, None, method=method, on_keys=save_keys,
-                       protectors=[ProtectorSpec("tpm", seal=vt.sealer), ProtectorSpec("recovery_password", recovery)],
-                       description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})")
+        enc = in_place(
+            template,
+            None,
+            method=method,
+            on_keys=save_keys,
+            protectors=[ProtectorSpec("tpm", seal=vt.sealer), ProtectorSpec("recovery_password", recovery)],
+            description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
+        )
     return {
         "tool": f"templatetool {__version__}",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "in_place": True, "resumed": resumed,
+        "in_place": True,
+        "resumed": resumed,
         "template": {"path": str(template), "name": vsc.name, "version": ".".join(map(str, vsc.version))},
         "policy": info.policy,
-        "outputs": {"disk": str(disk), "kp": str(kp_out), "recovery_escrow": str(escrow_out),
-                    **({"vtpm_state": str(vtpm_out)} if (vt is not None and vt.made is not None)
-                       or (vt is None and vtpm_out.exists()) else {})},
-        "guardians": [g.name for g in info.guardians], "owner": info.owner.name,
+        "outputs": {
+            "disk": str(disk),
+            "kp": str(kp_out),
+            "recovery_escrow": str(escrow_out),
+            **(
+                {"vtpm_state": str(vtpm_out)}
+                if (vt is not None and vt.made is not None) or (vt is None and vtpm_out.exists())
+                else {}
+            ),
+        },
+        "guardians": [g.name for g in info.guardians],
+        "owner": info.owner.name,
         **({"vtpm": vt.to_json(bank)} if vt is not None else {}),
-        "bitlocker": {"partition": enc["partition"], "volume_offset": enc["volume_offset"],
-                      "volume_size": enc["volume_size"]},
+        "bitlocker": {
+            "partition": enc["partition"],
+            "volume_offset": enc["volume_offset"],
+            "volume_size": enc["volume_size"],
+        },
         "catalog_verified": verify_content and not resumed,
         "timings_s": {"total": round(time.monotonic() - t0, 3)},
     }

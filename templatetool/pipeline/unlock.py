@@ -59,8 +59,9 @@ class UnlockReport:
 
     @property
     def ok(self) -> bool:
-        return all(s.status == "passed" or (s.status == "skipped" and s.name == "decrypt") for s in self.steps) and \
-            any(s.status == "passed" for s in self.steps)
+        return all(s.status == "passed" or (s.status == "skipped" and s.name == "decrypt") for s in self.steps) and any(
+            s.status == "passed" for s in self.steps
+        )
 
     @property
     def exit_code(self) -> int:
@@ -79,8 +80,12 @@ class UnlockReport:
         return "the guardian would unlock this VM"
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "output": self.output, "summary": self.summary,
-                "steps": [s.to_json() for s in self.steps]}
+        return {
+            "ok": self.ok,
+            "output": self.output,
+            "summary": self.summary,
+            "steps": [s.to_json() for s in self.steps],
+        }
 
 
 #: Key protectors and evidence are small documents; refuse absurd sizes before reading them.
@@ -100,8 +105,15 @@ def _read_small(path: str | os.PathLike[str], what: str) -> bytes:
         raise NotFoundError(f"{what} not found", str(p)) from None
 
 
-STEPS = ["attestation", "key release", "host receives key", "vTPM unseal", "BitLocker unlock", "decrypt",
-         "catalog verify"]
+STEPS = [
+    "attestation",
+    "key release",
+    "host receives key",
+    "vTPM unseal",
+    "BitLocker unlock",
+    "decrypt",
+    "catalog verify",
+]
 
 
 def tpm_payloads(fve: Any) -> list[bytes]:
@@ -130,16 +142,26 @@ def read_vtpm_state(path: str | os.PathLike[str], secret: VmSecret) -> bytes:
             raise FormatError(f"vTPM state too large ({p.stat().st_size} bytes)", str(p))
         data = p.read_bytes()
     except FileNotFoundError:
-        raise NotFoundError("the VM's vTPM state is missing", str(p),
-                            "shield writes it as VM.vtpm beside the VM disk; give its path") from None
+        raise NotFoundError(
+            "the VM's vTPM state is missing", str(p), "shield writes it as VM.vtpm beside the VM disk; give its path"
+        ) from None
     if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), secret.vtpm_state_sha256):
-        raise IntegrityError("the vTPM state is not this VM's: its SHA-256 differs from the key protector's", str(p),
-                             "altered, or the state of another VM")
+        raise IntegrityError(
+            "the vTPM state is not this VM's: its SHA-256 differs from the key protector's",
+            str(p),
+            "altered, or the state of another VM",
+        )
     return data
 
 
-def unseal_in_vm_vtpm(state: bytes, secret: VmSecret, payloads: list[bytes], *,
-                      boot: Mapping[int, list[bytes]] | None = None, check_hmac: bool = False) -> tuple[bytes, str]:
+def unseal_in_vm_vtpm(
+    state: bytes,
+    secret: VmSecret,
+    payloads: list[bytes],
+    *,
+    boot: Mapping[int, list[bytes]] | None = None,
+    check_hmac: bool = False,
+) -> tuple[bytes, str]:
     """Start swtpm on the VM's state with K, check that a vTPM protector is sealed to this vTPM's
     SRK (parent Name = the SRK's Name, by TPM2_ReadPublic: no unseal), play ``boot`` (digests per
     PCR; default the secret's reference boot) into it and unseal the VMK KEY entry through it.
@@ -170,25 +192,39 @@ def unseal_in_vm_vtpm(state: bytes, secret: VmSecret, payloads: list[bytes], *,
         name = read_srk_name(run.tcti)
         mine = [p for p in prots if p.parent_name == name]
         if not mine:
-            raise IntegrityError("the vTPM protector is sealed to another TPM: its parent Name differs from the "
-                                 "vTPM state's SRK Name", "vTPM state", "the state and the disk are of different VMs")
+            raise IntegrityError(
+                "the vTPM protector is sealed to another TPM: its parent Name differs from the vTPM state's SRK Name",
+                "vTPM state",
+                "the state and the disk are of different VMs",
+            )
         done.append(f"swtpm started on it; SRK Name {name.hex()[:16]}... = the protector's parent")
         extend_pcrs(run.tcti, secret.bank, boot)
         entry = unseal_with_tpm(mine[0], run.tcti)
     played = ",".join(map(str, sorted(boot))) or "none"
-    done.append(f"boot played into the vTPM (PCRs {played}); the vTPM unsealed the VMK "
-                f"({secret.bank} PCRs {','.join(map(str, secret.pcrs))})")
+    done.append(
+        f"boot played into the vTPM (PCRs {played}); the vTPM unsealed the VMK "
+        f"({secret.bank} PCRs {','.join(map(str, secret.pcrs))})"
+    )
     return entry, "; ".join(done)
 
 
-def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], guardian_dir: str | os.PathLike[str],
-           host_dir: str | os.PathLike[str], *, output: str | os.PathLike[str] | None = None,
-           host_evidence: str | os.PathLike[str] | None = None, health_cert: str | os.PathLike[str] | None = None,
-           guardian_password_env: str | None = None, guardian_password: Secret | None = None,
-           tpm_tcti: str | None = None,
-           pcr_values: Mapping[int, bytes] | None = None, dry_run: bool = False,
-           vtpm_state: str | os.PathLike[str] | None = None,
-           tcg_log: str | os.PathLike[str] | bytes | None = None) -> UnlockReport:
+def unlock(
+    vm_disk: str | os.PathLike[str],
+    kp_path: str | os.PathLike[str],
+    guardian_dir: str | os.PathLike[str],
+    host_dir: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    host_evidence: str | os.PathLike[str] | None = None,
+    health_cert: str | os.PathLike[str] | None = None,
+    guardian_password_env: str | None = None,
+    guardian_password: Secret | None = None,
+    tpm_tcti: str | None = None,
+    pcr_values: Mapping[int, bytes] | None = None,
+    dry_run: bool = False,
+    vtpm_state: str | os.PathLike[str] | None = None,
+    tcg_log: str | os.PathLike[str] | bytes | None = None,
+) -> UnlockReport:
     """Run the unlock chain; see the module docstring.
 
     ``vtpm_state``: the VM's vTPM state (default ``VM.vtpm`` beside ``vm_disk``). ``tcg_log``:
@@ -243,13 +279,15 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         key, cert = load_attestation(guardian_dir)
         hc, checks = attest(AttestationPolicy.load(guardian_dir), ev, key, cert, where=str(host_evidence or "evidence"))
         state["hc"] = hc
-        return "; ".join(f"{c.name}: ok" for c in checks) + f"; health certificate valid until {hc.not_valid_after_utc:%H:%M} UTC"
+        return (
+            "; ".join(f"{c.name}: ok" for c in checks)
+            + f"; health certificate valid until {hc.not_valid_after_utc:%H:%M} UTC"
+        )
 
     def do_release() -> str:
         kp = _read_small(kp_path, "key protector")
         _key, att_cert = load_attestation(guardian_dir)
-        g = load_guardian(guardian_dir, private=True, password=guardian_password,
-                          password_env=guardian_password_env)
+        g = load_guardian(guardian_dir, private=True, password=guardian_password, password_env=guardian_password_env)
         state["released"] = release_key(kp, state["hc"], g, att_cert)
         return f"guardian {g.name!r} unwrapped the KP and re-wrapped the key to the host's health certificate"
 
@@ -280,9 +318,14 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         else:
             key = sec.private_key()
             if key is None:
-                raise CredentialError("the KP holds no vTPM key (sealed to an existing vTPM)", hint="unseal through the vTPM (tpm_tcti)",
-                                      code="unlock.no-vtpm-key")
-            values = dict(pcr_values) if pcr_values is not None else {k: bytes.fromhex(v) for k, v in sec.pcr_values.items()}
+                raise CredentialError(
+                    "the KP holds no vTPM key (sealed to an existing vTPM)",
+                    hint="unseal through the vTPM (tpm_tcti)",
+                    code="unlock.no-vtpm-key",
+                )
+            values = (
+                dict(pcr_values) if pcr_values is not None else {k: bytes.fromhex(v) for k, v in sec.pcr_values.items()}
+            )
             last: TemplateToolError | None = None
             entry = b""
             for p in payloads:
@@ -313,21 +356,32 @@ def unlock(vm_disk: str | os.PathLike[str], kp_path: str | os.PathLike[str], gua
         return f"decrypted disk written to {output}; {how}"
 
     def do_verify() -> str:
-        vsc = open_vsc(state["disk"].get_user_metadata(VSC_METADATA_GUID)) if hasattr(state["disk"], "get_user_metadata") \
+        vsc = (
+            open_vsc(state["disk"].get_user_metadata(VSC_METADATA_GUID))
+            if hasattr(state["disk"], "get_user_metadata")
             else None
+        )
         if vsc is None:
             raise NotFoundError("the VM disk carries no catalog", str(vm_disk))
         root, changed, files = compare_volume(state["plain"], vsc.document, name_files=True)
         if changed:
             from ..errors import IntegrityError
 
-            raise IntegrityError(f"decrypted volume differs from the catalog in {len(changed)} range(s)", str(vm_disk),
-                                 "files: " + ", ".join(str(f.get('path', f)) for f in files[:5]))
+            raise IntegrityError(
+                f"decrypted volume differs from the catalog in {len(changed)} range(s)",
+                str(vm_disk),
+                "files: " + ", ".join(str(f.get("path", f)) for f in files[:5]),
+            )
         return f"decrypted volume matches catalog {vsc.name} {'.'.join(map(str, vsc.version))} (root {root[:16]}...)"
 
     try:
-        chain = [("attestation", do_attest), ("key release", do_release), ("host receives key", do_host),
-                 ("vTPM unseal", do_unseal), ("BitLocker unlock", do_bitlocker)]
+        chain = [
+            ("attestation", do_attest),
+            ("key release", do_release),
+            ("host receives key", do_host),
+            ("vTPM unseal", do_unseal),
+            ("BitLocker unlock", do_bitlocker),
+        ]
         ok = True
         for name, fn in chain:
             if not run(name, fn):
@@ -355,11 +409,16 @@ def _check_claimed_pcrs(payloads: list[bytes], pcr_values: Mapping[int, bytes]) 
             prot = parse_protector(p)
         except (FormatError, UnsupportedError):
             continue
-        if all(i in pcr_values for i in prot.pcrs) and compute_policy(
-                prot.bank, {i: pcr_values[i] for i in prot.pcrs}, commands=prot.commands).digest == prot.auth_policy:
+        if (
+            all(i in pcr_values for i in prot.pcrs)
+            and compute_policy(prot.bank, {i: pcr_values[i] for i in prot.pcrs}, commands=prot.commands).digest
+            == prot.auth_policy
+        ):
             return
-    raise PolicyError("PCR values do not satisfy the sealed policy", hint="the given PCR values differ from those the "
-                      "VMK is sealed to")
+    raise PolicyError(
+        "PCR values do not satisfy the sealed policy",
+        hint="the given PCR values differ from those the VMK is sealed to",
+    )
 
 
 def _explain_skips(report: UnlockReport) -> None:

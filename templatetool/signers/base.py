@@ -72,8 +72,7 @@ class Signer(Protocol):
         """The default signature algorithm of this signer's key."""
         ...
 
-    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *,
-                 algorithm: KeyAlgorithm | None = None) -> bytes:
+    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *, algorithm: KeyAlgorithm | None = None) -> bytes:
         """Sign ``data`` (the signer hashes it with ``digest``); ECDSA signatures are DER."""
         ...
 
@@ -95,8 +94,9 @@ def key_algorithm_of(public_key: object) -> KeyAlgorithm:
         return KeyAlgorithm.RSA_PKCS1
     if isinstance(public_key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)):
         return KeyAlgorithm.ECDSA
-    raise UnsupportedError(f"unsupported signing key type {type(public_key).__name__}",
-                           hint="use RSA or EC P-256/P-384")
+    raise UnsupportedError(
+        f"unsupported signing key type {type(public_key).__name__}", hint="use RSA or EC P-256/P-384"
+    )
 
 
 def check_algorithm(default: KeyAlgorithm, requested: KeyAlgorithm | None, where: str = "") -> KeyAlgorithm:
@@ -119,36 +119,47 @@ class KeySigner:
     For keys the embedding program already holds (and the base of the file-backed signers).
     """
 
-    def __init__(self, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
-                 chain: Sequence[x509.Certificate] = ()) -> None:
+    def __init__(
+        self,
+        key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        chain: Sequence[x509.Certificate] = (),
+    ) -> None:
         self._init_key(key, certificate, chain, "certificate")
 
-    def _init_key(self, key: object, certificate: x509.Certificate, chain: Sequence[x509.Certificate],
-                  where: str) -> None:
+    def _init_key(
+        self, key: object, certificate: x509.Certificate, chain: Sequence[x509.Certificate], where: str
+    ) -> None:
         if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
             raise FormatError(f"unsupported key type {type(key).__name__}", where, "use RSA or EC P-256/P-384")
         if not same_public_key(key.public_key(), certificate.public_key()):  # e.g. an Ed25519 certificate
-            raise FormatError("the certificate does not match the private key", where,
-                              "give the certificate issued for this key")
+            raise FormatError(
+                "the certificate does not match the private key", where, "give the certificate issued for this key"
+            )
         self._key = key
         self.certificate = certificate
         self.chain: list[x509.Certificate] = list(chain)
         self.key_algorithm = key_algorithm_of(key)
 
-    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *,
-                 algorithm: KeyAlgorithm | None = None) -> bytes:
+    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *, algorithm: KeyAlgorithm | None = None) -> bytes:
         """Sign ``data`` hashed with ``digest`` (see :class:`KeyAlgorithm` for the encodings)."""
         return self._sign(bytes(data), digest, digest, algorithm)
 
-    def sign_digest(self, digest_value: bytes, digest: hashes.HashAlgorithm, *,
-                    algorithm: KeyAlgorithm | None = None) -> bytes:
+    def sign_digest(
+        self, digest_value: bytes, digest: hashes.HashAlgorithm, *, algorithm: KeyAlgorithm | None = None
+    ) -> bytes:
         """Sign an already computed ``digest`` value (``len == digest.digest_size``)."""
         if len(digest_value) != digest.digest_size:
             raise UnsupportedError(f"a {digest.name} digest is {digest.digest_size} bytes, got {len(digest_value)}")
         return self._sign(bytes(digest_value), utils.Prehashed(digest), digest, algorithm)
 
-    def _sign(self, data: bytes, alg: hashes.HashAlgorithm | utils.Prehashed, digest: hashes.HashAlgorithm,
-              algorithm: KeyAlgorithm | None) -> bytes:
+    def _sign(
+        self,
+        data: bytes,
+        alg: hashes.HashAlgorithm | utils.Prehashed,
+        digest: hashes.HashAlgorithm,
+        algorithm: KeyAlgorithm | None,
+    ) -> bytes:
         use = check_algorithm(self.key_algorithm, algorithm, self.describe())
         key = self._key
         if isinstance(key, rsa.RSAPrivateKey):

@@ -59,8 +59,9 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     return hashes.SHA256()
 
 
-def self_signed(subject: str, key: PrivateKey, usage: str = "signing", days: int = 3650,
-                not_before: _dt.datetime | None = None) -> x509.Certificate:
+def self_signed(
+    subject: str, key: PrivateKey, usage: str = "signing", days: int = 3650, not_before: _dt.datetime | None = None
+) -> x509.Certificate:
     """A self-signed end-entity certificate for ``key``.
 
     ``usage='signing'`` sets KeyUsage digitalSignature (+ codeSigning EKU); ``'encryption'`` sets
@@ -109,9 +110,12 @@ def ca_certificate(subject: str, key: PrivateKey, days: int = 3650) -> x509.Cert
     start = _dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1)
     return (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + _dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -119,21 +123,29 @@ def ca_certificate(subject: str, key: PrivateKey, days: int = 3650) -> x509.Cert
     )
 
 
-def issue_certificate(subject: str, key_public: CertificatePublicKeyTypes, ca_key: PrivateKey, ca_cert: x509.Certificate,
-                      usage: str = "signing", days: int = 365,
-                      not_before: _dt.datetime | None = None) -> x509.Certificate:
+def issue_certificate(
+    subject: str,
+    key_public: CertificatePublicKeyTypes,
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    usage: str = "signing",
+    days: int = 365,
+    not_before: _dt.datetime | None = None,
+) -> x509.Certificate:
     """An end-entity certificate for ``key_public`` issued by ``ca_cert`` — for tests and labs."""
     name = parse_subject(subject)
     start = not_before or (_dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1))
     sign = usage == "signing"
     is_rsa = isinstance(key_public, rsa.RSAPublicKey)
-    ku = x509.KeyUsage(sign, False, (not sign) and is_rsa, False, (not sign) and not is_rsa,
-                       False, False, False, False)
+    ku = x509.KeyUsage(sign, False, (not sign) and is_rsa, False, (not sign) and not is_rsa, False, False, False, False)
     return (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(ca_cert.subject).public_key(key_public)
+        .subject_name(name)
+        .issuer_name(ca_cert.subject)
+        .public_key(key_public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + _dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(ku, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key_public), critical=False)
@@ -142,8 +154,13 @@ def issue_certificate(subject: str, key_public: CertificatePublicKeyTypes, ca_ke
     )
 
 
-def pfx_bytes(key: PrivateKey, cert: x509.Certificate, password: bytes | None,
-              chain: Iterable[x509.Certificate] = (), friendly_name: bytes | None = None) -> bytes:
+def pfx_bytes(
+    key: PrivateKey,
+    cert: x509.Certificate,
+    password: bytes | None,
+    chain: Iterable[x509.Certificate] = (),
+    friendly_name: bytes | None = None,
+) -> bytes:
     """Serialise a PFX: PBES2/PBKDF2-SHA256/AES-256-CBC for key and certs, HMAC-SHA256 MAC."""
     if password:
         enc = (
@@ -158,28 +175,34 @@ def pfx_bytes(key: PrivateKey, cert: x509.Certificate, password: bytes | None,
     return pkcs12.serialize_key_and_certificates(friendly_name, key, cert, list(chain) or None, enc)
 
 
-def write_pfx(path: str | os.PathLike[str], key: PrivateKey, cert: x509.Certificate,
-              password: bytes | None, chain: Sequence[x509.Certificate] = ()) -> None:
+def write_pfx(
+    path: str | os.PathLike[str],
+    key: PrivateKey,
+    cert: x509.Certificate,
+    password: bytes | None,
+    chain: Sequence[x509.Certificate] = (),
+) -> None:
     """Write a PFX atomically with mode 0600 (AES-256 PBES2; unencrypted when password is None)."""
     write_bytes_atomic(path, pfx_bytes(key, cert, password, chain), mode=0o600)
 
 
-def load_pfx_bytes(data: bytes, password: bytes | None, where: str = "<pfx>"
-                   ) -> tuple[PrivateKey, x509.Certificate, list[x509.Certificate]]:
+def load_pfx_bytes(
+    data: bytes, password: bytes | None, where: str = "<pfx>"
+) -> tuple[PrivateKey, x509.Certificate, list[x509.Certificate]]:
     """Parse PFX bytes (AES/PBES2 or legacy 3DES/RC2). Wrong password → CredentialError."""
     try:
         key, cert, extra = pkcs12.load_key_and_certificates(data, password)
     except ValueError as e:
         msg = str(e).lower()
         if "password" in msg or "mac" in msg or "decrypt" in msg:
-            raise CredentialError("cannot open the PFX: wrong password", where,
-                                  "check the password variable") from None
+            raise CredentialError("cannot open the PFX: wrong password", where, "check the password variable") from None
         raise FormatError(f"not a readable PFX/PKCS#12 file: {e}", where) from None
     except TypeError as e:  # password given for an unencrypted file or vice versa
         raise CredentialError(f"cannot open the PFX: {e}", where, "check the password variable") from None
     if key is None or cert is None:
-        raise FormatError("the PFX does not hold a private key and its certificate", where,
-                          "export it with its private key")
+        raise FormatError(
+            "the PFX does not hold a private key and its certificate", where, "export it with its private key"
+        )
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise FormatError(f"unsupported key type {type(key).__name__}", where, "use RSA or EC P-256/P-384")
     if not same_public_key(key.public_key(), cert.public_key()):
@@ -194,8 +217,9 @@ def load_pfx_bytes(data: bytes, password: bytes | None, where: str = "<pfx>"
     return key, cert, list(extra)
 
 
-def load_pfx(path: str | os.PathLike[str], password: bytes | str | None
-             ) -> tuple[PrivateKey, x509.Certificate, list[x509.Certificate]]:
+def load_pfx(
+    path: str | os.PathLike[str], password: bytes | str | None
+) -> tuple[PrivateKey, x509.Certificate, list[x509.Certificate]]:
     """Load (key, cert, chain) from a PFX file. Wrong password → CredentialError."""
     try:
         with open(path, "rb") as f:
@@ -219,16 +243,20 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     except OSError as e:
         raise ResourceError(f"cannot read the certificate: {e.strerror}", str(path)) from None
     if _is_pkcs12(data):
-        raise FormatError("not a PEM/DER certificate but a PKCS#12 (.pfx) file", str(path),
-                          "pass the signer's .crt/.pem certificate (a .pfx holds a private key)")
+        raise FormatError(
+            "not a PEM/DER certificate but a PKCS#12 (.pfx) file",
+            str(path),
+            "pass the signer's .crt/.pem certificate (a .pfx holds a private key)",
+        )
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
     except ValueError:
         # the parser's own message (a Rust ParseError dump) means nothing to a user
-        raise FormatError("not a PEM/DER X.509 certificate", str(path),
-                          "pass the signer's .crt/.pem certificate") from None
+        raise FormatError(
+            "not a PEM/DER X.509 certificate", str(path), "pass the signer's .crt/.pem certificate"
+        ) from None
 
 
 def _is_pkcs12(data: bytes) -> bool:
@@ -238,7 +266,7 @@ def _is_pkcs12(data: bytes) -> bool:
         return False
     n = data[1]
     pos = 2 if n < 0x80 else 2 + (n & 0x7F)
-    return data[pos:pos + 3] == b"\x02\x01\x03"
+    return data[pos : pos + 3] == b"\x02\x01\x03"
 
 
 def thumbprint(cert: x509.Certificate, algorithm: str = "sha1") -> str:

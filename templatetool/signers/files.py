@@ -64,8 +64,13 @@ class PemSigner(KeySigner):
     ``password`` is needed only for an encrypted key (a SecretSource is called only then).
     """
 
-    def __init__(self, key_path: str | os.PathLike[str], cert_path: str | os.PathLike[str],
-                 chain_path: str | os.PathLike[str] | None = None, password: Secret | None = None) -> None:
+    def __init__(
+        self,
+        key_path: str | os.PathLike[str],
+        cert_path: str | os.PathLike[str],
+        chain_path: str | os.PathLike[str] | None = None,
+        password: Secret | None = None,
+    ) -> None:
         self.key_path = os.fspath(key_path)
         data = _read(self.key_path, "private key file")
         pw = None if password is None or callable(password) else resolve_secret(password)
@@ -77,8 +82,7 @@ class PemSigner(KeySigner):
             if key is None:
                 raise CredentialError("the private key needs a password", self.key_path)
         if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
-            raise FormatError(f"unsupported key type {type(key).__name__}", self.key_path,
-                              "use RSA or EC P-256/P-384")
+            raise FormatError(f"unsupported key type {type(key).__name__}", self.key_path, "use RSA or EC P-256/P-384")
         certs = load_certificates(os.fspath(cert_path))
         chain = list(certs[1:]) + (load_certificates(os.fspath(chain_path)) if chain_path else [])
         self._init_key(key, certs[0], chain, os.fspath(cert_path))
@@ -90,11 +94,15 @@ class PemSigner(KeySigner):
         except TypeError:
             if pw is None:
                 return None  # encrypted: needs a password
-            raise CredentialError("the private key is not encrypted but a password was given",
-                                  self.key_path, "give no password for this key") from None
+            raise CredentialError(
+                "the private key is not encrypted but a password was given",
+                self.key_path,
+                "give no password for this key",
+            ) from None
         except ValueError as e:
-            if pw is not None and ("decrypt" in str(e).lower() or "password" in str(e).lower()
-                                   or "bad" in str(e).lower()):
+            if pw is not None and (
+                "decrypt" in str(e).lower() or "password" in str(e).lower() or "bad" in str(e).lower()
+            ):
                 raise CredentialError("cannot decrypt the private key: wrong password", self.key_path) from None
             raise FormatError(f"not a readable private key: {e}", self.key_path) from None
 

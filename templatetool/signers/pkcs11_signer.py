@@ -58,7 +58,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     """Parse ``pkcs11:path-attrs?query-attrs`` (percent-decoding values; ``id`` kept as bytes)."""
     if not uri.startswith("pkcs11:"):
         raise UsageError("not a PKCS#11 URI", hint="use pkcs11:token=...;object=...")
-    body = uri[len("pkcs11:"):]
+    body = uri[len("pkcs11:") :]
     path_part, _, query_part = body.partition("?")
     out = Pkcs11Uri()
     for item in filter(None, path_part.split(";")):
@@ -74,8 +74,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
             raise UsageError(f"bad PKCS#11 URI query attribute {k!r}")
         out.query[k] = urllib.parse.unquote(v)
     if "pin-value" in out.query or "pin-value" in out.path:
-        raise UsageError("a PIN in the URI is refused (it would show in argv and logs)",
-                         hint="pass the PIN separately")
+        raise UsageError("a PIN in the URI is refused (it would show in argv and logs)", hint="pass the PIN separately")
     return out
 
 
@@ -105,16 +104,20 @@ class Pkcs11Signer:
         try:
             import pkcs11
         except ImportError:  # an optional extra
-            raise ResourceError("PKCS#11 signing needs the python-pkcs11 module, an optional extra", uri.split("?")[0],
-                                "pip install 'templatetool[pkcs11]'") from None
+            raise ResourceError(
+                "PKCS#11 signing needs the python-pkcs11 module, an optional extra",
+                uri.split("?")[0],
+                "pip install 'templatetool[pkcs11]'",
+            ) from None
         self.uri = parse_pkcs11_uri(uri)
         u = self.uri
         if u.path.get("type") not in (None, "private"):
             raise UsageError("the PKCS#11 URI must name a private key (type=private)", uri)
         module = module or u.query.get("module-path") or os.environ.get(MODULE_ENV)
         if not module:
-            raise UsageError("no PKCS#11 module given",
-                             hint=f"add ?module-path=/path/lib.so to the URI or set ${MODULE_ENV}")
+            raise UsageError(
+                "no PKCS#11 module given", hint=f"add ?module-path=/path/lib.so to the URI or set ${MODULE_ENV}"
+            )
         if not os.path.exists(module):
             raise NotFoundError("PKCS#11 module not found", module)
         self._where = self._safe_uri()
@@ -192,7 +195,9 @@ class Pkcs11Signer:
         for key_attr in ((Attribute.ID, self._key[Attribute.ID]), (Attribute.LABEL, self._key[Attribute.LABEL])):
             if not key_attr[1]:
                 continue
-            for obj in self._live_session().get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE, key_attr[0]: key_attr[1]}):
+            for obj in self._live_session().get_objects(
+                {Attribute.CLASS: ObjectClass.CERTIFICATE, key_attr[0]: key_attr[1]}
+            ):
                 try:
                     found.append(x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE])))
                 except ValueError:
@@ -200,8 +205,11 @@ class Pkcs11Signer:
             if found:
                 break
         if not found:
-            raise NotFoundError("the token holds no certificate for this key", self._where,
-                                "store one with the same id/label or add ?x-cert-path=CERT.pem to the URI")
+            raise NotFoundError(
+                "the token holds no certificate for this key",
+                self._where,
+                "store one with the same id/label or add ?x-cert-path=CERT.pem to the URI",
+            )
         return found[0], []
 
     def _live_session(self) -> Session:
@@ -220,22 +228,23 @@ class Pkcs11Signer:
         except Exception as e:
             raise _token_error(e, self._where) from None
 
-    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *,
-                 algorithm: KeyAlgorithm | None = None) -> bytes:
+    def sign_raw(self, data: bytes, digest: hashes.HashAlgorithm, *, algorithm: KeyAlgorithm | None = None) -> bytes:
         """Hash ``data`` locally with ``digest`` and have the token sign the digest."""
         h = hashes.Hash(digest)
         h.update(bytes(data))
         return self.sign_digest(h.finalize(), digest, algorithm=algorithm)
 
-    def sign_digest(self, digest_value: bytes, digest: hashes.HashAlgorithm, *,
-                    algorithm: KeyAlgorithm | None = None) -> bytes:
+    def sign_digest(
+        self, digest_value: bytes, digest: hashes.HashAlgorithm, *, algorithm: KeyAlgorithm | None = None
+    ) -> bytes:
         """Have the token sign a precomputed ``digest`` value (only the digest leaves the host)."""
         from pkcs11 import MGF, Mechanism
 
         use = check_algorithm(self.key_algorithm, algorithm, self._where)
         if digest.name not in _DIGEST_INFO:
-            raise UnsupportedError(f"hash {digest.name} not supported for token signing", self._where,
-                                   "use sha256, sha384 or sha512")
+            raise UnsupportedError(
+                f"hash {digest.name} not supported for token signing", self._where, "use sha256, sha384 or sha512"
+            )
         if len(digest_value) != digest.digest_size:
             raise UnsupportedError(f"a {digest.name} digest is {digest.digest_size} bytes, got {len(digest_value)}")
         if use == KeyAlgorithm.RSA_PKCS1:
@@ -250,7 +259,6 @@ class Pkcs11Signer:
         raw = self._sign(digest_value, Mechanism.ECDSA, None)
         n = len(raw) // 2
         return utils.encode_dss_signature(int.from_bytes(raw[:n], "big"), int.from_bytes(raw[n:], "big"))
-
 
     def close(self) -> None:
         """Close the token session."""

@@ -30,8 +30,9 @@ def hash_alg(alg: int | str) -> hashes.HashAlgorithm:
     try:
         return HASH_ALGS[alg_id][1]()
     except KeyError:
-        raise UnsupportedError(f"hash algorithm 0x{alg_id:04x} is not supported",
-                               hint="use sha1, sha256, sha384 or sha512") from None
+        raise UnsupportedError(
+            f"hash algorithm 0x{alg_id:04x} is not supported", hint="use sha1, sha256, sha384 or sha512"
+        ) from None
 
 
 def bank_id(bank: int | str) -> int:
@@ -113,5 +114,19 @@ def parse_pcr_list(text: str) -> list[int]:
     return check_pcrs(out)
 
 
-__all__ = ["ALG_BY_NAME", "ALG_NAMES", "HASH_ALGS", "NUM_PCRS", "bank_id", "bank_name", "check_pcrs", "digest_size",
-           "hash_alg", "hash_bytes", "parse_pcr_list", "pcr_bitmap", "pcr_mask", "pcrs_from_bitmap"]
+__all__ = [
+    "ALG_BY_NAME",
+    "ALG_NAMES",
+    "HASH_ALGS",
+    "NUM_PCRS",
+    "bank_id",
+    "bank_name",
+    "check_pcrs",
+    "digest_size",
+    "hash_alg",
+    "hash_bytes",
+    "parse_pcr_list",
+    "pcr_bitmap",
+    "pcr_mask",
+    "pcrs_from_bitmap",
+]

@@ -46,9 +46,17 @@ def kdfa(alg: int, key: bytes, label: bytes, context_u: bytes, context_v: bytes,
     """TPM KDFa (SP 800-108 HMAC counter mode; the label gets a 0x00 separator, L is in bits)."""
     if bits % 8:
         raise UsageError("KDFa output must be whole bytes")
-    kdf = KBKDFHMAC(algorithm=hash_alg(alg), mode=Mode.CounterMode, length=bits // 8, rlen=4, llen=4,
-                    location=CounterLocation.BeforeFixed, label=label, context=context_u + context_v,
-                    fixed=None)
+    kdf = KBKDFHMAC(
+        algorithm=hash_alg(alg),
+        mode=Mode.CounterMode,
+        length=bits // 8,
+        rlen=4,
+        llen=4,
+        location=CounterLocation.BeforeFixed,
+        label=label,
+        context=context_u + context_v,
+        fixed=None,
+    )
     return kdf.derive(key)
 
 
@@ -101,8 +109,9 @@ def recover_seed(parent: ParentKey, key: PrivateKey, in_sym_seed: bytes) -> byte
     try:
         pt = s.TPMS_ECC_POINT.parse(in_sym_seed)
         size = _coord_size(key.curve)
-        eph = ec.EllipticCurvePublicNumbers(int.from_bytes(pt.x, "big"), int.from_bytes(pt.y, "big"),
-                                            key.curve).public_key()
+        eph = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(pt.x, "big"), int.from_bytes(pt.y, "big"), key.curve
+        ).public_key()
     except (ConstructError, ValueError):
         raise FormatError("the encrypted seed is not a valid ECC point") from None
     z = key.exchange(ec.ECDH(), eph)
@@ -110,8 +119,9 @@ def recover_seed(parent: ParentKey, key: PrivateKey, in_sym_seed: bytes) -> byte
     return kdfe(parent.name_alg, z, DUPLICATE_LABEL, bytes(pt.x).rjust(size, b"\0"), px, 8 * n)
 
 
-def sealed_object(secret: bytes, auth_policy: bytes, auth_value: bytes = b"", *,
-                  name_alg: int = s.ALG_SHA256) -> tuple[bytes, bytes]:
+def sealed_object(
+    secret: bytes, auth_policy: bytes, auth_value: bytes = b"", *, name_alg: int = s.ALG_SHA256
+) -> tuple[bytes, bytes]:
     """(TPMT_PUBLIC, TPMT_SENSITIVE) of a policy-only sealed-data object holding ``secret``.
 
     Attributes are safe by construction: userWithAuth clear (unseal needs the policy),
@@ -127,13 +137,19 @@ def sealed_object(secret: bytes, auth_policy: bytes, auth_value: bytes = b"", *,
         raise UsageError("auth value longer than the nameAlg digest")
     attrs = s.ATTR_ADMIN_WITH_POLICY | (0 if auth_value else s.ATTR_NO_DA)
     seed_value = os.urandom(n)
-    public = s.TPMT_PUBLIC.build({
-        "type": s.ALG_KEYEDHASH, "nameAlg": name_alg, "objectAttributes": attrs, "authPolicy": auth_policy,
-        "parameters": {"scheme": {"scheme": s.ALG_NULL, "hashAlg": None, "kdf": None}},
-        "unique": hash_bytes(name_alg, seed_value, secret),
-    })
-    sensitive = s.TPMT_SENSITIVE.build({"sensitiveType": s.ALG_KEYEDHASH, "authValue": auth_value,
-                                        "seedValue": seed_value, "sensitive": secret})
+    public = s.TPMT_PUBLIC.build(
+        {
+            "type": s.ALG_KEYEDHASH,
+            "nameAlg": name_alg,
+            "objectAttributes": attrs,
+            "authPolicy": auth_policy,
+            "parameters": {"scheme": {"scheme": s.ALG_NULL, "hashAlg": None, "kdf": None}},
+            "unique": hash_bytes(name_alg, seed_value, secret),
+        }
+    )
+    sensitive = s.TPMT_SENSITIVE.build(
+        {"sensitiveType": s.ALG_KEYEDHASH, "authValue": auth_value, "seedValue": seed_value, "sensitive": secret}
+    )
     return public, sensitive
 
 
@@ -160,8 +176,9 @@ def unwrap(parent: ParentKey, key: PrivateKey, public_area: bytes, duplicate: by
     hmac_key = kdfa(parent.name_alg, seed, b"INTEGRITY", b"", b"", 8 * digest_size(parent.name_alg))
     mac = hmac.new(hmac_key, bytes(body.encSensitive) + name, hash_alg(parent.name_alg).name).digest()
     if not hmac.compare_digest(mac, bytes(body.outerHMAC)):
-        raise IntegrityError("outer HMAC of the sealed blob does not verify",
-                             hint="the blob was altered or sealed to another parent")
+        raise IntegrityError(
+            "outer HMAC of the sealed blob does not verify", hint="the blob was altered or sealed to another parent"
+        )
     sym_key = kdfa(parent.name_alg, seed, b"STORAGE", name, b"", parent.sym_bits)
     plain = _aes_cfb(sym_key, bytes(body.encSensitive), decrypt=True)
     try:

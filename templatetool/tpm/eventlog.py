@@ -38,9 +38,14 @@ class Event:
     offset: int
 
     def to_json(self) -> dict[str, object]:
-        return {"index": self.index, "pcr": self.pcr, "type": f"0x{self.type:08x}",
-                "digests": {ALG_NAMES.get(a, f"0x{a:04x}"): d.hex() for a, d in self.digests.items()},
-                "data_size": len(self.data), "offset": self.offset}
+        return {
+            "index": self.index,
+            "pcr": self.pcr,
+            "type": f"0x{self.type:08x}",
+            "digests": {ALG_NAMES.get(a, f"0x{a:04x}"): d.hex() for a, d in self.digests.items()},
+            "data_size": len(self.data),
+            "offset": self.offset,
+        }
 
 
 @dataclass
@@ -65,15 +70,19 @@ class Replay:
 
     def to_json(self, all_pcrs: bool = False) -> dict[str, object]:
         pcrs = range(NUM_PCRS) if all_pcrs else self.measured
-        return {"format": self.format, "events": self.event_count, "startup_locality": self.startup_locality,
-                "banks": {b: {str(i): v[i].hex() for i in pcrs} for b, v in self.values_by_bank.items()},
-                "skipped_banks": self.skipped_banks}
+        return {
+            "format": self.format,
+            "events": self.event_count,
+            "startup_locality": self.startup_locality,
+            "banks": {b: {str(i): v[i].hex() for i in pcrs} for b, v in self.values_by_bank.items()},
+            "skipped_banks": self.skipped_banks,
+        }
 
 
 def _u32(buf: bytes, off: int, where: str) -> int:
     if off + 4 > len(buf):
         raise FormatError("event log truncated", where)
-    return int.from_bytes(buf[off:off + 4], "little")
+    return int.from_bytes(buf[off : off + 4], "little")
 
 
 #: Per-event fixed headers, for the hot loop (a log may hold millions of events): ``struct``
@@ -83,8 +92,12 @@ _PCR_EVENT_HEAD = struct.Struct("<II20sI")  # TCG_PCR_EVENT up to the event size
 _EVENT2_HEAD = struct.Struct("<III")  # TCG_PCR_EVENT2_HEAD
 _DIGEST_ALG = struct.Struct("<H")  # TCG_DIGEST_ALG
 assert _EVENT2_HEAD.size == s.TCG_PCR_EVENT2_HEAD.sizeof() and _DIGEST_ALG.size == s.TCG_DIGEST_ALG.sizeof()
-assert s.TCG_PCR_EVENT.parse(_PCR_EVENT_HEAD.pack(1, 2, bytes(range(20)), 1) + b"x") == \
-    {"pcrIndex": 1, "eventType": 2, "digest": bytes(range(20)), "event": b"x"}
+assert s.TCG_PCR_EVENT.parse(_PCR_EVENT_HEAD.pack(1, 2, bytes(range(20)), 1) + b"x") == {
+    "pcrIndex": 1,
+    "eventType": 2,
+    "digest": bytes(range(20)),
+    "event": b"x",
+}
 _PAD_STEP = 1 << 16
 
 
@@ -112,7 +125,7 @@ def _sha1_event(data: bytes, off: int, where: str) -> tuple[int, int, bytes, byt
     pcr, typ, digest, n = _PCR_EVENT_HEAD.unpack_from(data, off)
     if n > MAX_EVENT_DATA or off + 32 + n > len(data):
         raise FormatError("event log truncated", f"{where}, offset {off}")
-    return pcr, typ, digest, data[off + 32:off + 32 + n]
+    return pcr, typ, digest, data[off + 32 : off + 32 + n]
 
 
 def _open_log(data: bytes, where: str) -> tuple[EventLog, Iterator[Event]]:
@@ -166,8 +179,7 @@ def _check_pcr(pcr: int, where: str, off: int) -> None:
         raise FormatError(f"event for PCR {pcr} (> 23)", f"{where}, offset {off}")
 
 
-def _iter_agile(data: bytes, off: int, end: int, banks: dict[int, int], first: Event,
-                where: str) -> Iterator[Event]:
+def _iter_agile(data: bytes, off: int, end: int, banks: dict[int, int], first: Event, where: str) -> Iterator[Event]:
     yield first
     index = 1
     while off < end:
@@ -191,13 +203,13 @@ def _iter_agile(data: bytes, off: int, end: int, banks: dict[int, int], first: E
                 raise FormatError(f"digest algorithm 0x{alg:04x} not declared in the Spec ID header", loc)
             if off + size > len(data):
                 raise FormatError("event log truncated", loc)
-            digests[alg] = data[off:off + size]
+            digests[alg] = data[off : off + size]
             off += size
         n = _u32(data, off, loc)
         off += 4
         if n > MAX_EVENT_DATA or off + n > len(data):
             raise FormatError("event data runs past the end of the log", loc)
-        yield Event(index, pcr, typ, digests, data[off:off + n], start)
+        yield Event(index, pcr, typ, digests, data[off : off + n], start)
         index += 1
         off += n
 
@@ -211,8 +223,7 @@ def initial_pcrs(size: int, locality: int = 0) -> dict[int, bytes]:
     return vals
 
 
-def _replay_pass(fmt: str, banks: dict[int, int], events: Iterable[Event],
-                 locality: int | None) -> tuple[Replay, bool]:
+def _replay_pass(fmt: str, banks: dict[int, int], events: Iterable[Event], locality: int | None) -> tuple[Replay, bool]:
     """One streaming pass. ``locality`` None: take it from StartupLocality events as they come.
     Returns the replay and whether a StartupLocality event came after PCR 0 was extended (the
     caller then runs a second pass with the final locality fixed)."""
@@ -232,8 +243,11 @@ def _replay_pass(fmt: str, banks: dict[int, int], events: Iterable[Event],
     count = 0
     for ev in events:
         if ev.type == s.EV_NO_ACTION:
-            if (ev.pcr == 0 and ev.data.startswith(s.STARTUP_LOCALITY_SIGNATURE)
-                    and not (fmt == "crypto-agile" and ev.index == 0)):
+            if (
+                ev.pcr == 0
+                and ev.data.startswith(s.STARTUP_LOCALITY_SIGNATURE)
+                and not (fmt == "crypto-agile" and ev.index == 0)
+            ):
                 try:
                     new = s.STARTUP_LOCALITY_EVENT.parse(ev.data).locality
                 except ConstructError:
@@ -299,20 +313,40 @@ def replay_log(log: str | os.PathLike[str] | bytes) -> Replay:
 
 # --- writer (for tests and for producing reference logs) ----------------------------------------
 
-def write_agile_log(events: list[tuple[int, int, dict[int, bytes], bytes]], banks: dict[int, int] | None = None,
-                    startup_locality: int | None = None) -> bytes:
+
+def write_agile_log(
+    events: list[tuple[int, int, dict[int, bytes], bytes]],
+    banks: dict[int, int] | None = None,
+    startup_locality: int | None = None,
+) -> bytes:
     """Build a crypto-agile log: ``events`` = (pcr, type, {alg: digest}, data)."""
     banks = banks or {s.ALG_SHA1: 20, s.ALG_SHA256: 32}
-    spec = s.TCG_EFI_SPEC_ID_EVENT.build({
-        "signature": s.SPEC_ID_SIGNATURE, "platformClass": 0, "specVersionMinor": 0, "specVersionMajor": 2,
-        "specErrata": 2, "uintnSize": 2,
-        "algorithms": [{"algorithmId": a, "digestSize": n} for a, n in banks.items()], "vendorInfo": b""})
-    out = bytearray(s.TCG_PCR_EVENT.build({"pcrIndex": 0, "eventType": s.EV_NO_ACTION, "digest": bytes(20),
-                                           "event": spec}))
+    spec = s.TCG_EFI_SPEC_ID_EVENT.build(
+        {
+            "signature": s.SPEC_ID_SIGNATURE,
+            "platformClass": 0,
+            "specVersionMinor": 0,
+            "specVersionMajor": 2,
+            "specErrata": 2,
+            "uintnSize": 2,
+            "algorithms": [{"algorithmId": a, "digestSize": n} for a, n in banks.items()],
+            "vendorInfo": b"",
+        }
+    )
+    out = bytearray(
+        s.TCG_PCR_EVENT.build({"pcrIndex": 0, "eventType": s.EV_NO_ACTION, "digest": bytes(20), "event": spec})
+    )
     allev = list(events)
     if startup_locality is not None:
-        allev.insert(0, (0, s.EV_NO_ACTION, {a: bytes(n) for a, n in banks.items()},
-                         s.STARTUP_LOCALITY_SIGNATURE + bytes([startup_locality])))
+        allev.insert(
+            0,
+            (
+                0,
+                s.EV_NO_ACTION,
+                {a: bytes(n) for a, n in banks.items()},
+                s.STARTUP_LOCALITY_SIGNATURE + bytes([startup_locality]),
+            ),
+        )
     for pcr, typ, digests, data in allev:
         out += s.TCG_PCR_EVENT2_HEAD.build({"pcrIndex": pcr, "eventType": typ, "digestCount": len(digests)})
         for a, d in digests.items():
@@ -323,8 +357,9 @@ def write_agile_log(events: list[tuple[int, int, dict[int, bytes], bytes]], bank
 
 def write_sha1_log(events: list[tuple[int, int, bytes, bytes]]) -> bytes:
     """Build a legacy SHA-1 log: ``events`` = (pcr, type, sha1 digest, data)."""
-    return b"".join(s.TCG_PCR_EVENT.build({"pcrIndex": p, "eventType": t, "digest": d, "event": data})
-                    for p, t, d, data in events)
+    return b"".join(
+        s.TCG_PCR_EVENT.build({"pcrIndex": p, "eventType": t, "digest": d, "event": data}) for p, t, d, data in events
+    )
 
 
 __all__ = ["parse_log", "read_log", "replay", "replay_log", "write_agile_log", "write_sha1_log"]

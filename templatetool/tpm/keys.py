@@ -83,9 +83,15 @@ class ParentKey:
             kind = f"RSA-{self.public_key.key_size}"
         else:
             kind = f"ECC-{self.public_key.curve.name}"
-        return {"type": kind, "name_alg": ALG_NAMES.get(self.name_alg, hex(self.name_alg)),
-                "attributes": f"0x{self.attributes:08x}", "symmetric": f"AES-{self.sym_bits}-CFB",
-                "name": self.name.hex(), "ek_style": self.is_ek_style, "source": self.source}
+        return {
+            "type": kind,
+            "name_alg": ALG_NAMES.get(self.name_alg, hex(self.name_alg)),
+            "attributes": f"0x{self.attributes:08x}",
+            "symmetric": f"AES-{self.sym_bits}-CFB",
+            "name": self.name.hex(),
+            "ek_style": self.is_ek_style,
+            "source": self.source,
+        }
 
 
 def object_name(public_area: bytes) -> bytes:
@@ -101,19 +107,26 @@ def parse_parent_public(public_area: bytes, source: str = "parent") -> ParentKey
     try:
         p = s.TPMT_PUBLIC.parse(public_area)
     except (ConstructError, ValueError) as e:
-        raise FormatError(f"not a valid TPMT_PUBLIC: {_short(e)}", source,
-                          "give the parent's TPM2B_PUBLIC (tpm2_readpublic -o), a PEM public key or a certificate") from None
+        raise FormatError(
+            f"not a valid TPMT_PUBLIC: {_short(e)}",
+            source,
+            "give the parent's TPM2B_PUBLIC (tpm2_readpublic -o), a PEM public key or a certificate",
+        ) from None
     if len(s.TPMT_PUBLIC.build(p)) != len(public_area):
         raise FormatError("trailing bytes after the TPMT_PUBLIC", source)
     if p.type not in (s.ALG_RSA, s.ALG_ECC):
-        raise UnsupportedError(f"parent key type 0x{p.type:04x} is not RSA or ECC", source,
-                               "seal to the vTPM's SRK or EK")
+        raise UnsupportedError(
+            f"parent key type 0x{p.type:04x} is not RSA or ECC", source, "seal to the vTPM's SRK or EK"
+        )
     if p.nameAlg not in ALG_NAMES or p.nameAlg == s.ALG_SM3_256:
         raise UnsupportedError(f"parent nameAlg 0x{p.nameAlg:04x} is not supported", source)
     attrs = p.objectAttributes
     if not (attrs & s.ATTR_RESTRICTED and attrs & s.ATTR_DECRYPT) or attrs & s.ATTR_SIGN:
-        raise UnsupportedError(f"parent is not a restricted decryption (storage) key (attributes 0x{attrs:08x})",
-                               source, "use the SRK (0x81000001) or the EK public")
+        raise UnsupportedError(
+            f"parent is not a restricted decryption (storage) key (attributes 0x{attrs:08x})",
+            source,
+            "use the SRK (0x81000001) or the EK public",
+        )
     sym = p.parameters.symmetric
     if sym.algorithm != s.ALG_AES or sym.mode != s.ALG_CFB or sym.keyBits not in (128, 256):
         raise UnsupportedError("parent symmetric algorithm is not AES-128/256-CFB", source)
@@ -123,17 +136,25 @@ def parse_parent_public(public_area: bytes, source: str = "parent") -> ParentKey
         if p.type == s.ALG_RSA:
             modulus = bytes(p.unique)
             if p.parameters.keyBits not in (1024, 2048, 3072, 4096) or len(modulus) * 8 != p.parameters.keyBits:
-                raise FormatError(f"RSA modulus of {len(modulus)} bytes does not match keyBits {p.parameters.keyBits}", source)
+                raise FormatError(
+                    f"RSA modulus of {len(modulus)} bytes does not match keyBits {p.parameters.keyBits}", source
+                )
             exponent = p.parameters.exponent or 65537
-            key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = rsa.RSAPublicNumbers(exponent, int.from_bytes(modulus, "big")).public_key()
+            key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey = rsa.RSAPublicNumbers(
+                exponent, int.from_bytes(modulus, "big")
+            ).public_key()
         else:
             curve = _CURVES.get(p.parameters.curveID)
             if curve is None:
-                raise UnsupportedError(f"ECC curve 0x{p.parameters.curveID:04x} is not supported", source, "use NIST P-256")
+                raise UnsupportedError(
+                    f"ECC curve 0x{p.parameters.curveID:04x} is not supported", source, "use NIST P-256"
+                )
             if p.parameters.kdf.scheme != s.ALG_NULL:
                 raise UnsupportedError("ECC parent with a KDF scheme is not supported", source)
             x, y = bytes(p.unique.x), bytes(p.unique.y)
-            key = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve[1]()).public_key()
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve[1]()
+            ).public_key()
     except ValueError as e:
         raise FormatError(f"parent public key is invalid: {e}", source) from None
     return ParentKey(public_area, p.type, p.nameAlg, attrs, sym.keyBits, key, source)
@@ -148,8 +169,7 @@ def template_public(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kind: str
     null = {"scheme": s.ALG_NULL, "hashAlg": None, "count": None}
     if isinstance(key, rsa.RSAPublicKey):
         n = key.public_numbers()
-        params = {"symmetric": sym, "scheme": null, "keyBits": key.key_size,
-                  "exponent": 0 if n.e == 65537 else n.e}
+        params = {"symmetric": sym, "scheme": null, "keyBits": key.key_size, "exponent": 0 if n.e == 65537 else n.e}
         unique: object = n.n.to_bytes((key.key_size + 7) // 8, "big")
         typ = s.ALG_RSA
     elif isinstance(key, ec.EllipticCurvePublicKey):
@@ -163,8 +183,16 @@ def template_public(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, kind: str
         typ = s.ALG_ECC
     else:
         raise UnsupportedError("parent key must be RSA or ECC")
-    area: bytes = s.TPMT_PUBLIC.build({"type": typ, "nameAlg": s.ALG_SHA256, "objectAttributes": attrs,
-                                       "authPolicy": policy, "parameters": params, "unique": unique})
+    area: bytes = s.TPMT_PUBLIC.build(
+        {
+            "type": typ,
+            "nameAlg": s.ALG_SHA256,
+            "objectAttributes": attrs,
+            "authPolicy": policy,
+            "parameters": params,
+            "unique": unique,
+        }
+    )
     return area
 
 
@@ -213,11 +241,15 @@ def parse_parent_bytes(data: bytes, template: str | None = None, source: str = "
         try:
             key = serialization.load_pem_public_key(stripped)
         except ValueError as e:
-            raise FormatError(f"bad PEM public key: {_short(e)}", source,
-                              "give a PUBLIC KEY or CERTIFICATE PEM (never the private key)") from None
+            raise FormatError(
+                f"bad PEM public key: {_short(e)}",
+                source,
+                "give a PUBLIC KEY or CERTIFICATE PEM (never the private key)",
+            ) from None
         except UnsupportedAlgorithm as e:
-            raise UnsupportedError(f"parent public key algorithm not supported: {_short(e)}", source,
-                                   "the parent key must be RSA or ECC") from None
+            raise UnsupportedError(
+                f"parent public key algorithm not supported: {_short(e)}", source, "the parent key must be RSA or ECC"
+            ) from None
         return _from_key(key, template or "srk", source)
     # TPM2B_PUBLIC (u16 size matches the file) or a raw TPMT_PUBLIC
     if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
@@ -234,12 +266,16 @@ def parse_parent_bytes(data: bytes, template: str | None = None, source: str = "
         except ValueError:
             pass
         except UnsupportedAlgorithm as e:
-            raise UnsupportedError(f"parent public key algorithm not supported: {_short(e)}", source,
-                                   "the parent key must be RSA or ECC") from None
+            raise UnsupportedError(
+                f"parent public key algorithm not supported: {_short(e)}", source, "the parent key must be RSA or ECC"
+            ) from None
     if len(data) >= 4 and int.from_bytes(data[:2], "big") in (s.ALG_RSA, s.ALG_ECC):
         return parse_parent_public(data, source)
-    raise FormatError("unrecognised parent key file", source,
-                      "give a TPM2B_PUBLIC (tpm2_readpublic -o), a PEM public key or an EK/SRK certificate")
+    raise FormatError(
+        "unrecognised parent key file",
+        source,
+        "give a TPM2B_PUBLIC (tpm2_readpublic -o), a PEM public key or an EK/SRK certificate",
+    )
 
 
 def _cert_public_key(cert: x509.Certificate, source: str) -> object:
@@ -247,8 +283,9 @@ def _cert_public_key(cert: x509.Certificate, source: str) -> object:
     try:
         return cert.public_key()
     except UnsupportedAlgorithm as e:
-        raise UnsupportedError(f"certificate public key algorithm not supported: {_short(e)}", source,
-                               "the parent key must be RSA or ECC") from None
+        raise UnsupportedError(
+            f"certificate public key algorithm not supported: {_short(e)}", source, "the parent key must be RSA or ECC"
+        ) from None
     except ValueError as e:
         raise FormatError(f"bad certificate public key: {_short(e)}", source) from None
 
@@ -293,12 +330,15 @@ def create_vtpm_key(out: str | os.PathLike[str], kind: str = "rsa") -> NewVtpmKe
     priv = generate_storage_key(kind)
     pub_area = template_public(priv.public_key(), "srk")
     parent = parse_parent_public(pub_area, base + ".pub")
-    key_pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+    key_pem = priv.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     write_secret_file(base + ".key", key_pem)
     write_bytes_atomic(base + ".pub", parent.tpm2b_public)
-    write_bytes_atomic(base + ".pem", priv.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_bytes_atomic(
+        base + ".pem",
+        priv.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    )
     return NewVtpmKey(base + ".key", base + ".pub", base + ".pem", parent)
 
 
@@ -331,5 +371,14 @@ def _short(e: Exception) -> str:
     return msg[:160]
 
 
-__all__ = ["create_vtpm_key", "generate_storage_key", "key_matches_parent", "load_parent", "load_private_key",
-           "object_name", "parse_parent_bytes", "parse_parent_public", "template_public"]
+__all__ = [
+    "create_vtpm_key",
+    "generate_storage_key",
+    "key_matches_parent",
+    "load_parent",
+    "load_private_key",
+    "object_name",
+    "parse_parent_bytes",
+    "parse_parent_public",
+    "template_public",
+]

@@ -30,8 +30,10 @@ def pcr_digest(pcr_values: Mapping[int, bytes], bank: int | str, policy_alg: int
     for i in check_pcrs(pcr_values):
         v = pcr_values[i]
         if len(v) != size:
-            raise UsageError(f"PCR {i} value has {len(v)} bytes, the {bank_name(bank_id(bank))} bank needs {size}",
-                             hint="give the full hex digest of the bank")
+            raise UsageError(
+                f"PCR {i} value has {len(v)} bytes, the {bank_name(bank_id(bank))} bank needs {size}",
+                hint="give the full hex digest of the bank",
+            )
         parts.append(v)
     return hash_bytes(policy_alg, *parts)
 
@@ -72,9 +74,14 @@ class Policy:
 COMMAND_NAMES: dict[int, str] = {s.CC_POLICY_PCR: "PolicyPCR", s.CC_POLICY_AUTH_VALUE: "PolicyAuthValue"}
 
 
-def compute_policy(bank: int | str, pcr_values: Mapping[int, bytes], *, auth_value: bool = False,
-                   policy_alg: int | str = "sha256",
-                   commands: Sequence[int] | None = None) -> Policy:
+def compute_policy(
+    bank: int | str,
+    pcr_values: Mapping[int, bytes],
+    *,
+    auth_value: bool = False,
+    policy_alg: int | str = "sha256",
+    commands: Sequence[int] | None = None,
+) -> Policy:
     """The policy digest for PolicyPCR over ``pcr_values`` (bank ``bank``), then PolicyAuthValue
     when ``auth_value`` (a PIN). ``commands`` overrides the assertion order (for replaying a
     recorded protector)."""
@@ -157,12 +164,20 @@ def _pairs_to_values(pairs: list[tuple[object, object]], bank: int | str, where:
             raise UsageError(f"bad PCR value for {str(k)[:10]!r}", where, "use decimal index and hex digest") from None
         check_pcrs([i])
         if len(val) != size:
-            raise UsageError(f"PCR {i} value has {len(val)} bytes, the {bank_name(bank_id(bank))} bank needs {size}", where)
+            raise UsageError(
+                f"PCR {i} value has {len(val)} bytes, the {bank_name(bank_id(bank))} bank needs {size}", where
+            )
         out[i] = val
     if not out:
         raise UsageError("no PCR values given", where)
     return out
 
 
-__all__ = ["compute_policy", "extend_policy_auth_value", "extend_policy_pcr", "parse_pcr_values", "pcr_digest",
-           "pcr_selection"]
+__all__ = [
+    "compute_policy",
+    "extend_policy_auth_value",
+    "extend_policy_pcr",
+    "parse_pcr_values",
+    "pcr_digest",
+    "pcr_selection",
+]

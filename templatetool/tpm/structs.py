@@ -188,12 +188,17 @@ TPMT_PUBLIC = Struct(
     "nameAlg" / Int16ub,
     "objectAttributes" / Int32ub,
     "authPolicy" / TPM2B(),
-    "parameters" / Switch(this.type, {
-        ALG_RSA: TPMS_RSA_PARMS,
-        ALG_ECC: TPMS_ECC_PARMS,
-        ALG_KEYEDHASH: TPMS_KEYEDHASH_PARMS,
-        ALG_SYMCIPHER: TPMS_SYMCIPHER_PARMS,
-    }, default=Const(b"\xff")),  # unknown type: fails to parse, reported as a FormatError
+    "parameters"
+    / Switch(
+        this.type,
+        {
+            ALG_RSA: TPMS_RSA_PARMS,
+            ALG_ECC: TPMS_ECC_PARMS,
+            ALG_KEYEDHASH: TPMS_KEYEDHASH_PARMS,
+            ALG_SYMCIPHER: TPMS_SYMCIPHER_PARMS,
+        },
+        default=Const(b"\xff"),
+    ),  # unknown type: fails to parse, reported as a FormatError
     "unique" / Switch(this.type, {ALG_ECC: TPMS_ECC_POINT}, default=TPM2B()),
 )
 
@@ -271,4 +276,3 @@ TCG_EVENT_SIZE = Int32ul
 
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 STARTUP_LOCALITY_EVENT = Struct("signature" / Const(STARTUP_LOCALITY_SIGNATURE), "locality" / Int8ub)
-

@@ -43,8 +43,9 @@ def _free_port_pair() -> int:
 class Swtpm:
     """A swtpm socket process with its own state directory."""
 
-    def __init__(self, state_dir: str | os.PathLike[str] | None = None, pcr_banks: str | None = None,
-                 key: bytes | None = None) -> None:
+    def __init__(
+        self, state_dir: str | os.PathLike[str] | None = None, pcr_banks: str | None = None, key: bytes | None = None
+    ) -> None:
         """``key``: the raw AES-256 key of an encrypted state (passed to swtpm through a pipe fd,
         never argv or a file); a state that does not verify with it is an IntegrityError."""
         self._own_dir = state_dir is None
@@ -74,16 +75,38 @@ class Swtpm:
             setup = shutil.which("swtpm_setup")
             if setup is None:
                 raise ResourceError("swtpm_setup is not installed")
-            subprocess.run([setup, "--tpm2", "--tpmstate", str(self.state_dir), "--pcr-banks", self.pcr_banks,
-                            "--config", "/dev/null", "--overwrite"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    setup,
+                    "--tpm2",
+                    "--tpmstate",
+                    str(self.state_dir),
+                    "--pcr-banks",
+                    self.pcr_banks,
+                    "--config",
+                    "/dev/null",
+                    "--overwrite",
+                ],
+                check=True,
+                capture_output=True,
+            )
         last = ""
         log_path = self.state_dir / "swtpm.stderr"
         for _ in range(10):
             self.port = _free_port_pair()
-            args = [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
-                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                    "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
-                    "--flags", "not-need-init,startup-clear"]
+            args = [
+                exe,
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state_dir}",
+                "--server",
+                f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ]
             fds: tuple[int, ...] = ()
             if self._key is not None:
                 r, w = os.pipe()
@@ -110,8 +133,11 @@ class Swtpm:
                 self.proc.wait(5)
             last = log_path.read_bytes().decode(errors="replace").strip()
             if self._key is not None and "HMAC failed" in last:
-                raise IntegrityError("swtpm refused the vTPM state: it does not verify with this key",
-                                     str(self.state_dir), "wrong transport key, or the state was altered")
+                raise IntegrityError(
+                    "swtpm refused the vTPM state: it does not verify with this key",
+                    str(self.state_dir),
+                    "wrong transport key, or the state was altered",
+                )
         raise ResourceError(f"swtpm did not start: {last[:200]}")
 
     def _ready(self) -> bool:

@@ -40,8 +40,9 @@ def new_transport_key() -> bytes:
 
 def _check_key(key: bytes) -> bytes:
     if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_SIZE:
-        raise UsageError(f"the vTPM state key must be {KEY_SIZE} raw bytes (AES-256)",
-                         hint="a binary key file of exactly 32 bytes")
+        raise UsageError(
+            f"the vTPM state key must be {KEY_SIZE} raw bytes (AES-256)", hint="a binary key file of exactly 32 bytes"
+        )
     return bytes(key)
 
 
@@ -67,10 +68,14 @@ class StateBlob:
 
     def to_json(self) -> dict[str, object]:
         """Public description (no key material; the ciphertext is described by its size)."""
-        return {"version": self.version, "min_version": self.min_version, "flags": f"0x{self.flags:02x}",
-                "encrypted": self.encrypted,
-                "cipher": "aes-256-cbc" if self.encrypted else None,
-                "tlvs": [{"tag": t, "length": len(v)} for t, v in self.tlvs]}
+        return {
+            "version": self.version,
+            "min_version": self.min_version,
+            "flags": f"0x{self.flags:02x}",
+            "encrypted": self.encrypted,
+            "cipher": "aes-256-cbc" if self.encrypted else None,
+            "tlvs": [{"tag": t, "length": len(v)} for t, v in self.tlvs],
+        }
 
 
 def parse_state(data: bytes, where: str = "vTPM state") -> StateBlob:
@@ -79,17 +84,26 @@ def parse_state(data: bytes, where: str = "vTPM state") -> StateBlob:
         raise FormatError(f"vTPM state too large ({len(data)} bytes)", where)
     if len(data) < st.HEADER_SIZE:
         raise FormatError("not a swtpm state blob (shorter than its header)", where)
-    hdr = st.BLOB_HEADER.parse(data[:st.HEADER_SIZE])
-    if hdr.version < st.BLOB_MIN_VERSION or hdr.hdrSize < st.HEADER_SIZE or hdr.hdrSize > len(data) \
-            or hdr.minVersion > hdr.version:
-        raise FormatError("not a swtpm state blob (bad header)", where,
-                          "give tpm2-00.permall of a swtpm state directory")
+    hdr = st.BLOB_HEADER.parse(data[: st.HEADER_SIZE])
+    if (
+        hdr.version < st.BLOB_MIN_VERSION
+        or hdr.hdrSize < st.HEADER_SIZE
+        or hdr.hdrSize > len(data)
+        or hdr.minVersion > hdr.version
+    ):
+        raise FormatError(
+            "not a swtpm state blob (bad header)", where, "give tpm2-00.permall of a swtpm state directory"
+        )
     if hdr.totalLength != len(data):
-        raise FormatError(f"swtpm state blob length {len(data)} differs from its header ({hdr.totalLength})", where,
-                          "the file is truncated or has trailing bytes")
+        raise FormatError(
+            f"swtpm state blob length {len(data)} differs from its header ({hdr.totalLength})",
+            where,
+            "the file is truncated or has trailing bytes",
+        )
     if hdr.minVersion > st.BLOB_VERSION or hdr.hdrSize != st.HEADER_SIZE:
-        raise UnsupportedError(f"swtpm state blob version {hdr.version} (header {hdr.hdrSize} bytes) is not supported",
-                               where)
+        raise UnsupportedError(
+            f"swtpm state blob version {hdr.version} (header {hdr.hdrSize} bytes) is not supported", where
+        )
     try:
         blob = st.STATE_BLOB.parse(data)
     except ConstructError:
@@ -103,11 +117,13 @@ def parse_state(data: bytes, where: str = "vTPM state") -> StateBlob:
     tags = [t for t, _ in out.tlvs]
     if out.encrypted:
         if not hdr.flags & st.FLAG_ENCRYPTED_256BIT_KEY:
-            raise UnsupportedError("swtpm state encrypted with a 128-bit key", where,
-                                   "templatetool uses aes-256-cbc state keys")
+            raise UnsupportedError(
+                "swtpm state encrypted with a 128-bit key", where, "templatetool uses aes-256-cbc state keys"
+            )
         if sorted(tags) != [st.TAG_ENCRYPTED_DATA, st.TAG_HMAC, st.TAG_IVEC_ENCRYPTED_DATA]:
-            raise FormatError(f"encrypted swtpm state needs exactly the ciphertext, HMAC and IV TLVs (has tags {tags})",
-                              where)
+            raise FormatError(
+                f"encrypted swtpm state needs exactly the ciphertext, HMAC and IV TLVs (has tags {tags})", where
+            )
         ct, mac, iv = (out.tlv(t) for t in (st.TAG_ENCRYPTED_DATA, st.TAG_HMAC, st.TAG_IVEC_ENCRYPTED_DATA))
         assert ct is not None and mac is not None and iv is not None
         if not ct or len(ct) % KEY_SIZE:
@@ -132,8 +148,11 @@ def decrypt_state(data: bytes, key: bytes | None, where: str = "vTPM state") -> 
     blob = parse_state(data, where)
     if not blob.encrypted:
         if key is not None:
-            raise IntegrityError("the vTPM state is not encrypted, but a key was given", where,
-                                 "an encrypted state was expected: the file may have been replaced")
+            raise IntegrityError(
+                "the vTPM state is not encrypted, but a key was given",
+                where,
+                "an encrypted state was expected: the file may have been replaced",
+            )
         v = blob.tlv(st.TAG_DATA)
         assert v is not None
         return v
@@ -143,8 +162,11 @@ def decrypt_state(data: bytes, key: bytes | None, where: str = "vTPM state") -> 
     ct, mac, iv = (blob.tlv(t) for t in (st.TAG_ENCRYPTED_DATA, st.TAG_HMAC, st.TAG_IVEC_ENCRYPTED_DATA))
     assert ct is not None and mac is not None and iv is not None
     if not hmac.compare_digest(_mac(key, ct, iv), mac):
-        raise IntegrityError("the vTPM state does not verify with this key (HMAC-SHA256)", where,
-                             "wrong transport key, or the state was altered")
+        raise IntegrityError(
+            "the vTPM state does not verify with this key (HMAC-SHA256)",
+            where,
+            "wrong transport key, or the state was altered",
+        )
     dec = Cipher(algorithms.AES(key), modes.CBC(iv[:_BLOCK])).decryptor()
     plain = dec.update(ct) + dec.finalize()
     n = plain[-1]
@@ -156,9 +178,18 @@ def decrypt_state(data: bytes, key: bytes | None, where: str = "vTPM state") -> 
 def _blob(flags: int, tlvs: list[tuple[int, bytes]]) -> bytes:
     body = [{"tag": t, "value": v} for t, v in tlvs]
     total = st.HEADER_SIZE + sum(6 + len(v) for _, v in tlvs)
-    out: bytes = st.STATE_BLOB.build({"header": {"version": st.BLOB_VERSION, "minVersion": st.BLOB_MIN_VERSION,
-                                           "hdrSize": st.HEADER_SIZE, "flags": flags, "totalLength": total},
-                                "tlvs": body})
+    out: bytes = st.STATE_BLOB.build(
+        {
+            "header": {
+                "version": st.BLOB_VERSION,
+                "minVersion": st.BLOB_MIN_VERSION,
+                "hdrSize": st.HEADER_SIZE,
+                "flags": flags,
+                "totalLength": total,
+            },
+            "tlvs": body,
+        }
+    )
     return out
 
 
@@ -175,8 +206,10 @@ def encrypt_state(plain: bytes, key: bytes, iv: bytes | None = None) -> bytes:
     n = KEY_SIZE - len(plain) % KEY_SIZE
     enc = Cipher(algorithms.AES(key), modes.CBC(iv[:_BLOCK])).encryptor()
     ct = enc.update(plain + bytes([n]) * n) + enc.finalize()
-    return _blob(st.FLAG_ENCRYPTED | st.FLAG_ENCRYPTED_256BIT_KEY,
-                 [(st.TAG_ENCRYPTED_DATA, ct), (st.TAG_HMAC, _mac(key, ct, iv)), (st.TAG_IVEC_ENCRYPTED_DATA, iv)])
+    return _blob(
+        st.FLAG_ENCRYPTED | st.FLAG_ENCRYPTED_256BIT_KEY,
+        [(st.TAG_ENCRYPTED_DATA, ct), (st.TAG_HMAC, _mac(key, ct, iv)), (st.TAG_IVEC_ENCRYPTED_DATA, iv)],
+    )
 
 
 def plain_state(plain: bytes) -> bytes:
@@ -192,5 +225,13 @@ def rekey_state(data: bytes, old_key: bytes | None, new_key: bytes, where: str =
     return encrypt_state(decrypt_state(data, old_key, where), new_key)
 
 
-__all__ = ["KEY_SIZE", "StateBlob", "decrypt_state", "encrypt_state", "new_transport_key", "parse_state",
-           "plain_state", "rekey_state"]
+__all__ = [
+    "KEY_SIZE",
+    "StateBlob",
+    "decrypt_state",
+    "encrypt_state",
+    "new_transport_key",
+    "parse_state",
+    "plain_state",
+    "rekey_state",
+]

@@ -25,8 +25,9 @@ def _tss() -> ModuleType:  # tpm2_pytss (untyped; attributes are Any)
     try:
         import tpm2_pytss
     except ImportError as e:
-        raise ResourceError(f"tpm2-pytss is not available: {e}",
-                            hint="pip install 'templatetool[tpm]' (needs libtss2)") from None
+        raise ResourceError(
+            f"tpm2-pytss is not available: {e}", hint="pip install 'templatetool[tpm]' (needs libtss2)"
+        ) from None
     t: ModuleType = tpm2_pytss
     return t
 
@@ -42,8 +43,11 @@ def open_tpm(tcti: str) -> Any:
     try:
         return t.ESAPI(t.TCTILdr.parse(tcti))
     except Exception as e:
-        raise ResourceError(f"cannot connect to the TPM: {str(e)[:120]}", tcti,
-                            "check the TCTI string (e.g. swtpm:host=127.0.0.1,port=2321, device:/dev/tpmrm0)") from None
+        raise ResourceError(
+            f"cannot connect to the TPM: {str(e)[:120]}",
+            tcti,
+            "check the TCTI string (e.g. swtpm:host=127.0.0.1,port=2321, device:/dev/tpmrm0)",
+        ) from None
 
 
 def _standard_templates(t: Any) -> list[tuple[Any, Any]]:
@@ -51,7 +55,10 @@ def _standard_templates(t: Any) -> list[tuple[Any, Any]]:
     from .keys import EK_ATTRIBUTES, EK_POLICY, SRK_ATTRIBUTES
 
     out = []
-    for hier, attrs, policy in ((t.ESYS_TR.OWNER, SRK_ATTRIBUTES, b""), (t.ESYS_TR.ENDORSEMENT, EK_ATTRIBUTES, EK_POLICY)):
+    for hier, attrs, policy in (
+        (t.ESYS_TR.OWNER, SRK_ATTRIBUTES, b""),
+        (t.ESYS_TR.ENDORSEMENT, EK_ATTRIBUTES, EK_POLICY),
+    ):
         for alg in ("rsa2048:aes128cfb", "ecc256:aes128cfb"):
             tmpl = t.TPM2B_PUBLIC.parse(alg, objectAttributes=attrs)
             tmpl.publicArea.authPolicy = policy
@@ -102,10 +109,12 @@ def find_parent(esys: Any, sess: _Session, parent_name: bytes, handles: list[int
         if bytes(esys.tr_get_name(h)) == parent_name:
             return sess.track(h)
         esys.flush_context(h)
-    raise NotFoundError("the protector's parent key is not in this TPM",
-                        f"parent Name {parent_name.hex()[:24]}...",
-                        "was the blob sealed to this vTPM's SRK/EK? give its persistent handle (parent_handle)",
-                        code="tpm.parent-handle")
+    raise NotFoundError(
+        "the protector's parent key is not in this TPM",
+        f"parent Name {parent_name.hex()[:24]}...",
+        "was the blob sealed to this vTPM's SRK/EK? give its persistent handle (parent_handle)",
+        code="tpm.parent-handle",
+    )
 
 
 def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
@@ -114,14 +123,22 @@ def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
     pub, *_ = esys.read_public(parent)
     if pub.publicArea.objectAttributes & t.TPMA_OBJECT.USERWITHAUTH:
         return t.ESYS_TR.PASSWORD
-    ps = sess.track(esys.start_auth_session(t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.POLICY,
-                                            t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL), t.TPM2_ALG.SHA256))
+    ps = sess.track(
+        esys.start_auth_session(
+            t.ESYS_TR.NONE,
+            t.ESYS_TR.NONE,
+            t.TPM2_SE.POLICY,
+            t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
+            t.TPM2_ALG.SHA256,
+        )
+    )
     esys.policy_secret(t.ESYS_TR.ENDORSEMENT, ps)
     return ps
 
 
-def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, parent_handle: int | None = None,
-                     esys: Any = None) -> bytes:
+def unseal_protector(
+    prot: Any, tcti: str, *, pin_auth: bytes | None = None, parent_handle: int | None = None, esys: Any = None
+) -> bytes:
     """Import → Load → policy session (recorded order) → Unseal. ``esys`` reuses an open context."""
     t = _tss()
     own = esys is None
@@ -138,9 +155,15 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
         pub = t.TPM2B_PUBLIC.unmarshal(prot.blob.tpm2b_public())[0]
         stage = "import"
         auth = _parent_auth_session(esys, sess, parent)
-        priv = esys.import_(parent, t.TPM2B_DATA(), pub, t.TPM2B_PRIVATE.unmarshal(prot.blob.tpm2b_private())[0],
-                            t.TPM2B_ENCRYPTED_SECRET.unmarshal(prot.blob.tpm2b_encrypted_secret())[0],
-                            t.TPMT_SYM_DEF_OBJECT(algorithm=t.TPM2_ALG.NULL), session1=auth)
+        priv = esys.import_(
+            parent,
+            t.TPM2B_DATA(),
+            pub,
+            t.TPM2B_PRIVATE.unmarshal(prot.blob.tpm2b_private())[0],
+            t.TPM2B_ENCRYPTED_SECRET.unmarshal(prot.blob.tpm2b_encrypted_secret())[0],
+            t.TPMT_SYM_DEF_OBJECT(algorithm=t.TPM2_ALG.NULL),
+            session1=auth,
+        )
         stage = "load"
         if auth != t.ESYS_TR.PASSWORD:
             esys.flush_context(auth)
@@ -148,8 +171,15 @@ def unseal_protector(prot: Any, tcti: str, *, pin_auth: bytes | None = None, par
             auth = _parent_auth_session(esys, sess, parent)
         obj = sess.track(esys.load(parent, priv, pub, session1=auth))
         stage = "policy"
-        ps = sess.track(esys.start_auth_session(t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.POLICY,
-                                                t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL), t.TPM2_ALG.SHA256))
+        ps = sess.track(
+            esys.start_auth_session(
+                t.ESYS_TR.NONE,
+                t.ESYS_TR.NONE,
+                t.TPM2_SE.POLICY,
+                t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
+                t.TPM2_ALG.SHA256,
+            )
+        )
         sel = t.TPML_PCR_SELECTION.unmarshal(prot.selection)[0]
         for cc in prot.commands:
             if cc == s.CC_POLICY_PCR:
@@ -189,8 +219,9 @@ def _translate(e: Any, stage: str) -> Exception:
     if base in (_RC_AUTH_FAIL, _RC_BAD_AUTH):
         return CredentialError(f"wrong PIN ({code})", stage)
     if stage in ("import", "load"):
-        return IntegrityError(f"the TPM rejected the sealed blob ({code})", stage,
-                              "the blob is damaged or sealed to another parent")
+        return IntegrityError(
+            f"the TPM rejected the sealed blob ({code})", stage, "the blob is damaged or sealed to another parent"
+        )
     return ResourceError(f"TPM command failed ({code}: {str(e)[:80]})", stage)
 
 

@@ -47,9 +47,14 @@ class ManufacturedVtpm:
     protector: bytes | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, object]:
-        return {"state_size": len(self.state), "srk_name": self.srk.name.hex(), "ek_name": self.ek.name.hex(),
-                "srk": self.srk.describe(), "ek": self.ek.describe(),
-                "protector_size": len(self.protector) if self.protector is not None else None}
+        return {
+            "state_size": len(self.state),
+            "srk_name": self.srk.name.hex(),
+            "ek_name": self.ek.name.hex(),
+            "srk": self.srk.describe(),
+            "ek": self.ek.describe(),
+            "protector_size": len(self.protector) if self.protector is not None else None,
+        }
 
 
 def _tss() -> Any:
@@ -81,18 +86,39 @@ def _swtpm_setup(state_dir: Path, key: bytes, pcr_banks: str) -> None:
     finally:
         os.close(w)
     try:
-        cp = subprocess.run([_tool("swtpm_setup"), "--tpm2", "--createek", "--create-spk", "--tpmstate", str(state_dir),
-                             "--config", "/dev/null", "--overwrite", "--pcr-banks", pcr_banks,
-                             "--keyfile-fd", str(r), "--cipher", "aes-256-cbc"],
-                            capture_output=True, pass_fds=(r,), timeout=60, check=False)
+        cp = subprocess.run(
+            [
+                _tool("swtpm_setup"),
+                "--tpm2",
+                "--createek",
+                "--create-spk",
+                "--tpmstate",
+                str(state_dir),
+                "--config",
+                "/dev/null",
+                "--overwrite",
+                "--pcr-banks",
+                pcr_banks,
+                "--keyfile-fd",
+                str(r),
+                "--cipher",
+                "aes-256-cbc",
+            ],
+            capture_output=True,
+            pass_fds=(r,),
+            timeout=60,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise ResourceError("swtpm_setup did not finish in 60 s") from None
     finally:
         os.close(r)
     if cp.returncode != 0 or not (state_dir / STATE_FILE).is_file():
         msg = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()
-        raise ResourceError(f"swtpm_setup failed (exit {cp.returncode}): {(msg[-1] if msg else '')[:160]}",
-                            hint="check the swtpm and swtpm-tools installation")
+        raise ResourceError(
+            f"swtpm_setup failed (exit {cp.returncode}): {(msg[-1] if msg else '')[:160]}",
+            hint="check the swtpm and swtpm-tools installation",
+        )
 
 
 class RunningVtpm:
@@ -139,16 +165,25 @@ def start_vtpm(state: bytes, key: bytes) -> Iterator[RunningVtpm]:
 
 def _read_publics(sw: RunningVtpm) -> tuple[ParentKey, ParentKey]:
     try:
-        return (_read_public(sw.tcti, s.SRK_HANDLE, "vTPM SRK 0x81000001"),
-                _read_public(sw.tcti, s.EK_HANDLE, "vTPM EK 0x81010001"))
+        return (
+            _read_public(sw.tcti, s.SRK_HANDLE, "vTPM SRK 0x81000001"),
+            _read_public(sw.tcti, s.EK_HANDLE, "vTPM EK 0x81010001"),
+        )
     except IntegrityError as e:  # swtpm_setup just made it: a missing key is the tools' fault
-        raise ResourceError(f"cannot read a public key from the new vTPM: {e.what}",
-                            hint="check the swtpm and swtpm-tools installation") from None
+        raise ResourceError(
+            f"cannot read a public key from the new vTPM: {e.what}", hint="check the swtpm and swtpm-tools installation"
+        ) from None
 
 
-def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes] | None = None,
-                     bank: str = "sha256", *, pin: str | None = None, key: bytes | None = None,
-                     pcr_banks: str = "sha256") -> ManufacturedVtpm:
+def manufacture_vtpm(
+    secret: bytes | None = None,
+    pcr_values: Mapping[int, bytes] | None = None,
+    bank: str = "sha256",
+    *,
+    pin: str | None = None,
+    key: bytes | None = None,
+    pcr_banks: str = "sha256",
+) -> ManufacturedVtpm:
     """Make a new vTPM (encrypted under ``key``, default a fresh random K) and, when ``secret``
     is given, seal it to the vTPM's own SRK under PolicyPCR(``pcr_values``) [+ PIN].
 
@@ -157,7 +192,9 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
     from .protector import seal_to_parent
 
     if secret is not None and not pcr_values:
-        raise UsageError("sealing into the vTPM needs PCR values", hint="give PCR values or a TCG log", code="tpm.pcr-values-needed")
+        raise UsageError(
+            "sealing into the vTPM needs PCR values", hint="give PCR values or a TCG log", code="tpm.pcr-values-needed"
+        )
     if secret is None and (pcr_values or pin is not None):
         raise UsageError("PCR values or a PIN without a secret to seal")
     if secret is not None:  # bad input fails before swtpm runs
@@ -176,7 +213,9 @@ def manufacture_vtpm(secret: bytes | None = None, pcr_values: Mapping[int, bytes
         shutil.rmtree(tmp, ignore_errors=True)
     blob = parse_state(state, "swtpm_setup output")
     if not blob.encrypted:
-        raise ResourceError("swtpm_setup wrote an unencrypted state", hint="use swtpm >= 0.7 (state encryption with aes-256-cbc)")
+        raise ResourceError(
+            "swtpm_setup wrote an unencrypted state", hint="use swtpm >= 0.7 (state encryption with aes-256-cbc)"
+        )
     with start_vtpm(state, key) as sw:
         srk, ek = _read_publics(sw)
     protector = None
@@ -202,8 +241,11 @@ def _read_public(tcti: str, handle: int, what: str) -> ParentKey:
             tr = esys.tr_from_tpmpublic(handle)
             pub, _, _ = esys.read_public(tr)
         except t.TSS2_Exception as e:
-            raise IntegrityError(f"the {what} is missing from the vTPM (TPM rc 0x{int(e.rc):x})", "vTPM state",
-                                 "the state is not a vTPM made by shield") from None
+            raise IntegrityError(
+                f"the {what} is missing from the vTPM (TPM rc 0x{int(e.rc):x})",
+                "vTPM state",
+                "the state is not a vTPM made by shield",
+            ) from None
         return parse_parent_public(bytes(pub.marshal())[2:], what)
     finally:
         esys.close()
@@ -233,8 +275,14 @@ def extend_pcrs(tcti: str, bank: str, events: Mapping[int, Sequence[bytes]]) -> 
         esys.close()
 
 
-def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | None = None,
-                   prepare: Callable[[str], object] | None = None) -> bytes:
+def unseal_in_vtpm(
+    state: bytes,
+    key: bytes,
+    protector: bytes,
+    *,
+    pin: str | None = None,
+    prepare: Callable[[str], object] | None = None,
+) -> bytes:
     """Start swtpm on the encrypted state and unseal ``protector`` through it. ``prepare(tcti)``
     (optional) runs first, e.g. to extend PCRs as a boot would. The TPM enforces the policy."""
     from .protector import unseal_with_tpm
@@ -245,5 +293,14 @@ def unseal_in_vtpm(state: bytes, key: bytes, protector: bytes, *, pin: str | Non
         return unseal_with_tpm(protector, sw.tcti, pin=pin)
 
 
-__all__ = ["STATE_FILE", "ManufacturedVtpm", "RunningVtpm", "extend_pcrs", "manufacture_vtpm", "read_srk_name",
-           "start_vtpm", "swtpm_missing", "unseal_in_vtpm"]
+__all__ = [
+    "STATE_FILE",
+    "ManufacturedVtpm",
+    "RunningVtpm",
+    "extend_pcrs",
+    "manufacture_vtpm",
+    "read_srk_name",
+    "start_vtpm",
+    "swtpm_missing",
+    "unseal_in_vtpm",
+]

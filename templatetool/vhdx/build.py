@@ -18,26 +18,43 @@ def file_identifier() -> bytes:
     return raw.ljust(64 * S.KiB, b"\0")
 
 
-def header(seq: int, file_write_guid: uuid.UUID, data_write_guid: uuid.UUID,
-           log_guid: uuid.UUID | None = None, log_offset: int = S.MiB, log_length: int = S.MiB) -> bytes:
+def header(
+    seq: int,
+    file_write_guid: uuid.UUID,
+    data_write_guid: uuid.UUID,
+    log_guid: uuid.UUID | None = None,
+    log_offset: int = S.MiB,
+    log_length: int = S.MiB,
+) -> bytes:
     """A 4 KiB header with its CRC-32C."""
-    raw = S.Header.build({
-        "signature": S.SIG_HEADER, "checksum": 0, "sequence_number": seq,
-        "file_write_guid": file_write_guid, "data_write_guid": data_write_guid,
-        "log_guid": log_guid or uuid.UUID(int=0), "log_version": 0, "version": 1,
-        "log_length": log_length, "log_offset": log_offset, "reserved": bytes(4016),
-    })
+    raw = S.Header.build(
+        {
+            "signature": S.SIG_HEADER,
+            "checksum": 0,
+            "sequence_number": seq,
+            "file_write_guid": file_write_guid,
+            "data_write_guid": data_write_guid,
+            "log_guid": log_guid or uuid.UUID(int=0),
+            "log_version": 0,
+            "version": 1,
+            "log_length": log_length,
+            "log_offset": log_offset,
+            "reserved": bytes(4016),
+        }
+    )
     return with_crc(raw, S.HEADER_CHECKSUM_OFFSET)
 
 
 def region_table(regions: Sequence[Region]) -> bytes:
     """A 64 KiB region table with its CRC-32C."""
     buf = bytearray(S.REGION_TABLE_SIZE)
-    buf[0:16] = S.RegionTableHeader.build({"signature": S.SIG_REGION, "checksum": 0,
-                                           "entry_count": len(regions), "reserved": 0})
+    buf[0:16] = S.RegionTableHeader.build(
+        {"signature": S.SIG_REGION, "checksum": 0, "entry_count": len(regions), "reserved": 0}
+    )
     for i, r in enumerate(regions):
-        buf[16 + 32 * i:48 + 32 * i] = S.RegionTableEntry.build(
-            {"guid": r.guid, "file_offset": r.offset, "length": r.length, "required": r.required})
+        buf[16 + 32 * i : 48 + 32 * i] = S.RegionTableEntry.build(
+            {"guid": r.guid, "file_offset": r.offset, "length": r.length, "required": r.required}
+        )
     return with_crc(buf, S.REGION_CHECKSUM_OFFSET)
 
 
@@ -48,15 +65,17 @@ def metadata_region(items: Sequence[MetaItem], min_length: int = S.MiB) -> bytes
     need = S.METADATA_TABLE_SIZE + sum(len(it.data) for it in items)
     length = max(min_length, align_up(need, S.MiB))
     buf = bytearray(length)
-    buf[0:32] = S.MetadataTableHeader.build({"signature": S.SIG_METADATA, "reserved": 0,
-                                             "entry_count": len(items), "reserved2": bytes(20)})
+    buf[0:32] = S.MetadataTableHeader.build(
+        {"signature": S.SIG_METADATA, "reserved": 0, "entry_count": len(items), "reserved2": bytes(20)}
+    )
     pos = S.METADATA_TABLE_SIZE
     for i, it in enumerate(items):
         if not it.data:
             raise UsageError("refusing to write a zero-length metadata item", str(it.item_id))
-        buf[32 + 32 * i:64 + 32 * i] = S.MetadataTableEntry.build(
-            {"item_id": it.item_id, "offset": pos, "length": len(it.data), "flags": it.flags, "reserved2": 0})
-        buf[pos:pos + len(it.data)] = it.data
+        buf[32 + 32 * i : 64 + 32 * i] = S.MetadataTableEntry.build(
+            {"item_id": it.item_id, "offset": pos, "length": len(it.data), "flags": it.flags, "reserved2": 0}
+        )
+        buf[pos : pos + len(it.data)] = it.data
         pos += len(it.data)
     return bytes(buf)
 
@@ -73,15 +92,18 @@ def parent_locator(pairs: dict[str, str]) -> bytes:
         strings += kb
         voff = base + len(strings)
         strings += vb
-        entries += S.ParentLocatorEntry.build({"key_offset": koff, "value_offset": voff,
-                                               "key_length": len(kb), "value_length": len(vb)})
-    head: bytes = S.ParentLocatorHeader.build({"locator_type": S.VHDX_PARENT_LOCATOR_TYPE, "reserved": 0,
-                                        "key_value_count": n})
+        entries += S.ParentLocatorEntry.build(
+            {"key_offset": koff, "value_offset": voff, "key_length": len(kb), "value_length": len(vb)}
+        )
+    head: bytes = S.ParentLocatorHeader.build(
+        {"locator_type": S.VHDX_PARENT_LOCATOR_TYPE, "reserved": 0, "key_value_count": n}
+    )
     return head + bytes(entries) + bytes(strings)
 
 
-def system_items(block_size: int, flags: int, size: int, disk_id: uuid.UUID, lss: int, pss: int,
-                 locator: bytes | None = None) -> list[MetaItem]:
+def system_items(
+    block_size: int, flags: int, size: int, disk_id: uuid.UUID, lss: int, pss: int, locator: bytes | None = None
+) -> list[MetaItem]:
     """The system metadata items, flagged as Windows writes them."""
     req, vd = S.MD_IS_REQUIRED, S.MD_IS_REQUIRED | S.MD_IS_VIRTUAL_DISK
     items = [

@@ -74,15 +74,18 @@ def _pyvhdi_chain(disk: VhdxDisk) -> list[Any]:
     return files
 
 
-def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
-                progress: bool = True) -> list[Finding]:
+def cross_check(
+    path: PathLike, parent_search: Sequence[PathLike] | None = None, progress: bool = True
+) -> list[Finding]:
     """Compare every byte we read with what libvhdi (pyvhdi) reads; returns findings."""
     findings: list[Finding] = []
     try:
         import pyvhdi  # noqa: F401 -- optional extra: probe before opening anything
     except ImportError:
-        raise ResourceError("the cross-check needs the libvhdi-python module (pyvhdi), an optional extra",
-                            hint="pip install 'templatetool[vhdi]'") from None
+        raise ResourceError(
+            "the cross-check needs the libvhdi-python module (pyvhdi), an optional extra",
+            hint="pip install 'templatetool[vhdi]'",
+        ) from None
     with open_vhdx(path, parent_search=parent_search) as disk:
         try:
             files = _pyvhdi_chain(disk)
@@ -92,8 +95,9 @@ def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
             top = files[0]
             their = top.get_media_size()
             if their != disk.size:
-                return [Finding("error", "integrity", f"virtual size differs: ours {disk.size}, libvhdi {their}",
-                                str(path))]
+                return [
+                    Finding("error", "integrity", f"virtual size differs: ours {disk.size}, libvhdi {their}", str(path))
+                ]
             pos = 0
             with progress_bar(disk.size, "cross-check") if progress else _NullBar() as bar:
                 while pos < disk.size:
@@ -105,9 +109,14 @@ def cross_check(path: PathLike, parent_search: Sequence[PathLike] | None = None,
                         return [Finding("error", "integrity", f"libvhdi read failed at {pos}: {e}", str(path))]
                     if a != b:
                         k = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), 0)
-                        findings.append(Finding("error", "integrity",
-                                                f"content differs from libvhdi at virtual offset {pos + k}",
-                                                str(path)))
+                        findings.append(
+                            Finding(
+                                "error",
+                                "integrity",
+                                f"content differs from libvhdi at virtual offset {pos + k}",
+                                str(path),
+                            )
+                        )
                         break
                     bar.update(n)
                     pos += n

@@ -16,8 +16,12 @@ from .layout import align_up
 from .writer import DEFAULT_BLOCK_SIZE, is_vhdx, write_new_vhdx
 
 
-def open_image(path: PathLike, writable: bool = False,
-               parent_search: Sequence[PathLike] | None = None, sector_size: int | None = None) -> BlockDevice:
+def open_image(
+    path: PathLike,
+    writable: bool = False,
+    parent_search: Sequence[PathLike] | None = None,
+    sector_size: int | None = None,
+) -> BlockDevice:
     """Open a raw image or a VHDX, detected by the ``vhdxfile`` signature (not the name).
 
     A raw image's logical sector size is ``sector_size``, else detected from its GPT (LBA 1 at
@@ -64,7 +68,7 @@ def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
     written = 0
     buf = bytearray(_BUF)
     mv = memoryview(buf)
-    with (progress_bar(total, desc) if show else _NullBar()) as bar:
+    with progress_bar(total, desc) if show else _NullBar() as bar:
         for off, n in ranges:
             pos, end = off, off + n
             while pos < end:
@@ -77,7 +81,7 @@ def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
                     q = min(k, p + CHUNK - (pos + p) % CHUNK)
                     if is_zero(mv[p:q]):
                         if run_len:
-                            dst.write(pos + run_start, mv[run_start:run_start + run_len])
+                            dst.write(pos + run_start, mv[run_start : run_start + run_len])
                             written += run_len
                             run_len = 0
                     else:
@@ -86,7 +90,7 @@ def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
                         run_len += q - p
                     p = q
                 if run_len:
-                    dst.write(pos + run_start, mv[run_start:run_start + run_len])
+                    dst.write(pos + run_start, mv[run_start : run_start + run_len])
                     written += run_len
                 bar.update(k)
                 pos += k
@@ -104,10 +108,16 @@ class _NullBar:
         return None
 
 
-def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", subformat: str = "dynamic",
-            block_size: int | None = None, progress: bool = True,
-            parent_search: Sequence[PathLike] | None = None,
-            logical_sector_size: int | None = None) -> dict[str, Any]:
+def convert(
+    src: BlockDevice | PathLike,
+    dst_path: PathLike,
+    to: str = "vhdx",
+    subformat: str = "dynamic",
+    block_size: int | None = None,
+    progress: bool = True,
+    parent_search: Sequence[PathLike] | None = None,
+    logical_sector_size: int | None = None,
+) -> dict[str, Any]:
     """Copy ``src`` (raw or VHDX, a path or an open BlockDevice) to a new VHDX or raw file.
 
     Streams over ``src.allocated_ranges()`` and skips all-zero 1 MiB chunks, so holes and
@@ -123,13 +133,19 @@ def convert(src: BlockDevice | PathLike, dst_path: PathLike, to: str = "vhdx", s
     if logical_sector_size not in (None, 512, 4096):
         raise UsageError(f"logical sector size {logical_sector_size} is not 512 or 4096")
     own = not isinstance(src, BlockDevice)
-    dev: BlockDevice = src if isinstance(src, BlockDevice) else open_image(src, parent_search=parent_search,
-                                                                          sector_size=logical_sector_size)
+    dev: BlockDevice = (
+        src
+        if isinstance(src, BlockDevice)
+        else open_image(src, parent_search=parent_search, sector_size=logical_sector_size)
+    )
     try:
         if logical_sector_size and dev.sector_size != logical_sector_size:
-            raise UsageError(f"the source has {dev.sector_size}-byte logical sectors, not {logical_sector_size}",
-                             dev.name, "a logical sector size reinterprets raw images only",
-                             code="vhdx.sector-size-raw-only")
+            raise UsageError(
+                f"the source has {dev.sector_size}-byte logical sectors, not {logical_sector_size}",
+                dev.name,
+                "a logical sector size reinterprets raw images only",
+                code="vhdx.sector-size-raw-only",
+            )
         if not isinstance(src, BlockDevice) and os.path.exists(dst_path) and os.path.samefile(src, dst_path):
             raise UsageError("source and destination are the same file", str(dst_path))
         if dev.size <= 0:

@@ -41,8 +41,12 @@ from .layout import (
 
 PathLike = str | os.PathLike[str]
 
-_PARENT_READ_STATES = (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_UNMAPPED,
-                       S.PAYLOAD_BLOCK_UNMAPPED_V095)
+_PARENT_READ_STATES = (
+    S.PAYLOAD_BLOCK_NOT_PRESENT,
+    S.PAYLOAD_BLOCK_UNDEFINED,
+    S.PAYLOAD_BLOCK_UNMAPPED,
+    S.PAYLOAD_BLOCK_UNMAPPED_V095,
+)
 
 
 def _open_fd(path: PathLike, writable: bool) -> int:
@@ -103,8 +107,9 @@ def parse_guid_text(text: str) -> uuid.UUID | None:
         return None
 
 
-def parent_candidates(child: Path, locator: dict[str, str],
-                      parent_search: Sequence[PathLike] | None = None) -> list[Path]:
+def parent_candidates(
+    child: Path, locator: dict[str, str], parent_search: Sequence[PathLike] | None = None
+) -> list[Path]:
     """Where to look for the parent: relative_path, volume_path, absolute_win32_path (spec order),
     each also read as a plain POSIX path, then the parent's file name in ``parent_search``."""
     out: list[Path] = []
@@ -145,8 +150,13 @@ def parent_candidates(child: Path, locator: dict[str, str],
 class VhdxDisk(BlockDevice):
     """An open VHDX file. Use :func:`open_vhdx` / :func:`create_vhdx` rather than the constructor."""
 
-    def __init__(self, path: PathLike, writable: bool = False,
-                 parent_search: Sequence[PathLike] | None = None, _chain: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        writable: bool = False,
+        parent_search: Sequence[PathLike] | None = None,
+        _chain: tuple[str, ...] = (),
+    ) -> None:
         self.path = Path(path)
         self.name = str(path)
         self.writable = writable
@@ -190,9 +200,12 @@ class VhdxDisk(BlockDevice):
         found = next((p for p in tried if p.is_file()), None)
         if found is None:
             shown = ", ".join(str(p) for p in tried) or "(no usable path in the locator)"
-            raise NotFoundError(f"parent disk not found; tried {shown}", self.name,
-                                "the parent was moved or deleted: put it back or pass its folder (parent_search)",
-                                code="vhdx.parent-missing")
+            raise NotFoundError(
+                f"parent disk not found; tried {shown}",
+                self.name,
+                "the parent was moved or deleted: put it back or pass its folder (parent_search)",
+                code="vhdx.parent-missing",
+            )
         if os.path.realpath(found) in chain:
             raise FormatError(f"parent chain has a cycle: {found} is already in the chain", self.name)
         parent = VhdxDisk(found, writable=False, parent_search=parent_search, _chain=chain)
@@ -203,8 +216,10 @@ class VhdxDisk(BlockDevice):
             if parent.data_write_guid not in [w for w in want if w is not None]:
                 raise IntegrityError(
                     f"parent {found} changed after this child was made: its DataWriteGuid is "
-                    f"{{{parent.data_write_guid}}}, the child expects {{{want[0]}}}", self.name,
-                    "the chain is broken; use the parent this child was created from")
+                    f"{{{parent.data_write_guid}}}, the child expects {{{want[0]}}}",
+                    self.name,
+                    "the chain is broken; use the parent this child was created from",
+                )
             if parent.logical_sector_size != self.logical_sector_size:
                 raise FormatError("parent and child logical sector sizes differ", self.name)
         except BaseException:
@@ -276,24 +291,29 @@ class VhdxDisk(BlockDevice):
                     run_n += n
                 else:
                     if run_n:
-                        _preadv_into(self._fd, dst[run_b:run_b + run_n], run_f, self.name)
+                        _preadv_into(self._fd, dst[run_b : run_b + run_n], run_f, self.name)
                     run_f, run_b, run_n = f, b, n
             else:
                 if run_n:
-                    _preadv_into(self._fd, dst[run_b:run_b + run_n], run_f, self.name)
+                    _preadv_into(self._fd, dst[run_b : run_b + run_n], run_f, self.name)
                     run_n = 0
                 if st == S.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self.parent is not None:
-                    self._read_partial(blk, e, pos, dst[b:b + n])
+                    self._read_partial(blk, e, pos, dst[b : b + n])
                 elif self.parent is not None and st in _PARENT_READ_STATES:
-                    self._read_parent(pos, dst[b:b + n])
-                elif st in (S.PAYLOAD_BLOCK_NOT_PRESENT, S.PAYLOAD_BLOCK_UNDEFINED, S.PAYLOAD_BLOCK_ZERO,
-                            S.PAYLOAD_BLOCK_UNMAPPED, S.PAYLOAD_BLOCK_UNMAPPED_V095):
-                    dst[b:b + n] = bytes(n)
+                    self._read_parent(pos, dst[b : b + n])
+                elif st in (
+                    S.PAYLOAD_BLOCK_NOT_PRESENT,
+                    S.PAYLOAD_BLOCK_UNDEFINED,
+                    S.PAYLOAD_BLOCK_ZERO,
+                    S.PAYLOAD_BLOCK_UNMAPPED,
+                    S.PAYLOAD_BLOCK_UNMAPPED_V095,
+                ):
+                    dst[b : b + n] = bytes(n)
                 else:
                     raise FormatError(f"BAT entry for block {blk} has invalid state {st}", self.name)
             pos += n
         if run_n:
-            _preadv_into(self._fd, dst[run_b:run_b + run_n], run_f, self.name)
+            _preadv_into(self._fd, dst[run_b : run_b + run_n], run_f, self.name)
 
     def _read_parent(self, pos: int, dst: memoryview) -> None:
         assert self.parent is not None
@@ -328,7 +348,7 @@ class VhdxDisk(BlockDevice):
         n = len(dst)
         s0, s1 = pos // lss, -(-(pos + n) // lss)
         bits, _, first = self._bitmap_bits(blk, s0, s1)
-        sel = bits[first:first + (s1 - s0)]
+        sel = bits[first : first + (s1 - s0)]
         base = entry & S.BAT_OFFSET_MASK
         blk_start = blk * self.block_size
         # runs of equal bits
@@ -340,7 +360,7 @@ class VhdxDisk(BlockDevice):
             hi = min(pos + n, (s0 + z) * lss)
             if hi <= lo:
                 continue
-            piece = dst[lo - pos:hi - pos]
+            piece = dst[lo - pos : hi - pos]
             if sel[a]:
                 _preadv_into(self._fd, piece, base + (lo - blk_start), self.name)
             else:
@@ -429,7 +449,9 @@ class VhdxDisk(BlockDevice):
         h = lay.header
         fwg = uuid.uuid4()
         dwg = uuid.uuid4() if new_dwg else h.data_write_guid
-        seq = max(x.sequence_number for x, ok in zip(lay.headers, lay.header_valid, strict=True) if ok and x is not None)
+        seq = max(
+            x.sequence_number for x, ok in zip(lay.headers, lay.header_valid, strict=True) if ok and x is not None
+        )
         other = 1 - lay.current
         for i, slot in enumerate((other, lay.current)):
             raw = build.header(seq + 1 + i, fwg, dwg, None, h.log_offset, h.log_length)
@@ -470,7 +492,7 @@ class VhdxDisk(BlockDevice):
             blk = pos // bs
             boff = pos - blk * bs
             n = min(bs - boff, end - pos)
-            self._write_block(blk, boff, mv[pos - offset:pos - offset + n])
+            self._write_block(blk, boff, mv[pos - offset : pos - offset + n])
             pos += n
 
     def _block_len(self, blk: int) -> int:
@@ -550,12 +572,12 @@ class VhdxDisk(BlockDevice):
             buf = head + bytes(chunk) + tail
         _pwrite_all(self._fd, buf, base + (lo - blk_start), self.name)
         bits, foff, first = self._bitmap_bits(blk, s0, s1)
-        bits[first:first + (s1 - s0)] = 1
+        bits[first : first + (s1 - s0)] = 1
         _pwrite_all(self._fd, np.packbits(bits, bitorder="little").tobytes(), foff, self.name)
         # a block whose sectors are all present becomes FULLY_PRESENT
         bl = self._block_len(blk)
         bbits, _, bfirst = self._bitmap_bits(blk, blk_start // lss, (blk_start + bl) // lss)
-        if bbits[bfirst:bfirst + bl // lss].all():
+        if bbits[bfirst : bfirst + bl // lss].all():
             self._set_bat(blk + blk // self._cr, base | S.PAYLOAD_BLOCK_FULLY_PRESENT)
 
     # --- user metadata --------------------------------------------------------------------
@@ -579,8 +601,9 @@ class VhdxDisk(BlockDevice):
         if not data:
             raise UsageError("a metadata item cannot be empty (libvhdi rejects zero-length items)", str(gid))
         if len(data) > S.MAX_ITEM_SIZE:
-            raise UsageError(f"metadata item of {len(data)} bytes exceeds the 1 MiB limit", str(gid),
-                             "split it into several items")
+            raise UsageError(
+                f"metadata item of {len(data)} bytes exceeds the 1 MiB limit", str(gid), "split it into several items"
+            )
         items = [it for it in self.layout.items if not (it.is_user and it.item_id == gid)]
         if sum(it.is_user for it in items) >= S.MAX_USER_ITEMS:
             raise UsageError("the disk already holds 1024 user metadata items", self.name)
@@ -657,8 +680,7 @@ def _as_uuid(v: uuid.UUID | str) -> uuid.UUID:
     return g
 
 
-def open_vhdx(path: PathLike, writable: bool = False,
-              parent_search: Sequence[PathLike] | None = None) -> VhdxDisk:
+def open_vhdx(path: PathLike, writable: bool = False, parent_search: Sequence[PathLike] | None = None) -> VhdxDisk:
     """Open a VHDX (fixed, dynamic or differencing, following its parent chain) as a BlockDevice.
 
     Raises FormatError/IntegrityError for corrupt files, UnsupportedError for a log that needs a

@@ -42,8 +42,13 @@ class Finding:
         return s
 
     def to_json(self) -> dict[str, Any]:
-        return {"severity": self.severity, "kind": self.kind, "message": self.message,
-                "where": self.where, "hint": self.hint}
+        return {
+            "severity": self.severity,
+            "kind": self.kind,
+            "message": self.message,
+            "where": self.where,
+            "hint": self.hint,
+        }
 
     @classmethod
     def from_error(cls, e: TemplateToolError) -> Finding:
@@ -65,16 +70,16 @@ class Reporter:
     def _where(self, where: str | None) -> str:
         return f"{self.name}: {where}" if where else self.name
 
-    def fail(self, cls: type[TemplateToolError], what: str, where: str | None = None,
-             hint: str | None = None) -> NoReturn:
+    def fail(
+        self, cls: type[TemplateToolError], what: str, where: str | None = None, hint: str | None = None
+    ) -> NoReturn:
         """A problem that stops parsing in both modes."""
         if not self.collect:
             raise cls(what, self._where(where), hint)
         self.findings.append(Finding("error", cls.kind, what, where, hint))
         raise Stop
 
-    def error(self, cls: type[TemplateToolError], what: str, where: str | None = None,
-              hint: str | None = None) -> None:
+    def error(self, cls: type[TemplateToolError], what: str, where: str | None = None, hint: str | None = None) -> None:
         """Refuses the open; in check mode it is recorded and parsing continues."""
         if not self.collect:
             raise cls(what, self._where(where), hint)
@@ -112,14 +117,14 @@ def crc_with_zeroed(buf: bytes, checksum_offset: int) -> int:
     """CRC-32C of ``buf`` with the 4-byte checksum field at ``checksum_offset`` counted as zero."""
     c = crc32c.crc32c(buf[:checksum_offset])
     c = crc32c.crc32c(b"\0\0\0\0", c)
-    return crc32c.crc32c(buf[checksum_offset + 4:], c)
+    return crc32c.crc32c(buf[checksum_offset + 4 :], c)
 
 
 def with_crc(buf: bytes | bytearray, checksum_offset: int) -> bytes:
     """Return ``buf`` with its CRC-32C stored at ``checksum_offset``."""
     b = bytearray(buf)
-    b[checksum_offset:checksum_offset + 4] = b"\0\0\0\0"
-    b[checksum_offset:checksum_offset + 4] = crc32c.crc32c(bytes(b)).to_bytes(4, "little")
+    b[checksum_offset : checksum_offset + 4] = b"\0\0\0\0"
+    b[checksum_offset : checksum_offset + 4] = crc32c.crc32c(bytes(b)).to_bytes(4, "little")
     return bytes(b)
 
 
@@ -239,12 +244,11 @@ def _scan_log(fd: int, h: Any, file_size: int) -> int:
     while pos < end:
         piece = pread_exact(fd, min(S.MiB, end - pos), pos)
         for k in range(0, len(piece) - 63, S.LOG_SECTOR):
-            if piece[k:k + 4] != S.SIG_LOG_ENTRY:
+            if piece[k : k + 4] != S.SIG_LOG_ENTRY:
                 continue
-            e = S.LogEntryHeader.parse(piece[k:k + 64])
+            e = S.LogEntryHeader.parse(piece[k : k + 64])
             el = e.entry_length
-            if (el == 0 or el % S.LOG_SECTOR or el > length or e.sequence_number == 0
-                    or e.log_guid != h.log_guid):
+            if el == 0 or el % S.LOG_SECTOR or el > length or e.sequence_number == 0 or e.log_guid != h.log_guid:
                 continue
             entry = pread_exact(fd, el, pos + k)
             if len(entry) == el and crc_with_zeroed(entry, S.LOG_ENTRY_CHECKSUM_OFFSET) == e.checksum:
@@ -266,7 +270,7 @@ def _parse_region_table(raw: bytes) -> tuple[list[Region] | None, str | None, ty
         return None, f"entry count {rh.entry_count} exceeds 2047", FormatError
     out = []
     for i in range(rh.entry_count):
-        e = S.RegionTableEntry.parse(raw[16 + 32 * i:48 + 32 * i])
+        e = S.RegionTableEntry.parse(raw[16 + 32 * i : 48 + 32 * i])
         out.append(Region(e.guid, e.file_offset, e.length, e.required))
     return out, None, FormatError
 
@@ -284,14 +288,14 @@ def parse_locator(data: bytes, rep: Reporter) -> dict[str, str]:
         rep.fail(FormatError, f"parent locator claims {n} entries but holds only {len(data)} bytes", where)
     out: dict[str, str] = {}
     for i in range(n):
-        e = S.ParentLocatorEntry.parse(data[20 + 12 * i:32 + 12 * i])
+        e = S.ParentLocatorEntry.parse(data[20 + 12 * i : 32 + 12 * i])
         spans = ((e.key_offset, e.key_length), (e.value_offset, e.value_length))
         for off, ln in spans:
             if off == 0 or ln == 0 or ln % 2 or off + ln > len(data):
                 rep.fail(FormatError, f"parent locator entry {i} has an invalid offset/length", where)
         try:
-            key = data[e.key_offset:e.key_offset + e.key_length].decode("utf-16-le")
-            val = data[e.value_offset:e.value_offset + e.value_length].decode("utf-16-le")
+            key = data[e.key_offset : e.key_offset + e.key_length].decode("utf-16-le")
+            val = data[e.value_offset : e.value_offset + e.value_length].decode("utf-16-le")
         except UnicodeDecodeError:
             rep.fail(FormatError, f"parent locator entry {i} is not valid UTF-16LE", where)
         if key in out:
@@ -312,8 +316,11 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         rep.fail(FormatError, "not a VHDX file (no 'vhdxfile' signature at offset 0)", "offset 0")
     creator = ident[8:520].decode("utf-16-le", "replace").split("\0")[0] if len(ident) >= 520 else ""
     if file_size < S.REGION_TABLE_OFFSETS[1] + S.REGION_TABLE_SIZE:
-        rep.fail(FormatError, f"file is truncated: {file_size} bytes, shorter than the 320 KiB header section",
-                 hint="the copy is incomplete")
+        rep.fail(
+            FormatError,
+            f"file is truncated: {file_size} bytes, shorter than the 320 KiB header section",
+            hint="the copy is incomplete",
+        )
 
     # --- headers
     headers: list[Any | None] = []
@@ -329,8 +336,11 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         if problem:
             problems.append((f"header {i + 1}: {problem}", cls))
     if not any(valid):
-        cls = UnsupportedError if any(c is UnsupportedError for _, c in problems) else (
-            IntegrityError if any(c is IntegrityError for _, c in problems) else FormatError)
+        cls = (
+            UnsupportedError
+            if any(c is UnsupportedError for _, c in problems)
+            else (IntegrityError if any(c is IntegrityError for _, c in problems) else FormatError)
+        )
         rep.fail(cls, "no valid VHDX header: " + "; ".join(p for p, _ in problems), "headers at 64 KiB and 128 KiB")
     for p, _ in problems:
         rep.flaw(p, "headers", "the other header is used")
@@ -355,15 +365,22 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
             rep.error(FormatError, f"log at {h.log_offset}+{h.log_length} is not 1 MiB aligned", "header")
             log_ok = False
         elif h.log_offset + h.log_length > file_size:
-            rep.error(FormatError, f"log region {h.log_offset}+{h.log_length} lies past the end of the file "
-                                   f"({file_size} bytes)", "header", "the file is truncated")
+            rep.error(
+                FormatError,
+                f"log region {h.log_offset}+{h.log_length} lies past the end of the file ({file_size} bytes)",
+                "header",
+                "the file is truncated",
+            )
             log_ok = False
     if h.log_guid.int != 0:
         n = _scan_log(fd, h, file_size) if (log_ok and h.log_length) else 0
         if n:
-            rep.fail(UnsupportedError,
-                     f"the log holds {n} unreplayed entr{'y' if n == 1 else 'ies'}: the file was not closed cleanly",
-                     "log", "replay it into a copy first: templatetool vhdx replay-log FILE COPY.vhdx")
+            rep.fail(
+                UnsupportedError,
+                f"the log holds {n} unreplayed entr{'y' if n == 1 else 'ies'}: the file was not closed cleanly",
+                "log",
+                "replay it into a copy first: templatetool vhdx replay-log FILE COPY.vhdx",
+            )
         rep.warn("LogGuid is set but the log holds no valid entry (nothing to replay)", "header")
 
     # --- region tables
@@ -375,8 +392,12 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         t, problem, cls = _parse_region_table(raw)
         tables.append(t)
         if problem:
-            rep.error(cls, f"region table {i + 1}: {problem}", f"offset {off}",
-                      "libvhdi refuses files with any bad region table")
+            rep.error(
+                cls,
+                f"region table {i + 1}: {problem}",
+                f"offset {off}",
+                "libvhdi refuses files with any bad region table",
+            )
     if tables[0] is None and tables[1] is None:
         rep.fail(FormatError, "no usable region table", "region tables")
     if tables[0] is not None and tables[1] is not None and traws[0] != traws[1]:
@@ -394,14 +415,22 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         seen[r.guid] = r
         if r.guid not in (S.BAT_REGION, S.METADATA_REGION):
             if r.required & 1:
-                rep.fail(UnsupportedError, f"unknown required region {r.guid}", where,
-                         "a newer writer made this file; it cannot be read safely")
+                rep.fail(
+                    UnsupportedError,
+                    f"unknown required region {r.guid}",
+                    where,
+                    "a newer writer made this file; it cannot be read safely",
+                )
             continue
         if r.offset % S.MiB or r.offset < S.MiB or r.length % S.MiB or r.length == 0:
             rep.fail(FormatError, f"region {name} at {r.offset}+{r.length} is not 1 MiB aligned", where)
         if r.offset + r.length > file_size:
-            rep.fail(FormatError, f"region {name} ({r.offset}+{r.length}) lies past the end of the file "
-                                  f"({file_size} bytes)", where, "the file is truncated")
+            rep.fail(
+                FormatError,
+                f"region {name} ({r.offset}+{r.length}) lies past the end of the file ({file_size} bytes)",
+                where,
+                "the file is truncated",
+            )
         if not r.required & 1:
             rep.warn(f"region {name} does not carry Required=1", where)
         if r.required & ~1:
@@ -423,18 +452,25 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         if gid not in sysitems:
             rep.fail(FormatError, f"required metadata item {nm} is missing", "metadata table")
         if len(sysitems[gid].data) != ln:
-            rep.fail(FormatError, f"metadata item {nm} has length {len(sysitems[gid].data)}, expected {ln}",
-                     "metadata table")
+            rep.fail(
+                FormatError, f"metadata item {nm} has length {len(sysitems[gid].data)}, expected {ln}", "metadata table"
+            )
     fp = S.FileParameters.parse(sysitems[S.FILE_PARAMETERS].data)
     bs = fp.block_size
     if not is_pow2(bs) or bs < S.MiB or bs > 256 * S.MiB:
-        rep.fail(FormatError, f"invalid block size {bs} (must be a power of 2 from 1 MiB to 256 MiB)",
-                 "metadata item FileParameters")
+        rep.fail(
+            FormatError,
+            f"invalid block size {bs} (must be a power of 2 from 1 MiB to 256 MiB)",
+            "metadata item FileParameters",
+        )
     if fp.flags & ~3:
         rep.flaw(f"FileParameters has reserved flag bits set ({fp.flags:#x})", "metadata item FileParameters")
     if fp.flags & 3 == 3:
-        rep.fail(FormatError, "FileParameters flags = 3 (LeaveBlockAllocated with HasParent) is invalid",
-                 "metadata item FileParameters")
+        rep.fail(
+            FormatError,
+            "FileParameters flags = 3 (LeaveBlockAllocated with HasParent) is invalid",
+            "metadata item FileParameters",
+        )
     has_parent = bool(fp.flags & S.FP_HAS_PARENT)
     lss = int.from_bytes(sysitems[S.LOGICAL_SECTOR_SIZE].data, "little")
     pss = int.from_bytes(sysitems[S.PHYSICAL_SECTOR_SIZE].data, "little")
@@ -444,8 +480,11 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         rep.fail(FormatError, f"invalid physical sector size {pss}", "metadata item PhysicalSectorSize")
     size = int.from_bytes(sysitems[S.VIRTUAL_DISK_SIZE].data, "little")
     if size == 0 or size % lss or size > S.MAX_DISK_SIZE:
-        rep.fail(FormatError, f"invalid virtual disk size {size} (must be a non-zero multiple of {lss}, "
-                              "at most 64 TiB)", "metadata item VirtualDiskSize")
+        rep.fail(
+            FormatError,
+            f"invalid virtual disk size {size} (must be a non-zero multiple of {lss}, at most 64 TiB)",
+            "metadata item VirtualDiskSize",
+        )
     disk_id = uuid.UUID(bytes_le=sysitems[S.VIRTUAL_DISK_ID].data)
     locator = None
     if has_parent:
@@ -469,12 +508,30 @@ def parse_layout(fd: int, rep: Reporter) -> Layout:
         got += k
     _check_bat(bat, cr, nblocks, size, bs, has_parent, file_size, spans, rep)
 
-    return Layout(file_size=file_size, creator=creator, headers=headers, header_valid=valid, current=current,
-                  regions=regions, bat_region=bat_r, metadata_region=md_r, items=items, block_size=bs,
-                  has_parent=has_parent, leave_allocated=bool(fp.flags & S.FP_LEAVE_BLOCK_ALLOCATED),
-                  size=size, disk_id=disk_id, logical_sector_size=lss, physical_sector_size=pss,
-                  locator=locator, chunk_ratio=cr, data_blocks=nblocks, sb_blocks=nsb,
-                  total_bat_entries=total, bat=bat)
+    return Layout(
+        file_size=file_size,
+        creator=creator,
+        headers=headers,
+        header_valid=valid,
+        current=current,
+        regions=regions,
+        bat_region=bat_r,
+        metadata_region=md_r,
+        items=items,
+        block_size=bs,
+        has_parent=has_parent,
+        leave_allocated=bool(fp.flags & S.FP_LEAVE_BLOCK_ALLOCATED),
+        size=size,
+        disk_id=disk_id,
+        logical_sector_size=lss,
+        physical_sector_size=pss,
+        locator=locator,
+        chunk_ratio=cr,
+        data_blocks=nblocks,
+        sb_blocks=nsb,
+        total_bat_entries=total,
+        bat=bat,
+    )
 
 
 def _parse_metadata(fd: int, md: Region, rep: Reporter) -> list[MetaItem]:
@@ -492,7 +549,7 @@ def _parse_metadata(fd: int, md: Region, rep: Reporter) -> list[MetaItem]:
     keys: set[tuple[uuid.UUID, bool]] = set()
     nuser = 0
     for i in range(th.entry_count):
-        e = S.MetadataTableEntry.parse(raw[32 + 32 * i:64 + 32 * i])
+        e = S.MetadataTableEntry.parse(raw[32 + 32 * i : 64 + 32 * i])
         is_user = bool(e.flags & S.MD_IS_USER)
         name = S.SYSTEM_ITEM_NAMES.get(e.item_id, str(e.item_id)) if not is_user else f"user item {e.item_id}"
         w = f"metadata entry {i} ({name})"
@@ -507,15 +564,26 @@ def _parse_metadata(fd: int, md: Region, rep: Reporter) -> list[MetaItem]:
             rep.error(FormatError, "zero-length metadata item (spec-legal, but libvhdi rejects such files)", w)
             continue
         if e.offset < S.METADATA_TABLE_SIZE or e.length > S.MAX_ITEM_SIZE or e.offset + e.length > md.length:
-            rep.error(FormatError, f"item at {e.offset}+{e.length} is outside the item area "
-                                   f"(64 KiB..{md.length}) or larger than 1 MiB", w)
+            rep.error(
+                FormatError,
+                f"item at {e.offset}+{e.length} is outside the item area (64 KiB..{md.length}) or larger than 1 MiB",
+                w,
+            )
             continue
         if not is_user and e.item_id not in S.SYSTEM_ITEM_NAMES and e.flags & S.MD_IS_REQUIRED:
-            rep.fail(UnsupportedError, f"unknown required metadata item {e.item_id}", w,
-                     "a newer writer made this file; it cannot be read safely")
+            rep.fail(
+                UnsupportedError,
+                f"unknown required metadata item {e.item_id}",
+                w,
+                "a newer writer made this file; it cannot be read safely",
+            )
         if is_user and e.flags & S.MD_IS_REQUIRED:
-            rep.error(UnsupportedError, f"user metadata item {e.item_id} is marked IsRequired", w,
-                      "qemu and Hyper-V refuse such files")
+            rep.error(
+                UnsupportedError,
+                f"user metadata item {e.item_id} is marked IsRequired",
+                w,
+                "qemu and Hyper-V refuse such files",
+            )
         spans.append((e.offset, e.offset + e.length, name))
         items.append(MetaItem(e.item_id, e.flags, pread_exact(fd, e.length, md.offset + e.offset)))
     if nuser > S.MAX_USER_ITEMS:
@@ -527,8 +595,17 @@ def _parse_metadata(fd: int, md: Region, rep: Reporter) -> list[MetaItem]:
     return items
 
 
-def _check_bat(bat: np.ndarray, cr: int, nblocks: int, size: int, bs: int, has_parent: bool,
-               file_size: int, spans: list[tuple[int, int, str]], rep: Reporter) -> None:
+def _check_bat(
+    bat: np.ndarray,
+    cr: int,
+    nblocks: int,
+    size: int,
+    bs: int,
+    has_parent: bool,
+    file_size: int,
+    spans: list[tuple[int, int, str]],
+    rep: Reporter,
+) -> None:
     """Vectorised BAT validation: states, reserved bits, bounds and overlaps."""
     idx = np.arange(bat.size, dtype=np.int64)
     is_sb = (idx % (cr + 1)) == cr
@@ -563,8 +640,10 @@ def _check_bat(bat: np.ndarray, cr: int, nblocks: int, size: int, bs: int, has_p
     # lengths: payload blocks (the last one may be partial), bitmaps 1 MiB
     need = np.where(is_sb, S.MiB, np.minimum(bs, np.maximum(size - block * bs, 0)))
     ends = offs + need
-    report(present & (ends > file_size),
-           f"block lies past the end of the file ({file_size} bytes): the file is probably truncated")
+    report(
+        present & (ends > file_size),
+        f"block lies past the end of the file ({file_size} bytes): the file is probably truncated",
+    )
     if has_parent:
         chunk = block // cr
         sb_idx = chunk * (cr + 1) + cr
@@ -582,10 +661,16 @@ def _check_bat(bat: np.ndarray, cr: int, nblocks: int, size: int, bs: int, has_p
         if st.size > 1:
             ov = np.flatnonzero(st[1:] < en[:-1])
             if ov.size:
-                rep.error(FormatError, f"{ov.size} payload/bitmap blocks overlap each other "
-                                       f"(first at file offset {int(st[ov[0] + 1])})", "BAT")
+                rep.error(
+                    FormatError,
+                    f"{ov.size} payload/bitmap blocks overlap each other (first at file offset {int(st[ov[0] + 1])})",
+                    "BAT",
+                )
         for a, b, nm in spans:
             hit = (st < b) & (en > a)
             if hit.any():
-                rep.error(FormatError, f"a present block at file offset {int(st[np.flatnonzero(hit)[0]])} "
-                                       f"overlaps the {nm}", "BAT")
+                rep.error(
+                    FormatError,
+                    f"a present block at file offset {int(st[np.flatnonzero(hit)[0]])} overlaps the {nm}",
+                    "BAT",
+                )

@@ -22,15 +22,24 @@ from . import structs as S
 from .layout import Reporter, crc_with_zeroed, parse_layout, pread_exact
 
 ZeroDescriptor = Struct(
-    "signature" / Bytes(4), "reserved" / Int32ul, "zero_length" / Int64ul, "file_offset" / Int64ul,
+    "signature" / Bytes(4),
+    "reserved" / Int32ul,
+    "zero_length" / Int64ul,
+    "file_offset" / Int64ul,
     "sequence_number" / Int64ul,
 )
 DataDescriptor = Struct(
-    "signature" / Bytes(4), "trailing_bytes" / Bytes(4), "leading_bytes" / Bytes(8), "file_offset" / Int64ul,
+    "signature" / Bytes(4),
+    "trailing_bytes" / Bytes(4),
+    "leading_bytes" / Bytes(8),
+    "file_offset" / Int64ul,
     "sequence_number" / Int64ul,
 )
 DataSector = Struct(
-    "signature" / Bytes(4), "sequence_high" / Int32ul, "data" / Bytes(4084), "sequence_low" / Int32ul,
+    "signature" / Bytes(4),
+    "sequence_high" / Int32ul,
+    "data" / Bytes(4084),
+    "sequence_low" / Int32ul,
 )
 SIG_ZERO, SIG_DESC, SIG_DATA = b"zero", b"desc", b"data"
 
@@ -45,8 +54,15 @@ class LogEntry:
 def _valid_entry(raw: bytes, h: Any, log_guid: uuid.UUID, log_length: int) -> bool:
     """Header, descriptor and data-sector consistency plus the whole-entry CRC."""
     el: int = h.entry_length
-    if (h.signature != S.SIG_LOG_ENTRY or el == 0 or el % S.LOG_SECTOR or el > log_length or len(raw) != el
-            or h.sequence_number == 0 or h.log_guid != log_guid):
+    if (
+        h.signature != S.SIG_LOG_ENTRY
+        or el == 0
+        or el % S.LOG_SECTOR
+        or el > log_length
+        or len(raw) != el
+        or h.sequence_number == 0
+        or h.log_guid != log_guid
+    ):
         return False
     nd: int = h.descriptor_count
     desc_sectors = -(-(nd + 2) // 128)
@@ -56,7 +72,7 @@ def _valid_entry(raw: bytes, h: Any, log_guid: uuid.UUID, log_length: int) -> bo
         return False
     ndata = 0
     for i in range(nd):
-        d = raw[64 + 32 * i:96 + 32 * i]
+        d = raw[64 + 32 * i : 96 + 32 * i]
         if d[:4] == SIG_DESC:
             ndata += 1
         elif d[:4] != SIG_ZERO:
@@ -71,13 +87,13 @@ def _read_entries(fd: int, hdr: Any) -> dict[int, LogEntry]:
     log = pread_exact(fd, hdr.log_length, hdr.log_offset)  # the log region is small (1 MiB typical)
     n = len(log)
     for off in range(0, n - 63, S.LOG_SECTOR):
-        if log[off:off + 4] != S.SIG_LOG_ENTRY:
+        if log[off : off + 4] != S.SIG_LOG_ENTRY:
             continue
-        h = S.LogEntryHeader.parse(log[off:off + 64])
+        h = S.LogEntryHeader.parse(log[off : off + 64])
         el = h.entry_length
         if el == 0 or el % S.LOG_SECTOR or el > n:
             continue
-        raw = log[off:off + el] if off + el <= n else log[off:] + log[:off + el - n]  # entries may wrap
+        raw = log[off : off + el] if off + el <= n else log[off:] + log[: off + el - n]  # entries may wrap
         if _valid_entry(raw, h, hdr.log_guid, hdr.log_length):
             out[off] = LogEntry(off, h, raw)
     return out
@@ -115,7 +131,7 @@ def _apply(fd: int, seq: list[LogEntry], name: str) -> int:
         desc_sectors = -(-(h.descriptor_count + 2) // 128)
         data_pos = desc_sectors * S.LOG_SECTOR
         for i in range(h.descriptor_count):
-            d = e.raw[64 + 32 * i:96 + 32 * i]
+            d = e.raw[64 + 32 * i : 96 + 32 * i]
             if d[:4] == SIG_ZERO:
                 z = ZeroDescriptor.parse(d)
                 if z.file_offset % S.LOG_SECTOR or z.zero_length % S.LOG_SECTOR:
@@ -129,10 +145,13 @@ def _apply(fd: int, seq: list[LogEntry], name: str) -> int:
                 written += z.zero_length // S.LOG_SECTOR
             else:
                 dd = DataDescriptor.parse(d)
-                sec = DataSector.parse(e.raw[data_pos:data_pos + S.LOG_SECTOR])
+                sec = DataSector.parse(e.raw[data_pos : data_pos + S.LOG_SECTOR])
                 data_pos += S.LOG_SECTOR
-                if (sec.signature != SIG_DATA or sec.sequence_high != h.sequence_number >> 32
-                        or sec.sequence_low != h.sequence_number & 0xFFFFFFFF):
+                if (
+                    sec.signature != SIG_DATA
+                    or sec.sequence_high != h.sequence_number >> 32
+                    or sec.sequence_low != h.sequence_number & 0xFFFFFFFF
+                ):
                     raise FormatError("log data sector does not match its entry", name)
                 if dd.file_offset % S.LOG_SECTOR:
                     raise FormatError("log data descriptor is not 4 KiB aligned", name)
@@ -169,15 +188,21 @@ def replay_log(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict
             n = _apply(out, seq, name) if seq else 0
             fwg = uuid.uuid4()
             for i, s in enumerate((1 - slot, slot)):
-                raw = build.header(hdr.sequence_number + 1 + i, fwg, hdr.data_write_guid, None,
-                                   hdr.log_offset, hdr.log_length)
+                raw = build.header(
+                    hdr.sequence_number + 1 + i, fwg, hdr.data_write_guid, None, hdr.log_offset, hdr.log_length
+                )
                 os.pwrite(out, raw, S.HEADER_OFFSETS[s])
             os.fsync(out)
             parse_layout(out, Reporter(str(dst)))  # the result must now be a valid VHDX
         finally:
             os.close(out)
-    return {"source": name, "destination": str(dst), "entries": len(seq), "sectors_written": n,
-            "sequence": [e.header.sequence_number for e in seq]}
+    return {
+        "source": name,
+        "destination": str(dst),
+        "entries": len(seq),
+        "sectors_written": n,
+        "sequence": [e.header.sequence_number for e in seq],
+    }
 
 
 def _current_header(fd: int, name: str) -> tuple[Any, int]:

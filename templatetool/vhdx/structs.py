@@ -65,6 +65,7 @@ SYSTEM_ITEM_LENGTHS = {
     PHYSICAL_SECTOR_SIZE: 4,
 }
 
+
 # Metadata entry flags
 class MetadataFlag(IntFlag):
     """Metadata table entry flags ([MS-VHDX] 2.6.1.2)."""

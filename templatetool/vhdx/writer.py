@@ -58,8 +58,9 @@ def link_to_parent(parent: VhdxDisk, child_path: PathLike) -> ParentLink:
     ppath = parent.path.absolute()
     rel = os.path.relpath(ppath, child.parent)
     items = [it for it in parent.layout.items if it.is_user and it.is_virtual_disk]
-    return ParentLink(parent.data_write_guid, rel.replace("/", "\\"), win32_absolute(ppath),
-                      parent.virtual_disk_id, items)
+    return ParentLink(
+        parent.data_write_guid, rel.replace("/", "\\"), win32_absolute(ppath), parent.virtual_disk_id, items
+    )
 
 
 def _validate(size: int, subformat: str, block_size: int, lss: int, pss: int) -> None:
@@ -77,10 +78,17 @@ def _validate(size: int, subformat: str, block_size: int, lss: int, pss: int) ->
         raise UsageError("virtual size exceeds the VHDX maximum of 64 TiB")
 
 
-def write_new_vhdx(path: PathLike, size: int, subformat: str = "dynamic", block_size: int = DEFAULT_BLOCK_SIZE,
-                   logical_sector_size: int = 512, physical_sector_size: int = 4096,
-                   parent: ParentLink | None = None, data_write_guid: uuid.UUID | None = None,
-                   disk_id: uuid.UUID | None = None) -> None:
+def write_new_vhdx(
+    path: PathLike,
+    size: int,
+    subformat: str = "dynamic",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    logical_sector_size: int = 512,
+    physical_sector_size: int = 4096,
+    parent: ParentLink | None = None,
+    data_write_guid: uuid.UUID | None = None,
+    disk_id: uuid.UUID | None = None,
+) -> None:
     """Write a complete, empty VHDX at ``path`` (overwriting it). Low level: no atomic rename."""
     _validate(size, subformat, block_size, logical_sector_size, physical_sector_size)
     has_parent = parent is not None
@@ -122,15 +130,21 @@ def write_new_vhdx(path: PathLike, size: int, subformat: str = "dynamic", block_
                 mv = memoryview(bat.data).cast("B")
                 for pos in range(0, len(mv), 16 * S.MiB):
                     f.seek(bat_off + pos)
-                    f.write(mv[pos:pos + 16 * S.MiB])
+                    f.write(mv[pos : pos + 16 * S.MiB])
             f.truncate(file_size)
     except OSError as e:
         raise ResourceError(f"cannot write: {e.strerror}", str(path)) from e
 
 
-def create_vhdx(path: PathLike, size: int | None, subformat: str = "dynamic", block_size: int | None = None,
-                logical_sector_size: int = 512, physical_sector_size: int = 4096,
-                parent: PathLike | VhdxDisk | None = None) -> VhdxDisk:
+def create_vhdx(
+    path: PathLike,
+    size: int | None,
+    subformat: str = "dynamic",
+    block_size: int | None = None,
+    logical_sector_size: int = 512,
+    physical_sector_size: int = 4096,
+    parent: PathLike | VhdxDisk | None = None,
+) -> VhdxDisk:
     """Create a VHDX at ``path`` (atomically) and return it open for writing.
 
     ``parent`` makes a differencing child of that VHDX: the size and sector sizes come from the
@@ -140,11 +154,18 @@ def create_vhdx(path: PathLike, size: int | None, subformat: str = "dynamic", bl
     link: ParentLink | None = None
     if parent is not None:
         if subformat not in ("dynamic", "differencing"):
-            raise UsageError("a child of a parent disk is always differencing", hint="give no subformat for a child",
-                             code="vhdx.child-subformat")
+            raise UsageError(
+                "a child of a parent disk is always differencing",
+                hint="give no subformat for a child",
+                code="vhdx.child-subformat",
+            )
         subformat = "differencing"
-        if not isinstance(parent, VhdxDisk) and os.path.exists(path) and os.path.exists(parent) \
-                and os.path.samefile(parent, path):
+        if (
+            not isinstance(parent, VhdxDisk)
+            and os.path.exists(path)
+            and os.path.exists(parent)
+            and os.path.samefile(parent, path)
+        ):
             raise UsageError("a disk cannot be its own parent", str(path))
         pdisk = parent if isinstance(parent, VhdxDisk) else open_vhdx(parent)
         try:
@@ -161,8 +182,9 @@ def create_vhdx(path: PathLike, size: int | None, subformat: str = "dynamic", bl
     if size is None:
         raise UsageError("a size is needed for a new disk")
     with atomic_output(path) as tmp:
-        write_new_vhdx(tmp, size, subformat, block_size or DEFAULT_BLOCK_SIZE, logical_sector_size,
-                       physical_sector_size, link)
+        write_new_vhdx(
+            tmp, size, subformat, block_size or DEFAULT_BLOCK_SIZE, logical_sector_size, physical_sector_size, link
+        )
     return open_vhdx(path, writable=True)
 
 
