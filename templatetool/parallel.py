@@ -541,3 +541,22 @@ def _map(
                 free.append(s)
     finally:
         pool.close()
+
+
+__all__ = [
+    "ChunkMaskSkip",
+    "DataTap",
+    "Engine",
+    "PassTaps",
+    "PayloadSink",
+    "SkipFn",
+    "SpanFn",
+    "WorkerTap",
+    "chunk_items",
+    "default_engine",
+    "default_workers",
+    "engine_for",
+    "ordered_map",
+    "set_default_engine",
+    "usable_cpus",
+]
