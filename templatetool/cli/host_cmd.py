@@ -196,7 +196,7 @@ def register(cli: click.Group) -> None:
         show_default=True,
         help="Guest memory (MiB).",
     )
-    @click.option("--cpus", type=click.IntRange(1, 256), default=2, show_default=True)
+    @click.option("--cpus", type=click.IntRange(1, 256), default=2, show_default=True, help="Virtual CPUs of the VM.")
     @click.option("--secure-boot", is_flag=True, help="OVMF Secure Boot build (SMM, Microsoft keys enrolled).")
     @click.option("--no-reboot", is_flag=True, help="Stop the VM instead of rebooting it.")
     @click.option("--timeout", type=click.FloatRange(1), default=None, help="Kill the VM after this many seconds.")
