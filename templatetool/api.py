@@ -95,14 +95,18 @@ class _Result:
 # ------------------------------------------------------------------------------------------------
 
 
-def open_signer(spec: str, *, password: Secret | None = None, pin: Secret | None = None) -> Signer:
+def open_signer(
+    spec: str, *, password: Secret | None = None, pin: Secret | None = None, pkcs11_module: str | None = None
+) -> Signer:
     """Open a signer: ``FILE.pfx``, ``pem:KEY,CERT[,CHAIN]`` or ``pkcs11:URI`` (RFC 7512).
 
-    ``password`` opens an encrypted PFX/key file, ``pin`` is a PKCS#11 token's user PIN.
+    ``password`` opens an encrypted PFX/key file, ``pin`` is a PKCS#11 token's user PIN,
+    ``pkcs11_module`` the PKCS#11 library when the URI names no ``module-path`` (no environment
+    variable is read).
     """
     from .signers import load_signer
 
-    return load_signer(spec, password=password, pin=pin)
+    return load_signer(spec, password=password, pin=pin, pkcs11_module=pkcs11_module)
 
 
 def open_guardian(
