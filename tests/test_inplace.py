@@ -675,3 +675,44 @@ def test_second_process_refused(plain16: Path, tmp_path: Path) -> None:
             p.stderr.close()
     assert rc == 0
     assert_complete(RawFile(vol), RawFile(plain16), bek=bek.read_bytes())
+
+
+# ---- templatetool.api -------------------------------------------------------------------------------
+def test_api_encrypt_in_place_and_resume(plain16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """api.encrypt_in_place returns a frozen EncryptedInPlace with the keys it handed to on_keys;
+    api.resume finishes a conversion cut by a power failure; pybde reads the original."""
+    import dataclasses
+
+    from templatetool import api
+
+    vol = tmp_path / "vol.img"
+    shutil.copyfile(plain16, vol)
+    seen: list[api.EncryptKeys] = []
+    res = api.encrypt_in_place(vol, recovery_password=True, startup_key=True, on_keys=seen.append)
+    assert isinstance(res, api.EncryptedInPlace) and not res.resumed
+    assert seen and seen[0].recovery_password == res.keys.recovery_password and res.keys.startup_key == seen[0].startup_key
+    assert set(res.protectors) == {"recovery-password", "startup-key"} and res.volume_size == vol.stat().st_size
+    assert res.to_json()["resumed"] is False and "recovery_password" not in repr(res)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.resumed = True  # type: ignore[misc]
+    want = assert_complete(RawFile(vol), RawFile(plain16), bek=res.keys.startup_key)
+    assert pybde_sha256(vol, vol.stat().st_size, recovery_password=res.keys.recovery_password) == want
+
+    cut = tmp_path / "cut.img"
+    shutil.copyfile(plain16, cut)
+    keys: dict[str, str] = {}
+    from templatetool.parallel import Engine
+
+    monkeypatch.setattr("templatetool.parallel._default", Engine(step=16384))  # many small steps to cut
+    base = RawFile(cut, writable=True)
+    with pytest.raises(_Crash):
+        start_conversion(_PowerCut(base, 300, random.Random(5)), protectors=[ProtectorSpec("recovery_password")],
+                         on_keys=lambda r: keys.update(rp=r.recovery_password))
+    base.close()
+    with pytest.raises(UsageError, match="credential"):
+        api.resume(cut)
+    done = api.resume(cut, recovery_password=keys["rp"])
+    assert done.resumed and done.to_json()["resumed"] is True and done.keys.recovery_password is None
+    assert assert_complete(RawFile(cut), RawFile(plain16), recovery_password=keys["rp"])
+    with pytest.raises(UsageError):  # not in the middle of a conversion any more
+        api.resume(cut, recovery_password=keys["rp"])

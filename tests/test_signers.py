@@ -373,3 +373,29 @@ def test_cli_cert_new_encryption(tmp_path: Path, key: str, usage_text: str) -> N
                                "--password-env", "TT_CERT_PW", env=env), 2)
     assert_clean_error(run_cli("cert", "new", "--signing", "--subject", "bogus", "-o", str(tmp_path / "n"),
                                "--password-env", "TT_CERT_PW", env=env), 2)
+
+
+def test_pkcs11_library_reads_no_module_env(softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module path is a parameter: the library ignores $TEMPLATETOOL_PKCS11_MODULE (the CLI
+    reads it), and a URI's module-path wins over the caller's default."""
+    monkeypatch.setenv("TEMPLATETOOL_PKCS11_MODULE", softhsm["module"])
+    bare = "pkcs11:token=tt-test;object=ec-key"
+    with pytest.raises(UsageError, match="no PKCS#11 module given"):
+        load_signer(bare, pin="1234")
+    with load_signer(bare, pin="1234", pkcs11_module=softhsm["module"]) as s:  # type: ignore[attr-defined]
+        assert s.certificate == softhsm["certs"]["ec-key"]
+    with load_signer(f"{bare}?module-path={softhsm['module']}", pin="1234",  # type: ignore[attr-defined]
+                     pkcs11_module="/nonexistent/lib.so") as s:
+        assert s.certificate == softhsm["certs"]["ec-key"]
+
+
+def test_cli_signer_reads_pkcs11_module_env(softhsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from templatetool.cli.signer_opts import open_signer
+
+    monkeypatch.setenv("TEMPLATETOOL_PKCS11_MODULE", softhsm["module"])
+    monkeypatch.setenv("TEMPLATETOOL_PKCS11_PIN", "1234")
+    s = open_signer("pkcs11:token=tt-test;object=rsa-key")
+    try:
+        assert s.certificate == softhsm["certs"]["rsa-key"]
+    finally:
+        s.close()  # type: ignore[attr-defined]

@@ -105,17 +105,12 @@ def _in_place_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _in_place_doc(r: dict[str, Any]) -> dict[str, Any]:
-    doc = {k: v for k, v in r.items() if k != "result"}
-    doc.update(r["result"].to_json())
-    return doc
-
-
 def _encrypt_in_place(
     disk: str,
     partition: int | None,
     method: str,
-    specs: list[Any],
+    password: str | None,
+    tpm_seal: Any,
     description: str | None,
     recovery_password_out: str | None,
     show_recovery_password: bool,
@@ -126,7 +121,7 @@ def _encrypt_in_place(
     startup_key: str | None,
     as_json: bool,
 ) -> None:
-    from ..bitlocker import in_place
+    from .. import api
 
     if not (recovery_password_out or startup_key_out or password_env):
         raise UsageError(
@@ -139,25 +134,35 @@ def _encrypt_in_place(
             cred = _credential(recovery_password_out, None, None, None)
         elif startup_key_out and Path(startup_key_out).is_file():
             cred = _credential(None, None, startup_key_out, None)
-        elif password_env:
-            cred = {"password": next((s.value for s in specs if s.kind == "password"), None)}
     shown: dict[str, Any] = {}
 
-    def on_keys(res: Any) -> None:
+    def on_keys(keys: api.EncryptKeys) -> None:
         # Before the first byte of the volume changes: the keys must survive a crash.
-        if recovery_password_out and res.recovery_password:
-            write_secret_file(recovery_password_out, (res.recovery_password + "\n").encode())
+        if recovery_password_out and keys.recovery_password:
+            write_secret_file(recovery_password_out, (keys.recovery_password + "\n").encode())
             shown["recovery_password_file"] = recovery_password_out
-        if startup_key_out and res.bek is not None:
-            write_secret_file(startup_key_out, res.bek)
+        if startup_key_out and keys.startup_key is not None:
+            write_secret_file(startup_key_out, keys.startup_key)
             shown["startup_key_file"] = startup_key_out
         if show_recovery_password:
-            shown["recovery_password"] = res.recovery_password
+            shown["recovery_password"] = keys.recovery_password
 
-    r = in_place(
-        disk, partition, protectors=specs, method=method, description=description, credential=cred, on_keys=on_keys
+    # without a resume credential api.encrypt_in_place resumes with the password protector's value
+    res = api.encrypt_in_place(
+        disk,
+        recovery_password=bool(recovery_password_out or show_recovery_password),
+        startup_key=bool(startup_key_out),
+        password=password,
+        tpm_seal=tpm_seal,
+        partition=partition,
+        method=method,
+        description=description,
+        resume_recovery_password=cred.get("recovery_password"),
+        resume_password=cred.get("password"),
+        resume_startup_key=cred.get("bek"),
+        on_keys=on_keys,
     )
-    doc = _in_place_doc(r)
+    doc = res.to_json()
     doc.update(shown)
     emit(doc, as_json, _in_place_text)
 
@@ -190,7 +195,7 @@ def register(cli: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """Finish an interrupted `encrypt --in-place` of DISK (needs one credential of the volume)."""
-        from ..bitlocker import in_place
+        from .. import api
 
         cred = _credential(recovery_password_file, recovery_password_env, startup_key, password_env)
         if not cred:
@@ -198,8 +203,14 @@ def register(cli: click.Group) -> None:
                 "resume needs the volume's credential",
                 hint="--recovery-password-file, --recovery-password-env, --startup-key or --password-env",
             )
-        r = in_place(disk, partition, credential=cred, resume_only=True)
-        emit(_in_place_doc(r), as_json, _in_place_text)
+        res = api.resume(
+            disk,
+            partition=partition,
+            recovery_password=cred.get("recovery_password"),
+            password=cred.get("password"),
+            startup_key=cred.get("bek"),
+        )
+        emit(res.to_json(), as_json, _in_place_text)
 
     @cli.command("encrypt")
     @click.argument("disk", type=click.Path(dir_okay=False))
@@ -297,7 +308,8 @@ def register(cli: click.Group) -> None:
                 disk,
                 partition,
                 method,
-                specs,
+                password,
+                vtpm[0] if vtpm is not None else None,
                 description,
                 recovery_password_out,
                 show_recovery_password,

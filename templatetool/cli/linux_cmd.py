@@ -73,6 +73,45 @@ def _pcr_values(spec: str | None, bank: str) -> dict[int, bytes] | None:
     return parse_pcr_values(spec, bank)
 
 
+def _tpm2_policy_options(f: Any) -> Any:
+    """The systemd-tpm2 token's policy options shared by ``luks encrypt`` and ``luks enroll-tpm2``."""
+    for opt in reversed(
+        [
+            click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to."),
+            click.option(
+                "--tpm2-pcr-values",
+                metavar="SPEC",
+                default=None,
+                help="Seal to these PCR values (7=HEX,... or a file, e.g. replayed from a TCG log) "
+                "instead of the TPM's current ones.",
+            ),
+            click.option(
+                "--tpm2-pcr-bank",
+                type=click.Choice(["sha256", "sha1", "sha384"]),
+                default="sha256",
+                show_default=True,
+                help="PCR bank of the token's policy.",
+            ),
+            click.option(
+                "--tpm2-primary-alg",
+                type=click.Choice(["ecc", "rsa"]),
+                default="ecc",
+                show_default=True,
+                help="systemd's primary key: ECC P-256 or RSA-2048.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _token_spec(device: str, pcrs: str, pcr_values: str | None, bank: str, primary_alg: str) -> Any:
+    """The keyslot spec of a systemd-tpm2 token sealed in ``device`` from the CLI's option values."""
+    from ..luks.tpm2 import token_keyslot
+
+    return token_keyslot(device, _pcrs(pcrs), bank, primary_alg, _pcr_values(pcr_values, bank))
+
+
 def _dump_text(d: dict[str, Any]) -> str:
     lines = [
         f"{d['path']}: LUKS2, uuid {d['uuid']}, header {d['hdr_size']} bytes x2 ({d['checksum']}), "
@@ -227,28 +266,7 @@ def register(cli: click.Group) -> None:
         default=None,
         help="Also seal a systemd-tpm2 token in this TPM (e.g. swtpm:host=127.0.0.1,port=2321).",
     )
-    @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
-    @click.option(
-        "--tpm2-pcr-values",
-        metavar="SPEC",
-        default=None,
-        help="Seal to these PCR values (7=HEX,... or a file, e.g. replayed from a TCG log) "
-        "instead of the TPM's current ones.",
-    )
-    @click.option(
-        "--tpm2-pcr-bank",
-        type=click.Choice(["sha256", "sha1", "sha384"]),
-        default="sha256",
-        show_default=True,
-        help="PCR bank of the token's policy.",
-    )
-    @click.option(
-        "--tpm2-primary-alg",
-        type=click.Choice(["ecc", "rsa"]),
-        default="ecc",
-        show_default=True,
-        help="systemd's primary key: ECC P-256 or RSA-2048.",
-    )
+    @_tpm2_policy_options
     @click.option("--label", default="", help="LUKS2 label.")
     @json_option
     def encrypt_cmd(
@@ -277,17 +295,7 @@ def register(cli: click.Group) -> None:
         pw = read_secret(passphrase_env, "LUKS passphrase: ", confirm=True).encode()
         slots = [KeyslotSpec(pw, _kdf(pbkdf, pbkdf_memory, pbkdf_time, pbkdf_parallel, pbkdf_iterations))]
         if tpm2_device:
-            from ..luks.tpm2 import token_keyslot
-
-            slots.append(
-                token_keyslot(
-                    tpm2_device,
-                    _pcrs(tpm2_pcrs),
-                    tpm2_pcr_bank,
-                    tpm2_primary_alg,
-                    _pcr_values(tpm2_pcr_values, tpm2_pcr_bank),
-                )
-            )
+            slots.append(_token_spec(tpm2_device, tpm2_pcrs, tpm2_pcr_values, tpm2_pcr_bank, tpm2_primary_alg))
         res = encrypt_image(src, dst, slots, sector_size=int(sector_size) if sector_size else None, label=label)
         emit(
             res,
@@ -383,28 +391,7 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--tpm2-device", metavar="TCTI", required=True, help="The TPM to seal in (e.g. swtpm:host=127.0.0.1,port=2321)."
     )
-    @click.option("--tpm2-pcrs", default="7", show_default=True, help="PCRs the token is sealed to.")
-    @click.option(
-        "--tpm2-pcr-values",
-        metavar="SPEC",
-        default=None,
-        help="Seal to these PCR values (7=HEX,... or a file, e.g. replayed from a TCG log) "
-        "instead of the TPM's current ones.",
-    )
-    @click.option(
-        "--tpm2-pcr-bank",
-        type=click.Choice(["sha256", "sha1", "sha384"]),
-        default="sha256",
-        show_default=True,
-        help="PCR bank of the token's policy.",
-    )
-    @click.option(
-        "--tpm2-primary-alg",
-        type=click.Choice(["ecc", "rsa"]),
-        default="ecc",
-        show_default=True,
-        help="systemd's primary key: ECC P-256 or RSA-2048.",
-    )
+    @_tpm2_policy_options
     @json_option
     def enroll_cmd(
         image: str,
@@ -418,13 +405,10 @@ def register(cli: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """Copy IMAGE with a systemd-tpm2 token added (systemd-cryptenroll --tpm2-device, offline)."""
-        from ..luks.tpm2 import token_keyslot
         from ..luks.volume import add_keyslot
 
         pw = read_secret(passphrase_env, "LUKS passphrase: ").encode()
-        spec = token_keyslot(
-            tpm2_device, _pcrs(tpm2_pcrs), tpm2_pcr_bank, tpm2_primary_alg, _pcr_values(tpm2_pcr_values, tpm2_pcr_bank)
-        )
+        spec = _token_spec(tpm2_device, tpm2_pcrs, tpm2_pcr_values, tpm2_pcr_bank, tpm2_primary_alg)
         res = add_keyslot(image, dst, pw, spec)
         emit(res, as_json, lambda r: f"{r['output']}: systemd-tpm2 token enrolled as keyslot {r['keyslot']}")
 

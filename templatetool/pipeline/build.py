@@ -289,7 +289,7 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
     from ..pdk.shielding import create_pdk
     from ..secrets import env_or_prompt
     from ..signers import load_signer
-    from ..signers.pkcs11_signer import DEFAULT_PIN_ENV
+    from ..signers.pkcs11_signer import DEFAULT_PIN_ENV, MODULE_ENV
     from .protect import protect
     from .shield import shield
 
@@ -315,6 +315,7 @@ def _run(r: Recipe, written: list[Path]) -> dict[str, Any]:
                 r.get("template", "signer_password_env"), f"password for {os.path.basename(signer_spec)}: "
             ),
             pin=env_or_prompt(r.get("template", "signer_pin_env") or DEFAULT_PIN_ENV, "token PIN: "),
+            pkcs11_module=os.environ.get(MODULE_ENV) or None,
         )
         pr = protect(
             golden,

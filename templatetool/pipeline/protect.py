@@ -423,6 +423,32 @@ def _document(
     )
 
 
+def _sign_into(dev: BlockDevice, fmt: str, doc: CatalogDocument, signer: Signer, pss: bool) -> bytes:
+    """Sign ``doc``; embed the catalog in ``dev``'s metadata when it is a VHDX; flush ``dev``.
+    Return the catalog's DER (a raw disk's caller writes it beside the disk)."""
+    der = sign_catalog(doc, signer, pss=pss)
+    if fmt == "vhdx":
+        dev.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
+    dev.flush()
+    return der
+
+
+def _result(
+    output: str, vsc_path: str | None, doc: CatalogDocument, der: bytes, signer: Signer, st: _Staged, t0: float
+) -> ProtectResult:
+    """The ``ProtectResult`` of a finished protect pass over the staged volume ``st``."""
+    return ProtectResult(
+        output,
+        vsc_path,
+        doc,
+        der,
+        signer.describe(),
+        [{"offset": o, "length": n} for o, n in st.regions.spans()],
+        st.bytes_read,
+        time.perf_counter() - t0,
+    )
+
+
 @contextlib.contextmanager
 def _scratch_dir(parent: Path) -> Iterator[str]:
     """A scratch folder beside the output, removed at the end (also when interrupted at any point)."""
@@ -524,10 +550,7 @@ def protect(
                         st.bytes_read += _copy_outside(src, dst, (part.offset, part.size), bar)
                         root, leaves = _measure_and_write(st, block_size, workers, bar, write)
                     doc = _document(st, part, table, src.sector_size, name, version, block_size, root, leaves)
-                    der = sign_catalog(doc, signer, pss=pss)
-                    if fmt == "vhdx":
-                        dst.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
-                    dst.flush()
+                    der = _sign_into(dst, fmt, doc, signer, pss)
                 finally:
                     dst.close()
             finally:
@@ -537,16 +560,7 @@ def protect(
                 outs.write(vsc_path, der)
     finally:
         src.close()
-    return ProtectResult(
-        str(out_p),
-        vsc_path,
-        doc,
-        der,
-        signer.describe(),
-        [{"offset": o, "length": n} for o, n in st.regions.spans()],
-        st.bytes_read,
-        time.perf_counter() - t0,
-    )
+    return _result(str(out_p), vsc_path, doc, der, signer, st, t0)
 
 
 def _protect_in_place(
@@ -581,10 +595,7 @@ def _protect_in_place(
                 with progress(os_view.size, "protecting in place") as bar:
                     root, leaves = _measure_and_write(st, block_size, workers, bar, write)
                 doc = _document(st, part, table, dev.sector_size, name, version, block_size, root, leaves)
-                der = sign_catalog(doc, signer, pss=pss)
-                if fmt == "vhdx":
-                    dev.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
-                dev.flush()
+                der = _sign_into(dev, fmt, doc, signer, pss)
             finally:
                 st.close()
     finally:
@@ -592,13 +603,4 @@ def _protect_in_place(
     if fmt != "vhdx":
         vsc_path = str(path) + ".vsc"
         write_bytes_atomic(vsc_path, der)
-    return ProtectResult(
-        str(path),
-        vsc_path,
-        doc,
-        der,
-        signer.describe(),
-        [{"offset": o, "length": n} for o, n in st.regions.spans()],
-        st.bytes_read,
-        time.perf_counter() - t0,
-    )
+    return _result(str(path), vsc_path, doc, der, signer, st, t0)

@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_outputs
-from ..blockdev import CHUNK, BlockDevice, is_zero
-from ..catalog import DEFAULT_BLOCK_SIZE, VSC_METADATA_GUID
+from ..blockdev import BlockDevice
+from ..catalog import DEFAULT_BLOCK_SIZE
 from ..catalog.document import CatalogDocument, VolumeInfo, parse_version, uuid_str
 from ..catalog.measure import FREE_NONE, measure_volume
-from ..catalog.vsc import sign_catalog
 from ..disk.partitions import Partition, PartitionTable
 from ..errors import FormatError, PolicyError, UsageError
 from ..luks.metadata import DATA_OFFSET
 from ..luks.volume import KEY_SIZE, KeyslotSpec, build_metadata_region, encrypt_data
 from ..progress import progress
 from ..signers.base import Signer
+from .protect import _copy_outside, _sign_into
 
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 #: Discoverable Partitions Specification: root (x86-64), and the generic Linux filesystem type.
@@ -80,21 +80,6 @@ def _find(table: PartitionTable, dev: BlockDevice, root_index: int | None) -> tu
     if root.index == esps[0].index:
         raise UsageError("the root partition is the ESP", dev.name)
     return esps[0], root
-
-
-def _copy_outside(src: BlockDevice, dst: BlockDevice, skip: tuple[int, int], bar: Any) -> None:
-    """Copy every allocated, non-zero chunk of ``src`` outside ``skip`` = (offset, length)."""
-    lo, hi = skip[0], skip[0] + skip[1]
-    for o, n in src.allocated_ranges():
-        for a, b in ((o, min(o + n, lo)), (max(o, hi), o + n)):
-            pos = a
-            while pos < b:
-                k = min(CHUNK, b - pos)
-                data = src.read(pos, k)
-                if not is_zero(data):
-                    dst.write(pos, data)
-                pos += k
-                bar.update(k)
 
 
 def protect_linux(
@@ -187,10 +172,7 @@ def protect_linux(
                     m.root,
                     FREE_NONE,
                 )
-                der = sign_catalog(doc, signer, pss=pss)
-                if fmt == "vhdx":
-                    dst.set_user_metadata(VSC_METADATA_GUID, der)  # type: ignore[attr-defined]
-                dst.flush()
+                der = _sign_into(dst, fmt, doc, signer, pss)
             finally:
                 dst.close()
             if fmt == "raw":

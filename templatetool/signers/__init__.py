@@ -18,12 +18,15 @@ from .files import PemSigner, PfxSigner
 from .pkcs11_signer import Pkcs11Signer
 
 
-def load_signer(spec: str, *, password: Secret | None = None, pin: Secret | None = None) -> Signer:
-    """Open the signer described by ``spec`` (see the module docstring)."""
+def load_signer(
+    spec: str, *, password: Secret | None = None, pin: Secret | None = None, pkcs11_module: str | None = None
+) -> Signer:
+    """Open the signer described by ``spec`` (see the module docstring); ``pkcs11_module`` is the
+    PKCS#11 library used when a ``pkcs11:`` URI names no ``module-path``."""
     if not spec:
         raise UsageError("empty signer spec", hint="use FILE.pfx, pem:KEY,CERT[,CHAIN] or pkcs11:URI")
     if spec.startswith("pkcs11:"):
-        return Pkcs11Signer(spec, pin=pin)
+        return Pkcs11Signer(spec, pin=pin, default_module=pkcs11_module)
     if spec.startswith("pem:"):
         parts = spec[4:].split(",")
         if len(parts) not in (2, 3) or not all(parts):

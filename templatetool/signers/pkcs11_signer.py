@@ -3,7 +3,8 @@
 ``pkcs11:token=LABEL;object=KEYLABEL;id=%01?module-path=/usr/lib/softhsm/libsofthsm2.so``
 
 * path attributes used: ``token``, ``serial``, ``object``, ``id``, ``type`` (must be private
-  if given); query attributes: ``module-path`` (else ``$TEMPLATETOOL_PKCS11_MODULE``) and our
+  if given); query attributes: ``module-path`` (else the caller's ``default_module``; the CLI
+  passes ``$TEMPLATETOOL_PKCS11_MODULE``) and our
   vendor attribute ``x-cert-path`` (certificate file when the token holds none).
 * the PIN is passed as a value (``bytes``/``str``) or a SecretSource, never taken from the URI
   (``pin-value`` is refused); the CLI reads it from ``$TEMPLATETOOL_PKCS11_PIN`` or ``--pin-env``.
@@ -94,13 +95,16 @@ class Pkcs11Signer:
     """A :class:`~templatetool.signers.base.Signer` whose key stays inside a PKCS#11 token.
 
     ``pin`` is the user PIN as a value or a SecretSource (CredentialError when None).
-    ``module`` overrides the URI's ``module-path`` (else ``$TEMPLATETOOL_PKCS11_MODULE``).
+    ``module`` overrides the URI's ``module-path``; ``default_module`` is used when neither names
+    one (the CLI passes ``$TEMPLATETOOL_PKCS11_MODULE`` there: the library reads no environment).
     """
 
     _session: Session | None = None
     _key: Object
 
-    def __init__(self, uri: str, pin: Secret | None = None, *, module: str | None = None) -> None:
+    def __init__(
+        self, uri: str, pin: Secret | None = None, *, module: str | None = None, default_module: str | None = None
+    ) -> None:
         try:
             import pkcs11
         except ImportError:  # an optional extra
@@ -113,10 +117,11 @@ class Pkcs11Signer:
         u = self.uri
         if u.path.get("type") not in (None, "private"):
             raise UsageError("the PKCS#11 URI must name a private key (type=private)", uri)
-        module = module or u.query.get("module-path") or os.environ.get(MODULE_ENV)
+        module = module or u.query.get("module-path") or default_module
         if not module:
             raise UsageError(
-                "no PKCS#11 module given", hint=f"add ?module-path=/path/lib.so to the URI or set ${MODULE_ENV}"
+                "no PKCS#11 module given",
+                hint=f"add ?module-path=/path/lib.so to the URI (the CLI also reads ${MODULE_ENV})",
             )
         if not os.path.exists(module):
             raise NotFoundError("PKCS#11 module not found", module)

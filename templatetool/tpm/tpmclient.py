@@ -117,13 +117,10 @@ def find_parent(esys: Any, sess: _Session, parent_name: bytes, handles: list[int
     )
 
 
-def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
-    """Authorisation for the parent: password for an SRK; PolicySecret(endorsement) for an EK."""
+def _policy_session(esys: Any, sess: _Session) -> Any:
+    """Start an unsalted, unbound SHA-256 policy session, flushed with ``sess``."""
     t = _tss()
-    pub, *_ = esys.read_public(parent)
-    if pub.publicArea.objectAttributes & t.TPMA_OBJECT.USERWITHAUTH:
-        return t.ESYS_TR.PASSWORD
-    ps = sess.track(
+    return sess.track(
         esys.start_auth_session(
             t.ESYS_TR.NONE,
             t.ESYS_TR.NONE,
@@ -132,6 +129,15 @@ def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
             t.TPM2_ALG.SHA256,
         )
     )
+
+
+def _parent_auth_session(esys: Any, sess: _Session, parent: Any) -> Any:
+    """Authorisation for the parent: password for an SRK; PolicySecret(endorsement) for an EK."""
+    t = _tss()
+    pub, *_ = esys.read_public(parent)
+    if pub.publicArea.objectAttributes & t.TPMA_OBJECT.USERWITHAUTH:
+        return t.ESYS_TR.PASSWORD
+    ps = _policy_session(esys, sess)
     esys.policy_secret(t.ESYS_TR.ENDORSEMENT, ps)
     return ps
 
@@ -171,15 +177,7 @@ def unseal_protector(
             auth = _parent_auth_session(esys, sess, parent)
         obj = sess.track(esys.load(parent, priv, pub, session1=auth))
         stage = "policy"
-        ps = sess.track(
-            esys.start_auth_session(
-                t.ESYS_TR.NONE,
-                t.ESYS_TR.NONE,
-                t.TPM2_SE.POLICY,
-                t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
-                t.TPM2_ALG.SHA256,
-            )
-        )
+        ps = _policy_session(esys, sess)
         sel = t.TPML_PCR_SELECTION.unmarshal(prot.selection)[0]
         for cc in prot.commands:
             if cc == s.CC_POLICY_PCR:
