@@ -7,6 +7,7 @@ zeros (unallocated VHDX blocks, holes in sparse raw files).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from abc import ABC, abstractmethod
@@ -69,6 +70,9 @@ class BlockDevice(ABC):
         if end > offset:
             yield (offset, end - offset)
 
+    def set_direct_io(self, on: bool) -> None:  # noqa: B027 -- optional hook: devices that write files
+        """Let large aligned writes bypass the page cache (``O_DIRECT``) where supported, or not."""
+
     def flush(self) -> None:  # noqa: B027 -- optional hook: a no-op unless the device buffers writes
         """Make written data durable where supported."""
 
@@ -97,15 +101,103 @@ class BlockDevice(ABC):
             pos += n
 
 
+#: Writes smaller than this stay buffered (the page cache is cheaper than a synchronous I/O).
+DIRECT_MIN = 256 * 1024
+
+#: O_DIRECT alignment required of the file offset, the length and the buffer address.
+DIRECT_ALIGN = 4096
+
+
+def _buffer_address(mv: memoryview) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
+
+
+class DirectWriter:
+    """``O_DIRECT`` writes to one file, for large aligned pieces; the caller writes the rest buffered.
+
+    Why: on VMs whose free memory the hypervisor backs lazily, copying into fresh page-cache pages
+    was the slowest part of writing an output (0.9-4 s per GiB, bimodal); direct writes measured a
+    steady 0.55-0.65 s per GiB including the fsync. The descriptor is opened on first use; where
+    the platform or the filesystem refuses ``O_DIRECT`` (tmpfs: ``EINVAL`` at open or at the first
+    write) the writer turns itself off and every later write stays buffered.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], enabled: bool = True) -> None:
+        self.path = path
+        self._fd = -1 if enabled and hasattr(os, "O_DIRECT") else -2  # -1: not opened; -2: off
+
+    @property
+    def enabled(self) -> bool:
+        """False once disabled or refused by the filesystem."""
+        return self._fd != -2
+
+    @property
+    def active(self) -> bool:
+        """True once the ``O_DIRECT`` descriptor is open (a direct write was accepted so far)."""
+        return self._fd >= 0
+
+    def disable(self) -> None:
+        """Write everything buffered from now on."""
+        self.close()
+        self._fd = -2
+
+    def aligned_len(self, data: memoryview, offset: int) -> int:
+        """How many leading bytes of ``data`` (at file ``offset``) may be written directly: 0, or
+        ``len(data)`` rounded down to the alignment when offset and address are aligned."""
+        n = len(data) - len(data) % DIRECT_ALIGN
+        if self._fd == -2 or n < DIRECT_MIN or offset % DIRECT_ALIGN:
+            return 0
+        return n if not _buffer_address(data) % DIRECT_ALIGN else 0
+
+    def write(self, data: memoryview, offset: int, name: str) -> bool:
+        """Write all of ``data`` (aligned: see :meth:`aligned_len`) at ``offset`` directly; False
+        (nothing written) when ``O_DIRECT`` is unavailable or refused."""
+        if self._fd == -1:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                self._fd = -2
+        if self._fd < 0:
+            return False
+        done, n = 0, len(data)
+        try:
+            while done < n:
+                done += os.pwrite(self._fd, data[done:], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL or done:
+                raise ResourceError(f"write failed: {e.strerror}", name) from e
+            self.disable()  # refused by this filesystem: buffered from now on
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the direct descriptor (the writer can reopen it while enabled)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class RawFile(BlockDevice):
-    """A raw image file (or a block device node) accessed with pread/pwrite."""
+    """A raw image file (or a block device node) accessed with pread/pwrite.
+
+    With ``direct_io`` (see :meth:`set_direct_io`; off by default) large aligned writes bypass
+    the page cache with ``O_DIRECT`` and an unaligned tail is written buffered.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], writable: bool = False, sector_size: int = 512, size: int | None = None
+        self,
+        path: str | os.PathLike[str],
+        writable: bool = False,
+        sector_size: int = 512,
+        size: int | None = None,
+        direct_io: bool = False,
     ) -> None:
         self.name = str(path)
         self.writable = writable
         self.sector_size = sector_size
+        self._direct = DirectWriter(path, enabled=direct_io and writable)
         try:
             self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as e:
@@ -154,11 +246,24 @@ class RawFile(BlockDevice):
                 break
             done += k
 
+    def set_direct_io(self, on: bool) -> None:
+        """Use ``O_DIRECT`` for large aligned writes (where the filesystem allows it), or not."""
+        self._direct.close()
+        self._direct = DirectWriter(self.name, enabled=on and self.writable)
+
+    @property
+    def direct_io(self) -> bool:
+        """True while large aligned writes go through ``O_DIRECT``."""
+        return self._direct.enabled
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise UnsupportedError("device is read-only", self.name)
-        self._check_range(offset, len(data))
-        mv = memoryview(data)
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        head = self._direct.aligned_len(mv, offset)
+        if head and self._direct.write(mv[:head], offset, self.name):
+            mv, offset = mv[head:], offset + head  # the unaligned tail (if any) goes buffered
         done = 0
         while done < len(mv):
             try:
@@ -189,6 +294,8 @@ class RawFile(BlockDevice):
             os.fsync(self._fd)
 
     def close(self) -> None:
+        if hasattr(self, "_direct"):
+            self._direct.close()
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -495,7 +495,7 @@ def _map(
 ) -> Iterator[MapItem]:
     n_workers = engine.workers if engine.can_fork() else 1  # decided when the pass starts
     if n_workers <= 1:
-        buf = memoryview(bytearray(slot + _ROOM))
+        buf = memoryview(mmap.mmap(-1, slot + _ROOM))  # page-aligned like the shared slots (O_DIRECT)
         for off, n, work in items:
             if not work:
                 yield off, n, None, None

@@ -236,7 +236,7 @@ def test_vhdx_direct_io_payload_writes_read_back(tmp_path: Path) -> None:
             buf[:] = data
             d.write(off, memoryview(buf))
             expect[off] = data
-        direct = d._dfd >= 0
+        direct = d._direct.active
         odd = rnd.randbytes(4096 * 3 + 512)
         d.write(7 * CHUNK + 512, odd)  # unaligned: buffered
         expect_odd = odd

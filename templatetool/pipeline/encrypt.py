@@ -318,7 +318,9 @@ def encrypt_disk(
                 if tap_zeros is not None:
                     tap_zeros(off, n)
 
+            eng = engine_for(workers)
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path), subformat=subformat)
+            out.set_direct_io(eng.direct_io)
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 result: EncryptResult = encrypt_volume(
@@ -329,7 +331,7 @@ def encrypt_disk(
                     regions=regions,
                     description=description,
                     taps=PassTaps(skip=skip, on_skip=on_skip, tap=tap, worker_tap=worker_tap, on_tap=on_tap),
-                    engine=engine_for(workers),
+                    engine=eng,
                 )
                 out.flush()
                 if on_result is not None:
@@ -384,12 +386,14 @@ def decrypt_disk(
         def on_skip(off: int, n: int) -> None:
             fsp.skipped_bytes += n
 
+        eng = engine_for(workers)
         with atomic_output(out_path) as tmp_out:
             out = create_disk(tmp_out, src.size, like=src, fmt=_out_format(out_path))
+            out.set_direct_io(eng.direct_io)
             try:
                 _copy_outside(src, out, vol_off, vol_size, "copy disk")
                 dst = View(out, vol_off, vol_size)
-                decrypt_volume(plain, dst, skip=fsp.skip, engine=engine_for(workers), on_skip=on_skip)
+                decrypt_volume(plain, dst, skip=fsp.skip, engine=eng, on_skip=on_skip)
                 out.flush()
             finally:
                 out.close()

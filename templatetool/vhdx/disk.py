@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blockdev import BlockDevice, is_zero
+from ..blockdev import BlockDevice, DirectWriter, is_zero
 from ..errors import (
     FormatError,
     IntegrityError,
@@ -26,6 +26,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
+from ..parallel import default_engine
 from . import build
 from . import structs as S
 from .layout import (
@@ -60,19 +61,6 @@ def _open_fd(path: PathLike, writable: bool) -> int:
         raise UsageError("expected a VHDX file, got a folder", str(path)) from None
     except OSError as e:
         raise ResourceError(f"cannot open: {e.strerror}", str(path)) from e
-
-
-_DIRECT_MIN = 256 * 1024
-
-
-def _open_direct(path: Path) -> int:
-    """An ``O_DIRECT`` write descriptor for ``path``, or -2 where unavailable or disabled."""
-    if not hasattr(os, "O_DIRECT") or os.environ.get("TEMPLATETOOL_DIRECT_IO", "1") == "0":
-        return -2
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return -2
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, name: str) -> None:
@@ -161,7 +149,8 @@ class VhdxDisk(BlockDevice):
         self.name = str(path)
         self.writable = writable
         self._fd = _open_fd(path, writable)
-        self._dfd = -1  # O_DIRECT descriptor for large aligned payload writes; -2: unavailable
+        # large aligned payload writes bypass the page cache when the engine allows it
+        self._direct = DirectWriter(self.path, enabled=writable and default_engine().direct_io)
         self.parent: VhdxDisk | None = None
         self._session_started = False
         try:
@@ -498,32 +487,29 @@ class VhdxDisk(BlockDevice):
     def _block_len(self, blk: int) -> int:
         return min(self.block_size, self.size - blk * self.block_size)
 
+    def set_direct_io(self, on: bool) -> None:
+        """Use ``O_DIRECT`` for large aligned payload writes (where the filesystem allows it), or
+        not; the initial setting is the default engine's ``direct_io``."""
+        self._direct.close()
+        self._direct = DirectWriter(self.path, enabled=on and self.writable)
+
+    @property
+    def direct_io(self) -> bool:
+        """True while large aligned payload writes go through ``O_DIRECT``."""
+        return self._direct.enabled
+
     def _payload_write(self, chunk: memoryview, foff: int) -> None:
         """Write payload bytes; large 4 KiB-aligned writes from page-aligned buffers (the disk
-        passes' shared chunk slots) bypass the page cache with ``O_DIRECT``.
-
-        Why: on VMs whose free memory the hypervisor backs lazily, copying into fresh page-cache
-        pages was the slowest part of shield (0.9-4 s per GiB, bimodal); direct writes measured a
-        steady 0.55-0.65 s per GiB including the fsync. Falls back to ``pwrite`` wherever
-        ``O_DIRECT`` is refused (tmpfs, odd alignment) or ``TEMPLATETOOL_DIRECT_IO=0``.
+        passes' shared chunk slots) bypass the page cache with ``O_DIRECT`` (see
+        :class:`~templatetool.blockdev.DirectWriter`), an unaligned tail and everything else go
+        through ``pwrite``; buffered throughout where ``O_DIRECT`` is refused (tmpfs) or the
+        engine's ``direct_io`` is off.
         """
-        n = len(chunk)
-        if n >= _DIRECT_MIN and not n % 4096 and not foff % 4096 and self._dfd != -2:
-            addr = np.frombuffer(chunk, dtype=np.uint8).ctypes.data
-            if not addr % 4096:
-                if self._dfd == -1:
-                    self._dfd = _open_direct(self.path)
-                if self._dfd >= 0:
-                    try:
-                        done = 0
-                        while done < n:
-                            done += os.pwrite(self._dfd, chunk[done:], foff + done)
-                        return
-                    except OSError as e:
-                        if e.errno != errno.EINVAL:
-                            raise ResourceError(f"write failed: {e.strerror}", self.name) from e
-                        os.close(self._dfd)
-                        self._dfd = -2  # refused: buffered from now on
+        head = self._direct.aligned_len(chunk, foff)
+        if head and self._direct.write(chunk[:head], foff, self.name):
+            chunk, foff = chunk[head:], foff + head
+            if not len(chunk):
+                return
         _pwrite_all(self._fd, chunk, foff, self.name)
 
     def _write_block(self, blk: int, boff: int, chunk: memoryview) -> None:
@@ -650,9 +636,8 @@ class VhdxDisk(BlockDevice):
                 raise ResourceError(f"fsync failed: {e.strerror}", self.name) from e
 
     def close(self) -> None:
-        if getattr(self, "_dfd", -1) >= 0:
-            os.close(self._dfd)
-            self._dfd = -1
+        if hasattr(self, "_direct"):
+            self._direct.close()
         if getattr(self, "_fd", -1) >= 0:
             try:
                 if self.writable and self._session_started:
