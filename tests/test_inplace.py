@@ -614,7 +614,15 @@ def _fault_round(plain: Path, d: Path, rnd: random.Random, i: int, stats: dict[s
             cp0 = run_cli("resume", str(vol), "--startup-key", str(bek)) if bek.exists() else None
             if cp0 is not None:
                 assert_clean_error(cp0, 2)
-        cp = run_cli(*enc_args, env={"TEMPLATETOOL_INPLACE_CHUNK": "16384"})
+        args = list(enc_args)
+        if st.state == "plain" and bek.exists():
+            # killed after the startup key was escrowed but before the volume changed: the same
+            # command refuses to replace the key file (exit 2) until --overwrite is given
+            cp1 = run_cli(*enc_args)
+            assert_clean_error(cp1, 2)
+            assert "--overwrite" in cp1.stderr
+            args.append("--overwrite")
+        cp = run_cli(*args, env={"TEMPLATETOOL_INPLACE_CHUNK": "16384"})
     if cp is not None:
         assert cp.returncode == 0, f"round {i}: {cp.stderr}"
     dev, orig = RawFile(vol), RawFile(plain)
@@ -716,3 +724,31 @@ def test_api_encrypt_in_place_and_resume(plain16: Path, tmp_path: Path, monkeypa
     assert assert_complete(RawFile(cut), RawFile(plain16), recovery_password=keys["rp"])
     with pytest.raises(UsageError):  # not in the middle of a conversion any more
         api.resume(cut, recovery_password=keys["rp"])
+
+
+def test_rerun_over_an_escrowed_key_of_a_plain_volume(plain48: Path, tmp_path: Path) -> None:
+    """A run killed after its startup key file was escrowed but before the volume changed (the
+    window the random fault rounds hit only now and then; CI saw it once): the volume is plain and
+    k.bek holds a key that opens nothing. Re-running the same command refuses to replace it (exit
+    2, naming k.bek and --overwrite) and leaves the volume untouched; with --overwrite it completes
+    and the new key opens the volume."""
+    other, vol, bek = tmp_path / "other.img", tmp_path / "vol.img", tmp_path / "k.bek"
+    shutil.copyfile(plain48, other)
+    cp = run_cli("encrypt", str(other), "--in-place", "--startup-key-out", str(bek))
+    assert cp.returncode == 0, cp.stderr
+    stale = bek.read_bytes()
+    shutil.copyfile(plain48, vol)
+    args = ["encrypt", str(vol), "--in-place", "--startup-key-out", str(bek)]
+    cp = run_cli(*args)
+    assert_clean_error(cp, 2)
+    assert "--overwrite" in cp.stderr and "k.bek" in cp.stderr
+    assert file_sha256(vol) == file_sha256(plain48) and bek.read_bytes() == stale
+    cp = run_cli(*args, "--overwrite")
+    assert cp.returncode == 0, cp.stderr
+    assert bek.read_bytes() != stale
+    dev, orig = RawFile(vol), RawFile(plain48)
+    try:
+        assert_complete(dev, orig, bek=bek.read_bytes())
+    finally:
+        dev.close()
+        orig.close()
