@@ -206,3 +206,27 @@ def test_host_attest_tpm_mode_with_swtpm(tpmfab, tmp_path: Path) -> None:  # noq
     assert json.loads(run_cli(*args).stdout)["result"]["cached"] is True
     # host-key mode does not reuse a TPM-mode certificate (and this host has no host-key registration)
     assert_clean_error(run_cli(*args[:6]), 6)
+
+
+def test_host_ek_writes_the_tpm_ek_for_registration(booted, tmp_path: Path) -> None:  # noqa: F811
+    """`host ek`: the PEM it writes is the EK the TPM quote path registers and checks (same key as
+    TpmHost.ek_pem, an RSA-2048 public key openssl reads); a TPM that is not there is one clean error."""
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    expected = booted.ek_pem()
+    for h in (booted.ak, booted.ek):  # free the fixture's transient slots: the CLI creates its own
+        booted.esys.flush_context(h)
+    out = tmp_path / "ek.pem"
+    cp = run_cli("host", "ek", "--tpm", booted.tcti, "-o", str(out), "--json")
+    assert cp.returncode == 0, cp.stderr
+    assert out.read_text() == expected
+    key = serialization.load_pem_public_key(out.read_bytes())
+    assert key.key_size == 2048  # type: ignore[union-attr]
+    r = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(out), "-noout", "-text"], capture_output=True, text=True)
+    assert r.returncode == 0 and "2048 bit" in r.stdout
+    assert_clean_error(run_cli("host", "ek", "--tpm", booted.tcti, "-o", str(out)), 2)  # exists: needs --overwrite
+    assert run_cli("host", "ek", "--tpm", booted.tcti, "-o", str(out), "--overwrite").returncode == 0
+    assert_clean_error(run_cli("host", "ek", "--tpm", "swtpm:host=127.0.0.1,port=9", "-o", str(tmp_path / "x.pem")))
+    assert not (tmp_path / "x.pem").exists()

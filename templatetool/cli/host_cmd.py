@@ -101,6 +101,37 @@ def register(cli: click.Group) -> None:
         h = new_host(name, output, key)
         emit({"name": h.name, "output": output}, as_json, f"host {name} created in {output}")
 
+    @host.command("ek")
+    @click.option(
+        "--tpm",
+        "tcti",
+        required=True,
+        metavar="TCTI",
+        help="The host's TPM, e.g. device:/dev/tpmrm0 or swtpm:port=2321.",
+    )
+    @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="PEM file to write the EK public key to.")
+    @json_option
+    def host_ek(tcti: str, output: str, as_json: bool) -> None:
+        """Write the host TPM's endorsement key (EK, TCG RSA-2048 template) as PEM, for `hgs register-host --ek`."""
+        import hashlib
+
+        from cryptography.hazmat.primitives import serialization
+
+        from ..hgs.tpmhost import TpmHost
+
+        with TpmHost(tcti) as th:
+            pem = th.ek_pem()
+        spki = serialization.load_pem_public_key(pem.encode()).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        write_bytes_atomic(output, pem.encode(), mode=0o644)
+        digest = hashlib.sha256(spki).hexdigest()
+        emit(
+            {"output": output, "tpm": tcti, "ek_sha256": digest},
+            as_json,
+            f"EK public key of {tcti} written to {output} (SHA-256 of its SubjectPublicKeyInfo {digest})",
+        )
+
     @host.command("evidence")
     @click.argument("host_dir", type=click.Path(file_okay=False, exists=True))
     @click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Evidence file to write.")
