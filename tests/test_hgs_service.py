@@ -351,7 +351,8 @@ def test_shielded_vm_unlocks_with_key_released_over_http(tmp_path: Path) -> None
         host = load_host(d / "host")
         with HgsClient(srv.url) as c:
             hc = c.attest(host)
-            sec = VmSecret.from_bytes(c.release((d / "vm.kp").read_bytes(), host, hc))
+            state_sha = hashlib.sha256((d / "vm.vtpm").read_bytes()).hexdigest()  # the state the host boots
+            sec = VmSecret.from_bytes(c.release((d / "vm.kp").read_bytes(), host, hc, state_sha))
     finally:
         srv.stop()
         state.store.close()

@@ -186,6 +186,13 @@ def test_host_start_cli_boots_the_vm(fab, tmp_path: Path) -> None:
     assert r["policy"] == "shielded" and r["vm"]["exit_code"] == 0 and r["vtpm_state_saved"] is True
     assert guest_pcr0((tmp_path / "serial.log").read_bytes()) != bytes(32)
     assert (tmp_path / "VM.vtpm").read_bytes() != v.state
+    # the fabric's ledger took the new state (generation 1): the state shield wrote is now a rollback
+    assert r["vtpm_state_generation"] == 1 and r["vtpm_state_report_error"] is None
+    assert not (tmp_path / "VM.vtpm-report").exists()
+    (tmp_path / "VM.vtpm").write_bytes(v.state)
+    cp = run_cli(*base, "--serial-log", str(tmp_path / "serial2.log"))
+    assert_clean_error(cp, 4)
+    assert "older or forked" in cp.stderr and not (tmp_path / "serial2.log").exists()
 
 
 def test_host_attest_tpm_mode_with_swtpm(tpmfab, tmp_path: Path) -> None:  # noqa: F811

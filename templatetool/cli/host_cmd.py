@@ -286,6 +286,16 @@ def register(cli: click.Group) -> None:
                 f"VM {disk} ({j['policy']}) ran {j['vm']['seconds']} s under "
                 f"{j['vm']['accel']}, exit {j['vm']['exit_code']}; vTPM state "
                 f"{'saved to ' + j['vtpm_state'] if j['vtpm_state_saved'] else 'unchanged'}"
+                + (
+                    f", generation {j['vtpm_state_generation']} in the fabric's ledger"
+                    if j["vtpm_state_generation"] is not None
+                    else ""
+                )
+                + (
+                    f" (not yet reported to the fabric: {j['vtpm_state_report_error']}; resent on the next start)"
+                    if j["vtpm_state_report_error"]
+                    else ""
+                )
             ),
         )
 

@@ -142,17 +142,35 @@ class HgsClient:
             raise ResourceError(f"metadata request failed: HTTP {r.status_code}", self.base_url)
         return bytes(r.content)
 
-    def roll_transport_key(self, kp: bytes, health_cert: x509.Certificate, version: str = "v1") -> tuple[bytes, bytes]:
-        """POST RollTransportKey; returns (egress protector, keys enveloped to the health certificate)."""
-        body = wire.dump_roll_request(kp, health_cert.public_bytes(serialization.Encoding.DER))
+    def roll_transport_key(
+        self,
+        kp: bytes,
+        health_cert: x509.Certificate,
+        version: str = "v1",
+        vtpm_state_sha256: str | None = None,
+    ) -> tuple[bytes, bytes]:
+        """POST RollTransportKey; returns (egress protector, keys enveloped to the health certificate).
+        ``vtpm_state_sha256`` names the vTPM state the host will boot (required for a VM with one)."""
+        body = wire.dump_roll_request(kp, health_cert.public_bytes(serialization.Encoding.DER), vtpm_state_sha256)
         path = f"/KeyProtection/service/{version}/rolltransportkey"
         r = self._request("POST", path, content=body, headers={"content-type": "application/xml"})
         return wire.parse_roll_response(r.content, f"{self.base_url}{path}")
 
-    def release(self, kp: bytes, host: Host, health_cert: x509.Certificate) -> bytes:
+    def release(
+        self, kp: bytes, host: Host, health_cert: x509.Certificate, vtpm_state_sha256: str | None = None
+    ) -> bytes:
         """Key release as the host: RollTransportKey, then open the envelope with the host's encryption key."""
-        _egress, released = self.roll_transport_key(kp, health_cert)
+        _egress, released = self.roll_transport_key(kp, health_cert, vtpm_state_sha256=vtpm_state_sha256)
         return open_release(released, host.encryption_key, health_cert)
+
+    def report_vtpm_state(
+        self, kp: bytes, health_cert: x509.Certificate, previous: str, current: str, mac: str, version: str = "v1"
+    ) -> tuple[str, int, str]:
+        """POST a VtpmStateReport (hgs/ledger.py); returns the ledger's (vm id, generation, current)."""
+        body = wire.dump_state_report(kp, health_cert.public_bytes(serialization.Encoding.DER), previous, current, mac)
+        path = f"/KeyProtection/service/{version}/vtpmstate"
+        r = self._request("POST", path, content=body, headers={"content-type": "application/xml"})
+        return wire.parse_state_reply(r.content, f"{self.base_url}{path}")
 
 
 __all__ = ["HgsClient"]

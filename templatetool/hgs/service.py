@@ -33,9 +33,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..errors import FormatError, IntegrityError, PolicyError, ResourceError, TemplateToolError
+from ..errors import FormatError, IntegrityError, PolicyError, ResourceError, TemplateToolError, UsageError
 from . import wire
 from .attest import AttestationPolicy, HealthCheck, attest, health_fingerprint, load_attestation
+from .ledger import STATE_CODE, state_mac, vm_state_keys
 from .release import release_key
 from .store import Store, default_url
 
@@ -300,24 +301,38 @@ class Service:
         from ..kp import URN_CMS_AEAD
 
         where = "RollTransportKeyRequest"
-        kp, hc_der = wire.parse_roll_request(body, where)
+        kp, hc_der, named_state = wire.parse_roll_request(body, where)
         kp_fp = hashlib.sha256(kp).hexdigest()
         hc_fp = hashlib.sha256(hc_der).hexdigest()
         host = None
-        try:
-            try:
-                hc = x509.load_der_x509_certificate(hc_der)
-            except ValueError:
-                raise FormatError("the health certificate is not DER X.509", f"{where}.HealthCertificate") from None
-            host = self.s.store.health_certificate_host(hc_fp)
-            if host is None:
-                raise PolicyError(
-                    "health certificate was not issued by this service",
-                    f"{where}.HealthCertificate",
-                    "attest with POST /Attestation/v2.0/hostkeyattest first",
+        ledger_note: list[str] = []
+
+        def check_state(secret: bytes) -> None:
+            vk = vm_state_keys(secret)
+            if vk is None:
+                return
+            if named_state is None:
+                raise UsageError(
+                    "this VM has a vTPM state: the request must name the state the host will boot (VtpmStateSha256)",
+                    where,
                 )
+            rec = self.s.store.vm_state(vk.vm_id)
+            latest, gen = rec if rec is not None else (vk.initial_sha256, 0)
+            if named_state != latest:
+                raise IntegrityError(
+                    f"the vTPM state named is not the latest the fabric recorded for this VM (generation {gen}): "
+                    "an older or forked copy of its state",
+                    f"{where}.VtpmStateSha256",
+                    "start the VM from its latest vTPM state",
+                    code=STATE_CODE,
+                )
+            ledger_note.append(f"; vTPM state generation {gen} {latest[:16]}")
+
+        try:
+            hc = self._health_certificate(hc_der, hc_fp, where)
+            host = self.s.store.health_certificate_host(hc_fp)
             released = release_key(
-                kp, hc, self.s.guardian, self.s.signer_cert, at=at, where=f"{where}.IngressProtector"
+                kp, hc, self.s.guardian, self.s.signer_cert, at=at, where=f"{where}.IngressProtector", check=check_state
             )
         except TemplateToolError as e:
             if not isinstance(e, ResourceError):
@@ -333,7 +348,8 @@ class Service:
         self.s.store.audit(
             "release",
             "granted",
-            f"KP unwrapped by guardian {self.s.guardian.name!r}; key enveloped to the health certificate",
+            f"KP unwrapped by guardian {self.s.guardian.name!r}; key enveloped to the health certificate"
+            + "".join(ledger_note),
             host=host,
             health_certificate=hc_fp,
             key_protector=kp_fp,
@@ -341,6 +357,60 @@ class Service:
         # Egress protector: our KP format needs the owner's GuardianSignature, which the service cannot
         # make, so the egress protector is the ingress protector (no roll; docs/formats/hgs-service.md).
         return wire.dump_roll_response(kp, released, URN_CMS_AEAD)
+
+    def _health_certificate(self, hc_der: bytes, hc_fp: str, where: str) -> x509.Certificate:
+        """The request's health certificate, if it parses and this service (any node) issued it."""
+        try:
+            hc = x509.load_der_x509_certificate(hc_der)
+        except ValueError:
+            raise FormatError("the health certificate is not DER X.509", f"{where}.HealthCertificate") from None
+        if self.s.store.health_certificate_host(hc_fp) is None:
+            raise PolicyError(
+                "health certificate was not issued by this service",
+                f"{where}.HealthCertificate",
+                "attest with POST /Attestation/v2.0/hostkeyattest first",
+            )
+        return hc
+
+    def vtpmstate(self, body: bytes, at: _dt.datetime | None = None) -> bytes:
+        """A host's report of a VM's new vTPM state (hgs/ledger.py): checked like a release (health
+        certificate of this fabric, KP this guardian unwraps), the step MACed under the VM's K, then
+        the ledger advances from its latest state only."""
+        from ..kp import unwrap
+        from .attest import verify_health_certificate
+
+        where = "VtpmStateReport"
+        kp, hc_der, prev, cur, mac = wire.parse_state_report(body, where)
+        kp_fp = hashlib.sha256(kp).hexdigest()
+        hc_fp = hashlib.sha256(hc_der).hexdigest()
+        host = None
+        try:
+            hc = self._health_certificate(hc_der, hc_fp, where)
+            host = self.s.store.health_certificate_host(hc_fp)
+            verify_health_certificate(hc, self.s.signer_cert, at=at)
+            vk = vm_state_keys(unwrap(kp, self.s.guardian))
+            if vk is None:
+                raise UsageError("the key protector's secret is not a VM secret with a vTPM state", where)
+            if not hmac.compare_digest(state_mac(vk.key, vk.vm_id, prev, cur), mac):
+                raise IntegrityError(
+                    "vTPM state report refused: its MAC does not verify under the VM's key", f"{where}.Mac"
+                )
+            gen = self.s.store.advance_vm_state(vk.vm_id, prev, cur, vk.initial_sha256, host)
+        except TemplateToolError as e:
+            if not isinstance(e, ResourceError):
+                self.s.store.audit(
+                    "vtpm-state", "refused", str(e), host=host, health_certificate=hc_fp, key_protector=kp_fp
+                )
+            raise
+        self.s.store.audit(
+            "vtpm-state",
+            "granted",
+            f"vTPM state generation {gen}: {prev[:16]} -> {cur[:16]}",
+            host=host,
+            health_certificate=hc_fp,
+            key_protector=kp_fp,
+        )
+        return wire.dump_state_reply(vk.vm_id, gen, cur)
 
 
 def _safe_host(hc_der: bytes) -> str | None:
@@ -413,6 +483,13 @@ def create_app(state: ServiceState) -> Any:
             return kps_error(e)
         return await guarded(lambda: Response(svc.rolltransportkey(body), media_type=XML), kps_error)
 
+    async def vtpmstate(request: Request) -> Response:
+        try:
+            body = await _read_body(request)
+        except TemplateToolError as e:
+            return kps_error(e)
+        return await guarded(lambda: Response(svc.vtpmstate(body), media_type=XML), kps_error)
+
     async def http_error(request: Request, exc: Any) -> Response:
         status = getattr(exc, "status_code", 404)
         if request.url.path.startswith("/KeyProtection"):
@@ -439,6 +516,7 @@ def create_app(state: ServiceState) -> Any:
         Route("/Attestation/v2.0/signingCertificates", signing, methods=["GET"]),
         Route("/KeyProtection/service/metadata/2014-07/metadata.xml", metadata, methods=["GET"]),
         Route("/KeyProtection/service/{version}/rolltransportkey", roll, methods=["POST"]),
+        Route("/KeyProtection/service/{version}/vtpmstate", vtpmstate, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal})
     app.state.hgs = state

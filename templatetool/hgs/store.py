@@ -2,8 +2,9 @@
 
 Tables (docs/formats/hgs-service.md): ``schema_version``, ``settings``, ``hosts`` (host keys and
 TPM EKs, public only), ``pcr_baselines``, ``ci_policies``, ``nonces`` (server nonces, single
-use), ``tpm_challenges`` (MakeCredential rounds), ``health_certificates`` (issued, by fingerprint) and ``audit`` (every attestation and every
-key release, granted or refused). Private keys never enter the database: they stay in the
+use), ``tpm_challenges`` (MakeCredential rounds), ``health_certificates`` (issued, by fingerprint),
+``vm_states`` (the vTPM state ledger: the latest state of each VM, hgs/ledger.py) and ``audit``
+(every attestation, key release and state report, granted or refused). Private keys never enter the database: they stay in the
 guardian folder's files (0600).
 """
 
@@ -16,12 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import FormatError, PolicyError, ResourceError, UsageError
+from ..errors import FormatError, IntegrityError, PolicyError, ResourceError, UsageError
 from .attest import DEFAULT_HOURS, MAX_HOURS, AttestationPolicy
+from .ledger import STATE_CODE
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older schema versions this code upgrades in place (version 1 had no ``vm_states``).
+UPGRADABLE = (1,)
 #: A server nonce is valid this long after Getinfo handed it out.
 NONCE_SECONDS = 300
 DB_FILE = "hgs-state.sqlite"
@@ -90,12 +94,21 @@ def _metadata(sa: Any) -> Any:
         sa.Column("expires", S(20), nullable=False),
     )
     sa.Table(
+        "vm_states",
+        md,
+        sa.Column("vm", S(64), primary_key=True),  # ledger.vm_id: SHA-256 over K, never K
+        sa.Column("state_sha256", S(64), nullable=False),  # the latest reported vTPM state
+        sa.Column("generation", Int, nullable=False),  # reports accepted so far
+        sa.Column("updated", S(20), nullable=False),
+        sa.Column("host", S(64), nullable=True),  # the host that reported it
+    )
+    sa.Table(
         "audit",
         md,
         sa.Column("id", Int, primary_key=True, autoincrement=True),
         sa.Column("at", S(20), nullable=False),
         sa.Column("node", S(64), nullable=False),
-        sa.Column("event", S(16), nullable=False),  # attest | release
+        sa.Column("event", S(16), nullable=False),  # attest | release | vtpm-state
         sa.Column("outcome", S(16), nullable=False),  # granted | refused
         sa.Column("host", S(64), nullable=True),
         sa.Column("health_certificate", S(64), nullable=True),
@@ -141,7 +154,8 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> int:
-        """Create the schema (version 1) or check an existing one; returns the schema version."""
+        """Create the schema (version 2), upgrade a version 1 one in place (adds ``vm_states``), or
+        check an existing one; returns the schema version."""
         sa = self._sa
         try:
             with self.engine.begin() as c:
@@ -150,6 +164,9 @@ class Store:
                 rows = c.execute(sa.select(self.t["schema_version"].c.version)).scalars().all()
                 if not rows:
                     c.execute(self.t["schema_version"].insert().values(version=SCHEMA_VERSION))
+                    return SCHEMA_VERSION
+                if len(rows) == 1 and rows[0] in UPGRADABLE:  # create_all above added the new tables
+                    c.execute(self.t["schema_version"].update().values(version=SCHEMA_VERSION))
                     return SCHEMA_VERSION
                 if len(rows) != 1 or rows[0] != SCHEMA_VERSION:
                     raise FormatError(
@@ -373,6 +390,56 @@ class Store:
         host = self._run(lambda c: c.execute(sa.select(t.c.host).where(t.c.fingerprint == fingerprint)).scalar())
         return None if host is None else str(host)
 
+    # -- the vTPM state ledger (hgs/ledger.py) -----------------------------------------------------
+    def vm_state(self, vm: str) -> tuple[str, int] | None:
+        """(latest state SHA-256, generation) the ledger holds for ``vm``, or None before its first report."""
+        t, sa = self.t["vm_states"], self._sa
+        r = self._run(lambda c: c.execute(sa.select(t.c.state_sha256, t.c.generation).where(t.c.vm == vm)).first())
+        return None if r is None else (str(r[0]), int(r[1]))
+
+    def advance_vm_state(self, vm: str, previous: str, current: str, initial: str, host: str | None) -> int:
+        """Compare-and-swap the ledger from ``previous`` to ``current``; returns the new generation.
+
+        ``previous`` must be the latest state (or, before any report, ``initial``: the state shield
+        wrote). A report already applied (latest == ``current``) is accepted again unchanged, so a
+        host may resend one it is not sure arrived. Anything else is a fork or a replay:
+        IntegrityError (code ``hgs.vtpm-state``), nothing changes.
+        """
+        t, sa = self.t["vm_states"], self._sa
+        now = _iso(_now())
+
+        def fn(c: Any) -> int | None:
+            row = c.execute(sa.select(t.c.state_sha256, t.c.generation).where(t.c.vm == vm)).first()
+            if row is None:
+                if previous != initial:
+                    return None
+                c.execute(t.insert().values(vm=vm, state_sha256=current, generation=1, updated=now, host=host))
+                return 1
+            latest, gen = str(row[0]), int(row[1])
+            if latest == current:
+                return gen
+            if latest != previous:
+                return None
+            r = c.execute(
+                t.update()
+                .where(sa.and_(t.c.vm == vm, t.c.state_sha256 == previous))
+                .values(state_sha256=current, generation=gen + 1, updated=now, host=host)
+            )
+            return gen + 1 if r.rowcount == 1 else None
+
+        try:
+            gen = self._run(fn)
+        except ResourceError:
+            # two nodes inserting the first report of one VM at once: the primary key lets one win
+            gen = None if self.vm_state(vm) is not None else self._run(fn)
+        if gen is None:
+            raise IntegrityError(
+                "vTPM state report refused: its previous state is not the latest the fabric recorded (a fork or a replay)",
+                "vTPM state ledger",
+                code=STATE_CODE,
+            )
+        return gen
+
     def audit(
         self,
         event: str,
@@ -414,4 +481,4 @@ class Store:
         self.engine.dispose()
 
 
-__all__ = ["DB_FILE", "NONCE_SECONDS", "SCHEMA_VERSION", "Store", "default_url"]
+__all__ = ["DB_FILE", "NONCE_SECONDS", "SCHEMA_VERSION", "UPGRADABLE", "Store", "default_url"]

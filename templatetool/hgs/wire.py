@@ -47,6 +47,7 @@ KPS_FAULT_STATUS = {
     "InvalidProtectorException": 400,  # KP malformed or tampered (signatures, MAC, canonical form)
     "InvalidWrappingException": 403,  # this guardian has no wrapping in the KP
     "HealthCertificateException": 403,  # health certificate not ours, expired, not a health cert
+    "VtpmStateException": 409,  # ours: the vTPM state is not the latest in the ledger (rollback, fork)
     "ServiceException": 503,
 }
 
@@ -158,25 +159,93 @@ def _unb64(text: str, what: str, where: str) -> bytes:
         raise FormatError(f"{what} is not valid base64", where) from None
 
 
-def dump_roll_request(ingress_kp: bytes, health_cert_der: bytes) -> bytes:
-    """A RollTransportKeyRequest: the VM's KP (ingress protector) and the host's health certificate."""
+def dump_roll_request(ingress_kp: bytes, health_cert_der: bytes, vtpm_state_sha256: str | None = None) -> bytes:
+    """A RollTransportKeyRequest: the VM's KP (ingress protector) and the host's health certificate;
+    for a VM with a vTPM state, our extension element ``VtpmStateSha256`` names the state the host
+    will boot (the ledger, hgs/ledger.py)."""
     root = etree.Element(_K + "RollTransportKeyRequest", nsmap={None: KPS_NS})
     etree.SubElement(root, _K + "IngressProtector").text = b64(ingress_kp)
     etree.SubElement(root, _K + "HealthCertificate").text = b64(health_cert_der)
+    if vtpm_state_sha256 is not None:
+        etree.SubElement(root, _K + "VtpmStateSha256").text = vtpm_state_sha256
     return _c14n(root)
 
 
-def parse_roll_request(body: bytes, where: str = "RollTransportKeyRequest") -> tuple[bytes, bytes]:
-    """(ingress KP bytes, health certificate DER) from a RollTransportKeyRequest."""
-    if len(body) > MAX_BODY:
-        raise FormatError(f"body too large ({len(body)} bytes, limit {MAX_BODY})", where)
-    root = parse_xml(body, where)
-    if root.tag != _K + "RollTransportKeyRequest":
-        raise FormatError(f"expected <RollTransportKeyRequest> in {KPS_NS}, got {str(root.tag)[:80]}", where)
+def parse_roll_request(body: bytes, where: str = "RollTransportKeyRequest") -> tuple[bytes, bytes, str | None]:
+    """(ingress KP bytes, health certificate DER, named vTPM state SHA-256 or None) from a
+    RollTransportKeyRequest."""
+    from .ledger import check_digest
+
+    root = _kps_root(body, "RollTransportKeyRequest", where)
+    state = None
+    if root.find(_K + "VtpmStateSha256") is not None:
+        state = check_digest(_text_child(root, "VtpmStateSha256", where).strip(), "VtpmStateSha256", where)
     return (
         _unb64(_text_child(root, "IngressProtector", where), "IngressProtector", where),
         _unb64(_text_child(root, "HealthCertificate", where), "HealthCertificate", where),
+        state,
     )
+
+
+def _kps_root(body: bytes, name: str, where: str) -> etree._Element:
+    if len(body) > MAX_BODY:
+        raise FormatError(f"body too large ({len(body)} bytes, limit {MAX_BODY})", where)
+    root = parse_xml(body, where)
+    if root.tag != _K + name:
+        raise FormatError(f"expected <{name}> in {KPS_NS}, got {str(root.tag)[:80]}", where)
+    return root
+
+
+#: The fields of a VtpmStateReport (our extension: the vTPM state ledger, hgs/ledger.py).
+STATE_REPORT_FIELDS = ("Previous", "Current", "Mac")
+
+
+def dump_state_report(ingress_kp: bytes, health_cert_der: bytes, previous: str, current: str, mac: str) -> bytes:
+    """A VtpmStateReport: the VM's KP, the reporting host's health certificate and the ledger step."""
+    root = etree.Element(_K + "VtpmStateReport", nsmap={None: KPS_NS})
+    etree.SubElement(root, _K + "IngressProtector").text = b64(ingress_kp)
+    etree.SubElement(root, _K + "HealthCertificate").text = b64(health_cert_der)
+    for name, value in zip(STATE_REPORT_FIELDS, (previous, current, mac), strict=True):
+        etree.SubElement(root, _K + name).text = value
+    return _c14n(root)
+
+
+def parse_state_report(body: bytes, where: str = "VtpmStateReport") -> tuple[bytes, bytes, str, str, str]:
+    """(KP, health certificate DER, previous, current, mac) from a VtpmStateReport."""
+    from .ledger import check_digest
+
+    root = _kps_root(body, "VtpmStateReport", where)
+    prev, cur, mac = (check_digest(_text_child(root, n, where).strip(), n, f"{where}.{n}") for n in STATE_REPORT_FIELDS)
+    return (
+        _unb64(_text_child(root, "IngressProtector", where), "IngressProtector", where),
+        _unb64(_text_child(root, "HealthCertificate", where), "HealthCertificate", where),
+        prev,
+        cur,
+        mac,
+    )
+
+
+def dump_state_reply(vm: str, generation: int, current: str) -> bytes:
+    """A VtpmStateReply: the ledger's entry for the VM after the report."""
+    root = etree.Element(_K + "VtpmStateReply", nsmap={None: KPS_NS})
+    etree.SubElement(root, _K + "Vm").text = vm
+    etree.SubElement(root, _K + "Generation").text = str(generation)
+    etree.SubElement(root, _K + "Current").text = current
+    return _c14n(root)
+
+
+def parse_state_reply(body: bytes, where: str = "VtpmStateReply") -> tuple[str, int, str]:
+    """(vm id, generation, current) from a VtpmStateReply (a fault raises its typed error)."""
+    root = parse_xml(body, where)
+    if root.tag == _K + "Fault":
+        raise_fault(root, where)
+    if root.tag != _K + "VtpmStateReply":
+        raise FormatError(f"unexpected response element {str(root.tag)[:80]}", where)
+    try:
+        gen = int(_text_child(root, "Generation", where))
+    except ValueError:
+        raise FormatError("VtpmStateReply.Generation is not a number", where) from None
+    return _text_child(root, "Vm", where), gen, _text_child(root, "Current", where)
 
 
 def dump_roll_response(egress_kp: bytes, encrypted_keys: bytes, algorithm: str) -> bytes:
@@ -201,7 +270,9 @@ def parse_roll_response(body: bytes, where: str = "RollTransportKeyResponse") ->
 
 
 def fault_code(e: TemplateToolError) -> str:
-    """The [MS-KPS] fault code for an error raised during RollTransportKey."""
+    """The [MS-KPS] fault code for an error raised during RollTransportKey (or a state report)."""
+    if e.code == "hgs.vtpm-state":
+        return "VtpmStateException"
     if "health certificate" in e.what or "not a health certificate" in e.what:
         return "HealthCertificateException"
     if isinstance(e, CredentialError):
@@ -229,6 +300,7 @@ _FAULT_ERRORS: dict[str, type[TemplateToolError]] = {
     "InvalidProtectorException": IntegrityError,
     "InvalidWrappingException": CredentialError,
     "HealthCertificateException": PolicyError,
+    "VtpmStateException": IntegrityError,
 }
 
 
@@ -238,7 +310,11 @@ def raise_fault(root: etree._Element, where: str) -> None:
     msg = (root.findtext(_K + "Message") or "").strip()
     from ..errors import ResourceError
 
-    raise _FAULT_ERRORS.get(code, ResourceError)(f"key protection service refused: {code}: {msg}", where)
+    raise _FAULT_ERRORS.get(code, ResourceError)(
+        f"key protection service refused: {code}: {msg}",
+        where,
+        code="hgs.vtpm-state" if code == "VtpmStateException" else None,
+    )
 
 
 _REPLY_ERRORS: dict[str, type[TemplateToolError]] = {
@@ -269,11 +345,15 @@ __all__ = [
     "dump_fault",
     "dump_roll_request",
     "dump_roll_response",
+    "dump_state_reply",
+    "dump_state_report",
     "dump_wcf",
     "error_reply_name",
     "fault_code",
     "parse_roll_request",
     "parse_roll_response",
+    "parse_state_reply",
+    "parse_state_report",
     "parse_wcf",
     "raise_error_reply",
     "raise_fault",

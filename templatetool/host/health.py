@@ -182,16 +182,33 @@ def attest_host(
 
 
 def release_secret(
-    hgs_url: str, host_dir: str | os.PathLike[str], kp: bytes, health: HealthStatus, *, verify: Any = True
+    hgs_url: str,
+    host_dir: str | os.PathLike[str],
+    kp: bytes,
+    health: HealthStatus,
+    *,
+    verify: Any = True,
+    vtpm_state_sha256: str | None = None,
 ) -> bytes:
     """Key release over the service ([MS-KPS] RollTransportKey): the KP's secret, opened with the
     host's encryption key. Refused (typed error, no key) unless the fabric is a guardian of the KP
-    and the health certificate is one it issued and still valid."""
+    and the health certificate is one it issued and still valid; for a VM with a vTPM state,
+    unless ``vtpm_state_sha256`` is the latest state the fabric's ledger holds (hgs/ledger.py)."""
     from ..hgs.client import HgsClient
 
     host = load_host(host_dir)
     with HgsClient(_normal_url(hgs_url), verify=verify) as c:
-        return c.release(kp, host, health.certificate)
+        return c.release(kp, host, health.certificate, vtpm_state_sha256)
+
+
+def report_state(
+    hgs_url: str, kp: bytes, health: HealthStatus, previous: str, current: str, mac: str, *, verify: Any = True
+) -> tuple[str, int, str]:
+    """Report a VM's new vTPM state to the fabric's ledger; returns (vm id, generation, current)."""
+    from ..hgs.client import HgsClient
+
+    with HgsClient(_normal_url(hgs_url), verify=verify) as c:
+        return c.report_vtpm_state(kp, health.certificate, previous, current, mac)
 
 
 __all__ = [
@@ -202,4 +219,5 @@ __all__ = [
     "cached_health",
     "parse_duration",
     "release_secret",
+    "report_state",
 ]
