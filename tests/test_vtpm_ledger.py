@@ -31,6 +31,7 @@ from templatetool.hgs.wire import dump_roll_request  # noqa: E402
 from templatetool.kp import create_kp  # noqa: E402
 
 from .test_hgs_service import LiveServer, _fabric  # noqa: E402
+from .test_host_start import fake_qemu  # noqa: E402, F401 (fixture)
 
 
 def _sha(b: bytes) -> str:
@@ -232,12 +233,3 @@ def test_host_start_resends_a_pending_report_and_refuses_a_rolled_back_state(
         srv.stop()
         state.store.close()
 
-
-@pytest.fixture
-def fake_qemu(tmp_path: Path) -> str:
-    from .test_host_start import FAKE_QEMU
-
-    p = tmp_path / "fake-qemu"
-    p.write_text(FAKE_QEMU)
-    p.chmod(0o755)
-    return str(p)

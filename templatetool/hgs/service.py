@@ -466,29 +466,26 @@ def create_app(state: ServiceState) -> Any:
     async def signing(request: Request) -> Response:
         return await guarded(lambda: Response(svc.signing_certificates(), media_type=JSON), wcf_error)
 
-    async def hostkeyattest(request: Request) -> Response:
-        try:
-            body = await _read_body(request)
-        except TemplateToolError as e:
-            return wcf_error(e)
-        return await guarded(lambda: Response(svc.hostkeyattest(body), media_type=JSON), wcf_error)
+    def posted(
+        handler: Callable[[bytes], bytes], media_type: str, on_error: Callable[[TemplateToolError], Response]
+    ) -> Callable[[Request], Any]:
+        """A POST endpoint: read the bounded body, run ``handler`` on it in the thread pool."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await _read_body(request)
+            except TemplateToolError as e:
+                return on_error(e)
+            return await guarded(lambda: Response(handler(body), media_type=media_type), on_error)
+
+        return endpoint
+
+    hostkeyattest = posted(svc.hostkeyattest, JSON, wcf_error)
+    roll = posted(svc.rolltransportkey, XML, kps_error)
+    vtpmstate = posted(svc.vtpmstate, XML, kps_error)
 
     async def metadata(request: Request) -> Response:
         return Response(state.metadata_xml, media_type=XML)
-
-    async def roll(request: Request) -> Response:
-        try:
-            body = await _read_body(request)
-        except TemplateToolError as e:
-            return kps_error(e)
-        return await guarded(lambda: Response(svc.rolltransportkey(body), media_type=XML), kps_error)
-
-    async def vtpmstate(request: Request) -> Response:
-        try:
-            body = await _read_body(request)
-        except TemplateToolError as e:
-            return kps_error(e)
-        return await guarded(lambda: Response(svc.vtpmstate(body), media_type=XML), kps_error)
 
     async def http_error(request: Request, exc: Any) -> Response:
         status = getattr(exc, "status_code", 404)
