@@ -520,6 +520,7 @@ def shield(
     in_place: bool = False,
     subformat: str | None = None,
     vtpm: str = "swtpm",
+    template_passphrase: Secret | None = None,
     **options: object,
 ) -> Shielded:
     """Turn ``template`` + the PDK into a shielded VM disk at ``output`` (``None`` with
@@ -531,7 +532,10 @@ def shield(
     PDK does not carry their certificate signatures. ``vtpm``: ``"swtpm"`` (default) manufactures
     the VM's own vTPM with swtpm and writes its encrypted state as ``OUTPUT.vtpm``
     (:attr:`Shielded.vtpm_state`); ``"software"`` keeps a software vTPM key in the KP instead.
-    Further keyword ``options`` go to
+    A Linux template (``protect(..., os="linux")``: ESP + LUKS2 root) is re-keyed and its new key
+    sealed in the VM's vTPM as a systemd-tpm2 token; ``template_passphrase`` (a value or a
+    :data:`~templatetool.secrets.SecretSource`, read only for such a template) opens the
+    template's keyslot. Further keyword ``options`` go to
     :func:`templatetool.pipeline.shield.shield` unchanged.
     """
     from .pipeline.shield import shield as _shield
@@ -558,6 +562,7 @@ def shield(
         in_place=in_place,
         subformat=subformat,
         vtpm=vtpm,
+        template_passphrase=template_passphrase,
         **options,  # type: ignore[arg-type]
     )
     outs = rep["outputs"]

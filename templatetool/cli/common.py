@@ -193,6 +193,7 @@ CLI_HINTS: dict[str, str] = {
     "luks.pcr-values": "give a value for every --tpm2-pcrs PCR",
     "luks.sector-size": "use --sector-size 512",
     "linux.root-partition": "pass --root-partition N",
+    "shield.template-passphrase": "pass --template-passphrase-env VAR",
     "bitlocker.not-converting": "start with `templatetool encrypt --in-place`",
     "encrypt.tpm-alone": "add --recovery-password-out FILE or --show-recovery-password "
     "(or --startup-key-out / --password-env)",

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import NotFoundError, TemplateToolError, UsageError
+from ..secrets import env_or_prompt
 from . import policy
 from .common import ERRORS_BY_CODE, emit, guardian_password, json_option
 from .policy import OUTPUT_DIR, OUTPUT_FILE, Out
@@ -129,6 +130,12 @@ def register(cli: click.Group) -> None:
         default=None,
         help="VHDX subformat of the VM disk (default: the template's).",
     )
+    @click.option(
+        "--template-passphrase-env",
+        metavar="VAR",
+        default=None,
+        help="Linux templates: the template's LUKS2 passphrase from $VAR (prompted when omitted).",
+    )
     @json_option
     @policy.derived_outputs(_shield_outputs)
     def shield_cmd(
@@ -149,9 +156,13 @@ def register(cli: click.Group) -> None:
         method: str,
         report_out: str | None,
         subformat: str | None,
+        template_passphrase_env: str | None,
         as_json: bool,
     ) -> None:
-        """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow."""
+        """Turn TEMPLATE + PDK into a shielded VM disk, its key protector and the owner's recovery escrow.
+
+        A Linux template (protect --os linux) has its LUKS2 root re-keyed and the new key sealed in
+        the VM's own vTPM as a systemd-tpm2 token."""
         from .. import api
         from ..atomic import write_bytes_atomic
 
@@ -176,6 +187,7 @@ def register(cli: click.Group) -> None:
             in_place=in_place,
             subformat=subformat,
             vtpm=vtpm,
+            template_passphrase=env_or_prompt(template_passphrase_env, "template LUKS2 passphrase: "),
         )
         rep = res.to_json()
         if report_out:
@@ -193,8 +205,14 @@ def register(cli: click.Group) -> None:
                         if "vtpm_state" in r["outputs"]
                         else []
                     ),
-                    "protectors      "
-                    + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"].get("protectors", [])),
+                    (
+                        "protectors      "
+                        + ", ".join(f"{p['type']} {p['guid']}" for p in r["bitlocker"].get("protectors", []))
+                        if "bitlocker" in r
+                        else f"LUKS2 root      partition {r['luks']['partition']}: re-keyed; recovery key (escrowed), "
+                        f"systemd-tpm2 token sealed in the vTPM to {r['luks']['token']['tpm2-pcr-bank']} PCRs "
+                        f"{','.join(map(str, r['luks']['token']['tpm2-pcrs']))}"
+                    ),
                 ]
             ),
         )

@@ -55,6 +55,11 @@ def ext_size(view: BlockDevice) -> int | None:
     return blocks * (1024 << log)
 
 
+def ext_block_size(view: BlockDevice) -> int:
+    """The block size of the ext2/3/4 filesystem on ``view`` (call after :func:`ext_size`)."""
+    return 1024 << int.from_bytes(view.read(1024 + 0x18, 4), "little")
+
+
 def _find(table: PartitionTable, dev: BlockDevice, root_index: int | None) -> tuple[Partition, Partition]:
     if table.scheme != "gpt":
         raise PolicyError("a Linux template needs a GPT disk with an EFI system partition", dev.name)
@@ -120,7 +125,10 @@ def protect_linux(
         if fs is None:
             raise PolicyError(f"partition {root.index} holds no ext filesystem", str(src_p))
         data_size = root.size - DATA_OFFSET
-        ss = 4096 if data_size % 4096 == 0 else 512
+        # dm-crypt exposes the segment's sector size as the device's logical block size, and ext4
+        # cannot mount a filesystem whose blocks are smaller than that: 4 KiB sectors only under
+        # 4 KiB filesystem blocks (found booting a guest: 1 KiB-block ext4 on 4 KiB sectors is EINVAL)
+        ss = 4096 if data_size % 4096 == 0 and ext_block_size(root_view) >= 4096 else 512
         if data_size <= 0 or data_size % ss:
             raise PolicyError(
                 f"root partition {root.index} ({root.size} bytes) cannot hold a LUKS2 header",
@@ -204,4 +212,4 @@ def protect_linux(
     }
 
 
-__all__ = ["ext_size", "protect_linux"]
+__all__ = ["ext_block_size", "ext_size", "protect_linux"]

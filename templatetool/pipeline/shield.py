@@ -35,8 +35,9 @@ from .. import __version__
 from ..atomic import atomic_outputs, no_interrupts
 from ..blockdev import CHUNK
 from ..canonical import canonical_json
-from ..errors import FormatError, PolicyError, ResourceError, UsageError
+from ..errors import FormatError, PolicyError, ResourceError, UnsupportedError, UsageError
 from ..guardian.model import Guardian, guardian_from_certificates
+from ..secrets import Secret
 
 #: The VM secret carried by the KP (docs/formats/vm-secret.md).
 VM_SECRET_FORMAT = "templatetool-vm-secret"
@@ -197,8 +198,14 @@ def shield(
     in_place: bool = False,
     subformat: str | None = None,
     vtpm: str = "swtpm",
+    template_passphrase: Secret | None = None,
 ) -> dict[str, Any]:
     """Shield ``template`` with the PDK at ``pdk_path``; returns the JSON-ready report.
+
+    A Linux template (``protect --os linux``: ESP + LUKS2 root) goes to
+    :func:`templatetool.pipeline.shield_linux.shield_linux`: its root is re-keyed and the new key
+    sealed in the VM's vTPM as a systemd-tpm2 token; ``template_passphrase`` opens the template's
+    LUKS2 keyslot (asked for only then).
 
     ``guardians``: guardian folders/metadata for the PDK's guardians, when the PDK does not carry
     their encryption-certificate signatures.
@@ -217,6 +224,30 @@ def shield(
     ``vtpm_kind`` (rsa, ec) is the software key's type.
     """
     check_vtpm_mode(vtpm, tpm_parent)
+    from .shield_linux import is_linux_template, shield_linux
+
+    if is_linux_template(template):
+        if in_place or tpm_parent is not None or vtpm != "swtpm":
+            raise UnsupportedError(
+                "a Linux template is shielded into a new disk with a manufactured vTPM "
+                "(no in-place conversion, existing vTPM parent or software vTPM key)",
+                str(template),
+            )
+        return shield_linux(
+            template,
+            pdk_path,
+            out_path,
+            owner,
+            template_passphrase=template_passphrase,
+            kp_path=kp_path,
+            pcrs=pcrs,
+            pcr_values=pcr_values,
+            tcg_log=tcg_log,
+            bank=bank,
+            trust=trust,
+            guardians=guardians,
+            subformat=subformat,
+        )
     if in_place:
         if subformat is not None:
             raise UsageError("--subformat needs a new output disk; --in-place keeps the template's")
