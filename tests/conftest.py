@@ -107,3 +107,11 @@ def golden() -> Path:
     if not GOLDEN.exists():
         pytest.fail("fixtures/golden.vhdx missing: run fixtures/make_golden.sh")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def guest_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The Linux test guest's reference boot (tests/linux_guest_support.py), once per session."""
+    from .linux_guest_support import reference_boot
+
+    return reference_boot(tmp_path_factory.mktemp("guest-reference"))

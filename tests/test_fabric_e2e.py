@@ -90,17 +90,17 @@ def _start_node(gdir: Path, db: str) -> tuple[subprocess.Popen[str], str]:
 
 
 @pytest.fixture(scope="module")
-def guest_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def guest_images(tmp_path_factory: pytest.TempPathFactory, guest_reference: dict[str, Any]) -> dict[str, Any]:
     """Two golden disks (the same guest; the second one's kernel command line makes its init extend
     PCR 7 once before unlocking) and the reference TCG log of the guest's plain boot."""
     require_tool(*GUEST_TOOLS)
-    from .linux_guest_support import build_golden, reference_boot_log
+    from .linux_guest_support import build_golden
 
     d = tmp_path_factory.mktemp("e2e-guest")
     golden = build_golden(d / "golden.img", MARKER)
     golden_x = build_golden(d / "golden-extend7.img", MARKER, extend7=True)
     log = d / "reference.log"
-    log.write_bytes(reference_boot_log(d))
+    log.write_bytes(guest_reference["log"])
     return {"dir": d, "golden": golden, "golden_x": golden_x, "log": log}
 
 
@@ -261,6 +261,9 @@ def test_tampered_vtpm_state_refused(fabric: dict[str, Any]) -> None:
     st.write_bytes(bytes(bad))
     cp = _start(fabric, vm)
     _refused(fabric, vm, cp, 4, sha)
+    # the fabric's vTPM state ledger refuses first (the state is not the one it knows), before the
+    # host's own HMAC check under K and swtpm's (both tested in test_host_start)
+    assert "VtpmStateException" in cp.stderr, cp.stderr
     assert st.read_bytes() == bytes(bad)
 
 
