@@ -7,7 +7,8 @@ fresh volume key (old key → plaintext → new key, 1 MiB at a time, never the 
 memory) into a new VHDX; the template is only read. The new header has two keyslots:
 
 * 0: a **recovery key** (systemd-cryptenroll's format: 32 random bytes as 64 "modhex"
-  characters in 8 dash-separated groups) escrowed to the owner (``VM.recovery.p7m``, CMS);
+  characters in 8 dash-separated groups) escrowed to the owner (``VM.recovery.p7m``, CMS; its
+  ``recovery_password`` field, ``kind`` ``luks2-recovery-key``: ``escrow open`` shows it);
 * 1: the **systemd-tpm2 token**: a 256-bit secret sealed inside the VM's vTPM (manufactured
   with swtpm for this VM) under systemd 252's transient ECC primary with PolicyPCR over the
   chosen PCRs (default 7) at the values the reference boot gives (``tcg_log``) or
@@ -248,7 +249,13 @@ def shield_linux(
             # 5. escrow, 6. KP (K + the state's hash), all outputs together
             escrow = envelope(
                 json.dumps(
-                    {"recovery_key": recovery, "disk": out.name, "luks_partition": root.index, "luks_uuid": luks_uuid}
+                    {
+                        "recovery_password": recovery,  # the name escrow readers know; here a LUKS2 recovery key
+                        "kind": "luks2-recovery-key",
+                        "disk": out.name,
+                        "luks_partition": root.index,
+                        "luks_uuid": luks_uuid,
+                    }
                 ).encode(),
                 [owner.encryption_certificate],
             )
