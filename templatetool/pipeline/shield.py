@@ -270,7 +270,6 @@ def shield(
         )
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..catalog.vsc import compare_volume
-    from ..cms.enveloped import envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
     from .encrypt import encrypt_disk
@@ -354,25 +353,15 @@ def shield(
                         f"changed: {where}; re-protect the golden disk",
                     )
             timings["encrypt"] = time.monotonic() - t1
-            from ..vhdx import open_vhdx
-
-            disk = open_vhdx(partial, writable=True)
-            try:
-                from ..catalog import VSC_METADATA_GUID
-
-                disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
-            finally:
-                disk.close()
+            embed_vsc(partial, vsc_der)
             # 5. escrow, 6. KP
-            escrow = envelope(
-                json.dumps(
-                    {
-                        "recovery_password": recovery,
-                        "volume_guid": enc["result"].to_json().get("volume_guid"),
-                        "disk": out.name,
-                    }
-                ).encode(),
-                [owner.encryption_certificate],
+            escrow = owner_escrow(
+                owner,
+                {
+                    "recovery_password": recovery,
+                    "volume_guid": enc["result"].to_json().get("volume_guid"),
+                    "disk": out.name,
+                },
             )
             kp = create_kp(vt.secret(bank, info.policy).to_bytes(), owner, pdk_guardians(info, guardians))
             # the disk, its KP, its vTPM state and its escrow appear together or not at all (also on Ctrl-C)
@@ -543,6 +532,25 @@ def _plan_vtpm(
     return _VtpmPlan("swtpm", made.srk, values, sealer, made=made, reference_boot=boot)
 
 
+def embed_vsc(vhdx_path: str | os.PathLike[str], vsc_der: bytes) -> None:
+    """Put the template's signed catalog into a VM disk's VHDX user metadata (what unlock verifies)."""
+    from ..catalog import VSC_METADATA_GUID
+    from ..vhdx import open_vhdx
+
+    disk = open_vhdx(vhdx_path, writable=True)
+    try:
+        disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
+    finally:
+        disk.close()
+
+
+def owner_escrow(owner: Guardian, doc: dict[str, Any]) -> bytes:
+    """The recovery escrow: canonical JSON ``doc`` enveloped (CMS AuthEnvelopedData) to the owner only."""
+    from ..cms.enveloped import envelope
+
+    return envelope(canonical_json(doc), [owner.encryption_certificate])
+
+
 def _template_precheck(template: Any, subformat: str | None) -> str:
     """A template whose OS volume is already BitLocker (a shielded VM disk) is refused up front.
     Returns the VM disk's VHDX subformat (``subformat``, else the template's)."""
@@ -614,7 +622,7 @@ def _shield_in_place(
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..bitlocker.inplace import in_place, probe
     from ..catalog.vsc import compare_volume
-    from ..cms.enveloped import envelope, open_envelope
+    from ..cms.enveloped import open_envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
 
@@ -662,9 +670,8 @@ def _shield_in_place(
         secret = vt.secret(bank, info.policy)
 
         def save_keys(res: Any) -> None:  # before any sector of the template changes
-            escrow = envelope(
-                canonical_json({"recovery_password": recovery, "volume_guid": res.volume_guid, "disk": disk.name}),
-                [owner.encryption_certificate],
+            escrow = owner_escrow(
+                owner, {"recovery_password": recovery, "volume_guid": res.volume_guid, "disk": disk.name}
             )
             kp = create_kp(secret.to_bytes(), owner, pdk_guardians(info, guardians))
             with atomic_outputs() as outs:  # escrow, vTPM state and KP together

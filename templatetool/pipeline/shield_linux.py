@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 import secrets
 import time
@@ -132,9 +131,7 @@ def shield_linux(
     returns the JSON-ready report. ``template_passphrase``: a passphrase of one of the
     template's LUKS2 keyslots (the template author's)."""
     from ..bitlocker.cipher import XtsCipher
-    from ..catalog import VSC_METADATA_GUID
     from ..catalog.measure import FREE_NONE, measure_volume
-    from ..cms.enveloped import envelope
     from ..disk import create_disk, open_disk, output_subformat
     from ..kp import create_kp
     from ..luks.metadata import read_header
@@ -142,9 +139,16 @@ def shield_linux(
     from ..luks.volume import KEY_SIZE, KeyslotSpec, _segment_cipher, build_metadata_region, crypt_units, unlock
     from ..tpm.protector import resolve_pcr_values
     from ..tpm.vtpm_manufacture import manufacture_vtpm, start_vtpm
-    from ..vhdx import open_vhdx
     from .protect import _copy_outside
-    from .shield import VmSecret, _check_pdk_and_template, boot_events, pdk_guardians, vtpm_state_path
+    from .shield import (
+        VmSecret,
+        _check_pdk_and_template,
+        boot_events,
+        embed_vsc,
+        owner_escrow,
+        pdk_guardians,
+        vtpm_state_path,
+    )
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -241,23 +245,17 @@ def shield_linux(
             finally:
                 dst.close()
             timings["rekey"] = time.monotonic() - t3
-            disk = open_vhdx(partial, writable=True)
-            try:
-                disk.set_user_metadata(VSC_METADATA_GUID, vsc_der, virtual_disk=True)
-            finally:
-                disk.close()
+            embed_vsc(partial, vsc_der)
             # 5. escrow, 6. KP (K + the state's hash), all outputs together
-            escrow = envelope(
-                json.dumps(
-                    {
-                        "recovery_password": recovery,  # the name escrow readers know; here a LUKS2 recovery key
-                        "kind": "luks2-recovery-key",
-                        "disk": out.name,
-                        "luks_partition": root.index,
-                        "luks_uuid": luks_uuid,
-                    }
-                ).encode(),
-                [owner.encryption_certificate],
+            escrow = owner_escrow(
+                owner,
+                {
+                    "recovery_password": recovery,  # the name escrow readers know; here a LUKS2 recovery key
+                    "kind": "luks2-recovery-key",
+                    "disk": out.name,
+                    "luks_partition": root.index,
+                    "luks_uuid": luks_uuid,
+                },
             )
             vm_secret = VmSecret(
                 None,
