@@ -196,3 +196,45 @@ def test_api_shield_linux_with_a_passphrase_value(world: dict[str, Any], tmp_pat
                      pcr_values={7: PCR7}, template_passphrase=source)
     assert calls == [1] and res.vtpm_state and Path(res.vtpm_state).exists() and Path(res.kp).exists()
     assert res.report["os"] == "linux"
+
+
+def test_unlock_and_dry_run_of_a_linux_vm(world: dict[str, Any], shielded: dict[str, Any], tmp_path: Path) -> None:
+    """The guardian side offline: attest, release, host opens it, the VM's vTPM (boot played in)
+    unseals the token, the LUKS2 keyslot opens; unlock writes the root's plaintext (= the golden
+    filesystem); a different boot fails at the vTPM unseal."""
+    from templatetool.tpm.eventlog import write_agile_log
+
+    d = world["d"]
+    if not (d / "fab" / "attestation.json").exists():
+        _cli("hgs", "init", str(d / "fab"))
+        _cli("host", "new", "host-01", "-o", str(d / "host"))
+        _cli("hgs", "register-host", str(d / "fab"), "--host", str(d / "host"), "--name", "host-01")
+
+    def log(*events: bytes) -> Path:
+        p = tmp_path / f"boot{len(events)}.log"
+        p.write_bytes(write_agile_log([(7, 0x80000001, {0x000B: hashlib.sha256(e).digest()}, e) for e in events]))
+        return p
+
+    vm = shielded["vm"]
+    base = ["unlock", str(vm), "--kp", str(vm.with_suffix(".kp")), "--guardian", str(d / "fab"), "--host",
+            str(d / "host")]
+    cp = run_cli(*base, "--dry-run", "--tcg-log", str(log(EVENT)), "--json", env=PW)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    steps = {s["step"]: s for s in json.loads(cp.stdout)["result"]["steps"]}
+    assert [n for n, s in steps.items() if s["status"] == "passed"] == [
+        "attestation", "key release", "host receives key", "vTPM unseal", "LUKS2 unlock", "catalog verify"]
+    assert "systemd-tpm2" in steps["vTPM unseal"]["detail"] and "HMAC" in steps["vTPM unseal"]["detail"]
+    assert steps["decrypt"]["status"] == "skipped"
+    # one more boot event: the vTPM refuses, nothing after it runs
+    cp = run_cli(*base, "--dry-run", "--tcg-log", str(log(EVENT, b"one more")), "--json", env=PW)
+    assert cp.returncode != 0
+    steps = {s["step"]: s for s in json.loads(cp.stdout)["result"]["steps"]}
+    assert steps["vTPM unseal"]["status"] == "failed" and steps["LUKS2 unlock"]["status"] == "skipped"
+    # PCR values claimed for the boot must satisfy the token's policy
+    cp = run_cli(*base, "--dry-run", "--pcr-values", "7=" + "00" * 32, "--json", env=PW)
+    assert cp.returncode == 6
+    # the real unlock: the plaintext root, equal to the golden filesystem
+    out = tmp_path / "root.img"
+    cp = run_cli(*base, "--tcg-log", str(log(EVENT)), "-o", str(out), env=PW)
+    assert cp.returncode == 0, cp.stderr
+    assert out.read_bytes()[: len(world["fs"])] == world["fs"] and (out.stat().st_mode & 0o777) == 0o600

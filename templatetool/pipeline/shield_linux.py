@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import os
 import secrets
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import atomic_outputs
-from ..blockdev import BlockDevice
+from ..blockdev import BlockDevice, DeviceIO
 from ..errors import FormatError, PolicyError, UnsupportedError, UsageError
 from ..guardian.model import Guardian
 from ..progress import progress
@@ -55,34 +54,6 @@ def recovery_key() -> str:
     raw = secrets.token_bytes(32)
     chars = "".join(_MODHEX[b >> 4] + _MODHEX[b & 15] for b in raw)
     return "-".join(chars[i : i + 8] for i in range(0, 64, 8))
-
-
-class _ViewFile(io.RawIOBase):
-    """A read-only, seekable file over a block device view (what the LUKS2 reader takes)."""
-
-    def __init__(self, view: BlockDevice) -> None:
-        self.view, self.pos = view, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.view.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.view.size - self.pos))
-        if n:
-            b[:n] = self.view.read(self.pos, n)
-            self.pos += n
-        return n
 
 
 def find_linux_root(dev: BlockDevice) -> tuple[Any, Any] | None:
@@ -193,7 +164,7 @@ def shield_linux(
         timings["verify_esp"] = time.monotonic() - t1
         # 3. open the template's LUKS2 root with the author's passphrase
         view = root.view(src)
-        hdr = read_header(_ViewFile(view), f"{template} partition {root.index}")  # type: ignore[arg-type]
+        hdr = read_header(DeviceIO(view), f"{template} partition {root.index}")  # type: ignore[arg-type]
         data_offset, ss = _segment_cipher(hdr)
         if hdr.segment.get("size") != "dynamic":
             raise UnsupportedError("a LUKS2 data segment of fixed size is not supported", str(template))
@@ -204,7 +175,7 @@ def shield_linux(
                 str(template),
                 code="shield.template-passphrase",
             )
-        _slot, old_key = unlock(hdr, _ViewFile(view), passphrase, f"{template} partition {root.index}")  # type: ignore[arg-type]
+        _slot, old_key = unlock(hdr, DeviceIO(view), passphrase, f"{template} partition {root.index}")  # type: ignore[arg-type]
         data_size = root.size - data_offset
         if data_size <= 0 or data_size % ss:
             raise FormatError(f"the LUKS2 data segment ({data_size} bytes) is not whole sectors", str(template))

@@ -4,6 +4,12 @@ attestation → health certificate → key release (KP unwrap, re-wrapped to the
 the release → vTPM unseal → BitLocker unlock with the unsealed VMK → decrypt to a new disk (skipped with ``dry_run``) →
 verify the decrypted volume against the catalog carried in the VM disk.
 
+A **Linux VM** (shield of a ``protect --os linux`` template: ESP + LUKS2 root) runs the same chain
+with its own last steps: the vTPM unseals the systemd-tpm2 token's secret (the boot played in
+first, as for Windows), "LUKS2 unlock" opens the token's keyslot with it, "decrypt" writes the
+root's plaintext (the filesystem image) to the output, "catalog verify" measures the ESP (the
+boot chain the catalog covers) and checks the decrypted root holds an ext filesystem.
+
 The vTPM unseal, by what the VM secret holds: a manufactured vTPM (version 2, ``VM.vtpm`` + K):
 the state's hash is checked against the secret, swtpm starts on it with K, the SRK's Name is
 checked against the protector's parent Name (TPM2_ReadPublic, before any unseal), the boot is
@@ -114,6 +120,8 @@ STEPS = [
     "decrypt",
     "catalog verify",
 ]
+#: A Linux VM's steps: the same, with the LUKS2 root in place of BitLocker.
+STEPS_LINUX = [("LUKS2 unlock" if s == "BitLocker unlock" else s) for s in STEPS]
 
 
 def tpm_payloads(fve: Any) -> list[bytes]:
@@ -250,7 +258,11 @@ def unlock(
 
     if not dry_run and output is None:
         raise UsageError("give -o OUTPUT, or --dry-run")
-    report = UnlockReport(steps=[Step(n) for n in STEPS], output=str(output) if output and not dry_run else None)
+    linux = _is_linux_vm(vm_disk)
+    report = UnlockReport(
+        steps=[Step(n) for n in (STEPS_LINUX if linux else STEPS)],
+        output=str(output) if output and not dry_run else None,
+    )
     steps = {s.name: s for s in report.steps}
     state: dict[str, Any] = {}
 
@@ -374,13 +386,16 @@ def unlock(
             )
         return f"decrypted volume matches catalog {vsc.name} {'.'.join(map(str, vsc.version))} (root {root[:16]}...)"
 
+    lx = _LinuxSteps(vm_disk, state, tpm_tcti, pcr_values, tcg_log, vtpm_state, dry_run, output)
+    if linux:
+        do_unseal, do_decrypt, do_verify = lx.unseal, lx.decrypt, lx.verify
     try:
         chain = [
             ("attestation", do_attest),
             ("key release", do_release),
             ("host receives key", do_host),
             ("vTPM unseal", do_unseal),
-            ("BitLocker unlock", do_bitlocker),
+            ("LUKS2 unlock", lx.luks) if linux else ("BitLocker unlock", do_bitlocker),
         ]
         ok = True
         for name, fn in chain:
@@ -397,6 +412,174 @@ def unlock(
             state["disk"].close()
     _explain_skips(report)
     return report
+
+
+def _is_linux_vm(vm_disk: str | os.PathLike[str]) -> bool:
+    """A Linux VM disk (one ESP and one LUKS2 partition); False when it is not, or does not open
+    (the steps then report why)."""
+    from ..disk import open_disk
+    from .shield_linux import find_linux_root
+
+    try:
+        with open_disk(vm_disk) as d:
+            return find_linux_root(d) is not None
+    except (TemplateToolError, OSError):
+        return False
+
+
+class _LinuxSteps:
+    """The Linux VM's vTPM unseal, LUKS2 unlock, decrypt and catalog verify (see the module doc)."""
+
+    def __init__(
+        self,
+        vm_disk: str | os.PathLike[str],
+        state: dict[str, Any],
+        tpm_tcti: str | None,
+        pcr_values: Mapping[int, bytes] | None,
+        tcg_log: str | os.PathLike[str] | bytes | None,
+        vtpm_state: str | os.PathLike[str] | None,
+        dry_run: bool,
+        output: str | os.PathLike[str] | None,
+    ) -> None:
+        self.vm_disk, self.state, self.tpm_tcti = vm_disk, state, tpm_tcti
+        self.pcr_values, self.tcg_log, self.vtpm_state = pcr_values, tcg_log, vtpm_state
+        self.dry_run, self.output = dry_run, output
+
+    def unseal(self) -> str:
+        from ..blockdev import DeviceIO
+        from ..disk import open_disk
+        from ..luks.metadata import read_header
+        from ..luks.tpm2 import tokens_of, unseal_token
+        from ..tpm.policy import compute_policy
+        from ..tpm.swtpm_state import decrypt_state
+        from ..tpm.vtpm_manufacture import extend_pcrs, start_vtpm
+        from .shield_linux import find_linux_root
+
+        st, where = self.state, str(self.vm_disk)
+        disk = open_disk(self.vm_disk)
+        st["disk"] = disk
+        found = find_linux_root(disk)
+        if found is None:
+            raise FormatError("not a Linux VM disk (one ESP and one LUKS2 partition)", where)
+        st["esp"], st["root"] = found
+        view = st["root"].view(disk)
+        st["view"] = view
+        hdr = read_header(DeviceIO(view), where)  # type: ignore[arg-type]
+        st["hdr"] = hdr
+        toks = tokens_of(hdr.metadata)
+        if not toks:
+            raise CredentialError("the LUKS2 root has no systemd-tpm2 token", where)
+        token = toks[0][1]
+        sec: VmSecret = st["secret"]
+        if self.pcr_values is not None:
+            bank = str(token.get("tpm2-pcr-bank", "sha256"))
+            pcrs = [int(p) for p in token.get("tpm2-pcrs", [])]
+            if (
+                not all(p in self.pcr_values for p in pcrs)
+                or compute_policy(bank, {p: self.pcr_values[p] for p in pcrs}).digest.hex()
+                != str(token.get("tpm2-policy-hash", "")).lower()
+            ):
+                raise PolicyError(
+                    "PCR values do not satisfy the token's sealed policy",
+                    hint="the given PCR values differ from those the root key is sealed to",
+                )
+        if self.tpm_tcti:
+            st["passphrase"] = unseal_token(self.tpm_tcti, token)
+            return f"the TPM at {self.tpm_tcti} unsealed the systemd-tpm2 token"
+        key = sec.vtpm_state_key
+        if key is None:
+            raise UnsupportedError("this Linux VM's secret carries no vTPM state key", where)
+        data = read_vtpm_state(self.vtpm_state if self.vtpm_state is not None else vtpm_state_path(self.vm_disk), sec)
+        done = ["VM.vtpm SHA-256 matches the KP"]
+        if self.dry_run:
+            decrypt_state(data, key)
+            done.append("the state opens with K (HMAC-SHA256 verified)")
+        boot = (
+            boot_events(self.tcg_log, sec.bank)
+            if self.tcg_log is not None
+            else {pcr: [bytes.fromhex(d) for d in ds] for pcr, ds in sec.reference_boot.items()}
+        )
+        with start_vtpm(data, key) as run:
+            extend_pcrs(run.tcti, sec.bank, boot)
+            st["passphrase"] = unseal_token(run.tcti, token)
+        played = ",".join(map(str, sorted(boot))) or "none"
+        done.append(
+            f"swtpm started on it; boot played in (PCRs {played}); the vTPM unsealed the systemd-tpm2 token "
+            f"({token.get('tpm2-pcr-bank')} PCRs {','.join(map(str, token.get('tpm2-pcrs', [])))})"
+        )
+        return "; ".join(done)
+
+    def luks(self) -> str:
+        from ..blockdev import DeviceIO
+        from ..luks.volume import _segment_cipher
+        from ..luks.volume import unlock as luks_unlock
+
+        st = self.state
+        slot, key = luks_unlock(st["hdr"], DeviceIO(st["view"]), st["passphrase"], str(self.vm_disk))  # type: ignore[arg-type]
+        st["luks_key"] = key
+        offset, ss = _segment_cipher(st["hdr"])
+        st["segment"] = (offset, ss)
+        return (
+            f"keyslot {slot} opened with the token's secret: volume key recovered (aes-xts-plain64, {ss}-byte sectors)"
+        )
+
+    def _plain(self, n: int) -> bytes:
+        """The first ``n`` plaintext bytes of the root (``n`` a multiple of the sector size)."""
+        from ..bitlocker.cipher import XtsCipher
+        from ..luks.volume import crypt_units
+
+        offset, ss = self.state["segment"]
+        buf = bytearray(self.state["view"].read(offset, n)) + bytes(16)
+        crypt_units(XtsCipher(self.state["luks_key"], ss), memoryview(buf), n, 0, False)
+        return bytes(buf[:n])
+
+    def decrypt(self) -> str:
+        from ..atomic import atomic_output
+        from ..bitlocker.cipher import XtsCipher
+        from ..luks.volume import crypt_units
+        from ..progress import progress
+
+        assert self.output is not None
+        st = self.state
+        offset, ss = st["segment"]
+        view, size = st["view"], st["root"].size - offset
+        cipher = XtsCipher(st["luks_key"], ss)
+        chunk = 1 << 20
+        buf = bytearray(chunk + 16)
+        mv = memoryview(buf)
+        with atomic_output(self.output, 0o600) as tmp, open(tmp, "r+b") as out, progress(size, "decrypt root") as bar:
+            pos = 0
+            while pos < size:
+                n = min(chunk, size - pos)
+                mv[:n] = view.read(offset + pos, n)
+                crypt_units(cipher, mv, n, pos, False)
+                out.write(mv[:n])
+                pos += n
+                bar.update(n)
+        return f"decrypted root filesystem ({size} bytes) written to {self.output}"
+
+    def verify(self) -> str:
+        from ..catalog import VSC_METADATA_GUID
+        from ..catalog.measure import FREE_NONE, measure_volume
+        from ..catalog.vsc import open_vsc
+
+        st, where = self.state, str(self.vm_disk)
+        der = st["disk"].get_user_metadata(VSC_METADATA_GUID) if hasattr(st["disk"], "get_user_metadata") else None
+        if der is None:
+            raise NotFoundError("the VM disk carries no catalog", where)
+        vsc = open_vsc(der)
+        esp = st["esp"]
+        m = measure_volume(esp.view(st["disk"]), vsc.document.block_size, free_space=FREE_NONE, desc="measuring ESP")
+        if m.root != vsc.document.root:
+            raise IntegrityError("the VM's ESP (its boot chain) differs from the catalog", where)
+        _offset, ss = st["segment"]
+        head = self._plain(max(ss, 4096))
+        if head[0x438:0x43A] != b"\x53\xef":  # the ext superblock magic, 1024 bytes in
+            raise IntegrityError("the decrypted root holds no ext filesystem", where)
+        return (
+            f"ESP matches catalog {vsc.name} {'.'.join(map(str, vsc.version))} (root {m.root.hex()[:16]}...); "
+            "the decrypted root holds an ext filesystem"
+        )
 
 
 def _check_claimed_pcrs(payloads: list[bytes], pcr_values: Mapping[int, bytes]) -> None:
