@@ -111,7 +111,7 @@ def shield_linux(
     from ..tpm.protector import resolve_pcr_values
     from ..tpm.vtpm_manufacture import manufacture_vtpm, start_vtpm
     from .protect import _copy_outside
-    from .shield import (
+    from .shield_common import (
         VmSecret,
         _check_pdk_and_template,
         boot_events,
