@@ -190,7 +190,18 @@ def _fail(
     _exit(code)
 
 
+#: True when main() runs as the process's entry point (not called in-process by a test or program).
+_OWN_PROCESS = False
+
+
 def _exit(code: int) -> NoReturn:
+    if _OWN_PROCESS:
+        # The process is about to exit: Python's finalization puts SIGINT back to the default
+        # action, and a Ctrl-C landing then would kill the process (status -2, no line) after the
+        # command finished. Block it from here on (a pending blocked signal dies with the process);
+        # one that already arrived has been reported by the caller.
+        with contextlib.suppress(ValueError, OSError):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
@@ -205,6 +216,8 @@ def _interrupted() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
     ints = _Interrupts()
     ints.install()
