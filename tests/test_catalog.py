@@ -308,3 +308,19 @@ def test_large_volume_catalog_fits_a_vhdx_metadata_item(tmp_path: Path) -> None:
     der = sign_catalog(d, make_pfx_signer(tmp_path, "rsa2048"))
     assert len(der) < (1 << 20)
     assert open_vsc(der).document.root == d.root
+
+
+def test_free_blocks_agrees_with_block_all_free() -> None:
+    """The vectorised per-block free mask equals the per-block answer (runs, map end, short last block)."""
+    rng = np.random.default_rng(7)
+    cs, bs = 4096, 64 * 1024
+    flags = rng.random(3000) < 0.02
+    flags[:40] = True  # a used run, then mostly free blocks
+    for size in (3000 * cs, 3000 * cs + 512 * 3, 2990 * cs, 3013 * cs):
+        m = Measurer(size, bs, FreeMap(cs, flags), workers=1)
+        try:
+            want = [m.block_all_free(i) for i in range(m.block_count)]
+            assert m.free_blocks().tolist() == want
+            assert any(want) and not all(want)
+        finally:
+            m.close()

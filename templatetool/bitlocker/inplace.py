@@ -48,7 +48,7 @@ from typing import Any
 
 from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
-from ..blockdev import BlockDevice
+from ..blockdev import BlockDevice, is_zero
 from ..errors import (
     CredentialError,
     FormatError,
@@ -265,7 +265,7 @@ def _zeros(n: int) -> bytes:
 
 
 def _is_zero(b: bytes) -> bool:
-    return not b or (b[0] == 0 and b == bytes(len(b)))
+    return is_zero(b)
 
 
 def find_area(view: BlockDevice, sizes: list[int], avoid: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
@@ -545,7 +545,7 @@ class _Converter:
             if lo < hi:  # every run journals the same bytes
                 plain[lo - off : hi - off] = _zeros(hi - lo)
         self.plan.cipher.encrypt_into(plain, off // self.ss, out[n:])
-        if plain == _zeros(n):
+        if is_zero(plain):
             return b""  # a zero step: its record stores no data
         return hashlib.sha256(plain).digest()
 
