@@ -23,7 +23,7 @@ test: setup
 test-all: setup
 	$(VPY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: setup
 	$(VENV)/bin/ruff check templatetool
 	$(VENV)/bin/ruff format --check templatetool
 	$(VENV)/bin/mypy
