@@ -399,7 +399,7 @@ def test_manufacture_refuses_bad_input_before_swtpm(monkeypatch):
     def boom(*a, **k):  # swtpm_setup must not even run
         raise AssertionError("swtpm_setup ran")
 
-    monkeypatch.setattr(vm, "_swtpm_setup", boom)
+    monkeypatch.setattr(vm, "_setup_argv", boom)
     for args, kw in (((b"x" * 129, {7: bytes(32)}), {}), ((b"x", {7: bytes(20)}), {}), ((b"x", None), {}),
                      ((None, {7: bytes(32)}), {}), ((None, None), {"key": b"short"})):
         with pytest.raises(UsageError):

@@ -169,7 +169,13 @@ def shield(
     # overlaps the single-threaded checks below instead of competing with the disk pass.
     recovery = generate_recovery_password()
     rec_spec = ProtectorSpec("recovery_password", recovery).prepare()
+    vt: _VtpmPlan | None = None
     try:
+        # the VM's vTPM (manufactured with swtpm in the background while the checks and the disk
+        # pass run, a software key, or an existing vTPM's parent); PCR input is checked first
+        t3 = time.monotonic()
+        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        timings["vtpm_start"] = time.monotonic() - t3
         # 1. PDK verified and opened by the owner; 2. template catalog and qualifier
         info, vsc, vsc_der, qual = _check_pdk_and_template(template, pdk_path, owner, trust)
         timings["checks"] = time.monotonic() - t0
@@ -189,10 +195,6 @@ def shield(
                     )
                 fm = ntfs_free_map(view) if doc.free_space == FREE_NTFS else None
             measurer = Measurer(doc.volume.size, doc.block_size, fm)
-        # 3. the VM's vTPM (manufactured with swtpm, a software key, or an existing vTPM's parent)
-        t3 = time.monotonic()
-        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
-        timings["vtpm"] = time.monotonic() - t3
         # 4. encrypt into a partial file beside the output
         partial = out.with_name(f".{out.name}.partial.vhdx")
         try:
@@ -208,7 +210,7 @@ def shield(
                 partial,
                 None,
                 method=method,
-                protectors=[ProtectorSpec("tpm", seal=vt.sealer), rec_spec],
+                protectors=[ProtectorSpec("tpm", seal=vt.seal), rec_spec],
                 description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
                 tap_zeros=measurer.feed_zeros if measurer else None,
                 free_map=measurer.free_map if measurer else None,
@@ -228,6 +230,7 @@ def shield(
                         f"changed: {where}; re-protect the golden disk",
                     )
             timings["encrypt"] = time.monotonic() - t1
+            timings["vtpm_wait"] = vt.finish().wait_s  # waited when the VMK was sealed
             embed_vsc(partial, vsc_der)
             # 5. escrow, 6. KP
             escrow = owner_escrow(
@@ -277,13 +280,16 @@ def shield(
         }
     finally:
         rec_spec.discard()
+        if vt is not None:
+            vt.close()
 
 
 @dataclass
 class _VtpmPlan:
-    """The VM's vTPM as shield makes it: ``kind`` swtpm (a manufactured vTPM: ``made``), software
-    (a storage key: ``key``) or existing (``--tpm-parent``); the parent the VMK is sealed under,
-    the PCR values, the sealer and the reference boot (event digests per sealed PCR)."""
+    """The VM's vTPM as shield makes it: ``kind`` swtpm (a manufactured vTPM: ``made``, made in
+    the background from ``pending`` on, collected by :meth:`finish`), software (a storage key:
+    ``key``) or existing (``--tpm-parent``); the parent the VMK is sealed under, the PCR values,
+    the sealer and the reference boot (event digests per sealed PCR)."""
 
     kind: str
     parent: Any
@@ -292,6 +298,40 @@ class _VtpmPlan:
     key: Any = None
     made: Any = None
     reference_boot: dict[int, list[str]] = field(default_factory=dict)
+    pending: Any = None
+    bank: str = "sha256"
+    #: seconds :meth:`finish` waited for the manufacture (shield's ``timings_s.vtpm_wait``)
+    wait_s: float = 0.0
+
+    def finish(self) -> _VtpmPlan:
+        """Wait for a vTPM being manufactured; then ``made``, ``parent`` and ``sealer`` are set."""
+        if self.pending is not None:
+            from ..tpm import structs as ts
+            from ..tpm.protector import make_sealer
+
+            pending, self.pending = self.pending, None
+            t = time.monotonic()
+            try:
+                self.made = pending.result()
+            finally:
+                pending.close()
+            self.wait_s = time.monotonic() - t
+            self.parent = self.made.srk
+            self.sealer = make_sealer(
+                self.parent, list(self.values), self.values, bank=self.bank, parent_handle=ts.SRK_HANDLE
+            )
+        return self
+
+    def seal(self, vmk_key_entry: bytes) -> tuple[bytes, int]:
+        """The TPM protector's sealer (BitLocker calls it once the disk pass is done)."""
+        sealer: Any = self.finish().sealer
+        return sealer(vmk_key_entry)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Abandon a manufacture still running (an error happened)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.close()
 
     def secret(self, bank: str, policy: str) -> VmSecret:
         """The KP's VM secret for this vTPM."""
@@ -360,8 +400,8 @@ def _plan_vtpm(
     pcr_values: Mapping[int, bytes] | None,
     tcg_log: Any,
 ) -> _VtpmPlan:
-    """Make the VM's vTPM (PCR values resolved first, so bad input fails before swtpm runs)."""
-    from ..tpm import structs as ts
+    """Plan the VM's vTPM (PCR values resolved first, so bad input fails before swtpm runs); a
+    manufactured one is started in the background: :meth:`_VtpmPlan.finish` waits for it."""
     from ..tpm.keys import generate_storage_key, load_parent, parse_parent_public, template_public
     from ..tpm.protector import make_sealer, resolve_pcr_values
 
@@ -385,11 +425,12 @@ def _plan_vtpm(
             key=key,
             reference_boot=boot,
         )
-    from ..tpm.vtpm_manufacture import manufacture_vtpm
+    from ..tpm.vtpm_manufacture import begin_manufacture
 
-    made = manufacture_vtpm(pcr_banks=bank)
-    sealer = make_sealer(made.srk, list(values), values, bank=bank, parent_handle=ts.SRK_HANDLE)
-    return _VtpmPlan("swtpm", made.srk, values, sealer, made=made, reference_boot=boot)
+    # swtpm_setup (two RSA key generations, ~0.6 s) runs while the caller does the disk pass
+    return _VtpmPlan(
+        "swtpm", None, values, None, reference_boot=boot, pending=begin_manufacture(pcr_banks=bank), bank=bank
+    )
 
 
 def _template_precheck(template: Any, subformat: str | None) -> str:
@@ -471,7 +512,7 @@ def _shield_in_place(
         raise UsageError(f"the template's OS volume is already {state}", str(template))
     else:
         resumed = False
-        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log)
+        vt = _plan_vtpm(vtpm, tpm_parent, vtpm_kind, pcrs, bank, pcr_values, tcg_log).finish()
         plan = vt
         recovery = generate_recovery_password()
         secret = vt.secret(bank, info.policy)
@@ -492,7 +533,7 @@ def _shield_in_place(
             None,
             method=method,
             on_keys=save_keys,
-            protectors=[ProtectorSpec("tpm", seal=vt.sealer), ProtectorSpec("recovery_password", recovery)],
+            protectors=[ProtectorSpec("tpm", seal=vt.seal), ProtectorSpec("recovery_password", recovery)],
             description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
         )
     return {

@@ -12,10 +12,13 @@ only ciphertext ever touches the disk. ``start_vtpm(state, K)`` runs swtpm on su
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,48 +80,128 @@ def _tool(name: str) -> str:
     return exe
 
 
-def _swtpm_setup(state_dir: Path, key: bytes, pcr_banks: str) -> None:
-    """swtpm_setup with the state encrypted under ``key`` (hex through a pipe fd: swtpm_setup's
-    --keyfile-fd reads hex text)."""
-    r, w = os.pipe()
-    try:
-        os.write(w, key.hex().encode())
-    finally:
-        os.close(w)
-    try:
-        cp = subprocess.run(
-            [
-                _tool("swtpm_setup"),
-                "--tpm2",
-                "--createek",
-                "--create-spk",
-                "--tpmstate",
-                str(state_dir),
-                "--config",
-                "/dev/null",
-                "--overwrite",
-                "--pcr-banks",
-                pcr_banks,
-                "--keyfile-fd",
-                str(r),
-                "--cipher",
-                "aes-256-cbc",
-            ],
-            capture_output=True,
-            pass_fds=(r,),
-            timeout=60,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise ResourceError("swtpm_setup did not finish in 60 s") from None
-    finally:
-        os.close(r)
-    if cp.returncode != 0 or not (state_dir / STATE_FILE).is_file():
-        msg = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()
-        raise ResourceError(
-            f"swtpm_setup failed (exit {cp.returncode}): {(msg[-1] if msg else '')[:160]}",
-            hint="check the swtpm and swtpm-tools installation",
-        )
+def _setup_argv(state_dir: Path, key_fd: int, pcr_banks: str) -> list[str]:
+    return [
+        _tool("swtpm_setup"),
+        "--tpm2",
+        "--createek",
+        "--create-spk",
+        "--tpmstate",
+        str(state_dir),
+        "--config",
+        "/dev/null",
+        "--overwrite",
+        "--pcr-banks",
+        pcr_banks,
+        "--keyfile-fd",
+        str(key_fd),
+        "--cipher",
+        "aes-256-cbc",
+    ]
+
+
+#: How long swtpm_setup may take (it makes two RSA-2048 keys: ~0.6 s here).
+SETUP_TIMEOUT_S = 60.0
+
+
+class PendingVtpm:
+    """A vTPM being manufactured: ``swtpm_setup`` runs in the background (a child process, no
+    thread) from :func:`begin_manufacture` on, so that a caller can do other work meanwhile (shield
+    runs its disk pass); :meth:`result` waits for it and reads the SRK/EK publics. Use it as a
+    context manager, or call :meth:`close`: an unfinished swtpm_setup is killed and its private
+    directory (ciphertext only) removed."""
+
+    def __init__(self, key: bytes | None = None, pcr_banks: str = "sha256") -> None:
+        self._key = new_transport_key() if key is None else bytes(key)
+        if len(self._key) != KEY_SIZE:
+            raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
+        self._made: ManufacturedVtpm | None = None
+        self._tmp = Path(tempfile.mkdtemp(prefix="vtpm-mfg-"))  # 0700
+        # swtpm_setup's messages (no key material); closed by close()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115
+        self._started = time.monotonic()
+        self._proc: subprocess.Popen[bytes] | None = None
+        # the key as hex text through a pipe fd (swtpm_setup's --keyfile-fd): 64 bytes, far less
+        # than a pipe buffer, so the write cannot block before the child reads it
+        r, w = os.pipe()
+        try:
+            os.write(w, self._key.hex().encode())
+            os.close(w)
+            w = -1
+            self._proc = subprocess.Popen(
+                _setup_argv(self._tmp, r, pcr_banks),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(r,),
+            )
+        except OSError as e:
+            self.close()
+            raise ResourceError(f"cannot run swtpm_setup: {e.strerror}", hint="apt install swtpm swtpm-tools") from None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
+    def __enter__(self) -> PendingVtpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def result(self) -> ManufacturedVtpm:
+        """The new vTPM (waits for swtpm_setup, then starts swtpm once to read the publics)."""
+        if self._made is not None:
+            return self._made
+        if self._proc is None:
+            raise ResourceError("the vTPM manufacture was abandoned")
+        try:
+            rc = self._proc.wait(timeout=max(1.0, SETUP_TIMEOUT_S - (time.monotonic() - self._started)))
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise ResourceError(f"swtpm_setup did not finish in {SETUP_TIMEOUT_S:.0f} s") from None
+        self._proc = None
+        state_file = self._tmp / STATE_FILE
+        if rc != 0 or not state_file.is_file():
+            self._log.seek(0)
+            msg = self._log.read().decode(errors="replace").strip().splitlines()
+            self.close()
+            raise ResourceError(
+                f"swtpm_setup failed (exit {rc}): {(msg[-1] if msg else '')[:160]}",
+                hint="check the swtpm and swtpm-tools installation",
+            )
+        try:
+            state = state_file.read_bytes()
+        finally:
+            self.close()
+        blob = parse_state(state, "swtpm_setup output")
+        if not blob.encrypted:
+            raise ResourceError(
+                "swtpm_setup wrote an unencrypted state", hint="use swtpm >= 0.7 (state encryption with aes-256-cbc)"
+            )
+        with start_vtpm(state, self._key) as sw:
+            srk, ek = _read_publics(sw)
+        self._made = ManufacturedVtpm(state, self._key, srk, ek)
+        return self._made
+
+    def close(self) -> None:
+        """Kill an unfinished swtpm_setup, remove its directory; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._log.close()
+
+
+def begin_manufacture(*, key: bytes | None = None, pcr_banks: str = "sha256") -> PendingVtpm:
+    """Start manufacturing a vTPM (``swtpm_setup`` in the background, state encrypted under
+    ``key``, default a fresh random K); :meth:`PendingVtpm.result` collects it."""
+    return PendingVtpm(key, pcr_banks)
 
 
 class RunningVtpm:
@@ -202,27 +285,14 @@ def manufacture_vtpm(
         if not 0 < len(secret) <= MAX_SEALED:
             raise UsageError(f"secret must be 1..{MAX_SEALED} bytes, got {len(secret)}")
         compute_policy(bank, pcr_values, auth_value=pin is not None)
-    key = new_transport_key() if key is None else bytes(key)
-    if len(key) != KEY_SIZE:
-        raise UsageError(f"the vTPM state key must be {KEY_SIZE} bytes")
-    tmp = Path(tempfile.mkdtemp(prefix="vtpm-mfg-"))  # 0700
-    try:
-        _swtpm_setup(tmp, key, pcr_banks)
-        state = (tmp / STATE_FILE).read_bytes()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    blob = parse_state(state, "swtpm_setup output")
-    if not blob.encrypted:
-        raise ResourceError(
-            "swtpm_setup wrote an unencrypted state", hint="use swtpm >= 0.7 (state encryption with aes-256-cbc)"
-        )
-    with start_vtpm(state, key) as sw:
-        srk, ek = _read_publics(sw)
+    with begin_manufacture(key=key, pcr_banks=pcr_banks) as pending:
+        made = pending.result()
+    srk = made.srk
     protector = None
     if secret is not None:
         assert pcr_values is not None
         protector = seal_to_parent(srk, secret, bank, pcr_values, pin=pin, parent_handle=s.SRK_HANDLE)
-    return ManufacturedVtpm(state, key, srk, ek, protector)
+    return dataclasses.replace(made, protector=protector)
 
 
 def read_srk_name(tcti: str) -> bytes:
