@@ -13,8 +13,7 @@ import click
 
 from .. import errors as _errors
 from ..errors import FormatError, NotFoundError, ResourceError, TemplateToolError, UsageError
-from ..secrets import env_or_prompt
-from ..signers import SecretSource
+from ..secrets import SecretSource, env_or_prompt
 
 #: The typed error class of each documented exit code (docs/exit-codes.md).
 ERRORS_BY_CODE: dict[int, type[TemplateToolError]] = {

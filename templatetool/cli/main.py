@@ -56,6 +56,35 @@ COMMAND_MODULES = [
     "linux_cmd",
 ]
 
+#: The modules that define (or add to) each top-level command. A run loads only the modules of
+#: the command it names (each pulls in its part of the library: numpy, lxml, asn1crypto, ...),
+#: everything for --help or an unknown name; tests/test_cli_lazy.py checks this table against
+#: what the modules register.
+COMMAND_OWNERS: dict[str, tuple[str, ...]] = {
+    "inspect": ("inspect_cmd",),
+    "vhdx": ("vhdx_cmd",),
+    "resume": ("bitlocker_cmd",),
+    "encrypt": ("bitlocker_cmd",),
+    "decrypt": ("bitlocker_cmd",),
+    "bitlocker": ("bitlocker_cmd",),
+    "tpm": ("tpm_cmd",),
+    "vtpm": ("tpm_cmd", "vtpm_state_cmd"),
+    "protect": ("catalog_cmd",),
+    "vsc": ("catalog_cmd",),
+    "cert": ("catalog_cmd",),
+    "guardian": ("guardian_cmd",),
+    "pdk": ("pdk_cmd",),
+    "kp": ("pdk_cmd",),
+    "hgs": ("hgs_cmd", "hgs_serve_cmd"),
+    "host": ("hgs_cmd",),
+    "shield": ("pipeline_cmd",),
+    "unlock": ("pipeline_cmd",),
+    "escrow": ("pipeline_cmd",),
+    "build": ("pipeline_cmd",),
+    "demo": ("pipeline_cmd",),
+    "luks": ("linux_cmd",),
+}
+
 INTERNAL_ERROR = 70
 INTERRUPTED = 130
 
@@ -74,10 +103,28 @@ def cli(quiet: bool) -> None:
     set_default_engine(Engine.from_env())  # TEMPLATETOOL_WORKERS etc.: read here, nowhere below
 
 
-def _load() -> None:
-    if cli.commands:  # already loaded (main() called again in one process)
+_loaded: set[str] = set()
+
+
+def _modules_for(argv: list[str] | None) -> list[str]:
+    """The command modules a run of ``argv`` needs (all of them when ``argv`` is None, names no
+    known command, or asks for the top-level help), in :data:`COMMAND_MODULES` order."""
+    if argv is None:
+        return list(COMMAND_MODULES)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    owners = COMMAND_OWNERS.get(name) if name is not None else None
+    if owners is None:
+        return list(COMMAND_MODULES)
+    return [m for m in COMMAND_MODULES if m in owners]
+
+
+def _load(argv: list[str] | None = None) -> None:
+    """Register the command modules ``argv`` needs (default: all) and apply the output policy."""
+    todo = [m for m in _modules_for(argv) if m not in _loaded]
+    if not todo:
         return
-    for name in COMMAND_MODULES:
+    for name in todo:
+        _loaded.add(name)
         try:
             mod = importlib.import_module(f"templatetool.cli.{name}")
         except ModuleNotFoundError as e:
@@ -86,7 +133,7 @@ def _load() -> None:
             raise
         mod.register(cli)
     for _path, cmd in policy.walk(cli):
-        policy.install(cmd)
+        policy.install(cmd)  # idempotent
 
 
 def _wants_json(argv: list[str]) -> bool:
@@ -223,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ints.install()
     code = 0
     try:
-        _load()
+        _load(args)
         rv = cli.main(args=args, prog_name="templatetool", standalone_mode=False)
         if isinstance(rv, int) and rv:
             code = rv

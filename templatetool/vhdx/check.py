@@ -8,8 +8,8 @@ from typing import Any
 
 from ..blockdev import require_disk_bytes
 from ..errors import NotFoundError, ResourceError, TemplateToolError, UsageError
+from ..progress import NullBar as _NullBar
 from ..progress import progress as progress_bar
-from .convert import _NullBar
 from .disk import PathLike, VhdxDisk, open_vhdx
 from .layout import Finding, Reporter, Stop, parse_layout
 

@@ -10,6 +10,7 @@ from typing import Any
 from ..atomic import atomic_output
 from ..blockdev import CHUNK, BlockDevice, RawFile, is_zero
 from ..errors import UsageError
+from ..progress import NullBar as _NullBar
 from ..progress import progress as progress_bar
 from .disk import PathLike, VhdxDisk, open_vhdx
 from .layout import align_up
@@ -95,17 +96,6 @@ def _copy(src: BlockDevice, dst: BlockDevice, show: bool, desc: str) -> int:
                 bar.update(k)
                 pos += k
     return written
-
-
-class _NullBar:
-    def __enter__(self) -> _NullBar:
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
 
 
 def convert(
