@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ..blockdev import BlockDevice, DeviceIO, RawFile
 from ..errors import FormatError, ResourceError, UnsupportedError
@@ -53,15 +54,23 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
     Returns None when the volume has none of them; raises FormatError when they exist but are
     unusable (sparse, fragmented, resident or of the wrong size).
     """
+    return _find_in(_open_ntfs(view), view)
+
+
+def _open_ntfs(view: BlockDevice) -> Any:  # a dissect.ntfs NTFS (untyped)
     try:
         from dissect.ntfs import NTFS
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ResourceError("dissect.ntfs is not installed", hint="pip install dissect.ntfs") from e
-    bps, cluster = _ntfs_geometry(view)
+    _ntfs_geometry(view)
     try:
-        fs = NTFS(DeviceIO(view))
+        return NTFS(DeviceIO(view))
     except Exception as e:
         raise FormatError(f"cannot read the NTFS volume: {e}", view.name) from None
+
+
+def _find_in(fs: Any, view: BlockDevice) -> FveRegions | None:
+    bps, cluster = _ntfs_geometry(view)
     found: dict[str, tuple[int, int]] = {}
     for folder in (SVI, ""):
         try:
@@ -116,16 +125,15 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
     path = Path(raw_volume_path)
     dev = RawFile(path)
     try:
-        existing = find_reserved(dev)
+        fs = _open_ntfs(dev)  # parsed once: the existing reservation and the folder to use
+        existing = _find_in(fs, dev)
         if existing is not None:
             return existing
         bps, _ = _ntfs_geometry(dev)
         if S.VHO_REGION_SIZE % bps:
             raise UnsupportedError(f"NTFS sector size {bps} is not supported", str(path))
         try:
-            from dissect.ntfs import NTFS
-
-            NTFS(DeviceIO(dev)).mft.get("/" + SVI)
+            fs.mft.get("/" + SVI)
             folder = "/" + SVI + "/"
         except Exception:
             folder = "/"

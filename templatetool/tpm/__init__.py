@@ -6,6 +6,20 @@ TCG event-log replay (eventlog), the BitLocker vTPM protector (protector), the T
 (tpmclient, tpm2-pytss) and a swtpm runner (swtpm).
 """
 
-from .protector import make_sealer, parse_protector, unseal_with_software_key, unseal_with_tpm
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .protector import make_sealer, parse_protector, unseal_with_software_key, unseal_with_tpm
+
+
+def __getattr__(name: str) -> Any:  # lazy: tpm.algs alone (PCR option parsing) stays cheap
+    if name in __all__:
+        from . import protector
+
+        return getattr(protector, name)
+    raise AttributeError(name)
+
 
 __all__ = ["make_sealer", "parse_protector", "unseal_with_software_key", "unseal_with_tpm"]
