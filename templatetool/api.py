@@ -872,6 +872,8 @@ class EncryptedInPlace(_Result):
     resumed: bool = False
     protectors: tuple[str, ...] = ()
     keys: EncryptKeys = field(default_factory=EncryptKeys, repr=False)
+    #: bytes left as they were (``used_space_only``: free and unallocated)
+    skipped_bytes: int = 0
 
 
 def _unlock_credential(
@@ -903,6 +905,7 @@ def _in_place_result(r: Mapping[str, Any]) -> EncryptedInPlace:
         resumed=bool(doc["resumed"]),
         protectors=tuple(str(p["type"]) for p in doc.get("protectors", ())),
         keys=EncryptKeys(res.result.recovery_password, res.result.bek),
+        skipped_bytes=int(doc.get("skipped_bytes", 0)),
     )
 
 
@@ -920,15 +923,19 @@ def encrypt_in_place(
     resume_password: Secret | None = None,
     resume_startup_key: bytes | None = None,
     on_keys: Callable[[EncryptKeys], None] | None = None,
+    used_space_only: bool = False,
 ) -> EncryptedInPlace:
     """Encrypt the OS volume (or ``partition``) of ``disk`` with BitLocker in place, crash-safe.
 
     Protectors as for :func:`encrypt`; ``on_keys`` receives the generated keys before the first
     byte of the volume changes (store them durably: a crash needs them to resume). A disk in the
     middle of a conversion is resumed instead, with one ``resume_*`` credential (else ``password``
-    when given).
+    when given). ``used_space_only``: spans free in NTFS *and* unallocated in the disk (reading
+    as zeros) are left as they are, so time and a dynamic VHDX's size follow the used data
+    (free space then decrypts to noise, as after Windows' used-space-only encryption).
     """
     from .bitlocker import in_place
+    from .pipeline.encrypt import sparse_skipper
 
     specs = _protector_specs(recovery_password, startup_key, password, tpm_seal)
     cred = _unlock_credential(resume_recovery_password, resume_password, resume_startup_key)
@@ -947,6 +954,7 @@ def encrypt_in_place(
         description=description,
         credential=cred or None,
         on_keys=saved,
+        free_space=sparse_skipper if used_space_only else None,
     )
     return _in_place_result(r)
 

@@ -58,7 +58,7 @@ from ..errors import (
     UnsupportedError,
     UsageError,
 )
-from ..parallel import Engine, default_engine
+from ..parallel import Engine, SkipFn, default_engine
 from ..progress import progress
 from . import structs as S
 from .metadata import (
@@ -416,8 +416,10 @@ class _Converter:
         area: tuple[int, int] | None = None,
         step: int | None = None,
         engine: Engine | None = None,
+        skip: SkipFn | None = None,
     ) -> None:
         self.engine = engine or default_engine()
+        self.skip_free = skip
         self.dev = dev
         self.plan = plan
         self.regions = plan.regions
@@ -439,6 +441,7 @@ class _Converter:
         self.skip = sorted(self.reserved + ([area] if area else []))
         self.checkpoints = 0
         self.steps = 0
+        self.skipped = 0
 
     def sync(self) -> None:
         self.dev.flush()
@@ -532,9 +535,16 @@ class _Converter:
     # -- the loop ----------------------------------------------------------------
     def _items(self, start: int) -> Iterator[tuple[int, int, bool]]:
         ao, an = self.area or (0, 0)
+        free = self.skip_free
         for pos in range(start, self.vsize, self.step):
             n = min(self.step, self.vsize - pos)
-            yield pos, n, not (ao <= pos and pos + n <= ao + an)  # wholly in the area: encrypted last
+            if ao <= pos and pos + n <= ao + an:  # wholly in the area: encrypted last
+                yield pos, n, False
+            elif free is not None and free(pos, n):  # used space only: a free hole stays as it is
+                self.skipped += n
+                yield pos, n, False
+            else:
+                yield pos, n, True
 
     def _chunk(self, off: int, n: int, out: memoryview) -> bytes:
         """Worker side: the plaintext of the step into ``out[:n]``, its ciphertext into ``out[n:2n]``."""
@@ -610,6 +620,8 @@ class InPlaceResult:
     steps: int
     checkpoints: int
     result: EncryptResult
+    #: bytes left as they were (free in NTFS and unallocated: ``used_space_only``)
+    skipped_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = self.result.to_json()
@@ -619,6 +631,7 @@ class InPlaceResult:
                 "started_at": self.started_at,
                 "steps": self.steps,
                 "checkpoints": self.checkpoints,
+                "skipped_bytes": self.skipped_bytes,
             }
         )
         return d
@@ -640,11 +653,15 @@ def start_conversion(
     description: str | None = None,
     on_keys: Callable[[EncryptResult], None] | None = None,
     engine: Engine | None = None,
+    skip: SkipFn | None = None,
 ) -> InPlaceResult:
     """Convert the reserved NTFS volume ``view`` (writable) to BitLocker in place (on ``engine``).
 
     ``on_keys(result)`` runs once the keys exist and before the first byte is written: the caller
     must store the recovery password / startup key durably there (a crash later needs them).
+    ``skip(offset, length)`` (used space only): steps it declares free (free in the filesystem
+    and unallocated, so reading as zeros: nothing to protect) are neither journaled nor written;
+    readers decrypt them to noise, as in any free space. A resume converts every step it redoes.
     """
     st = probe(view)
     _refuse(st, view, fresh=True)
@@ -671,7 +688,7 @@ def start_conversion(
     if found is not None:
         area, k = found
         want = sizes[k]
-    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0, area=area, step=want, engine=engine)
+    conv = _Converter(view, plan, uuid.UUID(plan.result.volume_guid), 0, area=area, step=want, engine=engine, skip=skip)
     head = view.read(0, r.vho_size)
     # 1. relocated header (reserved region, invisible to NTFS); 2. journal of the first step;
     # 3. metadata (state switching); 4. the FVE volume header over the first sectors.
@@ -681,7 +698,7 @@ def start_conversion(
     conv.write_metadata(r.vho_size)
     conv.write_head(head)
     conv.run(r.vho_size)
-    return InPlaceResult(False, 0, plan.volume_size, conv.steps, conv.checkpoints, plan.result)
+    return InPlaceResult(False, 0, plan.volume_size, conv.steps, conv.checkpoints, plan.result, conv.skipped)
 
 
 def _refuse(st: InPlaceStatus, view: BlockDevice, fresh: bool) -> None:
@@ -852,13 +869,16 @@ def in_place(
     on_keys: Callable[[EncryptResult], None] | None = None,
     resume_only: bool = False,
     engine: Engine | None = None,
+    free_space: Callable[[BlockDevice], SkipFn | None] | None = None,
 ) -> dict[str, Any]:
     """Encrypt (or finish encrypting) the OS volume of a raw or VHDX disk in place.
 
     A volume that is not started is converted with fresh keys from ``protectors`` (refused with
     ``resume_only``); a volume in the middle of a conversion is resumed with ``credential``
     (CredentialError when missing or wrong). Returns a dict for the CLI (``result`` = the
-    :class:`InPlaceResult`).
+    :class:`InPlaceResult`). ``free_space(plain_volume)``: used space only; gives the ``skip``
+    of :func:`start_conversion` for a fresh conversion (e.g.
+    :func:`templatetool.pipeline.encrypt.sparse_skipper`: free in NTFS and unallocated).
     """
     from ..blockdev import View
     from ..disk import open_disk
@@ -881,8 +901,15 @@ def in_place(
             else:
                 if not protectors:
                     raise UsageError("at least one key protector is needed")
+                skip = free_space(view) if free_space is not None else None  # read before any write
                 r = start_conversion(
-                    view, protectors=protectors, method=method, description=description, on_keys=on_keys, engine=engine
+                    view,
+                    protectors=protectors,
+                    method=method,
+                    description=description,
+                    on_keys=on_keys,
+                    engine=engine,
+                    skip=skip,
                 )
             dev.flush()
         finally:

@@ -94,6 +94,8 @@ def _in_place_text(d: dict[str, Any]) -> str:
     ]
     if d["resumed"]:
         lines.append(f"  resumed at {human_size(d['started_at'])}")
+    if d.get("skipped_bytes"):
+        lines.append(f"  left free space as it was: {human_size(d['skipped_bytes'])} (used space only)")
     for p in d["protectors"]:
         lines.append(f"  protector {p['type']:<18} {{{p['guid']}}}")
     if d.get("recovery_password_file"):
@@ -120,6 +122,7 @@ def _encrypt_in_place(
     recovery_password_env: str | None,
     startup_key: str | None,
     as_json: bool,
+    used_space_only: bool = False,
 ) -> None:
     from .. import api
 
@@ -161,6 +164,7 @@ def _encrypt_in_place(
         resume_password=cred.get("password"),
         resume_startup_key=cred.get("bek"),
         on_keys=on_keys,
+        used_space_only=used_space_only,
     )
     doc = res.to_json()
     doc.update(shown)
@@ -221,6 +225,12 @@ def register(cli: click.Group) -> None:
         is_flag=True,
         help="Convert DISK itself (resumable; needs the BitLocker reservation, e.g. from `protect`).",
     )
+    @click.option(
+        "--used-space-only",
+        is_flag=True,
+        help="With --in-place: leave spans free in NTFS and unallocated in DISK (reading as zeros) "
+        "as they are; time and a dynamic VHDX's size then follow the used data.",
+    )
     @click.option("--partition", type=int, default=None, help="Partition number (default: the OS volume).")
     @click.option("--method", type=METHODS, default="xts-aes-128", show_default=True, help="BitLocker cipher.")
     @click.option(
@@ -242,6 +252,7 @@ def register(cli: click.Group) -> None:
         disk: str,
         out: str | None,
         in_place: bool,
+        used_space_only: bool,
         partition: int | None,
         method: str,
         recovery_password_out: str | None,
@@ -271,6 +282,11 @@ def register(cli: click.Group) -> None:
             raise UsageError("--in-place converts DISK itself; do not also give -o/--output")
         if not in_place and not out:
             raise UsageError("no output given", hint="pass -o NEW_DISK, or --in-place to convert DISK itself")
+        if used_space_only and not in_place:
+            raise UsageError(
+                "--used-space-only applies to --in-place",
+                hint="a new disk (-o) already leaves free, unallocated space unwritten",
+            )
         if not in_place and (recovery_password_file or recovery_password_env or startup_key):
             raise UsageError(
                 "--recovery-password-file/--recovery-password-env/--startup-key resume an in-place "
@@ -319,6 +335,7 @@ def register(cli: click.Group) -> None:
                 recovery_password_env,
                 startup_key,
                 as_json,
+                used_space_only,
             )
             return
         assert out is not None
