@@ -324,3 +324,27 @@ def test_free_blocks_agrees_with_block_all_free() -> None:
             assert any(want) and not all(want)
         finally:
             m.close()
+
+
+def test_all_free_agrees_with_used_in() -> None:
+    """FreeMap.all_free (byte tests, no arrays) gives the answer of used_in for every kind of span:
+    inside one byte, across bytes, unaligned starts, partial last clusters, the map's end."""
+    rng = np.random.default_rng(11)
+    cs = 4096
+    for density in (0.0, 0.003, 0.05):
+        flags = rng.random(997) < density
+        flags[500:540] = False
+        fm = FreeMap(cs, flags)
+
+        def reference(off: int, n: int) -> bool | None:
+            used = fm.used_in(off, n)
+            if used is None:
+                return None
+            return bool(off % cs == 0 and len(used) * cs >= n and not used.any())
+
+        spans = [(o * cs, k * cs) for o in range(0, 997, 7) for k in (1, 2, 7, 8, 9, 16, 17, 63)]
+        spans += [(500 * cs, 40 * cs), (500 * cs + 512, cs), (990 * cs, 7 * cs), (990 * cs, 8 * cs), (996 * cs, cs),
+                  (997 * cs, cs), (1200 * cs, cs), (3 * cs, cs - 512), (3 * cs, 5 * cs + 512), (0, 0)]
+        for off, n in spans:
+            want = reference(off, n) if n else False
+            assert fm.all_free(off, n) == want, (density, off // cs, n / cs)

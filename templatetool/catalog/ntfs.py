@@ -62,6 +62,26 @@ class FreeMap:
         bits = np.unpackbits(self.packed[b0 : (last + 7) // 8], bitorder="little")
         return bits[first - 8 * b0 : last - 8 * b0].astype(bool)
 
+    def all_free(self, offset: int, length: int) -> bool | None:
+        """True when ``offset`` is cluster-aligned, the span lies inside the map and every cluster
+        it touches is free; None when it starts beyond the map. The same answer as testing
+        :meth:`used_in`, without building arrays (one call per in-place step)."""
+        cs = self.cluster_size
+        first = offset // cs
+        if first >= self.cluster_count:
+            return None
+        last = (offset + length + cs - 1) // cs  # exclusive
+        if offset % cs or length <= 0 or last > self.cluster_count:
+            return False
+        p = self.packed
+        b0, b1 = first // 8, (last - 1) // 8
+        lo, hi = first % 8, last - 8 * b1  # bits [lo, 8) of byte b0 ... bits [0, hi) of byte b1
+        if b0 == b1:
+            return not int(p[b0]) & (((1 << (hi - lo)) - 1) << lo)
+        if int(p[b0]) >> lo or int(p[b1]) & ((1 << hi) - 1):
+            return False
+        return not p[b0 + 1 : b1].any()
+
     def any_used_per(self, clusters: int, n: int) -> np.ndarray | None:
         """For each of the first ``n`` runs of ``clusters`` clusters (a multiple of 8): whether
         any is used (runs past the map count as used); None when ``clusters`` is not a multiple of 8."""

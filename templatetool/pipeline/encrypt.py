@@ -215,12 +215,8 @@ def _skipper(view: BlockDevice, fsv: BlockDevice, fm: Any) -> Any:
         i = bisect.bisect_right(starts, offset + length - 1) - 1
         if i >= 0 and ends[i] > offset:
             return False  # overlaps allocated data
-        used = fm.used_in(offset, length)
-        if used is None:  # beyond the cluster map (e.g. the NTFS backup boot sector)
-            return False
-        cs = fm.cluster_size
-        covered = (offset % cs == 0) and len(used) * cs >= length
-        return bool(covered and not used.any())
+        # every cluster free (None: beyond the cluster map, e.g. the NTFS backup boot sector)
+        return bool(fm.all_free(offset, length))
 
     def chunk_mask(chunk: int) -> np.ndarray | None:
         """``skip`` for every whole ``chunk``-sized span of the volume at once (the last, partial
