@@ -31,7 +31,7 @@ lint: setup
 demo: setup
 	./tools/demo.sh
 
-BENCH_ARGS ?= --only goals --size-mib 1024
+BENCH_ARGS ?= --only goals,hgs --size-mib 1024
 bench: setup
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
