@@ -521,6 +521,7 @@ def shield(
     subformat: str | None = None,
     vtpm: str = "swtpm",
     template_passphrase: Secret | None = None,
+    used_space_only: bool = False,
     **options: object,
 ) -> Shielded:
     """Turn ``template`` + the PDK into a shielded VM disk at ``output`` (``None`` with
@@ -535,7 +536,8 @@ def shield(
     A Linux template (``protect(..., os="linux")``: ESP + LUKS2 root) is re-keyed and its new key
     sealed in the VM's vTPM as a systemd-tpm2 token; ``template_passphrase`` (a value or a
     :data:`~templatetool.secrets.SecretSource`, read only for such a template) opens the
-    template's keyslot. Further keyword ``options`` go to
+    template's keyslot. ``used_space_only`` (with ``in_place``): free, unallocated spans of the
+    template stay as they are (see :func:`encrypt_in_place`). Further keyword ``options`` go to
     :func:`templatetool.pipeline.shield.shield` unchanged.
     """
     from .pipeline.shield import shield as _shield
@@ -563,6 +565,7 @@ def shield(
         subformat=subformat,
         vtpm=vtpm,
         template_passphrase=template_passphrase,
+        used_space_only=used_space_only,
         **options,  # type: ignore[arg-type]
     )
     outs = rep["outputs"]

@@ -398,3 +398,37 @@ def test_shield_in_place_writes_the_vtpm_state_before_converting(vm: dict[str, A
     assert rep["outputs"]["vtpm_state"] == str(tmp_path / "big.vtpm") and rep["vtpm"]["kind"] == "swtpm"
     dry = unlock(disk, tmp_path / "big.kp", d / "fabric", d / "host", dry_run=True)
     assert dry.ok and "swtpm started" in dry.steps[3].detail, dry.to_json()
+
+
+def test_shield_in_place_used_space_only(capsys: pytest.CaptureFixture[str], vm: dict[str, Any], tmp_path: Path) -> None:
+    """shield --in-place --used-space-only: the template's free, unallocated blocks stay
+    unallocated (the VHDX grows by far less than a full conversion), qemu-img check is clean, and
+    the guardian's unlock decrypts the disk and verifies it against the signed catalog."""
+    require_tool("qemu-img")
+    import subprocess
+
+    d = vm["dir"]
+    sizes = {}
+    for name, extra in (("uso", ["--used-space-only"]), ("full", [])):
+        disk = tmp_path / f"{name}.vhdx"
+        shutil.copy(d / "template.vhdx", disk)
+        before = disk.stat().st_size
+        cp = _cli(capsys, "shield", disk, "--pdk", d / "tenant.pdk", "--owner", d / "owner", "--guardian", d / "fabric",
+                  "--in-place", *extra, "--pcr-values", f"7={'00' * 32},11={'00' * 32}", "--json")
+        assert cp.returncode == 0, cp.stderr
+        rep = json.loads(cp.stdout)["result"]
+        sizes[name] = (disk.stat().st_size - before, rep["bitlocker"]["skipped_bytes"])
+        assert subprocess.run(["qemu-img", "check", "-f", "vhdx", str(disk)], capture_output=True).returncode == 0
+    (grown, skipped), (grown_full, skipped_full) = sizes["uso"], sizes["full"]
+    assert skipped > 0 and skipped_full == 0, sizes
+    assert grown_full >= grown + skipped // 2, sizes
+    out = tmp_path / "plain.vhdx"
+    cp = _unlock_cli(capsys, vm, tmp_path / "uso.vhdx", tmp_path / "uso.kp", "-o", out)
+    assert cp.returncode == 0, cp.stderr
+    steps = {s["step"]: s["status"] for s in json.loads(cp.stdout)["result"]["steps"]}
+    assert steps["decrypt"] == steps["catalog verify"] == "passed", steps
+    cp = _cli(capsys, "shield", d / "template.vhdx", "--pdk", d / "tenant.pdk", "--owner", d / "owner",
+              "--guardian", d / "fabric", "-o", tmp_path / "x.vhdx", "--used-space-only",
+              "--pcr-values", f"7={'00' * 32},11={'00' * 32}")
+    assert_clean_error(cp, 2)
+    assert "--used-space-only" in cp.stderr and not (tmp_path / "x.vhdx").exists()

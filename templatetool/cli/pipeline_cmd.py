@@ -92,6 +92,12 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--in-place", is_flag=True, help="Convert TEMPLATE itself (too large to copy); resumable: re-run after a crash."
     )
+    @click.option(
+        "--used-space-only",
+        is_flag=True,
+        help="With --in-place: leave spans free in NTFS and unallocated in TEMPLATE as they are "
+        "(a dynamic VHDX keeps its size).",
+    )
     @click.option("--kp", "kp_out", type=OUTPUT_FILE, help="Key protector output (default OUTPUT.kp).")
     @click.option(
         "--tpm-parent",
@@ -146,6 +152,7 @@ def register(cli: click.Group) -> None:
         guardians: tuple[str, ...],
         output: str | None,
         in_place: bool,
+        used_space_only: bool,
         kp_out: str | None,
         tpm_parent: str | None,
         vtpm: str,
@@ -170,6 +177,8 @@ def register(cli: click.Group) -> None:
             raise click.UsageError("give exactly one of --pcr-values and --tcg-log")
         if (output is None) != in_place:
             raise click.UsageError("give -o OUTPUT, or --in-place to convert the template itself")
+        if used_space_only and not in_place:
+            raise click.UsageError("--used-space-only applies to --in-place")
         res = api.shield(
             template,
             pdk,
@@ -187,6 +196,7 @@ def register(cli: click.Group) -> None:
             in_place=in_place,
             subformat=subformat,
             vtpm=vtpm,
+            used_space_only=used_space_only,
             template_passphrase=env_or_prompt(template_passphrase_env, "template LUKS2 passphrase: "),
         )
         rep = res.to_json()

@@ -71,6 +71,7 @@ def shield(
     trust: list[Any] | None = None,
     guardians: Sequence[Guardian] = (),
     in_place: bool = False,
+    used_space_only: bool = False,
     subformat: str | None = None,
     vtpm: str = "swtpm",
     template_passphrase: Secret | None = None,
@@ -88,7 +89,9 @@ def shield(
     ``in_place``: for templates too large to copy, convert ``template`` itself into the VM disk
     (``out_path`` is ignored; the KP and escrow are written beside it *before* any sector changes)
     with the resumable in-place conversion; re-running after a crash resumes it, taking the
-    recovery password from the owner's escrow.
+    recovery password from the owner's escrow. ``used_space_only`` (in place only): spans free in
+    NTFS and unallocated in the template stay as they are (a dynamic VHDX keeps its size; see
+    :func:`templatetool.api.encrypt_in_place`).
 
     ``subformat``: fixed or dynamic VM disk; default: the template's (a fixed VHDX stays fixed).
 
@@ -102,7 +105,7 @@ def shield(
     from .shield_linux import is_linux_template, shield_linux
 
     if is_linux_template(template):
-        if in_place or tpm_parent is not None or vtpm != "swtpm":
+        if in_place or used_space_only or tpm_parent is not None or vtpm != "swtpm":
             raise UnsupportedError(
                 "a Linux template is shielded into a new disk with a manufactured vTPM "
                 "(no in-place conversion, existing vTPM parent or software vTPM key)",
@@ -142,6 +145,13 @@ def shield(
             trust=trust,
             guardians=guardians,
             vtpm=vtpm,
+            used_space_only=used_space_only,
+        )
+    if used_space_only:
+        raise UsageError(
+            "used space only applies to an in-place shield",
+            hint="a new disk already leaves free, unallocated space unwritten",
+            code="shield.used-space-only",
         )
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..catalog.vsc import compare_volume
@@ -466,6 +476,7 @@ def _shield_in_place(
     trust: Any,
     guardians: Sequence[Guardian],
     vtpm: str,
+    used_space_only: bool = False,
 ) -> dict[str, Any]:
     from ..bitlocker import ProtectorSpec, generate_recovery_password
     from ..bitlocker.inplace import in_place, probe
@@ -473,6 +484,7 @@ def _shield_in_place(
     from ..cms.enveloped import open_envelope
     from ..disk import open_disk, select_volume
     from ..kp import create_kp
+    from .encrypt import sparse_skipper
 
     t0 = time.monotonic()
     disk = Path(template)
@@ -535,6 +547,7 @@ def _shield_in_place(
             on_keys=save_keys,
             protectors=[ProtectorSpec("tpm", seal=vt.seal), ProtectorSpec("recovery_password", recovery)],
             description=f"templatetool shielded VM ({vsc.name} {'.'.join(map(str, vsc.version))})",
+            free_space=sparse_skipper if used_space_only else None,
         )
     return {
         "tool": f"templatetool {__version__}",
@@ -560,6 +573,7 @@ def _shield_in_place(
             "partition": enc["partition"],
             "volume_offset": enc["volume_offset"],
             "volume_size": enc["volume_size"],
+            "skipped_bytes": enc["result"].skipped_bytes,
         },
         "catalog_verified": verify_content and not resumed,
         "timings_s": {"total": round(time.monotonic() - t0, 3)},
