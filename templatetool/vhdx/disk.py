@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blockdev import BlockDevice, DirectWriter, is_zero
+from ..blockdev import BlockDevice, DirectWriter, advise_sequential, is_zero
 from ..errors import (
     FormatError,
     IntegrityError,
@@ -54,13 +54,16 @@ def _open_fd(path: PathLike, writable: bool) -> int:
     if os.path.isdir(path):
         raise UsageError("expected a VHDX file, got a folder", str(path))
     try:
-        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError:
         raise NotFoundError("no such VHDX file", str(path)) from None
     except IsADirectoryError:
         raise UsageError("expected a VHDX file, got a folder", str(path)) from None
     except OSError as e:
         raise ResourceError(f"cannot open: {e.strerror}", str(path)) from e
+    if not writable:
+        advise_sequential(fd)
+    return fd
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int, name: str) -> None:
