@@ -59,7 +59,7 @@ def recovery_key() -> str:
 def find_linux_root(dev: BlockDevice) -> tuple[Any, Any] | None:
     """(ESP, LUKS2 root partition) of a Linux template, or None when ``dev`` is not one."""
     from ..disk import read_partition_table
-    from .protect_linux import ESP_TYPE
+    from ..disk.partitions import EFI_SYSTEM as ESP_TYPE  # (not protect_linux: LUKS tooling)
 
     try:
         table = read_partition_table(dev)
