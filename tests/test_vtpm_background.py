@@ -141,3 +141,22 @@ def test_pending_vtpm_reports_the_tools_message_and_cleans_up(tmp_path: Path, mo
     assert not list(scratch.glob("vtpm-mfg-*"))
     with pytest.raises(ResourceError, match="abandoned"):
         p.result()
+
+
+def test_swtpm_setup_failing_during_the_pass_leaves_no_output(fabric: dict[str, Any], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """swtpm_setup fails while the disk pass runs: shield stops with swtpm_setup's own message
+    (a ResourceError, exit 8 in the CLI) when the VMK is to be sealed, and leaves no disk, KP,
+    vTPM state, escrow or partial file."""
+    from templatetool.tpm import vtpm_manufacture as vm
+
+    log = tmp_path / "events"
+    w = _wrapper(tmp_path, log, delay=0.5, fail=True)
+    real_tool = vm._tool
+    monkeypatch.setattr(vm, "_tool", lambda name: str(w) if name == "swtpm_setup" else real_tool(name))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ResourceError, match="simulated failure"):
+        _shield(fabric, out_dir / "vm.vhdx", verify_content=False)
+    assert "start" in _events(log)
+    assert not list(out_dir.iterdir()), list(out_dir.iterdir())
