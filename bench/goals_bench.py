@@ -60,18 +60,16 @@ def _prep(*inputs: Path) -> None:
     if COLD:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return
+    from templatetool.blockdev import RawFile
+
     for p in inputs:  # the data extents only: reading a 64 GiB sparse file's holes would fill
-        with open(p, "rb", buffering=0) as f:  # (and evict) the page cache with zero pages
-            fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-            while pos < end:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data after pos
-                    break
-                hole = min(end, os.lseek(fd, data, os.SEEK_HOLE))
-                for off in range(data, hole, 8 * MiB):
-                    os.pread(fd, min(8 * MiB, hole - off), off)
-                pos = hole
+        f = RawFile(p)  # (and evict) the page cache with zero pages
+        try:
+            for o, n in f.allocated_ranges():
+                for off in range(o, o + n, 8 * MiB):
+                    f.read(off, min(8 * MiB, o + n - off))
+        finally:
+            f.close()
     os.sync()
 
 

@@ -54,23 +54,23 @@ def find_reserved(view: BlockDevice) -> FveRegions | None:
     Returns None when the volume has none of them; raises FormatError when they exist but are
     unusable (sparse, fragmented, resident or of the wrong size).
     """
-    return _find_in(_open_ntfs(view), view)
+    return _find_in(view, *_open_ntfs(view))
 
 
-def _open_ntfs(view: BlockDevice) -> Any:  # a dissect.ntfs NTFS (untyped)
+def _open_ntfs(view: BlockDevice) -> tuple[Any, int, int]:
+    """(a dissect.ntfs NTFS (untyped), bytes per sector, cluster size) of ``view``."""
     try:
         from dissect.ntfs import NTFS
     except ImportError as e:  # pragma: no cover - dependency of the package
         raise ResourceError("dissect.ntfs is not installed", hint="pip install dissect.ntfs") from e
-    _ntfs_geometry(view)
+    bps, cluster = _ntfs_geometry(view)
     try:
-        return NTFS(DeviceIO(view))
+        return NTFS(DeviceIO(view)), bps, cluster
     except Exception as e:
         raise FormatError(f"cannot read the NTFS volume: {e}", view.name) from None
 
 
-def _find_in(fs: Any, view: BlockDevice) -> FveRegions | None:
-    bps, cluster = _ntfs_geometry(view)
+def _find_in(view: BlockDevice, fs: Any, bps: int, cluster: int) -> FveRegions | None:
     found: dict[str, tuple[int, int]] = {}
     for folder in (SVI, ""):
         try:
@@ -125,11 +125,10 @@ def reserve_ntfs(raw_volume_path: str | os.PathLike[str]) -> FveRegions:
     path = Path(raw_volume_path)
     dev = RawFile(path)
     try:
-        fs = _open_ntfs(dev)  # parsed once: the existing reservation and the folder to use
-        existing = _find_in(fs, dev)
+        fs, bps, cluster = _open_ntfs(dev)  # parsed once: the existing reservation and the folder
+        existing = _find_in(dev, fs, bps, cluster)
         if existing is not None:
             return existing
-        bps, _ = _ntfs_geometry(dev)
         if S.VHO_REGION_SIZE % bps:
             raise UnsupportedError(f"NTFS sector size {bps} is not supported", str(path))
         try:
